@@ -1,0 +1,375 @@
+"""Typed configuration: one frozen pydantic model per stage, loaded from YAML plus dotted overrides.
+
+The resolved config (``model_dump(mode="json")``) is written into every run folder and
+every bundle, and a bundle's model is always rebuilt from its own stored config.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# ----------------------------------------------------------------------------- models
+class AEConfig(_Frozen):
+    """Architecture of one per-sensor autoencoder (spec §3.1).
+
+    The defaults are the ``paper`` preset for S2; :func:`ae_preset` gives the named presets.
+    """
+
+    sensor: str = "s2"
+    in_channels: int = 10
+    latent_dim: int = 9
+    n_frames: int = 11
+    patch_px: int = 15
+    stem_channels: int = 149  # 1x1 stem and multiscale block width
+    mid_channels: int = 128  # after the first stride-2 conv
+    low_channels: int = 64  # after the second stride-2 conv
+    token_channels: int = 16  # channels of the 4x4 token map (token = token_channels * 4 * 4)
+    cbam_reduction: int = 8
+    token_cbam_reduction: int = 2  # CBAM reduction of the last encoder block
+    multiscale_kernels: tuple[int, ...] = (3, 7)
+    d_ff: int = 8  # temporal transformer feed-forward width (8 in the paper's code, sic)
+    n_heads: int = 8
+    n_layers: int = 3
+    dropout: float = 0.25
+    enc_dropout2d: float = 0.07
+    dec_dropout2d: float = 0.1
+    head_channels: int = 16  # per-token width before the token-axis reduction
+    reduced_tokens: int = 6  # R: tokens after the reduction over time (6 for S2, 7 for S1)
+    max_position_days: int = 200  # learned position table covers 0..max_position_days
+
+    @model_validator(mode="after")
+    def _check(self) -> AEConfig:
+        if self.patch_px != 15:
+            raise ValueError("patch_px must be 15: the conv stack maps 15 -> 7 -> 4 px exactly")
+        if self.n_frames < 3 or self.n_frames % 2 == 0:
+            raise ValueError(f"n_frames must be odd and >= 3 (a centre frame), got {self.n_frames}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"token width {self.d_model} is not divisible by n_heads={self.n_heads}")
+        return self
+
+    @property
+    def d_model(self) -> int:
+        """Token width seen by the temporal transformer: token_channels x 4 x 4."""
+        return self.token_channels * 16
+
+
+class FusionConfig(_Frozen):
+    """Fusion layers on top of two frozen stage-1 autoencoders (spec §3.2)."""
+
+    embed_dim: int = 7
+    d_model: int = 128
+    n_heads: int = 4
+    n_layers: int = 2
+    d_ff: int = 256
+    dropout: float = 0.1
+    max_pair_gap_days: int = 350  # rows of the S1-S2 date-gap embedding = max_pair_gap_days + 1
+    finetune_autoencoders: bool = False  # paper text: frozen; the authors' scripts fine-tune (off here)
+
+
+def ae_preset(name: str, sensor: str) -> AEConfig:
+    """Named autoencoder presets: ``paper`` reproduces the spec's sizes; ``small`` is for tests and the demo."""
+    per_sensor = {
+        "s1": {"sensor": "s1", "in_channels": 2, "latent_dim": 2, "reduced_tokens": 7},
+        "s2": {"sensor": "s2", "in_channels": 10, "latent_dim": 9, "reduced_tokens": 6},
+    }
+    if sensor not in per_sensor:
+        raise ValueError(f"unknown sensor {sensor!r}; expected one of {sorted(per_sensor)}")
+    presets: dict[str, dict[str, Any]] = {
+        "paper": {},
+        "small": {
+            "stem_channels": 32,
+            "mid_channels": 32,
+            "low_channels": 16,
+            "token_channels": 8,
+            "cbam_reduction": 4,
+            "d_ff": 64,
+            "n_heads": 4,
+            "n_layers": 1,
+            "dropout": 0.1,
+        },
+    }
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+    return AEConfig(**{**per_sensor[sensor], **presets[name]})
+
+
+def fusion_preset(name: str) -> FusionConfig:
+    """Named fusion presets (see :func:`ae_preset`)."""
+    presets: dict[str, dict[str, Any]] = {
+        "paper": {},
+        "small": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
+    }
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+    return FusionConfig(**presets[name])
+
+
+PRESETS = ("paper", "small")
+
+
+# ----------------------------------------------------------------------------- data
+class SyntheticSource(_Frozen):
+    """The built-in seeded synthetic scene (:mod:`stembed.testing`), one scene per site."""
+
+    kind: Literal["synthetic"] = "synthetic"
+    n_sites: int = 4
+    height_px: int = 48
+    width_px: int = 48
+    n_days: int = 365
+    seed: int = 0
+
+
+class WorldCerealSource(_Frozen):
+    """WorldCereal NetCDF patch folders, one folder per site."""
+
+    kind: Literal["worldcereal"] = "worldcereal"
+    paths: tuple[str, ...]
+
+
+class ZarrSource(_Frozen):
+    """Cubes already in the contract, stored as zarr: one S2 and one S1 store per site."""
+
+    kind: Literal["zarr"] = "zarr"
+    s2_paths: tuple[str, ...]
+    s1_paths: tuple[str, ...] = ()
+
+
+class SamplingConfig(_Frozen):
+    """Training-patch extraction (spec §1.4)."""
+
+    patch_px: int = 15
+    n_frames: int = 11
+    window_dates: int = 20  # consecutive valid dates a window spans before drawing n_frames of them
+    window_stride: int = 17
+    spatial_stride: int = 9
+    max_span_days: int = 200  # drop a patch whose n_frames dates span this many days or more
+
+    @model_validator(mode="after")
+    def _check(self) -> SamplingConfig:
+        if self.window_dates < self.n_frames:
+            raise ValueError(f"window_dates ({self.window_dates}) must be >= n_frames ({self.n_frames})")
+        if self.n_frames % 2 == 0:
+            raise ValueError(f"n_frames must be odd (a centre frame), got {self.n_frames}")
+        return self
+
+
+class SplitConfig(_Frozen):
+    """Train/val/test split, grouped so that no group is in two splits.
+
+    ``by="site"`` groups by cube (site). ``by="block"`` also cuts every site into
+    ``blocks x blocks`` disjoint spatial blocks and groups by (site, block); patches never
+    cross a block edge, so no pixel is in two splits. Use it when there are fewer sites than splits.
+    """
+
+    by: Literal["site", "block"] = "site"
+    blocks: int = 2
+    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    seed: int = 42
+
+    @model_validator(mode="after")
+    def _check(self) -> SplitConfig:
+        if abs(sum(self.fractions) - 1.0) > 1e-6 or min(self.fractions) < 0:
+            raise ValueError(f"split fractions must be >= 0 and sum to 1, got {self.fractions}")
+        return self
+
+
+class DataConfig(_Frozen):
+    """Where the cubes come from and how they are preprocessed and cut into patches."""
+
+    source: SyntheticSource | WorldCerealSource | ZarrSource = Field(
+        default_factory=SyntheticSource, discriminator="kind"
+    )
+    min_valid_fraction: float = 0.03  # keep an S2 date if this share of its values is valid
+    s1_max_gap_days: float = 6.0  # S2 date takes the nearest S1 date within this gap, else S1 is missing
+    scl_masked_classes: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
+    sampling: SamplingConfig | None = None  # None: the paper's sampling for the stage's sensor
+    split: SplitConfig = Field(default_factory=SplitConfig)
+
+    def resolved_sampling(self, sensor: str) -> SamplingConfig:
+        """Explicit sampling, or the paper's: S1 on its own dates 11 of 40 (stride 40, 15 px); S2 11 of 20."""
+        if self.sampling is not None:
+            return self.sampling
+        if sensor == "s1":
+            return SamplingConfig(window_dates=40, window_stride=40, spatial_stride=15)
+        return SamplingConfig()
+
+
+# ----------------------------------------------------------------------------- losses
+class LossConfig(_Frozen):
+    """Context-aware reconstruction loss of one sensor (spec §2)."""
+
+    decay: float = 0.1
+    centre_weight: float = 1.0
+    mae: float = 1.0
+    ssim: float = 0.0
+    sam: float = 0.0
+
+
+def s2_stage1_loss() -> LossConfig:
+    """Spec section A: MAE 0.25, SSIM 0.03, SAM 0.72 for the S2 autoencoder."""
+    return LossConfig(mae=0.25, ssim=0.03, sam=0.72)
+
+
+class FusionLossConfig(_Frozen):
+    """Fusion objective (paper eq. 6-8): weighted sum of the S1 and S2 branch losses."""
+
+    s1: LossConfig = Field(default_factory=lambda: LossConfig(centre_weight=1.5))
+    s2: LossConfig = Field(default_factory=lambda: LossConfig(centre_weight=1.75, mae=0.665, ssim=0.02, sam=0.315))
+    s1_weight: float = 0.5
+    s2_weight: float = 0.5
+
+
+# ----------------------------------------------------------------------------- training
+class TrainConfig(_Frozen):
+    """Optimisation settings shared by both stages (spec §4)."""
+
+    batch_size: int = 16
+    max_epochs: int = 500
+    lr: float = 1e-4
+    weight_decay: float = 1.5e-4
+    warmup_steps: int = 35_000
+    warmup_start_factor: float = 1e-3
+    plateau_factor: float = 0.35
+    plateau_patience: int = 5
+    min_lr: float = 1.5e-6
+    early_stop_patience: int = 16
+    grad_clip: float = 1.0
+    seed: int = 42
+    num_workers: int = 0
+    accelerator: Literal["auto", "cpu", "gpu"] = "auto"
+    limit_train_batches: float | int = 1.0
+    progress_bar: bool = True
+
+
+class AEStageConfig(_Frozen):
+    """Stage 1: one autoencoder for one sensor."""
+
+    stage: Literal["ae"] = "ae"
+    sensor: Literal["s1", "s2"]
+    preset: str = "paper"
+    model: AEConfig | None = None  # None: take ae_preset(preset, sensor)
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: LossConfig | None = None  # None: MAE only for S1, the hybrid loss for S2
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    out_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _check(self) -> AEStageConfig:
+        if self.model is not None and self.model.sensor != self.sensor:
+            raise ValueError(f"model.sensor={self.model.sensor!r} but stage sensor={self.sensor!r}")
+        return self
+
+    def resolved_model(self) -> AEConfig:
+        """The architecture this stage trains."""
+        return self.model if self.model is not None else ae_preset(self.preset, self.sensor)
+
+    def resolved_loss(self) -> LossConfig:
+        """The loss this stage trains with."""
+        if self.loss is not None:
+            return self.loss
+        return s2_stage1_loss() if self.sensor == "s2" else LossConfig()
+
+
+class FusionStageConfig(_Frozen):
+    """Stage 2: fusion layers on two stage-1 bundles."""
+
+    stage: Literal["fusion"] = "fusion"
+    s1_bundle: str
+    s2_bundle: str
+    preset: str = "paper"
+    model: FusionConfig | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    loss: FusionLossConfig = Field(default_factory=FusionLossConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(warmup_steps=30_000, plateau_factor=0.3,
+                                                                   plateau_patience=9, min_lr=3.5e-7))
+    out_dir: str = "runs"
+
+    def resolved_model(self) -> FusionConfig:
+        """The fusion architecture this stage trains."""
+        return self.model if self.model is not None else fusion_preset(self.preset)
+
+
+StageConfig = AEStageConfig | FusionStageConfig
+C = TypeVar("C", bound=BaseModel)
+
+
+# ----------------------------------------------------------------------------- loading
+class ConfigError(ValueError):
+    """A config file or override that cannot be turned into a valid config."""
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML, so ``1e-3``, ``true``, ``[1, 2]`` get their natural types."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (a copy is returned)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key.path=value (e.g. train.max_epochs=3)")
+        key, value = item.split("=", 1)
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override {item!r} has an empty key")
+        node = out
+        for p in parts[:-1]:
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = {}
+                node[p] = nxt
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"override {item!r}: {p!r} is a value, not a section")
+            node = nxt
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
+    """Read a YAML file (or start empty), apply overrides, validate into ``cls``.
+
+    Raises:
+        ConfigError: the file is missing or not a mapping, or validation fails; the message lists
+            each bad field.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        loaded = yaml.safe_load(p.read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p} must hold a YAML mapping at the top level")
+        raw = loaded
+    raw = apply_overrides(raw, overrides)
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "<root>"
+            lines.append(f"  {loc}: {err['msg']}")
+        where = f" in {path}" if path is not None else ""
+        raise ConfigError(f"invalid {cls.__name__}{where}:\n" + "\n".join(lines)) from None
+
+
+def dump_config(cfg: BaseModel) -> dict[str, Any]:
+    """JSON-safe dict of a config (what runs and bundles store)."""
+    return cfg.model_dump(mode="json")
