@@ -1,0 +1,58 @@
+"""Shared fixtures: the real WorldCereal data (skipped when absent) and a tiny synthetic scene.
+
+Real-data tests skip if ``../shared/data`` (or ``$STEMBED_SHARED_DATA``) is missing, unless
+``STEMBED_REQUIRE_SHARED_DATA=1``, in which case a missing folder fails the test loudly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from stembed.io.cube import Scene
+from stembed.io.worldcereal import read_worldcereal, shared_data_dir
+from stembed.testing import synthetic_scene
+
+BELGIAN_SITE = "00002806639B424A"
+
+
+def require_shared(path: Path) -> Path:
+    """Return ``path`` if it exists; otherwise skip, or fail when STEMBED_REQUIRE_SHARED_DATA=1."""
+    if path.exists():
+        return path
+    msg = f"shared data not found: {path} (set STEMBED_SHARED_DATA to the shared data folder)"
+    if os.environ.get("STEMBED_REQUIRE_SHARED_DATA") == "1":
+        pytest.fail(f"STEMBED_REQUIRE_SHARED_DATA=1 but {msg}")
+    pytest.skip(msg)
+
+
+@pytest.fixture(scope="session")
+def shared_data_root() -> Path:
+    """The shared data folder (parent of ``worldcereal_s2_s1_patches`` and ``fluxnet_daily_gpp``)."""
+    return require_shared(shared_data_dir())
+
+
+@pytest.fixture(scope="session")
+def shared_data(shared_data_root: Path) -> Path:
+    """``worldcereal_s2_s1_patches``; its ``.parent`` is the shared data folder (flux data beside it)."""
+    return require_shared(shared_data_root / "worldcereal_s2_s1_patches")
+
+
+@pytest.fixture(scope="session")
+def belgian_dir(shared_data: Path) -> Path:
+    """The Belgian location folder (all five files present)."""
+    return require_shared(shared_data / BELGIAN_SITE)
+
+
+@pytest.fixture(scope="session")
+def belgian_scene(belgian_dir: Path) -> Scene:
+    """The Belgian location read with the default settings (read once per session: do not mutate)."""
+    return read_worldcereal(belgian_dir)
+
+
+@pytest.fixture
+def tiny_scene() -> Scene:
+    """A fresh default synthetic scene (seed 0, 48x48 px, one year); safe to modify."""
+    return synthetic_scene(seed=0)
