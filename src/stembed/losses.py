@@ -1,0 +1,267 @@
+"""Context-aware reconstruction losses and centre-pixel metrics (spec §2).
+
+All inputs are patch batches ``(B, T, C, H, W)``; ``valid`` is the boolean mask of observed
+entries, recorded before the gaps were filled. The latent describes the centre pixel at the centre
+date, so errors are weighted by a map that decays with distance from that point in space and time.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from stembed.config import FusionLossConfig, LossConfig
+
+# float32 can represent 1 - 1e-7 only as 1 - 2**-23, so the smallest angle sam can report is
+# arccos(1 - 2**-23) ~ 4.9e-4 rad; this is the price of finite gradients (see spectral_angle).
+_COS_EPS = 1e-7
+_NORM_EPS = 1e-8
+_SSIM_C1 = 0.01**2
+_SSIM_C2 = 0.03**2
+
+
+# ----------------------------------------------------------------------------- weights
+def _raw_context_weights(n_frames: int, patch_px: int, decay: float, centre_weight: float) -> torch.Tensor:
+    """(T, H, W) float64 map: decay**(d_s + 1) spatially (1 at the centre), decay**d_t temporally."""
+    t_centre, s_centre = n_frames // 2, patch_px // 2
+    d_t = (torch.arange(n_frames, dtype=torch.float64) - t_centre).abs()  # (T,) in frames, not days
+    idx = (torch.arange(patch_px, dtype=torch.float64) - s_centre).abs()  # (H,)
+    d_s = torch.maximum(idx[:, None], idx[None, :])  # (H, W) Chebyshev distance
+    w_s = torch.where(d_s == 0, torch.ones_like(d_s), decay ** (d_s + 1))  # (H, W)
+    w_t = decay**d_t  # (T,)
+    w = w_t[:, None, None] * w_s[None]  # (T, H, W)
+    w[t_centre, s_centre, s_centre] = centre_weight
+    return w
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_weights(
+    n_frames: int, patch_px: int, decay: float, centre_weight: float, n_channels: int, normalised: bool,
+    device: torch.device, dtype: torch.dtype,
+) -> torch.Tensor:
+    w = _raw_context_weights(n_frames, patch_px, decay, centre_weight)
+    if normalised:
+        w = w / (n_channels * w.sum())
+    return w.to(device=device, dtype=dtype)
+
+
+def context_weights(
+    n_frames: int = 11,
+    patch_px: int = 15,
+    *,
+    decay: float = 0.1,
+    centre_weight: float = 1.0,
+    n_channels: int = 1,
+    normalised: bool = True,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Context weight map (T, H, W), the same for every channel.
+
+    Spatial weight ``decay**(d+1)`` at Chebyshev distance d > 0 from the centre pixel (1 at d = 0),
+    temporal weight ``decay**d_t`` at d_t frames from the centre frame; their product, with the
+    centre entry (value 1) replaced by ``centre_weight``. With ``normalised`` (default) the map is
+    divided by ``n_channels * sum`` so that it sums to 1 over (T, C, H, W) once broadcast to C
+    channels; ``normalised=False`` gives the raw map used to average the spectral angle.
+
+    The result is cached per arguments; treat it as read-only.
+    """
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return _cached_weights(
+        n_frames, patch_px, float(decay), float(centre_weight), int(n_channels), normalised, dev, dtype
+    )
+
+
+def _weights_for(x: torch.Tensor, cfg: LossConfig, *, normalised: bool) -> torch.Tensor:
+    _, T, C, H, _ = x.shape
+    return context_weights(
+        T, H, decay=cfg.decay, centre_weight=cfg.centre_weight, n_channels=C,
+        normalised=normalised, device=x.device, dtype=x.dtype,
+    )
+
+
+def _per_channel(weights: torch.Tensor) -> torch.Tensor:
+    """(T, H, W) -> (T, 1, H, W) so it broadcasts over (B, T, C, H, W); other shapes pass through."""
+    return weights[:, None] if weights.dim() == 3 else weights
+
+
+# ----------------------------------------------------------------------------- terms
+def weighted_masked_mae(
+    x_hat: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, weights: torch.Tensor
+) -> torch.Tensor:
+    """Sum over valid entries of ``w * |x_hat - x|``, divided by the batch size.
+
+    ``weights`` (T, H, W) are normalised over the whole patch *before* masking and not re-normalised
+    afterwards: a missing entry simply contributes nothing (spec §2.2). Entries of ``x`` outside
+    ``valid`` may be NaN.
+    """
+    err = torch.where(valid, x_hat - x, torch.zeros_like(x_hat)).abs()  # (B, T, C, H, W); NaN-safe
+    return (err * _per_channel(weights)).sum() / x_hat.shape[0]
+
+
+def _gaussian_window(
+    kernel_size: int, sigma: float, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(k, k) Gaussian window summing to 1."""
+    d = torch.arange(kernel_size, dtype=torch.float64) - (kernel_size - 1) / 2
+    g = torch.exp(-(d**2) / (2 * sigma**2))
+    g = g / g.sum()
+    return torch.outer(g, g).to(device=device, dtype=dtype)
+
+
+def ssim_map(
+    x_hat: torch.Tensor, x: torch.Tensor, *, kernel_size: int = 7, sigma: float = 1.5
+) -> torch.Tensor:
+    """Per-pixel SSIM of every channel of every (sample, frame) image; same shape as the input.
+
+    Why not torchmetrics: its SSIM reflect-pads the image and (1.9) ignores ``kernel_size`` for a
+    Gaussian window, which it sizes from sigma (11 x 11 at sigma 1.5); on a 15 x 15 patch that
+    window reaches across most of the image, and older versions also cropped the border before
+    averaging, dropping most pixels. The spec's loss uses a 7 x 7 window with zero padding, so every
+    pixel counts. Data range 1: C1 = 0.01**2, C2 = 0.03**2.
+    """
+    shape = x_hat.shape
+    C, H, W = shape[-3:]
+    a = x_hat.reshape(-1, C, H, W)  # (B*T, C, H, W)
+    b = x.reshape(-1, C, H, W)
+    window = _gaussian_window(kernel_size, sigma, a.device, a.dtype).expand(C, 1, kernel_size, kernel_size)
+    stack = torch.cat([a, b, a * a, b * b, a * b], dim=0)  # (5*B*T, C, H, W)
+    moments = F.conv2d(stack, window, padding=kernel_size // 2, groups=C)  # one window per channel
+    mu_a, mu_b, e_aa, e_bb, e_ab = moments.split(a.shape[0])
+    # E[x^2] - E[x]^2 can come out slightly negative in floating point; a variance cannot.
+    var_a = (e_aa - mu_a**2).clamp_min(0)
+    var_b = (e_bb - mu_b**2).clamp_min(0)
+    cov = e_ab - mu_a * mu_b
+    num = (2 * mu_a * mu_b + _SSIM_C1) * (2 * cov + _SSIM_C2)
+    den = (mu_a**2 + mu_b**2 + _SSIM_C1) * (var_a + var_b + _SSIM_C2)
+    return (num / den).reshape(shape)
+
+
+def ssim_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """1 - mean SSIM (Gaussian 7 x 7 window, sigma 1.5, zero padding), over all images and pixels.
+
+    Unmasked and unweighted (spec §2.2), so both inputs must be finite (gap-filled).
+    """
+    return 1.0 - ssim_map(x_hat, x).mean()
+
+
+def spectral_angle(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Angle in radians between the spectra of x_hat and x: (..., C, H, W) -> (..., H, W).
+
+    The channel axis is the third from the end, so (B, T, C, H, W) gives (B, T, H, W) and
+    (N, C, H, W) gives (N, H, W).
+
+    The cosine is clamped to [-1 + 1e-7, 1 - 1e-7] because d/dc arccos(c) = -1/sqrt(1 - c^2) is
+    infinite at |c| = 1: without the clamp, a perfect reconstruction would produce inf/NaN
+    gradients. The price is a floor of ~4.9e-4 rad in float32.
+    """
+    dot = (x_hat * x).sum(dim=-3)  # (..., H, W)
+    norms = torch.linalg.vector_norm(x_hat, dim=-3) * torch.linalg.vector_norm(x, dim=-3)  # (..., H, W)
+    cos = dot / (norms + _NORM_EPS)
+    return torch.arccos(cos.clamp(-1 + _COS_EPS, 1 - _COS_EPS))
+
+
+def sam_loss(
+    x_hat: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, weights_unnormalised: torch.Tensor
+) -> torch.Tensor:
+    """Weighted mean spectral angle (radians) over the (sample, frame, pixel) positions of the batch
+    whose channels are all valid, weighted by the raw (centre-boosted, unnormalised) context map
+    (T, H, W). One mean over the whole batch, not a mean of per-sample means. Returns 0 when no
+    position is fully valid.
+    """
+    all_valid = valid.all(dim=2)  # (B, T, H, W)
+    x_safe = torch.where(valid, x, torch.zeros_like(x))  # NaN-free, so masked angles stay finite
+    angle = spectral_angle(x_hat, x_safe)  # (B, T, H, W)
+    w = torch.where(all_valid, weights_unnormalised.expand_as(angle), torch.zeros_like(angle))  # (B, T, H, W)
+    return (w * angle).sum() / w.sum().clamp_min(torch.finfo(w.dtype).tiny)
+
+
+# ----------------------------------------------------------------------------- combined
+def reconstruction_loss(
+    x_hat: torch.Tensor, x: torch.Tensor, valid: torch.Tensor, cfg: LossConfig
+) -> dict[str, torch.Tensor]:
+    """``cfg.mae * MAE + cfg.ssim * SSIM + cfg.sam * SAM`` for one sensor.
+
+    Returns ``{"loss": total, <term>: unweighted value, ...}``. A term whose weight is 0 is neither
+    computed nor reported (SSIM especially is costly), so S1 with the default config returns
+    ``{"loss", "mae"}`` only; no NaN ever reaches the logs.
+    """
+    out: dict[str, torch.Tensor] = {}
+    total = x_hat.new_zeros(())
+    if cfg.mae:
+        out["mae"] = weighted_masked_mae(x_hat, x, valid, _weights_for(x, cfg, normalised=True))
+        total = total + cfg.mae * out["mae"]
+    if cfg.ssim:
+        out["ssim"] = ssim_loss(x_hat, x)
+        total = total + cfg.ssim * out["ssim"]
+    if cfg.sam:
+        out["sam"] = sam_loss(x_hat, x, valid, _weights_for(x, cfg, normalised=False))
+        total = total + cfg.sam * out["sam"]
+    return {"loss": total, **out}
+
+
+def fusion_loss(
+    x1_hat: torch.Tensor,
+    x1: torch.Tensor,
+    valid1: torch.Tensor,
+    x2_hat: torch.Tensor,
+    x2: torch.Tensor,
+    valid2: torch.Tensor,
+    cfg: FusionLossConfig,
+) -> dict[str, torch.Tensor]:
+    """Fusion objective (paper eq. 6-8): ``s1_weight * L_S1 + s2_weight * L_S2``.
+
+    Returns ``{"loss": total}`` plus each branch's terms as ``"s1/<name>"`` and ``"s2/<name>"``
+    (e.g. ``"s1/loss"``, ``"s2/sam"``).
+    """
+    parts1 = reconstruction_loss(x1_hat, x1, valid1, cfg.s1)
+    parts2 = reconstruction_loss(x2_hat, x2, valid2, cfg.s2)
+    out = {"loss": cfg.s1_weight * parts1["loss"] + cfg.s2_weight * parts2["loss"]}
+    out.update({f"s1/{k}": v for k, v in parts1.items()})
+    out.update({f"s2/{k}": v for k, v in parts2.items()})
+    return out
+
+
+# ----------------------------------------------------------------------------- metrics
+def _centre(t: torch.Tensor) -> torch.Tensor:
+    """(B, T, C, H, W) -> (B, C) at the centre frame and centre pixel."""
+    _, T, _, H, W = t.shape
+    return t[:, T // 2, :, H // 2, W // 2]
+
+
+def centre_mae(x_hat: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean |x_hat - x| at the centre frame and pixel, over channels and batch, valid entries only.
+
+    The authors averaged over all entries, including gap-filled ones (i.e. comparing against a
+    patch mean); we count only observed values. Returns 0 when no centre entry is valid.
+    """
+    v = _centre(valid)  # (B, C)
+    err = torch.where(v, _centre(x_hat) - _centre(x), torch.zeros_like(_centre(x_hat))).abs()  # (B, C)
+    return err.sum() / v.sum().clamp_min(1)
+
+
+def centre_sam(x_hat: torch.Tensor, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Mean spectral angle (radians) at the centre frame and pixel, over samples whose centre
+    spectrum is fully valid. Returns 0 when there is none.
+    """
+    v = _centre(valid).all(dim=1)  # (B,)
+    xc = torch.where(_centre(valid), _centre(x), torch.zeros_like(_centre(x)))  # (B, C), NaN-free
+    angle = spectral_angle(_centre(x_hat)[:, None, :, None, None], xc[:, None, :, None, None])  # (B, 1, 1, 1)
+    angle = angle.reshape(-1)  # (B,)
+    return torch.where(v, angle, torch.zeros_like(angle)).sum() / v.sum().clamp_min(1)
+
+
+__all__ = [
+    "centre_mae",
+    "centre_sam",
+    "context_weights",
+    "fusion_loss",
+    "reconstruction_loss",
+    "sam_loss",
+    "spectral_angle",
+    "ssim_loss",
+    "ssim_map",
+    "weighted_masked_mae",
+]

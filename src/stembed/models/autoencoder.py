@@ -1,0 +1,245 @@
+"""Per-sensor autoencoder (spec §3.1): a patch time series -> one latent vector -> the patch again.
+
+Shapes: a patch batch is ``x: (B, T, C, H, W)`` with T = cfg.n_frames (11) and H = W = 15, and
+``time_gaps: (B, T-1)`` integer days between consecutive frames. The latent ``z: (B, latent_dim)``
+describes the centre pixel at the centre date, in the context of its neighbourhood.
+
+Encoder: every frame goes through a CNN (15 -> 7 -> 4 px) and becomes one token of
+token_channels x 4 x 4 = d_model values; learned "days since first frame" positions are added; a
+transformer attends over the T dates *of each patch* (the authors' encoder attended across the
+batch, so a patch's latent depended on its batch mates); a small head squeezes the T tokens into
+the latent. The decoder mirrors it. Encoder and decoder share one transformer and one position
+table, both owned by :class:`SensorAutoencoder`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from stembed.config import AEConfig
+from stembed.models.layers import (
+    ConvAttnBlock,
+    MultiScaleBlock,
+    PooledResidual,
+    TemporalPositionalEmbedding,
+    make_transformer,
+)
+
+
+def make_temporal_transformer(cfg: AEConfig) -> nn.TransformerEncoder:
+    """The temporal transformer of spec §3.1: post-norm, ReLU, batch-first (B, T, d_model)."""
+    return make_transformer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=False)
+
+
+def _check_gaps(time_gaps: torch.Tensor, batch: int, n_frames: int) -> None:
+    if time_gaps.shape != (batch, n_frames - 1):
+        raise ValueError(f"time_gaps must have shape ({batch}, {n_frames - 1}), got {tuple(time_gaps.shape)}")
+
+
+class _SharedTemporal:
+    """Encoder/decoder hold the shared transformer and position table through this plain object.
+
+    It is not an ``nn.Module``, so the modules it points to are registered only where they are
+    owned (in :class:`SensorAutoencoder`): one state_dict key per weight, counted once. The price:
+    call ``.train()``, ``.eval()`` and ``.to()`` on the autoencoder, not on the encoder or decoder
+    alone, so that the shared parts follow.
+    """
+
+    def __init__(self, transformer: nn.TransformerEncoder, positions: TemporalPositionalEmbedding):
+        self.transformer = transformer
+        self.positions = positions
+
+    def __call__(self, tokens: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) tokens -> (B, T, d_model), attention over the T dates of each patch."""
+        return self.transformer(tokens + self.positions(time_gaps))
+
+
+def _resolve_shared(
+    owner: nn.Module,
+    cfg: AEConfig,
+    temporal: nn.TransformerEncoder | None,
+    positions: TemporalPositionalEmbedding | None,
+) -> _SharedTemporal:
+    """Borrow the given shared modules, or (standalone use) build and register owned ones."""
+    if (temporal is None) != (positions is None):
+        raise ValueError("pass both `temporal` and `positions` (shared) or neither (owned)")
+    if temporal is None or positions is None:
+        owner.temporal = temporal = make_temporal_transformer(cfg)
+        owner.positions = positions = TemporalPositionalEmbedding(cfg.max_position_days, cfg.d_model)
+    return _SharedTemporal(temporal, positions)
+
+
+# ----------------------------------------------------------------------------- latent head
+class LatentHead(nn.Module):
+    """T tokens of d_model -> one latent vector: shrink each token, then mix over time."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.token_proj = nn.Linear(cfg.d_model, cfg.head_channels)
+        self.time_reduce = nn.Linear(cfg.n_frames, cfg.reduced_tokens)
+        self.to_latent = nn.Linear(cfg.head_channels * cfg.reduced_tokens, cfg.latent_dim)
+        self.selu = nn.SELU()
+        self.softplus = nn.Softplus()
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = self.selu(self.token_proj(tokens))  # (B, T, head)
+        h = self.selu(self.time_reduce(h.transpose(1, 2)))  # (B, head, R)
+        return self.softplus(self.to_latent(h.flatten(1)))  # (B, head * R) -> (B, latent), >= 0
+
+
+class LatentExpander(nn.Module):
+    """One latent vector -> T tokens of d_model (mirror of :class:`LatentHead`)."""
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.head_channels = cfg.head_channels
+        self.reduced_tokens = cfg.reduced_tokens
+        self.from_latent = nn.Linear(cfg.latent_dim, cfg.head_channels * cfg.reduced_tokens)
+        self.time_expand = nn.Linear(cfg.reduced_tokens, cfg.n_frames)
+        self.token_proj = nn.Linear(cfg.head_channels, cfg.d_model)
+        self.selu = nn.SELU()
+        self.softplus = nn.Softplus()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.softplus(self.from_latent(z))  # (B, R * head)
+        h = h.reshape(-1, self.reduced_tokens, self.head_channels)  # (B, R, head)
+        h = self.selu(self.time_expand(h.transpose(1, 2)))  # (B, head, R) -> (B, head, T)
+        return self.selu(self.token_proj(h.transpose(1, 2)))  # (B, T, head) -> (B, T, d_model)
+
+
+# ----------------------------------------------------------------------------- encoder / decoder
+class SensorEncoder(nn.Module):
+    """Patch time series (B, T, C, 15, 15) + day gaps (B, T-1) -> latent (B, latent_dim).
+
+    ``temporal``/``positions``: the shared modules of a :class:`SensorAutoencoder`; when omitted
+    the encoder builds and owns its own (standalone use).
+    """
+
+    def __init__(
+        self,
+        cfg: AEConfig,
+        temporal: nn.TransformerEncoder | None = None,
+        positions: TemporalPositionalEmbedding | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        C, stem, mid, low, tok = (
+            cfg.in_channels, cfg.stem_channels, cfg.mid_channels, cfg.low_channels, cfg.token_channels
+        )
+        r, p = cfg.cbam_reduction, cfg.enc_dropout2d
+        self.cnn = nn.Sequential(
+            nn.Conv2d(C, stem, kernel_size=1), nn.SiLU(),  # (N, stem, 15, 15)
+            PooledResidual(MultiScaleBlock(stem, stem, cfg.multiscale_kernels, r)),
+            nn.Conv2d(stem, mid, kernel_size=2, stride=2), nn.SiLU(), nn.Dropout2d(p),  # (N, mid, 7, 7)
+            PooledResidual(ConvAttnBlock(mid, mid, r)),
+            # (N, low, 4, 4)
+            nn.Conv2d(mid, low, kernel_size=2, stride=2, padding=1), nn.SiLU(), nn.Dropout2d(p),
+            ConvAttnBlock(low, tok, cfg.token_cbam_reduction, spatial_kernel=3),  # (N, tok, 4, 4)
+        )
+        self.shared = _resolve_shared(self, cfg, temporal, positions)
+        self.head = LatentHead(cfg)
+
+    def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if x.dim() != 5 or x.shape[1:] != (cfg.n_frames, cfg.in_channels, cfg.patch_px, cfg.patch_px):
+            raise ValueError(
+                f"x must be (B, {cfg.n_frames}, {cfg.in_channels}, {cfg.patch_px}, {cfg.patch_px}) "
+                f"for sensor {cfg.sensor!r}, got {tuple(x.shape)}"
+            )
+        B, T, C, H, W = x.shape
+        _check_gaps(time_gaps, B, T)
+        tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, token_channels, 4, 4): each frame alone
+        tokens = tokens.reshape(B, T, cfg.d_model)  # (B, T, d_model)
+        tokens = self.shared(tokens, time_gaps)  # (B, T, d_model), attention over time within a patch
+        return self.head(tokens)  # (B, latent_dim)
+
+
+class SensorDecoder(nn.Module):
+    """Latent (B, latent_dim) + day gaps (B, T-1) -> patch time series (B, T, C, 15, 15).
+
+    The output is linear (no squashing), so reconstructions may leave the [0, 1] data range.
+    """
+
+    def __init__(
+        self,
+        cfg: AEConfig,
+        temporal: nn.TransformerEncoder | None = None,
+        positions: TemporalPositionalEmbedding | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        C, stem, mid, low, tok = (
+            cfg.in_channels, cfg.stem_channels, cfg.mid_channels, cfg.low_channels, cfg.token_channels
+        )
+        r, p = cfg.cbam_reduction, cfg.dec_dropout2d
+        self.expand = LatentExpander(cfg)
+        self.shared = _resolve_shared(self, cfg, temporal, positions)
+        self.cnn = nn.Sequential(
+            PooledResidual(ConvAttnBlock(tok, tok, r)),  # (N, tok, 4, 4)
+            # (N, low, 8, 8)
+            nn.ConvTranspose2d(tok, low, kernel_size=2, stride=2), nn.SiLU(), nn.Dropout2d(p),
+            PooledResidual(ConvAttnBlock(low, low, r)),
+            # (N, mid, 15, 15)
+            nn.ConvTranspose2d(low, mid, kernel_size=2, stride=2, padding=1, output_padding=1),
+            nn.Dropout2d(p),
+            MultiScaleBlock(mid, stem, cfg.multiscale_kernels, r),  # (N, stem, 15, 15)
+            nn.Conv2d(stem, C, kernel_size=3, padding=1), nn.SiLU(),
+            nn.Conv2d(C, C, kernel_size=3, padding=1),  # (N, C, 15, 15), linear output
+        )
+
+    def forward(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if z.dim() != 2 or z.shape[1] != cfg.latent_dim:
+            raise ValueError(
+                f"z must be (B, {cfg.latent_dim}) for sensor {cfg.sensor!r}, got {tuple(z.shape)}"
+            )
+        B, T = z.shape[0], cfg.n_frames
+        _check_gaps(time_gaps, B, T)
+        tokens = self.shared(self.expand(z), time_gaps)  # (B, T, d_model)
+        maps = tokens.reshape(B * T, cfg.token_channels, 4, 4)  # (B*T, token_channels, 4, 4)
+        x_hat = self.cnn(maps)  # (B*T, C, 15, 15)
+        return x_hat.reshape(B, T, cfg.in_channels, cfg.patch_px, cfg.patch_px)  # (B, T, C, 15, 15)
+
+
+# ----------------------------------------------------------------------------- autoencoder
+class SensorAutoencoder(nn.Module):
+    """Encoder + decoder of one sensor, owning the temporal transformer and position table they share.
+
+    Parameter names: ``encoder.*``, ``decoder.*``, ``temporal.*`` and ``positions.*`` (each weight
+    once). Call ``train()/eval()/to()`` on this module, not on its encoder or decoder alone.
+    """
+
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.temporal = make_temporal_transformer(cfg)
+        self.positions = TemporalPositionalEmbedding(cfg.max_position_days, cfg.d_model)
+        self.encoder = SensorEncoder(cfg, temporal=self.temporal, positions=self.positions)
+        self.decoder = SensorDecoder(cfg, temporal=self.temporal, positions=self.positions)
+
+    def encode(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, H, W), (B, T-1) -> z (B, latent_dim)."""
+        return self.encoder(x, time_gaps)
+
+    def decode(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim), (B, T-1) -> x_hat (B, T, C, H, W)."""
+        return self.decoder(z, time_gaps)
+
+    def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reconstruct a patch batch; returns ``(x_hat, z)``."""
+        z = self.encode(x, time_gaps)
+        return self.decode(z, time_gaps), z
+
+    def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
+        """Disjoint named parts, for :func:`stembed.models.count_parameters`."""
+        return {
+            "encoder_cnn": self.encoder.cnn.parameters(),
+            "encoder_head": self.encoder.head.parameters(),
+            "positions": self.positions.parameters(),
+            "temporal": self.temporal.parameters(),
+            "decoder_head": self.decoder.expand.parameters(),
+            "decoder_cnn": self.decoder.cnn.parameters(),
+        }
