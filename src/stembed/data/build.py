@@ -1,0 +1,102 @@
+"""From scenes and a DataConfig to train/val/test datasets, grouped so no site (or block) is in two splits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from stembed.config import DataConfig, SamplingConfig
+from stembed.data.datasets import FusionPatchDataset, PatchDataset, SensorArrays
+from stembed.data.sampling import (
+    SPLITS,
+    PatchIndex,
+    SamplingError,
+    assign_splits,
+    day_numbers,
+    make_regions,
+    sample_patches,
+)
+from stembed.io.cube import Scene
+from stembed.preprocess import match_s1_to_s2
+
+
+@dataclass
+class SplitData:
+    """Datasets per split plus a record of what went where (for the run's metrics and provenance)."""
+
+    datasets: dict[str, Dataset[Any]]
+    patches: dict[str, list[PatchIndex]]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def sensor_arrays(scene: Scene, sensor: str) -> SensorArrays:
+    """A scene's S1 or S2 cube (on its own dates) as arrays."""
+    cube = scene.s2 if sensor == "s2" else scene.s1
+    return SensorArrays(np.ascontiguousarray(cube.values, dtype=np.float32), day_numbers(cube["time"].values))
+
+
+def matched_s1_arrays(scene: Scene, max_gap_days: float) -> SensorArrays:
+    """S1 on the S2 dates (nearest within ``max_gap_days``); missing S1 dates take the S2 day (see datasets)."""
+    m = match_s1_to_s2(scene.s1, scene.s2["time"].values, max_gap_days=max_gap_days)
+    s2_days = day_numbers(scene.s2["time"].values)
+    s1_time = m["s1_time"].values
+    have = ~np.isnat(s1_time)
+    days = np.where(have, day_numbers(np.where(have, s1_time, scene.s2["time"].values)), s2_days)
+    return SensorArrays(np.ascontiguousarray(m.values, dtype=np.float32), days.astype(np.int64))
+
+
+def _split_patches(
+    scenes: list[Scene], driver: list[SensorArrays], sampling: SamplingConfig, cfg: DataConfig, rng: np.random.Generator
+) -> tuple[dict[str, list[PatchIndex]], dict[str, Any]]:
+    for scene, arr in zip(scenes, driver, strict=True):
+        if arr.values.shape[0] < sampling.window_dates:
+            raise SamplingError(
+                f"site {scene.site} has {arr.values.shape[0]} usable dates but a training window needs "
+                f"{sampling.window_dates}; lower data.sampling.window_dates (>= n_frames={sampling.n_frames}) "
+                "or use a longer period"
+            )
+    regions = make_regions([a.values.shape[2:] for a in driver], cfg.split, sampling.patch_px)
+    groups = assign_splits(len(regions), cfg.split)
+    centre_ok = [np.isfinite(a.values).any(axis=1) for a in driver]
+    patches: dict[str, list[PatchIndex]] = {}
+    info: dict[str, Any] = {"split_by": cfg.split.by, "splits": {}}
+    for name in SPLITS:
+        patches[name] = []
+        for g in groups[name]:
+            r = regions[g]
+            patches[name] += sample_patches(centre_ok[r.site], driver[r.site].days, r, sampling, rng)
+        info["splits"][name] = {
+            "n_patches": len(patches[name]),
+            "groups": [
+                {"site": scenes[regions[g].site].site, "y": list(regions[g].y), "x": list(regions[g].x)}
+                for g in groups[name]
+            ],
+        }
+        if groups[name] and not patches[name]:
+            raise SamplingError(
+                f"the {name} split got no patches (its groups: {info['splits'][name]['groups']}); the data is too "
+                "small or too cloudy for this sampling: lower data.sampling.spatial_stride / window_stride"
+            )
+    return patches, info
+
+
+def build_sensor_data(scenes: list[Scene], sensor: str, cfg: DataConfig, rng: np.random.Generator) -> SplitData:
+    """Patches of one sensor on its own dates (stage 1)."""
+    sampling = cfg.resolved_sampling(sensor)
+    arrays = [sensor_arrays(s, sensor) for s in scenes]
+    patches, info = _split_patches(scenes, arrays, sampling, cfg, rng)
+    ds: dict[str, Dataset[Any]] = {k: PatchDataset(arrays, v, sampling.patch_px) for k, v in patches.items()}
+    return SplitData(ds, patches, info)
+
+
+def build_fusion_data(scenes: list[Scene], cfg: DataConfig, rng: np.random.Generator) -> SplitData:
+    """Aligned S1+S2 patches on the S2 dates (stage 2); the S2 centre pixel decides which patches exist."""
+    sampling = cfg.resolved_sampling("s2")
+    s2 = [sensor_arrays(s, "s2") for s in scenes]
+    s1 = [matched_s1_arrays(s, cfg.s1_max_gap_days) for s in scenes]
+    patches, info = _split_patches(scenes, s2, sampling, cfg, rng)
+    ds: dict[str, Dataset[Any]] = {k: FusionPatchDataset(s2, s1, v, sampling.patch_px) for k, v in patches.items()}
+    return SplitData(ds, patches, info)

@@ -1,0 +1,77 @@
+"""``stembed info``: configuration and parameter counts per part, for a preset or a bundle."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TextIO
+
+from stembed.config import PRESETS, ae_preset, dump_config, fusion_preset
+from stembed.models.autoencoder import SensorAutoencoder
+from stembed.models.bundle import load_bundle
+from stembed.models.fusion import FusionModel
+from stembed.models.layers import count_parameters
+
+
+def _fusion_counts(model: FusionModel) -> dict[str, int]:
+    counts = count_parameters(model)
+    ae = sum(p.numel() for p in model.s1.parameters()) + sum(p.numel() for p in model.s2.parameters())
+    counts.setdefault("total", sum(p.numel() for p in model.parameters()))
+    counts["fusion_only"] = counts["total"] - ae
+    return counts
+
+
+def describe_preset(name: str) -> dict[str, Any]:
+    """Build the preset's three models (random weights) and count their parameters."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+    s1_cfg, s2_cfg, f_cfg = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
+    s1, s2 = SensorAutoencoder(s1_cfg), SensorAutoencoder(s2_cfg)
+    report = {
+        "preset": name,
+        "s1_autoencoder": {"config": dump_config(s1_cfg), "parameters": count_parameters(s1)},
+        "s2_autoencoder": {"config": dump_config(s2_cfg), "parameters": count_parameters(s2)},
+    }
+    fusion = FusionModel(s1, s2, f_cfg)  # freezes s1 and s2, so they are counted above
+    report["fusion"] = {"config": dump_config(f_cfg), "parameters": _fusion_counts(fusion)}
+    return report
+
+
+def describe_bundle(path: Path) -> dict[str, Any]:
+    """Rebuild a bundle's model from its stored config and report it."""
+    b = load_bundle(path)
+    model = b.build_model()
+    counts = _fusion_counts(model) if isinstance(model, FusionModel) else count_parameters(model)
+    return {
+        "bundle": str(path),
+        "kind": b.kind,
+        "sensor": b.sensor,
+        "bands": {k: list(v.bands) for k, v in b.sensors.items()},
+        "normalisation": {k: v.normalisation for k, v in b.sensors.items()},
+        "parameters": counts,
+        "config": b.config,
+        "provenance": b.provenance,
+    }
+
+
+def render(report: dict[str, Any], out: TextIO) -> None:
+    """Human-readable tables (rich)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=out)
+    parts = (
+        [(k, v) for k, v in report.items() if isinstance(v, dict) and "parameters" in v]
+        if "preset" in report
+        else [(f"{report['kind']} {report.get('sensor') or ''}".strip(), report)]
+    )
+    for title, part in parts:
+        table = Table(title=f"{report.get('preset', report.get('bundle'))}: {title}")
+        table.add_column("part")
+        table.add_column("parameters", justify="right")
+        for k, v in part["parameters"].items():
+            table.add_row(k, f"{v:,}")
+        console.print(table)
+        if "config" in part and "preset" in report:
+            console.print(part["config"])
+    if "provenance" in report:
+        console.print({"bands": report["bands"], "provenance": report["provenance"]})

@@ -1,0 +1,130 @@
+"""Bundles: the unit of reuse. Weights + resolved config + sensor band order/normalisation + provenance.
+
+A bundle is one ``torch.save`` file holding only plain types and tensors, so it loads with
+``torch.load(weights_only=True)`` (no pickled code runs). The model is always rebuilt from the
+config stored in the bundle, never from defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from stembed.config import AEConfig, FusionConfig
+from stembed.sensors import SensorSpec
+
+BUNDLE_FORMAT = "stembed-bundle/1"
+BundleKind = Literal["autoencoder", "fusion"]
+
+
+class BundleError(ValueError):
+    """A file that is not a usable stembed bundle, or a bundle of the wrong kind or sensor."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle. ``sensor`` is the AE's sensor key, or None for a fusion bundle."""
+
+    kind: BundleKind
+    sensor: str | None
+    config: dict[str, Any]
+    sensors: dict[str, SensorSpec]
+    provenance: dict[str, Any]
+    metrics: dict[str, Any]
+    state_dict: dict[str, torch.Tensor]
+    path: Path | None = None
+
+    def build_model(self) -> nn.Module:
+        """Rebuild the model from the stored config and load the weights (strict); eval mode."""
+        from stembed.models.autoencoder import SensorAutoencoder
+        from stembed.models.fusion import FusionModel
+
+        model: nn.Module
+        if self.kind == "autoencoder":
+            model = SensorAutoencoder(AEConfig.model_validate(self.config["model"]))
+        else:
+            s1 = SensorAutoencoder(AEConfig.model_validate(self.config["s1_model"]))
+            s2 = SensorAutoencoder(AEConfig.model_validate(self.config["s2_model"]))
+            model = FusionModel(s1, s2, FusionConfig.model_validate(self.config["model"]))
+        model.load_state_dict(self.state_dict, strict=True)
+        return model.eval()
+
+
+def save_bundle(
+    path: str | Path,
+    *,
+    kind: BundleKind,
+    sensor: str | None,
+    model: nn.Module,
+    config: dict[str, Any],
+    sensors: dict[str, SensorSpec],
+    provenance: dict[str, Any],
+    metrics: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle atomically (temp file, then rename), so a crash never leaves a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": BUNDLE_FORMAT,
+        "kind": kind,
+        "sensor": sensor,
+        "config": config,
+        "sensors": {k: v.to_dict() for k, v in sensors.items()},
+        "provenance": provenance,
+        "metrics": metrics or {},
+        "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(payload, tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+_NAMES = {"s1": "Sentinel-1", "s2": "Sentinel-2"}
+
+
+def _describe(kind: str, sensor: str | None) -> str:
+    return "a fusion model" if kind == "fusion" else f"an {_NAMES.get(str(sensor), sensor)} autoencoder"
+
+
+def load_bundle(
+    path: str | Path, *, expect_kind: BundleKind | None = None, expect_sensor: str | None = None
+) -> Bundle:
+    """Load a bundle with ``weights_only=True`` and check it is the kind (and sensor) the caller needs."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"bundle {path} does not exist; train one with `stembed train s1|s2|fusion`")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a foreign file; name the file and the cause
+        raise BundleError(f"{path} is not a stembed bundle (torch.load failed: {type(e).__name__}: {e})") from e
+    if not isinstance(raw, dict) or "format" not in raw:
+        raise BundleError(f"{path} is not a stembed bundle (no 'format' entry); pass a bundle.pt from a stembed run")
+    if raw["format"] != BUNDLE_FORMAT:
+        raise BundleError(
+            f"{path} has bundle format {raw['format']!r}, but this stembed reads {BUNDLE_FORMAT!r}; "
+            "use the stembed version that wrote it, or retrain"
+        )
+    kind, sensor = raw["kind"], raw.get("sensor")
+    if kind not in ("autoencoder", "fusion"):
+        raise BundleError(f"{path} has unknown bundle kind {kind!r}")
+    if (expect_kind is not None and kind != expect_kind) or (expect_sensor is not None and sensor != expect_sensor):
+        want = _describe(expect_kind or kind, expect_sensor)
+        raise BundleError(f"{path} holds {_describe(kind, sensor)}, but {want} is needed here; pass the right bundle")
+    return Bundle(
+        kind=kind,
+        sensor=sensor,
+        config=raw["config"],
+        sensors={k: SensorSpec.from_dict(v) for k, v in raw["sensors"].items()},
+        provenance=raw["provenance"],
+        metrics=raw.get("metrics", {}),
+        state_dict=raw["state_dict"],
+        path=path,
+    )

@@ -1,0 +1,148 @@
+"""LightningModules for the two stages. Only loops and logging live here; models and losses are imported."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from stembed.config import AEConfig, FusionConfig, FusionLossConfig, LossConfig, TrainConfig
+from torch import nn
+from torchmetrics import MeanMetric
+
+from stembed.losses import fusion_loss, reconstruction_loss
+from stembed.models.autoencoder import SensorAutoencoder
+from stembed.models.fusion import FusionModel
+from stembed.training.evaluate import centre_abs_error
+
+MONITOR = "val_centre_mae"
+
+
+def _centre_metrics(names: list[str]) -> nn.ModuleDict:
+    """Epoch means of centre MAE weighted by the number of observed centre values (NaN-safe across batches)."""
+    return nn.ModuleDict({f"{p}_{n}": MeanMetric() for p in ("train", "val") for n in names})
+
+
+def _log_centre(module: L.LightningModule, prefix: str) -> None:
+    """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: their mean."""
+    values = {}
+    for name, metric in module.centre.items():
+        if name.startswith(prefix + "_"):
+            values[name] = metric.compute() if metric.update_count else torch.tensor(float("nan"))
+            metric.reset()
+    if f"{prefix}_centre_mae" not in values:
+        values[f"{prefix}_centre_mae"] = torch.stack(list(values.values())).mean()
+    module.log_dict(values, prog_bar=prefix == "val")
+
+
+def _update(metric: MeanMetric, x_hat: Tensor, x: Tensor, valid: Tensor) -> None:
+    total, count = centre_abs_error(x_hat, x, valid)
+    if count > 0:
+        metric.update(total / count, weight=count)
+
+
+def _optimisers(module: L.LightningModule, params: list[Tensor], cfg: TrainConfig) -> Any:
+    """AdamW, a per-step linear warm-up, and a per-epoch plateau schedule on the validation centre MAE."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = torch.optim.lr_scheduler.LinearLR(
+        opt, start_factor=cfg.warmup_start_factor, end_factor=1.0, total_iters=max(1, cfg.warmup_steps)
+    )
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience, min_lr=cfg.min_lr,
+        threshold=cfg.min_lr, threshold_mode="abs",
+    )
+    return (
+        [opt],
+        [
+            {"scheduler": warmup, "interval": "step"},
+            {"scheduler": plateau, "interval": "epoch", "monitor": MONITOR, "reduce_on_plateau": True},
+        ],
+    )
+
+
+class AutoencoderModule(L.LightningModule):
+    """Stage 1: one sensor's autoencoder trained with the context-aware loss."""
+
+    def __init__(self, model: dict[str, Any], loss: dict[str, Any], train: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = SensorAutoencoder(AEConfig.model_validate(model))
+        self.loss_cfg = LossConfig.model_validate(loss)
+        self.train_cfg = TrainConfig.model_validate(train)
+        self.centre = _centre_metrics(["centre_mae"])
+
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        x, valid = batch["x"], batch["valid"]  # (B, T, C, P, P)
+        x_hat, _ = self.model(x, batch["time_gaps"])
+        parts = reconstruction_loss(x_hat, x, valid, self.loss_cfg)
+        logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x.shape[0])
+        _update(self.centre[f"{prefix}_centre_mae"], x_hat, x, valid)
+        return parts["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        _log_centre(self, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        _log_centre(self, "val")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return _optimisers(self, list(self.model.parameters()), self.train_cfg)
+
+
+class FusionModule(L.LightningModule):
+    """Stage 2: fusion layers trained on two stage-1 autoencoders (frozen unless the config says otherwise).
+
+    The autoencoder weights are loaded by the caller from the stage-1 bundles right after
+    construction; on resume Lightning restores everything from the checkpoint instead.
+    """
+
+    def __init__(
+        self,
+        s1_model: dict[str, Any],
+        s2_model: dict[str, Any],
+        model: dict[str, Any],
+        loss: dict[str, Any],
+        train: dict[str, Any],
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        s1 = SensorAutoencoder(AEConfig.model_validate(s1_model))
+        s2 = SensorAutoencoder(AEConfig.model_validate(s2_model))
+        self.model = FusionModel(s1, s2, FusionConfig.model_validate(model))
+        self.loss_cfg = FusionLossConfig.model_validate(loss)
+        self.train_cfg = TrainConfig.model_validate(train)
+        self.centre = _centre_metrics(["centre_mae_s1", "centre_mae_s2"])
+
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        x1, v1, x2, v2 = batch["x1"], batch["valid1"], batch["x2"], batch["valid2"]
+        x1_hat, x2_hat, _ = self.model(x1, batch["time_gaps1"], x2, batch["time_gaps2"], batch["dt_centre"])
+        parts = fusion_loss(x1_hat, x1, v1, x2_hat, x2, v2, self.loss_cfg)
+        logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x2.shape[0])
+        _update(self.centre[f"{prefix}_centre_mae_s1"], x1_hat, x1, v1)
+        _update(self.centre[f"{prefix}_centre_mae_s2"], x2_hat, x2, v2)
+        return parts["loss"]
+
+    def on_train_epoch_end(self) -> None:
+        _log_centre(self, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        _log_centre(self, "val")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return _optimisers(self, [p for p in self.model.parameters() if p.requires_grad], self.train_cfg)

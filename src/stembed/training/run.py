@@ -1,0 +1,203 @@
+"""Stage drivers: data -> Lightning fit -> best weights -> metrics.json + bundle.pt in one run folder.
+
+A run folder holds ``config.yaml`` (the resolved stage config), ``checkpoints/{best,last}.ckpt``
+(Lightning, for resuming), ``logs/version_N/metrics.csv`` (per-epoch log; N counts resumes), ``metrics.json`` (per split) and
+``bundle.pt`` (weights + config + sensors + provenance; the file later stages and ``embed`` read).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+
+from stembed.config import AEStageConfig, FusionStageConfig, TrainConfig, dump_config
+from stembed.data.build import SplitData, build_fusion_data, build_sensor_data
+from stembed.data.sampling import SPLITS, SamplingError
+from stembed.data.scenes import load_scenes
+from stembed.models.bundle import load_bundle, save_bundle
+from stembed.repro import config_hash, file_sha256, provenance
+from stembed.sensors import get_sensor
+from stembed.training.evaluate import evaluate_split
+from stembed.training.modules import MONITOR, AutoencoderModule, FusionModule
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """Where a finished stage left its outputs."""
+
+    run_dir: Path
+    bundle: Path
+    metrics: dict[str, Any]
+
+
+def default_run_dir(cfg: AEStageConfig | FusionStageConfig) -> Path:
+    """``<out_dir>/<stage>/<YYYYmmdd-HHMMSS>-<confighash8>``."""
+    stage = f"train-{cfg.sensor}" if isinstance(cfg, AEStageConfig) else "train-fusion"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path(cfg.out_dir) / stage / f"{stamp}-{config_hash(dump_config(cfg))}"
+
+
+def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
+    gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order comes from the config seed
+    return {
+        name: DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=name == "train", generator=gen if name == "train" else None,
+            num_workers=cfg.num_workers, drop_last=False,
+        )
+        for name, ds in data.datasets.items()
+    }
+
+
+def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int) -> L.Trainer:
+    callbacks: list[L.Callback] = [
+        EarlyStopping(monitor=MONITOR, mode="min", patience=cfg.early_stop_patience),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="min",
+                        save_top_k=1, save_last=True),
+    ]
+    if cfg.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=max(1, n_train_batches // 10)))
+    return L.Trainer(
+        max_epochs=cfg.max_epochs,
+        accelerator="auto" if cfg.accelerator == "auto" else cfg.accelerator,
+        devices=1,
+        gradient_clip_val=cfg.grad_clip,
+        logger=CSVLogger(save_dir=run_dir, name="logs"),  # logs/version_N: a resume starts a new file
+        callbacks=callbacks,
+        enable_progress_bar=cfg.progress_bar,
+        enable_model_summary=False,
+        log_every_n_steps=max(1, min(50, n_train_batches)),
+        limit_train_batches=cfg.limit_train_batches,
+        num_sanity_val_steps=0,
+    )
+
+
+def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | None) -> None:
+    if resume is None and (run_dir / "bundle.pt").exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a finished run (bundle.pt); choose another --run-dir or resume with "
+            f"--resume {run_dir / 'checkpoints' / 'last.ckpt'}"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+
+
+def _fit(
+    module: L.LightningModule, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None
+) -> L.LightningModule:
+    """Fit, then load the best checkpoint's weights back into ``module``."""
+    if not data.datasets["val"] or len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
+        raise SamplingError("the validation split is empty; early stopping needs one (check data.split.fractions)")
+    loaders = _loaders(data, cfg)
+    trainer = _trainer(run_dir, cfg, len(loaders["train"]))
+    if resume is not None and not resume.is_file():
+        raise FileNotFoundError(f"checkpoint {resume} does not exist; resume from a run's checkpoints/last.ckpt")
+    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(resume) if resume else None)
+    best = Path(trainer.checkpoint_callback.best_model_path) if trainer.checkpoint_callback else None  # type: ignore[union-attr]
+    if best and best.is_file():
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    return module.cpu().eval()
+
+
+def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any) -> dict[str, Any]:
+    loaders = {
+        name: DataLoader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
+    }
+    return {name: evaluate_split(loaders[name], reconstruct) for name in SPLITS if len(data.datasets[name])}  # type: ignore[arg-type]
+
+
+def _write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+def train_autoencoder(
+    cfg: AEStageConfig, *, run_dir: Path | None = None, resume: Path | None = None
+) -> RunResult:
+    """Stage 1 for one sensor."""
+    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
+    cfg_dict = dump_config(cfg)
+    _prepare_run_dir(run_dir, cfg_dict, resume)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # run boundary: init and dropout draws
+    scenes = load_scenes(cfg.data)
+    data = build_sensor_data(scenes, cfg.sensor, cfg.data, np.random.default_rng(cfg.train.seed))
+    model_cfg = cfg.resolved_model()
+    module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train))
+    started = time.perf_counter()
+    module = _fit(module, data, cfg.train, run_dir, resume)
+    model = module.model  # type: ignore[attr-defined]
+
+    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        x_hat, _ = model(batch["x"], batch["time_gaps"])
+        return {cfg.sensor: (x_hat, batch["x"], batch["valid"])}
+
+    metrics = {
+        "stage": f"ae-{cfg.sensor}",
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "splits": _split_metrics(data, cfg.train, reconstruct),
+        "data": data.info,
+    }
+    _write_metrics(run_dir, metrics)
+    bundle = save_bundle(
+        run_dir / "bundle.pt", kind="autoencoder", sensor=cfg.sensor, model=model,
+        config={"model": dump_config(model_cfg), "stage": cfg_dict},
+        sensors={cfg.sensor: get_sensor(cfg.sensor)},
+        provenance=provenance([s.site for s in scenes], {"sites": {s.site: s.s2.attrs.get("provenance") for s in scenes}}),
+        metrics=metrics,
+    )
+    return RunResult(run_dir, bundle, metrics)
+
+
+def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
+    """Stage 2: fusion layers on the two stage-1 bundles named in ``cfg``."""
+    b1 = load_bundle(cfg.s1_bundle, expect_kind="autoencoder", expect_sensor="s1")
+    b2 = load_bundle(cfg.s2_bundle, expect_kind="autoencoder", expect_sensor="s2")
+    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
+    cfg_dict = dump_config(cfg)
+    _prepare_run_dir(run_dir, cfg_dict, resume)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    scenes = load_scenes(cfg.data)
+    data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed))
+    fusion_cfg = cfg.resolved_model()
+    module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
+                          dump_config(cfg.train))
+    model = module.model
+    model.s1.load_state_dict(b1.state_dict)
+    model.s2.load_state_dict(b2.state_dict)
+    started = time.perf_counter()
+    module = _fit(module, data, cfg.train, run_dir, resume)
+    model = module.model  # type: ignore[attr-defined]
+
+    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        x1_hat, x2_hat, _ = model(batch["x1"], batch["time_gaps1"], batch["x2"], batch["time_gaps2"], batch["dt_centre"])
+        return {"s1": (x1_hat, batch["x1"], batch["valid1"]), "s2": (x2_hat, batch["x2"], batch["valid2"])}
+
+    metrics = {
+        "stage": "fusion",
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "splits": _split_metrics(data, cfg.train, reconstruct),
+        "data": data.info,
+    }
+    _write_metrics(run_dir, metrics)
+    bundle = save_bundle(
+        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model,
+        config={"model": dump_config(fusion_cfg), "s1_model": b1.config["model"], "s2_model": b2.config["model"],
+                "stage": cfg_dict},
+        sensors={**b1.sensors, **b2.sensors},
+        provenance=provenance(
+            [s.site for s in scenes],
+            {"s1_bundle_sha256": file_sha256(cfg.s1_bundle), "s2_bundle_sha256": file_sha256(cfg.s2_bundle)},
+        ),
+        metrics=metrics,
+    )
+    return RunResult(run_dir, bundle, metrics)
