@@ -45,9 +45,23 @@ class AEConfig(_Frozen):
     head_channels: int = 16  # per-token width before the token-axis reduction
     reduced_tokens: int = 6  # R: tokens after the reduction over time (6 for S2, 7 for S1)
     max_position_days: int = 200  # learned position table covers 0..max_position_days
+    # Per-band standardisation inside the model: x -> (x - mean) / std before the encoder, and the
+    # inverse after the decoder, so losses and outputs stay in cube units. None = identity (the
+    # paper feeds 0-1 values directly). Stage 1 fills these from the training split by default:
+    # reflectances vary by ~0.05, and unstandardised inputs left the latent collapsed for the
+    # first ~90 steps in our overfit check, against ~30 with standardisation (see the note in
+    # training/run.py). Buffers, not parameters: the parameter counts are unchanged.
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> AEConfig:
+        for name in ("input_mean", "input_std"):
+            v = getattr(self, name)
+            if v is not None and len(v) != self.in_channels:
+                raise ValueError(f"{name} has {len(v)} values but in_channels={self.in_channels}")
+        if self.input_std is not None and min(self.input_std) <= 0:
+            raise ValueError(f"input_std must be positive, got {self.input_std}")
         if self.patch_px != 15:
             raise ValueError("patch_px must be 15: the conv stack maps 15 -> 7 -> 4 px exactly")
         if self.n_frames < 3 or self.n_frames % 2 == 0:
@@ -260,6 +274,7 @@ class AEStageConfig(_Frozen):
     data: DataConfig = Field(default_factory=DataConfig)
     loss: LossConfig | None = None  # None: MAE only for S1, the hybrid loss for S2
     train: TrainConfig = Field(default_factory=TrainConfig)
+    standardise_inputs: bool = True  # fill model.input_mean/std from the training split (see AEConfig)
     out_dir: str = "runs"
 
     @model_validator(mode="after")

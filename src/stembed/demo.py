@@ -24,7 +24,7 @@ from stembed.training.run import RunResult, train_autoencoder, train_fusion
 STAGES = ("s1", "s2", "fusion")
 
 
-def demo_configs(out: Path, *, max_epochs: int = 12, n_sites: int = 4) -> dict[str, Any]:
+def demo_configs(out: Path, *, max_epochs: int = 8, n_sites: int = 4) -> dict[str, Any]:
     """The three stage configs of the demo (also used by the end-to-end tests with fewer epochs)."""
     source = SyntheticSource(n_sites=n_sites, height_px=48, width_px=48, n_days=365, seed=0)
     split = SplitConfig(by="site", fractions=(0.5, 0.25, 0.25), seed=0)
@@ -32,7 +32,7 @@ def demo_configs(out: Path, *, max_epochs: int = 12, n_sites: int = 4) -> dict[s
     s2_data = DataConfig(source=source, split=split,
                          sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=4))
     s1_data = DataConfig(source=source, split=split,
-                         sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=4))
+                         sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=6))
     train = TrainConfig(batch_size=32, max_epochs=max_epochs, lr=1e-3, warmup_steps=50, plateau_patience=2,
                         early_stop_patience=4, min_lr=1e-5, seed=0)
     return {
@@ -45,7 +45,7 @@ def demo_configs(out: Path, *, max_epochs: int = 12, n_sites: int = 4) -> dict[s
     }
 
 
-def run_demo(out: Path, *, overwrite: bool = False, max_epochs: int = 12) -> dict[str, RunResult]:
+def run_demo(out: Path, *, overwrite: bool = False, max_epochs: int = 8) -> dict[str, RunResult]:
     """Train S1, S2, then fusion into ``out/{s1,s2,fusion}``; print a summary; return the runs."""
     out = Path(out)
     existing = [out / s for s in STAGES if (out / s).exists()]

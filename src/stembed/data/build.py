@@ -13,6 +13,7 @@ from stembed.data.datasets import FusionPatchDataset, PatchDataset, SensorArrays
 from stembed.data.sampling import (
     SPLITS,
     PatchIndex,
+    Region,
     SamplingError,
     assign_splits,
     day_numbers,
@@ -29,6 +30,7 @@ class SplitData:
 
     datasets: dict[str, Dataset[Any]]
     patches: dict[str, list[PatchIndex]]
+    regions: dict[str, list[Region]]
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -50,7 +52,7 @@ def matched_s1_arrays(scene: Scene, max_gap_days: float) -> SensorArrays:
 
 def _split_patches(
     scenes: list[Scene], driver: list[SensorArrays], sampling: SamplingConfig, cfg: DataConfig, rng: np.random.Generator
-) -> tuple[dict[str, list[PatchIndex]], dict[str, Any]]:
+) -> tuple[dict[str, list[PatchIndex]], dict[str, list[Region]], dict[str, Any]]:
     for scene, arr in zip(scenes, driver, strict=True):
         if arr.values.shape[0] < sampling.window_dates:
             raise SamplingError(
@@ -62,6 +64,7 @@ def _split_patches(
     groups = assign_splits(len(regions), cfg.split)
     centre_ok = [np.isfinite(a.values).any(axis=1) for a in driver]
     patches: dict[str, list[PatchIndex]] = {}
+    split_regions = {name: [regions[g] for g in groups[name]] for name in SPLITS}
     info: dict[str, Any] = {"split_by": cfg.split.by, "splits": {}}
     for name in SPLITS:
         patches[name] = []
@@ -80,16 +83,35 @@ def _split_patches(
                 f"the {name} split got no patches (its groups: {info['splits'][name]['groups']}); the data is too "
                 "small or too cloudy for this sampling: lower data.sampling.spatial_stride / window_stride"
             )
-    return patches, info
+    return patches, split_regions, info
+
+
+def band_stats(data: SplitData) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-band mean and std of the observed values in the training split's regions (for AEConfig)."""
+    ds = data.datasets["train"]
+    sites = ds.sites  # type: ignore[attr-defined]
+    total = count = sq = None
+    for g in data.regions["train"]:
+        v = sites[g.site].values[:, :, g.y[0] : g.y[1], g.x[0] : g.x[1]]  # (time, band, y, x)
+        ok = np.isfinite(v)
+        vv = np.where(ok, v, 0.0).astype(np.float64)
+        s, c, q = vv.sum(axis=(0, 2, 3)), ok.sum(axis=(0, 2, 3)), (vv**2).sum(axis=(0, 2, 3))
+        total, count, sq = (s, c, q) if total is None else (total + s, count + c, sq + q)
+    if count is None or (count == 0).any():
+        raise SamplingError("a band has no observed value in the training split; cannot standardise inputs")
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean**2, 0.0))
+    std = np.maximum(std, 1e-4)  # a constant band must not divide by zero
+    return tuple(float(m) for m in mean), tuple(float(x) for x in std)
 
 
 def build_sensor_data(scenes: list[Scene], sensor: str, cfg: DataConfig, rng: np.random.Generator) -> SplitData:
     """Patches of one sensor on its own dates (stage 1)."""
     sampling = cfg.resolved_sampling(sensor)
     arrays = [sensor_arrays(s, sensor) for s in scenes]
-    patches, info = _split_patches(scenes, arrays, sampling, cfg, rng)
+    patches, regions, info = _split_patches(scenes, arrays, sampling, cfg, rng)
     ds: dict[str, Dataset[Any]] = {k: PatchDataset(arrays, v, sampling.patch_px) for k, v in patches.items()}
-    return SplitData(ds, patches, info)
+    return SplitData(ds, patches, regions, info)
 
 
 def build_fusion_data(scenes: list[Scene], cfg: DataConfig, rng: np.random.Generator) -> SplitData:
@@ -97,6 +119,6 @@ def build_fusion_data(scenes: list[Scene], cfg: DataConfig, rng: np.random.Gener
     sampling = cfg.resolved_sampling("s2")
     s2 = [sensor_arrays(s, "s2") for s in scenes]
     s1 = [matched_s1_arrays(s, cfg.s1_max_gap_days) for s in scenes]
-    patches, info = _split_patches(scenes, s2, sampling, cfg, rng)
+    patches, regions, info = _split_patches(scenes, s2, sampling, cfg, rng)
     ds: dict[str, Dataset[Any]] = {k: FusionPatchDataset(s2, s1, v, sampling.patch_px) for k, v in patches.items()}
-    return SplitData(ds, patches, info)
+    return SplitData(ds, patches, regions, info)

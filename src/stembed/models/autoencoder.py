@@ -34,6 +34,14 @@ def make_temporal_transformer(cfg: AEConfig) -> nn.TransformerEncoder:
     return make_transformer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=False)
 
 
+def _check_patch(x: torch.Tensor, cfg: AEConfig) -> None:
+    if x.dim() != 5 or x.shape[1:] != (cfg.n_frames, cfg.in_channels, cfg.patch_px, cfg.patch_px):
+        raise ValueError(
+            f"x must be (B, {cfg.n_frames}, {cfg.in_channels}, {cfg.patch_px}, {cfg.patch_px}) "
+            f"for sensor {cfg.sensor!r}, got {tuple(x.shape)}"
+        )
+
+
 def _check_gaps(time_gaps: torch.Tensor, batch: int, n_frames: int) -> None:
     if time_gaps.shape != (batch, n_frames - 1):
         raise ValueError(f"time_gaps must have shape ({batch}, {n_frames - 1}), got {tuple(time_gaps.shape)}")
@@ -144,11 +152,7 @@ class SensorEncoder(nn.Module):
 
     def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
-        if x.dim() != 5 or x.shape[1:] != (cfg.n_frames, cfg.in_channels, cfg.patch_px, cfg.patch_px):
-            raise ValueError(
-                f"x must be (B, {cfg.n_frames}, {cfg.in_channels}, {cfg.patch_px}, {cfg.patch_px}) "
-                f"for sensor {cfg.sensor!r}, got {tuple(x.shape)}"
-            )
+        _check_patch(x, cfg)
         B, T, C, H, W = x.shape
         _check_gaps(time_gaps, B, T)
         tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, token_channels, 4, 4): each frame alone
@@ -219,14 +223,21 @@ class SensorAutoencoder(nn.Module):
         self.positions = TemporalPositionalEmbedding(cfg.max_position_days, cfg.d_model)
         self.encoder = SensorEncoder(cfg, temporal=self.temporal, positions=self.positions)
         self.decoder = SensorDecoder(cfg, temporal=self.temporal, positions=self.positions)
+        # Per-band standardisation (identity unless the config carries stats); rebuilt from the
+        # config, so not part of the state_dict.
+        mean = torch.tensor(cfg.input_mean or [0.0] * cfg.in_channels).reshape(1, 1, -1, 1, 1)
+        std = torch.tensor(cfg.input_std or [1.0] * cfg.in_channels).reshape(1, 1, -1, 1, 1)
+        self.register_buffer("input_mean", mean, persistent=False)  # (1, 1, C, 1, 1)
+        self.register_buffer("input_std", std, persistent=False)
 
     def encode(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, H, W), (B, T-1) -> z (B, latent_dim)."""
-        return self.encoder(x, time_gaps)
+        """(B, T, C, H, W) in cube units, (B, T-1) -> z (B, latent_dim)."""
+        _check_patch(x, self.cfg)
+        return self.encoder((x - self.input_mean) / self.input_std, time_gaps)
 
     def decode(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
-        """(B, latent_dim), (B, T-1) -> x_hat (B, T, C, H, W)."""
-        return self.decoder(z, time_gaps)
+        """(B, latent_dim), (B, T-1) -> x_hat (B, T, C, H, W) in cube units."""
+        return self.decoder(z, time_gaps) * self.input_std + self.input_mean
 
     def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruct a patch batch; returns ``(x_hat, z)``."""

@@ -21,8 +21,8 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from stembed.config import AEStageConfig, FusionStageConfig, TrainConfig, dump_config
-from stembed.data.build import SplitData, build_fusion_data, build_sensor_data
+from stembed.config import AEConfig, AEStageConfig, FusionStageConfig, TrainConfig, dump_config
+from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle, save_bundle
@@ -132,6 +132,9 @@ def train_autoencoder(
     scenes = load_scenes(cfg.data)
     data = build_sensor_data(scenes, cfg.sensor, cfg.data, np.random.default_rng(cfg.train.seed))
     model_cfg = cfg.resolved_model()
+    if cfg.standardise_inputs and model_cfg.input_mean is None:
+        mean, std = band_stats(data)
+        model_cfg = AEConfig.model_validate({**model_cfg.model_dump(), "input_mean": mean, "input_std": std})
     module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train))
     started = time.perf_counter()
     module = _fit(module, data, cfg.train, run_dir, resume)
