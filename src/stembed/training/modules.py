@@ -43,7 +43,7 @@ def _update(metric: MeanMetric, x_hat: Tensor, x: Tensor, valid: Tensor) -> None
         metric.update(total / count, weight=count)
 
 
-def _optimisers(module: L.LightningModule, params: list[Tensor], cfg: TrainConfig) -> Any:
+def _optimisers(params: list[Tensor], cfg: TrainConfig) -> Any:
     """AdamW, a per-step linear warm-up, and a per-epoch plateau schedule on the validation centre MAE."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = torch.optim.lr_scheduler.LinearLR(
@@ -62,7 +62,33 @@ def _optimisers(module: L.LightningModule, params: list[Tensor], cfg: TrainConfi
     )
 
 
-class AutoencoderModule(L.LightningModule):
+class _StageModule(L.LightningModule):
+    """Shared loop of both stages: subclasses set ``model``, ``train_cfg``, ``centre`` and write ``_step``."""
+
+    model: nn.Module
+    train_cfg: TrainConfig
+    centre: nn.ModuleDict
+
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        raise NotImplementedError
+
+    def on_train_epoch_end(self) -> None:
+        _log_centre(self, "train")
+
+    def on_validation_epoch_end(self) -> None:
+        _log_centre(self, "val")
+
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        return self._step(batch, "val")
+
+    def configure_optimizers(self) -> Any:
+        return _optimisers([p for p in self.model.parameters() if p.requires_grad], self.train_cfg)
+
+
+class AutoencoderModule(_StageModule):
     """Stage 1: one sensor's autoencoder trained with the context-aware loss."""
 
     def __init__(self, model: dict[str, Any], loss: dict[str, Any], train: dict[str, Any]) -> None:
@@ -82,23 +108,9 @@ class AutoencoderModule(L.LightningModule):
         _update(self.centre[f"{prefix}_centre_mae"], x_hat, x, valid)
         return parts["loss"]
 
-    def on_train_epoch_end(self) -> None:
-        _log_centre(self, "train")
-
-    def on_validation_epoch_end(self) -> None:
-        _log_centre(self, "val")
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        return _optimisers(self, list(self.model.parameters()), self.train_cfg)
 
 
-class FusionModule(L.LightningModule):
+class FusionModule(_StageModule):
     """Stage 2: fusion layers trained on two stage-1 autoencoders (frozen unless the config says otherwise).
 
     The autoencoder weights are loaded by the caller from the stage-1 bundles right after
@@ -131,18 +143,3 @@ class FusionModule(L.LightningModule):
         _update(self.centre[f"{prefix}_centre_mae_s1"], x1_hat, x1, v1)
         _update(self.centre[f"{prefix}_centre_mae_s2"], x2_hat, x2, v2)
         return parts["loss"]
-
-    def on_train_epoch_end(self) -> None:
-        _log_centre(self, "train")
-
-    def on_validation_epoch_end(self) -> None:
-        _log_centre(self, "val")
-
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "train")
-
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        return self._step(batch, "val")
-
-    def configure_optimizers(self) -> Any:
-        return _optimisers(self, [p for p in self.model.parameters() if p.requires_grad], self.train_cfg)
