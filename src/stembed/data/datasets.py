@@ -32,10 +32,11 @@ class SensorArrays:
 
 
 def fill_patch(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``raw`` (T, C, P, P) with NaN -> (filled copy, valid mask); fill = per-band patch mean, else 0."""
+    """``raw`` (..., T, C, P, P) with NaN -> (filled copy, valid mask); fill = per-band patch mean, else 0."""
     valid = np.isfinite(raw)
-    counts = valid.sum(axis=(0, 2, 3), keepdims=True)
-    sums = np.where(valid, raw, 0.0).sum(axis=(0, 2, 3), keepdims=True)
+    axes = (-4, -2, -1)  # time, y, x of each patch
+    counts = valid.sum(axis=axes, keepdims=True)
+    sums = np.where(valid, raw, 0.0).sum(axis=axes, keepdims=True)
     means = np.divide(sums, counts, out=np.zeros_like(sums), where=counts > 0)
     return np.where(valid, raw, means).astype(np.float32), valid
 
