@@ -1,0 +1,1 @@
+"""Evaluation: flux-tower GPP, probes, reconstruction reports."""
