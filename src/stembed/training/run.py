@@ -96,7 +96,7 @@ def _fit(
     module: L.LightningModule, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None
 ) -> L.LightningModule:
     """Fit, then load the best checkpoint's weights back into ``module``."""
-    if not data.datasets["val"] or len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
+    if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
         raise SamplingError("the validation split is empty; early stopping needs one (check data.split.fractions)")
     loaders = _loaders(data, cfg)
     trainer = _trainer(run_dir, cfg, len(loaders["train"]))
