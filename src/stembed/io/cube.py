@@ -129,7 +129,12 @@ def cube_transform(da: xr.DataArray) -> tuple[float, ...]:
 
 # ----------------------------------------------------------------------------- validation
 def validate_cube(
-    da: xr.DataArray, spec: SensorSpec, *, min_dates: int | None = None, patch_px: int | None = None
+    da: xr.DataArray,
+    spec: SensorSpec,
+    *,
+    min_dates: int | None = None,
+    patch_px: int | None = None,
+    check_values: bool = True,
 ) -> None:
     """Check ``da`` against the cube contract for ``spec``.
 
@@ -141,6 +146,8 @@ def validate_cube(
         spec: the sensor it should hold.
         min_dates: if given, the cube must have at least this many dates (a training window).
         patch_px: if given, the grid must be at least ``patch_px`` pixels in y and x.
+        check_values: check dtype and value range, which reads every value. Tiled readers that must
+            not load a whole cube pass False and check each tile with :func:`value_problems`.
 
     Raises:
         CubeError: naming each problem and its fix.
@@ -164,7 +171,7 @@ def validate_cube(
         )
     problems = [
         *_band_problems(da, spec),
-        *_value_problems(da, spec),
+        *(value_problems(da, spec) if check_values else []),
         *_time_problems(da, min_dates),
         *_grid_problems(da, spec, patch_px),
         *_attr_problems(da, spec),
@@ -196,7 +203,8 @@ def _band_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
     return out
 
 
-def _value_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
+def value_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
+    """Dtype and value-range violations of ``da`` (any part of a cube), one line each with its fix."""
     out = []
     if da.dtype != np.float32:
         out.append(f"dtype is {da.dtype}, expected float32; fix: normalise, then cube.astype('float32')")
@@ -438,39 +446,41 @@ class Scene:
 
 
 # ----------------------------------------------------------------------------- storage
-def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Validate ``da`` and write it as a zarr store (variable named after the sensor).
-
-    The store is written to a temporary sibling and renamed into place, so an interrupted write
-    never leaves a complete-looking cube at ``path``.
-
-    Raises:
-        FileExistsError: ``path`` exists and ``overwrite`` is False.
-        CubeError: the cube breaks the contract.
-    """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+def _cube_dataset(da: xr.DataArray) -> xr.Dataset:
+    """A cube as the Dataset stored in zarr: one variable named after the sensor."""
     sensor = da.attrs.get("sensor") if isinstance(da, xr.DataArray) else None
     if sensor not in SENSORS:
         raise CubeError(f"cannot save: attrs['sensor'] is {sensor!r}, expected one of {sorted(SENSORS)}")
-    validate_cube(da, SENSORS[sensor])
-
     # object-dtype band names are stored as zarr v3 variable-length strings (fixed-width numpy
     # unicode has no stable zarr v3 representation)
     var = da.assign_coords({BAND: da[BAND].values.astype(object)})
     var.encoding = {}
     ds = var.to_dataset(name=sensor)
     ds.attrs = {_STORE_MARKER: _STORE_FORMAT, "sensor": sensor}
-    encoding: dict[str, dict[str, Any]] = {}
-    if da.chunks is None:  # dask-backed cubes keep their own chunks
-        encoding[sensor] = {
+    return ds
+
+
+def _cube_encoding(da: xr.DataArray) -> dict[str, dict[str, Any]]:
+    if da.chunks is not None:  # dask-backed cubes keep their own chunks
+        return {}
+    return {
+        str(da.attrs["sensor"]): {
             "chunks": (1, da.sizes[BAND], min(da.sizes[Y], _CHUNK_PX), min(da.sizes[X], _CHUNK_PX))
         }
+    }
 
+
+def _write_atomically(path: Path, write: Any, *, overwrite: bool) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling, then rename it to ``path``.
+
+    An interrupted write never leaves a complete-looking store at ``path``, and an existing store
+    is only replaced once the new one is complete.
+    """
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
-        ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding)
+        write(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -487,6 +497,50 @@ def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) ->
     return path
 
 
+def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Validate ``da`` and write it as a zarr store (variable named after the sensor), atomically.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        CubeError: the cube breaks the contract.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    ds = _cube_dataset(da)
+    validate_cube(da, SENSORS[str(da.attrs["sensor"])])
+    encoding = _cube_encoding(da)
+    return _write_atomically(
+        path,
+        lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding),
+        overwrite=overwrite,
+    )
+
+
+def _read_cube(path: Path, group: str | None = None) -> xr.DataArray:
+    where = f"{path}" + (f" (group {group!r})" if group else "")
+    try:
+        ds = xr.open_zarr(path, group=group, consolidated=False, chunks=None)
+    except (OSError, ValueError, KeyError) as e:
+        raise CubeError(f"{where} is not a readable zarr store ({type(e).__name__}: {e})") from e
+    sensor = ds.attrs.get("sensor")
+    if ds.attrs.get(_STORE_MARKER) is None or sensor not in ds.data_vars:
+        raise CubeError(
+            f"{where} is a zarr store but not a stembed cube (variables {sorted(map(str, ds.data_vars))}, "
+            f"no '{_STORE_MARKER}' attribute); fix: write cubes with stembed.io.cube.save_cube"
+        )
+    if ds.attrs[_STORE_MARKER] != _STORE_FORMAT:
+        raise CubeError(
+            f"{where} has cube format {ds.attrs[_STORE_MARKER]}, this stembed reads format {_STORE_FORMAT}; "
+            "fix: rewrite the cube with this stembed version"
+        )
+    da = ds[sensor]
+    da = da.assign_coords({BAND: np.array([str(b) for b in da[BAND].values])})
+    if "transform" in da.attrs:
+        da.attrs["transform"] = [float(v) for v in da.attrs["transform"]]
+    return da
+
+
 def open_cube(path: str | Path) -> xr.DataArray:
     """Open a cube written by :func:`save_cube`, lazily (values load on first access, e.g. ``.values``).
 
@@ -496,23 +550,77 @@ def open_cube(path: str | Path) -> xr.DataArray:
     path = Path(path)
     if not path.exists():
         raise CubeError(f"no cube at {path}; fix: check the path (stembed.io.cube.save_cube writes cubes)")
+    return _read_cube(path)
+
+
+_SCENE_MARKER = "stembed_scene_format"
+_SCENE_FORMAT = 1
+
+
+def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a :class:`Scene` as one zarr store, atomically: groups ``s2`` and ``s1`` (+ ``labels``).
+
+    This is the ``CUBE`` that ``stembed embed --cube`` reads. Each sensor group is laid out like
+    :func:`save_cube`'s store; the root's attributes name the format and the site.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+        CubeError: the scene breaks the cube contract.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    scene.validate()
+
+    def write(tmp: Path) -> None:
+        root = xr.Dataset(attrs={_SCENE_MARKER: _SCENE_FORMAT, "site": scene.site})
+        root.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
+        for cube in (scene.s2, scene.s1):
+            _cube_dataset(cube).to_zarr(
+                tmp, group=str(cube.attrs["sensor"]), mode="w-", zarr_format=3, consolidated=False,
+                encoding=_cube_encoding(cube),
+            )
+        if scene.labels is not None:
+            scene.labels.to_zarr(tmp, group="labels", mode="w-", zarr_format=3, consolidated=False)
+
+    return _write_atomically(path, write, overwrite=overwrite)
+
+
+def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
+    """Open a scene store written by :func:`save_scene`, lazily, and validate it.
+
+    Args:
+        check_values: also check every value's range (reads the whole cube); pass False to check
+            only structure and grids, e.g. before a tiled run that checks each tile as it reads it.
+
+    Raises:
+        CubeError: the path is missing or is not a stembed scene store, or the scene breaks the contract.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CubeError(f"no scene store at {path}; fix: check the path (stembed.io.cube.save_scene writes one)")
     try:
-        ds = xr.open_zarr(path, consolidated=False, chunks=None)
+        root = xr.open_zarr(path, consolidated=False, chunks=None)
     except (OSError, ValueError, KeyError) as e:
         raise CubeError(f"{path} is not a readable zarr store ({type(e).__name__}: {e})") from e
-    sensor = ds.attrs.get("sensor")
-    if ds.attrs.get(_STORE_MARKER) is None or sensor not in ds.data_vars:
-        raise CubeError(
-            f"{path} is a zarr store but not a stembed cube (variables {sorted(map(str, ds.data_vars))}, "
-            f"no '{_STORE_MARKER}' attribute); fix: write cubes with stembed.io.cube.save_cube"
+    if root.attrs.get(_SCENE_MARKER) != _SCENE_FORMAT:
+        hint = (
+            "it looks like a single-sensor cube (save_cube); pair it with the other sensor and write "
+            "both with stembed.io.cube.save_scene"
+            if root.attrs.get(_STORE_MARKER) is not None
+            else "write scenes with stembed.io.cube.save_scene"
         )
-    if ds.attrs[_STORE_MARKER] != _STORE_FORMAT:
         raise CubeError(
-            f"{path} has cube format {ds.attrs[_STORE_MARKER]}, this stembed reads format {_STORE_FORMAT}; "
-            "fix: rewrite the cube with this stembed version"
+            f"{path} is not a stembed scene store (no '{_SCENE_MARKER}' = {_SCENE_FORMAT} attribute); fix: {hint}"
         )
-    da = ds[sensor]
-    da = da.assign_coords({BAND: np.array([str(b) for b in da[BAND].values])})
-    if "transform" in da.attrs:
-        da.attrs["transform"] = [float(v) for v in da.attrs["transform"]]
-    return da
+    s2, s1 = _read_cube(path, "s2"), _read_cube(path, "s1")
+    labels = None
+    if (path / "labels").is_dir():
+        labels = xr.open_zarr(path, group="labels", consolidated=False, chunks=None)
+    scene = Scene(site=str(root.attrs.get("site")), s2=s2, s1=s1, labels=labels)
+    validate_cube(s2, SENSORS["s2"], check_values=check_values)
+    validate_cube(s1, SENSORS["s1"], check_values=check_values)
+    validate_pair(s1, s2)
+    if scene.site != s2.attrs.get("site"):
+        raise CubeError(f"{path}: the store says site {scene.site!r} but its S2 cube says {s2.attrs.get('site')!r}")
+    return scene
