@@ -313,6 +313,27 @@ class FusionStageConfig(_Frozen):
         return self.model if self.model is not None else fusion_preset(self.preset)
 
 
+class EmbedConfig(_Frozen):
+    """Stage 3: embedding every pixel and date of a cube with a fusion bundle (``stembed embed``).
+
+    Saved in the output store's attributes; a resumed run must ask for the same values.
+    """
+
+    stage: Literal["embed"] = "embed"
+    tile_px: int = Field(64, ge=1)  # tile edge in pixels; the output's y/x chunks are the tiles
+    time_chunk: int = Field(16, ge=1)  # dates per output chunk
+    batch_size: int = Field(256, ge=1)  # patches per forward pass; bit-identical output needs the same value
+    dtype: Literal["float32", "float16", "int8"] = "float32"
+    calibration_samples: int = Field(1024, ge=16)  # pixel-dates embedded to set the float16/int8 scale
+    calibration_margin: float = Field(0.25, ge=0.0)  # widen the calibrated range by this share each side
+    seed: int = 0  # draws the calibration pixel-dates
+    s1_max_gap_days: float | None = None  # None: the value the bundle's fusion stage was trained with
+    workers: int = Field(1, ge=1)  # LocalCluster worker processes (ignored with a scheduler address)
+    threads_per_worker: int | None = Field(None, ge=1)  # torch threads per worker; None: cores // workers
+    connect_timeout_s: float = Field(10.0, gt=0)  # how long to try a --scheduler address
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
 StageConfig = AEStageConfig | FusionStageConfig
 C = TypeVar("C", bound=BaseModel)
 

@@ -1,0 +1,369 @@
+"""``stembed embed``: every pixel and date of a scene store, tile by tile, on dask.distributed.
+
+Each tile is an independent task: read the tile plus a halo of ``patch_px // 2`` pixels (real
+neighbours inside the cube, reflected pixels beyond its edge, exactly what the per-patch reference
+sees), embed it with :func:`stembed.inference.engine.embed_block`, write its chunk-aligned region of
+the output, then its done flag. So memory is bounded by the tile (all dates of ``tile_px`` +
+halo squared pixels per worker), a killed run resumes at the first unfinished tile, and a rerun of a
+finished output writes nothing.
+
+Workers open the cube and the bundle themselves, so with ``--scheduler`` they must see the same
+paths (a shared filesystem).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+
+from stembed.config import EmbedConfig, dump_config
+from stembed.data.build import matched_s1_arrays, sensor_arrays
+from stembed.inference.engine import embed_block, min_dates, reflect_index, resolve_device
+from stembed.inference.reference import check_bundle_for_scene
+from stembed.io import embeddings as store
+from stembed.io.cube import CubeError, Scene, open_scene, value_problems
+from stembed.io.embeddings import EmbedError
+from stembed.models.bundle import Bundle, load_bundle
+from stembed.models.fusion import FusionModel
+from stembed.repro import file_sha256, provenance
+from stembed.sensors import SENSORS
+from stembed.types import TIME, X, Y
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    """What a run did: tiles written now, tiles already done before it, the measured storage error."""
+
+    out: Path
+    tiles_written: int
+    tiles_skipped: int
+    storage_error: dict[str, Any]
+    seconds: float
+
+
+@dataclass(frozen=True)
+class TileJob:
+    """Everything a worker needs for one tile (plain, picklable values)."""
+
+    cube: str
+    cube_fingerprint: str
+    bundle: str
+    bundle_sha256: str
+    out: str
+    grid: store.TileGrid
+    tile: tuple[int, int]
+    quant: store.Quantisation
+    s1_max_gap_days: float
+    batch_size: int
+    device: str
+    threads: int | None
+
+
+# ----------------------------------------------------------------------------- reading a tile
+def read_block(
+    scene: Scene, rows: slice, cols: slice, halo: int, s1_max_gap_days: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """S2 and matched-S1 values of a block with its halo, and their day numbers.
+
+    Only the block and halo are read from the (lazy) cubes. Returns ``s2 (time, band, h+2r, w+2r)``,
+    ``s1`` likewise on the S2 dates, ``s2_days`` and ``s1_days``.
+
+    Raises:
+        CubeError: a value in the block breaks the cube contract (named, with the block).
+    """
+    height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
+    yi = reflect_index(rows.start - halo, rows.stop + halo, height)
+    xi = reflect_index(cols.start - halo, cols.stop + halo, width)
+    y0, y1, x0, x1 = int(yi.min()), int(yi.max()) + 1, int(xi.min()), int(xi.max()) + 1
+    sub = Scene(
+        site=scene.site,
+        s2=scene.s2.isel({Y: slice(y0, y1), X: slice(x0, x1)}),
+        s1=scene.s1.isel({Y: slice(y0, y1), X: slice(x0, x1)}),
+    )
+    s2, s1 = sensor_arrays(sub, "s2"), matched_s1_arrays(sub, s1_max_gap_days)
+    for key, values in (("s2", s2.values), ("s1", s1.values)):
+        problems = value_problems(xr.DataArray(values), SENSORS[key])
+        if problems:
+            raise CubeError(
+                f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: " + "; ".join(problems)
+            )
+    take = np.ix_(yi - y0, xi - x0)
+    return (
+        np.ascontiguousarray(s2.values[:, :, take[0], take[1]]),
+        np.ascontiguousarray(s1.values[:, :, take[0], take[1]]),
+        s2.days,
+        s1.days,
+    )
+
+
+# ----------------------------------------------------------------------------- worker side
+_MODELS: dict[tuple[str, str, str], FusionModel] = {}
+_SCENES: dict[tuple[str, str], Scene] = {}
+
+
+def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel:
+    key = (path, sha256, str(device))
+    if key not in _MODELS:
+        if file_sha256(path) != sha256:
+            raise EmbedError(
+                f"the bundle {path} changed during the run (sha256 differs); fix: restore it, or start "
+                "again with --overwrite"
+            )
+        model = load_bundle(path, expect_kind="fusion").build_model()
+        if not isinstance(model, FusionModel):  # pragma: no cover - kind checked by load_bundle
+            raise TypeError("expected a FusionModel")
+        _MODELS[key] = model.to(device).eval()
+    return _MODELS[key]
+
+
+def run_tile(job: TileJob) -> tuple[int, int]:
+    """Embed one tile and write it (region, error stats, done flag). Runs on a dask worker."""
+    if job.threads is not None:
+        torch.set_num_threads(job.threads)
+    device = resolve_device(job.device)
+    model = _worker_model(job.bundle, job.bundle_sha256, device)
+    key = (job.cube, job.cube_fingerprint)
+    if key not in _SCENES:
+        scene = open_scene(job.cube, check_values=False)
+        if cube_fingerprint(scene) != job.cube_fingerprint:
+            raise EmbedError(f"the cube {job.cube} changed during the run; fix: restore it, or start again with --overwrite")
+        _SCENES[key] = scene
+    rows, cols = job.grid.bounds(*job.tile)
+    s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, model.s2.cfg.patch_px // 2, job.s1_max_gap_days)
+    values = embed_block(model, s2, s1, d2, d1, batch_size=job.batch_size, device=device)
+    codes = job.quant.encode(values)
+    valid = np.isfinite(values).all(axis=1)
+    store.write_tile(job.out, job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes))
+    return job.tile
+
+
+# ----------------------------------------------------------------------------- the run
+def cube_fingerprint(scene: Scene) -> str:
+    """sha256 of what identifies a scene store's content cheaply: dates, bands, grid, CRS, provenance."""
+    parts = {}
+    for key, cube in (("s2", scene.s2), ("s1", scene.s1)):
+        parts[key] = {
+            "time": [str(t) for t in cube[TIME].values],
+            "band": [str(b) for b in cube["band"].values],
+            "shape": list(cube.shape),
+            "y0": float(cube[Y].values[0]),
+            "x0": float(cube[X].values[0]),
+            "crs": str(cube.attrs.get("crs")),
+            "provenance": str(cube.attrs.get("provenance")),
+        }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def _trained_gap_days(bundle: Bundle) -> float:
+    data = bundle.config.get("stage", {}).get("data", {})
+    return float(data.get("s1_max_gap_days", 6.0))
+
+
+def _connect(scheduler: str | None, workers: int, timeout_s: float) -> tuple[Any, Any]:
+    """A dask Client on ``scheduler``, or on a new LocalCluster of ``workers`` processes."""
+    from distributed import Client, LocalCluster
+
+    if scheduler is not None:
+        try:
+            return Client(scheduler, timeout=f"{timeout_s}s", set_as_default=False), None
+        except (OSError, TimeoutError, ValueError) as e:
+            raise EmbedError(
+                f"could not reach the dask scheduler at {scheduler!r} ({type(e).__name__}: {e}); fix: start it "
+                "(`dask scheduler`, then `dask worker ADDRESS`) and pass its address, or omit --scheduler to "
+                "run on a local cluster"
+            ) from e
+    cluster = LocalCluster(
+        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",  # any free port
+        silence_logs=logging.ERROR,
+    )
+    return Client(cluster, set_as_default=False), cluster
+
+
+def _calibrate(
+    model: FusionModel, scene: Scene, cfg: EmbedConfig, gap_days: float, device: torch.device
+) -> store.Quantisation:
+    """float16/int8 scale and offset from embeddings of random 4x4 blocks (all dates), seeded."""
+    n_features = model.cfg.embed_dim
+    if cfg.dtype == "float32":
+        return store.Quantisation.identity(n_features)
+    rng = np.random.default_rng(cfg.seed)
+    height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
+    b = 4
+    r = model.s2.cfg.patch_px // 2
+    samples: list[np.ndarray] = []
+    n = 0
+    for _ in range(64):
+        y0, x0 = int(rng.integers(0, max(1, height - b + 1))), int(rng.integers(0, max(1, width - b + 1)))
+        s2, s1, d2, d1 = read_block(scene, slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width)), r, gap_days)
+        e = embed_block(model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device)
+        e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
+        e = e[np.isfinite(e).all(axis=1)]
+        samples.append(e)
+        n += len(e)
+        if n >= cfg.calibration_samples:
+            break
+    return store.Quantisation.calibrate(cfg.dtype, np.concatenate(samples), cfg.calibration_margin)
+
+
+def embed_cube(
+    cube: str | Path,
+    bundle_path: str | Path,
+    out: str | Path,
+    cfg: EmbedConfig,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    scheduler: str | None = None,
+    progress: bool = True,
+) -> EmbedResult:
+    """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
+
+    Every check runs before anything is written: a bad bundle, cube or ``out``, or an unreachable
+    scheduler, leaves an existing ``out`` untouched.
+
+    Raises:
+        BundleError, CubeError: the bundle or the cube is unusable (named, with the fix).
+        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
+        EmbeddingStoreError: ``out`` is not a stembed embedding store, or was made with other settings.
+        EmbedError: the scheduler is unreachable, or a tile failed (tiles written so far are kept).
+    """
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    t_start = time.perf_counter()
+    cube, bundle_path, out = Path(cube), Path(bundle_path), Path(out)
+    if resume and overwrite:
+        raise EmbedError("--resume and --overwrite contradict each other; pass one")
+    bundle = load_bundle(bundle_path, expect_kind="fusion")
+    scene = open_scene(cube, check_values=False)
+    check_bundle_for_scene(scene, bundle)
+    model = bundle.build_model()
+    if not isinstance(model, FusionModel):  # pragma: no cover - kind checked by load_bundle
+        raise TypeError("expected a FusionModel")
+    n_frames, patch_px = model.s2.cfg.n_frames, model.s2.cfg.patch_px
+    n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
+    if n_time < min_dates(n_frames):
+        raise CubeError(
+            f"{cube} has {n_time} S2 dates, too short in time for a window: an {n_frames}-frame window "
+            f"reflected at the ends needs at least {min_dates(n_frames)}; fix: build the cube over a longer period"
+        )
+    halo = patch_px // 2
+    if min(height, width) <= halo:
+        raise CubeError(
+            f"{cube} is {height}x{width} px; reflecting the {halo} px halo of a {patch_px} px patch needs at "
+            f"least {halo + 1} px each way; fix: build a larger cube"
+        )
+    gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
+    bundle_sha = file_sha256(bundle_path)
+    fingerprint = {
+        "format": store.EMBEDDING_FORMAT,
+        "bundle_sha256": bundle_sha,
+        "cube_fingerprint": cube_fingerprint(scene),
+        "tile_px": cfg.tile_px,
+        "time_chunk": cfg.time_chunk,
+        "batch_size": cfg.batch_size,
+        "dtype": cfg.dtype,
+        "s1_max_gap_days": gap_days,
+        "calibration": [cfg.calibration_samples, cfg.calibration_margin, cfg.seed],
+    }
+    fresh = True
+    if out.exists():
+        if not (resume or overwrite):
+            raise FileExistsError(
+                f"{out} already exists; fix: pass --resume to finish or check it, --overwrite to replace it, "
+                "or choose another --out"
+            )
+        attrs = store.read_attrs(out)  # refuses foreign or corrupt stores, so --overwrite never deletes them
+        if resume:
+            _check_fingerprint(out, attrs.get("fingerprint", {}), fingerprint)
+            try:
+                done = store.tiles_done(out)
+            except (KeyError, OSError, ValueError) as e:
+                raise store.EmbeddingStoreError(
+                    f"{out} is a damaged embedding store ({type(e).__name__}: {e}); fix: rerun with --overwrite"
+                ) from e
+            if attrs.get("complete") and done.all():
+                return EmbedResult(out, 0, int(done.size), attrs.get("storage_error", {}), time.perf_counter() - t_start)
+            fresh = False
+
+    client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
+    try:
+        device = resolve_device(cfg.device)
+        if fresh:
+            quant = _calibrate(model.to(device), scene, cfg, gap_days, device)
+            if out.exists():  # --overwrite of a stembed store, now that every check has passed
+                shutil.rmtree(out)
+            s2 = scene.s2
+            store.create_store(
+                out, time=s2[TIME].values, y=s2[Y].values, x=s2[X].values,
+                features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)], crs=str(s2.attrs["crs"]),
+                transform=list(s2.attrs["transform"]), quant=quant, tile_px=cfg.tile_px,
+                time_chunk=cfg.time_chunk,
+                attrs={
+                    "fingerprint": fingerprint,
+                    "config": dump_config(cfg),
+                    "bundle": {"path": str(bundle_path.resolve()), "sha256": bundle_sha,
+                               "provenance": bundle.provenance},
+                    "input": {"cube": str(cube.resolve()), "site": scene.site,
+                              "s2_provenance": str(s2.attrs.get("provenance")),
+                              "s1_provenance": str(scene.s1.attrs.get("provenance"))},
+                    "software": provenance([scene.site]),
+                    "edges": (
+                        "time: each date's window reflects the series at its ends (frame -k = date k); "
+                        "space: patches of border pixels read the cube reflected by patch_px // 2 pixels"
+                    ),
+                },
+            )
+        grid = store.TileGrid(height, width, cfg.tile_px)
+        quant = store.store_quantisation(out)
+        done = store.tiles_done(out)
+        todo = [t for t in grid.tiles() if not done[t]]
+        n_workers = cfg.workers if cluster is not None else max(1, len(client.nthreads()))
+        threads = cfg.threads_per_worker or (max(1, len(os.sched_getaffinity(0)) // n_workers) if cluster else None)
+        jobs = [
+            TileJob(str(cube.resolve()), fingerprint["cube_fingerprint"], str(bundle_path.resolve()), bundle_sha, str(out.resolve()), grid, t, quant,
+                    gap_days, cfg.batch_size, cfg.device, threads)
+            for t in todo
+        ]
+        futures = [client.submit(run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{bundle_sha[:8]}",
+                                 pure=False) for job in jobs]
+        with tqdm(total=len(grid.tiles()), initial=len(grid.tiles()) - len(todo), desc="tiles",
+                  unit="tile", disable=not progress) as bar:
+            for fut in as_completed(futures, loop=client.loop):
+                if fut.status == "error":
+                    err = fut.exception()
+                    for f in futures:
+                        f.cancel()
+                    if isinstance(err, (CubeError, EmbedError)):
+                        raise err
+                    raise EmbedError(
+                        f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
+                        f"problem and rerun with --resume"
+                    ) from err
+                bar.update(1)
+        summary = store.finalise(out)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+    return EmbedResult(out, len(todo), len(grid.tiles()) - len(todo), summary, time.perf_counter() - t_start)
+
+
+def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
+    diffs = [f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
+    if diffs:
+        raise store.EmbeddingStoreError(
+            f"{out} was written by a different run, so --resume cannot continue it:\n- " + "\n- ".join(diffs)
+            + "\nfix: rerun with the settings it was made with, or pass --overwrite to replace it"
+        )

@@ -1,0 +1,332 @@
+"""Embedding stores: the zarr layout ``stembed embed`` writes and every downstream command reads.
+
+One store holds one cube's embeddings (no torch here):
+
+* ``embedding`` ``(time, feature, y, x)``: stored *codes*; the value is ``code * scale + offset``
+  with the per-feature ``scale`` and ``offset`` variables. float32 stores have scale 1 and offset 0,
+  so a plain ``xr.open_zarr`` reads true values; float16 and int8 stores must be decoded, which
+  :func:`open_embeddings` does (int8 code -128 = missing, read as NaN).
+* ``valid`` ``(time, y, x)`` bool: the pixel-date has an embedding (its S2 centre pixel was observed).
+* ``spatial_ref``: the CRS and GeoTransform as CF grid-mapping attributes (rioxarray reads them).
+* bookkeeping for tiled, resumable writes: ``tile_done`` ``(tile_y, tile_x)`` (1 once a tile's
+  region is written; the last write of a tile) and ``tile_error`` ``(tile_y, tile_x, stat, feature)``,
+  the storage error each tile measured against its float32 values (count, sum of squares, max abs).
+* attributes: the format, CRS and transform, the feature names, the bundle's sha256, the resolved
+  embed config, the input provenance, a run fingerprint (what a resume must match) and, once every
+  tile is written, ``complete: true`` and the measured ``storage_error``.
+
+The ``y``/``x`` chunks are the tiles; ``time`` chunks hold ``time_chunk`` dates.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from stembed.types import FEATURE, TIME, X, Y
+
+FORMAT_ATTR = "stembed_embedding_format"
+EMBEDDING_FORMAT = "stembed-embedding/1"
+DTYPES = ("float32", "float16", "int8")
+INT8_FILL = -128  # code of a missing value in int8 stores
+INT8_MAX = 127  # codes -127..127 hold values
+ERROR_STATS = ("count", "sum_sq", "max_abs")
+_BOOKKEEPING = ("tile_done", "tile_error", "scale", "offset")
+
+
+class EmbeddingStoreError(ValueError):
+    """A path that is not a usable stembed embedding store, or one that does not match the request."""
+
+
+class EmbedError(RuntimeError):
+    """An embedding run could not start or finish (e.g. no scheduler, a failed tile); the message says why."""
+
+
+# ----------------------------------------------------------------------------- tiles
+@dataclass(frozen=True)
+class TileGrid:
+    """Square tiles of ``tile_px`` over a ``height`` x ``width`` grid; edge tiles are smaller."""
+
+    height: int
+    width: int
+    tile_px: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Number of tiles along y and x."""
+        return -(-self.height // self.tile_px), -(-self.width // self.tile_px)
+
+    def bounds(self, iy: int, ix: int) -> tuple[slice, slice]:
+        """Pixel rows and columns of tile ``(iy, ix)``."""
+        t = self.tile_px
+        return slice(iy * t, min((iy + 1) * t, self.height)), slice(ix * t, min((ix + 1) * t, self.width))
+
+    def tiles(self) -> list[tuple[int, int]]:
+        """All tiles, row by row."""
+        ny, nx = self.shape
+        return [(iy, ix) for iy in range(ny) for ix in range(nx)]
+
+
+# ----------------------------------------------------------------------------- storage dtype
+@dataclass(frozen=True)
+class Quantisation:
+    """How float32 embeddings are stored: ``code = (value - offset) / scale`` in ``dtype``, per feature."""
+
+    dtype: str
+    scale: np.ndarray  # (feature,) float32
+    offset: np.ndarray  # (feature,) float32
+
+    @classmethod
+    def identity(cls, n_features: int) -> Quantisation:
+        """float32 storage: codes are the values."""
+        return cls("float32", np.ones(n_features, np.float32), np.zeros(n_features, np.float32))
+
+    @classmethod
+    def calibrate(cls, dtype: str, sample: np.ndarray, margin: float) -> Quantisation:
+        """Scale and offset from a ``(n, feature)`` sample of embeddings, widened by ``margin`` each side.
+
+        int8 maps the widened range onto codes -127..127 (values beyond it are clipped, and the
+        clipping shows in the measured error); float16 maps it onto [-1, 1].
+        """
+        if dtype not in DTYPES:
+            raise EmbeddingStoreError(f"unknown storage dtype {dtype!r}; choose one of {list(DTYPES)}")
+        n_features = sample.shape[1]
+        if dtype == "float32":
+            return cls.identity(n_features)
+        finite = np.isfinite(sample).all(axis=1)
+        if not finite.any():
+            raise EmbeddingStoreError(
+                "no valid pixel-date to calibrate the storage scale on; the cube has no observed S2 pixel"
+            )
+        lo, hi = sample[finite].min(axis=0).astype(np.float64), sample[finite].max(axis=0).astype(np.float64)
+        width = np.maximum(hi - lo, 1e-6)
+        lo, hi = lo - margin * width, hi + margin * width
+        half_levels = INT8_MAX if dtype == "int8" else 1
+        scale = (hi - lo) / (2 * half_levels)
+        return cls(dtype, scale.astype(np.float32), ((hi + lo) / 2).astype(np.float32))
+
+    def encode(self, values: np.ndarray) -> np.ndarray:
+        """``values`` ``(time, feature, y, x)`` float32 (NaN = missing) -> codes of ``dtype``."""
+        if self.dtype == "float32":
+            return values.astype(np.float32, copy=False)
+        s, o = self.scale[None, :, None, None], self.offset[None, :, None, None]
+        z = (values.astype(np.float64) - o) / s
+        if self.dtype == "float16":
+            return z.astype(np.float16)
+        codes = np.clip(np.rint(np.nan_to_num(z, nan=0.0)), -INT8_MAX, INT8_MAX).astype(np.int8)
+        codes[np.isnan(values)] = INT8_FILL
+        return codes
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Codes ``(time, feature, y, x)`` -> float32 values, NaN where missing."""
+        z = codes.astype(np.float32)
+        if self.dtype == "int8":
+            z[codes == INT8_FILL] = np.nan
+        if self.dtype == "float32":
+            return z
+        return z * self.scale[None, :, None, None] + self.offset[None, :, None, None]
+
+    def error_stats(self, values: np.ndarray, codes: np.ndarray) -> np.ndarray:
+        """``(stat, feature)`` float64: count, sum of squared and max absolute storage error of the valid values."""
+        err = self.decode(codes).astype(np.float64) - values
+        ok = np.isfinite(values)
+        err = np.where(ok, err, 0.0)
+        axes = (0, 2, 3)
+        return np.stack([ok.sum(axis=axes), (err**2).sum(axis=axes), np.abs(err).max(axis=axes, initial=0.0)])
+
+
+# ----------------------------------------------------------------------------- store
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def create_store(
+    path: str | Path,
+    *,
+    time: np.ndarray,
+    y: np.ndarray,
+    x: np.ndarray,
+    features: list[str],
+    crs: str,
+    transform: list[float],
+    quant: Quantisation,
+    tile_px: int,
+    time_chunk: int,
+    attrs: dict[str, Any],
+) -> TileGrid:
+    """Write an empty store (coordinates, metadata, no tiles done) at ``path``, which must not exist.
+
+    ``attrs`` must hold ``fingerprint`` (what a resume must match); it is stored with the format
+    marker, CRS, transform and feature names. Returns the tile grid.
+    """
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    from affine import Affine
+
+    path = Path(path)
+    grid = TileGrid(len(y), len(x), tile_px)
+    n_t, n_f = len(time), len(features)
+    coords = xr.Dataset(coords={TIME: time, FEATURE: np.array(features, dtype=object), Y: y, X: x})
+    coords = coords.rio.write_crs(crs).rio.write_transform(Affine.from_gdal(*transform))
+    coords.attrs = {
+        FORMAT_ATTR: EMBEDDING_FORMAT,
+        "complete": False,
+        "created": _now(),
+        "crs": crs,
+        "transform": [float(v) for v in transform],
+        "features": list(features),
+        "storage_dtype": quant.dtype,
+        "tile_px": tile_px,
+        **attrs,
+    }
+    coords.to_zarr(path, mode="w-", zarr_format=3, consolidated=False)
+
+    g = zarr.open_group(path, mode="r+", zarr_format=3)
+    tc = min(time_chunk, n_t)
+    fill: Any = INT8_FILL if quant.dtype == "int8" else np.nan
+    emb_attrs: dict[str, Any] = {
+        "grid_mapping": "spatial_ref",
+        "long_name": "fused embedding (codes; value = code * scale + offset)",
+    }
+    if quant.dtype == "int8":
+        emb_attrs["_FillValue"] = INT8_FILL  # xarray masks it to NaN
+    g.create_array(
+        "embedding", shape=(n_t, n_f, grid.height, grid.width), dtype=quant.dtype,
+        chunks=(tc, n_f, tile_px, tile_px), fill_value=fill, dimension_names=(TIME, FEATURE, Y, X),
+        attributes=emb_attrs,
+    )
+    g.create_array(
+        "valid", shape=(n_t, grid.height, grid.width), dtype="bool", chunks=(tc, tile_px, tile_px),
+        fill_value=False, dimension_names=(TIME, Y, X),
+        attributes={"grid_mapping": "spatial_ref", "long_name": "pixel-date has an embedding"},
+    )
+    for name, vals in (("scale", quant.scale), ("offset", quant.offset)):
+        arr = g.create_array(name, shape=(n_f,), dtype="float32", chunks=(n_f,), dimension_names=(FEATURE,))
+        arr[:] = vals
+    ny, nx = grid.shape
+    g.create_array(
+        "tile_done", shape=(ny, nx), dtype="uint8", chunks=(1, 1), fill_value=0,
+        dimension_names=("tile_y", "tile_x"), attributes={"long_name": "1 once the tile's region is written"},
+    )
+    g.create_array(
+        "tile_error", shape=(ny, nx, len(ERROR_STATS), n_f), dtype="float64",
+        chunks=(1, 1, len(ERROR_STATS), n_f), fill_value=0.0,
+        dimension_names=("tile_y", "tile_x", "stat", FEATURE),
+        attributes={"stats": list(ERROR_STATS), "long_name": "storage error of each tile's valid values"},
+    )
+    return grid
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """The attributes of the embedding store at ``path``.
+
+    Raises:
+        EmbeddingStoreError: ``path`` is missing, is not a readable zarr group, or is not a stembed
+            embedding store of this format.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EmbeddingStoreError(f"no embedding store at {path}; fix: write one with `stembed embed`")
+    try:
+        attrs = dict(zarr.open_group(path, mode="r").attrs)
+    except (OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise EmbeddingStoreError(
+            f"{path} is not a readable zarr store ({type(e).__name__}: {e}); fix: point at a store "
+            "`stembed embed` wrote, or remove it and run again"
+        ) from e
+    fmt = attrs.get(FORMAT_ATTR)
+    if fmt != EMBEDDING_FORMAT:
+        what = "no stembed embedding format attribute" if fmt is None else f"format {fmt!r}"
+        raise EmbeddingStoreError(
+            f"{path} is a zarr store but not a stembed embedding store ({what}, expected {EMBEDDING_FORMAT!r}); "
+            "fix: choose another --out, or remove it if it is yours to delete"
+        )
+    return attrs
+
+
+def store_quantisation(path: str | Path) -> Quantisation:
+    """The storage dtype, scale and offset of a store."""
+    g = zarr.open_group(Path(path), mode="r")
+    return Quantisation(str(g["embedding"].dtype), np.asarray(g["scale"][:]), np.asarray(g["offset"][:]))
+
+
+def tiles_done(path: str | Path) -> np.ndarray:
+    """``(tile_y, tile_x)`` bool: which tiles are completely written."""
+    g = zarr.open_group(Path(path), mode="r")
+    return np.asarray(g["tile_done"][:]).astype(bool)
+
+
+def write_tile(
+    path: str | Path,
+    grid: TileGrid,
+    tile: tuple[int, int],
+    codes: np.ndarray,
+    valid: np.ndarray,
+    error: np.ndarray,
+) -> None:
+    """Write one tile's region (all dates), its error stats, and last its done flag.
+
+    A process killed mid-way leaves the flag unset, so a resume rewrites the whole tile; the region
+    is chunk-aligned, so no other tile's chunks are touched.
+    """
+    g = zarr.open_group(Path(path), mode="r+")
+    ys, xs = grid.bounds(*tile)
+    g["embedding"][:, :, ys, xs] = codes
+    g["valid"][:, ys, xs] = valid
+    g["tile_error"][tile[0], tile[1]] = error
+    g["tile_done"][tile[0], tile[1]] = 1
+
+
+def finalise(path: str | Path) -> dict[str, Any]:
+    """Once every tile is done: sum the tiles' storage error into the attributes and mark the store complete."""
+    path = Path(path)
+    g = zarr.open_group(path, mode="r+")
+    done = np.asarray(g["tile_done"][:]).astype(bool)
+    if not done.all():
+        raise EmbeddingStoreError(f"{path}: {int((~done).sum())} tiles are not written yet; run with --resume")
+    err = np.asarray(g["tile_error"][:])  # (ny, nx, stat, feature)
+    count = err[:, :, 0].sum(axis=(0, 1))
+    rmse = np.sqrt(err[:, :, 1].sum(axis=(0, 1)) / np.maximum(count, 1))
+    summary = {
+        "dtype": str(g["embedding"].dtype),
+        "measured_on": "every valid pixel-date, decoded value minus the float32 model output",
+        "n_values_per_feature": int(count[0]) if count.size else 0,
+        "max_abs": [float(v) for v in err[:, :, 2].max(axis=(0, 1))],
+        "rmse": [float(v) for v in rmse],
+    }
+    g.attrs.update({"storage_error": summary, "complete": True, "finished": _now()})
+    return summary
+
+
+def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.Dataset:
+    """Open an embedding store lazily (dask), with ``embedding`` decoded to float32 (NaN = missing).
+
+    Returns a Dataset with ``embedding`` ``(time, feature, y, x)``, ``valid`` ``(time, y, x)`` and
+    ``spatial_ref``; the store's attributes are on the Dataset.
+
+    Raises:
+        EmbeddingStoreError: not an embedding store, or an unfinished one (unless ``allow_incomplete``).
+    """
+    path = Path(path)
+    attrs = read_attrs(path)
+    if not attrs.get("complete") and not allow_incomplete:
+        raise EmbeddingStoreError(
+            f"{path} is an unfinished embedding run (some tiles are not written); "
+            "fix: finish it with `stembed embed ... --resume`"
+        )
+    ds = xr.open_zarr(path, consolidated=False)
+    emb = ds["embedding"]
+    if str(attrs.get("storage_dtype")) != "float32":
+        emb = (emb * ds["scale"] + ds["offset"]).astype(np.float32)
+        emb = emb.transpose(TIME, FEATURE, Y, X)
+    emb.attrs = {"grid_mapping": "spatial_ref", "long_name": "fused embedding"}
+    out = ds.drop_vars([v for v in _BOOKKEEPING if v in ds.variables]).assign(embedding=emb)
+    out = out.assign_coords({FEATURE: [str(f) for f in out[FEATURE].values]})
+    out.attrs = attrs
+    return out
