@@ -32,9 +32,14 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from stembed.config import ConfigError
     from stembed.data.sampling import SamplingError
     from stembed.io.cube import CubeError
+    from stembed.io.embeddings import EmbedError, EmbeddingStoreError
+    from stembed.io.sample import SampleError
     from stembed.models.bundle import BundleError
 
-    return (ConfigError, CubeError, BundleError, SamplingError, FileExistsError, FileNotFoundError)
+    return (
+        ConfigError, CubeError, BundleError, SamplingError, EmbeddingStoreError, EmbedError, SampleError,
+        FileExistsError, FileNotFoundError,
+    )
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -127,6 +132,118 @@ def info(
     from stembed.describe import render
 
     render(report, sys.stdout)
+
+
+@app.command()
+def embed(
+    cube: Annotated[Path, typer.Option("--cube", help="Scene store (zarr, S2 + S1) to embed.")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="Fusion bundle.pt.")],
+    out: Annotated[Path, typer.Option("--out", help="Output embedding store (zarr).")],
+    workers: Annotated[int | None, typer.Option("--workers", help="Local dask worker processes (default 1).")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option("--scheduler", help="Address of a running dask scheduler (instead of --workers).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run (or check a finished one).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing embedding store.")] = False,
+    dtype: Annotated[
+        str | None, typer.Option("--dtype", help="Storage: float32 (default), float16 or int8 (scale + offset).")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML EmbedConfig (tile_px, batch_size, ...).")] = None,
+    set_: SetOpt = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
+    from stembed.config import ConfigError, EmbedConfig, load_config
+    from stembed.inference.tiles import embed_cube
+
+    def go() -> Any:
+        if workers is not None and scheduler is not None:
+            raise ConfigError("--workers starts a local cluster and --scheduler uses a running one; pass one")
+        overrides = list(set_ or [])
+        if workers is not None:
+            overrides.append(f"workers={workers}")
+        if dtype is not None:
+            overrides.append(f"dtype={dtype}")
+        cfg = load_config(EmbedConfig, config, overrides)
+        return embed_cube(
+            cube, bundle, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler, progress=not quiet
+        )
+
+    res = _run(go)
+    if res.tiles_written == 0:
+        typer.echo(f"{res.out} is complete ({res.tiles_skipped} tiles); nothing to write")
+        return
+    err = res.storage_error
+    typer.echo(
+        f"embeddings: {res.out} ({res.tiles_written} tiles written, {res.tiles_skipped} already done, "
+        f"{res.seconds:.1f} s; {err['dtype']} storage, max abs error {max(err['max_abs']):.3g})"
+    )
+
+
+# ----------------------------------------------------------------------------- products of an embedding store
+EmbeddingsOpt = Annotated[
+    Path, typer.Option("--embeddings", help="Embedding store (zarr) from `stembed embed`.")
+]
+DatesOpt = Annotated[
+    list[str] | None, typer.Option("--dates", help="ISO date to use, e.g. 2021-06-03 (repeatable).")
+]
+
+
+@app.command()
+def pca(
+    embeddings: EmbeddingsOpt,
+    cube: Annotated[Path, typer.Option("--cube", help="Scene store (zarr) the embeddings were made from.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the PNGs and pca.json.")],
+    dates: DatesOpt = None,
+    samples: Annotated[int, typer.Option("--samples", help="Pixel-dates sampled to fit the PCA.")] = 100_000,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+) -> None:
+    """Map PCA components 1-3 of the embeddings to RGB, beside the S2 true colour (default: 4 best dates)."""
+    from stembed.eval.pca import pca_maps
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    res = _run(
+        lambda: pca_maps(
+            open_embeddings(embeddings), open_scene(cube, check_values=False).s2, dates=dates, out_dir=out,
+            n_samples=samples, seed=seed,
+        )
+    )
+    typer.echo("\n".join([*(f"map: {p}" for p in res["pngs"]), f"pca: {res['json']}"]))
+
+
+@app.command()
+def sample(
+    embeddings: EmbeddingsOpt,
+    points: Annotated[Path, typer.Option("--points", help="CSV: lon,lat (WGS84) or x,y, optional id.")],
+    out: Annotated[Path, typer.Option("--out", help="Output table, .csv or .parquet.")],
+    window_px: Annotated[int, typer.Option("--window-px", help="Odd window side K: mean over K x K px.")] = 1,
+) -> None:
+    """Sample the embeddings at points: one row per point and date (window mean over valid pixels)."""
+    from stembed.io.embeddings import open_embeddings
+    from stembed.io.sample import read_points, sample_points, write_table
+
+    def go() -> Path:
+        table = sample_points(open_embeddings(embeddings), read_points(points), window_px=window_px)
+        return write_table(table, out)
+
+    path = _run(go)
+    typer.echo(f"table: {path}")
+
+
+@app.command()
+def export(
+    embeddings: EmbeddingsOpt,
+    out: Annotated[Path, typer.Option("--out", help="Output folder for the GeoTIFFs.")],
+    dates: DatesOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing GeoTIFFs.")] = False,
+) -> None:
+    """Write one 7-band float32 GeoTIFF per date (all dates, or --dates)."""
+    from stembed.io.embeddings import open_embeddings
+    from stembed.io.export import export_geotiffs
+
+    files = _run(lambda: export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite))
+    typer.echo(f"{len(files)} GeoTIFF(s) in {out}")
 
 
 if __name__ == "__main__":  # pragma: no cover
