@@ -21,7 +21,7 @@ from stembed.config import EmbedConfig
 from stembed.inference.reference import embed_reference
 from stembed.inference.tiles import embed_cube
 from stembed.io.cube import CubeError, Scene, cube_transform, save_scene
-from stembed.io.embeddings import EmbedError, EmbeddingStoreError, open_embeddings, read_attrs
+from stembed.io.embeddings import EmbeddingStoreError, open_embeddings, read_attrs
 from stembed.models.bundle import load_bundle
 from stembed.sensors import S1, S2
 from stembed.testing import random_fusion_bundle, synthetic_scene
@@ -70,8 +70,14 @@ def scheduler() -> str:
 def untiled(files: dict[str, Path], scheduler: str) -> Path:
     """One tile covering the whole cube."""
     out = files["dir"] / "untiled.zarr"
-    embed_cube(files["cube"], files["bundle"], out, EmbedConfig(tile_px=12, batch_size=BATCH), scheduler=scheduler,
-               progress=False)
+    embed_cube(
+        files["cube"],
+        files["bundle"],
+        out,
+        EmbedConfig(tile_px=12, batch_size=BATCH),
+        scheduler=scheduler,
+        progress=False,
+    )
     return out
 
 
@@ -79,8 +85,14 @@ def test_tiled_equals_untiled_and_the_reference_bit_for_bit(
     files: dict[str, Path], scheduler: str, untiled: Path, scene: Scene
 ) -> None:
     out = files["dir"] / "tiled.zarr"
-    res = embed_cube(files["cube"], files["bundle"], out, EmbedConfig(tile_px=5, batch_size=BATCH),
-                     scheduler=scheduler, progress=False)
+    res = embed_cube(
+        files["cube"],
+        files["bundle"],
+        out,
+        EmbedConfig(tile_px=5, batch_size=BATCH),
+        scheduler=scheduler,
+        progress=False,
+    )
     assert res.tiles_written == 9 and res.tiles_skipped == 0
     emb, valid = values(out)
     emb0, valid0 = values(untiled)
@@ -98,15 +110,47 @@ def test_tiled_equals_untiled_and_the_reference_bit_for_bit(
 
 def test_two_workers_equal_one_and_the_cli_default_cluster(files: dict[str, Path], untiled: Path) -> None:
     one = files["dir"] / "one_worker.zarr"
-    r = CliRunner().invoke(app, ["embed", "--cube", str(files["cube"]), "--bundle", str(files["bundle"]),
-                                 "--out", str(one), "--workers", "1", "--set", "tile_px=5",
-                                 "--set", f"batch_size={BATCH}", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            "--cube",
+            str(files["cube"]),
+            "--bundle",
+            str(files["bundle"]),
+            "--out",
+            str(one),
+            "--workers",
+            "1",
+            "--set",
+            "tile_px=5",
+            "--set",
+            f"batch_size={BATCH}",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "9 tiles written" in r.output
     two = files["dir"] / "two_workers.zarr"
-    r = CliRunner().invoke(app, ["embed", "--cube", str(files["cube"]), "--bundle", str(files["bundle"]),
-                                 "--out", str(two), "--workers", "2", "--set", "tile_px=5",
-                                 "--set", f"batch_size={BATCH}", "--quiet"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            "--cube",
+            str(files["cube"]),
+            "--bundle",
+            str(files["bundle"]),
+            "--out",
+            str(two),
+            "--workers",
+            "2",
+            "--set",
+            "tile_px=5",
+            "--set",
+            f"batch_size={BATCH}",
+            "--quiet",
+        ],
+    )
     assert r.exit_code == 0, r.output
     e1, v1 = values(one)
     e2, v2 = values(two)
@@ -114,10 +158,18 @@ def test_two_workers_equal_one_and_the_cli_default_cluster(files: dict[str, Path
     assert np.array_equal(e1, values(untiled)[0], equal_nan=True)
 
 
-def test_embeddings_do_not_depend_on_the_batch_size(files: dict[str, Path], scheduler: str, untiled: Path) -> None:
+def test_embeddings_do_not_depend_on_the_batch_size(
+    files: dict[str, Path], scheduler: str, untiled: Path
+) -> None:
     out = files["dir"] / "batch7.zarr"
-    embed_cube(files["cube"], files["bundle"], out, EmbedConfig(tile_px=12, batch_size=7), scheduler=scheduler,
-               progress=False)
+    embed_cube(
+        files["cube"],
+        files["bundle"],
+        out,
+        EmbedConfig(tile_px=12, batch_size=7),
+        scheduler=scheduler,
+        progress=False,
+    )
     e7, v7 = values(out)
     e64, v64 = values(untiled)
     np.testing.assert_array_equal(v7, v64)
@@ -125,10 +177,14 @@ def test_embeddings_do_not_depend_on_the_batch_size(files: dict[str, Path], sche
     np.testing.assert_allclose(e7, e64, rtol=0, atol=1e-6)
 
 
-def test_store_attributes_chunks_and_georeference(files: dict[str, Path], untiled: Path, scene: Scene) -> None:
+def test_store_attributes_chunks_and_georeference(
+    files: dict[str, Path], untiled: Path, scene: Scene
+) -> None:
     out = files["dir"] / "tiled.zarr"
     if not out.exists():
-        pytest.fail("run after test_tiled_equals_untiled_and_the_reference_bit_for_bit (it writes tiled.zarr)")
+        pytest.fail(
+            "run after test_tiled_equals_untiled_and_the_reference_bit_for_bit (it writes tiled.zarr)"
+        )
     ds = open_embeddings(out)
     a = ds.attrs
     assert a["complete"] is True and a["crs"] == scene.s2.attrs["crs"]
@@ -138,8 +194,14 @@ def test_store_attributes_chunks_and_georeference(files: dict[str, Path], untile
     assert a["config"]["tile_px"] == 5 and a["input"]["site"] == scene.site
     assert a["input"]["s2_provenance"] == scene.s2.attrs["provenance"]
     assert ds.rio.crs.to_epsg() == int(scene.s2.attrs["crs"].split(":")[1])
-    assert list(ds.rio.transform())[:6] == [10.0, 0.0, scene.s2.attrs["transform"][0],
-                                            0.0, -10.0, scene.s2.attrs["transform"][3]]
+    assert list(ds.rio.transform())[:6] == [
+        10.0,
+        0.0,
+        scene.s2.attrs["transform"][0],
+        0.0,
+        -10.0,
+        scene.s2.attrs["transform"][3],
+    ]
     g = zarr.open_group(out, mode="r")
     assert g["embedding"].chunks == (min(16, scene.s2.sizes["time"]), 7, 5, 5)
     assert g["valid"].chunks[1:] == (5, 5)
@@ -152,8 +214,14 @@ def test_compact_storage_error_is_measured_and_recorded(
     files: dict[str, Path], scheduler: str, untiled: Path, dtype: str
 ) -> None:
     out = files["dir"] / f"{dtype}.zarr"
-    res = embed_cube(files["cube"], files["bundle"], out, EmbedConfig(tile_px=6, batch_size=BATCH, dtype=dtype),
-                     scheduler=scheduler, progress=False)
+    res = embed_cube(
+        files["cube"],
+        files["bundle"],
+        out,
+        EmbedConfig(tile_px=6, batch_size=BATCH, dtype=dtype),
+        scheduler=scheduler,
+        progress=False,
+    )
     g = zarr.open_group(out, mode="r")
     assert str(g["embedding"].dtype) == dtype
     emb, valid = values(out)
@@ -174,9 +242,25 @@ def test_compact_storage_error_is_measured_and_recorded(
 
 
 def _start_embed(files: dict[str, Path], out: Path, tile_px: int) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "stembed.cli", "embed", "--cube", str(files["cube"]), "--bundle",
-           str(files["bundle"]), "--out", str(out), "--workers", "1", "--set", f"tile_px={tile_px}",
-           "--set", f"batch_size={BATCH}", "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stembed.cli",
+        "embed",
+        "--cube",
+        str(files["cube"]),
+        "--bundle",
+        str(files["bundle"]),
+        "--out",
+        str(out),
+        "--workers",
+        "1",
+        "--set",
+        f"tile_px={tile_px}",
+        "--set",
+        f"batch_size={BATCH}",
+        "--quiet",
+    ]
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
@@ -196,44 +280,87 @@ def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothi
     try:
         while _n_done(out) < 2:
             if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"embed ended or stalled before it could be killed: {proc.communicate()[0][-2000:]!r}")
+                pytest.fail(
+                    f"embed ended or stalled before it could be killed: {proc.communicate()[0][-2000:]!r}"
+                )
             time.sleep(0.02)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the whole job: main process and its dask workers
         proc.wait()
     done_at_kill = _n_done(out)
-    assert 2 <= done_at_kill < total, f"{done_at_kill} tiles done when killed; the test needs an unfinished run"
+    assert 2 <= done_at_kill < total, (
+        f"{done_at_kill} tiles done when killed; the test needs an unfinished run"
+    )
     with pytest.raises(EmbeddingStoreError, match="unfinished embedding run"):
         open_embeddings(out)
 
-    res = embed_cube(files["cube"], files["bundle"], out, EmbedConfig(tile_px=3, batch_size=BATCH), resume=True,
-                     scheduler=scheduler, progress=False)
+    res = embed_cube(
+        files["cube"],
+        files["bundle"],
+        out,
+        EmbedConfig(tile_px=3, batch_size=BATCH),
+        resume=True,
+        scheduler=scheduler,
+        progress=False,
+    )
     assert res.tiles_skipped >= done_at_kill and res.tiles_written + res.tiles_skipped == total
     emb, valid = values(out)
     emb0, valid0 = values(untiled)
     assert np.array_equal(emb, emb0, equal_nan=True) and np.array_equal(valid, valid0)
 
     before = snapshot(out)
-    r = CliRunner().invoke(app, ["embed", "--cube", str(files["cube"]), "--bundle", str(files["bundle"]),
-                                 "--out", str(out), "--resume", "--set", "tile_px=3", "--set", f"batch_size={BATCH}"])
+    r = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            "--cube",
+            str(files["cube"]),
+            "--bundle",
+            str(files["bundle"]),
+            "--out",
+            str(out),
+            "--resume",
+            "--set",
+            "tile_px=3",
+            "--set",
+            f"batch_size={BATCH}",
+        ],
+    )
     assert r.exit_code == 0, r.output
     assert "nothing to write" in r.output
     assert snapshot(out) == before
 
 
 # ----------------------------------------------------------------------------- bad input
-def _embed_cli(files: dict[str, Path], out: Path, *extra: str, cube: Path | None = None,
-               bundle: Path | None = None) -> tuple[int, str]:
-    r = CliRunner().invoke(app, ["embed", "--cube", str(cube or files["cube"]), "--bundle",
-                                 str(bundle or files["bundle"]), "--out", str(out), "--quiet", *extra])
+def _embed_cli(
+    files: dict[str, Path], out: Path, *extra: str, cube: Path | None = None, bundle: Path | None = None
+) -> tuple[int, str]:
+    r = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            "--cube",
+            str(cube or files["cube"]),
+            "--bundle",
+            str(bundle or files["bundle"]),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ],
+    )
     return r.exit_code, r.output
 
 
-def test_existing_output_needs_resume_or_overwrite_and_stays_untouched(files: dict[str, Path], untiled: Path) -> None:
+def test_existing_output_needs_resume_or_overwrite_and_stays_untouched(
+    files: dict[str, Path], untiled: Path
+) -> None:
     before = snapshot(untiled)
     code, msg = _embed_cli(files, untiled)
     assert code == 2 and "already exists" in msg and "--resume" in msg and "--overwrite" in msg
-    code, msg = _embed_cli(files, untiled, "--resume", "--set", "tile_px=4")  # other settings than the store's
+    code, msg = _embed_cli(
+        files, untiled, "--resume", "--set", "tile_px=4"
+    )  # other settings than the store's
     assert code == 2 and "tile_px: stored 12, now 4" in msg
     code, msg = _embed_cli(files, untiled, "--resume", "--overwrite")
     assert code == 2 and "contradict" in msg
@@ -295,8 +422,19 @@ def test_unreachable_scheduler_is_named_and_nothing_is_written(files: dict[str, 
     assert code == 2 and "could not reach the dask scheduler at 'tcp://127.0.0.1:9'" in msg
     assert not out.exists()
     before = snapshot(untiled)
-    code, msg = _embed_cli(files, untiled, "--overwrite", "--scheduler", "tcp://127.0.0.1:9",
-                           "--set", "connect_timeout_s=2", "--set", "tile_px=12", "--set", f"batch_size={BATCH}")
+    code, msg = _embed_cli(
+        files,
+        untiled,
+        "--overwrite",
+        "--scheduler",
+        "tcp://127.0.0.1:9",
+        "--set",
+        "connect_timeout_s=2",
+        "--set",
+        "tile_px=12",
+        "--set",
+        f"batch_size={BATCH}",
+    )
     assert code == 2 and "could not reach" in msg
     assert snapshot(untiled) == before  # --overwrite deletes nothing until the run can start
 
@@ -306,9 +444,17 @@ def test_cube_values_are_checked_tile_by_tile(files: dict[str, Path], scene: Sce
     save_scene(scene, cube)
     # a value out of [0, 1], written around save_scene's validation as a foreign tool might
     zarr.open_array(cube / "s2" / "s2", mode="r+")[2, 0, 10, 10] = 3.0
-    with pytest.raises(CubeError, match=r"s2 cube rows .* break the cube contract: values range over \[.*3\]"):
-        embed_cube(cube, files["bundle"], files["dir"] / "bad_out.zarr", EmbedConfig(tile_px=6),
-                   scheduler=scheduler, progress=False)
+    with pytest.raises(
+        CubeError, match=r"s2 cube rows .* break the cube contract: values range over \[.*3\]"
+    ):
+        embed_cube(
+            cube,
+            files["bundle"],
+            files["dir"] / "bad_out.zarr",
+            EmbedConfig(tile_px=6),
+            scheduler=scheduler,
+            progress=False,
+        )
 
 
 def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene, tmp_path: Path) -> None:
@@ -329,4 +475,3 @@ def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene,
     np.testing.assert_array_equal(valid, ref["valid"].values)
     assert valid.sum() > 0.5 * valid.size
     np.testing.assert_allclose(emb, ref["embedding"].values, rtol=0, atol=1e-5)
-

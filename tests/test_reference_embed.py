@@ -9,7 +9,7 @@ import pytest
 import torch
 import xarray as xr
 
-from stembed.config import ae_preset, fusion_preset
+from stembed.config import ae_preset
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import cut_patch, fill_patch
 from stembed.data.sampling import PatchIndex
@@ -17,9 +17,8 @@ from stembed.inference.reference import embed_reference, window_days
 from stembed.io.cube import Scene
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
-from stembed.models.fusion import FusionModel
-from stembed.sensors import S1, S2
-from stembed.testing import synthetic_scene
+from stembed.sensors import S2
+from stembed.testing import random_fusion_bundle, synthetic_scene
 
 
 def test_window_days_reflect_at_both_ends() -> None:
@@ -41,15 +40,8 @@ def scene() -> Scene:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Bundle:
-    torch.manual_seed(0)
-    s1, s2 = SensorAutoencoder(ae_preset("small", "s1")), SensorAutoencoder(ae_preset("small", "s2"))
-    model = FusionModel(s1, s2, fusion_preset("small"))
-    path = tmp_path_factory.mktemp("b") / "fusion.pt"
-    save_bundle(path, kind="fusion", sensor=None, model=model,
-                config={"model": fusion_preset("small").model_dump(mode="json"),
-                        "s1_model": s1.cfg.model_dump(mode="json"), "s2_model": s2.cfg.model_dump(mode="json")},
-                sensors={"s1": S1, "s2": S2}, provenance={})
-    return load_bundle(path, expect_kind="fusion")
+    return load_bundle(random_fusion_bundle(tmp_path_factory.mktemp("b") / "fusion.pt", tiny=True),
+                       expect_kind="fusion")
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from stembed.training.run import RunResult, train_autoencoder
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
-    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2)
+    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=12)
 
 
 def test_demo_leaves_three_bundles_and_metrics(demo_runs: dict[str, RunResult]) -> None:
@@ -37,6 +37,20 @@ def test_demo_leaves_three_bundles_and_metrics(demo_runs: dict[str, RunResult]) 
         assert (run.run_dir / "config.yaml").is_file()
         assert (run.run_dir / "logs" / "version_0" / "metrics.csv").is_file()
         assert (run.run_dir / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_demo_ends_with_an_embedding_cube_and_pca_maps_of_the_test_site(demo_runs: dict[str, RunResult]) -> None:
+    from stembed.io.embeddings import open_embeddings
+
+    out = demo_runs["fusion"].run_dir.parent / "embed"
+    ds = open_embeddings(out / "embeddings.zarr")  # refuses an unfinished store
+    test_site = demo_runs["fusion"].metrics["data"]["splits"]["test"]["groups"][0]["site"]
+    assert ds.attrs["input"]["site"] == test_site
+    assert ds["embedding"].sizes["y"] == 12 and ds["embedding"].sizes["x"] == 12
+    assert ds["valid"].values.mean() > 0.5
+    pngs = sorted((out / "pca").glob("*.png"))
+    assert pngs and all(p.stat().st_size > 1000 for p in pngs)
+    assert json.loads((out / "pca" / "pca.json").read_text())
 
 
 def test_splits_are_grouped_by_site(demo_runs: dict[str, RunResult]) -> None:

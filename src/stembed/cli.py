@@ -32,7 +32,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from stembed.config import ConfigError
     from stembed.data.sampling import SamplingError
     from stembed.io.cube import CubeError
-    from stembed.io.embeddings import EmbedError, EmbeddingStoreError
+    from stembed.io.embeddings import EmbeddingStoreError, EmbedError
     from stembed.io.sample import SampleError
     from stembed.models.bundle import BundleError
 

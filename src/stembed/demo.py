@@ -1,7 +1,11 @@
-"""The built-in default job: all three training stages on the synthetic scene, small preset.
+"""The built-in default job: all three training stages on the synthetic scene, small preset, then
+an embedding cube and PCA maps of the held-out test site.
 
 It exists so a new user sees the whole pipeline run in minutes on a laptop CPU and gets real
-bundles and metrics to inspect; the numbers it prints are measured on held-out synthetic sites.
+bundles, metrics, an embedding store and PNGs to inspect; the numbers it prints are measured on
+held-out synthetic sites. The embedding step covers a 24 x 24 px corner of the test site over one
+summer, because per-patch inference on 2 CPU cores costs ~10 ms per pixel-date (see
+``benchmarks/embed.py``); ``stembed embed`` takes any size, it just takes longer.
 """
 
 from __future__ import annotations
@@ -21,7 +25,9 @@ from stembed.config import (
 )
 from stembed.training.run import RunResult, train_autoencoder, train_fusion
 
-STAGES = ("s1", "s2", "fusion")
+STAGES = ("s1", "s2", "fusion", "embed")
+EMBED_PX = 24
+EMBED_PERIOD = ("2020-05-01", "2020-09-01")
 
 
 def demo_configs(out: Path, *, max_epochs: int = 8, n_sites: int = 4) -> dict[str, Any]:
@@ -29,24 +35,45 @@ def demo_configs(out: Path, *, max_epochs: int = 8, n_sites: int = 4) -> dict[st
     source = SyntheticSource(n_sites=n_sites, height_px=48, width_px=48, n_days=365, seed=0)
     split = SplitConfig(by="site", fractions=(0.5, 0.25, 0.25), seed=0)
     # Denser sampling than the paper's strides: a demo has 4 small sites, not 500 cubes.
-    s2_data = DataConfig(source=source, split=split,
-                         sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=4))
-    s1_data = DataConfig(source=source, split=split,
-                         sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=6))
-    train = TrainConfig(batch_size=32, max_epochs=max_epochs, lr=1e-3, warmup_steps=50, plateau_patience=2,
-                        early_stop_patience=4, min_lr=1e-5, seed=0)
+    s2_data = DataConfig(
+        source=source,
+        split=split,
+        sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=4),
+    )
+    s1_data = DataConfig(
+        source=source,
+        split=split,
+        sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=6),
+    )
+    train = TrainConfig(
+        batch_size=32,
+        max_epochs=max_epochs,
+        lr=1e-3,
+        warmup_steps=50,
+        plateau_patience=2,
+        early_stop_patience=4,
+        min_lr=1e-5,
+        seed=0,
+    )
     return {
         "s1": AEStageConfig(sensor="s1", preset="small", data=s1_data, train=train, out_dir=str(out)),
         "s2": AEStageConfig(sensor="s2", preset="small", data=s2_data, train=train, out_dir=str(out)),
         "fusion": FusionStageConfig(
-            s1_bundle=str(out / "s1" / "bundle.pt"), s2_bundle=str(out / "s2" / "bundle.pt"), preset="small",
-            data=s2_data, train=train, out_dir=str(out),
+            s1_bundle=str(out / "s1" / "bundle.pt"),
+            s2_bundle=str(out / "s2" / "bundle.pt"),
+            preset="small",
+            data=s2_data,
+            train=train,
+            out_dir=str(out),
         ),
     }
 
 
-def run_demo(out: Path, *, overwrite: bool = False, max_epochs: int = 8) -> dict[str, RunResult]:
-    """Train S1, S2, then fusion into ``out/{s1,s2,fusion}``; print a summary; return the runs."""
+def run_demo(
+    out: Path, *, overwrite: bool = False, max_epochs: int = 8, embed_px: int = EMBED_PX
+) -> dict[str, RunResult]:
+    """Train S1, S2, then fusion into ``out/{s1,s2,fusion}``, print a summary, embed and map the test site
+    into ``out/embed``; return the training runs."""
     out = Path(out)
     existing = [out / s for s in STAGES if (out / s).exists()]
     if existing and not overwrite:
@@ -62,7 +89,48 @@ def run_demo(out: Path, *, overwrite: bool = False, max_epochs: int = 8) -> dict
     runs["s2"] = train_autoencoder(cfgs["s2"], run_dir=out / "s2")
     runs["fusion"] = train_fusion(cfgs["fusion"], run_dir=out / "fusion")
     print_summary(runs)
+    products = embed_test_site(cfgs["fusion"], runs["fusion"], out / "embed", embed_px)
+    print("\n".join(f"{k}: {v}" for k, v in products.items()))
     return runs
+
+
+def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: int) -> dict[str, Path]:
+    """Embed a ``size_px`` square corner of the held-out test site with the demo bundle; map it with PCA."""
+    import numpy as np
+
+    from stembed.config import EmbedConfig
+    from stembed.data.scenes import load_scenes
+    from stembed.eval.pca import pca_maps
+    from stembed.inference.tiles import embed_cube
+    from stembed.io.cube import Scene, cube_transform, save_scene
+    from stembed.io.embeddings import open_embeddings
+
+    test_sites = [g["site"] for g in run.metrics["data"]["splits"]["test"]["groups"]]
+    scene = next(s for s in load_scenes(cfg.data) if s.site == test_sites[0])
+    times = scene.s2["time"].values
+    summer = np.nonzero((times >= np.datetime64(EMBED_PERIOD[0])) & (times < np.datetime64(EMBED_PERIOD[1])))[
+        0
+    ]
+
+    def corner(da: Any) -> Any:
+        c = da.isel(y=slice(0, size_px), x=slice(0, size_px))
+        c.attrs = {**da.attrs, "transform": list(cube_transform(c))}
+        return c
+
+    out.mkdir(parents=True, exist_ok=True)
+    cube = save_scene(
+        Scene(site=scene.site, s2=corner(scene.s2.isel(time=summer)), s1=corner(scene.s1)), out / "scene.zarr"
+    )
+    store = out / "embeddings.zarr"
+    embed_cube(cube, run.bundle, store, EmbedConfig(tile_px=max(8, size_px // 2), workers=1))
+    maps = pca_maps(
+        open_embeddings(store), corner(scene.s2.isel(time=summer)), dates=None, out_dir=out / "pca"
+    )
+    return {
+        "scene store": cube,
+        "embedding store": store,
+        **{f"PCA map {i + 1}": p for i, p in enumerate(maps["pngs"])},
+    }
 
 
 def print_summary(runs: dict[str, RunResult]) -> None:
@@ -71,13 +139,26 @@ def print_summary(runs: dict[str, RunResult]) -> None:
     from rich.table import Table
 
     table = Table(title="stembed demo: centre-pixel MAE on held-out test sites")
-    for col in ("stage", "sensor", "model", "patch mean", "temporal neighbours", "centre SAM (rad)", "bundle"):
+    for col in (
+        "stage",
+        "sensor",
+        "model",
+        "patch mean",
+        "temporal neighbours",
+        "centre SAM (rad)",
+        "bundle",
+    ):
         table.add_column(col)
     for stage, run in runs.items():
         for sensor, m in run.metrics["splits"].get("test", {}).items():
             table.add_row(
-                stage, sensor, _fmt(m.get("centre_mae")), _fmt(m.get("baseline_patch_mean_centre_mae")),
-                _fmt(m.get("baseline_temporal_neighbours_centre_mae")), _fmt(m.get("centre_sam")), str(run.bundle),
+                stage,
+                sensor,
+                _fmt(m.get("centre_mae")),
+                _fmt(m.get("baseline_patch_mean_centre_mae")),
+                _fmt(m.get("baseline_temporal_neighbours_centre_mae")),
+                _fmt(m.get("centre_sam")),
+                str(run.bundle),
             )
     Console().print(table)
 

@@ -121,8 +121,12 @@ def embed_block(
         f = frames[tb]  # (B, n_frames)
         # C order first: numpy picks the layout of a fancy-indexed result, and the fill's sums must
         # not depend on it
-        x2, _ = fill_patch(np.ascontiguousarray(view2[f, :, yb[:, None], xb[:, None]]))  # (B, n_frames, C2, p, p)
-        x1, _ = fill_patch(np.ascontiguousarray(view1[f, :, yb[:, None], xb[:, None]]))  # (B, n_frames, C1, p, p)
+        x2, _ = fill_patch(
+            np.ascontiguousarray(view2[f, :, yb[:, None], xb[:, None]])
+        )  # (B, n_frames, C2, p, p)
+        x1, _ = fill_patch(
+            np.ascontiguousarray(view1[f, :, yb[:, None], xb[:, None]])
+        )  # (B, n_frames, C1, p, p)
         d2, d1 = days2[tb], days1[tb]
         e = model.embed(
             torch.from_numpy(x1).to(device),

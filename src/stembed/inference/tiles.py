@@ -96,7 +96,8 @@ def read_block(
         problems = value_problems(xr.DataArray(values), SENSORS[key])
         if problems:
             raise CubeError(
-                f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: " + "; ".join(problems)
+                f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: "
+                + "; ".join(problems)
             )
     take = np.ix_(yi - y0, xi - x0)
     return (
@@ -137,7 +138,9 @@ def run_tile(job: TileJob) -> tuple[int, int]:
     if key not in _SCENES:
         scene = open_scene(job.cube, check_values=False)
         if cube_fingerprint(scene) != job.cube_fingerprint:
-            raise EmbedError(f"the cube {job.cube} changed during the run; fix: restore it, or start again with --overwrite")
+            raise EmbedError(
+                f"the cube {job.cube} changed during the run; fix: restore it, or start again with --overwrite"
+            )
         _SCENES[key] = scene
     rows, cols = job.grid.bounds(*job.tile)
     s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, model.s2.cfg.patch_px // 2, job.s1_max_gap_days)
@@ -184,7 +187,10 @@ def _connect(scheduler: str | None, workers: int, timeout_s: float) -> tuple[Any
                 "run on a local cluster"
             ) from e
     cluster = LocalCluster(
-        n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",  # any free port
+        n_workers=workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=":0",  # any free port
         silence_logs=logging.ERROR,
     )
     return Client(cluster, set_as_default=False), cluster
@@ -205,7 +211,9 @@ def _calibrate(
     n = 0
     for _ in range(64):
         y0, x0 = int(rng.integers(0, max(1, height - b + 1))), int(rng.integers(0, max(1, width - b + 1)))
-        s2, s1, d2, d1 = read_block(scene, slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width)), r, gap_days)
+        s2, s1, d2, d1 = read_block(
+            scene, slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width)), r, gap_days
+        )
         e = embed_block(model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device)
         e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
         e = e[np.isfinite(e).all(axis=1)]
@@ -294,7 +302,9 @@ def embed_cube(
                     f"{out} is a damaged embedding store ({type(e).__name__}: {e}); fix: rerun with --overwrite"
                 ) from e
             if attrs.get("complete") and done.all():
-                return EmbedResult(out, 0, int(done.size), attrs.get("storage_error", {}), time.perf_counter() - t_start)
+                return EmbedResult(
+                    out, 0, int(done.size), attrs.get("storage_error", {}), time.perf_counter() - t_start
+                )
             fresh = False
 
     client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
@@ -306,18 +316,30 @@ def embed_cube(
                 shutil.rmtree(out)
             s2 = scene.s2
             store.create_store(
-                out, time=s2[TIME].values, y=s2[Y].values, x=s2[X].values,
-                features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)], crs=str(s2.attrs["crs"]),
-                transform=list(s2.attrs["transform"]), quant=quant, tile_px=cfg.tile_px,
+                out,
+                time=s2[TIME].values,
+                y=s2[Y].values,
+                x=s2[X].values,
+                features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)],
+                crs=str(s2.attrs["crs"]),
+                transform=list(s2.attrs["transform"]),
+                quant=quant,
+                tile_px=cfg.tile_px,
                 time_chunk=cfg.time_chunk,
                 attrs={
                     "fingerprint": fingerprint,
                     "config": dump_config(cfg),
-                    "bundle": {"path": str(bundle_path.resolve()), "sha256": bundle_sha,
-                               "provenance": bundle.provenance},
-                    "input": {"cube": str(cube.resolve()), "site": scene.site,
-                              "s2_provenance": str(s2.attrs.get("provenance")),
-                              "s1_provenance": str(scene.s1.attrs.get("provenance"))},
+                    "bundle": {
+                        "path": str(bundle_path.resolve()),
+                        "sha256": bundle_sha,
+                        "provenance": bundle.provenance,
+                    },
+                    "input": {
+                        "cube": str(cube.resolve()),
+                        "site": scene.site,
+                        "s2_provenance": str(s2.attrs.get("provenance")),
+                        "s1_provenance": str(scene.s1.attrs.get("provenance")),
+                    },
                     "software": provenance([scene.site]),
                     "edges": (
                         "time: each date's window reflects the series at its ends (frame -k = date k); "
@@ -330,16 +352,39 @@ def embed_cube(
         done = store.tiles_done(out)
         todo = [t for t in grid.tiles() if not done[t]]
         n_workers = cfg.workers if cluster is not None else max(1, len(client.nthreads()))
-        threads = cfg.threads_per_worker or (max(1, len(os.sched_getaffinity(0)) // n_workers) if cluster else None)
+        threads = cfg.threads_per_worker or (
+            max(1, len(os.sched_getaffinity(0)) // n_workers) if cluster else None
+        )
         jobs = [
-            TileJob(str(cube.resolve()), fingerprint["cube_fingerprint"], str(bundle_path.resolve()), bundle_sha, str(out.resolve()), grid, t, quant,
-                    gap_days, cfg.batch_size, cfg.device, threads)
+            TileJob(
+                str(cube.resolve()),
+                fingerprint["cube_fingerprint"],
+                str(bundle_path.resolve()),
+                bundle_sha,
+                str(out.resolve()),
+                grid,
+                t,
+                quant,
+                gap_days,
+                cfg.batch_size,
+                cfg.device,
+                threads,
+            )
             for t in todo
         ]
-        futures = [client.submit(run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{bundle_sha[:8]}",
-                                 pure=False) for job in jobs]
-        with tqdm(total=len(grid.tiles()), initial=len(grid.tiles()) - len(todo), desc="tiles",
-                  unit="tile", disable=not progress) as bar:
+        futures = [
+            client.submit(
+                run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{bundle_sha[:8]}", pure=False
+            )
+            for job in jobs
+        ]
+        with tqdm(
+            total=len(grid.tiles()),
+            initial=len(grid.tiles()) - len(todo),
+            desc="tiles",
+            unit="tile",
+            disable=not progress,
+        ) as bar:
             for fut in as_completed(futures, loop=client.loop):
                 if fut.status == "error":
                     err = fut.exception()
@@ -361,9 +406,12 @@ def embed_cube(
 
 
 def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
-    diffs = [f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]]
+    diffs = [
+        f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]
+    ]
     if diffs:
         raise store.EmbeddingStoreError(
-            f"{out} was written by a different run, so --resume cannot continue it:\n- " + "\n- ".join(diffs)
+            f"{out} was written by a different run, so --resume cannot continue it:\n- "
+            + "\n- ".join(diffs)
             + "\nfix: rerun with the settings it was made with, or pass --overwrite to replace it"
         )

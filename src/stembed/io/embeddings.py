@@ -197,13 +197,21 @@ def create_store(
     if quant.dtype == "int8":
         emb_attrs["_FillValue"] = INT8_FILL  # xarray masks it to NaN
     g.create_array(
-        "embedding", shape=(n_t, n_f, grid.height, grid.width), dtype=quant.dtype,
-        chunks=(tc, n_f, tile_px, tile_px), fill_value=fill, dimension_names=(TIME, FEATURE, Y, X),
+        "embedding",
+        shape=(n_t, n_f, grid.height, grid.width),
+        dtype=quant.dtype,
+        chunks=(tc, n_f, tile_px, tile_px),
+        fill_value=fill,
+        dimension_names=(TIME, FEATURE, Y, X),
         attributes=emb_attrs,
     )
     g.create_array(
-        "valid", shape=(n_t, grid.height, grid.width), dtype="bool", chunks=(tc, tile_px, tile_px),
-        fill_value=False, dimension_names=(TIME, Y, X),
+        "valid",
+        shape=(n_t, grid.height, grid.width),
+        dtype="bool",
+        chunks=(tc, tile_px, tile_px),
+        fill_value=False,
+        dimension_names=(TIME, Y, X),
         attributes={"grid_mapping": "spatial_ref", "long_name": "pixel-date has an embedding"},
     )
     for name, vals in (("scale", quant.scale), ("offset", quant.offset)):
@@ -211,12 +219,20 @@ def create_store(
         arr[:] = vals
     ny, nx = grid.shape
     g.create_array(
-        "tile_done", shape=(ny, nx), dtype="uint8", chunks=(1, 1), fill_value=0,
-        dimension_names=("tile_y", "tile_x"), attributes={"long_name": "1 once the tile's region is written"},
+        "tile_done",
+        shape=(ny, nx),
+        dtype="uint8",
+        chunks=(1, 1),
+        fill_value=0,
+        dimension_names=("tile_y", "tile_x"),
+        attributes={"long_name": "1 once the tile's region is written"},
     )
     g.create_array(
-        "tile_error", shape=(ny, nx, len(ERROR_STATS), n_f), dtype="float64",
-        chunks=(1, 1, len(ERROR_STATS), n_f), fill_value=0.0,
+        "tile_error",
+        shape=(ny, nx, len(ERROR_STATS), n_f),
+        dtype="float64",
+        chunks=(1, 1, len(ERROR_STATS), n_f),
+        fill_value=0.0,
         dimension_names=("tile_y", "tile_x", "stat", FEATURE),
         attributes={"stats": list(ERROR_STATS), "long_name": "storage error of each tile's valid values"},
     )
@@ -289,7 +305,9 @@ def finalise(path: str | Path) -> dict[str, Any]:
     g = zarr.open_group(path, mode="r+")
     done = np.asarray(g["tile_done"][:]).astype(bool)
     if not done.all():
-        raise EmbeddingStoreError(f"{path}: {int((~done).sum())} tiles are not written yet; run with --resume")
+        raise EmbeddingStoreError(
+            f"{path}: {int((~done).sum())} tiles are not written yet; run with --resume"
+        )
     err = np.asarray(g["tile_error"][:])  # (ny, nx, stat, feature)
     count = err[:, :, 0].sum(axis=(0, 1))
     rmse = np.sqrt(err[:, :, 1].sum(axis=(0, 1)) / np.maximum(count, 1))

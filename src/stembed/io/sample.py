@@ -123,7 +123,7 @@ def sample_points(embeddings: xr.Dataset, points: pd.DataFrame, *, window_px: in
         detail = [f"{o} px past the border" for o in over]
         raise SampleError(
             f"the {k}x{k} window of points {_name_points(ids, over > 0, detail)} reaches past the grid "
-            f"border; fix: use a smaller --window-px (at most {max(1, 2 * int((half - over.max())) + 1)} "
+            f"border; fix: use a smaller --window-px (at most {max(1, 2 * int(half - over.max()) + 1)} "
             "fits them all), or drop those points"
         )
 

@@ -6,12 +6,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch import Tensor
-
-from stembed.config import AEConfig, FusionConfig, FusionLossConfig, LossConfig, TrainConfig
-from torch import nn
+from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
+from stembed.config import AEConfig, FusionConfig, FusionLossConfig, LossConfig, TrainConfig
 from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import FusionModel
