@@ -27,8 +27,7 @@ each size. As a side result the embed store is compared to the reference embeddi
 The model is an untrained random-weight fusion bundle (:func:`stembed.testing.random_fusion_bundle`,
 only the arithmetic matters for speed): ``--preset small`` and, by default, ``--tiny`` (shrunk
 channels, to keep the run affordable on CPU); ``--no-tiny`` runs the full channels. The output names
-the model that ran. On 2 cores shared with a running test suite the default run took ~18 min (the
-two 48x48 cases are ~95% of it) and ``--size 8 --days 50`` ~8 min.
+the model that ran. On an otherwise idle 2-core machine the default run takes ~2.5 min.
 
     .venv/bin/python benchmarks/embed.py [--size 12] [--days 60] [--tile-px 16] [--batch-size 64]
         [--preset small] [--tiny | --no-tiny] [--device auto|cpu|cuda]

@@ -155,6 +155,7 @@ def embed(
     """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
     from stembed.config import ConfigError, EmbedConfig, load_config
     from stembed.inference.tiles import embed_cube
+    from stembed.runtime import tune_allocator
 
     def go() -> Any:
         if workers is not None and scheduler is not None:
@@ -169,6 +170,7 @@ def embed(
             cube, bundle, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler, progress=not quiet
         )
 
+    tune_allocator()
     res = _run(go)
     if res.tiles_written == 0:
         typer.echo(f"{res.out} is complete ({res.tiles_skipped} tiles); nothing to write")

@@ -37,6 +37,7 @@ from stembed.io.embeddings import EmbedError
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
 from stembed.repro import file_sha256, provenance
+from stembed.runtime import tune_allocator
 from stembed.sensors import SENSORS
 from stembed.types import TIME, X, Y
 
@@ -130,6 +131,7 @@ def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel:
 
 def run_tile(job: TileJob) -> tuple[int, int]:
     """Embed one tile and write it (region, error stats, done flag). Runs on a dask worker."""
+    tune_allocator()  # dask workers start with an aggressive malloc trim threshold
     if job.threads is not None:
         torch.set_num_threads(job.threads)
     device = resolve_device(job.device)
