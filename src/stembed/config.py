@@ -90,7 +90,9 @@ class FusionConfig(_Frozen):
 
 
 def ae_preset(name: str, sensor: str) -> AEConfig:
-    """Named autoencoder presets: ``paper`` reproduces the spec's sizes; ``small`` is for tests and the demo."""
+    """Named autoencoder presets: ``paper`` reproduces the spec's sizes; ``small`` is for tests and the demo;
+    ``tiny`` (a quarter of small's channels) for development runs whose per-patch embedding of a whole
+    real patch must fit in minutes on a CPU, and for tests of plumbing rather than skill."""
     per_sensor = {
         "s1": {"sensor": "s1", "in_channels": 2, "latent_dim": 2, "reduced_tokens": 7},
         "s2": {"sensor": "s2", "in_channels": 10, "latent_dim": 9, "reduced_tokens": 6},
@@ -111,6 +113,11 @@ def ae_preset(name: str, sensor: str) -> AEConfig:
             "dropout": 0.1,
         },
     }
+    presets["tiny"] = {
+        **presets["small"],
+        "stem_channels": 8, "mid_channels": 8, "low_channels": 4, "token_channels": 4, "head_channels": 4,
+        "d_ff": 16,
+    }
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
     return AEConfig(**{**per_sensor[sensor], **presets[name]})
@@ -121,13 +128,14 @@ def fusion_preset(name: str) -> FusionConfig:
     presets: dict[str, dict[str, Any]] = {
         "paper": {},
         "small": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
+        "tiny": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
     }
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
     return FusionConfig(**presets[name])
 
 
-PRESETS = ("paper", "small")
+PRESETS = ("paper", "small", "tiny")
 
 
 # ----------------------------------------------------------------------------- data

@@ -302,20 +302,13 @@ def _observe_s1(
     return (10.0 ** (db / 10.0) * speckle).astype(np.float32)
 
 
-# fewer channels than the "small" preset: the same architecture at a fraction of the cost, for
-# tests whose subject is the plumbing (tiling, storage, resume), not the model's skill
-TINY_AE: dict[str, Any] = {
-    "stem_channels": 8, "mid_channels": 8, "low_channels": 4, "token_channels": 4, "head_channels": 4, "d_ff": 16,
-}
-
-
 def random_fusion_bundle(
     path: Any, *, seed: int = 0, preset: str = "small", tiny: bool = False, sensors: dict[str, Any] | None = None
 ) -> Any:
     """Write an untrained fusion bundle with seeded random weights and return its path.
 
     For tests and benchmarks where only the arithmetic matters (equality of two inference paths,
-    speed). ``tiny`` shrinks the channels (:data:`TINY_AE`); ``sensors`` replaces the band specs.
+    speed). ``tiny`` takes the ``tiny`` preset instead of ``preset``; ``sensors`` replaces the band specs.
     """
     import torch
 
@@ -324,9 +317,8 @@ def random_fusion_bundle(
     from stembed.models.bundle import save_bundle
     from stembed.models.fusion import FusionModel
 
-    update = TINY_AE if tiny else {}
-    a1, a2 = ae_preset(preset, "s1").model_copy(update=update), ae_preset(preset, "s2").model_copy(update=update)
-    f = fusion_preset(preset)
+    name = "tiny" if tiny else preset
+    a1, a2, f = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
     torch.manual_seed(seed)
     model = FusionModel(SensorAutoencoder(a1), SensorAutoencoder(a2), f)
     return save_bundle(
