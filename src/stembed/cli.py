@@ -31,6 +31,10 @@ T = TypeVar("T")
 def _user_errors() -> tuple[type[Exception], ...]:
     from stembed.config import ConfigError
     from stembed.data.sampling import SamplingError
+    from stembed.eval.fluxnet import FluxError
+    from stembed.eval.gpp_run import GPPRunError
+    from stembed.eval.probe import ProbeError
+    from stembed.eval.recon import ReconError
     from stembed.io.cube import CubeError
     from stembed.io.embeddings import EmbeddingStoreError, EmbedError
     from stembed.io.sample import SampleError
@@ -38,6 +42,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (
         ConfigError, CubeError, BundleError, SamplingError, EmbeddingStoreError, EmbedError, SampleError,
+        FluxError, GPPRunError, ProbeError, ReconError,
         FileExistsError, FileNotFoundError,
     )
 
@@ -246,6 +251,141 @@ def export(
 
     files = _run(lambda: export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite))
     typer.echo(f"{len(files)} GeoTIFF(s) in {out}")
+
+
+# ----------------------------------------------------------------------------- evaluation
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: reconstruction, land-cover probe, GPP at a tower.")
+app.add_typer(eval_app, name="eval")
+CubeOpt = Annotated[Path, typer.Option("--cube", help="Scene store (zarr) the embeddings were made from.")]
+OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
+TowerOpt = Annotated[
+    tuple[float, float] | None, typer.Option("--tower", help="Flux tower LON LAT (WGS84).")
+]
+YearsOpt = Annotated[list[int] | None, typer.Option(help="Years (of a window's last day), repeatable.")]
+
+
+def _year_split(train_years: list[int] | None, val_years: list[int] | None, test_years: list[int] | None) -> Any:
+    from stembed.eval.gpp import YearSplit
+
+    d = YearSplit()
+    return YearSplit(tuple(train_years or d.train_years), tuple(val_years or d.val_years), tuple(test_years or ()))
+
+
+@eval_app.command("recon")
+def eval_recon(
+    runs: Annotated[list[Path], typer.Argument(help="Run folders of `stembed train` (each holds metrics.json).")],
+    out: OutDirOpt,
+) -> None:
+    """Centre-pixel MAE, SAM and SSIM per run, split and sensor, against the trivial baselines."""
+    from stembed.eval.recon import recon_markdown, recon_table
+
+    table = _run(lambda: recon_table(list(runs)))
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "recon.csv", index=False)
+    (out / "recon.md").write_text(recon_markdown(table) + "\n")
+    typer.echo(recon_markdown(table) + f"\ntable: {out / 'recon.csv'}")
+
+
+@eval_app.command("probe")
+def eval_probe(
+    embeddings: EmbeddingsOpt,
+    cube: CubeOpt,
+    label: Annotated[str, typer.Option("--label", help="Label layer of the scene, e.g. LC or CT.")],
+    out: OutDirOpt,
+    nodata: Annotated[list[int] | None, typer.Option("--nodata", help="Label values to ignore (default 0).")] = None,
+    block_px: Annotated[int, typer.Option("--block-px", help="Spatial CV block edge in pixels.")] = 16,
+    folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 4,
+    samples: Annotated[int, typer.Option("--samples", help="Pixel-dates sampled.")] = 20000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """Logistic regression and random forest on embeddings vs raw bands vs PCA of raw bands (blocked CV)."""
+    from stembed.eval.probe import probe_markdown, probe_table
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    def go() -> Any:
+        scene = open_scene(cube, check_values=False)
+        if scene.labels is None:
+            from stembed.eval.probe import ProbeError
+
+            raise ProbeError(f"the scene {cube} has no label layers; fix: build it with labels (save_scene)")
+        return probe_table(open_embeddings(embeddings), scene.s2, scene.labels, label=label,
+                           nodata=tuple(nodata or (0,)), block_px=block_px, n_folds=folds, max_samples=samples,
+                           seed=seed)
+
+    res = _run(go)
+    out.mkdir(parents=True, exist_ok=True)
+    res.table.to_csv(out / f"probe_{label}.csv", index=False)
+    res.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
+    (out / f"probe_{label}.md").write_text(probe_markdown(res) + "\n")
+    typer.echo(probe_markdown(res))
+
+
+@eval_app.command("gpp")
+def eval_gpp(
+    embeddings: EmbeddingsOpt,
+    cube: CubeOpt,
+    flux: Annotated[Path, typer.Option("--flux", help="FLUXNET daily CSV (FULLSET_DD or FluxDataKit).")],
+    out: OutDirOpt,
+    tower: TowerOpt = None,
+    whole_cube: Annotated[bool, typer.Option("--whole-cube", help="Average the whole cube (the authors' footprint).")] = False,
+    window_px: Annotated[int, typer.Option("--window-px", help="Odd window around the tower, pixels.")] = 15,
+    train_years: YearsOpt = None,
+    val_years: YearsOpt = None,
+    test_years: YearsOpt = None,
+    stride: Annotated[int, typer.Option("--stride", help="Days between window ends.")] = 10,
+    interpolation: Annotated[str, typer.Option("--interpolation", help="linear or savgol.")] = "linear",
+    epochs: Annotated[int | None, typer.Option("--epochs", help="Max transformer epochs (default 150).")] = None,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """GPP from embeddings, raw bands and NDVI at one tower: transformer, ridge and climatology."""
+    from stembed.eval.gpp import GPPConfig
+    from stembed.eval.gpp_run import GPPRunError, gpp_at_tower
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    def go() -> Any:
+        if (tower is None) == (not whole_cube):
+            raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
+        cfg = GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs)
+        return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out,
+                            tower_lonlat=tower, window_px=window_px,
+                            split=_year_split(train_years, val_years, test_years),
+                            interpolation=interpolation, stride_days=stride, cfg=cfg, seed=seed)  # type: ignore[arg-type]
+
+    res = _run(go)
+    typer.echo(f"{res.n_windows} windows\nmetrics: {res.metrics_csv}\npredictions: {res.predictions_csv}")
+
+
+@app.command()
+def report(
+    out: OutDirOpt,
+    runs: Annotated[list[Path] | None, typer.Option("--run", help="A `stembed train` run folder (repeatable).")] = None,
+    embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Embedding store.")] = None,
+    cube: Annotated[Path | None, typer.Option("--cube", help="Its scene store.")] = None,
+    labels: Annotated[list[str] | None, typer.Option("--label", help="Label layer to probe (repeatable).")] = None,
+    flux: Annotated[Path | None, typer.Option("--flux", help="FLUXNET daily CSV for the GPP part.")] = None,
+    tower: TowerOpt = None,
+    train_years: YearsOpt = None,
+    val_years: YearsOpt = None,
+    test_years: YearsOpt = None,
+    stride: Annotated[int, typer.Option("--stride", help="GPP: days between window ends.")] = 10,
+    epochs: Annotated[int | None, typer.Option("--epochs", help="GPP: max transformer epochs.")] = None,
+    samples: Annotated[int, typer.Option("--samples", help="Probe: pixel-dates sampled.")] = 20000,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+) -> None:
+    """One markdown page (with figures) of the reconstruction, probe and GPP results."""
+    from stembed.eval.gpp import GPPConfig
+    from stembed.eval.report import ReportInputs, write_report
+
+    inputs = ReportInputs(
+        runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
+        tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
+        gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs), gpp_stride_days=stride,
+        probe_samples=samples, seed=seed,
+    )
+    path = _run(lambda: write_report(out, inputs))
+    typer.echo(f"report: {path}")
 
 
 if __name__ == "__main__":  # pragma: no cover

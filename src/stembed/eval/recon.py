@@ -1,0 +1,79 @@
+"""Reconstruction report: centre-pixel MAE, centre SAM and SSIM per run, split and sensor (no torch).
+
+Every training run already evaluates its best checkpoint on each split and writes the figures,
+with two trivial baselines on the same centre values, to ``metrics.json``
+(:mod:`stembed.training.evaluate`). This module gathers them from run folders into one table, so a
+report compares stages and runs without re-running models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+COLUMNS = (
+    "run",
+    "stage",
+    "split",
+    "sensor",
+    "n_patches",
+    "centre_mae",
+    "baseline_patch_mean_centre_mae",
+    "baseline_temporal_neighbours_centre_mae",
+    "centre_sam",
+    "ssim",
+)
+
+
+class ReconError(ValueError):
+    """A run folder without usable metrics; the message names it and the fix."""
+
+
+def recon_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+    """One row per run, split and sensor, from each run folder's ``metrics.json``.
+
+    Raises:
+        ReconError: a folder has no ``metrics.json`` (the run did not finish) or it holds no splits.
+    """
+    rows = []
+    for run in map(Path, run_dirs):
+        path = run / "metrics.json"
+        if not path.is_file():
+            raise ReconError(
+                f"{run} has no metrics.json; fix: pass the folder of a finished `stembed train` run "
+                "(it holds bundle.pt and metrics.json)"
+            )
+        metrics = json.loads(path.read_text())
+        splits = metrics.get("splits") or {}
+        if not splits:
+            raise ReconError(f"{path} holds no split metrics; fix: re-run the stage to completion")
+        for split, sensors in splits.items():
+            for sensor, m in sensors.items():
+                rows.append(
+                    {
+                        "run": str(run),
+                        "stage": metrics.get("stage"),
+                        "split": split,
+                        "sensor": sensor,
+                        **{k: m.get(k) for k in COLUMNS[4:]},
+                    }
+                )
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def recon_markdown(table: pd.DataFrame, split: str = "test") -> str:
+    """Markdown table of one split: model vs baselines, per run and sensor."""
+    t = table[table["split"] == split]
+    lines = [
+        "| run | stage | sensor | patches | centre MAE | patch-mean MAE | temporal-neighbour MAE | centre SAM (rad) | SSIM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in t.itertuples(index=False):
+        lines.append(
+            f"| {Path(r.run).name} | {r.stage} | {r.sensor} | {r.n_patches} | {r.centre_mae:.4f} | "
+            f"{r.baseline_patch_mean_centre_mae:.4f} | {r.baseline_temporal_neighbours_centre_mae:.4f} | "
+            f"{r.centre_sam:.4f} | {r.ssim:.3f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,93 @@
+"""``stembed eval gpp`` harness: three feature sets on identical windows, outputs written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import xarray as xr
+
+from stembed.eval.gpp import GPPConfig, YearSplit
+from stembed.eval.gpp_run import GPPRunError, feature_series, gpp_at_tower
+from stembed.testing import synthetic_scene
+from stembed.types import FEATURE, TIME, X, Y
+
+TINY = GPPConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_epochs=2, batch_size=32, warmup_steps=5)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[xr.Dataset, xr.DataArray, Path]:
+    scene = synthetic_scene(seed=1, height_px=12, width_px=12, n_days=730)
+    s2 = scene.s2
+    t = pd.DatetimeIndex(s2[TIME].values)
+    # a stand-in embedding: NDVI-like signal in E1, noise elsewhere (the harness, not a model, is tested)
+    red, nir = s2.sel(band="B04").values, s2.sel(band="B08").values
+    e = np.random.default_rng(0).normal(size=(len(t), 7, 12, 12)).astype(np.float32)
+    e[:, 0] = (nir - red) / (nir + red)
+    valid = np.isfinite(e).all(axis=1)
+    ds = xr.Dataset(
+        {"embedding": ((TIME, FEATURE, Y, X), e), "valid": ((TIME, Y, X), valid)},
+        coords={TIME: t, FEATURE: [f"E{i}" for i in range(1, 8)], Y: s2[Y].values, X: s2[X].values},
+        attrs={"crs": s2.attrs["crs"]},
+    )
+    days = pd.date_range(t.min().normalize() - pd.Timedelta(days=30), t.max().normalize(), freq="D")
+    gpp = 5 + 4 * np.sin(2 * np.pi * (days.dayofyear - 100) / 365)
+    flux = tmp_path_factory.mktemp("flux") / "FLX_XX-Syn_FLUXDATAKIT_FULLSET_DD_2020_2021_1-1.csv"
+    pd.DataFrame(
+        {"TIMESTAMP": days.strftime("%Y-%m-%d"), "GPP_NT_VUT_REF": gpp, "NEE_VUT_REF_QC": 1.0}
+    ).to_csv(flux, index=False)
+    return ds, s2, flux
+
+
+def test_three_feature_sets_on_identical_windows_and_outputs_written(inputs, tmp_path: Path) -> None:
+    ds, s2, flux = inputs
+    run = gpp_at_tower(
+        ds,
+        s2,
+        flux,
+        tmp_path,
+        tower_lonlat=None,
+        split=YearSplit((2020,), (2021,)),
+        stride_days=10,
+        cfg=TINY,
+        seed=0,
+    )
+    m = run.metrics
+    assert set(m["feature_set"]) == {"embedding", "raw_bands", "ndvi"}
+    assert {"transformer", "ridge", "climatology"} <= set(m["model"])
+    pooled = m[(m["site"] == "pooled")]
+    # every feature set and model is scored on the same number of windows per split
+    assert pooled.groupby("split")["n"].nunique().eq(1).all()
+    assert run.metrics_csv.is_file() and run.predictions_csv.is_file() and len(run.plots) == 3
+    preds = pd.read_csv(run.predictions_csv)
+    ends = preds.groupby("feature_set")["end_date"].apply(lambda s: tuple(sorted(set(s))))
+    assert ends.nunique() == 1
+    # windows end only on days whose 89 preceding days lie within the imagery
+    first = pd.Timestamp(ds[TIME].values.min()).normalize()
+    assert pd.to_datetime(preds["end_date"]).min() >= first + pd.Timedelta(days=89)
+
+
+def test_tower_window_differs_from_the_whole_cube_and_outside_tower_is_refused(inputs) -> None:
+    ds, s2, _ = inputs
+    import pyproj
+
+    to_ll = pyproj.Transformer.from_crs(ds.attrs["crs"], "EPSG:4326", always_xy=True)
+    lon, lat = to_ll.transform(float(ds[X].values[1]), float(ds[Y].values[1]))
+    near = feature_series(ds, s2, tower_lonlat=(lon, lat), window_px=3)["embedding"]
+    whole = feature_series(ds, s2, tower_lonlat=None)["embedding"]
+    expected = ds["embedding"].where(ds["valid"]).isel(y=slice(0, 3), x=slice(0, 3)).mean(dim=("y", "x"))
+    np.testing.assert_allclose(near.to_numpy(), expected.transpose(TIME, FEATURE).values, rtol=1e-5)
+    assert not np.allclose(near.to_numpy(), whole.to_numpy(), equal_nan=True)
+    with pytest.raises(GPPRunError, match="outside the cube.*--whole-cube"):
+        feature_series(ds, s2, tower_lonlat=(10.4521, 51.0794))

@@ -1,0 +1,189 @@
+"""``stembed eval ...`` and ``stembed report`` end to end on a small synthetic scene and store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stembed.cli import app
+from stembed.io.cube import save_scene
+from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
+from stembed.testing import synthetic_scene
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("report")
+    scene = synthetic_scene(seed=2, height_px=32, width_px=32, n_days=730)
+    cube = save_scene(scene, d / "scene.zarr")
+    s2 = scene.s2
+    # a stand-in store: 7 of the bands as "embedding" (the commands, not a model, are tested)
+    vals = s2.values[:, :7].astype(np.float32)
+    q = Quantisation.identity(7)
+    grid = create_store(
+        d / "emb.zarr",
+        time=s2["time"].values,
+        y=s2["y"].values,
+        x=s2["x"].values,
+        features=[f"E{i}" for i in range(1, 8)],
+        crs=s2.attrs["crs"],
+        transform=list(s2.attrs["transform"]),
+        quant=q,
+        tile_px=16,
+        time_chunk=8,
+        attrs={"fingerprint": {}, "input": {"site": scene.site}},
+    )
+    for t in grid.tiles():
+        ys, xs = grid.bounds(*t)
+        v = vals[:, :, ys, xs]
+        c = q.encode(v)
+        write_tile(d / "emb.zarr", grid, t, c, np.isfinite(v).all(axis=1), q.error_stats(v, c))
+    finalise(d / "emb.zarr")
+    run = d / "run"
+    run.mkdir()
+    m = {
+        "n_patches": 5,
+        "centre_mae": 0.02,
+        "baseline_patch_mean_centre_mae": 0.03,
+        "baseline_temporal_neighbours_centre_mae": 0.025,
+        "centre_sam": 0.1,
+        "ssim": 0.9,
+    }
+    (run / "metrics.json").write_text(json.dumps({"stage": "ae", "splits": {"test": {"s2": m}}}))
+    days = pd.date_range("2019-10-01", "2021-12-31", freq="D")
+    flux = d / "FLX_XX-Syn_FLUXDATAKIT_FULLSET_DD_2019_2021_1-1.csv"
+    pd.DataFrame(
+        {
+            "TIMESTAMP": days.strftime("%Y-%m-%d"),
+            "GPP_NT_VUT_REF": 5 + 4 * np.sin(2 * np.pi * (days.dayofyear - 100) / 365),
+            "NEE_VUT_REF_QC": 1.0,
+        }
+    ).to_csv(flux, index=False)
+    return {"dir": d, "cube": cube, "emb": d / "emb.zarr", "run": run, "flux": flux}
+
+
+def test_eval_commands_write_their_tables(inputs: dict[str, Path]) -> None:
+    out = inputs["dir"] / "eval"
+    r = runner.invoke(app, ["eval", "recon", str(inputs["run"]), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert (out / "recon.csv").is_file() and "0.0200" in r.output
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "probe",
+            "--embeddings",
+            str(inputs["emb"]),
+            "--cube",
+            str(inputs["cube"]),
+            "--label",
+            "land_cover",
+            "--out",
+            str(out),
+            "--block-px",
+            "8",
+            "--samples",
+            "1500",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    summary = pd.read_csv(out / "probe_land_cover_summary.csv")
+    assert {"embedding", "raw_bands"} <= set(summary["feature_set"])
+    r = runner.invoke(
+        app,
+        [
+            "eval",
+            "gpp",
+            "--embeddings",
+            str(inputs["emb"]),
+            "--cube",
+            str(inputs["cube"]),
+            "--flux",
+            str(inputs["flux"]),
+            "--out",
+            str(out),
+            "--whole-cube",
+            "--epochs",
+            "1",
+            "--train-years",
+            "2020",
+            "--val-years",
+            "2021",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert (out / "gpp_metrics.csv").is_file() and (out / "gpp_embedding.png").is_file()
+
+
+def test_gpp_needs_a_tower_or_the_whole_cube_and_a_tower_inside(inputs: dict[str, Path]) -> None:
+    base = [
+        "eval",
+        "gpp",
+        "--embeddings",
+        str(inputs["emb"]),
+        "--cube",
+        str(inputs["cube"]),
+        "--flux",
+        str(inputs["flux"]),
+        "--out",
+        str(inputs["dir"] / "x"),
+    ]
+    r = runner.invoke(app, base)
+    assert r.exit_code == 2 and "--tower LON LAT" in r.output
+    r = runner.invoke(app, [*base, "--tower", "10.4521", "51.0794"])
+    assert r.exit_code == 2 and "outside the cube" in r.output and "--whole-cube" in r.output
+
+
+def test_report_says_plainly_when_gpp_only_checks_the_harness(inputs: dict[str, Path]) -> None:
+    out = inputs["dir"] / "report"
+    r = runner.invoke(
+        app,
+        [
+            "report",
+            "--out",
+            str(out),
+            "--run",
+            str(inputs["run"]),
+            "--embeddings",
+            str(inputs["emb"]),
+            "--cube",
+            str(inputs["cube"]),
+            "--label",
+            "land_cover",
+            "--flux",
+            str(inputs["flux"]),
+            "--tower",
+            "10.4521",
+            "51.0794",
+            "--epochs",
+            "1",
+            "--samples",
+            "1500",
+            "--train-years",
+            "2020",
+            "--val-years",
+            "2021",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    page = (out / "report.md").read_text()
+    assert "## Reconstruction" in page and "## Probe: land_cover" in page and "## GPP" in page
+    assert "checks the harness, not the skill" in page
+    for name in ("gpp_embedding.png", "gpp_raw_bands.png", "gpp_ndvi.png"):
+        assert f"(gpp/{name})" in page and (out / "gpp" / name).is_file()
