@@ -91,3 +91,23 @@ def test_tower_window_differs_from_the_whole_cube_and_outside_tower_is_refused(i
     assert not np.allclose(near.to_numpy(), whole.to_numpy(), equal_nan=True)
     with pytest.raises(GPPRunError, match="outside the cube.*--whole-cube"):
         feature_series(ds, s2, tower_lonlat=(10.4521, 51.0794))
+
+
+def test_harness_runs_on_the_real_de_hai_gpp(shared_data_root: Path, tmp_path: Path) -> None:
+    # imagery of 2019-2020 (synthetic, so only the harness is checked) against the real tower file
+    scene = synthetic_scene(seed=4, height_px=8, width_px=8, n_days=730, start="2019-01-01")
+    s2 = scene.s2
+    e = np.stack([s2.values[:, i] for i in range(7)], axis=1).astype(np.float32)
+    ds = xr.Dataset(
+        {"embedding": ((TIME, FEATURE, Y, X), e), "valid": ((TIME, Y, X), np.isfinite(e).all(axis=1))},
+        coords={TIME: s2[TIME].values, FEATURE: [f"E{i}" for i in range(1, 8)], Y: s2[Y].values, X: s2[X].values},
+        attrs={"crs": s2.attrs["crs"]},
+    )
+    flux = shared_data_root / "fluxnet_daily_gpp" / "FLX_DE-Hai_FLUXDATAKIT_FULLSET_DD_2000_2020_2-3.csv"
+    run = gpp_at_tower(ds, s2, flux, tmp_path, tower_lonlat=None, split=YearSplit((2019,), (2020,)), cfg=TINY)
+    pooled = run.metrics[(run.metrics["site"] == "pooled") & (run.metrics["split"] == "val")]
+    assert set(pooled["feature_set"]) == {"embedding", "raw_bands", "ndvi"}
+    # 2020 windows end on QC-passed days only: at most the 264 such days, every 10th candidate day
+    assert 0 < pooled["n"].iloc[0] <= 37
+    preds = pd.read_csv(run.predictions_csv)
+    assert set(preds["site"]) == {"DE-Hai"} and (preds["obs"] >= 0).all()
