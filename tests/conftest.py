@@ -7,6 +7,7 @@ Real-data tests skip if ``../shared/data`` (or ``$STEMBED_SHARED_DATA``) is miss
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,17 @@ def belgian_dir(shared_data: Path) -> Path:
 def belgian_scene(belgian_dir: Path) -> Scene:
     """The Belgian location read with the default settings (read once per session: do not mutate)."""
     return read_worldcereal(belgian_dir)
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny models fit several times faster on one thread; the setting is restored afterwards."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -37,13 +36,7 @@ TINY = GPPConfig(window_days=8, d_model=16, n_heads=2, n_layers=1, d_ff=32, drop
                  warmup_steps=0, max_epochs=20, early_stopping_patience=20, device="cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny models fit ~10x faster with one thread when the CPU cores are busy; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _windows(ends: pd.DatetimeIndex, site: str = "A", *, n_feat: int = 3, t: int = 8, seed: int = 0) -> Windows:

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import xarray as xr
 
 from stembed.eval.gpp import GPPConfig, YearSplit
@@ -18,12 +17,7 @@ from stembed.types import FEATURE, TIME, X, Y
 TINY = GPPConfig(d_model=16, n_heads=2, n_layers=1, d_ff=32, max_epochs=2, batch_size=32, warmup_steps=5)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

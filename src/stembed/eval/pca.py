@@ -21,7 +21,7 @@ import pyproj
 import xarray as xr
 
 from stembed.io.cube import CubeError
-from stembed.io.embeddings import EmbeddingStoreError
+from stembed.io.embeddings import EmbeddingStoreError, grid_mismatch
 from stembed.io.export import date_labels, select_dates
 from stembed.types import BAND, FEATURE, TIME, X, Y
 
@@ -35,15 +35,9 @@ _TRUE_COLOUR = ("B04", "B03", "B02")
 
 def _check_grid(embeddings: xr.Dataset, s2: xr.DataArray) -> None:
     fix = "fix: pass the scene store (--cube) the embeddings were made from"
-    for dim in (Y, X):
-        if dim not in s2.dims:
-            raise CubeError(f"the S2 cube has no {dim!r} dimension (dims {s2.dims}); {fix}")
-        a, b = embeddings[dim].values, s2[dim].values
-        if a.shape != b.shape or not np.allclose(a, b, atol=1e-3):
-            raise CubeError(
-                f"the S2 cube's {dim} grid ({b.size} px from {b[0]:.1f}) differs from the embedding store's "
-                f"({a.size} px from {a[0]:.1f}); {fix}"
-            )
+    problem = grid_mismatch(embeddings, s2, "S2 cube")
+    if problem:
+        raise CubeError(f"{problem}; {fix}")
     s2_crs, store_crs = s2.attrs.get("crs"), embeddings.attrs.get("crs")
     if s2_crs and store_crs and pyproj.CRS(s2_crs) != pyproj.CRS(store_crs):
         raise CubeError(f"the S2 cube is in {s2_crs} but the embedding store in {store_crs}; {fix}")

@@ -34,6 +34,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from stembed.io.embeddings import grid_mismatch
 from stembed.sensors import S2
 from stembed.types import BAND, FEATURE, TIME, X, Y
 
@@ -90,16 +91,9 @@ def _nodata_values(nodata: float | Sequence[float] | None) -> list[float]:
 
 
 def _check_grid(name: str, obj: xr.Dataset | xr.DataArray, ref: xr.Dataset) -> None:
-    fix = "fix: pass the scene store (S2 cube and labels) the embeddings were made from"
-    for dim in (Y, X):
-        if dim not in obj.dims:
-            raise ProbeError(f"the {name} has no {dim!r} dimension (dims {tuple(obj.dims)}); {fix}")
-        a, b = ref[dim].values, obj[dim].values
-        if a.shape != b.shape or not np.allclose(a, b, atol=1e-3):
-            raise ProbeError(
-                f"the {name}'s {dim} grid ({b.size} px from {b[0]:.1f}) differs from the embedding "
-                f"store's ({a.size} px from {a[0]:.1f}); {fix}"
-            )
+    problem = grid_mismatch(ref, obj, name)
+    if problem:
+        raise ProbeError(f"{problem}; fix: pass the scene store (S2 cube and labels) the embeddings were made from")
 
 
 def _s2_positions(s2: xr.DataArray, times: np.ndarray) -> np.ndarray:

@@ -322,6 +322,20 @@ def finalise(path: str | Path) -> dict[str, Any]:
     return summary
 
 
+def grid_mismatch(embeddings: xr.Dataset, obj: xr.Dataset | xr.DataArray, name: str) -> str | None:
+    """Why ``obj`` (an S2 cube, labels) is not on the embedding store's y/x grid, or None if it is."""
+    for dim in (Y, X):
+        if dim not in obj.dims:
+            return f"the {name} has no {dim!r} dimension (dims {tuple(obj.dims)})"
+        a, b = embeddings[dim].values, obj[dim].values
+        if a.shape != b.shape or not np.allclose(a, b, atol=1e-3):
+            return (
+                f"the {name}'s {dim} grid ({b.size} px from {b[0]:.1f}) differs from the embedding "
+                f"store's ({a.size} px from {a[0]:.1f})"
+            )
+    return None
+
+
 def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.Dataset:
     """Open an embedding store lazily (dask), with ``embedding`` decoded to float32 (NaN = missing).
 
