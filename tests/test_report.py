@@ -179,5 +179,6 @@ def test_report_says_plainly_when_gpp_only_checks_the_harness(inputs: dict[str, 
     page = (out / "report.md").read_text()
     assert "## Reconstruction" in page and "## Probe: land_cover" in page and "## GPP" in page
     assert "checks the harness, not the skill" in page
+    assert "| feature_set | model | split | n | nrmse | rmse | r2 | bias |" in page
     for name in ("gpp_embedding.png", "gpp_raw_bands.png", "gpp_ndvi.png"):
         assert f"(gpp/{name})" in page and (out / "gpp" / name).is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pandas as pd
 import pyproj
 import xarray as xr
 
@@ -115,13 +116,13 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
                     "the embeddings predict GPP.",
                     "",
                 ]
+            pooled = run.metrics[run.metrics["site"] == "pooled"].drop(columns="site")
             page += [
                 f"{run.n_windows} windows of {inputs.gpp_config.window_days} days, stride "
-                f"{inputs.gpp_stride_days}; split {inputs.gpp_split}.",
+                f"{inputs.gpp_stride_days}; {inputs.gpp_split}. Pooled over sites (per-site rows in "
+                "`gpp/gpp_metrics.csv`); train rows are in-sample.",
                 "",
-                run.metrics.to_markdown(index=False, floatfmt=".3f")
-                if _has_tabulate()
-                else "```\n" + run.metrics.to_string(index=False) + "\n```",
+                _markdown(pooled),
                 "",
             ]
             page += [f"![{p.stem}](gpp/{p.name})" for p in run.plots] + [""]
@@ -130,7 +131,12 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     return path
 
 
-def _has_tabulate() -> bool:
-    import importlib.util
+def _markdown(df: pd.DataFrame) -> str:
+    """A DataFrame as a markdown table, floats to 3 significant digits (no tabulate dependency)."""
 
-    return importlib.util.find_spec("tabulate") is not None
+    def cell(v: object) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    rows = [" | ".join(map(str, df.columns)), " | ".join("---" for _ in df.columns)]
+    rows += [" | ".join(cell(v) for v in r) for r in df.itertuples(index=False)]
+    return "\n".join(f"| {r} |" for r in rows)
