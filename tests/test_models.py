@@ -274,3 +274,13 @@ def test_runs_on_device(device):
     with torch.no_grad():
         x1_hat, x2_hat, e = model(*batch)
     assert e.device.type == device and torch.isfinite(x2_hat).all()
+
+
+def test_max_pool3x3_equals_torch_max_pool_bit_for_bit() -> None:
+    from stembed.models.layers import max_pool3x3
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((3, 4, 15, 15), (2, 5, 7, 7), (2, 3, 4, 4), (1, 2, 1, 5)):
+        x = torch.randn(shape, generator=g)
+        x[0, 0, 0, :2] = 7.0  # a tie at the border
+        assert torch.equal(max_pool3x3(x), torch.nn.functional.max_pool2d(x, 3, 1, 1)), shape

@@ -104,6 +104,20 @@ class ConvAttnBlock(nn.Module):
         return self.attention(self.conv(x))
 
 
+def max_pool3x3(x: torch.Tensor) -> torch.Tensor:
+    """3x3 max-pool, stride 1, padding 1 (= ``nn.MaxPool2d(3, 1, 1)``, bit for bit) on ``(N, C, H, W)``.
+
+    Written as two separable passes of ``torch.maximum`` over shifted views because torch's CPU
+    ``max_pool2d`` is slow on many small maps: ``benchmarks/max_pool.py`` measured 2.0x (15x15) and
+    4.7x (7x7) on the encoder's shapes, and x1.12 on a whole small-preset embed (identical output).
+    The forward is identical; on exact ties the gradient is shared between the tied inputs instead
+    of going to one of them.
+    """
+    xp = nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf"))  # (N, C, H + 2, W + 2)
+    h = torch.maximum(torch.maximum(xp[..., :-2], xp[..., 1:-1]), xp[..., 2:])  # (N, C, H + 2, W)
+    return torch.maximum(torch.maximum(h[..., :-2, :], h[..., 1:-1, :]), h[..., 2:, :])  # (N, C, H, W)
+
+
 class PooledResidual(nn.Module):
     """``x + maxpool3x3(block(x))`` with stride 1, so the block keeps the image size.
 
@@ -113,10 +127,9 @@ class PooledResidual(nn.Module):
     def __init__(self, block: nn.Module):
         super().__init__()
         self.block = block
-        self.pool = nn.MaxPool2d(kernel_size=3, stride=1, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.pool(self.block(x))
+        return x + max_pool3x3(self.block(x))
 
 
 # ----------------------------------------------------------------------------- time
