@@ -81,6 +81,26 @@ def untiled(files: dict[str, Path], scheduler: str) -> Path:
     return out
 
 
+def _embed_cli(
+    files: dict[str, Path], out: Path, *extra: str, cube: Path | None = None, bundle: Path | None = None
+) -> tuple[int, str]:
+    r = CliRunner().invoke(
+        app,
+        [
+            "embed",
+            "--cube",
+            str(cube or files["cube"]),
+            "--bundle",
+            str(bundle or files["bundle"]),
+            "--out",
+            str(out),
+            "--quiet",
+            *extra,
+        ],
+    )
+    return r.exit_code, r.output
+
+
 def test_tiled_equals_untiled_and_the_reference_bit_for_bit(
     files: dict[str, Path], scheduler: str, untiled: Path, scene: Scene
 ) -> None:
@@ -109,49 +129,11 @@ def test_tiled_equals_untiled_and_the_reference_bit_for_bit(
 
 
 def test_two_workers_equal_one_and_the_cli_default_cluster(files: dict[str, Path], untiled: Path) -> None:
-    one = files["dir"] / "one_worker.zarr"
-    r = CliRunner().invoke(
-        app,
-        [
-            "embed",
-            "--cube",
-            str(files["cube"]),
-            "--bundle",
-            str(files["bundle"]),
-            "--out",
-            str(one),
-            "--workers",
-            "1",
-            "--set",
-            "tile_px=5",
-            "--set",
-            f"batch_size={BATCH}",
-            "--quiet",
-        ],
-    )
-    assert r.exit_code == 0, r.output
-    assert "9 tiles written" in r.output
-    two = files["dir"] / "two_workers.zarr"
-    r = CliRunner().invoke(
-        app,
-        [
-            "embed",
-            "--cube",
-            str(files["cube"]),
-            "--bundle",
-            str(files["bundle"]),
-            "--out",
-            str(two),
-            "--workers",
-            "2",
-            "--set",
-            "tile_px=5",
-            "--set",
-            f"batch_size={BATCH}",
-            "--quiet",
-        ],
-    )
-    assert r.exit_code == 0, r.output
+    one, two = files["dir"] / "one_worker.zarr", files["dir"] / "two_workers.zarr"
+    for out, workers in ((one, "1"), (two, "2")):
+        code, msg = _embed_cli(files, out, "--workers", workers, "--set", "tile_px=5", "--set", f"batch_size={BATCH}")
+        assert code == 0, msg
+        assert "9 tiles written" in msg
     e1, v1 = values(one)
     e2, v2 = values(two)
     assert np.array_equal(e1, e2, equal_nan=True) and np.array_equal(v1, v2)
@@ -332,26 +314,6 @@ def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothi
 
 
 # ----------------------------------------------------------------------------- bad input
-def _embed_cli(
-    files: dict[str, Path], out: Path, *extra: str, cube: Path | None = None, bundle: Path | None = None
-) -> tuple[int, str]:
-    r = CliRunner().invoke(
-        app,
-        [
-            "embed",
-            "--cube",
-            str(cube or files["cube"]),
-            "--bundle",
-            str(bundle or files["bundle"]),
-            "--out",
-            str(out),
-            "--quiet",
-            *extra,
-        ],
-    )
-    return r.exit_code, r.output
-
-
 def test_existing_output_needs_resume_or_overwrite_and_stays_untouched(
     files: dict[str, Path], untiled: Path
 ) -> None:

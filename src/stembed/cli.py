@@ -29,22 +29,9 @@ T = TypeVar("T")
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    from stembed.config import ConfigError
-    from stembed.data.sampling import SamplingError
-    from stembed.eval.fluxnet import FluxError
-    from stembed.eval.gpp_run import GPPRunError
-    from stembed.eval.probe import ProbeError
-    from stembed.eval.recon import ReconError
-    from stembed.io.cube import CubeError
-    from stembed.io.embeddings import EmbeddingStoreError, EmbedError
-    from stembed.io.sample import SampleError
-    from stembed.models.bundle import BundleError
+    from stembed.errors import UserError
 
-    return (
-        ConfigError, CubeError, BundleError, SamplingError, EmbeddingStoreError, EmbedError, SampleError,
-        FluxError, GPPRunError, ProbeError, ReconError,
-        FileExistsError, FileNotFoundError,
-    )
+    return (UserError, FileExistsError, FileNotFoundError)
 
 
 def _run(fn: Callable[[], T]) -> T:
@@ -347,6 +334,8 @@ def eval_gpp(
     def go() -> Any:
         if (tower is None) == (not whole_cube):
             raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
+        if interpolation not in ("linear", "savgol"):
+            raise GPPRunError(f"--interpolation is {interpolation!r}; use linear or savgol")
         cfg = GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs)
         return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out,
                             tower_lonlat=tower, window_px=window_px,

@@ -12,6 +12,8 @@ from typing import Any, Literal, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from stembed.errors import UserError
+
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -347,7 +349,7 @@ C = TypeVar("C", bound=BaseModel)
 
 
 # ----------------------------------------------------------------------------- loading
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override that cannot be turned into a valid config."""
 
 

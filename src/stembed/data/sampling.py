@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stembed.config import SamplingConfig, SplitConfig
+from stembed.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
@@ -41,7 +42,7 @@ class Region:
     x: tuple[int, int]
 
 
-class SamplingError(ValueError):
+class SamplingError(UserError):
     """The data cannot give the patches or the split that was asked for."""
 
 

@@ -21,13 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from stembed.errors import UserError
+
 GPP = "GPP_NT_VUT_REF"
 QC = "NEE_VUT_REF_QC"
 MISSING = -9999.0
 UNITS = {"fluxnet2015": "g C m-2 d-1", "fluxdatakit": "umol CO2 m-2 s-1 (daily mean)"}
 
 
-class FluxError(ValueError):
+class FluxError(UserError):
     """A flux file that cannot be read as FLUXNET daily data."""
 
 

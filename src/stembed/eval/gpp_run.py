@@ -22,6 +22,7 @@ import pandas as pd
 import pyproj
 import xarray as xr
 
+from stembed.errors import UserError
 from stembed.eval.fluxnet import load_fluxnet_daily
 from stembed.eval.gpp import (
     GPPConfig,
@@ -35,7 +36,7 @@ from stembed.eval.gpp_data import daily_series, make_windows, tower_series
 from stembed.types import BAND, FEATURE, TIME, X, Y
 
 
-class GPPRunError(ValueError):
+class GPPRunError(UserError):
     """Inputs that cannot make GPP windows; the message names the problem and the fix."""
 
 
@@ -83,7 +84,7 @@ def feature_series(
     out = {}
     for name, cube in (("embedding", emb), ("raw_bands", bands), ("ndvi", _ndvi(s2))):
         try:
-            out[name] = tower_series(cube.load(), x, y, window_px=win)
+            out[name] = tower_series(cube, x, y, window_px=win)  # reads only the window
         except ValueError as e:
             raise GPPRunError(f"{e}; or pass --whole-cube to average the whole cube") from e
     return out

@@ -34,6 +34,7 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from stembed.errors import UserError
 from stembed.io.embeddings import grid_mismatch
 from stembed.sensors import S2
 from stembed.types import BAND, FEATURE, TIME, X, Y
@@ -47,7 +48,7 @@ _TIME_TOL = pd.Timedelta(seconds=60)  # embedding and S2 times agree within this
 _LR_MAX_ITER = 5000
 
 
-class ProbeError(ValueError):
+class ProbeError(UserError):
     """Inputs a probe cannot use (missing label, mismatched grids, too few classes); the message says the fix."""
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from stembed.errors import UserError
+
 COLUMNS = (
     "run",
     "stage",
@@ -27,7 +29,7 @@ COLUMNS = (
 )
 
 
-class ReconError(ValueError):
+class ReconError(UserError):
     """A run folder without usable metrics; the message names it and the fix."""
 
 

@@ -14,8 +14,13 @@ import pandas as pd
 import pyproj
 import xarray as xr
 
+from stembed.errors import UserError
 from stembed.eval.gpp import GPPConfig, YearSplit
 from stembed.types import X, Y
+
+
+class ReportError(UserError):
+    """A report request that cannot be carried out; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,11 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
 
+    needs_store = [f for f, v in (("--label", inputs.labels), ("--flux", inputs.flux)) if v]
+    if needs_store and (inputs.embeddings is None or inputs.cube is None):
+        raise ReportError(f"{' and '.join(needs_store)} need an embedding store and its scene; fix: pass --embeddings and --cube")
+    if not inputs.runs and inputs.embeddings is None:
+        raise ReportError("nothing to report; fix: pass --run RUN_DIR and/or --embeddings with --cube")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     page = ["# stembed evaluation report", ""]
@@ -80,9 +90,7 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
         ]
         for label in inputs.labels:
             if scene.labels is None or label not in scene.labels:
-                raise ValueError(
-                    f"the scene {inputs.cube} has no label layer {label!r}; fix: drop --labels {label}"
-                )
+                raise ReportError(f"the scene {inputs.cube} has no label layer {label!r}; fix: drop --label {label}")
             res = probe_table(
                 ds,
                 scene.s2,

@@ -24,7 +24,6 @@ import xarray as xr
 
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.inference.engine import embed_block, resolve_device
-from stembed.inference.engine import window_days as window_days  # re-exported: the reference's time windows
 from stembed.io.cube import CubeError, Scene
 from stembed.models.bundle import Bundle, BundleError
 from stembed.models.fusion import FusionModel

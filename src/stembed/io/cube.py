@@ -48,6 +48,7 @@ import pandas as pd
 import pyproj
 import xarray as xr
 
+from stembed.errors import UserError
 from stembed.sensors import SENSORS, SensorSpec
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
@@ -58,7 +59,7 @@ _STORE_FORMAT = 1
 _CHUNK_PX = 512
 
 
-class CubeError(ValueError):
+class CubeError(UserError):
     """A cube, cube pair or cube store that breaks the contract; the message names the problem and the fix."""
 
 

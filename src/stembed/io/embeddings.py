@@ -30,6 +30,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
+from stembed.errors import UserError
 from stembed.types import FEATURE, TIME, X, Y
 
 FORMAT_ATTR = "stembed_embedding_format"
@@ -41,11 +42,11 @@ ERROR_STATS = ("count", "sum_sq", "max_abs")
 _BOOKKEEPING = ("tile_done", "tile_error", "scale", "offset")
 
 
-class EmbeddingStoreError(ValueError):
+class EmbeddingStoreError(UserError):
     """A path that is not a usable stembed embedding store, or one that does not match the request."""
 
 
-class EmbedError(RuntimeError):
+class EmbedError(UserError, RuntimeError):
     """An embedding run could not start or finish (e.g. no scheduler, a failed tile); the message says why."""
 
 

@@ -19,13 +19,14 @@ import pandas as pd
 import pyproj
 import xarray as xr
 
+from stembed.errors import UserError
 from stembed.types import FEATURE, TIME, X, Y
 
 _BATCH_POINTS = 2048  # points read per batch, bounding memory to batch * K^2 * time * feature values
 _SHOW = 5  # offending points named in an error
 
 
-class SampleError(ValueError):
+class SampleError(UserError):
     """Points or tables that cannot be sampled or written; the message names the problem and the fix."""
 
 

@@ -15,13 +15,14 @@ import torch
 from torch import nn
 
 from stembed.config import AEConfig, FusionConfig
+from stembed.errors import UserError
 from stembed.sensors import SensorSpec
 
 BUNDLE_FORMAT = "stembed-bundle/1"
 BundleKind = Literal["autoencoder", "fusion"]
 
 
-class BundleError(ValueError):
+class BundleError(UserError):
     """A file that is not a usable stembed bundle, or a bundle of the wrong kind or sensor."""
 
 
