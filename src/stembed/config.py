@@ -55,6 +55,14 @@ class AEConfig(_Frozen):
     # after 150 steps 0.0169 vs 0.0129). Buffers, not parameters: parameter counts are unchanged.
     input_mean: tuple[float, ...] | None = None
     input_std: tuple[float, ...] | None = None
+    # "patch": the paper's encoder, which zero-pads inside each 15x15 patch and pools CBAM over the whole
+    # patch, so every pixel-date must be encoded on its own. "dense": the same stages made translation-
+    # equivariant (valid convolutions that read real neighbours, the stride-2 layers as dilated convs,
+    # CBAM gates pooled over a sliding window), so one pass over a tile gives every pixel's frame tokens
+    # (stembed.models.dense; see DenseGeometry for the context window it reads).
+    variant: Literal["patch", "dense"] = "patch"
+    dense_pool_window: int = 3  # dense CBAM channel gate: max/mean pooled over this window (per level)
+    dense_spatial_kernel: int = 3  # dense CBAM spatial gate kernel (the paper's 7 would widen the context)
 
     @model_validator(mode="after")
     def _check(self) -> AEConfig:
@@ -70,12 +78,59 @@ class AEConfig(_Frozen):
             raise ValueError(f"n_frames must be odd and >= 3 (a centre frame), got {self.n_frames}")
         if self.d_model % self.n_heads:
             raise ValueError(f"token width {self.d_model} is not divisible by n_heads={self.n_heads}")
+        for name in ("dense_pool_window", "dense_spatial_kernel"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise ValueError(f"{name} must be odd and >= 1, got {getattr(self, name)}")
+        if any(k < 1 or k % 2 == 0 for k in self.multiscale_kernels):
+            raise ValueError(f"multiscale_kernels must be odd, got {self.multiscale_kernels}")
         return self
+
+    @property
+    def context_px(self) -> int:
+        """Pixels of context the encoder reads beyond the patch centre on each side (7 for ``patch``)."""
+        return self.patch_px // 2 if self.variant == "patch" else dense_geometry(self).margin
+
+    @property
+    def input_px(self) -> int:
+        """Edge of the square window the encoder reads per frame: 15 (``patch``) or 15 + 2 x extra context."""
+        return 2 * self.context_px + 1
 
     @property
     def d_model(self) -> int:
         """Token width seen by the temporal transformer: token_channels x 4 x 4."""
         return self.token_channels * 16
+
+
+class DenseGeometry(BaseModel):
+    """Where the dense encoder reads, in pixel offsets from the patch centre (pure arithmetic, no torch).
+
+    The paper's strided stack puts the 4x4 token grid at offsets ``-7, -3, 1, 5`` from the centre (the
+    anchors of its stride-4 cells). The dense encoder keeps those anchors; each stage of it is a valid
+    convolution, so it reads ``reach`` pixels further out. ``low_shift``: index 0 of the map that feeds
+    the token block sits at input pixel ``low_shift``.
+    """
+
+    token_offsets: tuple[int, ...]
+    level1_radius: int  # multiscale conv + channel pool + spatial conv + max-pool, at dilation 1
+    level2_radius: int  # 3x3 conv + channel pool + spatial conv + max-pool, at dilation 2
+    low_shift: int  # left shrink of the whole stack: level1 + level2 + 2 (the second stride-2 conv looks back)
+    right_shrink: int  # level1 + level2 + 1 (the first stride-2 conv looks forward)
+    margin: int  # context on each side of the centre pixel (max of the two sides)
+    unused_right: int  # pixels of the symmetric window the stack never reads on the right/bottom
+
+
+def dense_geometry(cfg: AEConfig) -> DenseGeometry:
+    """The context window of the ``dense`` encoder for these kernel sizes (see :class:`DenseGeometry`)."""
+    pw, ks = cfg.dense_pool_window // 2, cfg.dense_spatial_kernel // 2
+    r1 = max(cfg.multiscale_kernels) // 2 + pw + ks + 1
+    r2 = 2 * (1 + pw + ks + 1)
+    offsets = (-7, -3, 1, 5)
+    left, right = r1 + r2 + 2, r1 + r2 + 1
+    margin = max(left - offsets[0], right + offsets[-1])
+    return DenseGeometry(
+        token_offsets=offsets, level1_radius=r1, level2_radius=r2, low_shift=left, right_shrink=right,
+        margin=margin, unused_right=margin - (right + offsets[-1]),
+    )
 
 
 class FusionConfig(_Frozen):
@@ -120,6 +175,8 @@ def ae_preset(name: str, sensor: str) -> AEConfig:
         "stem_channels": 8, "mid_channels": 8, "low_channels": 4, "token_channels": 4, "head_channels": 4,
         "d_ff": 16,
     }
+    for base in ("paper", "small", "tiny"):
+        presets[f"{base}-dense" if base != "paper" else "dense"] = {**presets[base], "variant": "dense"}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
     return AEConfig(**{**per_sensor[sensor], **presets[name]})
@@ -132,12 +189,13 @@ def fusion_preset(name: str) -> FusionConfig:
         "small": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
         "tiny": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
     }
+    presets |= {"dense": presets["paper"], "small-dense": presets["small"], "tiny-dense": presets["tiny"]}
     if name not in presets:
         raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
     return FusionConfig(**presets[name])
 
 
-PRESETS = ("paper", "small", "tiny")
+PRESETS = ("paper", "small", "tiny", "dense", "small-dense", "tiny-dense")
 
 
 # ----------------------------------------------------------------------------- data
@@ -342,6 +400,8 @@ class EmbedConfig(_Frozen):
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads per worker; None: cores // workers
     connect_timeout_s: float = Field(10.0, gt=0)  # how long to try a --scheduler address
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # dense bundles only: "auto" = bfloat16 autocast on CUDA, float32 on CPU; float32 is the exact path
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
 
 StageConfig = AEStageConfig | FusionStageConfig

@@ -105,20 +105,24 @@ def band_stats(data: SplitData) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(m) for m in mean), tuple(float(x) for x in std)
 
 
-def build_sensor_data(scenes: list[Scene], sensor: str, cfg: DataConfig, rng: np.random.Generator) -> SplitData:
-    """Patches of one sensor on its own dates (stage 1)."""
+def build_sensor_data(
+    scenes: list[Scene], sensor: str, cfg: DataConfig, rng: np.random.Generator, context_px: int | None = None
+) -> SplitData:
+    """Patches of one sensor on its own dates (stage 1); ``context_px``: the encoder's (see datasets)."""
     sampling = cfg.resolved_sampling(sensor)
     arrays = [sensor_arrays(s, sensor) for s in scenes]
     patches, regions, info = _split_patches(scenes, arrays, sampling, cfg, rng)
-    ds: dict[str, Dataset[Any]] = {k: PatchDataset(arrays, v, sampling.patch_px) for k, v in patches.items()}
+    ds: dict[str, Dataset[Any]] = {k: PatchDataset(arrays, v, sampling.patch_px, context_px) for k, v in patches.items()}
     return SplitData(ds, patches, regions, info)
 
 
-def build_fusion_data(scenes: list[Scene], cfg: DataConfig, rng: np.random.Generator) -> SplitData:
+def build_fusion_data(
+    scenes: list[Scene], cfg: DataConfig, rng: np.random.Generator, context_px: int | None = None
+) -> SplitData:
     """Aligned S1+S2 patches on the S2 dates (stage 2); the S2 centre pixel decides which patches exist."""
     sampling = cfg.resolved_sampling("s2")
     s2 = [sensor_arrays(s, "s2") for s in scenes]
     s1 = [matched_s1_arrays(s, cfg.s1_max_gap_days) for s in scenes]
     patches, regions, info = _split_patches(scenes, s2, sampling, cfg, rng)
-    ds: dict[str, Dataset[Any]] = {k: FusionPatchDataset(s2, s1, v, sampling.patch_px) for k, v in patches.items()}
+    ds: dict[str, Dataset[Any]] = {k: FusionPatchDataset(s2, s1, v, sampling.patch_px, context_px) for k, v in patches.items()}
     return SplitData(ds, patches, regions, info)

@@ -9,6 +9,10 @@ Items are dicts of tensors:
 
 NaNs are filled with the patch's per-band mean over (time, y, x) of its valid values (0 where a
 band has none), as in the paper: the mask is taken before filling, so losses ignore filled values.
+
+An encoder that reads more context than the patch (the ``dense`` variant, ``context_px`` > 7) also
+gets ``x_in`` (T, C, W, W), W = 2 * context_px + 1: the raw window around the patch centre, NaN kept
+(that encoder fills per pixel), read inside the patch's split region and reflected at its edges.
 """
 
 from __future__ import annotations
@@ -46,6 +50,28 @@ def cut_patch(values: np.ndarray, p: PatchIndex, patch_px: int) -> np.ndarray:
     return values[list(p.frames), :, p.y0 : p.y0 + patch_px, p.x0 : p.x0 + patch_px]
 
 
+def fold_index(start: int, stop: int, lo: int, hi: int) -> np.ndarray:
+    """Indices ``start..stop-1`` reflected (edge not repeated, as often as needed) into ``[lo, hi)``."""
+    i = np.arange(start, stop) - lo
+    n = hi - lo
+    if n == 1:
+        return np.full(i.shape, lo)
+    period = 2 * (n - 1)
+    i = np.mod(i, period)
+    return np.where(i > n - 1, period - i, i) + lo
+
+
+def cut_window(values: np.ndarray, p: PatchIndex, patch_px: int, context_px: int) -> np.ndarray:
+    """Raw window ``(T, C, W, W)``, W = 2 * context_px + 1, centred on the patch, inside ``p.bounds``."""
+    if p.bounds is None:
+        raise ValueError("a context window needs the patch's region bounds (PatchIndex.bounds)")
+    c = patch_px // 2
+    y0, y1, x0, x1 = p.bounds
+    yi = fold_index(p.y0 + c - context_px, p.y0 + c + context_px + 1, y0, y1)
+    xi = fold_index(p.x0 + c - context_px, p.x0 + c + context_px + 1, x0, x1)
+    return values[list(p.frames)][:, :, yi[:, None], xi[None, :]]
+
+
 def gaps(days: np.ndarray) -> np.ndarray:
     """Day gaps between consecutive frames, float32 ``(T-1,)``."""
     return np.diff(days).astype(np.float32)
@@ -54,10 +80,13 @@ def gaps(days: np.ndarray) -> np.ndarray:
 class PatchDataset(Dataset[dict[str, torch.Tensor]]):
     """Patches of one sensor's cubes."""
 
-    def __init__(self, sites: Sequence[SensorArrays], patches: Sequence[PatchIndex], patch_px: int) -> None:
+    def __init__(
+        self, sites: Sequence[SensorArrays], patches: Sequence[PatchIndex], patch_px: int, context_px: int | None = None
+    ) -> None:
         self.sites = list(sites)
         self.patches = list(patches)
         self.patch_px = patch_px
+        self.context_px = patch_px // 2 if context_px is None else context_px
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -66,11 +95,14 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
         p = self.patches[i]
         site = self.sites[p.site]
         x, valid = fill_patch(cut_patch(site.values, p, self.patch_px))
-        return {
+        item = {
             "x": torch.from_numpy(x),
             "valid": torch.from_numpy(valid),
             "time_gaps": torch.from_numpy(gaps(site.days[list(p.frames)])),
         }
+        if self.context_px > self.patch_px // 2:
+            item["x_in"] = torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px))
+        return item
 
 
 class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
@@ -87,12 +119,14 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
         s1: Sequence[SensorArrays],
         patches: Sequence[PatchIndex],
         patch_px: int,
+        context_px: int | None = None,
     ) -> None:
         if len(s1) != len(s2):
             raise ValueError(f"{len(s1)} S1 sites for {len(s2)} S2 sites")
         self.s2, self.s1 = list(s2), list(s1)
         self.patches = list(patches)
         self.patch_px = patch_px
+        self.context_px = patch_px // 2 if context_px is None else context_px
 
     def __len__(self) -> int:
         return len(self.patches)
@@ -105,7 +139,7 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
         x2, valid2 = fill_patch(cut_patch(s2.values, p, self.patch_px))
         c = len(frames) // 2
         dt = abs(float(s1.days[frames[c]] - s2.days[frames[c]]))
-        return {
+        item = {
             "x1": torch.from_numpy(x1),
             "valid1": torch.from_numpy(valid1),
             "time_gaps1": torch.from_numpy(gaps(s1.days[frames])),
@@ -114,3 +148,7 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
             "time_gaps2": torch.from_numpy(gaps(s2.days[frames])),
             "dt_centre": torch.tensor(dt, dtype=torch.float32),
         }
+        if self.context_px > self.patch_px // 2:
+            item["x1_in"] = torch.from_numpy(cut_window(s1.values, p, self.patch_px, self.context_px))
+            item["x2_in"] = torch.from_numpy(cut_window(s2.values, p, self.patch_px, self.context_px))
+        return item

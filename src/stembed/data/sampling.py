@@ -25,12 +25,15 @@ SPLITS = ("train", "val", "test")
 
 @dataclass(frozen=True)
 class PatchIndex:
-    """Where one patch lies: a site (cube) index, its sorted frame indices and its top-left pixel."""
+    """Where one patch lies: a site (cube) index, its sorted frame indices, its top-left pixel, and the
+    ``(y_start, y_stop, x_start, x_stop)`` of its split region (an encoder's extra context is read
+    inside it, so no pixel of another split is ever an input)."""
 
     site: int
     frames: tuple[int, ...]
     y0: int
     x0: int
+    bounds: tuple[int, int, int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ def sample_patches(
     p, c = cfg.patch_px, cfg.patch_px // 2
     centre_frame = cfg.n_frames // 2
     out: list[PatchIndex] = []
+    bounds = (region.y[0], region.y[1], region.x[0], region.x[1])
     for t0 in range(0, n_time - cfg.window_dates + 1, cfg.window_stride):
         for y0 in range(region.y[0], region.y[1] - p + 1, cfg.spatial_stride):
             for x0 in range(region.x[0], region.x[1] - p + 1, cfg.spatial_stride):
@@ -79,7 +83,7 @@ def sample_patches(
                     continue
                 if not centre_ok[frames[centre_frame], y0 + c, x0 + c]:
                     continue
-                out.append(PatchIndex(region.site, tuple(int(f) for f in frames), y0, x0))
+                out.append(PatchIndex(region.site, tuple(int(f) for f in frames), y0, x0, bounds))
     return out
 
 

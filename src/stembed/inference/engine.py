@@ -1,9 +1,14 @@
-"""Per-patch embedding of one block of a cube: the compute shared by the reference and ``stembed embed``.
+"""Embedding of one block of a cube: the compute shared by the reference and ``stembed embed``.
 
-A *block* is a rectangle of the grid with a halo of ``patch_px // 2`` pixels on each side (real
+A *block* is a rectangle of the grid with a halo of ``context_px`` pixels on each side (real
 neighbours inside the cube, reflected pixels beyond its edge) and every date. Each pixel-date whose
-S2 centre pixel is observed gets the embedding of its own ``patch_px`` x ``patch_px`` x ``n_frames``
-patch, exactly as in training (:func:`stembed.data.datasets.fill_patch`).
+S2 centre pixel is observed gets the embedding of its own window of ``input_px`` x ``input_px`` x
+``n_frames`` (15 x 15 x 11 for the paper's encoder), exactly as in training.
+
+Two ways to compute it: :func:`embed_block` encodes every window on its own (the reference, and the
+only way for the paper's ``patch`` encoder); :func:`embed_block_dense` (``dense`` encoder variant)
+encodes each date's frame of the whole block once and lets every window that contains the date reuse
+its tokens, then runs only the temporal transformer, head and fusion per window.
 
 Batches always hold ``batch_size`` patches (the last one is padded with copies), because CPU
 kernels round differently for different batch shapes but not for different batch contents. So for
@@ -88,7 +93,7 @@ def embed_block(
 
     Args:
         model: the fusion model (eval mode, on ``device``).
-        s2: ``(time, band, h + 2r, w + 2r)`` S2 values with a halo of ``r = patch_px // 2``.
+        s2: ``(time, band, h + 2r, w + 2r)`` S2 values with a halo of ``r = context_px``.
         s1: ``(time, band, h + 2r, w + 2r)`` S1 values matched to the S2 dates (NaN = no S1 date close).
         s2_days, s1_days: ``(time,)`` day numbers of the S2 dates and of the matched S1 dates.
         batch_size: patches per forward pass (fixed: see the module docstring).
@@ -97,8 +102,10 @@ def embed_block(
     Returns:
         ``(time, embed_dim, h, w)`` float32, NaN where the S2 centre pixel is not observed.
     """
-    n_frames, p = model.s2.cfg.n_frames, model.s2.cfg.patch_px
+    n_frames, p = model.s2.cfg.n_frames, model.s2.cfg.input_px
     r = p // 2
+    # the patch encoder needs NaN-free windows filled as in training; the dense one fills per pixel itself
+    fill = fill_patch if model.s2.cfg.variant == "patch" else (lambda a: (a, None))
     n_time, _, hp, wp = s2.shape
     h, w = hp - 2 * r, wp - 2 * r
     out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
@@ -121,12 +128,8 @@ def embed_block(
         f = frames[tb]  # (B, n_frames)
         # C order first: numpy picks the layout of a fancy-indexed result, and the fill's sums must
         # not depend on it
-        x2, _ = fill_patch(
-            np.ascontiguousarray(view2[f, :, yb[:, None], xb[:, None]])
-        )  # (B, n_frames, C2, p, p)
-        x1, _ = fill_patch(
-            np.ascontiguousarray(view1[f, :, yb[:, None], xb[:, None]])
-        )  # (B, n_frames, C1, p, p)
+        x2, _ = fill(np.ascontiguousarray(view2[f, :, yb[:, None], xb[:, None]]))  # (B, n_frames, C2, p, p)
+        x1, _ = fill(np.ascontiguousarray(view1[f, :, yb[:, None], xb[:, None]]))  # (B, n_frames, C1, p, p)
         d2, d1 = days2[tb], days1[tb]
         e = model.embed(
             torch.from_numpy(x1).to(device),
@@ -137,3 +140,90 @@ def embed_block(
         )  # (B, embed_dim)
         out[tb[:n], :, yb[:n], xb[:n]] = e[:n].float().cpu().numpy()
     return out
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """``auto``: bfloat16 autocast on CUDA, none (float32) on CPU; else the named dtype (None = float32)."""
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[precision]
+
+
+@torch.no_grad()
+def embed_block_dense(
+    model: FusionModel,
+    s2: np.ndarray,
+    s1: np.ndarray,
+    s2_days: np.ndarray,
+    s1_days: np.ndarray,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "float32",
+) -> np.ndarray:
+    """:func:`embed_block` for the ``dense`` encoder: each frame encoded once, windows batched.
+
+    Frame tokens ``(d_model, h, w)`` are computed per date and sensor when a window first needs them
+    and dropped once no later window does (at most ``n_frames`` dates held per sensor). Windows of
+    one target date share their frame dates, so they are gathered pixel by pixel and run through the
+    temporal transformer, latent head and fusion in batches of exactly ``batch_size`` (padded).
+
+    ``precision``: ``float32`` (exact), or ``bfloat16`` / ``float16`` autocast (CUDA), or ``auto``.
+    """
+    for ae in (model.s1, model.s2):
+        if ae.cfg.variant != "dense":
+            raise ValueError(f"embed_block_dense needs dense autoencoders; the {ae.cfg.sensor} one is 'patch'")
+    n_frames, r = model.s2.cfg.n_frames, model.s2.cfg.context_px
+    n_time, _, hp, wp = s2.shape
+    h, w = hp - 2 * r, wp - 2 * r
+    out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
+    ok = centre_valid(s2, r)  # (time, h, w)
+    amp = autocast_dtype(precision, device)
+    c = n_frames // 2
+    caches: dict[str, dict[int, torch.Tensor]] = {"s1": {}, "s2": {}}
+
+    def tokens(sensor: str, values: np.ndarray, date: int) -> torch.Tensor:
+        cache = caches[sensor]
+        if date not in cache:
+            frame = torch.from_numpy(np.ascontiguousarray(values[date : date + 1])).to(device)  # (1, C, hp, wp)
+            ae = model.s1 if sensor == "s1" else model.s2
+            cache[date] = ae.frame_tokens(frame)[0].reshape(ae.cfg.d_model, h * w)  # (d_model, h*w)
+        return cache[date]
+
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for t in range(n_time):
+            pix = np.flatnonzero(ok[t])  # flat y*w + x of the windows to embed
+            if pix.size == 0:
+                continue
+            frames, days2 = window_days(s2_days, t, n_frames)
+            days1 = s1_days[frames] + (days2 - s2_days[frames])
+            for cache in caches.values():  # later windows never reach back before this one's first frame
+                for d in [d for d in cache if d < frames.min()]:
+                    del cache[d]
+            tok2 = [tokens("s2", s2, int(f)) for f in frames]  # n_frames x (d_model, h*w)
+            tok1 = [tokens("s1", s1, int(f)) for f in frames]
+            g2 = torch.from_numpy(np.diff(days2).astype(np.float32)).to(device).expand(batch_size, -1)
+            g1 = torch.from_numpy(np.diff(days1).astype(np.float32)).to(device).expand(batch_size, -1)
+            dt = torch.full((batch_size,), float(abs(days1[c] - days2[c])), device=device)
+            for i in range(0, pix.size, batch_size):
+                n = min(batch_size, pix.size - i)
+                idx = torch.from_numpy(
+                    np.concatenate([pix[i : i + n], np.full(batch_size - n, pix[i])])  # pad with copies
+                ).to(device)
+                x2 = torch.stack([tk[:, idx] for tk in tok2], dim=1).transpose(0, 2)  # (B, n_frames, d_model)
+                x1 = torch.stack([tk[:, idx] for tk in tok1], dim=1).transpose(0, 2)
+                z2 = model.s2.encoder.latent_from_tokens(x2.contiguous(), g2)  # (B, latent_s2)
+                z1 = model.s1.encoder.latent_from_tokens(x1.contiguous(), g1)  # (B, latent_s1)
+                e = model.fuse(z1, z2, dt).float().cpu().numpy()  # (B, embed_dim)
+                ys, xs = np.divmod(pix[i : i + n], w)
+                out[t, :, ys, xs] = e[:n]
+    return out
+
+
+def embed_any(model: FusionModel, *arrays: np.ndarray, batch_size: int, device: torch.device, precision: str) -> np.ndarray:
+    """:func:`embed_block_dense` for a dense model, else :func:`embed_block` (float32 only)."""
+    if model.s2.cfg.variant == "dense":
+        return embed_block_dense(model, *arrays, batch_size=batch_size, device=device, precision=precision)
+    if autocast_dtype(precision, device) is not None and precision != "auto":
+        raise ValueError(f"precision {precision!r} needs a dense bundle; the per-patch path runs in float32")
+    return embed_block(model, *arrays, batch_size=batch_size, device=device)

@@ -63,7 +63,7 @@ def embed_reference(
     dev = resolve_device(device)
     model.to(dev)
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, max_gap_days)
-    r = model.s2.cfg.patch_px // 2
+    r = model.s2.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
     out = embed_block(
         model, np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"),

@@ -1,8 +1,9 @@
 """``stembed embed``: every pixel and date of a scene store, tile by tile, on dask.distributed.
 
-Each tile is an independent task: read the tile plus a halo of ``patch_px // 2`` pixels (real
+Each tile is an independent task: read the tile plus a halo of ``context_px`` pixels (real
 neighbours inside the cube, reflected pixels beyond its edge, exactly what the per-patch reference
-sees), embed it with :func:`stembed.inference.engine.embed_block`, write its chunk-aligned region of
+sees), embed it (:func:`stembed.inference.engine.embed_block_dense` for a ``dense`` bundle, else
+per patch with :func:`~stembed.inference.engine.embed_block`), write its chunk-aligned region of
 the output, then its done flag. So memory is bounded by the tile (all dates of ``tile_px`` +
 halo squared pixels per worker), a killed run resumes at the first unfinished tile, and a rerun of a
 finished output writes nothing.
@@ -29,7 +30,7 @@ import xarray as xr
 
 from stembed.config import EmbedConfig, dump_config
 from stembed.data.build import matched_s1_arrays, sensor_arrays
-from stembed.inference.engine import embed_block, min_dates, reflect_index, resolve_device
+from stembed.inference.engine import embed_any, min_dates, reflect_index, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
 from stembed.io.cube import CubeError, Scene, open_scene, value_problems
@@ -69,6 +70,7 @@ class TileJob:
     batch_size: int
     device: str
     threads: int | None
+    precision: str = "float32"
 
 
 # ----------------------------------------------------------------------------- reading a tile
@@ -145,8 +147,8 @@ def run_tile(job: TileJob) -> tuple[int, int]:
             )
         _SCENES[key] = scene
     rows, cols = job.grid.bounds(*job.tile)
-    s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, model.s2.cfg.patch_px // 2, job.s1_max_gap_days)
-    values = embed_block(model, s2, s1, d2, d1, batch_size=job.batch_size, device=device)
+    s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, model.s2.cfg.context_px, job.s1_max_gap_days)
+    values = embed_any(model, s2, s1, d2, d1, batch_size=job.batch_size, device=device, precision=job.precision)
     codes = job.quant.encode(values)
     valid = np.isfinite(values).all(axis=1)
     store.write_tile(job.out, job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes))
@@ -208,7 +210,7 @@ def _calibrate(
     rng = np.random.default_rng(cfg.seed)
     height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
     b = 4
-    r = model.s2.cfg.patch_px // 2
+    r = model.s2.cfg.context_px
     samples: list[np.ndarray] = []
     n = 0
     for _ in range(64):
@@ -216,7 +218,7 @@ def _calibrate(
         s2, s1, d2, d1 = read_block(
             scene, slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width)), r, gap_days
         )
-        e = embed_block(model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device)
+        e = embed_any(model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
         e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
         e = e[np.isfinite(e).all(axis=1)]
         samples.append(e)
@@ -261,18 +263,23 @@ def embed_cube(
     model = bundle.build_model()
     if not isinstance(model, FusionModel):  # pragma: no cover - kind checked by load_bundle
         raise TypeError("expected a FusionModel")
-    n_frames, patch_px = model.s2.cfg.n_frames, model.s2.cfg.patch_px
+    n_frames, input_px = model.s2.cfg.n_frames, model.s2.cfg.input_px
     n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
+    if cfg.precision in ("bfloat16", "float16") and model.s2.cfg.variant != "dense":
+        raise EmbedError(
+            f"precision {cfg.precision!r} is for dense bundles; {bundle_path} holds the per-patch ('patch') "
+            "encoder, which runs in float32: drop --set precision=..."
+        )
     if n_time < min_dates(n_frames):
         raise CubeError(
             f"{cube} has {n_time} S2 dates, too short in time for a window: an {n_frames}-frame window "
             f"reflected at the ends needs at least {min_dates(n_frames)}; fix: build the cube over a longer period"
         )
-    halo = patch_px // 2
+    halo = model.s2.cfg.context_px
     if min(height, width) <= halo:
         raise CubeError(
-            f"{cube} is {height}x{width} px; reflecting the {halo} px halo of a {patch_px} px patch needs at "
-            f"least {halo + 1} px each way; fix: build a larger cube"
+            f"{cube} is {height}x{width} px; reflecting the {halo} px halo of the model's {input_px} px window "
+            f"needs at least {halo + 1} px each way; fix: build a larger cube"
         )
     gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
     bundle_sha = file_sha256(bundle_path)
@@ -283,6 +290,7 @@ def embed_cube(
         "tile_px": cfg.tile_px,
         "time_chunk": cfg.time_chunk,
         "batch_size": cfg.batch_size,
+        "precision": cfg.precision,
         "dtype": cfg.dtype,
         "s1_max_gap_days": gap_days,
         "calibration": [cfg.calibration_samples, cfg.calibration_margin, cfg.seed],
@@ -345,8 +353,10 @@ def embed_cube(
                     "software": provenance([scene.site]),
                     "edges": (
                         "time: each date's window reflects the series at its ends (frame -k = date k); "
-                        "space: patches of border pixels read the cube reflected by patch_px // 2 pixels"
+                        f"space: windows of border pixels read the cube reflected by {halo} pixels (context_px)"
                     ),
+                    "method": "dense (each frame encoded once per tile)" if model.s2.cfg.variant == "dense"
+                    else "per patch",
                 },
             )
         grid = store.TileGrid(height, width, cfg.tile_px)
@@ -371,6 +381,7 @@ def embed_cube(
                 cfg.batch_size,
                 cfg.device,
                 threads,
+                cfg.precision,
             )
             for t in todo
         ]

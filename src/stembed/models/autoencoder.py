@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from stembed.config import AEConfig
+from stembed.models.dense import DenseFrameCNN
 from stembed.models.layers import (
     ConvAttnBlock,
     MultiScaleBlock,
@@ -35,10 +36,11 @@ def make_temporal_transformer(cfg: AEConfig) -> nn.TransformerEncoder:
 
 
 def _check_patch(x: torch.Tensor, cfg: AEConfig) -> None:
-    if x.dim() != 5 or x.shape[1:] != (cfg.n_frames, cfg.in_channels, cfg.patch_px, cfg.patch_px):
+    """Encoder input: (B, T, C, input_px, input_px); input_px = patch_px except for the dense variant."""
+    if x.dim() != 5 or x.shape[1:] != (cfg.n_frames, cfg.in_channels, cfg.input_px, cfg.input_px):
         raise ValueError(
-            f"x must be (B, {cfg.n_frames}, {cfg.in_channels}, {cfg.patch_px}, {cfg.patch_px}) "
-            f"for sensor {cfg.sensor!r}, got {tuple(x.shape)}"
+            f"x must be (B, {cfg.n_frames}, {cfg.in_channels}, {cfg.input_px}, {cfg.input_px}) "
+            f"for sensor {cfg.sensor!r} ({cfg.variant} encoder), got {tuple(x.shape)}"
         )
 
 
@@ -161,6 +163,39 @@ class SensorEncoder(nn.Module):
         return self.head(tokens)  # (B, latent_dim)
 
 
+class DenseSensorEncoder(nn.Module):
+    """The ``dense`` variant of :class:`SensorEncoder`: windows (B, T, C, input_px, input_px) -> latent.
+
+    Its frame CNN (:class:`~stembed.models.dense.DenseFrameCNN`) maps frames of any size to every
+    pixel's token, so inference encodes each tile frame once (:meth:`SensorAutoencoder.frame_tokens`)
+    and every window reuses it through :meth:`latent_from_tokens`; a training window is the 1x1 case.
+    """
+
+    def __init__(
+        self,
+        cfg: AEConfig,
+        temporal: nn.TransformerEncoder | None = None,
+        positions: TemporalPositionalEmbedding | None = None,
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.cnn = DenseFrameCNN(cfg)
+        self.shared = _resolve_shared(self, cfg, temporal, positions)
+        self.head = LatentHead(cfg)
+
+    def latent_from_tokens(self, tokens: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """(B, T, d_model) frame tokens + (B, T-1) gaps -> (B, latent_dim): attention over time, then the head."""
+        return self.head(self.shared(tokens, time_gaps))
+
+    def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        _check_patch(x, cfg)
+        B, T, C, H, W = x.shape
+        _check_gaps(time_gaps, B, T)
+        tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, d_model, 1, 1): one token per window frame
+        return self.latent_from_tokens(tokens.reshape(B, T, cfg.d_model), time_gaps)
+
+
 class SensorDecoder(nn.Module):
     """Latent (B, latent_dim) + day gaps (B, T-1) -> patch time series (B, T, C, 15, 15).
 
@@ -221,7 +256,8 @@ class SensorAutoencoder(nn.Module):
         self.cfg = cfg
         self.temporal = make_temporal_transformer(cfg)
         self.positions = TemporalPositionalEmbedding(cfg.max_position_days, cfg.d_model)
-        self.encoder = SensorEncoder(cfg, temporal=self.temporal, positions=self.positions)
+        encoder = DenseSensorEncoder if cfg.variant == "dense" else SensorEncoder
+        self.encoder = encoder(cfg, temporal=self.temporal, positions=self.positions)
         self.decoder = SensorDecoder(cfg, temporal=self.temporal, positions=self.positions)
         # Per-band standardisation (identity unless the config carries stats); rebuilt from the
         # config, so not part of the state_dict.
@@ -230,10 +266,24 @@ class SensorAutoencoder(nn.Module):
         self.register_buffer("input_mean", mean, persistent=False)  # (1, 1, C, 1, 1)
         self.register_buffer("input_std", std, persistent=False)
 
+    def standardise(self, x: torch.Tensor) -> torch.Tensor:
+        """Cube units -> model units, (..., C, H, W); the dense variant also fills NaN per pixel (band mean)."""
+        x = (x - self.input_mean.reshape(-1, 1, 1)) / self.input_std.reshape(-1, 1, 1)
+        return torch.nan_to_num(x, nan=0.0) if self.cfg.variant == "dense" else x
+
     def encode(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
-        """(B, T, C, H, W) in cube units, (B, T-1) -> z (B, latent_dim)."""
+        """(B, T, C, input_px, input_px) in cube units, (B, T-1) -> z (B, latent_dim).
+
+        The ``patch`` variant needs NaN-free input (the datasets fill it); the ``dense`` one fills NaN itself.
+        """
         _check_patch(x, self.cfg)
-        return self.encoder((x - self.input_mean) / self.input_std, time_gaps)
+        return self.encoder(self.standardise(x), time_gaps)
+
+    def frame_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Dense variant: (N, C, H, W) frames in cube units (NaN = missing) -> (N, d_model, H - 2m, W - 2m)."""
+        if self.cfg.variant != "dense":
+            raise ValueError(f"frame_tokens needs the dense encoder variant, this {self.cfg.sensor} model is 'patch'")
+        return self.encoder.cnn(self.standardise(frames))
 
     def decode(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         """(B, latent_dim), (B, T-1) -> x_hat (B, T, C, H, W) in cube units."""

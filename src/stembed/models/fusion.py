@@ -50,6 +50,10 @@ class FusionModel(nn.Module):
         self.softplus = nn.Softplus()
         self.head_s1 = nn.Linear(cfg.embed_dim, s1.cfg.latent_dim)
         self.head_s2 = nn.Linear(cfg.embed_dim, s2.cfg.latent_dim)
+        if s1.cfg.variant != s2.cfg.variant:
+            raise ValueError(
+                f"S1 autoencoder is '{s1.cfg.variant}' but S2 is '{s2.cfg.variant}'; train both with the same variant"
+            )
         if not cfg.finetune_autoencoders:
             self.s1.requires_grad_(False)
             self.s2.requires_grad_(False)
@@ -114,6 +118,10 @@ class FusionModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             z1 = self.s1.encode(x1, gaps1)  # (B, latent_s1)
             z2 = self.s2.encode(x2, gaps2)  # (B, latent_s2)
+        return self.fuse(z1, z2, dt_centre)
+
+    def fuse(self, z1: torch.Tensor, z2: torch.Tensor, dt_centre: torch.Tensor) -> torch.Tensor:
+        """The fusion layers alone: latents (B, latent_s1), (B, latent_s2) + (B,) days -> e (B, embed_dim)."""
         B = z1.shape[0]
         tokens = torch.stack([self.project_s1(z1), self.project_s2(z2)], dim=1)  # (B, 2, d)
         tokens = tokens + self.type_embedding.weight  # (2, d) broadcast over the batch

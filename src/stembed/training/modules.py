@@ -99,7 +99,7 @@ class AutoencoderModule(_StageModule):
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         x, valid = batch["x"], batch["valid"]  # (B, T, C, P, P)
-        x_hat, _ = self.model(x, batch["time_gaps"])
+        x_hat, _ = self.model(batch.get("x_in", x), batch["time_gaps"])  # x_in: a dense encoder's wider window
         parts = reconstruction_loss(x_hat, x, valid, self.loss_cfg)
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x.shape[0])
@@ -134,7 +134,9 @@ class FusionModule(_StageModule):
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         x1, v1, x2, v2 = batch["x1"], batch["valid1"], batch["x2"], batch["valid2"]
-        x1_hat, x2_hat, _ = self.model(x1, batch["time_gaps1"], x2, batch["time_gaps2"], batch["dt_centre"])
+        x1_hat, x2_hat, _ = self.model(
+            batch.get("x1_in", x1), batch["time_gaps1"], batch.get("x2_in", x2), batch["time_gaps2"], batch["dt_centre"]
+        )
         parts = fusion_loss(x1_hat, x1, v1, x2_hat, x2, v2, self.loss_cfg)
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x2.shape[0])

@@ -21,7 +21,7 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from stembed.config import AEConfig, AEStageConfig, FusionStageConfig, TrainConfig, dump_config
+from stembed.config import AEConfig, AEStageConfig, ConfigError, FusionStageConfig, TrainConfig, dump_config
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
@@ -130,8 +130,10 @@ def train_autoencoder(
     _prepare_run_dir(run_dir, cfg_dict, resume)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # run boundary: init and dropout draws
     scenes = load_scenes(cfg.data)
-    data = build_sensor_data(scenes, cfg.sensor, cfg.data, np.random.default_rng(cfg.train.seed))
     model_cfg = cfg.resolved_model()
+    data = build_sensor_data(
+        scenes, cfg.sensor, cfg.data, np.random.default_rng(cfg.train.seed), context_px=model_cfg.context_px
+    )
     if cfg.standardise_inputs and model_cfg.input_mean is None:
         mean, std = band_stats(data)
         model_cfg = AEConfig.model_validate({**model_cfg.model_dump(), "input_mean": mean, "input_std": std})
@@ -141,7 +143,7 @@ def train_autoencoder(
     model = module.model  # type: ignore[attr-defined]
 
     def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x_hat, _ = model(batch["x"], batch["time_gaps"])
+        x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])
         return {cfg.sensor: (x_hat, batch["x"], batch["valid"])}
 
     metrics = {
@@ -170,7 +172,13 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     _prepare_run_dir(run_dir, cfg_dict, resume)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed))
+    a1, a2 = AEConfig.model_validate(b1.config["model"]), AEConfig.model_validate(b2.config["model"])
+    if a1.context_px != a2.context_px:
+        raise ConfigError(
+            f"the S1 autoencoder ({cfg.s1_bundle}) reads {a1.input_px} px windows but the S2 one ({cfg.s2_bundle}) "
+            f"reads {a2.input_px} px; fix: train both with the same variant (e.g. both 'tiny-dense')"
+        )
+    data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=a2.context_px)
     fusion_cfg = cfg.resolved_model()
     module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
                           dump_config(cfg.train))
@@ -182,7 +190,10 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     model = module.model  # type: ignore[attr-defined]
 
     def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x1_hat, x2_hat, _ = model(batch["x1"], batch["time_gaps1"], batch["x2"], batch["time_gaps2"], batch["dt_centre"])
+        x1_hat, x2_hat, _ = model(
+            batch.get("x1_in", batch["x1"]), batch["time_gaps1"], batch.get("x2_in", batch["x2"]), batch["time_gaps2"],
+            batch["dt_centre"],
+        )
         return {"s1": (x1_hat, batch["x1"], batch["valid1"]), "s2": (x2_hat, batch["x2"], batch["valid2"])}
 
     metrics = {
