@@ -12,7 +12,8 @@ import pytest
 import xarray as xr
 
 from stembed.io.cube import CubeError, Scene
-from stembed.io.worldcereal import _merge_same_day, read_worldcereal, shared_data_dir
+from stembed.io.worldcereal import read_worldcereal, shared_data_dir
+from stembed.preprocess import merge_same_day
 from stembed.sensors import S1, S2
 
 TZA_SITE = "2021_TZA_COPERNICUS-GEOGLAM_POLY_1101950"
@@ -148,7 +149,7 @@ def test_same_day_acquisitions_merge_to_first_valid() -> None:
     times = np.array(["2020-01-01T08:00:47", "2020-01-01T08:00:54", "2020-01-06T08:00:50"], "datetime64[ns]")
     a = np.arange(3 * 2 * 1 * 2, dtype=np.float32).reshape(3, 2, 1, 2)  # (time, band, y, x)
     valid = np.array([[[False, True]], [[True, True]], [[True, False]]])
-    (merged,), out_times = _merge_same_day([a], times, valid)
+    (merged,), out_times = merge_same_day([a], times, valid)
     np.testing.assert_array_equal(out_times, times[[0, 2]])
     np.testing.assert_array_equal(merged[0, :, 0, 0], a[1, :, 0, 0])  # first acquisition invalid there
     np.testing.assert_array_equal(merged[0, :, 0, 1], a[0, :, 0, 1])  # first acquisition valid: kept

@@ -174,6 +174,68 @@ def embed(
     )
 
 
+@app.command()
+def cube(
+    out: Annotated[Path, typer.Option("--out", help="Output scene store (zarr): S2 + S1 cubes on one grid.")],
+    start: Annotated[str, typer.Option("--start", help="First day, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option("--end", help="Last day, YYYY-MM-DD (inclusive).")],
+    bbox: Annotated[
+        tuple[float, float, float, float] | None, typer.Option("--bbox", help="Area as lon/lat W S E N.")
+    ] = None,
+    point: Annotated[tuple[float, float] | None, typer.Option("--point", help="Centre as LON LAT.")] = None,
+    size_m: Annotated[float | None, typer.Option("--size-m", help="Side of the square around --point, metres.")] = None,
+    catalog: Annotated[
+        str | None, typer.Option("--catalog", help="STAC API root (default: Planetary Computer, signed).")
+    ] = None,
+    s2_collection: Annotated[str, typer.Option("--s2-collection", help="Sentinel-2 L2A collection.")] = "sentinel-2-l2a",
+    s1_collection: Annotated[str, typer.Option("--s1-collection", help="Sentinel-1 RTC collection.")] = "sentinel-1-rtc",
+    site: Annotated[str | None, typer.Option("--site", help="Site id stored in the cube (default: --out's stem).")] = None,
+    cloud_mask: Annotated[
+        str, typer.Option("--cloud-mask", help="'scl', or 'module:Factory' building a stembed CloudMask (a model).")
+    ] = "scl",
+    scl_classes: Annotated[
+        str | None, typer.Option("--scl-classes", help="SCL classes masked, comma-separated (default 0,1,3,8,9,10).")
+    ] = None,
+    no_brdf: Annotated[bool, typer.Option("--no-brdf", help="Skip the BRDF nadir normalisation.")] = False,
+    min_valid_fraction: Annotated[
+        float, typer.Option("--min-valid-fraction", help="Keep an S2 date with at least this share valid.")
+    ] = 0.03,
+    min_dates: Annotated[int, typer.Option("--min-dates", help="Fewest S2 dates the cube may have.")] = 6,
+    s1_orbit: Annotated[str, typer.Option("--s1-orbit", help="auto, ascending, descending or both.")] = "auto",
+    s1_max_gap_days: Annotated[
+        float, typer.Option("--s1-max-gap-days", help="S1-S2 matching tolerance, checked and recorded.")
+    ] = 6.0,
+    piece_months: Annotated[int, typer.Option("--piece-months", help="Fetch in pieces of this many months.")] = 12,
+    retries: Annotated[int, typer.Option("--retries", help="HTTP retries (exponential backoff).")] = 5,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out (and discard a different staged build).")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Build an S2 L2A + S1 RTC scene store from a STAC API (cloud mask, BRDF, S1 smoothing); resumable."""
+    from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, load_cloud_mask
+    from stembed.io.stac import PLANETARY_COMPUTER, RetryPolicy, utm_grid
+
+    def go() -> Any:
+        try:
+            classes = None if scl_classes is None else [int(c) for c in scl_classes.split(",") if c.strip()]
+        except ValueError as e:
+            raise CubeBuildError(f"--scl-classes {scl_classes!r} is not a comma-separated list of integers") from e
+        request = CubeRequest(
+            grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
+            site=site or out.name.removesuffix(".zarr"), catalog=catalog or PLANETARY_COMPUTER,
+            s2_collection=s2_collection, s1_collection=s1_collection,
+            cloud_mask=load_cloud_mask(cloud_mask, scl_classes=classes), brdf=not no_brdf,
+            min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit,
+            s1_max_gap_days=s1_max_gap_days, piece_months=piece_months, retry=RetryPolicy(retries=retries),
+        )
+        return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
+
+    res = _run(go)
+    typer.echo(
+        f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
+        f"{res.s2_dates_with_s1} S2 dates with S1 within {s1_max_gap_days:g} days)"
+    )
+
+
 # ----------------------------------------------------------------------------- products of an embedding store
 EmbeddingsOpt = Annotated[
     Path, typer.Option("--embeddings", help="Embedding store (zarr) from `stembed embed`.")

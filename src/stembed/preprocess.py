@@ -159,3 +159,29 @@ def match_s1_to_s2(s1: xr.DataArray, s2_times: Any, *, max_gap_days: float = 6.0
     out = out.assign_coords({TIME: t2, "s1_time": (TIME, s1_time)})
     out.attrs = dict(s1.attrs)
     return out
+
+
+def merge_same_day(
+    arrays: list[np.ndarray], times: np.ndarray, valid: np.ndarray
+) -> tuple[list[np.ndarray], np.ndarray]:
+    """Merge acquisitions that fall on one calendar day: per pixel, the first valid one (tile overlaps, same-day passes).
+
+    ``arrays`` have time first and y, x last; ``valid`` is (time, y, x). Returns the merged arrays
+    and the first timestamp of each day.
+    """
+    stamps = pd.DatetimeIndex(times)
+    day_codes, days = pd.factorize(stamps.normalize())
+    if len(days) == len(stamps):
+        return arrays, times
+    ny, nx = valid.shape[1:]
+    pick = np.empty((len(days), ny, nx), dtype=np.intp)
+    first = np.empty(len(days), dtype=np.intp)
+    for g in range(len(days)):
+        idx = np.flatnonzero(day_codes == g)
+        first[g] = idx[0]
+        pick[g] = idx[np.argmax(valid[idx], axis=0)]  # first valid acquisition, or the first if none is
+    merged = []
+    for a in arrays:
+        index = pick.reshape(pick.shape[:1] + (1,) * (a.ndim - 3) + pick.shape[1:])
+        merged.append(np.take_along_axis(a, index, axis=0))
+    return merged, times[first]

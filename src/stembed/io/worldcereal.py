@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import xarray as xr
 
 from stembed.io.cube import CubeError, Scene, make_cube
-from stembed.preprocess import SCL_MASKED_DEFAULT, prepare_s1, prepare_s2
+from stembed.preprocess import SCL_MASKED_DEFAULT, merge_same_day, prepare_s1, prepare_s2
 from stembed.sensors import S1, S2
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
@@ -115,7 +114,7 @@ def read_worldcereal(
     scl = _upsample2(ds20["SCL"].values)
     s2_times = ds10["timestamp"].values
     valid = ~np.isin(scl, classes) & np.isfinite(reflectance).all(axis=1)
-    (reflectance, scl), s2_times = _merge_same_day([reflectance, scl], s2_times, valid)
+    (reflectance, scl), s2_times = merge_same_day([reflectance, scl], s2_times, valid)
     s2 = prepare_s2(
         xr.DataArray(reflectance, dims=CUBE_DIMS, coords={TIME: s2_times, BAND: list(S2.bands), **coords}),
         xr.DataArray(scl, dims=(TIME, Y, X), coords={TIME: s2_times, **coords}),
@@ -136,7 +135,7 @@ def read_worldcereal(
     # Sentinel-1: dB -> linear power, upsampled, then prepared on its own dates
     linear = np.stack([_upsample2(_db_to_linear(ds1[b].values)) for b in S1.bands], axis=1)
     s1_times = ds1["timestamp"].values
-    (linear,), s1_times = _merge_same_day([linear], s1_times, np.isfinite(linear).all(axis=1))
+    (linear,), s1_times = merge_same_day([linear], s1_times, np.isfinite(linear).all(axis=1))
     s1 = prepare_s1(
         xr.DataArray(linear, dims=CUBE_DIMS, coords={TIME: s1_times, BAND: list(S1.bands), **coords})
     )
@@ -219,32 +218,6 @@ def _dn_to_reflectance(dn: np.ndarray) -> np.ndarray:
 
 def _db_to_linear(raw: np.ndarray) -> np.ndarray:
     return np.where(raw == 0, np.nan, 10.0 ** (raw.astype(np.float64) * _DN_SCALE / 10.0))
-
-
-def _merge_same_day(
-    arrays: list[np.ndarray], times: np.ndarray, valid: np.ndarray
-) -> tuple[list[np.ndarray], np.ndarray]:
-    """Merge acquisitions that fall on one calendar day (see the module docstring).
-
-    ``arrays`` have time first and y, x last; ``valid`` is (time, y, x). Returns the merged arrays
-    and the first timestamp of each day.
-    """
-    stamps = pd.DatetimeIndex(times)
-    day_codes, days = pd.factorize(stamps.normalize())
-    if len(days) == len(stamps):
-        return arrays, times
-    ny, nx = valid.shape[1:]
-    pick = np.empty((len(days), ny, nx), dtype=np.intp)
-    first = np.empty(len(days), dtype=np.intp)
-    for g in range(len(days)):
-        idx = np.flatnonzero(day_codes == g)
-        first[g] = idx[0]
-        pick[g] = idx[np.argmax(valid[idx], axis=0)]  # first valid acquisition, or the first if none is
-    merged = []
-    for a in arrays:
-        index = pick.reshape(pick.shape[:1] + (1,) * (a.ndim - 3) + pick.shape[1:])
-        merged.append(np.take_along_axis(a, index, axis=0))
-    return merged, times[first]
 
 
 def _read_labels(paths: list[Path], y: np.ndarray, x: np.ndarray) -> xr.Dataset:
