@@ -1,36 +1,27 @@
-"""Embedding speed and peak memory: the per-patch reference vs the tiled ``stembed embed``, at two sizes.
+"""Dense vs per-patch embedding: speed, FLOPs, share of the matmul peak, and peak RSS at two cube sizes.
 
-One run measures both paths on two seeded synthetic cubes whose areas differ x16 (default 12x12 and
-48x48 px, ``--days 60`` giving 10-12 S2 dates), with the same fusion bundle and the same batch size:
+One run, one random-weight fusion bundle of a ``dense`` preset (default ``dense``: the paper's
+widths; :func:`stembed.testing.random_fusion_bundle`, untrained: only the arithmetic matters), on
+seeded synthetic cubes (:func:`stembed.testing.synthetic_scene`):
 
-- ``reference``: :func:`stembed.inference.reference.embed_reference` on the scene read from the
-  saved scene store with :func:`stembed.io.cube.open_scene` and loaded into memory (the load is
-  timed apart, ``load_s``; ``seconds`` is the ``embed_reference`` call alone);
-- ``embed``: :func:`stembed.inference.tiles.embed_cube` on the same store, ``workers=1``,
-  ``--tile-px`` tiles, float32 output. Its ``seconds`` is the whole call, so it INCLUDES starting the
-  LocalCluster, the worker process importing torch and stembed, loading the bundle on the worker
-  and writing the zarr store. That start-up is measured once on its own (``cluster_startup_s``: a
-  LocalCluster of one worker started and a task that imports ``stembed.inference.tiles`` and loads
-  the bundle run on it) so readers can see what is fixed cost and what scales with the cube.
+1. **matmul peak**: the best of 5 timed fp32 ``torch.mm`` of 2048 x 2048 matrices on all cores,
+   measured before and after the compute cases (the larger one is the reference for shares).
+2. **compute, in this process**, on one ``--tile-px`` tile with its halo and all dates:
+   ``dense`` = :func:`stembed.inference.engine.embed_block_dense` on the whole tile;
+   ``reference`` = :func:`~stembed.inference.engine.embed_block` (every window encoded on its own,
+   the same weights) on a ``--ref-px`` square inside it; ``paper_per_patch`` = the same per-patch path
+   with the paper's ``patch`` encoder at the same widths (different, random weights: the cost a user
+   paid before the dense variant). Each is timed once, and its FLOPs are counted in a separate call
+   with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; elementwise
+   work is not counted, so GFLOP/s is the useful-arithmetic rate). The dense and reference outputs are
+   compared on the reference's pixel-dates.
+3. **end to end**: ``stembed embed`` (:func:`stembed.inference.tiles.embed_cube`, one worker,
+   ``--tile-px`` tiles) on cubes of ``--size`` and 4 x ``--size`` px (area x16), each in a fresh
+   subprocess whose process tree's RSS is sampled every ~50 ms (peak, MiB; an upper bound, as shared
+   pages count once per process). Its seconds include the LocalCluster start and the worker's imports.
 
-Each (path, size) case runs in a fresh subprocess (this script re-invoked with ``--case``); the
-parent samples the summed RSS of that subprocess and all its descendants (the dask worker and
-helper processes) every ~50 ms and reports the peak in MiB (``peak_rss_mib``; shared pages are
-counted once per process, so it is an upper bound). ``baseline_rss_mib`` is the case process alone
-right after its imports and the bundle load, before any embedding: the part of the peak that is the
-Python/torch runtime rather than the cube. ``pixel_dates`` counts valid pixel-dates (S2 centre pixel
-with at least one finite band); ``pixel_dates_per_s`` is that over ``seconds``. The ratios compare
-embed/reference speed at each size, large/small peak RSS per path and embed/reference peak RSS at
-each size. As a side result the embed store is compared to the reference embeddings at each size
-(max abs difference over pixel-dates finite in both, and the count whose NaN pattern differs).
-
-The model is an untrained random-weight fusion bundle (:func:`stembed.testing.random_fusion_bundle`,
-only the arithmetic matters for speed): ``--preset small`` and, by default, ``--tiny`` (shrunk
-channels, to keep the run affordable on CPU); ``--no-tiny`` runs the full channels. The output names
-the model that ran. On an otherwise idle 2-core machine the default run takes ~2.5 min.
-
-    .venv/bin/python benchmarks/embed.py [--size 12] [--days 60] [--tile-px 16] [--batch-size 64]
-        [--preset small] [--tiny | --no-tiny] [--device auto|cpu|cuda]
+    .venv/bin/python benchmarks/embed.py [--preset dense] [--tile-px 64] [--size 64] [--days 40]
+        [--ref-px 2] [--batch-size 1024] [--precision float32] [--device auto|cpu|cuda]
 
 Last line: one JSON object.
 """
@@ -60,31 +51,6 @@ def _own_rss_mib() -> float:
     return psutil.Process().memory_info().rss / MIB
 
 
-def _case_reference(a: argparse.Namespace) -> dict:
-    import numpy as np
-    import torch
-
-    from stembed.inference.reference import embed_reference
-    from stembed.io.cube import open_scene
-    from stembed.models.bundle import load_bundle
-
-    bundle = load_bundle(a.bundle, expect_kind="fusion")
-    baseline = _own_rss_mib()
-    t = time.perf_counter()
-    scene = open_scene(a.cube)
-    scene.s2.load()
-    scene.s1.load()
-    if scene.labels is not None:
-        scene.labels.load()
-    load_s = time.perf_counter() - t
-    t = time.perf_counter()
-    ds = embed_reference(scene, bundle, max_gap_days=GAP_DAYS, batch_size=a.batch_size, device=a.device)
-    seconds = time.perf_counter() - t
-    np.save(a.save, ds["embedding"].values)
-    return {"seconds": seconds, "load_s": load_s, "baseline_rss_mib": baseline,
-            "torch_threads": torch.get_num_threads()}
-
-
 def _case_embed(a: argparse.Namespace) -> dict:
     import distributed  # noqa: F401 - imported by embed_cube; counted in the baseline like torch
 
@@ -94,46 +60,27 @@ def _case_embed(a: argparse.Namespace) -> dict:
 
     load_bundle(a.bundle, expect_kind="fusion")
     baseline = _own_rss_mib()
-    cfg = EmbedConfig(tile_px=a.tile_px, batch_size=a.batch_size, workers=1, device=a.device,
-                      s1_max_gap_days=GAP_DAYS, dtype="float32")
+    cfg = EmbedConfig(
+        tile_px=a.tile_px,
+        batch_size=a.batch_size,
+        workers=1,
+        device=a.device,
+        s1_max_gap_days=GAP_DAYS,
+        dtype="float32",
+        precision=a.precision,
+    )
     t = time.perf_counter()
     res = embed_cube(a.cube, a.bundle, a.out, cfg, progress=False)
     seconds = time.perf_counter() - t
-    return {"seconds": seconds, "result_seconds": res.seconds, "tiles_written": res.tiles_written,
-            "baseline_rss_mib": baseline}
+    return {
+        "seconds": seconds,
+        "result_seconds": res.seconds,
+        "tiles_written": res.tiles_written,
+        "baseline_rss_mib": baseline,
+    }
 
 
-def _worker_warmup(bundle: str, device: str) -> None:
-    """On the worker: what the first tile pays before its compute (imports, bundle hash and load)."""
-    from stembed.inference.engine import resolve_device
-    from stembed.inference.tiles import _worker_model
-    from stembed.repro import file_sha256
-
-    _worker_model(bundle, file_sha256(bundle), resolve_device(device))
-
-
-def _case_startup(a: argparse.Namespace) -> dict:
-    import logging
-
-    from distributed import Client, LocalCluster
-
-    import stembed.inference.tiles  # noqa: F401 - the client side is imported before timing, as in embed
-
-    t = time.perf_counter()
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
-                           silence_logs=logging.ERROR)
-    client = Client(cluster, set_as_default=False)
-    started = time.perf_counter() - t
-    try:
-        client.submit(_worker_warmup, str(Path(a.bundle).resolve()), a.device, pure=False).result()
-        total = time.perf_counter() - t
-    finally:
-        client.close()
-        cluster.close()
-    return {"cluster_start_s": started, "cluster_startup_s": total}
-
-
-CASES = {"reference": _case_reference, "embed": _case_embed, "startup": _case_startup}
+CASES = {"embed": _case_embed}
 
 
 def run_case(a: argparse.Namespace) -> None:
@@ -165,8 +112,22 @@ def spawn_case(case: str, tmp: Path, tag: str, a: argparse.Namespace, **paths: s
     import psutil
 
     result = tmp / f"{tag}.json"
-    cmd = [sys.executable, os.path.abspath(__file__), "--case", case, "--result", str(result),
-           "--batch-size", str(a.batch_size), "--tile-px", str(a.tile_px), "--device", a.device]
+    cmd = [
+        sys.executable,
+        os.path.abspath(__file__),
+        "--case",
+        case,
+        "--result",
+        str(result),
+        "--batch-size",
+        str(a.batch_size),
+        "--tile-px",
+        str(a.tile_px),
+        "--device",
+        a.device,
+        "--precision",
+        a.precision,
+    ]
     for k, v in paths.items():
         cmd += [f"--{k}", v]
     log = tmp / f"{tag}.log"
@@ -182,163 +143,297 @@ def spawn_case(case: str, tmp: Path, tag: str, a: argparse.Namespace, **paths: s
         sys.stderr.write(log.read_text()[-6000:])
         raise SystemExit(f"case {case} ({tag}) failed with exit status {p.returncode}")
     out = json.loads(result.read_text())
-    out.update({"peak_rss_mib": peak / MIB, "peak_main_rss_mib": peak_main / MIB,
-                "peak_descendants_rss_mib": peak_rest / MIB})
+    out.update(
+        {
+            "peak_rss_mib": peak / MIB,
+            "peak_main_rss_mib": peak_main / MIB,
+            "peak_descendants_rss_mib": peak_rest / MIB,
+        }
+    )
     return out
-
-
-def compare(ref_npy: Path, store: Path) -> tuple[float, int]:
-    """Max abs difference where both are finite, and the count of values finite in only one."""
-    import numpy as np
-
-    from stembed.io.embeddings import open_embeddings
-
-    ref = np.load(ref_npy)
-    emb = open_embeddings(store)["embedding"].values
-    if ref.shape != emb.shape:
-        raise SystemExit(f"shape mismatch: reference {ref.shape}, embed {emb.shape}")
-    fr, fe = np.isfinite(ref), np.isfinite(emb)
-    both = fr & fe
-    diff = float(np.abs(ref[both] - emb[both]).max()) if both.any() else 0.0
-    return diff, int((fr != fe).sum())
-
-
-def describe_model(bundle_path: Path, a: argparse.Namespace) -> dict:
-    from stembed.inference.engine import resolve_device
-    from stembed.models.bundle import load_bundle
-
-    model = load_bundle(bundle_path, expect_kind="fusion").build_model()
-    return {
-        "bundle": "random_fusion_bundle (untrained, seed 0)",
-        "preset": a.preset,
-        "tiny": a.tiny,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "patch_px": model.s2.cfg.patch_px,
-        "n_frames": model.s2.cfg.n_frames,
-        "embed_dim": model.cfg.embed_dim,
-        "device": str(resolve_device(a.device)),
-    }
 
 
 def _r(x: float, n: int = 3) -> float:
     return round(float(x), n)
 
 
+# ----------------------------------------------------------------------------- compute, in process
+def matmul_peak_gflops(threads: int) -> float:
+    """This machine's fp32 matmul rate now: best of 5 timed 2048^3 ``torch.mm`` after a warm-up."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def count_flops(fn) -> int:
+    """FLOPs torch's FlopCounterMode counts for ``fn()`` (matmul, conv, attention; not elementwise)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bundle: Path) -> list[dict]:
+    """Per-patch reference vs dense on one tile (same weights), plus the paper model per patch."""
+    import numpy as np
+    import torch
+
+    from stembed.inference.engine import embed_block, embed_block_dense, resolve_device
+    from stembed.inference.tiles import read_block
+    from stembed.models.bundle import load_bundle
+    from stembed.runtime import tune_allocator
+    from stembed.testing import synthetic_scene
+
+    tune_allocator()
+    device = resolve_device(a.device)
+    dense = load_bundle(dense_bundle).build_model().to(device)
+    paper = load_bundle(paper_bundle).build_model().to(device)
+    scene = synthetic_scene(seed=a.seed, height_px=a.tile_px, width_px=a.tile_px, n_days=a.days)
+    tile = slice(0, a.tile_px)
+    sub = slice(a.tile_px // 2, a.tile_px // 2 + a.ref_px)  # the reference's few pixels, inside the tile
+
+    def block(model, rows, cols):
+        return read_block(scene, rows, cols, model.s2.cfg.context_px, GAP_DAYS)
+
+    def valid(arrays, model) -> int:
+        r = model.s2.cfg.context_px
+        s2 = arrays[0][:, :, r : arrays[0].shape[2] - r, r : arrays[0].shape[3] - r]
+        return int(np.isfinite(s2).any(axis=1).sum())
+
+    runs = {
+        "dense": (
+            dense,
+            block(dense, tile, tile),
+            lambda m, b: embed_block_dense(
+                m, *b, batch_size=a.batch_size, device=device, precision=a.precision
+            ),
+        ),
+        "reference": (
+            dense,
+            block(dense, sub, sub),
+            lambda m, b: embed_block(m, *b, batch_size=a.ref_batch_size, device=device),
+        ),
+        "paper_per_patch": (
+            paper,
+            block(paper, sub, sub),
+            lambda m, b: embed_block(m, *b, batch_size=a.ref_batch_size, device=device),
+        ),
+    }
+    outputs, cases = {}, []
+    for name, (model, arrays, fn) in runs.items():
+        n = valid(arrays, model)
+        flops = count_flops(lambda: fn(model, arrays))  # noqa: B023 - called right here
+        seconds = _timed(lambda: outputs.__setitem__(name, fn(model, arrays)))  # noqa: B023
+        cases.append(
+            {
+                "path": name,
+                "pixel_dates": n,
+                "seconds": _r(seconds),
+                "pixel_dates_per_s": _r(n / seconds, 2),
+                "flops_per_pixel_date": _r(flops / n, 0),
+                "gflops_per_s": _r(flops / seconds / 1e9, 2),
+            }
+        )
+        print(
+            f"  {name:>16}: {n} pixel-dates in {seconds:.2f} s, {flops / n / 1e6:,.1f} MFLOP per pixel-date",
+            flush=True,
+        )
+    off = a.tile_px // 2
+    d = outputs["dense"][:, :, off : off + a.ref_px, off : off + a.ref_px]
+    ref = outputs["reference"]
+    both = np.isfinite(d) & np.isfinite(ref)
+    cases.append(
+        {
+            "path": "dense_vs_reference",
+            "max_abs_diff": float(np.abs(d[both] - ref[both]).max()),
+            "nan_pattern_mismatches": int((np.isfinite(d) != np.isfinite(ref)).sum()),
+        }
+    )
+    torch.set_num_threads(torch.get_num_threads())
+    return cases
+
+
+def describe(bundle_path: Path) -> dict:
+    from stembed.models.bundle import load_bundle
+
+    model = load_bundle(bundle_path, expect_kind="fusion").build_model()
+    cfg = model.s2.cfg
+    return {
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "variant": cfg.variant,
+        "input_px": cfg.input_px,
+        "n_frames": cfg.n_frames,
+        "embed_dim": model.cfg.embed_dim,
+        "stem_channels": cfg.stem_channels,
+    }
+
+
 def main_parent(a: argparse.Namespace) -> None:
     import numpy as np
+    import torch
 
+    from stembed.inference.engine import resolve_device
     from stembed.io.cube import save_scene
     from stembed.testing import random_fusion_bundle, synthetic_scene
 
     t_all = time.perf_counter()
-    sizes = (a.size, 4 * a.size)
-    cases: list[dict] = []
-    equality: dict[str, dict] = {}
+    threads = len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory(prefix="stembed-bench-embed-") as d:
         tmp = Path(d)
-        bundle = Path(random_fusion_bundle(tmp / "bundle.pt", seed=0, preset=a.preset, tiny=a.tiny))
-        model = describe_model(bundle, a)
-        label = (f"fusion preset={a.preset}{' tiny' if a.tiny else ''} ({model['parameters']:,} parameters, "
-                 f"patch {model['patch_px']} px, {model['n_frames']} frames, "
-                 f"embed_dim {model['embed_dim']}, {model['device']})")
-        print(f"model: {label}", flush=True)
-        startup = spawn_case("startup", tmp, "startup", a, bundle=str(bundle))
-        print(f"cluster start-up (LocalCluster + worker imports + bundle load): "
-              f"{startup['cluster_startup_s']:.1f} s", flush=True)
+        dense_bundle = Path(random_fusion_bundle(tmp / "dense.pt", seed=0, preset=a.preset))
+        paper_base = a.preset.removesuffix("-dense") if a.preset != "dense" else "paper"
+        paper_bundle = Path(random_fusion_bundle(tmp / "paper.pt", seed=0, preset=paper_base))
+        models = {"dense": describe(dense_bundle), "paper_per_patch": describe(paper_bundle)}
+        print(
+            f"models: {a.preset} {models['dense']} / {paper_base} {models['paper_per_patch']}; "
+            f"device {resolve_device(a.device)}",
+            flush=True,
+        )
+        peak = matmul_peak_gflops(threads)
+        print(f"fp32 matmul peak (2048^3 torch.mm, {threads} threads): {peak:.1f} GFLOP/s", flush=True)
+        compute = compute_cases(a, tmp, dense_bundle, paper_bundle)
+        peak_after = matmul_peak_gflops(threads)
+        print(f"fp32 matmul peak again after the compute cases: {peak_after:.1f} GFLOP/s", flush=True)
+
+        sizes = (a.size, 4 * a.size)
+        e2e = []
         for size in sizes:
             scene = synthetic_scene(seed=a.seed, height_px=size, width_px=size, n_days=a.days)
             cube = tmp / f"cube_{size}.zarr"
             save_scene(scene, cube)
-            n_dates = int(scene.s2.sizes["time"])
             pixel_dates = int(np.isfinite(scene.s2.values).any(axis=1).sum())
+            n_dates = int(scene.s2.sizes["time"])
             del scene
-            ref_npy, out = tmp / f"reference_{size}.npy", tmp / f"embed_{size}.zarr"
-            for path in ("reference", "embed"):
-                extra = {"save": str(ref_npy)} if path == "reference" else {"out": str(out)}
-                r = spawn_case(path, tmp, f"{path}_{size}", a, cube=str(cube), bundle=str(bundle), **extra)
-                case = {"path": path, "size_px": size, "n_dates": n_dates, "pixel_dates": pixel_dates,
-                        "seconds": _r(r["seconds"]), "pixel_dates_per_s": _r(pixel_dates / r["seconds"], 1),
-                        "peak_rss_mib": _r(r["peak_rss_mib"], 1),
-                        "baseline_rss_mib": _r(r["baseline_rss_mib"], 1),
-                        "peak_main_rss_mib": _r(r["peak_main_rss_mib"], 1),
-                        "peak_descendants_rss_mib": _r(r["peak_descendants_rss_mib"], 1)}
-                if path == "reference":
-                    case["load_s"] = _r(r["load_s"])
-                    ref_threads = r["torch_threads"]
-                else:
-                    case["tiles"] = r["tiles_written"]
-                cases.append(case)
-                print(f"  {path:>9} {size}x{size} px: {case['seconds']:.2f} s, "
-                      f"peak {case['peak_rss_mib']:.0f} MiB", flush=True)
-            diff, nan_mismatch = compare(ref_npy, out)
-            equality[str(size)] = {"max_abs_diff": diff, "nan_pattern_mismatches": nan_mismatch}
+            r = spawn_case(
+                "embed",
+                tmp,
+                f"embed_{size}",
+                a,
+                cube=str(cube),
+                bundle=str(dense_bundle),
+                out=str(tmp / f"embed_{size}.zarr"),
+            )
+            e2e.append(
+                {
+                    "size_px": size,
+                    "n_dates": n_dates,
+                    "pixel_dates": pixel_dates,
+                    "seconds": _r(r["seconds"]),
+                    "pixel_dates_per_s": _r(pixel_dates / r["seconds"], 1),
+                    "tiles": r["tiles_written"],
+                    "peak_rss_mib": _r(r["peak_rss_mib"], 1),
+                    "baseline_rss_mib": _r(r["baseline_rss_mib"], 1),
+                }
+            )
+            print(
+                f"  stembed embed {size}x{size} px x {n_dates} dates: {r['seconds']:.1f} s, "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
 
-    by = {(c["path"], c["size_px"]): c for c in cases}
-    small, large = sizes
+    by = {c["path"]: c for c in compute}
+    peak_ref = max(peak, peak_after)
+    for c in compute:
+        if "gflops_per_s" in c:
+            c["share_of_matmul_peak"] = _r(c["gflops_per_s"] / peak_ref, 4)
     ratios = {
-        "embed_over_reference_speed": {str(s): _r(by["embed", s]["pixel_dates_per_s"]
-                                              / by["reference", s]["pixel_dates_per_s"]) for s in sizes},
-        "large_over_small_peak_rss": {p: _r(by[p, large]["peak_rss_mib"] / by[p, small]["peak_rss_mib"])
-                                      for p in ("reference", "embed")},
-        "embed_over_reference_peak_rss": {str(s): _r(by["embed", s]["peak_rss_mib"]
-                                                 / by["reference", s]["peak_rss_mib"]) for s in sizes},
+        "dense_over_reference_speed": _r(
+            by["dense"]["pixel_dates_per_s"] / by["reference"]["pixel_dates_per_s"], 1
+        ),
+        "dense_over_paper_per_patch_speed": _r(
+            by["dense"]["pixel_dates_per_s"] / by["paper_per_patch"]["pixel_dates_per_s"], 1
+        ),
+        "reference_over_dense_flops": _r(
+            by["reference"]["flops_per_pixel_date"] / by["dense"]["flops_per_pixel_date"], 1
+        ),
+        "paper_per_patch_over_dense_flops": _r(
+            by["paper_per_patch"]["flops_per_pixel_date"] / by["dense"]["flops_per_pixel_date"], 1
+        ),
+        "large_over_small_peak_rss": _r(e2e[1]["peak_rss_mib"] / e2e[0]["peak_rss_mib"]),
     }
-    threads = {"reference": ref_threads,
-               "embed_worker": max(1, len(os.sched_getaffinity(0)) // 1)}  # what embed_cube sets, workers=1
-
     print()
-    print(f"model: {label}; batch_size {a.batch_size}, tile_px {a.tile_px}, days {a.days}, "
-          f"torch threads: reference {threads['reference']}, embed worker {threads['embed_worker']}")
-    head = (f"{'path':>9} {'size':>7} {'dates':>5} {'px-dates':>9} {'seconds':>8} {'px-dates/s':>10} "
-            f"{'baseline MiB':>12} {'peak MiB':>9} {'(main':>7} {'+ desc.)':>8}")
+    print(
+        f"one {a.tile_px}x{a.tile_px} px tile, all dates, batch {a.batch_size}, {torch.get_num_threads()} threads; "
+        f"reference paths on {a.ref_px}x{a.ref_px} px of it"
+    )
+    head = f"{'path':>16} {'px-dates':>8} {'seconds':>8} {'px-dates/s':>10} {'MFLOP/px-date':>13} {'GFLOP/s':>8} {'of peak':>7}"
     print(head)
     print("-" * len(head))
-    for c in cases:
-        print(f"{c['path']:>9} {str(c['size_px']) + 'x' + str(c['size_px']):>7} {c['n_dates']:>5} "
-              f"{c['pixel_dates']:>9} {c['seconds']:>8.2f} {c['pixel_dates_per_s']:>10.1f} "
-              f"{c['baseline_rss_mib']:>12.0f} {c['peak_rss_mib']:>9.0f} {c['peak_main_rss_mib']:>7.0f} "
-              f"{c['peak_descendants_rss_mib']:>8.0f}")
-    print(f"embed seconds include cluster start-up, measured alone at {startup['cluster_startup_s']:.1f} s "
-          f"(LocalCluster {startup['cluster_start_s']:.1f} s + worker imports and bundle load)")
-    print()
-    print(f"{'ratio':<34} {f'{small}x{small}':>9} {f'{large}x{large}':>9}")
-    print(f"{'embed/reference speed':<34} {ratios['embed_over_reference_speed'][str(small)]:>9.2f} "
-          f"{ratios['embed_over_reference_speed'][str(large)]:>9.2f}")
-    print(f"{'embed/reference peak RSS':<34} {ratios['embed_over_reference_peak_rss'][str(small)]:>9.2f} "
-          f"{ratios['embed_over_reference_peak_rss'][str(large)]:>9.2f}")
-    print(f"{'ratio':<34} {'reference':>9} {'embed':>9}")
-    print(f"{'large/small peak RSS (x16 area)':<34} {ratios['large_over_small_peak_rss']['reference']:>9.2f} "
-          f"{ratios['large_over_small_peak_rss']['embed']:>9.2f}")
-    for s in sizes:
-        e = equality[str(s)]
-        print(f"embed vs reference at {s}x{s}: max abs difference {e['max_abs_diff']:.3g}, "
-              f"NaN-pattern mismatches {e['nan_pattern_mismatches']}")
+    for c in compute:
+        if "gflops_per_s" in c:
+            print(
+                f"{c['path']:>16} {c['pixel_dates']:>8} {c['seconds']:>8.2f} {c['pixel_dates_per_s']:>10.1f} "
+                f"{c['flops_per_pixel_date'] / 1e6:>13.1f} {c['gflops_per_s']:>8.1f} "
+                f"{100 * c['share_of_matmul_peak']:>6.1f}%"
+            )
+    eq = by["dense_vs_reference"]
+    print(f"matmul peak {peak_ref:.1f} GFLOP/s (best of the two measurements: {peak:.1f}, {peak_after:.1f})")
+    print(
+        f"dense vs reference on the same pixel-dates: max abs difference {eq['max_abs_diff']:.3g}, "
+        f"NaN-pattern mismatches {eq['nan_pattern_mismatches']}"
+    )
+    for k, v in ratios.items():
+        print(f"{k:<36} {v}")
+    print(
+        f"{'size':>9} {'px-dates':>9} {'seconds':>8} {'px-dates/s':>10} {'peak RSS MiB':>12}  (stembed embed end to end)"
+    )
+    for c in e2e:
+        print(
+            f"{str(c['size_px']) + 'x' + str(c['size_px']):>9} {c['pixel_dates']:>9} {c['seconds']:>8.1f} "
+            f"{c['pixel_dates_per_s']:>10.1f} {c['peak_rss_mib']:>12.0f}"
+        )
     total = time.perf_counter() - t_all
     print(f"total benchmark time {total:.0f} s")
-    print(json.dumps({
-        "model": {**model, "label": label},
-        "settings": {"size_px": list(sizes), "days": a.days, "tile_px": a.tile_px, "batch_size": a.batch_size,
-                     "workers": 1, "seed": a.seed, "s1_max_gap_days": GAP_DAYS,
-                     "cpus": len(os.sched_getaffinity(0))},
-        "torch_threads": threads,
-        "cluster_startup_s": _r(startup["cluster_startup_s"]),
-        "cases": cases,
-        "ratios": ratios,
-        "max_abs_diff": equality[str(small)]["max_abs_diff"],
-        "equality": equality,
-        "total_s": _r(total, 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "models": models,
+                "settings": {
+                    "preset": a.preset,
+                    "tile_px": a.tile_px,
+                    "ref_px": a.ref_px,
+                    "days": a.days,
+                    "batch_size": a.batch_size,
+                    "precision": a.precision,
+                    "sizes_px": list(sizes),
+                    "seed": a.seed,
+                    "cpus": threads,
+                    "device": str(resolve_device(a.device)),
+                },
+                "matmul_peak_gflops": [_r(peak, 1), _r(peak_after, 1)],
+                "compute": compute,
+                "end_to_end": e2e,
+                "ratios": ratios,
+                "total_s": _r(total, 1),
+            }
+        )
+    )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--size", type=int, default=12, help="small cube edge in px; the large is 4x this edge")
-    ap.add_argument("--days", type=int, default=60, help="synthetic period in days (60: ~10-12 S2 dates)")
-    ap.add_argument("--tile-px", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--tiny", action=argparse.BooleanOptionalAction, default=True,
-                    help="shrunk channels (default); --no-tiny runs the preset's full channels")
+    ap.add_argument("--size", type=int, default=64, help="small cube edge in px; the large is 4x this edge")
+    ap.add_argument("--days", type=int, default=40, help="synthetic period in days (40: ~6-8 S2 dates)")
+    ap.add_argument("--tile-px", type=int, default=64)
+    ap.add_argument("--ref-px", type=int, default=2, help="edge of the block the per-patch paths embed")
+    ap.add_argument("--batch-size", type=int, default=1024, help="windows per forward pass of the dense path")
+    ap.add_argument("--ref-batch-size", type=int, default=8,
+                    help="patches per forward pass of the per-patch paths (each holds 11 frames of 47 px maps)")
+    ap.add_argument("--precision", default="float32", choices=("auto", "float32", "bfloat16", "float16"))
+    ap.add_argument(
+        "--preset", default="dense", help="a dense preset: dense (paper widths), small-dense, tiny-dense"
+    )
     ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     ap.add_argument("--seed", type=int, default=0, help="seed of the synthetic scenes")
     # internal: one case in this (fresh) process

@@ -284,3 +284,17 @@ def test_max_pool3x3_equals_torch_max_pool_bit_for_bit() -> None:
         x = torch.randn(shape, generator=g)
         x[0, 0, 0, :2] = 7.0  # a tie at the border
         assert torch.equal(max_pool3x3(x), torch.nn.functional.max_pool2d(x, 3, 1, 1)), shape
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_run_transformer_equals_the_module_in_eval(norm_first):
+    """The eval-mode 2-D-matmul path computes what nn.TransformerEncoder computes (float rounding)."""
+    from stembed.models.layers import make_transformer, run_transformer
+
+    torch.manual_seed(0)
+    tf = make_transformer(64, 8, 16, 3, 0.25, norm_first=norm_first).eval()
+    x = torch.randn(37, 11, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(run_transformer(tf, x), tf(x), rtol=0, atol=2e-5)
+    tf.train()
+    assert run_transformer(tf, x).requires_grad  # training and grad still go through the module

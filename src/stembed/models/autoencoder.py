@@ -27,6 +27,7 @@ from stembed.models.layers import (
     PooledResidual,
     TemporalPositionalEmbedding,
     make_transformer,
+    run_transformer,
 )
 
 
@@ -64,7 +65,7 @@ class _SharedTemporal:
 
     def __call__(self, tokens: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) tokens -> (B, T, d_model), attention over the T dates of each patch."""
-        return self.transformer(tokens + self.positions(time_gaps))
+        return run_transformer(self.transformer, tokens + self.positions(time_gaps))
 
 
 def _resolve_shared(

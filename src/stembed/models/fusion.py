@@ -19,7 +19,7 @@ from torch import nn
 
 from stembed.config import FusionConfig
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.layers import make_transformer
+from stembed.models.layers import make_transformer, run_transformer
 
 
 class FusionModel(nn.Module):
@@ -132,7 +132,7 @@ class FusionModel(nn.Module):
         pair = torch.stack([torch.zeros_like(dt), dt], dim=1)  # (B, 2): S1 at 0, S2 at |dt| days
         tokens = tokens + self.pair_positions(pair) / math.sqrt(self.cfg.d_model)  # (B, 2, d)
 
-        tokens = self.transformer(tokens)  # (B, 2, d), attention between the two sensor tokens
+        tokens = run_transformer(self.transformer, tokens)  # (B, 2, d), attention between the two sensor tokens
         pooled = self.norm(tokens.mean(dim=1))  # (B, d)
         return self.softplus(self.to_embedding(pooled))  # (B, embed_dim)
 

@@ -187,6 +187,43 @@ def make_transformer(
     return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
 
+def run_transformer(transformer: nn.TransformerEncoder, x: torch.Tensor) -> torch.Tensor:
+    """``transformer(x)`` for (B, T, d) input; in eval mode without grad, the same arithmetic with 2-D matmuls.
+
+    nn.MultiheadAttention transposes batch-first input and projects it through batched matmuls plus
+    copies; on CPU those took over half of a dense embedding run. Here each projection is one
+    (B*T, d) matmul and attention is ``scaled_dot_product_attention`` (what the module calls too), so
+    results agree to float rounding (tested against the module).
+    """
+    if transformer.training or torch.is_grad_enabled():
+        return transformer(x)
+    for layer in transformer.layers:
+        x = _encoder_layer_eval(layer, x)
+    return x if transformer.norm is None else transformer.norm(x)
+
+
+def _encoder_layer_eval(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+    B, T, d = x.shape
+    attn = layer.self_attn
+    heads = attn.num_heads
+
+    def self_attention(h: torch.Tensor) -> torch.Tensor:
+        qkv = nn.functional.linear(h.reshape(B * T, d), attn.in_proj_weight, attn.in_proj_bias)  # (B*T, 3d)
+        q, k, v = qkv.reshape(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, T, d/heads)
+        o = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d/heads)
+        o = nn.functional.linear(o.transpose(1, 2).reshape(B * T, d), attn.out_proj.weight, attn.out_proj.bias)
+        return o.reshape(B, T, d)
+
+    def feed_forward(h: torch.Tensor) -> torch.Tensor:
+        return layer.linear2(layer.activation(layer.linear1(h)))
+
+    if layer.norm_first:
+        x = x + self_attention(layer.norm1(x))
+        return x + feed_forward(layer.norm2(x))
+    x = layer.norm1(x + self_attention(x))
+    return layer.norm2(x + feed_forward(x))
+
+
 # ----------------------------------------------------------------------------- bookkeeping
 def _unique_numel(params: Iterable[nn.Parameter]) -> int:
     seen: dict[int, int] = {}
