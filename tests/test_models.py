@@ -191,12 +191,13 @@ def test_batch_independence_test_catches_the_authors_bug(monkeypatch):
     x, g = _patches(cfg, 1, 0)
     mates_a, gaps_a = _patches(cfg, 5, 1)
     mates_b, gaps_b = _patches(cfg, 5, 2)
-    correct = ae.temporal.forward
+    from stembed.models import autoencoder
+    from stembed.models.layers import run_transformer
 
-    def across_batch(tokens, *args, **kwargs):  # (B, T, D) -> seen as (T, B, D): attention over B
-        return correct(tokens.transpose(0, 1), *args, **kwargs).transpose(0, 1)
+    def across_batch(transformer, tokens):  # (B, T, D) -> seen as (T, B, D): attention over B
+        return run_transformer(transformer, tokens.transpose(0, 1)).transpose(0, 1)
 
-    monkeypatch.setattr(ae.temporal, "forward", across_batch)
+    monkeypatch.setattr(autoencoder, "run_transformer", across_batch)
     z_a = _latent_of_first(ae, x, g, mates_a, gaps_a)
     z_b = _latent_of_first(ae, x, g, mates_b, gaps_b)
     assert (z_a - z_b).abs().max() > 1e-4
