@@ -16,7 +16,7 @@ seeded synthetic cubes (:func:`stembed.testing.synthetic_scene`):
    work is not counted, so GFLOP/s is the useful-arithmetic rate). The dense and reference outputs are
    compared on the reference's pixel-dates.
 3. **end to end**: ``stembed embed`` (:func:`stembed.inference.tiles.embed_cube`, one worker,
-   ``--tile-px`` tiles) on cubes of ``--size`` and 4 x ``--size`` px (area x16), each in a fresh
+   ``--tile-px`` tiles) on cubes of ``--size`` and 4 x ``--size`` px (area x16; or ``--e2e-sizes``), each in a fresh
    subprocess whose process tree's RSS is sampled every ~50 ms (peak, MiB; an upper bound, as shared
    pages count once per process). Its seconds include the LocalCluster start and the worker's imports.
 
@@ -306,7 +306,7 @@ def main_parent(a: argparse.Namespace) -> None:
         peak_after = matmul_peak_gflops(threads)
         print(f"fp32 matmul peak again after the compute cases: {peak_after:.1f} GFLOP/s", flush=True)
 
-        sizes = (a.size, 4 * a.size)
+        sizes = tuple(a.e2e_sizes) if a.e2e_sizes else (a.size, 4 * a.size)
         e2e = []
         for size in sizes:
             scene = synthetic_scene(seed=a.seed, height_px=size, width_px=size, n_days=a.days)
@@ -360,7 +360,7 @@ def main_parent(a: argparse.Namespace) -> None:
         "paper_per_patch_over_dense_flops": _r(
             by["paper_per_patch"]["flops_per_pixel_date"] / by["dense"]["flops_per_pixel_date"], 1
         ),
-        "large_over_small_peak_rss": _r(e2e[1]["peak_rss_mib"] / e2e[0]["peak_rss_mib"]),
+        "large_over_small_peak_rss": _r(e2e[-1]["peak_rss_mib"] / e2e[0]["peak_rss_mib"]),
     }
     print()
     print(
@@ -426,6 +426,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="small cube edge in px; the large is 4x this edge")
     ap.add_argument("--days", type=int, default=40, help="synthetic period in days (40: ~6-8 S2 dates)")
     ap.add_argument("--tile-px", type=int, default=64)
+    ap.add_argument("--e2e-sizes", type=int, nargs="+", help="cube edges of the end-to-end runs (default: size, 4x size)")
     ap.add_argument("--ref-px", type=int, default=2, help="edge of the block the per-patch paths embed")
     ap.add_argument("--batch-size", type=int, default=1024, help="windows per forward pass of the dense path")
     ap.add_argument("--ref-batch-size", type=int, default=8,
