@@ -202,3 +202,37 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     (x_hat - item["x"][None]).abs()[item["valid"][None]].mean().backward()
     opt.step()
     assert not torch.equal(before, ae.encoder.cnn.stem[0].weight)
+
+
+@pytest.mark.slow
+def test_dense_stages_train_then_embed(tmp_path):
+    """Both stages train with the dense variant (x_in windows), stage-1 weights stay bit-identical
+    through fusion, and `stembed embed` takes the dense path with the trained bundle."""
+    from stembed.config import AEStageConfig, FusionStageConfig
+    from stembed.demo import demo_configs
+    from stembed.training.run import train_autoencoder, train_fusion
+
+    cfgs = demo_configs(tmp_path, max_epochs=1)
+
+    def dense(cfg, kind):
+        d = cfg.model_dump()
+        d["preset"] = "tiny-dense"
+        d["train"] = {**d["train"], "limit_train_batches": 2, "progress_bar": False}
+        d["data"] = {**d["data"], "sampling": {**d["data"]["sampling"], "spatial_stride": 16, "window_stride": 40}}
+        return kind.model_validate(d)
+
+    s1 = train_autoencoder(dense(cfgs["s1"], AEStageConfig), run_dir=tmp_path / "s1")
+    s2 = train_autoencoder(dense(cfgs["s2"], AEStageConfig), run_dir=tmp_path / "s2")
+    fusion = train_fusion(dense(cfgs["fusion"], FusionStageConfig), run_dir=tmp_path / "fusion")
+    fb = load_bundle(fusion.bundle)
+    assert fb.config["s2_model"]["variant"] == "dense"
+    for key, run in (("s1", s1), ("s2", s2)):
+        own = load_bundle(run.bundle).state_dict
+        inside = {k.removeprefix(f"{key}."): v for k, v in fb.state_dict.items() if k.startswith(f"{key}.")}
+        assert own.keys() == inside.keys() and all(torch.equal(own[k], inside[k]) for k in own)
+    assert np.isfinite(fusion.metrics["splits"]["test"]["s2"]["centre_mae"])
+
+    save_scene(synthetic_scene(seed=9, height_px=26, width_px=25, n_days=70), tmp_path / "scene.zarr")
+    embed_cube(tmp_path / "scene.zarr", fusion.bundle, tmp_path / "e.zarr", EmbedConfig(tile_px=32), progress=False)
+    ds = open_embeddings(tmp_path / "e.zarr")
+    assert "dense" in str(ds.attrs.get("method")) and bool(ds["valid"].any())
