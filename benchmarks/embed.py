@@ -175,13 +175,15 @@ def _timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def count_flops(fn) -> int:
-    """FLOPs torch's FlopCounterMode counts for ``fn()`` (matmul, conv, attention; not elementwise)."""
+def count_flops(fn) -> tuple[int, int]:
+    """FLOPs torch's FlopCounterMode counts for ``fn()`` (matmul, conv, attention; not elementwise): the
+    total, and the part inside the dense frame CNN (``DenseFrameCNN`` modules; 0 for the patch encoder)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
-    return int(counter.get_total_flops())
+    counts = counter.get_flop_counts()
+    return int(counter.get_total_flops()), int(sum(counts.get("DenseFrameCNN", {}).values()))
 
 
 def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bundle: Path) -> list[dict]:
@@ -233,7 +235,7 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
     outputs, cases = {}, []
     for name, (model, arrays, fn) in runs.items():
         n = valid(arrays, model)
-        flops = count_flops(lambda: fn(model, arrays))  # noqa: B023 - called right here
+        flops, cnn_flops = count_flops(lambda: fn(model, arrays))  # noqa: B023 - called right here
         seconds = _timed(lambda: outputs.__setitem__(name, fn(model, arrays)))  # noqa: B023
         cases.append(
             {
@@ -242,6 +244,7 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
                 "seconds": _r(seconds),
                 "pixel_dates_per_s": _r(n / seconds, 2),
                 "flops_per_pixel_date": _r(flops / n, 0),
+                "frame_cnn_flops_per_pixel_date": _r(cnn_flops / n, 0),  # dense frame CNN (halo, cloudy dates)
                 "gflops_per_s": _r(flops / seconds / 1e9, 2),
             }
         )
@@ -377,6 +380,11 @@ def main_parent(a: argparse.Namespace) -> None:
                 f"{c['flops_per_pixel_date'] / 1e6:>13.1f} {c['gflops_per_s']:>8.1f} "
                 f"{100 * c['share_of_matmul_peak']:>6.1f}%"
             )
+    dense_cnn = by["dense"]["frame_cnn_flops_per_pixel_date"] / 1e6
+    print(
+        f"dense MFLOP per pixel-date: {dense_cnn:.1f} in the frame CNN, "
+        f"{by['dense']['flops_per_pixel_date'] / 1e6 - dense_cnn:.1f} per window (transformers, heads, fusion)"
+    )
     eq = by["dense_vs_reference"]
     print(f"matmul peak {peak_ref:.1f} GFLOP/s (best of the two measurements: {peak:.1f}, {peak_after:.1f})")
     print(
