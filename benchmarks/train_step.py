@@ -29,13 +29,15 @@ gen = torch.Generator().manual_seed(0)
 torch.manual_seed(0)
 model = SensorAutoencoder(ae_preset(preset, "s2"))
 opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-x = torch.rand(batch, 11, 10, 15, 15, generator=gen)
+w, c = model.cfg.input_px, model.cfg.context_px  # a dense encoder reads a wider window than the patch
+x_in = torch.rand(batch, 11, 10, w, w, generator=gen)
+x = x_in[..., c - 7 : c + 8, c - 7 : c + 8]
 valid = torch.ones_like(x, dtype=torch.bool)
 gaps = torch.full((batch, 10), 5.0)
 times = []
 for i in range(steps + 2):
     t = time.perf_counter()
-    x_hat, _ = model(x, gaps)
+    x_hat, _ = model(x_in, gaps)
     loss = reconstruction_loss(x_hat, x, valid, s2_stage1_loss())["loss"]
     opt.zero_grad(); loss.backward(); opt.step()
     if i >= 2:  # skip warm-up steps

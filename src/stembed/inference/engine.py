@@ -21,9 +21,6 @@ whichever worker runs it; other batch sizes agree to float32 rounding (~1e-7).
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import numpy as np
 import torch
 
@@ -69,13 +66,6 @@ def window_days(days: np.ndarray, t: int, n_frames: int) -> tuple[np.ndarray, np
         idx.append(i)
         frame_days.append(d)
     return np.asarray(idx), np.asarray(frame_days, dtype=np.int64)
-
-
-def reflect_index(start: int, stop: int, n: int) -> np.ndarray:
-    """Indices ``start..stop-1`` into an axis of length ``n``, reflected (without repeating the edge) past its ends."""
-    i = np.arange(start, stop)
-    i = np.where(i < 0, -i, i)
-    return np.where(i > n - 1, 2 * (n - 1) - i, i)
 
 
 def centre_valid(s2_block: np.ndarray, halo: int) -> np.ndarray:
@@ -198,7 +188,7 @@ def embed_block_dense(
             cache[date] = tokens.T.contiguous()  # (h*w, d_model): a window gathers whole rows
         return cache[date]
 
-    with _plain_attention(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for t in range(n_time):
             pix = np.flatnonzero(ok[t])  # flat y*w + x of the windows to embed
             if pix.size == 0:
@@ -226,25 +216,10 @@ def embed_block_dense(
     return out
 
 
-@contextlib.contextmanager
-def _plain_attention() -> Iterator[None]:
-    """Turn off nn.MultiheadAttention's fused inference path for the block (restored after).
-
-    On CPU its qkv re-layout dominated: 2105 vs 2526 pixel-dates/s without it (paper widths, 64 px
-    tile, 2 cores). The plain path is the same arithmetic, and torch's FlopCounterMode sees all of it.
-    """
-    before = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        yield
-    finally:
-        torch.backends.mha.set_fastpath_enabled(before)
-
-
 def embed_any(model: FusionModel, *arrays: np.ndarray, batch_size: int, device: torch.device, precision: str) -> np.ndarray:
     """:func:`embed_block_dense` for a dense model, else :func:`embed_block` (float32 only)."""
     if model.s2.cfg.variant == "dense":
         return embed_block_dense(model, *arrays, batch_size=batch_size, device=device, precision=precision)
-    if autocast_dtype(precision, device) is not None and precision != "auto":
+    if precision in ("bfloat16", "float16"):
         raise ValueError(f"precision {precision!r} needs a dense bundle; the per-patch path runs in float32")
     return embed_block(model, *arrays, batch_size=batch_size, device=device)

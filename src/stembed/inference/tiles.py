@@ -30,7 +30,8 @@ import xarray as xr
 
 from stembed.config import EmbedConfig, dump_config
 from stembed.data.build import matched_s1_arrays, sensor_arrays
-from stembed.inference.engine import embed_any, min_dates, reflect_index, resolve_device
+from stembed.data.datasets import fold_index
+from stembed.inference.engine import embed_any, min_dates, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
 from stembed.io.cube import CubeError, Scene, open_scene, value_problems
@@ -86,8 +87,8 @@ def read_block(
         CubeError: a value in the block breaks the cube contract (named, with the block).
     """
     height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
-    yi = reflect_index(rows.start - halo, rows.stop + halo, height)
-    xi = reflect_index(cols.start - halo, cols.stop + halo, width)
+    yi = fold_index(rows.start - halo, rows.stop + halo, 0, height)
+    xi = fold_index(cols.start - halo, cols.stop + halo, 0, width)
     y0, y1, x0, x1 = int(yi.min()), int(yi.max()) + 1, int(xi.min()), int(xi.max()) + 1
     sub = Scene(
         site=scene.site,

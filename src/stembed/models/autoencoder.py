@@ -122,8 +122,30 @@ class LatentExpander(nn.Module):
 
 
 # ----------------------------------------------------------------------------- encoder / decoder
+def patch_frame_cnn(cfg: AEConfig) -> nn.Sequential:
+    """The paper's frame CNN: one 15 x 15 frame -> a token_channels x 4 x 4 map (zero padding inside the patch)."""
+    C, stem, mid, low, tok = (
+        cfg.in_channels, cfg.stem_channels, cfg.mid_channels, cfg.low_channels, cfg.token_channels
+    )
+    r, p = cfg.cbam_reduction, cfg.enc_dropout2d
+    return nn.Sequential(
+        nn.Conv2d(C, stem, kernel_size=1), nn.SiLU(),  # (N, stem, 15, 15)
+        PooledResidual(MultiScaleBlock(stem, stem, cfg.multiscale_kernels, r)),
+        nn.Conv2d(stem, mid, kernel_size=2, stride=2), nn.SiLU(), nn.Dropout2d(p),  # (N, mid, 7, 7)
+        PooledResidual(ConvAttnBlock(mid, mid, r)),
+        # (N, low, 4, 4)
+        nn.Conv2d(mid, low, kernel_size=2, stride=2, padding=1), nn.SiLU(), nn.Dropout2d(p),
+        ConvAttnBlock(low, tok, cfg.token_cbam_reduction, spatial_kernel=3),  # (N, tok, 4, 4)
+    )
+
+
 class SensorEncoder(nn.Module):
-    """Patch time series (B, T, C, 15, 15) + day gaps (B, T-1) -> latent (B, latent_dim).
+    """Windows (B, T, C, input_px, input_px) + day gaps (B, T-1) -> latent (B, latent_dim).
+
+    The frame CNN is the paper's (:func:`patch_frame_cnn`, 15 px patches) or, for ``variant: dense``,
+    :class:`~stembed.models.dense.DenseFrameCNN`, which maps frames of any size to every pixel's token:
+    inference then encodes each tile frame once (:meth:`SensorAutoencoder.frame_tokens`) and every
+    window reuses it through :meth:`latent_from_tokens`; a training window is its 1 x 1 case.
 
     ``temporal``/``positions``: the shared modules of a :class:`SensorAutoencoder`; when omitted
     the encoder builds and owns its own (standalone use).
@@ -137,63 +159,20 @@ class SensorEncoder(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        C, stem, mid, low, tok = (
-            cfg.in_channels, cfg.stem_channels, cfg.mid_channels, cfg.low_channels, cfg.token_channels
-        )
-        r, p = cfg.cbam_reduction, cfg.enc_dropout2d
-        self.cnn = nn.Sequential(
-            nn.Conv2d(C, stem, kernel_size=1), nn.SiLU(),  # (N, stem, 15, 15)
-            PooledResidual(MultiScaleBlock(stem, stem, cfg.multiscale_kernels, r)),
-            nn.Conv2d(stem, mid, kernel_size=2, stride=2), nn.SiLU(), nn.Dropout2d(p),  # (N, mid, 7, 7)
-            PooledResidual(ConvAttnBlock(mid, mid, r)),
-            # (N, low, 4, 4)
-            nn.Conv2d(mid, low, kernel_size=2, stride=2, padding=1), nn.SiLU(), nn.Dropout2d(p),
-            ConvAttnBlock(low, tok, cfg.token_cbam_reduction, spatial_kernel=3),  # (N, tok, 4, 4)
-        )
-        self.shared = _resolve_shared(self, cfg, temporal, positions)
-        self.head = LatentHead(cfg)
-
-    def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
-        cfg = self.cfg
-        _check_patch(x, cfg)
-        B, T, C, H, W = x.shape
-        _check_gaps(time_gaps, B, T)
-        tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, token_channels, 4, 4): each frame alone
-        tokens = tokens.reshape(B, T, cfg.d_model)  # (B, T, d_model)
-        tokens = self.shared(tokens, time_gaps)  # (B, T, d_model), attention over time within a patch
-        return self.head(tokens)  # (B, latent_dim)
-
-
-class DenseSensorEncoder(nn.Module):
-    """The ``dense`` variant of :class:`SensorEncoder`: windows (B, T, C, input_px, input_px) -> latent.
-
-    Its frame CNN (:class:`~stembed.models.dense.DenseFrameCNN`) maps frames of any size to every
-    pixel's token, so inference encodes each tile frame once (:meth:`SensorAutoencoder.frame_tokens`)
-    and every window reuses it through :meth:`latent_from_tokens`; a training window is the 1x1 case.
-    """
-
-    def __init__(
-        self,
-        cfg: AEConfig,
-        temporal: nn.TransformerEncoder | None = None,
-        positions: TemporalPositionalEmbedding | None = None,
-    ):
-        super().__init__()
-        self.cfg = cfg
-        self.cnn = DenseFrameCNN(cfg)
+        self.cnn = DenseFrameCNN(cfg) if cfg.variant == "dense" else patch_frame_cnn(cfg)
         self.shared = _resolve_shared(self, cfg, temporal, positions)
         self.head = LatentHead(cfg)
 
     def latent_from_tokens(self, tokens: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) frame tokens + (B, T-1) gaps -> (B, latent_dim): attention over time, then the head."""
-        return self.head(self.shared(tokens, time_gaps))
+        return self.head(self.shared(tokens, time_gaps))  # attention over the T dates of each window
 
     def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         cfg = self.cfg
         _check_patch(x, cfg)
         B, T, C, H, W = x.shape
         _check_gaps(time_gaps, B, T)
-        tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, d_model, 1, 1): one token per window frame
+        tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, tok, 4, 4), dense: (B*T, d_model, 1, 1); each frame alone
         return self.latent_from_tokens(tokens.reshape(B, T, cfg.d_model), time_gaps)
 
 
@@ -257,8 +236,7 @@ class SensorAutoencoder(nn.Module):
         self.cfg = cfg
         self.temporal = make_temporal_transformer(cfg)
         self.positions = TemporalPositionalEmbedding(cfg.max_position_days, cfg.d_model)
-        encoder = DenseSensorEncoder if cfg.variant == "dense" else SensorEncoder
-        self.encoder = encoder(cfg, temporal=self.temporal, positions=self.positions)
+        self.encoder = SensorEncoder(cfg, temporal=self.temporal, positions=self.positions)
         self.decoder = SensorDecoder(cfg, temporal=self.temporal, positions=self.positions)
         # Per-band standardisation (identity unless the config carries stats); rebuilt from the
         # config, so not part of the state_dict.

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from stembed.config import AEConfig, dense_geometry
-from stembed.models.layers import ConvAttnBlock
+from stembed.models.layers import ChannelAttention, ConvAttnBlock, window_max, window_mean
 
 
 def crop(x: torch.Tensor, lo: int, hi: int | None = None) -> torch.Tensor:
@@ -35,41 +35,11 @@ def crop(x: torch.Tensor, lo: int, hi: int | None = None) -> torch.Tensor:
     return x[..., lo : x.shape[-2] - hi, lo : x.shape[-1] - hi]
 
 
-def window_max(x: torch.Tensor, k: int, d: int) -> torch.Tensor:
-    """Valid k x k max-pool with dilation d, stride 1: (N, C, H, W) -> (N, C, H - d(k-1), W - d(k-1))."""
-    span = d * (k - 1)
-    h = x[..., :, : x.shape[-1] - span]
-    for i in range(1, k):
-        h = torch.maximum(h, x[..., :, i * d : x.shape[-1] - span + i * d])
-    out = h[..., : h.shape[-2] - span, :]
-    for i in range(1, k):
-        out = torch.maximum(out, h[..., i * d : h.shape[-2] - span + i * d, :])
-    return out
-
-
-def window_mean(x: torch.Tensor, k: int, d: int) -> torch.Tensor:
-    """Valid k x k mean with dilation d, stride 1 (like :func:`window_max`)."""
-    span = d * (k - 1)
-    h = x[..., :, : x.shape[-1] - span]
-    for i in range(1, k):
-        h = h + x[..., :, i * d : x.shape[-1] - span + i * d]
-    out = h[..., : h.shape[-2] - span, :]
-    for i in range(1, k):
-        out = out + h[..., i * d : h.shape[-2] - span + i * d, :]
-    return out / (k * k)
-
-
-class WindowChannelAttention(nn.Module):
+class WindowChannelAttention(ChannelAttention):
     """CBAM channel gate pooled over a sliding k x k window (dilation d) instead of the whole patch."""
 
     def __init__(self, channels: int, reduction: int, window: int, dilation: int):
-        super().__init__()
-        hidden = max(1, channels // reduction)
-        self.mlp = nn.Sequential(
-            nn.Conv2d(channels, hidden, kernel_size=1, bias=False),
-            nn.ReLU(),
-            nn.Conv2d(hidden, channels, kernel_size=1, bias=False),
-        )
+        super().__init__(channels, reduction)
         self.window, self.dilation = window, dilation
         self.shrink = dilation * (window // 2)
 
@@ -198,8 +168,7 @@ class DenseFrameCNN(nn.Module):
             frames = frames[..., : H - g.unused_right, : W - g.unused_right]
         low = self.low_map(frames)  # (N, low, Hl, Wl)
         N, L = low.shape[:2]
-        first = g.margin + g.token_offsets[0] - g.low_shift  # low index of output pixel 0's first grid cell
-        grid = [first + o - g.token_offsets[0] for o in g.token_offsets]  # low-map offsets of the 4 grid rows
+        grid = [g.margin + o - g.low_shift for o in g.token_offsets]  # low-map index of each grid row, pixel 0
         cells = torch.stack(
             [low[:, :, a : a + ho, b : b + wo] for a in grid for b in grid], dim=2
         )  # (N, low, 16, ho, wo)

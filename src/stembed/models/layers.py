@@ -104,6 +104,28 @@ class ConvAttnBlock(nn.Module):
         return self.attention(self.conv(x))
 
 
+def _window_reduce(x: torch.Tensor, k: int, d: int, combine) -> torch.Tensor:  # noqa: ANN001
+    """Valid k x k window (dilation d, stride 1) of ``combine`` over (N, C, H, W), as two separable passes."""
+    span = d * (k - 1)
+    h = x[..., :, : x.shape[-1] - span]
+    for i in range(1, k):
+        h = combine(h, x[..., :, i * d : x.shape[-1] - span + i * d])
+    out = h[..., : h.shape[-2] - span, :]
+    for i in range(1, k):
+        out = combine(out, h[..., i * d : h.shape[-2] - span + i * d, :])
+    return out  # (N, C, H - span, W - span)
+
+
+def window_max(x: torch.Tensor, k: int, d: int = 1) -> torch.Tensor:
+    """Valid k x k max-pool with dilation d, stride 1: (N, C, H, W) -> (N, C, H - d(k-1), W - d(k-1))."""
+    return _window_reduce(x, k, d, torch.maximum)
+
+
+def window_mean(x: torch.Tensor, k: int, d: int = 1) -> torch.Tensor:
+    """Valid k x k mean with dilation d, stride 1 (like :func:`window_max`)."""
+    return _window_reduce(x, k, d, torch.add) / (k * k)
+
+
 def max_pool3x3(x: torch.Tensor) -> torch.Tensor:
     """3x3 max-pool, stride 1, padding 1 (= ``nn.MaxPool2d(3, 1, 1)``, bit for bit) on ``(N, C, H, W)``.
 
@@ -113,9 +135,7 @@ def max_pool3x3(x: torch.Tensor) -> torch.Tensor:
     The forward is identical; on exact ties the gradient is shared between the tied inputs instead
     of going to one of them.
     """
-    xp = nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf"))  # (N, C, H + 2, W + 2)
-    h = torch.maximum(torch.maximum(xp[..., :-2], xp[..., 1:-1]), xp[..., 2:])  # (N, C, H + 2, W)
-    return torch.maximum(torch.maximum(h[..., :-2, :], h[..., 1:-1, :]), h[..., 2:, :])  # (N, C, H, W)
+    return window_max(nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf")), 3)  # (N, C, H, W)
 
 
 class PooledResidual(nn.Module):
