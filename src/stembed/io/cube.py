@@ -16,7 +16,8 @@ A *cube* is one ``xr.DataArray`` holding one sensor's model-ready time series on
   - ``transform``: the GDAL-order affine ``[x_left, 10.0, 0.0, y_top, 0.0, -10.0]`` as a list,
     where ``(x_left, y_top)`` is the outer corner of the top-left pixel; it must agree with the
     ``x``/``y`` coordinates (:func:`cube_transform` computes it);
-  - ``sensor``: ``"s1"`` or ``"s2"``;
+  - ``sensor``: ``"s1"``, ``"s2"`` or a registered companion sensor (e.g. ``"agera5"``, see
+    :mod:`stembed.sensors`);
   - ``site``: a string id;
   - ``provenance``: a JSON string holding a dict that says where the data came from.
 
@@ -26,6 +27,8 @@ Optional: an S1 cube put on the S2 dates by :func:`stembed.preprocess.match_s1_t
 A :class:`Scene` pairs an S2 cube on its own (valid) dates with an S1 cube on *its own* dates,
 both normalised and on the same grid (same CRS, same y/x). Matching S1 to the S2 dates happens
 later, in the data pipeline, so the S1 temporal smoothing always runs on the S1 time axis.
+``Scene.extra`` adds companion-sensor cubes the same way: each on its own dates, on the S2 grid,
+keyed by its sensor name (see :class:`stembed.sensors.SensorPlugin`).
 
 :func:`validate_cube` checks every rule above and names, for each violation, the problem and the
 fix. :func:`save_cube` / :func:`open_cube` store a cube as zarr (one variable named after the
@@ -39,7 +42,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +52,7 @@ import pyproj
 import xarray as xr
 
 from stembed.errors import UserError
-from stembed.sensors import SENSORS, SensorSpec
+from stembed.sensors import CORE_SENSORS, SENSORS, SensorSpec, load_builtin_plugins
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
 _COORD_TOL_M = 1e-3  # coordinates and transforms agree if within a millimetre
@@ -391,24 +394,59 @@ def validate_pair(s1: xr.DataArray, s2: xr.DataArray) -> None:
                 f"the {name} argument has attrs['sensor'] = {cube.attrs.get('sensor')!r}; "
                 "fix: call validate_pair(s1, s2) with the S1 cube first"
             )
-    fix = "fix: reproject/resample S1 onto the S2 grid (e.g. rioxarray: s1.rio.reproject_match(s2))"
-    c1, c2 = _parse_crs(str(s1.attrs.get("crs"))), _parse_crs(str(s2.attrs.get("crs")))
+    _check_on_s2_grid(s1, s2, "S1", "s1")
+
+
+def _check_on_s2_grid(cube: xr.DataArray, s2: xr.DataArray, label: str, var: str) -> None:
+    """``cube`` (an S1 or companion cube, called ``label`` in messages) shares the S2 grid and site."""
+    fix = f"fix: reproject/resample {label} onto the S2 grid (e.g. rioxarray: {var}.rio.reproject_match(s2))"
+    c1, c2 = _parse_crs(str(cube.attrs.get("crs"))), _parse_crs(str(s2.attrs.get("crs")))
     if c1 is None or c2 is None or c1 != c2:
-        raise CubeError(f"S1 and S2 differ in CRS: {s1.attrs.get('crs')} vs {s2.attrs.get('crs')}; {fix}")
-    shape1, shape2 = (s1.sizes[Y], s1.sizes[X]), (s2.sizes[Y], s2.sizes[X])
+        raise CubeError(
+            f"{label} and S2 differ in CRS: {cube.attrs.get('crs')} vs {s2.attrs.get('crs')}; {fix}"
+        )
+    shape1, shape2 = (cube.sizes[Y], cube.sizes[X]), (s2.sizes[Y], s2.sizes[X])
     if shape1 != shape2:
-        raise CubeError(f"S1 grid is {shape1[0]}x{shape1[1]} px but S2 is {shape2[0]}x{shape2[1]} px; {fix}")
-    dx = s1[X].values.astype(np.float64) - s2[X].values
-    dy = s1[Y].values.astype(np.float64) - s2[Y].values
+        raise CubeError(
+            f"{label} grid is {shape1[0]}x{shape1[1]} px but S2 is {shape2[0]}x{shape2[1]} px; {fix}"
+        )
+    dx = cube[X].values.astype(np.float64) - s2[X].values
+    dy = cube[Y].values.astype(np.float64) - s2[Y].values
     if not (np.allclose(dx, 0, atol=_COORD_TOL_M) and np.allclose(dy, 0, atol=_COORD_TOL_M)):
         if np.ptp(dx) < _COORD_TOL_M and np.ptp(dy) < _COORD_TOL_M:
-            raise CubeError(f"S1 grid is offset by ({dx[0]:g}, {dy[0]:g}) m (dx, dy) from S2; {fix}")
-        raise CubeError(f"S1 and S2 have different x/y pixel coordinates (not a constant offset); {fix}")
-    if s1.attrs.get("site") != s2.attrs.get("site"):
+            raise CubeError(f"{label} grid is offset by ({dx[0]:g}, {dy[0]:g}) m (dx, dy) from S2; {fix}")
+        raise CubeError(f"{label} and S2 have different x/y pixel coordinates (not a constant offset); {fix}")
+    if cube.attrs.get("site") != s2.attrs.get("site"):
         raise CubeError(
-            f"S1 is from site {s1.attrs.get('site')!r} but S2 from site {s2.attrs.get('site')!r}; "
+            f"{label} is from site {cube.attrs.get('site')!r} but S2 from site {s2.attrs.get('site')!r}; "
             "fix: pair the cubes of one site"
         )
+
+
+def validate_extra(name: str, cube: xr.DataArray, s2: xr.DataArray, *, check_values: bool = True) -> None:
+    """Check a companion-sensor cube: the contract of its registered spec, and the S2 grid and site.
+
+    Raises:
+        CubeError: the sensor is unknown or reserved, or the cube breaks the contract or sits off the S2 grid.
+    """
+    if name in CORE_SENSORS:
+        raise CubeError(
+            f"Scene.extra holds a {name!r} cube, but s1/s2 are the scene's own fields; "
+            "fix: pass it as Scene(s1=...)/Scene(s2=...), keep only companion sensors in extra"
+        )
+    if name not in SENSORS:
+        load_builtin_plugins()
+    if name not in SENSORS:
+        raise CubeError(
+            f"Scene.extra holds a {name!r} cube but no sensor of that name is registered "
+            f"(known: {sorted(SENSORS)}); "
+            "fix: import the module that registers it (e.g. import stembed.io.agera5), which calls "
+            "stembed.sensors.register_sensor"
+        )
+    if not isinstance(cube, xr.DataArray):
+        raise CubeError(f"Scene.extra[{name!r}] is a {type(cube).__name__}, expected a DataArray cube")
+    validate_cube(cube, SENSORS[name], check_values=check_values)
+    _check_on_s2_grid(cube, s2, name, name)
 
 
 @dataclass(frozen=True, eq=False)
@@ -418,19 +456,28 @@ class Scene:
     Both cubes are normalised (``eq=False``: scenes compare by identity, as DataArrays have no
     single truth value). S1 is deliberately not matched to the S2 dates here: stage-1 training
     uses each sensor on its own time axis, and fusion matches later (``preprocess.match_s1_to_s2``).
-    ``labels`` (optional) holds per-pixel reference layers on the same y/x grid.
+    ``labels`` (optional) holds per-pixel reference layers on the same y/x grid. ``extra`` (keyword)
+    maps companion-sensor names to their cubes, each on its own dates and on the S2 grid
+    (``data.build.matched_arrays`` puts them on the S2 dates).
     """
 
     site: str
     s2: xr.DataArray
     s1: xr.DataArray
     labels: xr.Dataset | None = None
+    extra: dict[str, xr.DataArray] = field(default_factory=dict)
 
     def validate(self) -> None:
-        """Validate both cubes, their shared grid and the labels' grid; raise :class:`CubeError` if broken."""
+        """Validate every cube, the shared grid and the labels' grid; raise :class:`CubeError` if broken."""
         validate_cube(self.s2, SENSORS["s2"])
         validate_cube(self.s1, SENSORS["s1"])
         validate_pair(self.s1, self.s2)
+        if not isinstance(self.extra, dict):
+            raise CubeError(
+                f"Scene.extra is a {type(self.extra).__name__}; fix: pass a dict sensor name -> cube"
+            )
+        for name, cube in self.extra.items():
+            validate_extra(name, cube, self.s2)
         if self.s2.attrs.get("site") != self.site:
             raise CubeError(
                 f"Scene.site is {self.site!r} but its cubes say site {self.s2.attrs.get('site')!r}; "
@@ -559,10 +606,11 @@ _SCENE_FORMAT = 1
 
 
 def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write a :class:`Scene` as one zarr store, atomically: groups ``s2`` and ``s1`` (+ ``labels``).
+    """Write a :class:`Scene` as one zarr store, atomically: groups ``s2``, ``s1`` (+ ``labels``, extras).
 
-    This is the ``CUBE`` that ``stembed embed --cube`` reads. Each sensor group is laid out like
-    :func:`save_cube`'s store; the root's attributes name the format and the site.
+    This is the ``CUBE`` that ``stembed embed --cube`` reads. Each sensor group (companion sensors
+    included, named after the sensor) is laid out like :func:`save_cube`'s store; the root's
+    attributes name the format, the site and the companion sensors (``extra_sensors``).
 
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
@@ -574,9 +622,10 @@ def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Pa
     scene.validate()
 
     def write(tmp: Path) -> None:
-        root = xr.Dataset(attrs={_SCENE_MARKER: _SCENE_FORMAT, "site": scene.site})
+        extra = sorted(scene.extra)
+        root = xr.Dataset(attrs={_SCENE_MARKER: _SCENE_FORMAT, "site": scene.site, "extra_sensors": extra})
         root.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False)
-        for cube in (scene.s2, scene.s1):
+        for cube in (scene.s2, scene.s1, *(scene.extra[n] for n in extra)):
             _cube_dataset(cube).to_zarr(
                 tmp, group=str(cube.attrs["sensor"]), mode="w-", zarr_format=3, consolidated=False,
                 encoding=_cube_encoding(cube),
@@ -588,14 +637,15 @@ def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Pa
 
 
 def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
-    """Open a scene store written by :func:`save_scene`, lazily, and validate it.
+    """Open a scene store written by :func:`save_scene`, lazily, and validate it (companion sensors included).
 
     Args:
         check_values: also check every value's range (reads the whole cube); pass False to check
             only structure and grids, e.g. before a tiled run that checks each tile as it reads it.
 
     Raises:
-        CubeError: the path is missing or is not a stembed scene store, or the scene breaks the contract.
+        CubeError: the path is missing or is not a stembed scene store, the scene breaks the contract,
+            or it holds a companion sensor that is not registered.
     """
     path = Path(path)
     if not path.exists():
@@ -618,10 +668,26 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
     labels = None
     if (path / "labels").is_dir():
         labels = xr.open_zarr(path, group="labels", consolidated=False, chunks=None)
-    scene = Scene(site=str(root.attrs.get("site")), s2=s2, s1=s1, labels=labels)
+    names = root.attrs.get("extra_sensors", [])
+    if isinstance(names, str) or not isinstance(names, list | tuple):
+        raise CubeError(
+            f"{path}: root attribute extra_sensors is {names!r}, expected a list; "
+            "fix: rewrite the store with save_scene"
+        )
+    load_builtin_plugins()
+    unknown = [str(n) for n in names if str(n) not in SENSORS or str(n) in CORE_SENSORS]
+    if unknown:
+        raise CubeError(
+            f"{path} holds companion-sensor cubes {unknown}, but no such sensor is registered (known: "
+            f"{sorted(SENSORS)}); fix: import the module that registers it before opening the scene"
+        )
+    extra = {str(n): _read_cube(path, str(n)) for n in names}
+    scene = Scene(site=str(root.attrs.get("site")), s2=s2, s1=s1, labels=labels, extra=extra)
     validate_cube(s2, SENSORS["s2"], check_values=check_values)
     validate_cube(s1, SENSORS["s1"], check_values=check_values)
     validate_pair(s1, s2)
+    for name, cube in extra.items():
+        validate_extra(name, cube, s2, check_values=check_values)
     if scene.site != s2.attrs.get("site"):
         raise CubeError(f"{path}: the store says site {scene.site!r} but its S2 cube says {s2.attrs.get('site')!r}")
     return scene
