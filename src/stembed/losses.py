@@ -210,18 +210,23 @@ def fusion_loss(
     x2: torch.Tensor,
     valid2: torch.Tensor,
     cfg: FusionLossConfig,
+    extra: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Fusion objective (paper eq. 6-8): ``s1_weight * L_S1 + s2_weight * L_S2``.
+    """Fusion objective (paper eq. 6-8): ``s1_weight * L_S1 + s2_weight * L_S2`` (+ ``extra_weight * L_k``).
 
-    Returns ``{"loss": total}`` plus each branch's terms as ``"s1/<name>"`` and ``"s2/<name>"``
+    ``extra``: each companion sensor's ``(x_hat, x, valid)``, scored with ``cfg.extra``.
+    Returns ``{"loss": total}`` plus each branch's terms as ``"<sensor>/<name>"``
     (e.g. ``"s1/loss"``, ``"s2/sam"``).
     """
-    parts1 = reconstruction_loss(x1_hat, x1, valid1, cfg.s1)
-    parts2 = reconstruction_loss(x2_hat, x2, valid2, cfg.s2)
-    out = {"loss": cfg.s1_weight * parts1["loss"] + cfg.s2_weight * parts2["loss"]}
-    out.update({f"s1/{k}": v for k, v in parts1.items()})
-    out.update({f"s2/{k}": v for k, v in parts2.items()})
-    return out
+    branches = {"s1": (x1_hat, x1, valid1, cfg.s1, cfg.s1_weight), "s2": (x2_hat, x2, valid2, cfg.s2, cfg.s2_weight)}
+    branches |= {k: (*v, cfg.extra, cfg.extra_weight) for k, v in (extra or {}).items()}
+    out: dict[str, torch.Tensor] = {}
+    total = torch.zeros(())
+    for key, (x_hat, x, valid, loss_cfg, weight) in branches.items():
+        parts = reconstruction_loss(x_hat, x, valid, loss_cfg)
+        total = total.to(parts["loss"].device) + weight * parts["loss"]
+        out.update({f"{key}/{k}": v for k, v in parts.items()})
+    return {"loss": total, **out}
 
 
 # ----------------------------------------------------------------------------- metrics

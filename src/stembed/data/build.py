@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xarray as xr
 from torch.utils.data import Dataset
 
 from stembed.config import DataConfig, SamplingConfig
@@ -22,6 +23,7 @@ from stembed.data.sampling import (
 )
 from stembed.io.cube import Scene
 from stembed.preprocess import match_s1_to_s2
+from stembed.sensors import get_plugin
 
 
 @dataclass
@@ -34,20 +36,49 @@ class SplitData:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _scene_cube(scene: Scene, sensor: str) -> xr.DataArray:
+    """The scene's cube of ``sensor``: ``s1``, ``s2`` or a companion sensor in ``scene.extra``."""
+    if sensor == "s2":
+        return scene.s2
+    if sensor == "s1":
+        return scene.s1
+    try:
+        return scene.extra[sensor]
+    except KeyError:
+        raise SamplingError(
+            f"site {scene.site} has no {sensor!r} cube (it has s1, s2 and "
+            f"{sorted(scene.extra) or 'no companion sensors'}); "
+            f"fix: add {sensor!r} to data.extra_sensors so the scenes load it"
+        ) from None
+
+
 def sensor_arrays(scene: Scene, sensor: str) -> SensorArrays:
-    """A scene's S1 or S2 cube (on its own dates) as arrays."""
-    cube = scene.s2 if sensor == "s2" else scene.s1
+    """A scene's S1, S2 or companion-sensor cube (on its own dates) as arrays."""
+    cube = _scene_cube(scene, sensor)
     return SensorArrays(np.ascontiguousarray(cube.values, dtype=np.float32), day_numbers(cube["time"].values))
+
+
+def matched_arrays(scene: Scene, sensor: str, max_gap_days: float) -> SensorArrays:
+    """A non-S2 sensor (S1 or companion) on the S2 dates: the nearest date within ``max_gap_days``, else NaN.
+
+    ``days`` holds the sensor date used, or the S2 day where none was close enough (see datasets).
+    """
+    if sensor == "s2":
+        raise SamplingError(
+            "matched_arrays puts another sensor on the S2 dates; fix: use sensor_arrays(scene, 's2')"
+        )
+    s2_times = scene.s2["time"].values
+    m = match_s1_to_s2(_scene_cube(scene, sensor), s2_times, max_gap_days=max_gap_days)
+    s2_days = day_numbers(s2_times)
+    used = m["s1_time"].values  # match_s1_to_s2 names the matched date s1_time whatever the sensor
+    have = ~np.isnat(used)
+    days = np.where(have, day_numbers(np.where(have, used, s2_times)), s2_days)
+    return SensorArrays(np.ascontiguousarray(m.values, dtype=np.float32), days.astype(np.int64))
 
 
 def matched_s1_arrays(scene: Scene, max_gap_days: float) -> SensorArrays:
     """S1 on the S2 dates (nearest within ``max_gap_days``); missing S1 dates take the S2 day (see datasets)."""
-    m = match_s1_to_s2(scene.s1, scene.s2["time"].values, max_gap_days=max_gap_days)
-    s2_days = day_numbers(scene.s2["time"].values)
-    s1_time = m["s1_time"].values
-    have = ~np.isnat(s1_time)
-    days = np.where(have, day_numbers(np.where(have, s1_time, scene.s2["time"].values)), s2_days)
-    return SensorArrays(np.ascontiguousarray(m.values, dtype=np.float32), days.astype(np.int64))
+    return matched_arrays(scene, "s1", max_gap_days)
 
 
 def _split_patches(
@@ -117,12 +148,20 @@ def build_sensor_data(
 
 
 def build_fusion_data(
-    scenes: list[Scene], cfg: DataConfig, rng: np.random.Generator, context_px: int | None = None
+    scenes: list[Scene],
+    cfg: DataConfig,
+    rng: np.random.Generator,
+    context_px: int | None = None,
+    extra: tuple[str, ...] = (),
 ) -> SplitData:
-    """Aligned S1+S2 patches on the S2 dates (stage 2); the S2 centre pixel decides which patches exist."""
+    """Aligned S1+S2 (+ ``extra`` companion) patches on the S2 dates (stage 2); the S2 centre pixel decides
+    which patches exist. A companion is matched with its plugin's ``match_max_gap_days``."""
     sampling = cfg.resolved_sampling("s2")
     s2 = [sensor_arrays(s, "s2") for s in scenes]
     s1 = [matched_s1_arrays(s, cfg.s1_max_gap_days) for s in scenes]
+    companions = {k: [matched_arrays(s, k, get_plugin(k).match_max_gap_days) for s in scenes] for k in extra}
     patches, regions, info = _split_patches(scenes, s2, sampling, cfg, rng)
-    ds: dict[str, Dataset[Any]] = {k: FusionPatchDataset(s2, s1, v, sampling.patch_px, context_px) for k, v in patches.items()}
+    ds: dict[str, Dataset[Any]] = {
+        k: FusionPatchDataset(s2, s1, v, sampling.patch_px, context_px, companions) for k, v in patches.items()
+    }
     return SplitData(ds, patches, regions, info)

@@ -5,7 +5,9 @@ Items are dicts of tensors:
 - sensor patches: ``x`` (T, C, P, P) float32 with NaNs filled, ``valid`` (T, C, P, P) bool (True =
   observed), ``time_gaps`` (T-1,) float32 days between consecutive frames;
 - fusion patches: the same for each sensor with suffixes ``1`` (S1) and ``2`` (S2), and
-  ``dt_centre`` () float32 = |S1 date - S2 date| at the centre frame, in days.
+  ``dt_centre`` () float32 = |S1 date - S2 date| at the centre frame, in days; each companion
+  sensor ``k`` (matched to the S2 dates like S1) adds ``x_k``, ``valid_k``, ``time_gaps_k`` and
+  ``dt_k`` (|its date - S2 date| at the centre frame).
 
 NaNs are filled with the patch's per-band mean over (time, y, x) of its valid values (0 where a
 band has none), as in the paper: the mask is taken before filling, so losses ignore filled values.
@@ -17,7 +19,7 @@ gets ``x_in`` (T, C, W, W), W = 2 * context_px + 1: the raw window around the pa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,9 +122,12 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
         patches: Sequence[PatchIndex],
         patch_px: int,
         context_px: int | None = None,
+        extra: Mapping[str, Sequence[SensorArrays]] | None = None,
     ) -> None:
-        if len(s1) != len(s2):
-            raise ValueError(f"{len(s1)} S1 sites for {len(s2)} S2 sites")
+        self.extra = {k: list(v) for k, v in (extra or {}).items()}
+        for name, sites in {"S1": s1, **self.extra}.items():
+            if len(sites) != len(s2):
+                raise ValueError(f"{len(sites)} {name} sites for {len(s2)} S2 sites")
         self.s2, self.s1 = list(s2), list(s1)
         self.patches = list(patches)
         self.patch_px = patch_px
@@ -148,7 +153,19 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
             "time_gaps2": torch.from_numpy(gaps(s2.days[frames])),
             "dt_centre": torch.tensor(dt, dtype=torch.float32),
         }
-        if self.context_px > self.patch_px // 2:
+        wide = self.context_px > self.patch_px // 2
+        if wide:
             item["x1_in"] = torch.from_numpy(cut_window(s1.values, p, self.patch_px, self.context_px))
             item["x2_in"] = torch.from_numpy(cut_window(s2.values, p, self.patch_px, self.context_px))
+        for k, sites in self.extra.items():
+            sx = sites[p.site]
+            xk, validk = fill_patch(cut_patch(sx.values, p, self.patch_px))
+            item |= {
+                f"x_{k}": torch.from_numpy(xk),
+                f"valid_{k}": torch.from_numpy(validk),
+                f"time_gaps_{k}": torch.from_numpy(gaps(sx.days[frames])),
+                f"dt_{k}": torch.tensor(abs(float(sx.days[frames[c]] - s2.days[frames[c]])), dtype=torch.float32),
+            }
+            if wide:
+                item[f"x_{k}_in"] = torch.from_numpy(cut_window(sx.values, p, self.patch_px, self.context_px))
         return item

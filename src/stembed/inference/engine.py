@@ -21,6 +21,8 @@ whichever worker runs it; other batch sizes agree to float32 rounding (~1e-7).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -74,6 +76,15 @@ def centre_valid(s2_block: np.ndarray, halo: int) -> np.ndarray:
     return np.isfinite(core).any(axis=1)
 
 
+Extra = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Companion sensors of a block: key -> (values ``(time, band, h + 2r, w + 2r)`` on the S2 dates, matched days ``(time,)``)."""
+
+
+def _frame_days(days2: np.ndarray, s2_days: np.ndarray, frames: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """A matched sensor's day of each window frame, moved like the S2 day when the frame is reflected."""
+    return days[frames] + (days2 - s2_days[frames])
+
+
 @torch.no_grad()
 def embed_block(
     model: FusionModel,
@@ -84,6 +95,9 @@ def embed_block(
     *,
     batch_size: int,
     device: torch.device,
+    extra: Extra | None = None,
+    targets: np.ndarray | None = None,
+    hide_s2_centre: bool = False,
 ) -> np.ndarray:
     """Embed every pixel-date of a block.
 
@@ -94,28 +108,39 @@ def embed_block(
         s2_days, s1_days: ``(time,)`` day numbers of the S2 dates and of the matched S1 dates.
         batch_size: patches per forward pass (fixed: see the module docstring).
         device: where the model runs.
+        extra: the model's companion sensors, matched to the S2 dates like S1.
+        targets: ``(time, h, w)`` which pixel-dates to embed; default: those whose S2 centre pixel is observed.
+        hide_s2_centre: hide each window's S2 centre frame (the gap-fill model's input, see models.gapfill).
 
     Returns:
-        ``(time, embed_dim, h, w)`` float32, NaN where the S2 centre pixel is not observed.
+        ``(time, embed_dim, h, w)`` float32, NaN where not a target.
     """
     n_frames, p = model.s2.cfg.n_frames, model.s2.cfg.input_px
     r = p // 2
     # the patch encoder needs NaN-free windows filled as in training; the dense one fills per pixel itself
     fill = fill_patch if model.s2.cfg.variant == "patch" else (lambda a: (a, None))
+    extra = extra or {}
     n_time, _, hp, wp = s2.shape
     h, w = hp - 2 * r, wp - 2 * r
     out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
-    ts, ys, xs = np.nonzero(centre_valid(s2, r))
+    ts, ys, xs = np.nonzero(centre_valid(s2, r) if targets is None else targets)
     if ts.size == 0:
         return out
     c = n_frames // 2
     windows = [window_days(s2_days, t, n_frames) for t in range(n_time)]
     frames = np.stack([f for f, _ in windows])  # (time, n_frames) date index of each frame
     days2 = np.stack([d for _, d in windows])  # (time, n_frames) day number of each S2 frame
-    # S1 day of each frame: the matched S1 day, moved like the S2 day when the frame is reflected
-    days1 = s1_days[frames] + (days2 - s2_days[frames])
-    view2 = np.lib.stride_tricks.sliding_window_view(s2, (p, p), axis=(2, 3))  # (T, C2, h, w, p, p)
-    view1 = np.lib.stride_tricks.sliding_window_view(s1, (p, p), axis=(2, 3))  # (T, C1, h, w, p, p)
+    days1 = _frame_days(days2, s2_days, frames, s1_days)
+    daysx = {k: _frame_days(days2, s2_days, frames, d) for k, (_, d) in extra.items()}
+
+    def view(a: np.ndarray) -> np.ndarray:
+        return np.lib.stride_tricks.sliding_window_view(a, (p, p), axis=(2, 3))  # (T, C, h, w, p, p)
+
+    views = {"s2": view(s2), "s1": view(s1), **{k: view(v) for k, (v, _) in extra.items()}}
+
+    def to(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
     for i in range(0, ts.size, batch_size):
         tb, yb, xb = ts[i : i + batch_size], ys[i : i + batch_size], xs[i : i + batch_size]
         n = tb.size
@@ -124,15 +149,22 @@ def embed_block(
         f = frames[tb]  # (B, n_frames)
         # C order first: numpy picks the layout of a fancy-indexed result, and the fill's sums must
         # not depend on it
-        x2, _ = fill(np.ascontiguousarray(view2[f, :, yb[:, None], xb[:, None]]))  # (B, n_frames, C2, p, p)
-        x1, _ = fill(np.ascontiguousarray(view1[f, :, yb[:, None], xb[:, None]]))  # (B, n_frames, C1, p, p)
+        x = {k: np.ascontiguousarray(v[f, :, yb[:, None], xb[:, None]]) for k, v in views.items()}  # (B, n_frames, C, p, p)
+        if hide_s2_centre:
+            x["s2"][:, c] = np.nan
+        x = {k: fill(v)[0] for k, v in x.items()}
         d2, d1 = days2[tb], days1[tb]
+        companions = {
+            k: (to(x[k]), to(np.diff(dk[tb], axis=1).astype(np.float32)), to(np.abs(dk[tb, c] - d2[:, c]).astype(np.float32)))
+            for k, dk in daysx.items()
+        }
         e = model.embed(
-            torch.from_numpy(x1).to(device),
-            torch.from_numpy(np.diff(d1, axis=1).astype(np.float32)).to(device),
-            torch.from_numpy(x2).to(device),
-            torch.from_numpy(np.diff(d2, axis=1).astype(np.float32)).to(device),
-            torch.from_numpy(np.abs(d1[:, c] - d2[:, c]).astype(np.float32)).to(device),
+            to(x["s1"]),
+            to(np.diff(d1, axis=1).astype(np.float32)),
+            to(x["s2"]),
+            to(np.diff(d2, axis=1).astype(np.float32)),
+            to(np.abs(d1[:, c] - d2[:, c]).astype(np.float32)),
+            companions,
         )  # (B, embed_dim)
         out[tb[:n], :, yb[:n], xb[:n]] = e[:n].float().cpu().numpy()
     return out
@@ -156,6 +188,9 @@ def embed_block_dense(
     batch_size: int,
     device: torch.device,
     precision: str = "float32",
+    extra: Extra | None = None,
+    targets: np.ndarray | None = None,
+    hide_s2_centre: bool = False,
 ) -> np.ndarray:
     """:func:`embed_block` for the ``dense`` encoder: each frame encoded once, windows batched.
 
@@ -164,62 +199,85 @@ def embed_block_dense(
     one target date share their frame dates, so they are gathered pixel by pixel and run through the
     temporal transformer, latent head and fusion in batches of up to ``batch_size`` (not padded: the
     frame pass already differs in float rounding between tilings, see the module docstring).
+    With ``hide_s2_centre`` the S2 centre frame of every window is an all-NaN frame, encoded once.
 
     ``precision``: ``float32`` (exact), or ``bfloat16`` / ``float16`` autocast (CUDA), or ``auto``.
     """
-    for ae in (model.s1, model.s2):
+    extra = extra or {}
+    for key, ae in model.autoencoders().items():
         if ae.cfg.variant != "dense":
-            raise ValueError(f"embed_block_dense needs dense autoencoders; the {ae.cfg.sensor} one is 'patch'")
+            raise ValueError(f"embed_block_dense needs dense autoencoders; the {key} one is 'patch'")
     n_frames, r = model.s2.cfg.n_frames, model.s2.cfg.context_px
     n_time, _, hp, wp = s2.shape
     h, w = hp - 2 * r, wp - 2 * r
     out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
-    ok = centre_valid(s2, r)  # (time, h, w)
+    ok = centre_valid(s2, r) if targets is None else targets  # (time, h, w)
     amp = autocast_dtype(precision, device)
     c = n_frames // 2
-    caches: dict[str, dict[int, torch.Tensor]] = {"s1": {}, "s2": {}}
+    values = {"s2": (s2, s2_days), "s1": (s1, s1_days), **extra}
+    aes = model.autoencoders()
+    caches: dict[str, dict[int, torch.Tensor]] = {k: {} for k in values}
 
-    def tokens(sensor: str, values: np.ndarray, date: int) -> torch.Tensor:
+    def encode(sensor: str, frame: np.ndarray) -> torch.Tensor:
+        ae = aes[sensor]
+        x = torch.from_numpy(np.ascontiguousarray(frame)).to(device)  # (1, C, hp, wp)
+        return ae.frame_tokens(x)[0].reshape(ae.cfg.d_model, h * w).T.contiguous()  # (h*w, d_model): rows per pixel
+
+    def tokens(sensor: str, date: int) -> torch.Tensor:
         cache = caches[sensor]
         if date not in cache:
-            frame = torch.from_numpy(np.ascontiguousarray(values[date : date + 1])).to(device)  # (1, C, hp, wp)
-            ae = model.s1 if sensor == "s1" else model.s2
-            tokens = ae.frame_tokens(frame)[0].reshape(ae.cfg.d_model, h * w)  # (d_model, h*w)
-            cache[date] = tokens.T.contiguous()  # (h*w, d_model): a window gathers whole rows
+            cache[date] = encode(sensor, values[sensor][0][date : date + 1])
         return cache[date]
 
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        hidden = encode("s2", np.full_like(s2[:1], np.nan)) if hide_s2_centre else None
         for t in range(n_time):
             pix = np.flatnonzero(ok[t])  # flat y*w + x of the windows to embed
             if pix.size == 0:
                 continue
             frames, days2 = window_days(s2_days, t, n_frames)
-            days1 = s1_days[frames] + (days2 - s2_days[frames])
             for cache in caches.values():  # later windows never reach back before this one's first frame
                 for d in [d for d in cache if d < frames.min()]:
                     del cache[d]
-            tok2 = [tokens("s2", s2, int(f)) for f in frames]  # n_frames x (h*w, d_model)
-            tok1 = [tokens("s1", s1, int(f)) for f in frames]
-            g2 = torch.from_numpy(np.diff(days2).astype(np.float32)).to(device)[None]  # (1, n_frames - 1)
-            g1 = torch.from_numpy(np.diff(days1).astype(np.float32)).to(device)[None]
+            tok = {k: [tokens(k, int(f)) for f in frames] for k in values}  # n_frames x (h*w, d_model) each
+            if hidden is not None:
+                tok["s2"][c] = hidden
+            days = {k: days2 if k == "s2" else _frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
+            gaps = {k: torch.from_numpy(np.diff(d).astype(np.float32)).to(device)[None] for k, d in days.items()}
             for i in range(0, pix.size, batch_size):
                 idx = torch.from_numpy(pix[i : i + batch_size]).to(device)  # (B,)
                 B = idx.numel()
-                x2 = torch.stack([tk.index_select(0, idx) for tk in tok2], dim=1)  # (B, n_frames, d_model)
-                x1 = torch.stack([tk.index_select(0, idx) for tk in tok1], dim=1)
-                z2 = model.s2.encoder.latent_from_tokens(x2, g2.expand(B, -1))  # (B, latent_s2)
-                z1 = model.s1.encoder.latent_from_tokens(x1, g1.expand(B, -1))  # (B, latent_s1)
-                dt = torch.full((B,), float(abs(days1[c] - days2[c])), device=device)
-                e = model.fuse(z1, z2, dt).float().cpu().numpy()  # (B, embed_dim)
+                z = {
+                    k: aes[k].encoder.latent_from_tokens(
+                        torch.stack([tk.index_select(0, idx) for tk in tok[k]], dim=1),  # (B, n_frames, d_model)
+                        gaps[k].expand(B, -1),
+                    )  # (B, latent_k)
+                    for k in values
+                }
+
+                def dt(k: str) -> torch.Tensor:
+                    return torch.full((B,), float(abs(days[k][c] - days2[c])), device=device)
+
+                e = model.fuse(z["s1"], z["s2"], dt("s1"), {k: (z[k], dt(k)) for k in extra})
                 ys, xs = np.divmod(pix[i : i + batch_size], w)
-                out[t, :, ys, xs] = e
+                out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
     return out
 
 
-def embed_any(model: FusionModel, *arrays: np.ndarray, batch_size: int, device: torch.device, precision: str) -> np.ndarray:
+def embed_any(
+    model: FusionModel,
+    *arrays: np.ndarray,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    extra: Extra | None = None,
+    targets: np.ndarray | None = None,
+    hide_s2_centre: bool = False,
+) -> np.ndarray:
     """:func:`embed_block_dense` for a dense model, else :func:`embed_block` (float32 only)."""
+    kw: dict[str, Any] = {"extra": extra, "targets": targets, "hide_s2_centre": hide_s2_centre}
     if model.s2.cfg.variant == "dense":
-        return embed_block_dense(model, *arrays, batch_size=batch_size, device=device, precision=precision)
+        return embed_block_dense(model, *arrays, batch_size=batch_size, device=device, precision=precision, **kw)
     if precision in ("bfloat16", "float16"):
         raise ValueError(f"precision {precision!r} needs a dense bundle; the per-patch path runs in float32")
-    return embed_block(model, *arrays, batch_size=batch_size, device=device)
+    return embed_block(model, *arrays, batch_size=batch_size, device=device, **kw)

@@ -22,19 +22,36 @@ import numpy as np
 import torch
 import xarray as xr
 
-from stembed.data.build import matched_s1_arrays, sensor_arrays
+from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.inference.engine import embed_block, resolve_device
 from stembed.io.cube import CubeError, Scene
 from stembed.models.bundle import Bundle, BundleError
 from stembed.models.fusion import FusionModel
+from stembed.models.gapfill import GapFillModel
+from stembed.sensors import get_plugin
 from stembed.types import FEATURE, TIME, X, Y
 
 
 def check_bundle_for_scene(scene: Scene, bundle: Bundle) -> None:
-    """Refuse a non-fusion bundle, or cubes whose bands are not the bundle's, in its order."""
-    if bundle.kind != "fusion":
-        raise BundleError(f"embedding needs a fusion bundle; {bundle.path} is {bundle.kind} ({bundle.sensor})")
-    for key, cube in (("s1", scene.s1), ("s2", scene.s2)):
+    """Refuse a bundle that cannot embed, or cubes whose bands are not the bundle's, in its order.
+
+    A companion sensor the bundle was trained with must be in the scene (``Scene.extra``).
+    """
+    if bundle.kind not in ("fusion", "gapfill"):
+        raise BundleError(
+            f"embedding needs a fusion (or gap-fill) bundle; {bundle.path} is {bundle.kind} ({bundle.sensor})"
+        )
+    fusion_cfg = bundle.config["fusion"] if bundle.kind == "gapfill" else bundle.config
+    cubes = {"s1": scene.s1, "s2": scene.s2}
+    for key in fusion_cfg.get("extra_models", {}):
+        if key not in scene.extra:
+            raise CubeError(
+                f"the bundle was trained with the companion sensor {key!r} but the scene has "
+                f"{sorted(scene.extra) or 'no companion sensors'}; fix: build the scene with its {key} cube "
+                f"(data.extra_sensors / Scene.extra) or use a bundle trained without it"
+            )
+        cubes[key] = scene.extra[key]
+    for key, cube in cubes.items():
         if tuple(cube["band"].values) != bundle.sensors[key].bands:
             raise CubeError(
                 f"the {key} cube has bands {[str(b) for b in cube['band'].values]} but the bundle was trained on "
@@ -58,16 +75,20 @@ def embed_reference(
     check_bundle_for_scene(scene, bundle)
     scene.validate()
     model = bundle.build_model()
+    if isinstance(model, GapFillModel):  # observed dates: its fusion model
+        model = model.fusion
     if not isinstance(model, FusionModel):  # pragma: no cover - kind checked above
         raise TypeError("expected a FusionModel")
     dev = resolve_device(device)
     model.to(dev)
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, max_gap_days)
+    companions = {k: matched_arrays(scene, k, get_plugin(k).match_max_gap_days) for k in model.extra}
     r = model.s2.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
     out = embed_block(
         model, np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"),
         s2.days, s1.days, batch_size=batch_size, device=dev,
+        extra={k: (np.pad(a.values, pad, mode="reflect"), a.days) for k, a in companions.items()},
     )
     return embedding_dataset(out, np.isfinite(s2.values).any(axis=1), scene, bundle)
 

@@ -14,12 +14,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from stembed.config import AEConfig, FusionConfig
+from stembed.config import AEConfig
 from stembed.errors import UserError
 from stembed.sensors import SensorSpec
 
 BUNDLE_FORMAT = "stembed-bundle/1"
-BundleKind = Literal["autoencoder", "fusion"]
+BundleKind = Literal["autoencoder", "fusion", "gapfill"]
+"""``gapfill`` holds a whole fusion bundle's model plus the fusion layers for cloudy dates (models.gapfill)."""
 
 
 class BundleError(UserError):
@@ -42,15 +43,19 @@ class Bundle:
     def build_model(self) -> nn.Module:
         """Rebuild the model from the stored config and load the weights (strict); eval mode."""
         from stembed.models.autoencoder import SensorAutoencoder
-        from stembed.models.fusion import FusionModel
+        from stembed.models.fusion import build_fusion
+        from stembed.models.gapfill import GapFillModel
 
         model: nn.Module
         if self.kind == "autoencoder":
             model = SensorAutoencoder(AEConfig.model_validate(self.config["model"]))
         else:
-            s1 = SensorAutoencoder(AEConfig.model_validate(self.config["s1_model"]))
-            s2 = SensorAutoencoder(AEConfig.model_validate(self.config["s2_model"]))
-            model = FusionModel(s1, s2, FusionConfig.model_validate(self.config["model"]))
+            fusion_cfg = self.config["fusion"] if self.kind == "gapfill" else self.config
+            model = build_fusion(
+                fusion_cfg["s1_model"], fusion_cfg["s2_model"], fusion_cfg["model"], fusion_cfg.get("extra_models")
+            )
+            if self.kind == "gapfill":
+                model = GapFillModel(model)
         model.load_state_dict(self.state_dict, strict=True)
         return model.eval()
 
@@ -92,13 +97,20 @@ _NAMES = {"s1": "Sentinel-1", "s2": "Sentinel-2"}
 
 
 def _describe(kind: str, sensor: str | None) -> str:
-    return "a fusion model" if kind == "fusion" else f"an {_NAMES.get(str(sensor), sensor)} autoencoder"
+    if kind == "fusion":
+        return "a fusion model"
+    if kind == "gapfill":
+        return "a gap-fill model (a fusion model plus fusion layers for cloudy dates)"
+    return f"an {_NAMES.get(str(sensor), sensor)} autoencoder"
 
 
 def load_bundle(
-    path: str | Path, *, expect_kind: BundleKind | None = None, expect_sensor: str | None = None
+    path: str | Path,
+    *,
+    expect_kind: BundleKind | tuple[BundleKind, ...] | None = None,
+    expect_sensor: str | None = None,
 ) -> Bundle:
-    """Load a bundle with ``weights_only=True`` and check it is the kind (and sensor) the caller needs."""
+    """Load a bundle with ``weights_only=True`` and check it is the kind (one of the kinds) and sensor the caller needs."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"bundle {path} does not exist; train one with `stembed train s1|s2|fusion`")
@@ -114,10 +126,11 @@ def load_bundle(
             "use the stembed version that wrote it, or retrain"
         )
     kind, sensor = raw["kind"], raw.get("sensor")
-    if kind not in ("autoencoder", "fusion"):
+    if kind not in ("autoencoder", "fusion", "gapfill"):
         raise BundleError(f"{path} has unknown bundle kind {kind!r}")
-    if (expect_kind is not None and kind != expect_kind) or (expect_sensor is not None and sensor != expect_sensor):
-        want = _describe(expect_kind or kind, expect_sensor)
+    kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
+    if (kinds is not None and kind not in kinds) or (expect_sensor is not None and sensor != expect_sensor):
+        want = " or ".join(_describe(k, expect_sensor) for k in (kinds or (kind,)))
         raise BundleError(f"{path} holds {_describe(kind, sensor)}, but {want} is needed here; pass the right bundle")
     return Bundle(
         kind=kind,

@@ -1,46 +1,63 @@
-"""Fusion of the S1 and S2 latents into one embedding per patch (spec §3.2).
+"""Fusion of the S1 and S2 latents (and any companion sensors') into one embedding per patch (spec §3.2).
 
-The two stage-1 autoencoders each turn their patch into a latent (S1: 2-d, S2: 9-d in the paper
-preset). The fusion layers read the two latents as two tokens, let them attend to each other, and
-pool them into the fused embedding ``e`` (7-d). Small heads map ``e`` back to each latent, and the
-autoencoders' decoders reconstruct both patches from it; that reconstruction is the training signal.
+The stage-1 autoencoders each turn their patch into a latent (S1: 2-d, S2: 9-d in the paper
+preset). The fusion layers read the latents as tokens, let them attend to each other, and pool them
+into the fused embedding ``e`` (7-d). Small heads map ``e`` back to each latent, and the
+autoencoders' decoders reconstruct every patch from it; that reconstruction is the training signal.
 
 By default the autoencoders are frozen (paper text): only the fusion layers train, so adding a
-sensor means training a new fusion stage, never touching the per-sensor models.
+sensor means training its autoencoder and a new fusion stage, never touching the S1/S2 models.
+*Companion* sensors (``extra``: any registered sensor matched to the S2 dates, e.g. AgERA5
+weather) add one token each after the S1 and S2 tokens; a model without them has exactly the
+parameters (names and shapes) of the two-sensor model.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
-from stembed.config import FusionConfig
+from stembed.config import AEConfig, FusionConfig
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.layers import make_transformer, run_transformer
 
+Companion = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+"""A companion sensor's input: patches (B, T, C, H, W), day gaps (B, T-1), and (B,) days to the S2 date."""
+
 
 class FusionModel(nn.Module):
-    """S1 + S2 patches -> fused embedding ``e`` (B, embed_dim), and reconstructions of both.
+    """S1 + S2 (+ companion) patches -> fused embedding ``e`` (B, embed_dim), and reconstructions of each.
 
     Args:
         s1, s2: the stage-1 autoencoders. Unless ``cfg.finetune_autoencoders`` is set, they are
             frozen in place (``requires_grad=False``) and kept in eval mode whatever ``train()``
             says, so their dropout is off and their weights cannot change.
         cfg: the fusion architecture.
+        extra: companion sensors' autoencoders by sensor key (frozen like S1 and S2), in token order.
     """
 
-    def __init__(self, s1: SensorAutoencoder, s2: SensorAutoencoder, cfg: FusionConfig):
+    def __init__(
+        self,
+        s1: SensorAutoencoder,
+        s2: SensorAutoencoder,
+        cfg: FusionConfig,
+        extra: Mapping[str, SensorAutoencoder] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg
         self.s1 = s1
         self.s2 = s2
+        self.extra = nn.ModuleDict(dict(extra or {}))
         d = cfg.d_model
         self.project_s1 = nn.Linear(s1.cfg.latent_dim, d)
         self.project_s2 = nn.Linear(s2.cfg.latent_dim, d)
-        self.type_embedding = nn.Embedding(2, d)  # row 0: S1 token, row 1: S2 token
+        self.project_extra = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in self.extra.items()})
+        # row 0: S1 token, row 1: S2 token, rows 2...: companion tokens in ``extra`` order
+        self.type_embedding = nn.Embedding(2 + len(self.extra), d)
         self.pair_positions = nn.Embedding(cfg.max_pair_gap_days + 1, d)  # days between S1 and S2 dates
         self.transformer = make_transformer(  # pre-norm, over the 2 sensor tokens
             d, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=True
@@ -50,15 +67,21 @@ class FusionModel(nn.Module):
         self.softplus = nn.Softplus()
         self.head_s1 = nn.Linear(cfg.embed_dim, s1.cfg.latent_dim)
         self.head_s2 = nn.Linear(cfg.embed_dim, s2.cfg.latent_dim)
-        if s1.cfg.variant != s2.cfg.variant:
-            raise ValueError(
-                f"S1 autoencoder is '{s1.cfg.variant}' but S2 is '{s2.cfg.variant}'; train both with the same variant"
-            )
+        self.head_extra = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in self.extra.items()})
+        for key, ae in [("s1", s1), *self.extra.items()]:
+            if ae.cfg.variant != s2.cfg.variant:
+                raise ValueError(
+                    f"the {key} autoencoder is '{ae.cfg.variant}' but S2 is '{s2.cfg.variant}'; train all with the "
+                    "same variant"
+                )
         if not cfg.finetune_autoencoders:
-            self.s1.requires_grad_(False)
-            self.s2.requires_grad_(False)
-            self.s1.eval()
-            self.s2.eval()
+            for ae in self.autoencoders().values():
+                ae.requires_grad_(False)
+                ae.eval()
+
+    def autoencoders(self) -> dict[str, SensorAutoencoder]:
+        """Every sensor's autoencoder by sensor key: ``s1``, ``s2``, then the companions."""
+        return {"s1": self.s1, "s2": self.s2, **self.extra}  # type: ignore[dict-item]
 
     @property
     def frozen(self) -> bool:
@@ -69,14 +92,14 @@ class FusionModel(nn.Module):
         """Like ``nn.Module.train``, but frozen autoencoders always stay in eval mode."""
         super().train(mode)
         if self.frozen:
-            self.s1.eval()
-            self.s2.eval()
+            for ae in self.autoencoders().values():
+                ae.eval()
         return self
 
     def _fusion_modules(self) -> list[nn.Module]:
         return [
-            self.project_s1, self.project_s2, self.type_embedding, self.pair_positions,
-            self.transformer, self.norm, self.to_embedding, self.head_s1, self.head_s2,
+            self.project_s1, self.project_s2, self.project_extra, self.type_embedding, self.pair_positions,
+            self.transformer, self.norm, self.to_embedding, self.head_s1, self.head_s2, self.head_extra,
         ]
 
     def fusion_parameters(self) -> Iterator[nn.Parameter]:
@@ -90,8 +113,7 @@ class FusionModel(nn.Module):
     def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """Disjoint named parts, for :func:`stembed.models.count_parameters`."""
         return {
-            "s1_autoencoder": self.s1.parameters(),
-            "s2_autoencoder": self.s2.parameters(),
+            **{f"{k}_autoencoder": ae.parameters() for k, ae in self.autoencoders().items()},
             "fusion": self.fusion_parameters(),
         }
 
@@ -102,6 +124,7 @@ class FusionModel(nn.Module):
         x2: torch.Tensor,
         gaps2: torch.Tensor,
         dt_centre: torch.Tensor,
+        extra: Mapping[str, Companion] | None = None,
     ) -> torch.Tensor:
         """Fused embedding of each patch.
 
@@ -111,28 +134,51 @@ class FusionModel(nn.Module):
             dt_centre: (B,) or (B, 1) days between the S1 and S2 dates at the centre frame. Its
                 absolute value is rounded and clamped to [0, max_pair_gap_days] (the rows of the
                 pair-position table); S1 matching keeps it far below that limit in practice.
+            extra: every companion sensor's ``(x, gaps, dt)`` (required when the model has them).
 
         Returns:
             e: (B, embed_dim), >= 0.
         """
+        extra = self._check_extra(extra)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             z1 = self.s1.encode(x1, gaps1)  # (B, latent_s1)
             z2 = self.s2.encode(x2, gaps2)  # (B, latent_s2)
-        return self.fuse(z1, z2, dt_centre)
+            zx = {k: (self.extra[k].encode(x, g), dt) for k, (x, g, dt) in extra.items()}  # (B, latent_k), (B,)
+        return self.fuse(z1, z2, dt_centre, zx)
 
-    def fuse(self, z1: torch.Tensor, z2: torch.Tensor, dt_centre: torch.Tensor) -> torch.Tensor:
-        """The fusion layers alone: latents (B, latent_s1), (B, latent_s2) + (B,) days -> e (B, embed_dim)."""
+    def _check_extra(self, extra: Mapping[str, object] | None) -> Mapping[str, object]:
+        extra = extra or {}
+        if list(extra) != list(self.extra):
+            raise ValueError(f"this fusion model needs companion inputs {list(self.extra)}, got {list(extra)}")
+        return extra
+
+    def fuse(
+        self,
+        z1: torch.Tensor,
+        z2: torch.Tensor,
+        dt_centre: torch.Tensor,
+        extra: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:
+        """The fusion layers alone: latents (B, latent_s1), (B, latent_s2) + (B,) days -> e (B, embed_dim).
+
+        ``extra``: each companion's ``(z (B, latent_k), dt (B,))``, dt = days between its frame and the
+        S2 date, which becomes that token's pair position (S1 sits at 0 and S2 at ``dt_centre``).
+        """
+        extra = self._check_extra(extra)
         B = z1.shape[0]
-        tokens = torch.stack([self.project_s1(z1), self.project_s2(z2)], dim=1)  # (B, 2, d)
-        tokens = tokens + self.type_embedding.weight  # (2, d) broadcast over the batch
+        projected = [self.project_s1(z1), self.project_s2(z2)] + [self.project_extra[k](z) for k, (z, _) in extra.items()]
+        tokens = torch.stack(projected, dim=1)  # (B, N, d), N = 2 + companions
+        tokens = tokens + self.type_embedding.weight  # (N, d) broadcast over the batch
 
         device = self.pair_positions.weight.device
-        dt = dt_centre.to(device).reshape(B).abs()  # (B,)
-        dt = (dt.round() if dt.is_floating_point() else dt).long().clamp(0, self.cfg.max_pair_gap_days)
-        pair = torch.stack([torch.zeros_like(dt), dt], dim=1)  # (B, 2): S1 at 0, S2 at |dt| days
-        tokens = tokens + self.pair_positions(pair) / math.sqrt(self.cfg.d_model)  # (B, 2, d)
+        zero = torch.zeros(B, device=device)
+        dts = [dt_centre, *(dt for _, dt in extra.values())]
+        pair = torch.stack([zero] + [dt.to(device).reshape(B).float() for dt in dts], dim=1)
+        pair = pair.abs()  # (B, N): S1 at 0, S2 at |dt| days, each companion at its |dt| to the S2 date
+        pair = pair.round().long().clamp(0, self.cfg.max_pair_gap_days)
+        tokens = tokens + self.pair_positions(pair) / math.sqrt(self.cfg.d_model)  # (B, N, d)
 
-        tokens = run_transformer(self.transformer, tokens)  # (B, 2, d), attention between the two sensor tokens
+        tokens = run_transformer(self.transformer, tokens)  # (B, N, d), attention between the sensor tokens
         pooled = self.norm(tokens.mean(dim=1))  # (B, d)
         return self.softplus(self.to_embedding(pooled))  # (B, embed_dim)
 
@@ -144,6 +190,10 @@ class FusionModel(nn.Module):
         x2_hat = self.s2.decode(self.head_s2(e), gaps2)  # (B, T, C2, H, W)
         return x1_hat, x2_hat
 
+    def decode_extra(self, e: torch.Tensor, gaps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reconstruct each companion's patches: (B, embed_dim) + its (B, T-1) gaps -> (B, T, C_k, H, W)."""
+        return {k: self.extra[k].decode(self.head_extra[k](e), gaps[k]) for k in self.extra}
+
     def forward(
         self,
         x1: torch.Tensor,
@@ -151,8 +201,24 @@ class FusionModel(nn.Module):
         x2: torch.Tensor,
         gaps2: torch.Tensor,
         dt_centre: torch.Tensor,
+        extra: Mapping[str, Companion] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(x1_hat, x2_hat, e)``; see :meth:`embed` for the arguments."""
-        e = self.embed(x1, gaps1, x2, gaps2, dt_centre)
+        """Returns ``(x1_hat, x2_hat, e)``; see :meth:`embed` for the arguments (companions: :meth:`decode_extra`)."""
+        e = self.embed(x1, gaps1, x2, gaps2, dt_centre, extra)
         x1_hat, x2_hat = self.decode(e, gaps1, gaps2)
         return x1_hat, x2_hat, e
+
+
+def build_fusion(
+    s1_model: dict[str, Any],
+    s2_model: dict[str, Any],
+    model: dict[str, Any],
+    extra_models: dict[str, dict[str, Any]] | None = None,
+) -> FusionModel:
+    """A fusion model (untrained autoencoders) from the configs a fusion bundle stores."""
+    return FusionModel(
+        SensorAutoencoder(AEConfig.model_validate(s1_model)),
+        SensorAutoencoder(AEConfig.model_validate(s2_model)),
+        FusionConfig.model_validate(model),
+        {k: SensorAutoencoder(AEConfig.model_validate(v)) for k, v in (extra_models or {}).items()},
+    )
