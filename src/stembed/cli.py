@@ -15,7 +15,10 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Per-date Sentinel-1/2 embeddings.")
-train_app = typer.Typer(no_args_is_help=True, help="Train stage 1 (s1, s2) or stage 2 (fusion).")
+train_app = typer.Typer(
+    no_args_is_help=True,
+    help="Train stage 1 (s1, s2, or a companion sensor), stage 2 (fusion), or the cloudy-date layers (gapfill).",
+)
 app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML stage config (defaults apply if omitted).")]
@@ -76,6 +79,32 @@ def train_s2(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt =
     _train_ae("s2", config, set_, run_dir, resume)
 
 
+@train_app.command("sensor")
+def train_sensor(
+    name: Annotated[str, typer.Argument(help="A registered companion sensor, e.g. agera5.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    run_dir: RunDirOpt = None,
+    resume: ResumeOpt = None,
+) -> None:
+    """Train a companion sensor's autoencoder (its scenes: data.extra_sensors must name it)."""
+    _train_ae(name, config, set_, run_dir, resume)
+
+
+@train_app.command("gapfill")
+def train_gapfill_cmd(
+    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None
+) -> None:
+    """Train the fusion layers that embed cloudy dates (fusion_bundle in the config; its data section)."""
+    from stembed.config import GapFillStageConfig, load_config
+    from stembed.runtime import tune_allocator
+    from stembed.training.run import train_gapfill
+
+    tune_allocator()
+    res = _run(lambda: train_gapfill(load_config(GapFillStageConfig, config, set_), run_dir=run_dir, resume=resume))
+    typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
+
+
 @train_app.command("fusion")
 def train_fusion_cmd(
     config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None
@@ -129,7 +158,7 @@ def info(
 @app.command()
 def embed(
     cube: Annotated[Path, typer.Option("--cube", help="Scene store (zarr, S2 + S1) to embed.")],
-    bundle: Annotated[Path, typer.Option("--bundle", help="Fusion bundle.pt.")],
+    bundle: Annotated[Path, typer.Option("--bundle", help="Fusion (or gap-fill) bundle.pt.")],
     out: Annotated[Path, typer.Option("--out", help="Output embedding store (zarr).")],
     workers: Annotated[int | None, typer.Option("--workers", help="Local dask worker processes (default 1).")] = None,
     scheduler: Annotated[
@@ -143,6 +172,14 @@ def embed(
     config: Annotated[Path | None, typer.Option("--config", help="YAML EmbedConfig (tile_px, batch_size, ...).")] = None,
     set_: SetOpt = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    daily: Annotated[
+        bool,
+        typer.Option(
+            "--daily",
+            help="Write every day from the first to the last S2 date, with a flag per value: observed, model_based "
+            "(cloudy dates, gap-fill bundles), linear or savgol (--set daily_fill=savgol).",
+        ),
+    ] = False,
 ) -> None:
     """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
     from stembed.config import ConfigError, EmbedConfig, load_config
@@ -157,6 +194,8 @@ def embed(
             overrides.append(f"workers={workers}")
         if dtype is not None:
             overrides.append(f"dtype={dtype}")
+        if daily:
+            overrides.append("daily=true")
         cfg = load_config(EmbedConfig, config, overrides)
         return embed_cube(
             cube, bundle, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler, progress=not quiet
@@ -164,6 +203,8 @@ def embed(
 
     tune_allocator()
     res = _run(go)
+    for note in res.notes:
+        typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if res.tiles_written == 0:
         typer.echo(f"{res.out} is complete ({res.tiles_skipped} tiles); nothing to write")
         return
@@ -303,7 +344,9 @@ def export(
 
 
 # ----------------------------------------------------------------------------- evaluation
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate: reconstruction, land-cover probe, GPP at a tower.")
+eval_app = typer.Typer(
+    no_args_is_help=True, help="Evaluate: reconstruction, land-cover probe, GPP at a tower, cloudy-date fills."
+)
 app.add_typer(eval_app, name="eval")
 CubeOpt = Annotated[Path, typer.Option("--cube", help="Scene store (zarr) the embeddings were made from.")]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
@@ -370,6 +413,28 @@ def eval_probe(
     typer.echo(probe_markdown(res))
 
 
+@eval_app.command("gapfill")
+def eval_gapfill(
+    cube: CubeOpt,
+    bundle: Annotated[Path, typer.Option("--bundle", help="Gap-fill bundle.pt (`stembed train gapfill`).")],
+    out: OutDirOpt,
+    run_length: Annotated[
+        list[int] | None, typer.Option("--run-length", help="Consecutive dates hidden per run (repeatable).")
+    ] = None,
+    offsets: Annotated[int, typer.Option("--offsets", help="Schedules per run length (more hide more dates).")] = 2,
+) -> None:
+    """Hide clear S2 dates of the bundle's test blocks; error of each fill (model, linear, savgol) by gap length."""
+    from stembed.eval.gapfill_run import evaluate_gap_fill
+
+    res = _run(lambda: evaluate_gap_fill(cube, bundle, run_lengths=tuple(run_length or (1, 2, 4, 8)),
+                                         offsets=offsets))
+    out.mkdir(parents=True, exist_ok=True)
+    res.table.to_csv(out / "gapfill.csv", index=False)
+    (out / "gapfill.md").write_text(res.markdown + "\n")
+    (out / "gapfill.json").write_text(json.dumps(res.info, indent=2))
+    typer.echo(res.markdown + f"\ntable: {out / 'gapfill.csv'}")
+
+
 @eval_app.command("gpp")
 def eval_gpp(
     embeddings: EmbeddingsOpt,
@@ -424,8 +489,11 @@ def report(
     epochs: Annotated[int | None, typer.Option("--epochs", help="GPP: max transformer epochs.")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Probe: pixel-dates sampled.")] = 20000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    gapfill_bundle: Annotated[
+        Path | None, typer.Option("--gapfill-bundle", help="Gap-fill bundle: score cloudy-date fills on --cube.")
+    ] = None,
 ) -> None:
-    """One markdown page (with figures) of the reconstruction, probe and GPP results."""
+    """One markdown page (with figures) of the reconstruction, probe, GPP and cloudy-date fill results."""
     from stembed.eval.gpp import GPPConfig
     from stembed.eval.report import ReportInputs, write_report
 
@@ -433,7 +501,7 @@ def report(
         runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
         tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
         gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs), gpp_stride_days=stride,
-        probe_samples=samples, seed=seed,
+        probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
     )
     path = _run(lambda: write_report(out, inputs))
     typer.echo(f"report: {path}")

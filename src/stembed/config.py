@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stembed.errors import UserError
+from stembed.sensors import CORE_SENSORS, PLUGINS, get_plugin, load_builtin_plugins
 
 
 class _Frozen(BaseModel):
@@ -149,13 +150,20 @@ class FusionConfig(_Frozen):
 def ae_preset(name: str, sensor: str) -> AEConfig:
     """Named autoencoder presets: ``paper`` reproduces the spec's sizes; ``small`` is for tests and the demo;
     ``tiny`` (a quarter of small's channels) for development runs whose per-patch embedding of a whole
-    real patch must fit in minutes on a CPU, and for tests of plumbing rather than skill."""
+    real patch must fit in minutes on a CPU, and for tests of plumbing rather than skill.
+
+    A companion sensor (:class:`stembed.sensors.SensorPlugin`) takes its band count, ``latent_dim`` and
+    ``reduced_tokens`` from its plugin and the preset's sizes from ``name``."""
     per_sensor = {
         "s1": {"sensor": "s1", "in_channels": 2, "latent_dim": 2, "reduced_tokens": 7},
         "s2": {"sensor": "s2", "in_channels": 10, "latent_dim": 9, "reduced_tokens": 6},
     }
     if sensor not in per_sensor:
-        raise ValueError(f"unknown sensor {sensor!r}; expected one of {sorted(per_sensor)}")
+        plugin = get_plugin(sensor)  # SensorError (a ValueError) listing the known sensors
+        per_sensor[sensor] = {
+            "sensor": sensor, "in_channels": plugin.spec.n_bands, "latent_dim": plugin.latent_dim,
+            "reduced_tokens": plugin.reduced_tokens,
+        }
     presets: dict[str, dict[str, Any]] = {
         "paper": {},
         "small": {
@@ -275,9 +283,13 @@ class DataConfig(_Frozen):
     scl_masked_classes: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
     sampling: SamplingConfig | None = None  # None: the paper's sampling for the stage's sensor
     split: SplitConfig = Field(default_factory=SplitConfig)
+    # companion sensors (registered plugins, e.g. "agera5") whose cubes every scene also gets
+    # (Scene.extra); names are checked when the scenes are loaded (stembed.data.scenes.load_scenes)
+    extra_sensors: tuple[str, ...] = ()
 
     def resolved_sampling(self, sensor: str) -> SamplingConfig:
-        """Explicit sampling, or the paper's: S1 on its own dates 11 of 40 (stride 40, 15 px); S2 11 of 20."""
+        """Explicit sampling, or the paper's: S1 on its own dates 11 of 40 (stride 40, 15 px); S2 (and any
+        companion sensor) 11 of 20."""
         if self.sampling is not None:
             return self.sampling
         if sensor == "s1":
@@ -308,6 +320,8 @@ class FusionLossConfig(_Frozen):
     s2: LossConfig = Field(default_factory=lambda: LossConfig(centre_weight=1.75, mae=0.665, ssim=0.02, sam=0.315))
     s1_weight: float = 0.5
     s2_weight: float = 0.5
+    extra: LossConfig = Field(default_factory=LossConfig)  # each companion sensor's branch (MAE)
+    extra_weight: float = 0.5  # the weight of each companion branch, like S1's and S2's
 
 
 # ----------------------------------------------------------------------------- training
@@ -336,7 +350,7 @@ class AEStageConfig(_Frozen):
     """Stage 1: one autoencoder for one sensor."""
 
     stage: Literal["ae"] = "ae"
-    sensor: Literal["s1", "s2"]
+    sensor: str  # "s1", "s2" or a registered companion sensor (e.g. "agera5")
     preset: str = "paper"
     model: AEConfig | None = None  # None: take ae_preset(preset, sensor)
     data: DataConfig = Field(default_factory=DataConfig)
@@ -347,6 +361,14 @@ class AEStageConfig(_Frozen):
 
     @model_validator(mode="after")
     def _check(self) -> AEStageConfig:
+        if self.sensor not in CORE_SENSORS:
+            load_builtin_plugins()
+            if self.sensor not in PLUGINS:
+                raise ValueError(
+                    f"unknown sensor {self.sensor!r}; known sensors: {sorted({*CORE_SENSORS, *PLUGINS})}; "
+                    "fix: check the name, or import the module that registers it "
+                    "(stembed.sensors.register_sensor)"
+                )
         if self.model is not None and self.model.sensor != self.sensor:
             raise ValueError(f"model.sensor={self.model.sensor!r} but stage sensor={self.sensor!r}")
         return self
@@ -356,18 +378,20 @@ class AEStageConfig(_Frozen):
         return self.model if self.model is not None else ae_preset(self.preset, self.sensor)
 
     def resolved_loss(self) -> LossConfig:
-        """The loss this stage trains with."""
+        """The loss this stage trains with: S2 the hybrid loss, S1 and companion sensors MAE only."""
         if self.loss is not None:
             return self.loss
         return s2_stage1_loss() if self.sensor == "s2" else LossConfig()
 
 
 class FusionStageConfig(_Frozen):
-    """Stage 2: fusion layers on two stage-1 bundles."""
+    """Stage 2: fusion layers on the stage-1 bundles (S1, S2, and any companion sensors')."""
 
     stage: Literal["fusion"] = "fusion"
     s1_bundle: str
     s2_bundle: str
+    # companion sensor key -> its stage-1 bundle; its scenes come from data.extra_sensors (same keys)
+    extra_bundles: dict[str, str] = Field(default_factory=dict)
     preset: str = "paper"
     model: FusionConfig | None = None
     data: DataConfig = Field(default_factory=DataConfig)
@@ -379,6 +403,19 @@ class FusionStageConfig(_Frozen):
     def resolved_model(self) -> FusionConfig:
         """The fusion architecture this stage trains."""
         return self.model if self.model is not None else fusion_preset(self.preset)
+
+
+class GapFillStageConfig(_Frozen):
+    """Stage 2b: fusion layers for cloudy dates (:mod:`stembed.models.gapfill`) on a trained fusion bundle.
+
+    ``data`` must be the fusion stage's (same scenes and split), so the test split stays unseen.
+    """
+
+    stage: Literal["gapfill"] = "gapfill"
+    fusion_bundle: str
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=lambda: TrainConfig(warmup_steps=500, lr=1e-4))
+    out_dir: str = "runs"
 
 
 class EmbedConfig(_Frozen):
@@ -402,9 +439,16 @@ class EmbedConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # dense bundles only: "auto" = bfloat16 autocast on CUDA, float32 on CPU; float32 is the exact path
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # daily series (`stembed embed --daily`): a value for every day from the first to the last S2 date,
+    # flagged observed / model_based (cloudy S2 dates, gap-fill bundles) / linear / savgol
+    daily: bool = False
+    daily_fill: Literal["linear", "savgol"] = "linear"  # how days without a value are filled
+    savgol_window_days: int = Field(31, ge=3)
+    savgol_order: int = Field(2, ge=0)
+    model_fill: bool = True  # cloudy S2 dates from the bundle's gap-fill layers (gapfill bundles only)
 
 
-StageConfig = AEStageConfig | FusionStageConfig
+StageConfig = AEStageConfig | FusionStageConfig | GapFillStageConfig
 C = TypeVar("C", bound=BaseModel)
 
 

@@ -20,6 +20,8 @@ Every random draw comes from one ``np.random.default_rng(seed)``: same seed, sam
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 from typing import Any
 
 import numpy as np
@@ -28,7 +30,7 @@ import xarray as xr
 
 from stembed.io.cube import Scene, make_cube
 from stembed.preprocess import SCL_MASKED_DEFAULT, prepare_s1, prepare_s2
-from stembed.sensors import S1, S2
+from stembed.sensors import S1, S2, SensorPlugin, SensorSpec
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
 LAND_COVER = ("summer_crop", "winter_crop", "deciduous_forest", "grassland", "bare_urban", "water")
@@ -303,12 +305,19 @@ def _observe_s1(
 
 
 def random_fusion_bundle(
-    path: Any, *, seed: int = 0, preset: str = "small", tiny: bool = False, sensors: dict[str, Any] | None = None
+    path: Any,
+    *,
+    seed: int = 0,
+    preset: str = "small",
+    tiny: bool = False,
+    sensors: dict[str, Any] | None = None,
+    gapfill: bool = False,
 ) -> Any:
     """Write an untrained fusion bundle with seeded random weights and return its path.
 
     For tests and benchmarks where only the arithmetic matters (equality of two inference paths,
     speed). ``tiny`` takes the ``tiny`` preset instead of ``preset``; ``sensors`` replaces the band specs.
+    ``gapfill`` writes a gap-fill bundle whose filler layers are random too (not a copy of the fusion's).
     """
     import torch
 
@@ -316,16 +325,86 @@ def random_fusion_bundle(
     from stembed.models.autoencoder import SensorAutoencoder
     from stembed.models.bundle import save_bundle
     from stembed.models.fusion import FusionModel
+    from stembed.models.gapfill import GapFillModel
 
     name = "tiny" if tiny else preset
     a1, a2, f = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
     torch.manual_seed(seed)
     model = FusionModel(SensorAutoencoder(a1), SensorAutoencoder(a2), f)
-    return save_bundle(
-        path, kind="fusion", sensor=None, model=model,
-        config={"model": f.model_dump(mode="json"), "s1_model": a1.model_dump(mode="json"),
-                "s2_model": a2.model_dump(mode="json")},
-        sensors=sensors or {"s1": S1, "s2": S2}, provenance={"note": f"random weights, seed {seed}"},
+    config = {"model": f.model_dump(mode="json"), "s1_model": a1.model_dump(mode="json"),
+              "s2_model": a2.model_dump(mode="json")}
+    sensors = sensors or {"s1": S1, "s2": S2}
+    provenance = {"note": f"random weights, seed {seed}"}
+    if not gapfill:
+        return save_bundle(path, kind="fusion", sensor=None, model=model, config=config, sensors=sensors,
+                           provenance=provenance)
+    both = GapFillModel(model)
+    with torch.no_grad():
+        for p in both.fill_parameters():
+            p.normal_(0.0, 0.1)
+    return save_bundle(path, kind="gapfill", sensor=None, model=both, config={"fusion": config}, sensors=sensors,
+                       provenance=provenance)
+
+
+# ----------------------------------------------------------------------------- a toy companion sensor
+TOY_SENSOR = SensorSpec(
+    name="toy",
+    bands=("SEASON", "TEXTURE"),
+    valid_range=(0.0, 1.0),
+    normalisation=(
+        "synthetic test sensor (stembed.testing.toy_sensor_plugin), daily over the S2 period: "
+        "SEASON = seasonal sine shifted by a smoothed S2 B08 median, TEXTURE = smoothed S2 B08-B04 median modulated by the "
+        "season, plus seeded noise; clipped to [0, 1]; about 3 % of days NaN"
+    ),
+)
+
+
+def toy_sensor_plugin() -> SensorPlugin:
+    """A companion-sensor plugin named ``"toy"`` (2 bands, [0, 1]) whose cube derives from the scene itself.
+
+    For tests of the plugin plumbing and a fast three-sensor fusion on :func:`synthetic_scene`: its
+    daily cube varies in space (smoothed S2 medians, so it is learnable and tied to the landscape) and
+    in time (a seasonal sine), and is seeded by the site id. Not registered at import; register it with
+    ``stembed.sensors.register_sensor(toy_sensor_plugin())`` (registering it twice is a no-op).
+    """
+    return SensorPlugin(
+        spec=TOY_SENSOR, latent_dim=2, reduced_tokens=4, match_max_gap_days=0.5, load=_toy_load
+    )
+
+
+def _toy_load(scene: Scene, site_folder: Any) -> xr.DataArray:
+    """The toy sensor's cube: daily (00:00) from the first to the last S2 day, on the S2 grid."""
+    from scipy.ndimage import uniform_filter
+
+    s2 = scene.s2
+    seed = int.from_bytes(hashlib.sha256(f"toy:{scene.site}".encode()).digest()[:8], "little")
+    rng = np.random.default_rng(seed)
+    t2 = pd.DatetimeIndex(s2[TIME].values).normalize()
+    times = pd.date_range(t2.min(), t2.max(), freq="D")
+
+    def field(values: np.ndarray) -> np.ndarray:
+        """A band's temporal median, smoothed over 5x5 px and scaled to about [-1, 1]."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
+            med = np.nanmedian(values, axis=0)
+        med = np.where(np.isfinite(med), med, np.nanmean(med) if np.isfinite(med).any() else 0.0)
+        f = uniform_filter(med, size=5, mode="nearest")
+        return (f - f.mean()) / (np.abs(f - f.mean()).max() + 1e-9)
+
+    nir, red = s2.sel({BAND: "B08"}).values, s2.sel({BAND: "B04"}).values
+    f_nir, f_contrast = field(nir), field(nir - red)
+    phase = 2 * np.pi * (times.dayofyear.to_numpy() - 100) / 365.25
+    season = np.sin(phase)[:, None, None]  # (time, 1, 1)
+    band0 = 0.5 + 0.25 * season + 0.15 * f_nir[None]
+    band1 = 0.5 + 0.3 * f_contrast[None] * (0.6 + 0.4 * season)
+    values = np.stack([band0, band1], axis=1)  # (time, band, y, x)
+    values = values + 0.02 * rng.standard_normal(values.shape)
+    values[rng.random(times.size) < 0.03] = np.nan
+    return make_cube(
+        np.clip(values, 0.0, 1.0), times=times, bands=TOY_SENSOR.bands, y=s2[Y].values, x=s2[X].values,
+        crs=str(s2.attrs["crs"]), sensor=TOY_SENSOR.name, site=scene.site,
+        provenance={"source": "stembed.testing.toy_sensor_plugin", "synthetic": True, "seed": seed,
+                    "site_folder": None if site_folder is None else str(site_folder)},
     )
 
 

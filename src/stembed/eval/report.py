@@ -38,6 +38,9 @@ class ReportInputs:
     gpp_stride_days: int = 10
     probe_samples: int = 20000
     seed: int = 0
+    gapfill_bundle: Path | None = None  # a gap-fill bundle: the cloudy-date fill experiment on ``cube``
+    gapfill_run_lengths: tuple[int, ...] = (1, 3, 6)
+    gapfill_offsets: int = 1
 
 
 # WorldCereal LC 99 means "unknown": a probe must not learn it as a class
@@ -63,8 +66,12 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     needs_store = [f for f, v in (("--label", inputs.labels), ("--flux", inputs.flux)) if v]
     if needs_store and (inputs.embeddings is None or inputs.cube is None):
         raise ReportError(f"{' and '.join(needs_store)} need an embedding store and its scene; fix: pass --embeddings and --cube")
-    if not inputs.runs and inputs.embeddings is None:
-        raise ReportError("nothing to report; fix: pass --run RUN_DIR and/or --embeddings with --cube")
+    if inputs.gapfill_bundle is not None and inputs.cube is None:
+        raise ReportError("--gapfill-bundle hides dates of a scene; fix: pass its --cube")
+    if not inputs.runs and inputs.embeddings is None and inputs.gapfill_bundle is None:
+        raise ReportError(
+            "nothing to report; fix: pass --run RUN_DIR, --embeddings with --cube, and/or --gapfill-bundle with --cube"
+        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     page = ["# stembed evaluation report", ""]
@@ -134,6 +141,26 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
                 "",
             ]
             page += [f"![{p.stem}](gpp/{p.name})" for p in run.plots] + [""]
+    if inputs.gapfill_bundle is not None and inputs.cube is not None:
+        from stembed.eval.gapfill_run import evaluate_gap_fill
+
+        gf = evaluate_gap_fill(
+            inputs.cube, inputs.gapfill_bundle, run_lengths=inputs.gapfill_run_lengths, offsets=inputs.gapfill_offsets
+        )
+        gf.table.to_csv(out / "gapfill.csv", index=False)
+        page += [
+            "## Cloudy dates: error of each fill against the true embedding",
+            "",
+            f"Whole clear S2 dates of the test blocks {gf.info['regions']} hidden in runs of "
+            f"{list(inputs.gapfill_run_lengths)} consecutive dates ({gf.info['n_experiments']} schedules); each "
+            "hidden pixel-date filled by the gap-fill layers (`model_based`), the fusion model untrained for it "
+            "(`zero_shot`), and linear / Savitzky-Golay interpolation of the remaining dates. MAE over the "
+            "embedding's features; rows by the length of the gap (days between the known dates around it). "
+            "`gapfill.csv` has RMSE and the MAE relative to the embedding's spread.",
+            "",
+            gf.markdown,
+            "",
+        ]
     path = out / "report.md"
     path.write_text("\n".join(page))
     return path

@@ -20,7 +20,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,8 +29,18 @@ import torch
 import xarray as xr
 
 from stembed.config import EmbedConfig, dump_config
-from stembed.data.build import matched_s1_arrays, sensor_arrays
+from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import fold_index
+from stembed.data.sampling import day_numbers
+from stembed.inference.daily import (
+    FILL_METHODS,
+    FLAG_MEANINGS,
+    FLAG_MODEL,
+    FLAG_NONE,
+    FLAG_OBSERVED,
+    daily_dates,
+    fill_daily,
+)
 from stembed.inference.engine import embed_any, min_dates, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
@@ -38,9 +48,10 @@ from stembed.io.cube import CubeError, Scene, open_scene, value_problems
 from stembed.io.embeddings import EmbedError
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
+from stembed.models.gapfill import GapFillModel
 from stembed.repro import file_sha256, provenance
 from stembed.runtime import tune_allocator
-from stembed.sensors import SENSORS
+from stembed.sensors import SENSORS, SensorSpec, get_plugin, know_spec
 from stembed.types import TIME, X, Y
 
 
@@ -53,6 +64,7 @@ class EmbedResult:
     tiles_skipped: int
     storage_error: dict[str, Any]
     seconds: float
+    notes: tuple[str, ...] = ()  # what the user should know about the output (e.g. a fill that was off)
 
 
 @dataclass(frozen=True)
@@ -72,6 +84,21 @@ class TileJob:
     device: str
     threads: int | None
     precision: str = "float32"
+    extra_max_gap_days: tuple[tuple[str, float], ...] = ()  # companion sensor -> its matching tolerance
+    extra_specs: tuple[SensorSpec, ...] = ()  # their specs, from the bundle
+    daily: DailyJob | None = None
+
+
+@dataclass(frozen=True)
+class DailyJob:
+    """What a ``--daily`` tile does beyond the per-date embedding (see :mod:`stembed.inference.daily`)."""
+
+    method: str
+    savgol_window_days: int
+    savgol_order: int
+    model_fill: bool
+    first_day: int
+    last_day: int
 
 
 # ----------------------------------------------------------------------------- reading a tile
@@ -112,12 +139,74 @@ def read_block(
     )
 
 
+def read_block_extra(
+    scene: Scene, rows: slice, cols: slice, halo: int, max_gap_days: dict[str, float]
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Companion sensors of a block (like :func:`read_block`'s S1): key -> (values on the S2 dates, days)."""
+    if not max_gap_days:
+        return {}
+    height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
+    yi = fold_index(rows.start - halo, rows.stop + halo, 0, height)
+    xi = fold_index(cols.start - halo, cols.stop + halo, 0, width)
+    y0, y1, x0, x1 = int(yi.min()), int(yi.max()) + 1, int(xi.min()), int(xi.max()) + 1
+    window = {Y: slice(y0, y1), X: slice(x0, x1)}
+    sub = Scene(
+        site=scene.site, s2=scene.s2.isel(window), s1=scene.s1.isel(window),
+        extra={k: scene.extra[k].isel(window) for k in max_gap_days},
+    )
+    out = {}
+    for key, gap in max_gap_days.items():
+        arr = matched_arrays(sub, key, gap)
+        problems = value_problems(xr.DataArray(arr.values), SENSORS[key])
+        if problems:
+            raise CubeError(
+                f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: " + "; ".join(problems)
+            )
+        out[key] = (np.ascontiguousarray(arr.values[:, :, (yi - y0)[:, None], (xi - x0)[None, :]]), arr.days)
+    return out
+
+
+def embed_tile(
+    model: FusionModel | GapFillModel,
+    s2: np.ndarray,
+    s1: np.ndarray,
+    d2: np.ndarray,
+    d1: np.ndarray,
+    extra: dict[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str,
+    daily: DailyJob | None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """A block's embeddings ``(time, feature, h, w)`` on the S2 dates, or with ``daily`` on every day
+    from ``first_day`` to ``last_day`` together with their flags ``(day, h, w)``."""
+    fusion = model.fusion if isinstance(model, GapFillModel) else model
+    kw = {"batch_size": batch_size, "device": device, "precision": precision, "extra": extra}
+    values = embed_any(fusion, s2, s1, d2, d1, **kw)
+    if daily is None:
+        return values, None
+    observed = np.isfinite(values).all(axis=1)  # (time, h, w)
+    flags = np.where(observed, FLAG_OBSERVED, FLAG_NONE).astype(np.uint8)
+    if daily.model_fill and isinstance(model, GapFillModel):
+        cloudy = ~observed
+        filled = embed_any(model.filler, s2, s1, d2, d1, targets=cloudy, hide_s2_centre=True, **kw)
+        got = cloudy & np.isfinite(filled).all(axis=1)
+        values = np.where(got[:, None], filled, values)
+        flags[got] = FLAG_MODEL
+    out, out_flags, _ = fill_daily(
+        values, flags, d2, method=daily.method, savgol_window_days=daily.savgol_window_days,
+        savgol_order=daily.savgol_order, first_day=daily.first_day, last_day=daily.last_day,
+    )
+    return out, out_flags
+
+
 # ----------------------------------------------------------------------------- worker side
-_MODELS: dict[tuple[str, str, str], FusionModel] = {}
+_MODELS: dict[tuple[str, str, str], FusionModel | GapFillModel] = {}
 _SCENES: dict[tuple[str, str], Scene] = {}
 
 
-def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel:
+def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel | GapFillModel:
     key = (path, sha256, str(device))
     if key not in _MODELS:
         if file_sha256(path) != sha256:
@@ -125,9 +214,9 @@ def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel:
                 f"the bundle {path} changed during the run (sha256 differs); fix: restore it, or start "
                 "again with --overwrite"
             )
-        model = load_bundle(path, expect_kind="fusion").build_model()
-        if not isinstance(model, FusionModel):  # pragma: no cover - kind checked by load_bundle
-            raise TypeError("expected a FusionModel")
+        model = load_bundle(path, expect_kind=("fusion", "gapfill")).build_model()
+        if not isinstance(model, (FusionModel, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
+            raise TypeError("expected a FusionModel or GapFillModel")
         _MODELS[key] = model.to(device).eval()
     return _MODELS[key]
 
@@ -139,6 +228,8 @@ def run_tile(job: TileJob) -> tuple[int, int]:
         torch.set_num_threads(job.threads)
     device = resolve_device(job.device)
     model = _worker_model(job.bundle, job.bundle_sha256, device)
+    for spec in job.extra_specs:  # a fresh worker never ran the plugin's registration
+        know_spec(spec)
     key = (job.cube, job.cube_fingerprint)
     if key not in _SCENES:
         scene = open_scene(job.cube, check_values=False)
@@ -148,12 +239,21 @@ def run_tile(job: TileJob) -> tuple[int, int]:
             )
         _SCENES[key] = scene
     rows, cols = job.grid.bounds(*job.tile)
-    s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, model.s2.cfg.context_px, job.s1_max_gap_days)
-    values = embed_any(model, s2, s1, d2, d1, batch_size=job.batch_size, device=device, precision=job.precision)
+    halo = _fusion(model).s2.cfg.context_px
+    s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, halo, job.s1_max_gap_days)
+    extra = read_block_extra(_SCENES[key], rows, cols, halo, dict(job.extra_max_gap_days))
+    values, flags = embed_tile(
+        model, s2, s1, d2, d1, extra, batch_size=job.batch_size, device=device, precision=job.precision,
+        daily=job.daily,
+    )
     codes = job.quant.encode(values)
     valid = np.isfinite(values).all(axis=1)
-    store.write_tile(job.out, job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes))
+    store.write_tile(job.out, job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes), flags)
     return job.tile
+
+
+def _fusion(model: FusionModel | GapFillModel) -> FusionModel:
+    return model.fusion if isinstance(model, GapFillModel) else model
 
 
 # ----------------------------------------------------------------------------- the run
@@ -202,7 +302,8 @@ def _connect(scheduler: str | None, workers: int, timeout_s: float) -> tuple[Any
 
 
 def _calibrate(
-    model: FusionModel, scene: Scene, cfg: EmbedConfig, gap_days: float, device: torch.device
+    model: FusionModel, scene: Scene, cfg: EmbedConfig, gap_days: float, extra_gaps: dict[str, float],
+    device: torch.device,
 ) -> store.Quantisation:
     """float16/int8 scale and offset from embeddings of random 4x4 blocks (all dates), seeded."""
     n_features = model.cfg.embed_dim
@@ -216,10 +317,12 @@ def _calibrate(
     n = 0
     for _ in range(64):
         y0, x0 = int(rng.integers(0, max(1, height - b + 1))), int(rng.integers(0, max(1, width - b + 1)))
-        s2, s1, d2, d1 = read_block(
-            scene, slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width)), r, gap_days
+        rows, cols = slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width))
+        s2, s1, d2, d1 = read_block(scene, rows, cols, r, gap_days)
+        extra = read_block_extra(scene, rows, cols, r, extra_gaps)
+        e = embed_any(
+            model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device, precision=cfg.precision, extra=extra
         )
-        e = embed_any(model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
         e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
         e = e[np.isfinite(e).all(axis=1)]
         samples.append(e)
@@ -258,12 +361,13 @@ def embed_cube(
     cube, bundle_path, out = Path(cube), Path(bundle_path), Path(out)
     if resume and overwrite:
         raise EmbedError("--resume and --overwrite contradict each other; pass one")
-    bundle = load_bundle(bundle_path, expect_kind="fusion")
+    bundle = load_bundle(bundle_path, expect_kind=("fusion", "gapfill"))
     scene = open_scene(cube, check_values=False)
     check_bundle_for_scene(scene, bundle)
-    model = bundle.build_model()
-    if not isinstance(model, FusionModel):  # pragma: no cover - kind checked by load_bundle
-        raise TypeError("expected a FusionModel")
+    full_model = bundle.build_model()
+    if not isinstance(full_model, (FusionModel, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
+        raise TypeError("expected a FusionModel or GapFillModel")
+    model = _fusion(full_model)
     n_frames, input_px = model.s2.cfg.n_frames, model.s2.cfg.input_px
     n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
     if cfg.precision in ("bfloat16", "float16") and model.s2.cfg.variant != "dense":
@@ -283,6 +387,24 @@ def embed_cube(
             f"needs at least {halo + 1} px each way; fix: build a larger cube"
         )
     gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
+    extra_gaps = {k: get_plugin(k).match_max_gap_days for k in model.extra}
+    s2_days = day_numbers(scene.s2[TIME].values)
+    daily, notes = None, []
+    if cfg.daily:
+        if cfg.daily_fill not in FILL_METHODS:  # pragma: no cover - the config's Literal checks it
+            raise EmbedError(f"unknown daily_fill {cfg.daily_fill!r}")
+        with_model = cfg.model_fill and isinstance(full_model, GapFillModel)
+        if cfg.model_fill and not with_model:
+            notes.append(
+                f"{bundle_path} has no gap-fill layers, so cloudy S2 dates are filled by {cfg.daily_fill} "
+                "interpolation like days without an S2 date; train them with `stembed train gapfill`"
+            )
+        daily = DailyJob(cfg.daily_fill, cfg.savgol_window_days, cfg.savgol_order, with_model,
+                         int(s2_days[0]), int(s2_days[-1]))
+        fill_daily(  # fail on bad daily settings now, before anything is written
+            np.zeros((len(s2_days), 1, 1, 1), np.float32), np.full((len(s2_days), 1, 1), FLAG_OBSERVED, np.uint8),
+            s2_days, method=daily.method, savgol_window_days=daily.savgol_window_days, savgol_order=daily.savgol_order,
+        )
     bundle_sha = file_sha256(bundle_path)
     fingerprint = {
         "format": store.EMBEDDING_FORMAT,
@@ -295,6 +417,7 @@ def embed_cube(
         "dtype": cfg.dtype,
         "s1_max_gap_days": gap_days,
         "calibration": [cfg.calibration_samples, cfg.calibration_margin, cfg.seed],
+        "daily": None if daily is None else asdict(daily),
     }
     fresh = True
     if out.exists():
@@ -314,7 +437,7 @@ def embed_cube(
                 ) from e
             if attrs.get("complete") and done.all():
                 return EmbedResult(
-                    out, 0, int(done.size), attrs.get("storage_error", {}), time.perf_counter() - t_start
+                    out, 0, int(done.size), attrs.get("storage_error", {}), time.perf_counter() - t_start, tuple(notes)
                 )
             fresh = False
 
@@ -322,13 +445,14 @@ def embed_cube(
     try:
         device = resolve_device(cfg.device)
         if fresh:
-            quant = _calibrate(model.to(device), scene, cfg, gap_days, device)
+            quant = _calibrate(model.to(device), scene, cfg, gap_days, extra_gaps, device)
             if out.exists():  # --overwrite of a stembed store, now that every check has passed
                 shutil.rmtree(out)
             s2 = scene.s2
+            times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
             store.create_store(
                 out,
-                time=s2[TIME].values,
+                time=times,
                 y=s2[Y].values,
                 x=s2[X].values,
                 features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)],
@@ -358,7 +482,19 @@ def embed_cube(
                     ),
                     "method": "dense (each frame encoded once per tile)" if model.s2.cfg.variant == "dense"
                     else "per patch",
+                    "companion_sensors": list(model.extra),
+                    **({} if daily is None else {"daily": {
+                        **asdict(daily),
+                        "flags": "see the flag variable: " + ", ".join(
+                            f"{i} {m}" for i, m in enumerate(FLAG_MEANINGS)),
+                        "model_based": (
+                            "cloudy S2 dates embedded by the bundle's gap-fill layers with the S2 centre frame "
+                            "hidden (stembed.models.gapfill)" if daily.model_fill else "off"
+                        ),
+                        "notes": notes,
+                    }}),
                 },
+                flag_meanings=None if daily is None else FLAG_MEANINGS,
             )
         grid = store.TileGrid(height, width, cfg.tile_px)
         quant = store.store_quantisation(out)
@@ -383,6 +519,9 @@ def embed_cube(
                 cfg.device,
                 threads,
                 cfg.precision,
+                tuple(extra_gaps.items()),
+                tuple(bundle.sensors[k] for k in extra_gaps),
+                daily,
             )
             for t in todo
         ]
@@ -416,7 +555,9 @@ def embed_cube(
         client.close()
         if cluster is not None:
             cluster.close()
-    return EmbedResult(out, len(todo), len(grid.tiles()) - len(todo), summary, time.perf_counter() - t_start)
+    return EmbedResult(
+        out, len(todo), len(grid.tiles()) - len(todo), summary, time.perf_counter() - t_start, tuple(notes)
+    )
 
 
 def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:

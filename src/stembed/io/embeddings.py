@@ -7,6 +7,9 @@ One store holds one cube's embeddings (no torch here):
   so a plain ``xr.open_zarr`` reads true values; float16 and int8 stores must be decoded, which
   :func:`open_embeddings` does (int8 code -128 = missing, read as NaN).
 * ``valid`` ``(time, y, x)`` bool: the pixel-date has an embedding (its S2 centre pixel was observed).
+* daily stores (``stembed embed --daily``) only: ``time`` is every day, and ``flag`` ``(time, y, x)``
+  uint8 says how each value was obtained (CF ``flag_values`` / ``flag_meanings``: 0 none,
+  1 observed, 2 model_based, 3 linear, 4 savgol; see :mod:`stembed.inference.daily`).
 * ``spatial_ref``: the CRS and GeoTransform as CF grid-mapping attributes (rioxarray reads them).
 * bookkeeping for tiled, resumable writes: ``tile_done`` ``(tile_y, tile_x)`` (1 once a tile's
   region is written; the last write of a tile) and ``tile_error`` ``(tile_y, tile_x, stat, feature)``,
@@ -161,11 +164,13 @@ def create_store(
     tile_px: int,
     time_chunk: int,
     attrs: dict[str, Any],
+    flag_meanings: tuple[str, ...] | None = None,
 ) -> TileGrid:
     """Write an empty store (coordinates, metadata, no tiles done) at ``path``, which must not exist.
 
     ``attrs`` must hold ``fingerprint`` (what a resume must match); it is stored with the format
-    marker, CRS, transform and feature names. Returns the tile grid.
+    marker, CRS, transform and feature names. ``flag_meanings`` (daily stores) adds the ``flag``
+    array, code ``i`` meaning ``flag_meanings[i]``. Returns the tile grid.
     """
     import rioxarray  # noqa: F401  (registers the .rio accessor)
     from affine import Affine
@@ -215,6 +220,21 @@ def create_store(
         dimension_names=(TIME, Y, X),
         attributes={"grid_mapping": "spatial_ref", "long_name": "pixel-date has an embedding"},
     )
+    if flag_meanings is not None:
+        g.create_array(
+            "flag",
+            shape=(n_t, grid.height, grid.width),
+            dtype="uint8",
+            chunks=(tc, tile_px, tile_px),
+            fill_value=0,
+            dimension_names=(TIME, Y, X),
+            attributes={
+                "grid_mapping": "spatial_ref",
+                "long_name": "how the value was obtained",
+                "flag_values": list(range(len(flag_meanings))),
+                "flag_meanings": " ".join(flag_meanings),
+            },
+        )
     for name, vals in (("scale", quant.scale), ("offset", quant.offset)):
         arr = g.create_array(name, shape=(n_f,), dtype="float32", chunks=(n_f,), dimension_names=(FEATURE,))
         arr[:] = vals
@@ -286,8 +306,9 @@ def write_tile(
     codes: np.ndarray,
     valid: np.ndarray,
     error: np.ndarray,
+    flag: np.ndarray | None = None,
 ) -> None:
-    """Write one tile's region (all dates), its error stats, and last its done flag.
+    """Write one tile's region (all dates; ``flag`` for daily stores), its error stats, and last its done flag.
 
     A process killed mid-way leaves the flag unset, so a resume rewrites the whole tile; the region
     is chunk-aligned, so no other tile's chunks are touched.
@@ -296,6 +317,8 @@ def write_tile(
     ys, xs = grid.bounds(*tile)
     g["embedding"][:, :, ys, xs] = codes
     g["valid"][:, ys, xs] = valid
+    if flag is not None:
+        g["flag"][:, ys, xs] = flag
     g["tile_error"][tile[0], tile[1]] = error
     g["tile_done"][tile[0], tile[1]] = 1
 

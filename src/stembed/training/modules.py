@@ -9,13 +9,33 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from stembed.config import AEConfig, FusionConfig, FusionLossConfig, LossConfig, TrainConfig
+from stembed.config import AEConfig, FusionLossConfig, LossConfig, TrainConfig
 from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import Companion, FusionModel, build_fusion
+from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
 from stembed.training.evaluate import centre_abs_error
 
 MONITOR = "val_centre_mae"
+GAP_FILL_MONITOR = "val_embedding_mae"
+
+
+def fusion_inputs(
+    batch: dict[str, Tensor], model: FusionModel, *, hide_s2_centre: bool = False
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Companion]]:
+    """A fusion batch as :meth:`FusionModel.embed` arguments (a dense encoder reads the wider ``*_in`` windows).
+
+    ``hide_s2_centre``: hide the S2 centre frame, as for a cloudy date (see :mod:`stembed.models.gapfill`).
+    """
+    x2 = batch.get("x2_in")
+    if x2 is None:  # patch encoder: filled patches
+        x2 = hide_centre_filled(batch["x2"], batch["valid2"]) if hide_s2_centre else batch["x2"]
+    elif hide_s2_centre:  # dense encoder: raw windows, filled per pixel inside the encoder
+        x2 = hide_centre_raw(x2)
+    extra = {
+        k: (batch.get(f"x_{k}_in", batch[f"x_{k}"]), batch[f"time_gaps_{k}"], batch[f"dt_{k}"]) for k in model.extra
+    }
+    return batch.get("x1_in", batch["x1"]), batch["time_gaps1"], x2, batch["time_gaps2"], batch["dt_centre"], extra
 
 
 def _centre_metrics(names: list[str]) -> nn.ModuleDict:
@@ -24,14 +44,15 @@ def _centre_metrics(names: list[str]) -> nn.ModuleDict:
 
 
 def _log_centre(module: L.LightningModule, prefix: str) -> None:
-    """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: their mean."""
+    """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: the mean of S1's and S2's."""
     values = {}
     for name, metric in module.centre.items():
         if name.startswith(prefix + "_"):
             values[name] = metric.compute() if metric.update_count else torch.tensor(float("nan"))
             metric.reset()
-    if f"{prefix}_centre_mae" not in values:
-        values[f"{prefix}_centre_mae"] = torch.stack(list(values.values())).mean()
+    if module.monitor == MONITOR and f"{prefix}_centre_mae" not in values:
+        # companions left out, so runs with and without them stop on the same criterion
+        values[f"{prefix}_centre_mae"] = torch.stack([values[f"{prefix}_centre_mae_{k}"] for k in ("s1", "s2")]).mean()
     module.log_dict(values, prog_bar=prefix == "val")
 
 
@@ -41,7 +62,7 @@ def _update(metric: MeanMetric, x_hat: Tensor, x: Tensor, valid: Tensor) -> None
         metric.update(total / count, weight=count)
 
 
-def _optimisers(params: list[Tensor], cfg: TrainConfig) -> Any:
+def _optimisers(params: list[Tensor], cfg: TrainConfig, monitor: str) -> Any:
     """AdamW, a per-step linear warm-up, and a per-epoch plateau schedule on the validation centre MAE."""
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = torch.optim.lr_scheduler.LinearLR(
@@ -55,7 +76,7 @@ def _optimisers(params: list[Tensor], cfg: TrainConfig) -> Any:
         [opt],
         [
             {"scheduler": warmup, "interval": "step"},
-            {"scheduler": plateau, "interval": "epoch", "monitor": MONITOR, "reduce_on_plateau": True},
+            {"scheduler": plateau, "interval": "epoch", "monitor": monitor, "reduce_on_plateau": True},
         ],
     )
 
@@ -66,6 +87,8 @@ class _StageModule(L.LightningModule):
     model: nn.Module
     train_cfg: TrainConfig
     centre: nn.ModuleDict
+
+    monitor = MONITOR  # what early stopping, the best checkpoint and the plateau schedule follow
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         raise NotImplementedError
@@ -83,7 +106,7 @@ class _StageModule(L.LightningModule):
         return self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
-        return _optimisers([p for p in self.model.parameters() if p.requires_grad], self.train_cfg)
+        return _optimisers([p for p in self.model.parameters() if p.requires_grad], self.train_cfg, self.monitor)
 
 
 class AutoencoderModule(_StageModule):
@@ -109,7 +132,7 @@ class AutoencoderModule(_StageModule):
 
 
 class FusionModule(_StageModule):
-    """Stage 2: fusion layers trained on two stage-1 autoencoders (frozen unless the config says otherwise).
+    """Stage 2: fusion layers trained on the stage-1 autoencoders (frozen unless the config says otherwise).
 
     The autoencoder weights are loaded by the caller from the stage-1 bundles right after
     construction; on resume Lightning restores everything from the checkpoint instead.
@@ -122,24 +145,52 @@ class FusionModule(_StageModule):
         model: dict[str, Any],
         loss: dict[str, Any],
         train: dict[str, Any],
+        extra_models: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        s1 = SensorAutoencoder(AEConfig.model_validate(s1_model))
-        s2 = SensorAutoencoder(AEConfig.model_validate(s2_model))
-        self.model = FusionModel(s1, s2, FusionConfig.model_validate(model))
+        self.model = build_fusion(s1_model, s2_model, model, extra_models)
         self.loss_cfg = FusionLossConfig.model_validate(loss)
         self.train_cfg = TrainConfig.model_validate(train)
-        self.centre = _centre_metrics(["centre_mae_s1", "centre_mae_s2"])
+        self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.autoencoders()])
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
         x1, v1, x2, v2 = batch["x1"], batch["valid1"], batch["x2"], batch["valid2"]
-        x1_hat, x2_hat, _ = self.model(
-            batch.get("x1_in", x1), batch["time_gaps1"], batch.get("x2_in", x2), batch["time_gaps2"], batch["dt_centre"]
-        )
-        parts = fusion_loss(x1_hat, x1, v1, x2_hat, x2, v2, self.loss_cfg)
+        args = fusion_inputs(batch, self.model)
+        x1_hat, x2_hat, e = self.model(*args)
+        extra_hat = self.model.decode_extra(e, {k: batch[f"time_gaps_{k}"] for k in self.model.extra})
+        extra = {k: (extra_hat[k], batch[f"x_{k}"], batch[f"valid_{k}"]) for k in self.model.extra}
+        parts = fusion_loss(x1_hat, x1, v1, x2_hat, x2, v2, self.loss_cfg, extra)
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x2.shape[0])
-        _update(self.centre[f"{prefix}_centre_mae_s1"], x1_hat, x1, v1)
-        _update(self.centre[f"{prefix}_centre_mae_s2"], x2_hat, x2, v2)
+        for key, (x_hat, x, valid) in {"s1": (x1_hat, x1, v1), "s2": (x2_hat, x2, v2), **extra}.items():
+            _update(self.centre[f"{prefix}_centre_mae_{key}"], x_hat, x, valid)
         return parts["loss"]
+
+
+class GapFillModule(_StageModule):
+    """Stage 2b: the filler's fusion layers learn the embedding of a patch whose S2 centre frame is hidden.
+
+    The target is the trained fusion model's embedding of the same patch with the frame visible
+    (computed on the fly, no grad). The fusion weights are loaded by the caller after construction.
+    """
+
+    monitor = GAP_FILL_MONITOR
+
+    def __init__(self, fusion: dict[str, Any], train: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model = GapFillModel(build_fusion(fusion["s1_model"], fusion["s2_model"], fusion["model"],
+                                               fusion.get("extra_models")))
+        self.train_cfg = TrainConfig.model_validate(train)
+        self.centre = nn.ModuleDict({f"{p}_embedding_mae": MeanMetric() for p in ("train", "val")})
+
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        fusion, filler = self.model.fusion, self.model.filler
+        with torch.no_grad():
+            target = fusion.embed(*fusion_inputs(batch, fusion))  # (B, embed_dim)
+        e = filler.embed(*fusion_inputs(batch, filler, hide_s2_centre=True))  # (B, embed_dim)
+        loss = nn.functional.l1_loss(e, target)
+        self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=e.shape[0])
+        self.centre[f"{prefix}_embedding_mae"].update(loss.detach(), weight=e.shape[0])
+        return loss

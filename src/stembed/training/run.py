@@ -21,15 +21,24 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProg
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 
-from stembed.config import AEConfig, AEStageConfig, ConfigError, FusionStageConfig, TrainConfig, dump_config
+from stembed.config import (
+    AEConfig,
+    AEStageConfig,
+    ConfigError,
+    DataConfig,
+    FusionStageConfig,
+    GapFillStageConfig,
+    TrainConfig,
+    dump_config,
+)
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
-from stembed.models.bundle import load_bundle, save_bundle
+from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
 from stembed.training.evaluate import evaluate_split
-from stembed.training.modules import MONITOR, AutoencoderModule, FusionModule
+from stembed.training.modules import AutoencoderModule, FusionModule, GapFillModule, fusion_inputs
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,9 @@ class RunResult:
     metrics: dict[str, Any]
 
 
-def default_run_dir(cfg: AEStageConfig | FusionStageConfig) -> Path:
+def default_run_dir(cfg: AEStageConfig | FusionStageConfig | GapFillStageConfig) -> Path:
     """``<out_dir>/<stage>/<YYYYmmdd-HHMMSS>-<confighash8>``."""
-    stage = f"train-{cfg.sensor}" if isinstance(cfg, AEStageConfig) else "train-fusion"
+    stage = f"train-{cfg.sensor}" if isinstance(cfg, AEStageConfig) else f"train-{cfg.stage}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path(cfg.out_dir) / stage / f"{stamp}-{config_hash(dump_config(cfg))}"
 
@@ -59,10 +68,10 @@ def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
     }
 
 
-def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int) -> L.Trainer:
+def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str) -> L.Trainer:
     callbacks: list[L.Callback] = [
-        EarlyStopping(monitor=MONITOR, mode="min", patience=cfg.early_stop_patience),
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=MONITOR, mode="min",
+        EarlyStopping(monitor=monitor, mode="min", patience=cfg.early_stop_patience),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor=monitor, mode="min",
                         save_top_k=1, save_last=True),
     ]
     if cfg.progress_bar:
@@ -99,7 +108,7 @@ def _fit(
     if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
         raise SamplingError("the validation split is empty; early stopping needs one (check data.split.fractions)")
     loaders = _loaders(data, cfg)
-    trainer = _trainer(run_dir, cfg, len(loaders["train"]))
+    trainer = _trainer(run_dir, cfg, len(loaders["train"]), module.monitor)
     if resume is not None and not resume.is_file():
         raise FileNotFoundError(f"checkpoint {resume} does not exist; resume from a run's checkpoints/last.ckpt")
     trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(resume) if resume else None)
@@ -163,38 +172,59 @@ def train_autoencoder(
     return RunResult(run_dir, bundle, metrics)
 
 
+def _companion_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
+    if set(cfg.extra_bundles) != set(cfg.data.extra_sensors):
+        raise ConfigError(
+            f"extra_bundles names {sorted(cfg.extra_bundles)} but data.extra_sensors names "
+            f"{sorted(cfg.data.extra_sensors)}; fix: give one stage-1 bundle per companion sensor, same keys"
+        )
+    return {
+        k: load_bundle(cfg.extra_bundles[k], expect_kind="autoencoder", expect_sensor=k) for k in cfg.data.extra_sensors
+    }
+
+
 def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
-    """Stage 2: fusion layers on the two stage-1 bundles named in ``cfg``."""
+    """Stage 2: fusion layers on the stage-1 bundles named in ``cfg`` (S1, S2, companions)."""
     b1 = load_bundle(cfg.s1_bundle, expect_kind="autoencoder", expect_sensor="s1")
     b2 = load_bundle(cfg.s2_bundle, expect_kind="autoencoder", expect_sensor="s2")
+    bx = _companion_bundles(cfg)
     run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
     cfg_dict = dump_config(cfg)
     _prepare_run_dir(run_dir, cfg_dict, resume)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    a1, a2 = AEConfig.model_validate(b1.config["model"]), AEConfig.model_validate(b2.config["model"])
-    if a1.context_px != a2.context_px:
-        raise ConfigError(
-            f"the S1 autoencoder ({cfg.s1_bundle}) reads {a1.input_px} px windows but the S2 one ({cfg.s2_bundle}) "
-            f"reads {a2.input_px} px; fix: train both with the same variant (e.g. both 'tiny-dense')"
-        )
-    data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=a2.context_px)
+    a2 = AEConfig.model_validate(b2.config["model"])
+    for key, b in {"S1": b1, **bx}.items():
+        a = AEConfig.model_validate(b.config["model"])
+        if a.context_px != a2.context_px:
+            raise ConfigError(
+                f"the {key} autoencoder ({b.path}) reads {a.input_px} px windows but the S2 one ({cfg.s2_bundle}) "
+                f"reads {a2.input_px} px; fix: train all with the same variant (e.g. all 'tiny-dense')"
+            )
+    data = build_fusion_data(
+        scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=a2.context_px, extra=tuple(bx)
+    )
     fusion_cfg = cfg.resolved_model()
+    extra_models = {k: b.config["model"] for k, b in bx.items()}
     module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
-                          dump_config(cfg.train))
+                          dump_config(cfg.train), extra_models)
     model = module.model
     model.s1.load_state_dict(b1.state_dict)
     model.s2.load_state_dict(b2.state_dict)
+    for k, b in bx.items():
+        model.extra[k].load_state_dict(b.state_dict)
     started = time.perf_counter()
     module = _fit(module, data, cfg.train, run_dir, resume)
     model = module.model  # type: ignore[attr-defined]
 
     def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x1_hat, x2_hat, _ = model(
-            batch.get("x1_in", batch["x1"]), batch["time_gaps1"], batch.get("x2_in", batch["x2"]), batch["time_gaps2"],
-            batch["dt_centre"],
-        )
-        return {"s1": (x1_hat, batch["x1"], batch["valid1"]), "s2": (x2_hat, batch["x2"], batch["valid2"])}
+        x1_hat, x2_hat, e = model(*fusion_inputs(batch, model))
+        extra_hat = model.decode_extra(e, {k: batch[f"time_gaps_{k}"] for k in model.extra})
+        return {
+            "s1": (x1_hat, batch["x1"], batch["valid1"]),
+            "s2": (x2_hat, batch["x2"], batch["valid2"]),
+            **{k: (extra_hat[k], batch[f"x_{k}"], batch[f"valid_{k}"]) for k in model.extra},
+        }
 
     metrics = {
         "stage": "fusion",
@@ -203,14 +233,87 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
+    config = {"model": dump_config(fusion_cfg), "s1_model": b1.config["model"], "s2_model": b2.config["model"],
+              "stage": cfg_dict}
+    if extra_models:
+        config["extra_models"] = extra_models
     bundle = save_bundle(
-        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model,
-        config={"model": dump_config(fusion_cfg), "s1_model": b1.config["model"], "s2_model": b2.config["model"],
-                "stage": cfg_dict},
-        sensors={**b1.sensors, **b2.sensors},
+        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
+        sensors={**b1.sensors, **b2.sensors, **{k: v for b in bx.values() for k, v in b.sensors.items()}},
         provenance=provenance(
             [s.site for s in scenes],
-            {"s1_bundle_sha256": file_sha256(cfg.s1_bundle), "s2_bundle_sha256": file_sha256(cfg.s2_bundle)},
+            {"s1_bundle_sha256": file_sha256(cfg.s1_bundle), "s2_bundle_sha256": file_sha256(cfg.s2_bundle),
+             **{f"{k}_bundle_sha256": file_sha256(p) for k, p in cfg.extra_bundles.items()}},
+        ),
+        metrics=metrics,
+    )
+    return RunResult(run_dir, bundle, metrics)
+
+
+def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
+    """Stage 2b: fusion layers for cloudy dates on a trained fusion bundle (see :mod:`stembed.models.gapfill`).
+
+    metrics.json holds, per split, the embedding MAE of the trained filler and of the fusion model
+    itself run with the S2 centre frame hidden (``zero_shot``): what the training bought.
+    """
+    fb = load_bundle(cfg.fusion_bundle, expect_kind="fusion")
+    fusion_stage = fb.config.get("stage", {})
+    extra = tuple(fb.config.get("extra_models", {}))
+    if tuple(cfg.data.extra_sensors) != extra:
+        raise ConfigError(
+            f"the fusion bundle {cfg.fusion_bundle} uses companion sensors {list(extra)} but data.extra_sensors is "
+            f"{list(cfg.data.extra_sensors)}; fix: use the fusion stage's data section"
+        )
+    if fusion_stage.get("data") and DataConfig.model_validate(fusion_stage["data"]) != cfg.data:
+        raise ConfigError(
+            f"data differs from the data the fusion bundle {cfg.fusion_bundle} was trained on, so its test split "
+            "could leak into training; fix: copy the fusion stage's data section (its config.yaml)"
+        )
+    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
+    cfg_dict = dump_config(cfg)
+    _prepare_run_dir(run_dir, cfg_dict, resume)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    scenes = load_scenes(cfg.data)
+    fusion_config = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
+    module = GapFillModule(fusion_config, dump_config(cfg.train))
+    module.model.fusion.load_state_dict(fb.state_dict)
+    module.model.filler.load_state_dict(fb.state_dict)  # start from the trained fusion layers
+    context_px = module.model.fusion.s2.cfg.context_px
+    data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=context_px,
+                             extra=extra)
+    started = time.perf_counter()
+    module = _fit(module, data, cfg.train, run_dir, resume)
+    model = module.model  # type: ignore[attr-defined]
+
+    @torch.no_grad()
+    def errors(loader: DataLoader[Any]) -> dict[str, float]:
+        sums = {"gap_fill": 0.0, "zero_shot": 0.0}
+        n = 0
+        for batch in loader:
+            target = model.fusion.embed(*fusion_inputs(batch, model.fusion))
+            hidden = fusion_inputs(batch, model.fusion, hide_s2_centre=True)
+            sums["gap_fill"] += float((model.filler.embed(*hidden) - target).abs().mean(1).sum())
+            sums["zero_shot"] += float((model.fusion.embed(*hidden) - target).abs().mean(1).sum())
+            n += target.shape[0]
+        return {f"{k}_embedding_mae": v / max(n, 1) for k, v in sums.items()} | {"n_patches": n}
+
+    metrics = {
+        "stage": "gapfill",
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "splits": {
+            name: errors(DataLoader(ds, batch_size=max(cfg.train.batch_size, 64)))
+            for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]
+        },
+        "data": data.info,
+    }
+    _write_metrics(run_dir, metrics)
+    bundle = save_bundle(
+        run_dir / "bundle.pt", kind="gapfill", sensor=None, model=model,
+        config={"fusion": {**fusion_config, "stage": fusion_stage}, "stage": cfg_dict},
+        sensors=fb.sensors,
+        provenance=provenance(
+            [s.site for s in scenes],
+            {"fusion_bundle_sha256": file_sha256(cfg.fusion_bundle), "fusion_provenance": fb.provenance},
         ),
         metrics=metrics,
     )
