@@ -211,6 +211,16 @@ def test_gapfill_stage_trains_the_filler_only(tmp_path):
     assert test["n_patches"] > 0 and np.isfinite(test["gap_fill_embedding_mae"])
     assert np.isfinite(test["zero_shot_embedding_mae"])
 
+    # the report runs the hidden-date experiment on the bundle's test block
+    from stembed.eval.report import ReportInputs, write_report
+
+    cube = save_scene(synthetic_scene(seed=11, height_px=32, width_px=32, n_days=365), tmp_path / "scene.zarr")
+    page = write_report(tmp_path / "report", ReportInputs(cube=cube, gapfill_bundle=res.bundle,
+                                                          gapfill_run_lengths=(1,))).read_text()
+    assert "## Cloudy dates" in page and "model_based MAE" in page
+    g = res.metrics["data"]["splits"]["test"]["groups"][0]
+    assert str([[g["y"][0], g["y"][1]], [g["x"][0], g["x"][1]]]) in page  # the bundle's own test block
+
     # the data section must be the fusion stage's (its test split must stay unseen)
     other = data.model_copy(update={"split": SplitConfig(by="block", blocks=2, seed=1)})
     with pytest.raises(Exception, match="data differs"):

@@ -54,7 +54,7 @@ class GapFillResult:
     info: dict[str, Any]
 
 
-def test_regions(bundle_metrics: dict[str, Any]) -> list[tuple[slice, slice]]:
+def split_regions(bundle_metrics: dict[str, Any]) -> list[tuple[slice, slice]]:
     """The (rows, cols) of the test blocks a bundle's training run recorded."""
     groups = bundle_metrics.get("data", {}).get("splits", {}).get("test", {}).get("groups", [])
     return [(slice(*g["y"]), slice(*g["x"])) for g in groups]
@@ -93,7 +93,7 @@ def evaluate_gap_fill(
     dev = resolve_device(device)
     model.to(dev)
     if regions is None:
-        regions = test_regions(bundle.metrics)
+        regions = split_regions(bundle.metrics)
     if not regions:
         raise GapFillEvalError(
             f"{bundle_path} records no test blocks and none were given; fix: pass regions=[(rows, cols)]"

@@ -39,7 +39,7 @@ def check_bundle_for_scene(scene: Scene, bundle: Bundle) -> None:
     """
     if bundle.kind not in ("fusion", "gapfill"):
         raise BundleError(
-            f"embedding needs a fusion (or gap-fill) bundle; {bundle.path} is {bundle.kind} ({bundle.sensor})"
+            f"embedding needs a fusion bundle (or a gap-fill bundle); {bundle.path} is {bundle.kind} ({bundle.sensor})"
         )
     fusion_cfg = bundle.config["fusion"] if bundle.kind == "gapfill" else bundle.config
     cubes = {"s1": scene.s1, "s2": scene.s2}
