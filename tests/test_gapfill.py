@@ -105,6 +105,15 @@ def test_embed_daily_flags_and_values(tmp_path):
     np.testing.assert_allclose(e[i], (1 - w) * lo + w * hi, rtol=1e-5, atol=1e-6)
     assert daily.attrs["daily"]["model_fill"] is True
 
+    # point sampling of a daily store carries the point pixel's flag
+    import pandas as pd
+
+    from stembed.io.sample import sample_points
+
+    x, y = float(daily["x"].values[4]), float(daily["y"].values[3])
+    table = sample_points(daily, pd.DataFrame({"id": ["p"], "x": [x], "y": [y]}))
+    np.testing.assert_array_equal(table["flag"].to_numpy(), flag[:, 3, 4])
+
 
 def test_embed_daily_with_a_plain_fusion_bundle_says_model_fill_is_off(tmp_path):
     scene = synthetic_scene(seed=6, height_px=8, width_px=8, n_days=120)

@@ -83,7 +83,8 @@ def sample_points(embeddings: xr.Dataset, points: pd.DataFrame, *, window_px: in
     Returns:
         A long table ``id, time, x, y, <features>, n_valid``, points in input order and dates in
         time order; ``x, y`` is the centre of the point's pixel (store CRS); ``n_valid`` counts the
-        valid pixels in the window at that date, and the features are NaN where it is 0.
+        valid pixels in the window at that date, and the features are NaN where it is 0. A daily
+        store adds ``flag``: how the point's own pixel got its value that day (see its ``flag_meanings``).
 
     Raises:
         SampleError: bad columns, duplicate ids, an even or non-positive K, a point outside the
@@ -160,6 +161,10 @@ def sample_points(embeddings: xr.Dataset, points: pd.DataFrame, *, window_px: in
     for j, f in enumerate(features):
         table[f] = means[:, :, j].reshape(-1)
     table["n_valid"] = n_valid.reshape(-1)
+    if "flag" in embeddings:  # a daily store: how the point's own pixel got its value that day
+        flag = embeddings["flag"].transpose(TIME, Y, X)
+        at = flag.isel({Y: xr.DataArray(row, dims="p"), X: xr.DataArray(col, dims="p")}).transpose("p", TIME)
+        table["flag"] = np.asarray(at.values, np.uint8).reshape(-1)
     return table
 
 
