@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from stembed.config import AEStageConfig, ConfigError, FusionStageConfig, ae_preset, load_config
+from stembed.config import AEStageConfig, ConfigError, FusionStageConfig, GapFillStageConfig, ae_preset, load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_validates(path: Path) -> None:
-    cls = FusionStageConfig if "fusion" in path.name else AEStageConfig
+    cls = GapFillStageConfig if "gapfill" in path.name else FusionStageConfig if "fusion" in path.name else AEStageConfig
     cfg = load_config(cls, path)
     if isinstance(cfg, AEStageConfig):
         assert cfg.resolved_model().sensor == cfg.sensor
