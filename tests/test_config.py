@@ -6,7 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from stembed.config import AEStageConfig, ConfigError, FusionStageConfig, GapFillStageConfig, ae_preset, load_config
+from stembed.config import (
+    AEStageConfig,
+    ConfigError,
+    FusionStageConfig,
+    GapFillStageConfig,
+    ae_preset,
+    load_config,
+)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

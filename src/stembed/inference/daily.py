@@ -98,7 +98,7 @@ def fill_daily(
     if method not in FILL_METHODS:
         raise DailyError(f"unknown fill method {method!r}; use one of {', '.join(FILL_METHODS)}")
     if method == "savgol":
-        _check_savgol(savgol_window_days, savgol_order)
+        check_savgol(savgol_window_days, savgol_order)
     lo = int(days[0]) if first_day is None else int(first_day)
     hi = int(days[-1]) if last_day is None else int(last_day)
     if hi < lo:
@@ -254,7 +254,8 @@ def _smooth(
     out_flags[use] = FLAG_SAVGOL
 
 
-def _check_savgol(window: int, order: int) -> None:
+def check_savgol(window: int, order: int) -> None:
+    """Refuse a Savitzky-Golay window/order that scipy cannot use (callers check before writing anything)."""
     if int(order) != order or order < 0:
         raise DailyError(f"savgol_order must be a non-negative integer, got {order!r}; 2 is the usual choice")
     if int(window) != window or window < 3 or window % 2 == 0 or window <= order:

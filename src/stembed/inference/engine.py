@@ -244,6 +244,7 @@ def embed_block_dense(
                 tok["s2"][c] = hidden
             days = {k: days2 if k == "s2" else _frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
             gaps = {k: torch.from_numpy(np.diff(d).astype(np.float32)).to(device)[None] for k, d in days.items()}
+            dt = {k: float(abs(d[c] - days2[c])) for k, d in days.items()}  # days to the S2 date, centre frame
             for i in range(0, pix.size, batch_size):
                 idx = torch.from_numpy(pix[i : i + batch_size]).to(device)  # (B,)
                 B = idx.numel()
@@ -254,11 +255,8 @@ def embed_block_dense(
                     )  # (B, latent_k)
                     for k in values
                 }
-
-                def dt(k: str) -> torch.Tensor:
-                    return torch.full((B,), float(abs(days[k][c] - days2[c])), device=device)
-
-                e = model.fuse(z["s1"], z["s2"], dt("s1"), {k: (z[k], dt(k)) for k in extra})
+                dtb = {k: torch.full((B,), v, device=device) for k, v in dt.items()}  # (B,) each
+                e = model.fuse(z["s1"], z["s2"], dtb["s1"], {k: (z[k], dtb[k]) for k in extra})
                 ys, xs = np.divmod(pix[i : i + batch_size], w)
                 out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
     return out

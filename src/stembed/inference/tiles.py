@@ -33,11 +33,11 @@ from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import fold_index
 from stembed.data.sampling import day_numbers
 from stembed.inference.daily import (
-    FILL_METHODS,
     FLAG_MEANINGS,
     FLAG_MODEL,
     FLAG_NONE,
     FLAG_OBSERVED,
+    check_savgol,
     daily_dates,
     fill_daily,
 )
@@ -102,6 +102,17 @@ class DailyJob:
 
 
 # ----------------------------------------------------------------------------- reading a tile
+def _block_index(
+    scene: Scene, rows: slice, cols: slice, halo: int
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int, int, int]]:
+    """Row and column indices of a block with its halo (reflected at the cube's edges), and the
+    bounding box ``(y0, y1, x0, x1)`` of the cube rows and columns they touch."""
+    height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
+    yi = fold_index(rows.start - halo, rows.stop + halo, 0, height)
+    xi = fold_index(cols.start - halo, cols.stop + halo, 0, width)
+    return yi, xi, (int(yi.min()), int(yi.max()) + 1, int(xi.min()), int(xi.max()) + 1)
+
+
 def read_block(
     scene: Scene, rows: slice, cols: slice, halo: int, s1_max_gap_days: float
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -113,10 +124,7 @@ def read_block(
     Raises:
         CubeError: a value in the block breaks the cube contract (named, with the block).
     """
-    height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
-    yi = fold_index(rows.start - halo, rows.stop + halo, 0, height)
-    xi = fold_index(cols.start - halo, cols.stop + halo, 0, width)
-    y0, y1, x0, x1 = int(yi.min()), int(yi.max()) + 1, int(xi.min()), int(xi.max()) + 1
+    yi, xi, (y0, y1, x0, x1) = _block_index(scene, rows, cols, halo)
     sub = Scene(
         site=scene.site,
         s2=scene.s2.isel({Y: slice(y0, y1), X: slice(x0, x1)}),
@@ -145,10 +153,7 @@ def read_block_extra(
     """Companion sensors of a block (like :func:`read_block`'s S1): key -> (values on the S2 dates, days)."""
     if not max_gap_days:
         return {}
-    height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
-    yi = fold_index(rows.start - halo, rows.stop + halo, 0, height)
-    xi = fold_index(cols.start - halo, cols.stop + halo, 0, width)
-    y0, y1, x0, x1 = int(yi.min()), int(yi.max()) + 1, int(xi.min()), int(xi.max()) + 1
+    yi, xi, (y0, y1, x0, x1) = _block_index(scene, rows, cols, halo)
     window = {Y: slice(y0, y1), X: slice(x0, x1)}
     sub = Scene(
         site=scene.site, s2=scene.s2.isel(window), s1=scene.s1.isel(window),
@@ -391,8 +396,8 @@ def embed_cube(
     s2_days = day_numbers(scene.s2[TIME].values)
     daily, notes = None, []
     if cfg.daily:
-        if cfg.daily_fill not in FILL_METHODS:  # pragma: no cover - the config's Literal checks it
-            raise EmbedError(f"unknown daily_fill {cfg.daily_fill!r}")
+        if cfg.daily_fill == "savgol":
+            check_savgol(cfg.savgol_window_days, cfg.savgol_order)  # before anything is written
         with_model = cfg.model_fill and isinstance(full_model, GapFillModel)
         if cfg.model_fill and not with_model:
             notes.append(
@@ -401,10 +406,6 @@ def embed_cube(
             )
         daily = DailyJob(cfg.daily_fill, cfg.savgol_window_days, cfg.savgol_order, with_model,
                          int(s2_days[0]), int(s2_days[-1]))
-        fill_daily(  # fail on bad daily settings now, before anything is written
-            np.zeros((len(s2_days), 1, 1, 1), np.float32), np.full((len(s2_days), 1, 1), FLAG_OBSERVED, np.uint8),
-            s2_days, method=daily.method, savgol_window_days=daily.savgol_window_days, savgol_order=daily.savgol_order,
-        )
     bundle_sha = file_sha256(bundle_path)
     fingerprint = {
         "format": store.EMBEDDING_FORMAT,
