@@ -64,6 +64,11 @@ class AEConfig(_Frozen):
     variant: Literal["patch", "dense"] = "patch"
     dense_pool_window: int = 3  # dense CBAM channel gate: max/mean pooled over this window (per level)
     dense_spatial_kernel: int = 3  # dense CBAM spatial gate kernel (the paper's 7 would widen the context)
+    # Deviations that make the model learn (experiments/learning.py measures each; README "Deviations").
+    # Defaults are the paper's, so every bundle written before them rebuilds unchanged.
+    centre_path: bool = False  # the centre pixel's spectrum reaches the tokens, the latent and the output directly
+    temporal_norm_first: bool = False  # pre-norm temporal transformer (the paper: post-norm)
+    latent_activation: Literal["softplus", "identity"] = "softplus"  # the paper squashes latents to >= 0
 
     @model_validator(mode="after")
     def _check(self) -> AEConfig:
@@ -346,6 +351,22 @@ class TrainConfig(_Frozen):
     progress_bar: bool = True
 
 
+class DenseTrainingConfig(_Frozen):
+    """Dense training of a ``dense`` autoencoder (:mod:`stembed.training.dense`): tiles, not patches.
+
+    One frame-CNN pass over a ``crop_px`` tile (plus the encoder's context) gives every centre
+    pixel's tokens; ``latents`` windows per step are drawn among the tile batch's observed centre
+    pixel-dates, each decoded on its centre frame plus ``render_frames - 1`` others (``n_frames``:
+    every frame, the exact per-patch loss). Validation and the run's metrics stay per patch.
+    """
+
+    crop_px: int = Field(32, ge=1)  # centre pixels per tile edge
+    subsets: int = Field(2, ge=1)  # frame draws (n_frames of the window's dates) per tile
+    latents: int = Field(512, ge=1)  # training windows drawn per step
+    render_frames: int = Field(3, ge=1)  # frames decoded per latent, the centre frame included
+    tiles_per_batch: int = Field(1, ge=1)
+
+
 class AEStageConfig(_Frozen):
     """Stage 1: one autoencoder for one sensor."""
 
@@ -357,6 +378,7 @@ class AEStageConfig(_Frozen):
     loss: LossConfig | None = None  # None: MAE only for S1, the hybrid loss for S2
     train: TrainConfig = Field(default_factory=TrainConfig)
     standardise_inputs: bool = True  # fill model.input_mean/std from the training split (see AEConfig)
+    dense_training: DenseTrainingConfig | None = None  # train a dense model on tiles (None: per patch)
     out_dir: str = "runs"
 
     @model_validator(mode="after")
@@ -398,6 +420,7 @@ class FusionStageConfig(_Frozen):
     loss: FusionLossConfig = Field(default_factory=FusionLossConfig)
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(warmup_steps=30_000, plateau_factor=0.3,
                                                                    plateau_patience=9, min_lr=3.5e-7))
+    dense_training: DenseTrainingConfig | None = None  # tiles instead of patches (dense bundles only)
     out_dir: str = "runs"
 
     def resolved_model(self) -> FusionConfig:

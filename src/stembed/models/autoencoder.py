@@ -32,8 +32,11 @@ from stembed.models.layers import (
 
 
 def make_temporal_transformer(cfg: AEConfig) -> nn.TransformerEncoder:
-    """The temporal transformer of spec §3.1: post-norm, ReLU, batch-first (B, T, d_model)."""
-    return make_transformer(cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=False)
+    """The temporal transformer of spec §3.1: ReLU, batch-first (B, T, d_model); post-norm unless
+    ``cfg.temporal_norm_first``."""
+    return make_transformer(
+        cfg.d_model, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=cfg.temporal_norm_first
+    )
 
 
 def _check_patch(x: torch.Tensor, cfg: AEConfig) -> None:
@@ -85,20 +88,29 @@ def _resolve_shared(
 
 # ----------------------------------------------------------------------------- latent head
 class LatentHead(nn.Module):
-    """T tokens of d_model -> one latent vector: shrink each token, then mix over time."""
+    """T tokens of d_model -> one latent vector: shrink each token, then mix over time.
+
+    With ``cfg.centre_path`` the centre date's whole token also reaches the latent through one
+    linear map: the paper's head squeezes every token to ``head_channels`` values before anything
+    else, which at small widths leaves fewer numbers for the centre spectrum than it has bands.
+    """
 
     def __init__(self, cfg: AEConfig):
         super().__init__()
         self.token_proj = nn.Linear(cfg.d_model, cfg.head_channels)
         self.time_reduce = nn.Linear(cfg.n_frames, cfg.reduced_tokens)
         self.to_latent = nn.Linear(cfg.head_channels * cfg.reduced_tokens, cfg.latent_dim)
+        self.centre = nn.Linear(cfg.d_model, cfg.latent_dim) if cfg.centre_path else None
         self.selu = nn.SELU()
-        self.softplus = nn.Softplus()
+        self.out = nn.Softplus() if cfg.latent_activation == "softplus" else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         h = self.selu(self.token_proj(tokens))  # (B, T, head)
         h = self.selu(self.time_reduce(h.transpose(1, 2)))  # (B, head, R)
-        return self.softplus(self.to_latent(h.flatten(1)))  # (B, head * R) -> (B, latent), >= 0
+        z = self.to_latent(h.flatten(1))  # (B, head * R) -> (B, latent)
+        if self.centre is not None:
+            z = z + self.centre(tokens[:, tokens.shape[1] // 2])  # (B, d_model) -> (B, latent)
+        return self.out(z)  # paper: softplus, latents >= 0
 
 
 class LatentExpander(nn.Module):
@@ -160,8 +172,23 @@ class SensorEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.cnn = DenseFrameCNN(cfg) if cfg.variant == "dense" else patch_frame_cnn(cfg)
+        # centre_path: each frame's token also gets the centre pixel's own (standardised) spectrum
+        self.centre_in = nn.Linear(cfg.in_channels, cfg.d_model) if cfg.centre_path else None
         self.shared = _resolve_shared(self, cfg, temporal, positions)
         self.head = LatentHead(cfg)
+
+    def dense_tokens(self, frames: torch.Tensor) -> torch.Tensor:
+        """Dense variant: (N, C, H, W) standardised, filled frames -> (N, d_model, H - 2m, W - 2m) tokens.
+
+        Output pixel (i, j) is the token of the window centred on input pixel (i + m, j + m), m = context_px.
+        """
+        tokens = self.cnn(frames)  # (N, d_model, ho, wo)
+        if self.centre_in is not None:
+            m = self.cfg.context_px
+            centre = frames[..., m : frames.shape[-2] - m, m : frames.shape[-1] - m]  # (N, C, ho, wo)
+            w, b = self.centre_in.weight, self.centre_in.bias  # (d_model, C), (d_model,)
+            tokens = tokens + torch.einsum("dc,nchw->ndhw", w, centre) + b[:, None, None]
+        return tokens
 
     def latent_from_tokens(self, tokens: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         """(B, T, d_model) frame tokens + (B, T-1) gaps -> (B, latent_dim): attention over time, then the head."""
@@ -173,13 +200,18 @@ class SensorEncoder(nn.Module):
         B, T, C, H, W = x.shape
         _check_gaps(time_gaps, B, T)
         tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, tok, 4, 4), dense: (B*T, d_model, 1, 1); each frame alone
-        return self.latent_from_tokens(tokens.reshape(B, T, cfg.d_model), time_gaps)
+        tokens = tokens.reshape(B, T, cfg.d_model)
+        if self.centre_in is not None:
+            tokens = tokens + self.centre_in(x[:, :, :, H // 2, W // 2])  # (B, T, C) -> (B, T, d_model)
+        return self.latent_from_tokens(tokens, time_gaps)
 
 
 class SensorDecoder(nn.Module):
     """Latent (B, latent_dim) + day gaps (B, T-1) -> patch time series (B, T, C, 15, 15).
 
     The output is linear (no squashing), so reconstructions may leave the [0, 1] data range.
+    With ``cfg.centre_path`` each frame's token also writes the centre pixel's spectrum directly
+    (one linear map), added to what the upsampling CNN gives there.
     """
 
     def __init__(
@@ -208,19 +240,34 @@ class SensorDecoder(nn.Module):
             nn.Conv2d(stem, C, kernel_size=3, padding=1), nn.SiLU(),
             nn.Conv2d(C, C, kernel_size=3, padding=1),  # (N, C, 15, 15), linear output
         )
+        self.centre_out = nn.Linear(cfg.d_model, C) if cfg.centre_path else None
 
-    def forward(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+    def tokens(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """Latent (B, latent_dim) + gaps (B, T-1) -> one token per frame (B, T, d_model)."""
         cfg = self.cfg
         if z.dim() != 2 or z.shape[1] != cfg.latent_dim:
             raise ValueError(
                 f"z must be (B, {cfg.latent_dim}) for sensor {cfg.sensor!r}, got {tuple(z.shape)}"
             )
-        B, T = z.shape[0], cfg.n_frames
-        _check_gaps(time_gaps, B, T)
-        tokens = self.shared(self.expand(z), time_gaps)  # (B, T, d_model)
-        maps = tokens.reshape(B * T, cfg.token_channels, 4, 4)  # (B*T, token_channels, 4, 4)
-        x_hat = self.cnn(maps)  # (B*T, C, 15, 15)
-        return x_hat.reshape(B, T, cfg.in_channels, cfg.patch_px, cfg.patch_px)  # (B, T, C, 15, 15)
+        _check_gaps(time_gaps, z.shape[0], cfg.n_frames)
+        return self.shared(self.expand(z), time_gaps)  # (B, T, d_model)
+
+    def render(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frame tokens (N, d_model) -> frames (N, C, 15, 15); dense training renders a subset of frames."""
+        cfg = self.cfg
+        x_hat = self.cnn(tokens.reshape(-1, cfg.token_channels, 4, 4))  # (N, C, 15, 15)
+        if self.centre_out is not None:
+            c = cfg.patch_px // 2
+            spike = torch.zeros(cfg.patch_px, cfg.patch_px, dtype=x_hat.dtype, device=x_hat.device)
+            spike[c, c] = 1.0
+            x_hat = x_hat + self.centre_out(tokens)[:, :, None, None] * spike  # centre pixel only
+        return x_hat
+
+    def forward(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        tokens = self.tokens(z, time_gaps)  # (B, T, d_model)
+        x_hat = self.render(tokens.reshape(-1, cfg.d_model))  # (B*T, C, 15, 15)
+        return x_hat.reshape(z.shape[0], cfg.n_frames, cfg.in_channels, cfg.patch_px, cfg.patch_px)
 
 
 # ----------------------------------------------------------------------------- autoencoder
@@ -262,7 +309,7 @@ class SensorAutoencoder(nn.Module):
         """Dense variant: (N, C, H, W) frames in cube units (NaN = missing) -> (N, d_model, H - 2m, W - 2m)."""
         if self.cfg.variant != "dense":
             raise ValueError(f"frame_tokens needs the dense encoder variant, this {self.cfg.sensor} model is 'patch'")
-        return self.encoder.cnn(self.standardise(frames))
+        return self.encoder.dense_tokens(self.standardise(frames))
 
     def decode(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
         """(B, latent_dim), (B, T-1) -> x_hat (B, T, C, H, W) in cube units."""
@@ -275,11 +322,14 @@ class SensorAutoencoder(nn.Module):
 
     def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """Disjoint named parts, for :func:`stembed.models.count_parameters`."""
-        return {
+        groups: dict[str, Iterable[nn.Parameter]] = {
             "encoder_cnn": self.encoder.cnn.parameters(),
-            "encoder_head": self.encoder.head.parameters(),
+            "encoder_head": self.encoder.head.parameters(),  # with centre_path: its centre map too
             "positions": self.positions.parameters(),
             "temporal": self.temporal.parameters(),
             "decoder_head": self.decoder.expand.parameters(),
             "decoder_cnn": self.decoder.cnn.parameters(),
         }
+        if self.encoder.centre_in is not None and self.decoder.centre_out is not None:
+            groups["centre_io"] = [*self.encoder.centre_in.parameters(), *self.decoder.centre_out.parameters()]
+        return groups

@@ -117,7 +117,13 @@ def _window_reduce(x: torch.Tensor, k: int, d: int, combine) -> torch.Tensor:  #
 
 
 def window_max(x: torch.Tensor, k: int, d: int = 1) -> torch.Tensor:
-    """Valid k x k max-pool with dilation d, stride 1: (N, C, H, W) -> (N, C, H - d(k-1), W - d(k-1))."""
+    """Valid k x k max-pool with dilation d, stride 1: (N, C, H, W) -> (N, C, H - d(k-1), W - d(k-1)).
+
+    Under autograd it is torch's ``max_pool2d`` (same values): the backward of the shifted views
+    allocates and copies a full-size gradient per view, which made a dense training step ~3x slower.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return nn.functional.max_pool2d(x, k, stride=1, dilation=d)
     return _window_reduce(x, k, d, torch.maximum)
 
 
@@ -135,6 +141,8 @@ def max_pool3x3(x: torch.Tensor) -> torch.Tensor:
     The forward is identical; on exact ties the gradient is shared between the tied inputs instead
     of going to one of them.
     """
+    if torch.is_grad_enabled() and x.requires_grad:  # see window_max
+        return nn.functional.max_pool2d(x, 3, stride=1, padding=1)
     return window_max(nn.functional.pad(x, (1, 1, 1, 1), value=float("-inf")), 3)  # (N, C, H, W)
 
 
