@@ -1,10 +1,19 @@
-"""Training-step time with and without the glibc allocator tuning (stembed.runtime.tune_allocator).
+"""Centre pixel-dates trained per second: the per-patch step against the dense (tile) step, same model.
 
-Each variant runs in its own fresh process (mallopt settings are per process), alternating, on the
-same seeded model and batch; the script prints the per-variant median step time and their ratio.
-Last line: one JSON object.
+Both steps train the same ``dense``-variant S2 autoencoder (preset and widths from ``--preset``,
+the learning fixes on) with the S2 hybrid loss, forward + backward + AdamW, on random data in the
+cube's value range:
 
-    .venv/bin/python benchmarks/train_step.py [--preset small] [--batch 32] [--steps 12] [--rounds 2]
+- per patch: ``--batch`` windows of 11 frames x 47 x 47 px (the encoder's context), one centre
+  pixel-date each;
+- dense: one tile of ``--crop`` x ``--crop`` centre pixels (+ the 23 px context) over 20 dates with 2
+  frame draws; ``--latents`` windows drawn from it, each rendered on its centre frame and
+  ``--render - 1`` others (the training default).
+
+The steps alternate, after two warm-up steps each; the script prints the median step time, the
+centre pixel-dates per second of each and their ratio. Last line: one JSON object.
+
+    .venv/bin/python benchmarks/train_step.py [--preset tiny-dense] [--steps 6]
 """
 
 from __future__ import annotations
@@ -12,59 +21,99 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
+import time
 
-CHILD = r"""
-import json, sys, time, torch
-tune = sys.argv[1] == "1"
-if tune:
-    from stembed.runtime import tune_allocator
-    assert tune_allocator()
-from stembed.config import ae_preset, s2_stage1_loss
-from stembed.losses import reconstruction_loss
+import torch
+
+from stembed.config import AEConfig, ae_preset, s2_stage1_loss
+from stembed.losses import reconstruction_loss, sampled_reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
-preset, batch, steps = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-gen = torch.Generator().manual_seed(0)
-torch.manual_seed(0)
-model = SensorAutoencoder(ae_preset(preset, "s2"))
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-w, c = model.cfg.input_px, model.cfg.context_px  # a dense encoder reads a wider window than the patch
-x_in = torch.rand(batch, 11, 10, w, w, generator=gen)
-x = x_in[..., c - 7 : c + 8, c - 7 : c + 8]
-valid = torch.ones_like(x, dtype=torch.bool)
-gaps = torch.full((batch, 10), 5.0)
-times = []
-for i in range(steps + 2):
-    t = time.perf_counter()
-    x_hat, _ = model(x_in, gaps)
-    loss = reconstruction_loss(x_hat, x, valid, s2_stage1_loss())["loss"]
-    opt.zero_grad(); loss.backward(); opt.step()
-    if i >= 2:  # skip warm-up steps
-        times.append(time.perf_counter() - t)
-print(json.dumps(times))
-"""
+from stembed.runtime import tune_allocator
+from stembed.training.dense import (
+    draw_render_frames,
+    draw_windows,
+    gather_targets,
+    gather_tokens,
+    render,
+    window_tokens,
+)
+
+FIXES = {"centre_path": True, "temporal_norm_first": True, "latent_activation": "identity", "dropout": 0.0,
+         "enc_dropout2d": 0.0, "dec_dropout2d": 0.0}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--preset", default="small")
+    ap.add_argument("--preset", default="tiny-dense")
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--crop", type=int, default=32)
+    ap.add_argument("--latents", type=int, default=512)
+    ap.add_argument("--render", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
-    times: dict[str, list[float]] = {"default": [], "tuned": []}
-    for _ in range(a.rounds):
-        for name, flag in (("default", "0"), ("tuned", "1")):
-            out = subprocess.run([sys.executable, "-c", CHILD, flag, a.preset, str(a.batch), str(a.steps)],
-                                 capture_output=True, text=True, check=True)
-            times[name] += json.loads(out.stdout.strip().splitlines()[-1])
+    tune_allocator()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    cfg = AEConfig(**{**ae_preset(a.preset, "s2").model_dump(), **FIXES})
+    if cfg.variant != "dense":
+        raise SystemExit(f"--preset must be a dense preset, got {a.preset!r}")
+    model = SensorAutoencoder(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    loss_cfg = s2_stage1_loss()
+    T, m, P = cfg.n_frames, cfg.context_px, cfg.patch_px
+
+    x_in = torch.rand(a.batch, T, 10, cfg.input_px, cfg.input_px, generator=gen) * 0.4
+    x = x_in[..., m - P // 2 : m + P // 2 + 1, m - P // 2 : m + P // 2 + 1]
+    valid = torch.ones_like(x, dtype=torch.bool)
+    gaps = torch.full((a.batch, T - 1), 5.0)
+    D, side = 20, a.crop + 2 * m
+    tile = {
+        "window": torch.rand(1, D, 10, side, side, generator=gen) * 0.4,
+        "days": (torch.arange(D, dtype=torch.float32) * 5)[None],
+        "subsets": torch.stack([torch.randperm(D, generator=gen)[:T].sort().values for _ in range(2)])[None],
+        "inside": torch.ones(1, side, side, dtype=torch.bool),
+    }
+
+    def patch_step() -> int:
+        x_hat, _ = model(x_in, gaps)
+        loss = reconstruction_loss(x_hat, x, valid, loss_cfg)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return a.batch
+
+    def dense_step() -> int:
+        win = draw_windows(tile, m, a.latents, gen)
+        z = model.encoder.latent_from_tokens(gather_tokens(window_tokens(model, tile["window"]), win), win.gaps)
+        sel, scale = draw_render_frames(z.shape[0], T, a.render, gen, z.device)
+        x_hat = render(model, z, win.gaps, sel)
+        tg = gather_targets(tile["window"], tile["inside"], win, sel, m, P)
+        loss = sampled_reconstruction_loss(x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale,
+                                           all_valid=tg.all_valid, n_frames=T)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return z.shape[0]
+
+    times: dict[str, list[float]] = {"per_patch": [], "dense": []}
+    counts: dict[str, int] = {}
+    for i in range(a.steps + 2):
+        for name, step in (("per_patch", patch_step), ("dense", dense_step)):
+            t = time.perf_counter()
+            counts[name] = step()
+            if i >= 2:
+                times[name].append(time.perf_counter() - t)
     med = {k: statistics.median(v) for k, v in times.items()}
-    ratio = med["default"] / med["tuned"]
-    print(f"preset={a.preset} batch={a.batch}: median step default {med['default']:.3f} s, "
-          f"tuned {med['tuned']:.3f} s, speed-up x{ratio:.2f}")
-    print(json.dumps({"preset": a.preset, "batch": a.batch, "median_step_s": med, "speedup_tuned": round(ratio, 3),
-                      "n_steps_each": len(times["default"])}))
+    rate = {k: counts[k] / med[k] for k in med}
+    ratio = rate["dense"] / rate["per_patch"]
+    for k in med:
+        print(f"{k:>9}: {counts[k]:4d} centre pixel-dates per step, median step {med[k]:.3f} s, "
+              f"{rate[k]:8.1f} centre pixel-dates/s")
+    print(f"dense / per-patch: x{ratio:.1f} centre pixel-dates trained per second ({a.preset}, {torch.get_num_threads()} "
+          "threads)")
+    print(json.dumps({"preset": a.preset, "median_step_s": med, "pixel_dates_per_step": counts,
+                      "pixel_dates_per_s": rate, "ratio": round(ratio, 2), "render_frames": a.render,
+                      "latents": a.latents, "crop_px": a.crop, "steps": a.steps}))
 
 
 if __name__ == "__main__":

@@ -205,9 +205,11 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
 
 
 @pytest.mark.slow
-def test_dense_stages_train_then_embed(tmp_path):
-    """Both stages train with the dense variant (x_in windows), stage-1 weights stay bit-identical
-    through fusion, and `stembed embed` takes the dense path with the trained bundle."""
+@pytest.mark.parametrize("training", ["patches", "tiles"])
+def test_dense_stages_train_then_embed(tmp_path, training):
+    """Both stages train with the dense variant (per-patch x_in windows, or dense training on tiles),
+    stage-1 weights stay bit-identical through fusion, and `stembed embed` takes the dense path with
+    the trained bundle."""
     from stembed.config import AEStageConfig, FusionStageConfig
     from stembed.demo import demo_configs
     from stembed.training.run import train_autoencoder, train_fusion
@@ -219,6 +221,8 @@ def test_dense_stages_train_then_embed(tmp_path):
         d["preset"] = "tiny-dense"
         d["train"] = {**d["train"], "limit_train_batches": 2, "progress_bar": False}
         d["data"] = {**d["data"], "sampling": {**d["data"]["sampling"], "spatial_stride": 16, "window_stride": 40}}
+        if training == "tiles":
+            d["dense_training"] = {"crop_px": 12, "latents": 64, "render_frames": 2}
         return kind.model_validate(d)
 
     s1 = train_autoencoder(dense(cfgs["s1"], AEStageConfig), run_dir=tmp_path / "s1")
@@ -231,6 +235,9 @@ def test_dense_stages_train_then_embed(tmp_path):
         inside = {k.removeprefix(f"{key}."): v for k, v in fb.state_dict.items() if k.startswith(f"{key}.")}
         assert own.keys() == inside.keys() and all(torch.equal(own[k], inside[k]) for k in own)
     assert np.isfinite(fusion.metrics["splits"]["test"]["s2"]["centre_mae"])
+    if training == "tiles":
+        assert all(r.metrics["data"]["splits"]["train"]["n_tiles"] > 0 for r in (s1, s2, fusion))
+        assert np.isfinite(fusion.metrics["splits"]["train"]["s1"]["centre_mae"])  # train metrics stay per patch
 
     save_scene(synthetic_scene(seed=9, height_px=26, width_px=25, n_days=70), tmp_path / "scene.zarr")
     embed_cube(tmp_path / "scene.zarr", fusion.bundle, tmp_path / "e.zarr", EmbedConfig(tile_px=32), progress=False)

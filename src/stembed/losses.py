@@ -229,6 +229,56 @@ def fusion_loss(
     return {"loss": total, **out}
 
 
+def sampled_reconstruction_loss(
+    x_hat: torch.Tensor,
+    x: torch.Tensor,
+    valid: torch.Tensor,
+    cfg: LossConfig,
+    *,
+    frames: torch.Tensor,
+    scale: torch.Tensor,
+    all_valid: torch.Tensor,
+    n_frames: int,
+) -> dict[str, torch.Tensor]:
+    """:func:`reconstruction_loss` when only some frames of each patch were decoded (dense training).
+
+    Args:
+        x_hat, x, valid: (N, F, C, P, P), the F decoded frames of each patch; ``x`` filled where not valid.
+        frames: (N, F) long, which of the ``n_frames`` frames each one is.
+        scale: (N, F) inverse inclusion probability of each frame (1 for the always-decoded centre frame,
+            ``(T - 1) / (F - 1)`` for the others when they are drawn uniformly): the weighted sum over
+            the decoded frames is then an unbiased estimate of the sum over all frames.
+        all_valid: (N, T, P, P) bool, every channel observed, over *all* T frames: the SAM term's
+            normaliser is known without decoding, so only its numerator is estimated.
+
+    With every frame decoded (F = T, ``scale`` 1) this is exactly :func:`reconstruction_loss`.
+    """
+    N, _, C, P, _ = x.shape
+    out: dict[str, torch.Tensor] = {}
+    total = x_hat.new_zeros(())
+    if cfg.mae:
+        w = context_weights(n_frames, P, decay=cfg.decay, centre_weight=cfg.centre_weight, n_channels=C,
+                            device=x.device, dtype=x.dtype)  # (T, P, P)
+        w_sel = (w[frames] * scale[..., None, None])[:, :, None]  # (N, F, 1, P, P)
+        err = torch.where(valid, x_hat - x, torch.zeros_like(x_hat)).abs()
+        out["mae"] = (err * w_sel).sum() / N
+        total = total + cfg.mae * out["mae"]
+    if cfg.ssim:
+        per_frame = ssim_map(x_hat, x).mean(dim=(2, 3, 4))  # (N, F)
+        out["ssim"] = 1.0 - (per_frame * scale).sum() / (N * n_frames)
+        total = total + cfg.ssim * out["ssim"]
+    if cfg.sam:
+        w_raw = context_weights(n_frames, P, decay=cfg.decay, centre_weight=cfg.centre_weight,
+                                normalised=False, device=x.device, dtype=x.dtype)  # (T, P, P)
+        ok = valid.all(dim=2)  # (N, F, P, P)
+        angle = spectral_angle(x_hat, torch.where(valid, x, torch.zeros_like(x)))  # (N, F, P, P)
+        num = (torch.where(ok, w_raw[frames] * scale[..., None, None], torch.zeros_like(angle)) * angle).sum()
+        den = (w_raw * all_valid).sum()
+        out["sam"] = num / den.clamp_min(torch.finfo(x.dtype).tiny)
+        total = total + cfg.sam * out["sam"]
+    return {"loss": total, **out}
+
+
 # ----------------------------------------------------------------------------- metrics
 def _centre(t: torch.Tensor) -> torch.Tensor:
     """(B, T, C, H, W) -> (B, C) at the centre frame and centre pixel."""
@@ -265,6 +315,7 @@ __all__ = [
     "fusion_loss",
     "reconstruction_loss",
     "sam_loss",
+    "sampled_reconstruction_loss",
     "spectral_angle",
     "ssim_loss",
     "ssim_map",

@@ -2,7 +2,7 @@
 
 glibc's allocator returns large freed blocks to the OS and faults them back in on every step.
 Raising the mmap and trim thresholds keeps those blocks in the process. Measured with
-``benchmarks/train_step.py`` (small preset, batch 32, 2 cores): median training step 0.577 s
+``benchmarks/allocator.py`` (small preset, batch 32, 2 cores): median training step 0.577 s
 default vs 0.499 s tuned, x1.16. The CLI calls this once at start, and every dask worker of `stembed embed` before its first tile.
 """
 

@@ -9,11 +9,19 @@ import torch
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from stembed.config import AEConfig, FusionLossConfig, LossConfig, TrainConfig
-from stembed.losses import fusion_loss, reconstruction_loss
+from stembed.config import AEConfig, DenseTrainingConfig, FusionLossConfig, LossConfig, TrainConfig
+from stembed.losses import fusion_loss, reconstruction_loss, sampled_reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import Companion, FusionModel, build_fusion
 from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
+from stembed.training.dense import (
+    draw_render_frames,
+    draw_windows,
+    gather_targets,
+    gather_tokens,
+    render,
+    window_tokens,
+)
 from stembed.training.evaluate import centre_abs_error
 
 MONITOR = "val_centre_mae"
@@ -110,17 +118,43 @@ class _StageModule(L.LightningModule):
 
 
 class AutoencoderModule(_StageModule):
-    """Stage 1: one sensor's autoencoder trained with the context-aware loss."""
+    """Stage 1: one sensor's autoencoder trained with the context-aware loss.
 
-    def __init__(self, model: dict[str, Any], loss: dict[str, Any], train: dict[str, Any]) -> None:
+    ``dense``: a :class:`~stembed.config.DenseTrainingConfig`; training batches are then tiles
+    (:mod:`stembed.training.dense`), validation batches stay patches.
+    """
+
+    def __init__(
+        self, model: dict[str, Any], loss: dict[str, Any], train: dict[str, Any], dense: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = SensorAutoencoder(AEConfig.model_validate(model))
         self.loss_cfg = LossConfig.model_validate(loss)
         self.train_cfg = TrainConfig.model_validate(train)
+        self.dense = DenseTrainingConfig.model_validate(dense) if dense is not None else None
+        self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics(["centre_mae"])
 
+    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        ae, d = self.model, self.dense
+        cfg, T = ae.cfg, ae.cfg.n_frames
+        win = draw_windows(batch, cfg.context_px, d.latents, self.gen)
+        z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
+        sel, scale = draw_render_frames(z.shape[0], T, d.render_frames, self.gen, z.device)
+        x_hat = render(ae, z, win.gaps, sel)  # (N, F, C, P, P), centre frame first
+        tg = gather_targets(batch["window"], batch["inside"], win, sel, cfg.context_px, cfg.patch_px)
+        parts = sampled_reconstruction_loss(
+            x_hat, tg.x, tg.valid, self.loss_cfg, frames=sel, scale=scale, all_valid=tg.all_valid, n_frames=T
+        )
+        logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=z.shape[0])
+        _update(self.centre[f"{prefix}_centre_mae"], x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
+        return parts["loss"]
+
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        if "window" in batch:
+            return self._dense_step(batch, prefix)
         x, valid = batch["x"], batch["valid"]  # (B, T, C, P, P)
         x_hat, _ = self.model(batch.get("x_in", x), batch["time_gaps"])  # x_in: a dense encoder's wider window
         parts = reconstruction_loss(x_hat, x, valid, self.loss_cfg)
@@ -146,15 +180,58 @@ class FusionModule(_StageModule):
         loss: dict[str, Any],
         train: dict[str, Any],
         extra_models: dict[str, dict[str, Any]] | None = None,
+        dense: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.model = build_fusion(s1_model, s2_model, model, extra_models)
         self.loss_cfg = FusionLossConfig.model_validate(loss)
         self.train_cfg = TrainConfig.model_validate(train)
+        self.dense = DenseTrainingConfig.model_validate(dense) if dense is not None else None
+        self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.autoencoders()])
 
+    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
+        model, d = self.model, self.dense
+        aes = model.autoencoders()
+        T, m, P = model.s2.cfg.n_frames, model.s2.cfg.context_px, model.s2.cfg.patch_px
+        win = draw_windows(batch, m, d.latents, self.gen)
+        c = T // 2
+        windows = {k: batch["window" if k == "s2" else f"window_{k}"] for k in aes}
+        gaps, dt = {"s2": win.gaps}, {}
+        for k in aes:
+            if k != "s2":
+                days = torch.gather(batch[f"days_{k}"][win.b], 1, win.frames)  # (N, T) the sensor's own days
+                s2_days = torch.gather(batch["days"][win.b], 1, win.frames)
+                gaps[k], dt[k] = torch.diff(days, dim=1), (days[:, c] - s2_days[:, c]).abs()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not model.frozen):
+            z = {
+                k: ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, windows[k]), win), gaps[k])
+                for k, ae in aes.items()
+            }
+        e = model.fuse(z["s1"], z["s2"], dt["s1"], {k: (z[k], dt[k]) for k in model.extra})
+        heads = {"s1": model.head_s1, "s2": model.head_s2, **model.head_extra}
+        branch_cfg = {"s1": (self.loss_cfg.s1, self.loss_cfg.s1_weight), "s2": (self.loss_cfg.s2, self.loss_cfg.s2_weight)}
+        total = e.new_zeros(())
+        logs: dict[str, Tensor] = {}
+        for k, ae in aes.items():
+            loss_cfg, weight = branch_cfg.get(k, (self.loss_cfg.extra, self.loss_cfg.extra_weight))
+            sel, scale = draw_render_frames(e.shape[0], T, d.render_frames, self.gen, e.device)
+            x_hat = render(ae, heads[k](e), gaps[k], sel)  # (N, F, C_k, P, P)
+            tg = gather_targets(windows[k], batch["inside"], win, sel, m, P)
+            parts = sampled_reconstruction_loss(
+                x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale, all_valid=tg.all_valid, n_frames=T
+            )
+            total = total + weight * parts["loss"]
+            logs |= {f"{prefix}_{k}/{name}": v for name, v in parts.items() if torch.isfinite(v)}
+            _update(self.centre[f"{prefix}_centre_mae_{k}"], x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
+        self.log_dict({f"{prefix}_loss": total, **logs}, on_step=False, on_epoch=True, batch_size=e.shape[0])
+        return total
+
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+        if "window" in batch:
+            return self._dense_step(batch, prefix)
         x1, v1, x2, v2 = batch["x1"], batch["valid1"], batch["x2"], batch["valid2"]
         args = fusion_inputs(batch, self.model)
         x1_hat, x2_hat, e = self.model(*args)

@@ -26,13 +26,17 @@ from stembed.config import (
     AEStageConfig,
     ConfigError,
     DataConfig,
+    DenseTrainingConfig,
     FusionStageConfig,
     GapFillStageConfig,
+    SamplingConfig,
     TrainConfig,
     dump_config,
 )
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
+from stembed.data.datasets import FusionPatchDataset
 from stembed.data.sampling import SPLITS, SamplingError
+from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.repro import config_hash, file_sha256, provenance
@@ -57,11 +61,31 @@ def default_run_dir(cfg: AEStageConfig | FusionStageConfig | GapFillStageConfig)
     return Path(cfg.out_dir) / stage / f"{stamp}-{config_hash(dump_config(cfg))}"
 
 
+def tile_dataset(
+    data: SplitData, sampling: SamplingConfig, dense: DenseTrainingConfig, model: AEConfig, rng: np.random.Generator
+) -> TileDataset:
+    """Dense training: tiles over the training split's regions, on the arrays of its patch dataset."""
+    if model.variant != "dense":
+        raise ConfigError(
+            f"dense_training needs a dense autoencoder but the model is '{model.variant}'; fix: use a dense preset "
+            "(e.g. preset: tiny-dense) or drop dense_training"
+        )
+    ds = data.datasets["train"]
+    if isinstance(ds, FusionPatchDataset):  # S2 drives the tiles; S1 and companions are on its dates
+        sites, others = ds.s2, {"s1": ds.s1, **ds.extra}
+    else:
+        sites, others = ds.sites, {}  # type: ignore[attr-defined]
+    tiles = sample_tiles([s.days for s in sites], data.regions["train"], sampling, dense.crop_px, dense.subsets, rng)
+    return TileDataset(sites, tiles, sampling.window_dates, dense.crop_px, model.context_px, others,
+                       batch_size=dense.tiles_per_batch)
+
+
 def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order comes from the config seed
     return {
         name: DataLoader(
-            ds, batch_size=cfg.batch_size, shuffle=name == "train", generator=gen if name == "train" else None,
+            ds, batch_size=getattr(ds, "batch_size", cfg.batch_size), shuffle=name == "train",
+            generator=gen if name == "train" else None,
             num_workers=cfg.num_workers, drop_last=False,
         )
         for name, ds in data.datasets.items()
@@ -146,10 +170,18 @@ def train_autoencoder(
     if cfg.standardise_inputs and model_cfg.input_mean is None:
         mean, std = band_stats(data)
         model_cfg = AEConfig.model_validate({**model_cfg.model_dump(), "input_mean": mean, "input_std": std})
-    module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train))
+    dense = cfg.dense_training
+    patch_train = data.datasets["train"]  # the train split's metrics stay per patch
+    if dense is not None:
+        data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling(cfg.sensor), dense, model_cfg,
+                                              np.random.default_rng(cfg.train.seed))
+        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]
+    module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train),
+                               dump_config(dense) if dense is not None else None)
     started = time.perf_counter()
     module = _fit(module, data, cfg.train, run_dir, resume)
     model = module.model  # type: ignore[attr-defined]
+    data.datasets["train"] = patch_train
 
     def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])
@@ -206,8 +238,14 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     )
     fusion_cfg = cfg.resolved_model()
     extra_models = {k: b.config["model"] for k, b in bx.items()}
+    dense = cfg.dense_training
+    patch_train = data.datasets["train"]  # the train split's metrics stay per patch
+    if dense is not None:
+        data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling("s2"), dense, a2,
+                                              np.random.default_rng(cfg.train.seed))
+        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]
     module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
-                          dump_config(cfg.train), extra_models)
+                          dump_config(cfg.train), extra_models, dump_config(dense) if dense is not None else None)
     model = module.model
     model.s1.load_state_dict(b1.state_dict)
     model.s2.load_state_dict(b2.state_dict)
@@ -216,6 +254,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     started = time.perf_counter()
     module = _fit(module, data, cfg.train, run_dir, resume)
     model = module.model  # type: ignore[attr-defined]
+    data.datasets["train"] = patch_train
 
     def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
         x1_hat, x2_hat, e = model(*fusion_inputs(batch, model))

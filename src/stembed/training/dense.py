@@ -1,0 +1,136 @@
+"""Dense training: the dense encoder trained the way it infers, many centre pixel-dates per encoder pass.
+
+A tile batch (:class:`stembed.data.tiles.TileDataset`) goes through the frame CNN once, giving every
+centre pixel's token on every date of the tile. Every (frame draw, pixel) pair whose centre value is
+observed is a training window; ``latents`` of them are drawn uniformly per step (the per-patch
+sampler's population, at stride 1), their tokens gathered, and each is encoded to a latent and
+decoded like a per-patch sample.
+
+Decoding is the cost that does not shrink: each latent's 15 x 15 x 11 patch is its own. So each
+latent renders its centre frame (which carries 82 % of the context weight) and ``render_frames - 1``
+other frames drawn uniformly from the remaining ten; those are weighted by the inverse of their
+inclusion probability (:func:`stembed.losses.sampled_reconstruction_loss`), so the expected loss is
+the paper's per-patch loss. With ``render_frames = n_frames`` it *is* the per-patch loss on the same
+windows (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from stembed.models.autoencoder import SensorAutoencoder
+
+
+@dataclass(frozen=True)
+class Windows:
+    """The training windows drawn from a tile batch: tile ``b``, frame draw ``k``, flat centre pixel ``p``
+    (in the crop), the ``(N, T)`` tile-date index of each frame and the ``(N, T-1)`` day gaps."""
+
+    b: Tensor
+    k: Tensor
+    p: Tensor
+    frames: Tensor
+    gaps: Tensor
+
+
+def draw_windows(batch: dict[str, Tensor], margin: int, n_latents: int, gen: torch.Generator) -> Windows:
+    """Draw up to ``n_latents`` windows uniformly among those whose S2/sensor centre value is observed."""
+    win, subsets = batch["window"], batch["subsets"]  # (Bt, D, C, Hp, Wp), (Bt, K, T)
+    Bt, D, _, Hp, Wp = win.shape
+    h, w = Hp - 2 * margin, Wp - 2 * margin
+    T = subsets.shape[-1]
+    centre = win[:, :, :, margin : margin + h, margin : margin + w]  # (Bt, D, C, h, w)
+    ok = torch.isfinite(centre).any(dim=2).reshape(Bt, D, h * w)  # (Bt, D, h*w)
+    ok = ok & batch["inside"][:, margin : margin + h, margin : margin + w].reshape(Bt, 1, h * w)
+    centre_frame = subsets[:, :, T // 2]  # (Bt, K)
+    ok_k = torch.gather(ok, 1, centre_frame[..., None].expand(-1, -1, h * w))  # (Bt, K, h*w)
+    cand = ok_k.nonzero()  # (M, 3): b, k, p
+    if cand.shape[0] > n_latents:
+        cand = cand[torch.randperm(cand.shape[0], generator=gen)[:n_latents].to(cand.device)]
+    b, k, p = cand.unbind(1)
+    frames = subsets[b, k]  # (N, T)
+    days = torch.gather(batch["days"][b], 1, frames)  # (N, T)
+    return Windows(b, k, p, frames, torch.diff(days, dim=1))
+
+
+def window_tokens(ae: SensorAutoencoder, window: Tensor) -> Tensor:
+    """(Bt, D, C, Hp, Wp) raw tile -> (Bt, D, d_model, h*w) frame tokens of every centre pixel."""
+    Bt, D, C, Hp, Wp = window.shape
+    frames = window.reshape(Bt * D, C, Hp, Wp).contiguous(memory_format=torch.channels_last)
+    tok = ae.frame_tokens(frames)  # (Bt*D, d_model, h, w)
+    return tok.reshape(Bt, D, tok.shape[1], -1)
+
+
+def gather_tokens(tok: Tensor, win: Windows) -> Tensor:
+    """(Bt, D, d_model, h*w) tokens -> (N, T, d_model) tokens of each window's frames at its pixel."""
+    return tok[win.b[:, None], win.frames, :, win.p[:, None]]
+
+
+def draw_render_frames(n: int, n_frames: int, render: int, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Which frames each latent renders: the centre frame plus ``render - 1`` of the others, uniformly.
+
+    Returns ``sel`` (N, F) long frame indices (centre first) and ``scale`` (N, F): 1 for the centre,
+    (T - 1) / (F - 1) for the others (inverse inclusion probability).
+    """
+    c = n_frames // 2
+    if render >= n_frames:
+        sel = torch.arange(n_frames, device=device).expand(n, -1)
+        return sel, torch.ones(n, n_frames, device=device)
+    others = torch.rand(n, n_frames - 1, generator=gen).argsort(dim=1)[:, : render - 1].to(device)  # (N, F-1)
+    others = others + (others >= c).long()  # skip the centre index
+    sel = torch.cat([torch.full((n, 1), c, device=device, dtype=torch.long), others], dim=1)
+    scale = torch.full((n, render), (n_frames - 1) / (render - 1), device=device)
+    scale[:, 0] = 1.0
+    return sel, scale
+
+
+def render(ae: SensorAutoencoder, z: Tensor, gaps: Tensor, sel: Tensor) -> Tensor:
+    """Decode latents (N, latent) but render only frames ``sel`` (N, F): (N, F, C, P, P) in cube units."""
+    tokens = ae.decoder.tokens(z, gaps)  # (N, T, d_model)
+    chosen = torch.gather(tokens, 1, sel[..., None].expand(-1, -1, tokens.shape[-1]))  # (N, F, d_model)
+    x_hat = ae.decoder.render(chosen.reshape(-1, tokens.shape[-1]))  # (N*F, C, P, P)
+    cfg = ae.cfg
+    x_hat = x_hat.reshape(sel.shape[0], sel.shape[1], cfg.in_channels, cfg.patch_px, cfg.patch_px)
+    return x_hat * ae.input_std + ae.input_mean
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Per-patch targets of the windows: ``x`` (N, F, C, P, P) filled with the patch's band means where not
+    observed (for SSIM, as the per-patch datasets fill), ``valid`` (same shape) and ``all_valid`` (N, T, P, P)."""
+
+    x: Tensor
+    valid: Tensor
+    all_valid: Tensor
+
+
+def fill_means(x: Tensor, valid: Tensor) -> Tensor:
+    """Torch twin of :func:`stembed.data.datasets.fill_patch`: NaN -> per-band mean over (time, y, x), else 0."""
+    zero = torch.zeros_like(x)
+    counts = valid.sum(dim=(1, 3, 4), keepdim=True)
+    sums = torch.where(valid, x, zero).sum(dim=(1, 3, 4), keepdim=True)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
+    return torch.where(valid, x, means)
+
+
+def gather_targets(window: Tensor, inside: Tensor, win: Windows, sel: Tensor, margin: int, patch_px: int) -> Targets:
+    """The reconstruction targets of each window: its 15 x 15 patch around the centre, on its frames.
+
+    A pixel outside the tile's split region (a reflected one) is never a target (``valid`` False).
+    """
+    h = window.shape[-1] - 2 * margin
+    py, px = win.p // h, win.p % h
+    r = patch_px // 2
+    lo = margin - r  # patch of centre pixel (i, j) starts at window pixel (lo + i, lo + j)
+    views = window[..., lo : lo + h + 2 * r, lo : lo + h + 2 * r].unfold(3, patch_px, 1).unfold(4, patch_px, 1)
+    # views: (Bt, D, C, h, w, P, P), no copy
+    x_all = views[win.b[:, None], win.frames, :, py[:, None], px[:, None]]  # (N, T, C, P, P)
+    ins_views = inside[:, lo : lo + h + 2 * r, lo : lo + h + 2 * r].unfold(1, patch_px, 1).unfold(2, patch_px, 1)
+    ins = ins_views[win.b, py, px]  # (N, P, P)
+    valid_all = torch.isfinite(x_all) & ins[:, None, None]
+    x_fill = fill_means(x_all, valid_all)  # the fill uses all T frames, as the per-patch datasets do
+    pick = sel[:, :, None, None, None].expand(-1, -1, *x_fill.shape[2:])  # (N, F, C, P, P)
+    return Targets(torch.gather(x_fill, 1, pick), torch.gather(valid_all, 1, pick), valid_all.all(dim=2))

@@ -1,0 +1,111 @@
+"""Dense training: the tile step computes the per-patch loss of the same windows, and its frame sampling is unbiased."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stembed.config import AEConfig, LossConfig, SamplingConfig, ae_preset, s2_stage1_loss
+from stembed.data.datasets import PatchDataset, SensorArrays
+from stembed.data.sampling import PatchIndex, Region, day_numbers
+from stembed.data.tiles import TileDataset, sample_tiles
+from stembed.losses import reconstruction_loss, sampled_reconstruction_loss
+from stembed.models.autoencoder import SensorAutoencoder
+from stembed.testing import synthetic_scene
+from stembed.training.dense import (
+    draw_render_frames,
+    draw_windows,
+    gather_targets,
+    gather_tokens,
+    render,
+    window_tokens,
+)
+
+FIXES = {"centre_path": True, "temporal_norm_first": True, "latent_activation": "identity", "dropout": 0.0,
+         "enc_dropout2d": 0.0, "dec_dropout2d": 0.0}
+
+
+@pytest.fixture(scope="module")
+def s2_site() -> SensorArrays:
+    cube = synthetic_scene(seed=3, height_px=40, width_px=40, n_days=200).s2
+    return SensorArrays(np.ascontiguousarray(cube.values, dtype=np.float32), day_numbers(cube["time"].values))
+
+
+def _model(**over: object) -> SensorAutoencoder:
+    torch.manual_seed(0)
+    cfg = AEConfig(**{**ae_preset("tiny-dense", "s2").model_dump(), **FIXES, **over})
+    return SensorAutoencoder(cfg)
+
+
+@pytest.mark.parametrize("loss_cfg", [LossConfig(), s2_stage1_loss()], ids=["mae", "hybrid"])
+def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thread, s2_site, loss_cfg):
+    """Every frame rendered: the tile step's loss is the mean per-patch loss of its windows (same weights)."""
+    ae = _model()
+    m, T = ae.cfg.context_px, ae.cfg.n_frames
+    region = Region(0, (0, 40), (0, 40))
+    sampling = SamplingConfig(window_dates=14, window_stride=50)
+    tiles = sample_tiles([s2_site.days], [region], sampling, crop_px=10, subsets=2, rng=np.random.default_rng(1))
+    # a crop whose every centre's 15 x 15 patch lies inside the region (7 px from its edges)
+    tile = next(t for t in tiles if 7 <= t.y0 and t.y0 + 10 <= 33 and 7 <= t.x0 and t.x0 + 10 <= 33)
+    item = TileDataset([s2_site], [tile], sampling.window_dates, 10, m)[0]
+    batch = {k: v[None] for k, v in item.items()}
+
+    gen = torch.Generator().manual_seed(0)
+    win = draw_windows(batch, m, n_latents=10_000, gen=gen)  # every observed centre
+    assert win.b.numel() > 50
+    z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
+    sel, scale = draw_render_frames(z.shape[0], T, T, gen, z.device)
+    x_hat = render(ae, z, win.gaps, sel)
+    tg = gather_targets(batch["window"], batch["inside"], win, sel, m, ae.cfg.patch_px)
+    dense = sampled_reconstruction_loss(
+        x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale, all_valid=tg.all_valid, n_frames=T
+    )
+
+    # the same windows as per-patch samples, through the per-patch dataset and model call
+    patches = []
+    for b, k, p in zip(win.b.tolist(), win.k.tolist(), win.p.tolist(), strict=True):
+        py, px = divmod(p, 10)
+        frames = tuple(tile.t0 + f for f in tile.subsets[k])
+        patches.append(PatchIndex(0, frames, tile.y0 + py - 7, tile.x0 + px - 7, (0, 40, 0, 40)))
+    ds = PatchDataset([s2_site], patches, 15, context_px=m)
+    items = [ds[i] for i in range(len(ds))]
+    pb = {key: torch.stack([it[key] for it in items]) for key in items[0]}
+    x_hat_ref, _ = ae(pb["x_in"], pb["time_gaps"])
+    ref = reconstruction_loss(x_hat_ref, pb["x"], pb["valid"], loss_cfg)
+
+    torch.testing.assert_close(tg.x, pb["x"])
+    assert torch.equal(tg.valid, pb["valid"])
+    for key in ref:
+        torch.testing.assert_close(dense[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_frame_sampling_is_unbiased(one_torch_thread):
+    """Rendering the centre frame plus 2 drawn others: the mean of many draws is the all-frames loss."""
+    torch.manual_seed(0)
+    N, T, C, P = 6, 11, 10, 15
+    x = torch.rand(N, T, C, P, P) * 0.3
+    x_hat = x + 0.05 * torch.randn(N, T, C, P, P)
+    valid = torch.rand(N, T, C, P, P) > 0.2
+    all_valid = valid.all(dim=2)
+    cfg = s2_stage1_loss()
+    full_sel, ones = draw_render_frames(N, T, T, torch.Generator(), x.device)
+    exact = sampled_reconstruction_loss(x_hat, x, valid, cfg, frames=full_sel, scale=ones, all_valid=all_valid,
+                                        n_frames=T)
+    assert torch.allclose(exact["loss"], reconstruction_loss(x_hat, x, valid, cfg)["loss"], rtol=1e-5)
+    gen = torch.Generator().manual_seed(1)
+    draws = {k: [] for k in ("mae", "ssim", "sam")}
+    for _ in range(3000):
+        sel, scale = draw_render_frames(N, T, 3, gen, x.device)
+        assert (sel[:, 0] == T // 2).all() and (sel[:, 1:] != T // 2).all()
+        pick = sel[:, :, None, None, None].expand(-1, -1, C, P, P)
+        out = sampled_reconstruction_loss(
+            torch.gather(x_hat, 1, pick), torch.gather(x, 1, pick), torch.gather(valid, 1, pick), cfg,
+            frames=sel, scale=scale, all_valid=all_valid, n_frames=T,
+        )
+        for k in draws:
+            draws[k].append(float(out[k]))
+    for k, values in draws.items():
+        v = np.asarray(values)
+        se = v.std() / np.sqrt(len(v))
+        assert abs(v.mean() - float(exact[k])) < 4 * se + 1e-7, (k, v.mean(), float(exact[k]), se)
