@@ -87,9 +87,9 @@ def main() -> None:
         z = model.encoder.latent_from_tokens(gather_tokens(window_tokens(model, tile["window"]), win), win.gaps)
         sel, scale = draw_render_frames(z.shape[0], T, a.render, gen, z.device)
         x_hat = render(model, z, win.gaps, sel)
-        tg = gather_targets(tile["window"], tile["inside"], win, sel, m, P)
+        tg = gather_targets(tile["window"], tile["inside"], win, sel, m, P, loss_cfg)
         loss = sampled_reconstruction_loss(x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale,
-                                           all_valid=tg.all_valid, n_frames=T)["loss"]
+                                           sam_total=tg.sam_total, n_frames=T)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()

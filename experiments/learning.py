@@ -3,7 +3,8 @@
 A model that cannot memorise 32 patches cannot generalise from 150,000. Every variant starts from
 the same seed and fits the same fixed batch of 32 real training patches of the Belgian WorldCereal
 patch (``../shared/data``), AdamW, context-weighted MAE. Each row changes one thing against the
-``tiny`` preset (the ``paper`` design at tiny widths), the last rows combine them. Printed: the
+paper's design at the ``--preset``'s widths (``PAPER_DESIGN``: the preset without
+``stembed.config.LEARNING_FIXES``); the last rows combine them. Printed: the
 centre-pixel MAE of the batch (eval mode, so no dropout noise) after each block of steps, against
 the patch-mean baseline and a per-pixel PCA of the latent's size fitted on the batch's own centre
 spectra (the linear model a 9-d latent must beat). Last line: one JSON object.
@@ -42,6 +43,9 @@ from stembed.training.evaluate import baselines, centre_abs_error
 BELGIUM = Path(__file__).resolve().parents[1].parent / "shared/data/worldcereal_s2_s1_patches/00002806639B424A"
 NO_DROPOUT = {"dropout": 0.0, "enc_dropout2d": 0.0, "dec_dropout2d": 0.0}
 FIXED = {**NO_DROPOUT, "centre_path": True, "temporal_norm_first": True, "latent_activation": "identity"}
+# the paper's design at the preset's widths: what the small/tiny presets were before LEARNING_FIXES
+PAPER_DESIGN = {"dropout": 0.1, "enc_dropout2d": 0.07, "dec_dropout2d": 0.1, "centre_path": False,
+                "temporal_norm_first": False, "latent_activation": "softplus"}
 
 # name -> (AEConfig overrides, training overrides)
 VARIANTS: dict[str, tuple[dict, dict]] = {
@@ -55,8 +59,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "all four fixes": (FIXED, {}),
     "all four fixes, hybrid S2 loss": (FIXED, {"loss": "hybrid"}),
     "all but centre path": ({**FIXED, "centre_path": False}, {}),
-    "all but no-dropout": ({**FIXED, **{k: v for k, v in ae_preset("tiny", "s2").model_dump().items()
-                                        if k in NO_DROPOUT}}, {}),
+    "all but no-dropout": ({**FIXED, **{k: PAPER_DESIGN[k] for k in NO_DROPOUT}}, {}),
 }
 
 
@@ -132,7 +135,7 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     probe = ae_preset(a.preset, a.sensor)
     batch, mean, std = real_batch(a.sensor, a.batch, probe.context_px if probe.variant == "dense" else None, a.seed)
-    base = AEConfig(**{**probe.model_dump(), "input_mean": mean, "input_std": std})
+    base = AEConfig(**{**probe.model_dump(), **PAPER_DESIGN, "input_mean": mean, "input_std": std})
     x, v = batch["x"], batch["valid"]
     s, c = centre_abs_error(baselines(x, v)["patch_mean"], x, v)
     print(f"{a.sensor} {a.preset}, {a.batch} real training patches, {a.steps} steps; centre MAE of the batch")

@@ -228,3 +228,14 @@ def test_centre_sam():
     assert float(centre_sam(x_hat, x, valid)) == pytest.approx((math.pi / 2) / 3, abs=1e-3)
     valid[0, 5, 2, 7, 7] = False  # sample 0 no longer fully valid at the centre
     assert float(centre_sam(x_hat, x, valid)) < 1e-3
+
+
+def test_sam_gradient_is_finite_where_the_target_spectrum_is_masked_to_zero():
+    """Masked targets become zero vectors inside the SAM term; their gradient must stay finite (was NaN)."""
+    from stembed.losses import spectral_angle
+
+    x_hat = torch.rand(2, 3, 10, 5, 5, requires_grad=True)
+    x = torch.rand(2, 3, 10, 5, 5)
+    x[0, :, :, 2, 2] = 0.0
+    spectral_angle(x_hat, x).sum().backward()
+    assert torch.isfinite(x_hat.grad).all()

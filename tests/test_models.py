@@ -64,7 +64,7 @@ def test_count_parameters_parts_are_disjoint_and_shared_counted_once():
     counts = count_parameters(ae)
     parts = {k: v for k, v in counts.items() if k not in ("total", "trainable")}
     assert set(parts) == {
-        "encoder_cnn", "encoder_head", "positions", "temporal", "decoder_head", "decoder_cnn"
+        "encoder_cnn", "encoder_head", "positions", "temporal", "decoder_head", "decoder_cnn", "centre_io"
     }
     assert sum(parts.values()) == counts["total"] == sum(p.numel() for p in ae.parameters())
     assert sum(v.numel() for v in ae.state_dict().values()) == counts["total"]

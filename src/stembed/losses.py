@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 
 from stembed.config import FusionLossConfig, LossConfig
 
@@ -23,16 +22,20 @@ _SSIM_C2 = 0.03**2
 
 
 # ----------------------------------------------------------------------------- weights
+def context_weight_factors(n_frames: int, patch_px: int, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the raw context map, float64: ``w_t`` (T,) = decay**d_t and ``w_s`` (H, W) =
+    decay**(d_s + 1), 1 at the centre pixel (before the centre entry is replaced by the centre weight)."""
+    d_t = (torch.arange(n_frames, dtype=torch.float64) - n_frames // 2).abs()  # (T,) in frames, not days
+    idx = (torch.arange(patch_px, dtype=torch.float64) - patch_px // 2).abs()  # (H,)
+    d_s = torch.maximum(idx[:, None], idx[None, :])  # (H, W) Chebyshev distance
+    return decay**d_t, torch.where(d_s == 0, torch.ones_like(d_s), decay ** (d_s + 1))
+
+
 def _raw_context_weights(n_frames: int, patch_px: int, decay: float, centre_weight: float) -> torch.Tensor:
     """(T, H, W) float64 map: decay**(d_s + 1) spatially (1 at the centre), decay**d_t temporally."""
-    t_centre, s_centre = n_frames // 2, patch_px // 2
-    d_t = (torch.arange(n_frames, dtype=torch.float64) - t_centre).abs()  # (T,) in frames, not days
-    idx = (torch.arange(patch_px, dtype=torch.float64) - s_centre).abs()  # (H,)
-    d_s = torch.maximum(idx[:, None], idx[None, :])  # (H, W) Chebyshev distance
-    w_s = torch.where(d_s == 0, torch.ones_like(d_s), decay ** (d_s + 1))  # (H, W)
-    w_t = decay**d_t  # (T,)
+    w_t, w_s = context_weight_factors(n_frames, patch_px, decay)
     w = w_t[:, None, None] * w_s[None]  # (T, H, W)
-    w[t_centre, s_centre, s_centre] = centre_weight
+    w[n_frames // 2, patch_px // 2, patch_px // 2] = centre_weight
     return w
 
 
@@ -111,6 +114,14 @@ def _gaussian_window(
     return torch.outer(g, g).to(device=device, dtype=dtype)
 
 
+@functools.lru_cache(maxsize=16)
+def _blur_matrix(n: int, kernel_size: int, sigma: float) -> torch.Tensor:
+    """(n, n) float64 matrix B with ``B @ v`` = the zero-padded 1-D Gaussian blur of a length-n signal."""
+    g = _gaussian_window(kernel_size, sigma, torch.device("cpu"), torch.float64).sum(dim=0)  # (k,) 1-D window
+    off = torch.arange(n)[None, :] - torch.arange(n)[:, None] + kernel_size // 2  # tap index of column j for row i
+    return torch.where((off >= 0) & (off < kernel_size), g[off.clamp(0, kernel_size - 1)], torch.zeros(()))
+
+
 def ssim_map(
     x_hat: torch.Tensor, x: torch.Tensor, *, kernel_size: int = 7, sigma: float = 1.5
 ) -> torch.Tensor:
@@ -121,22 +132,26 @@ def ssim_map(
     window reaches across most of the image, and older versions also cropped the border before
     averaging, dropping most pixels. The spec's loss uses a 7 x 7 window with zero padding, so every
     pixel counts. Data range 1: C1 = 0.01**2, C2 = 0.03**2.
+
+    The Gaussian is separable, so the zero-padded 7 x 7 blur of an H x W image is ``Bh @ img @ Bw.T``
+    with banded matrices: on (512, 3, 10, 15, 15) images that is 6x faster, forward and backward, than
+    the grouped convolution used before (0.19 s vs 1.14 s, one thread), and equal to it to 5e-6.
     """
-    shape = x_hat.shape
-    C, H, W = shape[-3:]
-    a = x_hat.reshape(-1, C, H, W)  # (B*T, C, H, W)
-    b = x.reshape(-1, C, H, W)
-    window = _gaussian_window(kernel_size, sigma, a.device, a.dtype).expand(C, 1, kernel_size, kernel_size)
-    stack = torch.cat([a, b, a * a, b * b, a * b], dim=0)  # (5*B*T, C, H, W)
-    moments = F.conv2d(stack, window, padding=kernel_size // 2, groups=C)  # one window per channel
-    mu_a, mu_b, e_aa, e_bb, e_ab = moments.split(a.shape[0])
+    H, W = x_hat.shape[-2:]
+    bh = _blur_matrix(H, kernel_size, sigma).to(device=x_hat.device, dtype=x_hat.dtype)  # (H, H)
+    bw = _blur_matrix(W, kernel_size, sigma).to(device=x_hat.device, dtype=x_hat.dtype)  # (W, W)
+
+    def blur(t: torch.Tensor) -> torch.Tensor:
+        return bh @ t @ bw.T  # (..., H, W), zero padding built into the band
+
+    mu_a, mu_b, e_aa, e_bb, e_ab = blur(x_hat), blur(x), blur(x_hat * x_hat), blur(x * x), blur(x_hat * x)
     # E[x^2] - E[x]^2 can come out slightly negative in floating point; a variance cannot.
     var_a = (e_aa - mu_a**2).clamp_min(0)
     var_b = (e_bb - mu_b**2).clamp_min(0)
     cov = e_ab - mu_a * mu_b
     num = (2 * mu_a * mu_b + _SSIM_C1) * (2 * cov + _SSIM_C2)
     den = (mu_a**2 + mu_b**2 + _SSIM_C1) * (var_a + var_b + _SSIM_C2)
-    return (num / den).reshape(shape)
+    return num / den
 
 
 def ssim_loss(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -158,7 +173,11 @@ def spectral_angle(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     gradients. The price is a floor of ~4.9e-4 rad in float32.
     """
     dot = (x_hat * x).sum(dim=-3)  # (..., H, W)
-    norms = torch.linalg.vector_norm(x_hat, dim=-3) * torch.linalg.vector_norm(x, dim=-3)  # (..., H, W)
+    # sums of squares, not linalg.vector_norm (7x slower over a middle axis here); each norm is its own sqrt
+    # and clamped inside it, so a zero spectrum (a masked target) never gives sqrt'(0) = inf, inf * 0 = NaN
+    norm_a = (x_hat * x_hat).sum(dim=-3).clamp_min(1e-24).sqrt()  # (..., H, W)
+    norm_b = (x * x).sum(dim=-3).clamp_min(1e-24).sqrt()
+    norms = norm_a * norm_b
     cos = dot / (norms + _NORM_EPS)
     return torch.arccos(cos.clamp(-1 + _COS_EPS, 1 - _COS_EPS))
 
@@ -229,6 +248,15 @@ def fusion_loss(
     return {"loss": total, **out}
 
 
+def sam_normaliser(all_valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
+    """Sum of the raw context weights over the fully observed positions of ``all_valid`` (N, T, P, P): the
+    denominator of :func:`sam_loss`."""
+    _, T, P, _ = all_valid.shape
+    w = context_weights(T, P, decay=cfg.decay, centre_weight=cfg.centre_weight, normalised=False,
+                        device=all_valid.device)
+    return (w * all_valid).sum()
+
+
 def sampled_reconstruction_loss(
     x_hat: torch.Tensor,
     x: torch.Tensor,
@@ -237,7 +265,7 @@ def sampled_reconstruction_loss(
     *,
     frames: torch.Tensor,
     scale: torch.Tensor,
-    all_valid: torch.Tensor,
+    sam_total: torch.Tensor | None,
     n_frames: int,
 ) -> dict[str, torch.Tensor]:
     """:func:`reconstruction_loss` when only some frames of each patch were decoded (dense training).
@@ -248,8 +276,9 @@ def sampled_reconstruction_loss(
         scale: (N, F) inverse inclusion probability of each frame (1 for the always-decoded centre frame,
             ``(T - 1) / (F - 1)`` for the others when they are drawn uniformly): the weighted sum over
             the decoded frames is then an unbiased estimate of the sum over all frames.
-        all_valid: (N, T, P, P) bool, every channel observed, over *all* T frames: the SAM term's
-            normaliser is known without decoding, so only its numerator is estimated.
+        sam_total: the SAM term's normaliser over *all* T frames of every patch,
+            :func:`sam_normaliser`: it is known without decoding, so only the numerator is estimated
+            (None when ``cfg.sam`` is 0).
 
     With every frame decoded (F = T, ``scale`` 1) this is exactly :func:`reconstruction_loss`.
     """
@@ -268,13 +297,14 @@ def sampled_reconstruction_loss(
         out["ssim"] = 1.0 - (per_frame * scale).sum() / (N * n_frames)
         total = total + cfg.ssim * out["ssim"]
     if cfg.sam:
+        if sam_total is None:
+            raise ValueError("the loss has a SAM term: pass sam_total (see sam_normaliser)")
         w_raw = context_weights(n_frames, P, decay=cfg.decay, centre_weight=cfg.centre_weight,
                                 normalised=False, device=x.device, dtype=x.dtype)  # (T, P, P)
         ok = valid.all(dim=2)  # (N, F, P, P)
         angle = spectral_angle(x_hat, torch.where(valid, x, torch.zeros_like(x)))  # (N, F, P, P)
         num = (torch.where(ok, w_raw[frames] * scale[..., None, None], torch.zeros_like(angle)) * angle).sum()
-        den = (w_raw * all_valid).sum()
-        out["sam"] = num / den.clamp_min(torch.finfo(x.dtype).tiny)
+        out["sam"] = num / sam_total.clamp_min(torch.finfo(x.dtype).tiny)
         total = total + cfg.sam * out["sam"]
     return {"loss": total, **out}
 

@@ -19,8 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
+from stembed.config import LossConfig
+from stembed.losses import context_weight_factors
 from stembed.models.autoencoder import SensorAutoencoder
 
 
@@ -99,38 +101,54 @@ def render(ae: SensorAutoencoder, z: Tensor, gaps: Tensor, sel: Tensor) -> Tenso
 
 @dataclass(frozen=True)
 class Targets:
-    """Per-patch targets of the windows: ``x`` (N, F, C, P, P) filled with the patch's band means where not
-    observed (for SSIM, as the per-patch datasets fill), ``valid`` (same shape) and ``all_valid`` (N, T, P, P)."""
+    """Per-patch targets of the windows on the rendered frames: ``x`` (N, F, C, P, P) filled with the patch's
+    band means where not observed (for SSIM, as :func:`stembed.data.datasets.fill_patch` fills), ``valid``
+    (same shape), and ``sam_total``: the SAM normaliser over all T frames of every patch (None without SAM)."""
 
     x: Tensor
     valid: Tensor
-    all_valid: Tensor
+    sam_total: Tensor | None
 
 
-def fill_means(x: Tensor, valid: Tensor) -> Tensor:
-    """Torch twin of :func:`stembed.data.datasets.fill_patch`: NaN -> per-band mean over (time, y, x), else 0."""
-    zero = torch.zeros_like(x)
-    counts = valid.sum(dim=(1, 3, 4), keepdim=True)
-    sums = torch.where(valid, x, zero).sum(dim=(1, 3, 4), keepdim=True)
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))
-    return torch.where(valid, x, means)
+def gather_targets(
+    window: Tensor, inside: Tensor, win: Windows, sel: Tensor, margin: int, patch_px: int, loss: LossConfig
+) -> Targets:
+    """The reconstruction targets of each window: its 15 x 15 patch around the centre, on the rendered frames.
 
-
-def gather_targets(window: Tensor, inside: Tensor, win: Windows, sel: Tensor, margin: int, patch_px: int) -> Targets:
-    """The reconstruction targets of each window: its 15 x 15 patch around the centre, on its frames.
-
-    A pixel outside the tile's split region (a reflected one) is never a target (``valid`` False).
+    A pixel outside the tile's split region (a reflected one) is never a target (``valid`` False). The
+    statistics that need every frame of a patch (its band means, the SAM normaliser) come from box sums
+    over the tile, so only the F rendered frames are gathered.
     """
+    Bt, D, C = window.shape[:3]
     h = window.shape[-1] - 2 * margin
     py, px = win.p // h, win.p % h
     r = patch_px // 2
-    lo = margin - r  # patch of centre pixel (i, j) starts at window pixel (lo + i, lo + j)
-    views = window[..., lo : lo + h + 2 * r, lo : lo + h + 2 * r].unfold(3, patch_px, 1).unfold(4, patch_px, 1)
-    # views: (Bt, D, C, h, w, P, P), no copy
-    x_all = views[win.b[:, None], win.frames, :, py[:, None], px[:, None]]  # (N, T, C, P, P)
-    ins_views = inside[:, lo : lo + h + 2 * r, lo : lo + h + 2 * r].unfold(1, patch_px, 1).unfold(2, patch_px, 1)
-    ins = ins_views[win.b, py, px]  # (N, P, P)
-    valid_all = torch.isfinite(x_all) & ins[:, None, None]
-    x_fill = fill_means(x_all, valid_all)  # the fill uses all T frames, as the per-patch datasets do
-    pick = sel[:, :, None, None, None].expand(-1, -1, *x_fill.shape[2:])  # (N, F, C, P, P)
-    return Targets(torch.gather(x_fill, 1, pick), torch.gather(valid_all, 1, pick), valid_all.all(dim=2))
+    lo, S = margin - r, h + 2 * r  # the patches of all centres cover [lo, lo + S) of the window
+    part = window[..., lo : lo + S, lo : lo + S]  # (Bt, D, C, S, S)
+    ins = inside[:, lo : lo + S, lo : lo + S]  # (Bt, S, S)
+    ok = torch.isfinite(part) & ins[:, None, None]
+    frames = torch.gather(win.frames, 1, sel)  # (N, F) tile-date indices of the rendered frames
+    views = part.unfold(3, patch_px, 1).unfold(4, patch_px, 1)  # (Bt, D, C, h, w, P, P), no copy
+    ok_views = ok.unfold(3, patch_px, 1).unfold(4, patch_px, 1)
+    x = views[win.b[:, None], frames, :, py[:, None], px[:, None]]  # (N, F, C, P, P)
+    valid = ok_views[win.b[:, None], frames, :, py[:, None], px[:, None]]
+
+    def box(t: Tensor) -> Tensor:  # (Bt, D, C', S, S) -> (Bt, D, C', h, w): sums over each P x P patch
+        out = nn.functional.avg_pool2d(t.reshape(Bt * D, -1, S, S), patch_px, stride=1) * patch_px**2
+        return out.reshape(Bt, D, -1, h, h)
+
+    per_date = box(torch.cat([torch.where(ok, part, torch.zeros_like(part)), ok.to(part.dtype)], dim=2))
+    at = per_date[win.b[:, None], win.frames, :, py[:, None], px[:, None]].sum(dim=1)  # (N, 2C) over the T frames
+    sums, counts = at[:, :C], at[:, C:]
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))  # (N, C)
+    x = torch.where(valid, x, means[:, None, :, None, None])
+
+    sam_total = None
+    if loss.sam:
+        w_t, w_s = (w.to(window.dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay))
+        all_ok = ok.all(dim=2).to(window.dtype)  # (Bt, D, S, S)
+        spatial = nn.functional.conv2d(all_ok.reshape(Bt * D, 1, S, S), w_s[None, None]).reshape(Bt, D, h, h)
+        per_window = spatial[win.b[:, None], win.frames, py[:, None], px[:, None]] @ w_t  # (N,)
+        centre = all_ok[win.b, win.frames[:, win.frames.shape[1] // 2], py + r, px + r]  # (N,) its raw weight was 1
+        sam_total = (per_window + (loss.centre_weight - 1.0) * centre).sum()
+    return Targets(x, valid, sam_total)

@@ -143,9 +143,9 @@ class AutoencoderModule(_StageModule):
         z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
         sel, scale = draw_render_frames(z.shape[0], T, d.render_frames, self.gen, z.device)
         x_hat = render(ae, z, win.gaps, sel)  # (N, F, C, P, P), centre frame first
-        tg = gather_targets(batch["window"], batch["inside"], win, sel, cfg.context_px, cfg.patch_px)
+        tg = gather_targets(batch["window"], batch["inside"], win, sel, cfg.context_px, cfg.patch_px, self.loss_cfg)
         parts = sampled_reconstruction_loss(
-            x_hat, tg.x, tg.valid, self.loss_cfg, frames=sel, scale=scale, all_valid=tg.all_valid, n_frames=T
+            x_hat, tg.x, tg.valid, self.loss_cfg, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
         )
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=z.shape[0])
@@ -219,9 +219,9 @@ class FusionModule(_StageModule):
             loss_cfg, weight = branch_cfg.get(k, (self.loss_cfg.extra, self.loss_cfg.extra_weight))
             sel, scale = draw_render_frames(e.shape[0], T, d.render_frames, self.gen, e.device)
             x_hat = render(ae, heads[k](e), gaps[k], sel)  # (N, F, C_k, P, P)
-            tg = gather_targets(windows[k], batch["inside"], win, sel, m, P)
+            tg = gather_targets(windows[k], batch["inside"], win, sel, m, P, loss_cfg)
             parts = sampled_reconstruction_loss(
-                x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale, all_valid=tg.all_valid, n_frames=T
+                x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
             )
             total = total + weight * parts["loss"]
             logs |= {f"{prefix}_{k}/{name}": v for name, v in parts.items() if torch.isfinite(v)}

@@ -102,6 +102,7 @@ def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, n_train_batches // 10)))
     return L.Trainer(
         max_epochs=cfg.max_epochs,
+        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
         accelerator="auto" if cfg.accelerator == "auto" else cfg.accelerator,
         devices=1,
         gradient_clip_val=cfg.grad_clip,
