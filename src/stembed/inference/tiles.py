@@ -46,6 +46,7 @@ from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
 from stembed.io.cube import CubeError, Scene, open_scene, value_problems
 from stembed.io.embeddings import EmbedError
+from stembed.io.outputs import check_store_output
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
@@ -421,6 +422,11 @@ def embed_cube(
         "daily": None if daily is None else asdict(daily),
     }
     fresh = True
+    if out.is_file() or not out.exists():
+        # a file at --out is refused (never deleted); a new store needs a writable parent folder
+        check_store_output(out, "embeddings", overwrite=False)
+    elif overwrite:  # only a stembed embedding store is ever deleted
+        check_store_output(out, "embeddings", overwrite=True)
     if out.exists():
         if not (resume or overwrite):
             raise FileExistsError(

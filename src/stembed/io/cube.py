@@ -52,6 +52,7 @@ import pyproj
 import xarray as xr
 
 from stembed.errors import UserError
+from stembed.io.outputs import StoreKind, is_stembed_store
 from stembed.sensors import CORE_SENSORS, SENSORS, SensorSpec, load_builtin_plugins
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
@@ -518,14 +519,20 @@ def _cube_encoding(da: xr.DataArray) -> dict[str, dict[str, Any]]:
     }
 
 
-def _write_atomically(path: Path, write: Any, *, overwrite: bool) -> Path:
+def _write_atomically(path: Path, write: Any, *, overwrite: bool, owner: StoreKind | None = None) -> Path:
     """Run ``write(tmp)`` on a temporary sibling, then rename it to ``path``.
 
     An interrupted write never leaves a complete-looking store at ``path``, and an existing store
-    is only replaced once the new one is complete.
+    is only replaced once the new one is complete. With ``owner``, an existing ``path`` is only
+    replaced if it is a stembed store of that kind (never someone's folder or file).
     """
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if owner is not None and (path.exists() or path.is_symlink()) and not is_stembed_store(path, owner):
+        raise CubeError(
+            f"{path} exists but is not a stembed {owner} store, so it is not replaced; fix: choose another "
+            "path, or remove it yourself if it is yours to delete"
+        )
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
@@ -562,6 +569,7 @@ def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) ->
         path,
         lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding),
         overwrite=overwrite,
+        owner="cube",
     )
 
 
@@ -633,7 +641,7 @@ def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Pa
         if scene.labels is not None:
             scene.labels.to_zarr(tmp, group="labels", mode="w-", zarr_format=3, consolidated=False)
 
-    return _write_atomically(path, write, overwrite=overwrite)
+    return _write_atomically(path, write, overwrite=overwrite, owner="scene")
 
 
 def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
