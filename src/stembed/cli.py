@@ -68,10 +68,19 @@ def _run_into(folder: Path, fn: Callable[[], T]) -> T:
         raise
 
 
-def _check_train_paths(run_dir: Path | None, resume: Path | None) -> None:
-    """Refuse a foreign --run-dir, and a --resume that is not a Lightning checkpoint, before any write."""
+def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: str = "auto") -> None:
+    """Refuse a foreign --run-dir, a --resume that is not a Lightning checkpoint, and a GPU that is not
+    there, before anything is written."""
     from stembed.config import ConfigError
     from stembed.io.outputs import check_run_dir
+
+    if accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.accelerator is 'gpu' but torch sees no CUDA GPU; fix: --set train.accelerator=auto (or cpu)"
+            )
 
     if resume is not None:
         if not resume.is_file():
@@ -103,7 +112,7 @@ def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir:
             in_file = (yaml.safe_load(config.read_text()) or {}).get("sensor")
             if in_file not in (None, sensor):
                 raise ConfigError(f"{config} is a config for sensor {in_file!r}; run `stembed train {in_file}`")
-        _check_train_paths(run_dir, resume)
+        _check_train_paths(run_dir, resume, cfg.train.accelerator)
         return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
@@ -148,7 +157,7 @@ def train_gapfill_cmd(
 
     def go() -> Any:
         cfg = load_config(GapFillStageConfig, config, set_)
-        _check_train_paths(run_dir, resume)
+        _check_train_paths(run_dir, resume, cfg.train.accelerator)
         return train_gapfill(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go)
@@ -168,7 +177,7 @@ def train_fusion_cmd(
 
     def go() -> Any:
         cfg = load_config(FusionStageConfig, config, set_)
-        _check_train_paths(run_dir, resume)
+        _check_train_paths(run_dir, resume, cfg.train.accelerator)
         return train_fusion(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go)

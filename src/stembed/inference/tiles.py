@@ -448,6 +448,7 @@ def embed_cube(
                 )
             fresh = False
 
+    resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
     client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
     try:
         device = resolve_device(cfg.device)
