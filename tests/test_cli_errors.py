@@ -73,6 +73,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "flux_header.csv").write_text("TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n")
     (w / "flux_baddate.csv").write_text("TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n20200101,1.0,1.0\n20201341,2.0,1.0\n")
     (w / "flux_nocols.csv").write_text("TIMESTAMP,GPP\n20200101,1.0\n")
+    days = np.arange(np.datetime64("2020-01-01"), np.datetime64("2021-01-01"))
+    rows = "".join(f"{str(d).replace('-', '')},{5 + np.sin(i / 30):.3f},1.0\n" for i, d in enumerate(days))
+    (w / "flux_2020.csv").write_text("TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n" + rows)
     (w / "flux_text.csv").write_text("TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n20200101,lots,1.0\n")
     return w
 
@@ -280,6 +283,7 @@ CASES: list[Case] = [
     Case("gpp-flux-bad-date", lambda w, s: _gpp(w, s, "flux_baddate.csv", "--whole-cube"), "TIMESTAMP"),
     Case("gpp-flux-columns", lambda w, s: _gpp(w, s, "flux_nocols.csv", "--whole-cube"), "lacks column"),
     Case("gpp-flux-not-numbers", lambda w, s: _gpp(w, s, "flux_text.csv", "--whole-cube"), "must be numbers"),
+    Case("gpp-no-training-windows", lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube"), "train"),
     Case("gpp-flux-missing", lambda w, s: _gpp(w, s, "nope.csv", "--whole-cube"), "does not exist"),
     Case("gpp-no-tower", lambda w, s: _gpp(w, s, "flux_header.csv"), "--tower"),
     Case("gpp-interpolation",

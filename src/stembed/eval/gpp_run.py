@@ -90,6 +90,16 @@ def feature_series(
     return out
 
 
+def _check_years(windows: Windows, split: YearSplit) -> None:
+    """Refuse a year split whose training years hold no window (the models would have nothing to fit)."""
+    years = sorted({int(y) for y in windows.end_date.year})
+    if isinstance(split, YearSplit) and not set(split.train_years) & set(years):
+        raise GPPRunError(
+            f"no window ends in the training years {list(split.train_years)}: the windows end in {years}; "
+            f"fix: pass --train-years (and --val-years) with years among {years}"
+        )
+
+
 def gpp_at_tower(
     embeddings: xr.Dataset,
     s2: xr.DataArray,
@@ -126,6 +136,7 @@ def gpp_at_tower(
             f"quality-checked GPP at {site} (flux {gpp.index.min().date()}..{gpp.index.max().date()}); "
             "fix: use a cube and flux file that overlap by more than the window length"
         )
+    _check_years(sets["embedding"][site], split)
     metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_csv, preds_csv = out_dir / "gpp_metrics.csv", out_dir / "gpp_predictions.csv"
