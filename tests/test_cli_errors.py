@@ -34,6 +34,11 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     scene = synthetic_scene(seed=0, height_px=16, width_px=16, n_days=200)
     save_scene(scene, w / "scene.zarr")
     random_fusion_bundle(w / "fusion.pt", tiny=True)
+    raw = torch.load(w / "fusion.pt", weights_only=True)
+    torch.save({k: v for k, v in raw.items() if k != "state_dict"}, w / "no_weights.pt")
+    name = next(k for k, v in raw["state_dict"].items() if v.ndim >= 2)
+    raw["state_dict"][name] = torch.zeros(3, 3)
+    torch.save(raw, w / "wrong_shape.pt")
     s2 = scene.s2
     n_t, h, wd = s2.sizes["time"], s2.sizes["y"], s2.sizes["x"]
     values = np.random.default_rng(0).normal(size=(n_t, 7, h, wd)).astype(np.float32)
@@ -96,6 +101,7 @@ class Case:
     args: Callable[[Path, Path], list[str]]  # (world, scratch) -> argv; write outputs under scratch
     expect: str  # a piece of the message that names the problem
     setup: Callable[[Path], None] | None = None  # prepares scratch (e.g. a foreign folder at --out)
+    xfail: str | None = None  # a known gap: why it still fails (strict, so a fix is noticed)
 
 
 def _foreign_folder(scratch: Path, name: str = "out") -> None:
@@ -113,6 +119,9 @@ def _with(*overrides: str) -> list[str]:
 
 W = "{w}"  # placeholders are filled per case
 SYN = "data.source.kind=synthetic"
+# load_bundle / Bundle.build_model (stembed.models.bundle) still let KeyError and load_state_dict's RuntimeError
+# through; the fix belongs there (check the keys, wrap load_state_dict in a BundleError)
+BUNDLE_GAP = "a bundle missing keys or holding a wrong-shape weight still ends in a traceback (models/bundle.py)"
 CUBE_ARGS = ["--bbox", "3.00", "50.80", "3.01", "50.81", "--start", "2020-03-01", "--end", "2020-10-31",
              "--catalog", "http://127.0.0.1:9/", "--retries", "0", "--quiet"]
 
@@ -180,6 +189,12 @@ CASES: list[Case] = [
     Case("info-unknown-preset", lambda w, s: ["info", "--preset", "giant"], "unknown preset"),
     Case("info-missing-bundle", lambda w, s: ["info", str(w / "nope.pt")], "does not exist"),
     Case("info-not-a-bundle", lambda w, s: ["info", str(w / "not_a_bundle.pt")], "not a stembed bundle"),
+    Case("info-bundle-without-weights", lambda w, s: ["info", str(w / "no_weights.pt")], "state_dict",
+         xfail=BUNDLE_GAP),
+    Case("info-bundle-wrong-shape", lambda w, s: ["info", str(w / "wrong_shape.pt")], "shape", xfail=BUNDLE_GAP),
+    Case("embed-bundle-wrong-shape",
+         lambda w, s: ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "wrong_shape.pt"), "--out",
+                       str(s / "e.zarr")], "shape", xfail=BUNDLE_GAP),
     # --- cube: what --overwrite may delete, and arguments checked before any search
     Case("cube-overwrite-foreign-folder", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "out"), "--overwrite"],
          "not a stembed scene store", setup=_foreign_folder),
@@ -323,7 +338,11 @@ def _fill(args: list[str], world: Path) -> list[str]:
     return [a.replace(W, str(world)) for a in args]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+@pytest.mark.parametrize(
+    "case",
+    [pytest.param(c, marks=pytest.mark.xfail(reason=c.xfail, strict=True)) if c.xfail else c for c in CASES],
+    ids=[c.id for c in CASES],
+)
 def test_bad_input_exits_2_with_one_line_and_changes_nothing(case: Case, world: Path, tmp_path: Path) -> None:
     scratch = tmp_path / "scratch"
     scratch.mkdir()
@@ -342,4 +361,4 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(case: Case, world: 
 
 
 def test_the_table_is_large() -> None:
-    assert len(CASES) >= 60
+    assert len([c for c in CASES if c.xfail is None]) >= 60
