@@ -301,6 +301,8 @@ CASES: list[Case] = [
     Case("gpp-no-training-windows", lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube"), "train"),
     Case("gpp-flux-missing", lambda w, s: _gpp(w, s, "nope.csv", "--whole-cube"), "does not exist"),
     Case("gpp-no-tower", lambda w, s: _gpp(w, s, "flux_header.csv"), "--tower"),
+    Case("gpp-tower-outside", lambda w, s: _gpp(w, s, "flux_2020.csv", "--tower", "4.35", "50.85"),
+         "the tower at lon 4.35, lat 50.85 is outside the cube (lon"),
     Case("gpp-interpolation",
          lambda w, s: _gpp(w, s, "flux_header.csv", "--whole-cube", "--interpolation", "cubic"), "--interpolation"),
     Case("gpp-out-plain-file",

@@ -79,6 +79,17 @@ def feature_series(
         to_crs = pyproj.Transformer.from_crs("EPSG:4326", embeddings.attrs["crs"], always_xy=True)
         x, y = to_crs.transform(*tower_lonlat)
         win = window_px
+        xs, ys = embeddings[X].values, embeddings[Y].values
+        half = abs(float(xs[1] - xs[0])) / 2 if len(xs) > 1 else 5.0
+        if not (xs.min() - half <= x <= xs.max() + half and ys.min() - half <= y <= ys.max() + half):
+            lon, lat = to_crs.transform(  # the cube's corners, for a message in the units --tower takes
+                [xs.min() - half, xs.max() + half], [ys.min() - half, ys.max() + half], direction="INVERSE"
+            )
+            raise GPPRunError(
+                f"the tower at lon {tower_lonlat[0]}, lat {tower_lonlat[1]} is outside the cube (lon "
+                f"{min(lon):.5f}..{max(lon):.5f}, lat {min(lat):.5f}..{max(lat):.5f}); fix: check --tower "
+                "LON LAT (WGS84), build a cube around the tower, or pass --whole-cube"
+            )
     emb = embeddings["embedding"].where(embeddings["valid"])
     bands = s2.rename({BAND: FEATURE}).assign_coords({FEATURE: [str(b) for b in s2[BAND].values]})
     out = {}
