@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from stembed.cli import app
@@ -80,8 +81,9 @@ def _tiny_store(path: Path) -> Path:
 
     times = pd.to_datetime(["2021-05-01", "2021-06-03"]).values
     q = Quantisation.identity(7)
-    grid = create_store(path, time=times, y=5_000_005.0 - 10.0 * np.arange(8), x=400_005.0 + 10.0 * np.arange(8),
-                        features=[f"E{i}" for i in range(1, 8)], crs="EPSG:32631",
+    grid = create_store(path, time=times, y=5_000_005.0 - 10.0 * np.arange(8),
+                        x=400_005.0 + 10.0 * np.arange(8), features=[f"E{i}" for i in range(1, 8)],
+                        crs="EPSG:32631",
                         transform=[400_000.0, 10.0, 0.0, 5_000_010.0, 0.0, -10.0], quant=q, tile_px=8,
                         time_chunk=2, attrs={"fingerprint": "test"})
     v = np.ones((2, 7, 8, 8), np.float32)
@@ -96,7 +98,8 @@ def test_sample_refuses_to_replace_a_table_without_overwrite(tmp_path: Path) -> 
     (tmp_path / "points.csv").write_text("id,x,y\na,400035.0,4999975.0\n")
     table = tmp_path / "table.csv"
     table.write_text("someone's table\n")
-    args = ["sample", "--embeddings", str(store), "--points", str(tmp_path / "points.csv"), "--out", str(table)]
+    points = tmp_path / "points.csv"
+    args = ["sample", "--embeddings", str(store), "--points", str(points), "--out", str(table)]
     res = runner.invoke(app, args)
     assert res.exit_code == 2 and "already exists; fix: pass --overwrite" in res.output
     assert table.read_text() == "someone's table\n"
@@ -127,3 +130,24 @@ def test_report_of_embeddings_without_their_cube_is_refused_and_leaves_no_folder
     res = runner.invoke(app, ["report", "--out", str(tmp_path / "rep"), "--embeddings", str(store)])
     assert res.exit_code == 2 and "pass its --cube" in res.output
     assert not (tmp_path / "rep").exists()
+
+
+def test_ctrl_c_is_one_line_saying_how_to_resume(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from stembed.cli import _RESUME_EMBED, _run
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as exit_:
+        _run(interrupted, resume=_RESUME_EMBED)
+    assert exit_.value.exit_code == 130
+    err = capsys.readouterr().err
+    assert err == "interrupted; tiles written so far are kept: rerun with --resume to finish the store\n"
+
+    def bug() -> None:
+        raise ZeroDivisionError("a bug")
+
+    with pytest.raises(ZeroDivisionError):  # unexpected exceptions still show their traceback
+        _run(bug)

@@ -42,13 +42,24 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _run(fn: Callable[[], T]) -> T:
-    """Call ``fn``; turn user-fixable errors into one red line and exit status 2."""
+_RESUME_TRAIN = "rerun with --resume RUN_DIR/checkpoints/last.ckpt to continue"
+_RESUME_EMBED = "tiles written so far are kept: rerun with --resume to finish the store"
+_RESUME_CUBE = "finished pieces are kept: rerun the same command to resume"
+
+
+def _run(fn: Callable[[], T], *, resume: str | None = None) -> T:
+    """Call ``fn``; turn user-fixable errors into one red line and exit status 2.
+
+    Ctrl-C prints one line (with ``resume``: how to continue) and exits with status 130.
+    """
     errors = _user_errors()
     try:
         return fn()
     except errors as e:
         raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted{'; ' + resume if resume else ''}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
     except PermissionError as e:  # the user's file system, not a bug: name the path
         where = e.filename if e.filename is not None else "a file"
         raise _fail(
@@ -79,7 +90,8 @@ def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: s
 
         if not torch.cuda.is_available():
             raise ConfigError(
-                "train.accelerator is 'gpu' but torch sees no CUDA GPU; fix: --set train.accelerator=auto (or cpu)"
+                "train.accelerator is 'gpu' but torch sees no CUDA GPU; fix: --set train.accelerator=auto "
+                "(or cpu)"
             )
 
     if resume is not None:
@@ -116,7 +128,7 @@ def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir:
         return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
-    res = _run(go)
+    res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
@@ -160,7 +172,7 @@ def train_gapfill_cmd(
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
         return train_gapfill(cfg, run_dir=run_dir, resume=resume)
 
-    res = _run(go)
+    res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
@@ -180,7 +192,7 @@ def train_fusion_cmd(
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
         return train_fusion(cfg, run_dir=run_dir, resume=resume)
 
-    res = _run(go)
+    res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
@@ -267,7 +279,7 @@ def embed(
         )
 
     tune_allocator()
-    res = _run(go)
+    res = _run(go, resume=_RESUME_EMBED)
     for note in res.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if res.tiles_written == 0:
@@ -335,7 +347,7 @@ def cube(
         )
         return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
 
-    res = _run(go)
+    res = _run(go, resume=_RESUME_CUBE)
     typer.echo(
         f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
         f"{res.s2_dates_with_s1} S2 dates with S1 within {s1_max_gap_days:g} days)"
