@@ -45,8 +45,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     q = Quantisation.identity(7)
     grid = create_store(
         w / "emb.zarr", time=s2["time"].values, y=s2["y"].values, x=s2["x"].values,
-        features=[f"E{i}" for i in range(1, 8)], crs=str(s2.attrs["crs"]), transform=list(s2.attrs["transform"]),
-        quant=q, tile_px=8, time_chunk=4, attrs={"fingerprint": "test"},
+        features=[f"E{i}" for i in range(1, 8)], crs=str(s2.attrs["crs"]),
+        transform=list(s2.attrs["transform"]), quant=q, tile_px=8, time_chunk=4,
+        attrs={"fingerprint": "test"},
     )
     for tile in grid.tiles():
         ys, xs = grid.bounds(*tile)
@@ -76,7 +77,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "empty_run").mkdir()
     (w / "flux_empty.csv").write_text("")
     (w / "flux_header.csv").write_text("TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n")
-    (w / "flux_baddate.csv").write_text("TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n20200101,1.0,1.0\n20201341,2.0,1.0\n")
+    header = "TIMESTAMP,GPP_NT_VUT_REF,NEE_VUT_REF_QC\n"
+    (w / "flux_baddate.csv").write_text(header + "20200101,1.0,1.0\n20201341,2.0,1.0\n")
     (w / "flux_nocols.csv").write_text("TIMESTAMP,GPP\n20200101,1.0\n")
     days = np.arange(np.datetime64("2020-01-01"), np.datetime64("2021-01-01"))
     rows = "".join(f"{str(d).replace('-', '')},{5 + np.sin(i / 30):.3f},1.0\n" for i, d in enumerate(days))
@@ -119,9 +121,9 @@ def _with(*overrides: str) -> list[str]:
 
 W = "{w}"  # placeholders are filled per case
 SYN = "data.source.kind=synthetic"
-# load_bundle / Bundle.build_model (stembed.models.bundle) still let KeyError and load_state_dict's RuntimeError
-# through; the fix belongs there (check the keys, wrap load_state_dict in a BundleError)
-BUNDLE_GAP = "a bundle missing keys or holding a wrong-shape weight still ends in a traceback (models/bundle.py)"
+# load_bundle / Bundle.build_model (stembed.models.bundle) still let KeyError and load_state_dict's
+# RuntimeError through; the fix belongs there (check the keys, wrap load_state_dict in a BundleError)
+BUNDLE_GAP = "bundle missing keys / wrong-shape weight: still a traceback (fix in models/bundle.py)"
 CUBE_ARGS = ["--bbox", "3.00", "50.80", "3.01", "50.81", "--start", "2020-03-01", "--end", "2020-10-31",
              "--catalog", "http://127.0.0.1:9/", "--retries", "0", "--quiet"]
 
@@ -133,6 +135,18 @@ def _train(*extra: str) -> Callable[[Path, Path], list[str]]:
 def _embed(w: Path, s: Path, *extra: str, out: str = "emb.zarr") -> list[str]:
     return ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "fusion.pt"), "--out", str(s / out),
             "--quiet", *extra]
+
+
+def _cube(out: Path, *extra: str) -> list[str]:
+    return ["cube", *CUBE_ARGS, "--out", str(out), *extra]
+
+
+def _embed_with(w: Path, s: Path, cube: str = "scene.zarr", bundle: str = "fusion.pt") -> list[str]:
+    return ["embed", "--cube", str(w / cube), "--bundle", str(w / bundle), "--out", str(s / "e.zarr")]
+
+
+def _sample(w: Path, out: Path, points: str = "points.csv", embeddings: str = "emb.zarr") -> list[str]:
+    return ["sample", "--embeddings", str(w / embeddings), "--points", str(w / points), "--out", str(out)]
 
 
 def _gpp(w: Path, s: Path, flux: str, *extra: str) -> list[str]:
@@ -191,55 +205,52 @@ CASES: list[Case] = [
     Case("info-not-a-bundle", lambda w, s: ["info", str(w / "not_a_bundle.pt")], "not a stembed bundle"),
     Case("info-bundle-without-weights", lambda w, s: ["info", str(w / "no_weights.pt")], "state_dict",
          xfail=BUNDLE_GAP),
-    Case("info-bundle-wrong-shape", lambda w, s: ["info", str(w / "wrong_shape.pt")], "shape", xfail=BUNDLE_GAP),
+    Case("info-bundle-wrong-shape", lambda w, s: ["info", str(w / "wrong_shape.pt")], "shape",
+         xfail=BUNDLE_GAP),
     Case("embed-bundle-wrong-shape",
-         lambda w, s: ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "wrong_shape.pt"), "--out",
-                       str(s / "e.zarr")], "shape", xfail=BUNDLE_GAP),
+         lambda w, s: _embed_with(w, s, "scene.zarr", "wrong_shape.pt"), "shape", xfail=BUNDLE_GAP),
     # --- cube: what --overwrite may delete, and arguments checked before any search
-    Case("cube-overwrite-foreign-folder", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "out"), "--overwrite"],
+    Case("cube-overwrite-foreign-folder", lambda w, s: _cube(s / "out", "--overwrite"),
          "not a stembed scene store", setup=_foreign_folder),
-    Case("cube-overwrite-plain-file", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "out"), "--overwrite"],
+    Case("cube-overwrite-plain-file", lambda w, s: _cube(s / "out", "--overwrite"),
          "is a file", setup=_plain_file),
     Case("cube-overwrite-embedding-store",
-         lambda w, s: ["cube", *CUBE_ARGS, "--out", str(w / "emb.zarr"), "--overwrite"],
+         lambda w, s: _cube(w / "emb.zarr", "--overwrite"),
          "not a stembed scene store"),
-    Case("cube-exists", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(w / "scene.zarr")], "already exists"),
-    Case("cube-parent-is-file", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(w / "notes.txt" / "be.zarr")],
+    Case("cube-exists", lambda w, s: _cube(w / "scene.zarr"), "already exists"),
+    Case("cube-parent-is-file", lambda w, s: _cube(w / "notes.txt" / "be.zarr"),
          "is a file, not a folder"),
-    Case("cube-foreign-staging", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr")],
+    Case("cube-foreign-staging", lambda w, s: _cube(s / "be.zarr"),
          "not a staged stembed cube build", setup=lambda s: _foreign_folder(s, "be.zarr.staging")),
-    Case("cube-orbit", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr"), "--s1-orbit", "sideways"],
+    Case("cube-orbit", lambda w, s: _cube(s / "be.zarr", "--s1-orbit", "sideways"),
          "--s1-orbit"),
     Case("cube-valid-fraction",
-         lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr"), "--min-valid-fraction", "2"],
+         lambda w, s: _cube(s / "be.zarr", "--min-valid-fraction", "2"),
          "--min-valid-fraction"),
     Case("cube-gap-negative",
-         lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr"), "--s1-max-gap-days", "-1"],
+         lambda w, s: _cube(s / "be.zarr", "--s1-max-gap-days", "-1"),
          "--s1-max-gap-days"),
-    Case("cube-min-dates", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr"), "--min-dates", "0"],
+    Case("cube-min-dates", lambda w, s: _cube(s / "be.zarr", "--min-dates", "0"),
          "--min-dates"),
-    Case("cube-scl-classes", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr"), "--scl-classes", "a,b"],
+    Case("cube-scl-classes", lambda w, s: _cube(s / "be.zarr", "--scl-classes", "a,b"),
          "--scl-classes"),
-    Case("cube-cloud-mask", lambda w, s: ["cube", *CUBE_ARGS, "--out", str(s / "be.zarr"), "--cloud-mask", "x"],
+    Case("cube-cloud-mask", lambda w, s: _cube(s / "be.zarr", "--cloud-mask", "x"),
          "--cloud-mask"),
     # --- embed
     Case("embed-bundle-missing",
-         lambda w, s: ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "nope.pt"), "--out",
-                       str(s / "e.zarr")], "does not exist"),
+         lambda w, s: _embed_with(w, s, "scene.zarr", "nope.pt"), "does not exist"),
     Case("embed-cube-missing",
-         lambda w, s: ["embed", "--cube", str(w / "nope.zarr"), "--bundle", str(w / "fusion.pt"), "--out",
-                       str(s / "e.zarr")], "no scene store"),
+         lambda w, s: _embed_with(w, s, "nope.zarr", "fusion.pt"), "no scene store"),
     Case("embed-cube-is-embeddings",
-         lambda w, s: ["embed", "--cube", str(w / "emb.zarr"), "--bundle", str(w / "fusion.pt"), "--out",
-                       str(s / "e.zarr")], "not a stembed scene store"),
+         lambda w, s: _embed_with(w, s, "emb.zarr", "fusion.pt"), "not a stembed scene store"),
     Case("embed-not-a-bundle",
-         lambda w, s: ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "not_a_bundle.pt"), "--out",
-                       str(s / "e.zarr")], "not a stembed bundle"),
+         lambda w, s: _embed_with(w, s, "scene.zarr", "not_a_bundle.pt"), "not a stembed bundle"),
     Case("embed-overwrite-foreign-folder", lambda w, s: _embed(w, s, "--overwrite", out="out"),
          "not a stembed embedding store", setup=_foreign_folder),
     Case("embed-out-plain-file", lambda w, s: _embed(w, s, "--overwrite", out="out"), "is a file",
          setup=_plain_file),
-    Case("embed-out-exists", lambda w, s: [*_embed(w, s)[:-2], str(w / "emb.zarr"), "--quiet"], "already exists"),
+    Case("embed-out-exists", lambda w, s: [*_embed(w, s)[:-2], str(w / "emb.zarr"), "--quiet"],
+         "already exists"),
     Case("embed-resume-and-overwrite", lambda w, s: _embed(w, s, "--resume", "--overwrite"), "contradict"),
     Case("embed-workers-and-scheduler",
          lambda w, s: _embed(w, s, "--workers", "2", "--scheduler", "tcp://127.0.0.1:9"), "pass one"),
@@ -251,29 +262,23 @@ CASES: list[Case] = [
          setup=_plain_file),
     # --- sample
     Case("sample-out-exists",
-         lambda w, s: ["sample", "--embeddings", str(w / "emb.zarr"), "--points", str(w / "points.csv"), "--out",
-                       str(w / "table.csv")], "already exists"),
+         lambda w, s: _sample(w, w / "table.csv"), "already exists"),
     Case("sample-out-is-folder",
-         lambda w, s: ["sample", "--embeddings", str(w / "emb.zarr"), "--points", str(w / "points.csv"), "--out",
-                       str(w / "foreign")], "is a folder"),
+         lambda w, s: _sample(w, w / "foreign"), "is a folder"),
     Case("sample-out-suffix",
-         lambda w, s: ["sample", "--embeddings", str(w / "emb.zarr"), "--points", str(w / "points.csv"), "--out",
-                       str(s / "t.txt")], "cannot tell the table format"),
+         lambda w, s: _sample(w, s / "t.txt"), "cannot tell the table format"),
     Case("sample-parent-is-file",
-         lambda w, s: ["sample", "--embeddings", str(w / "emb.zarr"), "--points", str(w / "points.csv"), "--out",
-                       str(w / "notes.txt" / "t.csv")], "is a file, not a folder"),
+         lambda w, s: _sample(w, w / "notes.txt" / "t.csv"), "is a file, not a folder"),
     Case("sample-points-missing",
-         lambda w, s: ["sample", "--embeddings", str(w / "emb.zarr"), "--points", str(w / "nope.csv"), "--out",
-                       str(s / "t.csv")], "no points file"),
+         lambda w, s: _sample(w, s / "t.csv", points="nope.csv"), "no points file"),
     Case("sample-embeddings-missing",
-         lambda w, s: ["sample", "--embeddings", str(w / "nope.zarr"), "--points", str(w / "points.csv"), "--out",
-                       str(s / "t.csv")], "no embedding store"),
+         lambda w, s: _sample(w, s / "t.csv", embeddings="nope.zarr"), "no embedding store"),
     Case("sample-embeddings-is-scene",
-         lambda w, s: ["sample", "--embeddings", str(w / "scene.zarr"), "--points", str(w / "points.csv"),
-                       "--out", str(s / "t.csv")], "not a stembed embedding store"),
+         lambda w, s: _sample(w, s / "t.csv", embeddings="scene.zarr"), "not a stembed embedding store"),
     # --- export
     Case("export-out-plain-file",
-         lambda w, s: ["export", "--embeddings", str(w / "emb.zarr"), "--out", str(w / "notes.txt")], "is a file"),
+         lambda w, s: ["export", "--embeddings", str(w / "emb.zarr"), "--out", str(w / "notes.txt")],
+         "is a file"),
     Case("export-embeddings-is-scene",
          lambda w, s: ["export", "--embeddings", str(w / "scene.zarr"), "--out", str(s / "tifs")],
          "not a stembed embedding store"),
@@ -285,14 +290,14 @@ CASES: list[Case] = [
          lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "nope.zarr"), "--out",
                        str(s / "pca")], "no scene store"),
     # --- eval
-    Case("recon-corrupt-metrics", lambda w, s: ["eval", "recon", str(w / "corrupt_run"), "--out", str(s / "ev")],
-         "not readable JSON"),
+    Case("recon-corrupt-metrics",
+         lambda w, s: ["eval", "recon", str(w / "corrupt_run"), "--out", str(s / "ev")], "not readable JSON"),
     Case("recon-no-metrics", lambda w, s: ["eval", "recon", str(w / "empty_run"), "--out", str(s / "ev")],
          "has no metrics.json"),
     Case("recon-no-splits", lambda w, s: ["eval", "recon", str(w / "run"), "--out", str(s / "ev")],
          "holds no split metrics"),
-    Case("recon-out-plain-file", lambda w, s: ["eval", "recon", str(w / "run"), "--out", str(w / "notes.txt")],
-         "is a file"),
+    Case("recon-out-plain-file",
+         lambda w, s: ["eval", "recon", str(w / "run"), "--out", str(w / "notes.txt")], "is a file"),
     Case("gpp-flux-empty", lambda w, s: _gpp(w, s, "flux_empty.csv", "--whole-cube"), "is empty"),
     Case("gpp-flux-header-only", lambda w, s: _gpp(w, s, "flux_header.csv", "--whole-cube"), "no dated rows"),
     Case("gpp-flux-bad-date", lambda w, s: _gpp(w, s, "flux_baddate.csv", "--whole-cube"), "TIMESTAMP"),
@@ -304,7 +309,8 @@ CASES: list[Case] = [
     Case("gpp-tower-outside", lambda w, s: _gpp(w, s, "flux_2020.csv", "--tower", "4.35", "50.85"),
          "the tower at lon 4.35, lat 50.85 is outside the cube (lon"),
     Case("gpp-interpolation",
-         lambda w, s: _gpp(w, s, "flux_header.csv", "--whole-cube", "--interpolation", "cubic"), "--interpolation"),
+         lambda w, s: _gpp(w, s, "flux_header.csv", "--whole-cube", "--interpolation", "cubic"),
+         "--interpolation"),
     Case("gpp-out-plain-file",
          lambda w, s: [*_gpp(w, s, "flux_header.csv")[:-2], "--out", str(w / "notes.txt"), "--whole-cube"],
          "is a file"),
@@ -315,19 +321,21 @@ CASES: list[Case] = [
          lambda w, s: ["eval", "gapfill", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "fusion.pt"),
                        "--out", str(s / "gf")], "gap-fill"),
     # --- report
-    Case("report-corrupt-metrics", lambda w, s: ["report", "--out", str(s / "rep"), "--run", str(w / "corrupt_run")],
+    Case("report-corrupt-metrics",
+         lambda w, s: ["report", "--out", str(s / "rep"), "--run", str(w / "corrupt_run")],
          "not readable JSON"),
     Case("report-embeddings-without-cube",
          lambda w, s: ["report", "--out", str(s / "rep"), "--embeddings", str(w / "emb.zarr")], "--cube"),
     Case("report-nothing", lambda w, s: ["report", "--out", str(s / "rep")], "nothing to report"),
-    Case("report-out-plain-file", lambda w, s: ["report", "--out", str(w / "notes.txt"), "--run", str(w / "run")],
-         "is a file"),
+    Case("report-out-plain-file",
+         lambda w, s: ["report", "--out", str(w / "notes.txt"), "--run", str(w / "run")], "is a file"),
 ]
 
 
 if not torch.cuda.is_available():  # a GPU asked for where there is none
     CASES += [
-        Case("embed-device-cuda-without-gpu", lambda w, s: _embed(w, s, *_with("device=cuda")), "no CUDA GPU"),
+        Case("embed-device-cuda-without-gpu", lambda w, s: _embed(w, s, *_with("device=cuda")),
+             "no CUDA GPU"),
         Case("train-accelerator-gpu-without-gpu", _train(*_with("train.accelerator=gpu")), "no CUDA GPU"),
     ]
 CASES += [

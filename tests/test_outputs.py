@@ -1,4 +1,4 @@
-"""What an output path may be, and what --overwrite may delete (stembed.io.outputs; issue 14 items 1 and 7)."""
+"""What an output path may be, and what --overwrite may delete (stembed.io.outputs; issue 14, items 1, 7)."""
 
 from __future__ import annotations
 
