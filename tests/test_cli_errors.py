@@ -234,6 +234,11 @@ CASES: list[Case] = [
          "--min-dates"),
     Case("cube-scl-classes", lambda w, s: _cube(s / "be.zarr", "--scl-classes", "a,b"),
          "--scl-classes"),
+    # an unreachable catalog: the error, and no empty be.zarr.staging left behind
+    Case("cube-catalog-unreachable", lambda w, s: _cube(s / "be.zarr"), "cannot open the STAC API"),
+    Case("cube-bad-date", lambda w, s: [*_cube(s / "be.zarr"), "--start", "2020-13-01"], "2020-13-01"),
+    Case("cube-end-before-start", lambda w, s: [*_cube(s / "be.zarr"), "--end", "2019-01-01"], "2019-01-01"),
+    Case("cube-no-area", lambda w, s: ["cube", "--out", str(s / "be.zarr"), *CUBE_ARGS[5:]], "--bbox"),
     Case("cube-cloud-mask", lambda w, s: _cube(s / "be.zarr", "--cloud-mask", "x"),
          "--cloud-mask"),
     # --- embed

@@ -382,10 +382,10 @@ def build_cube(
         say(f"note: {request.grid.note}")
     # a file, or a folder that is not a scene store, is refused even with --overwrite (never deleted)
     check_store_output(out, "scene", overwrite=overwrite)
-    stage = _open_staging(out, request, overwrite=overwrite)
-    pieces = period_pieces(request.start, request.end, months=request.piece_months)
+    pieces = period_pieces(request.start, request.end, months=request.piece_months)  # checks the dates
     session = http_session(request.retry)
     _configure_gdal(request.retry)
+    stage = _open_staging(out, request, overwrite=overwrite)
 
     bar = tqdm(total=4 * len(pieces) + 1, disable=not progress, desc="stembed cube", unit="step")
     try:
