@@ -151,3 +151,18 @@ def test_ctrl_c_is_one_line_saying_how_to_resume(capsys: pytest.CaptureFixture[s
 
     with pytest.raises(ZeroDivisionError):  # unexpected exceptions still show their traceback
         _run(bug)
+
+
+def test_a_permission_error_is_one_line_naming_the_path(capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    from stembed.cli import _run
+
+    def denied() -> None:
+        raise PermissionError(13, "Permission denied", "/data/readonly/emb.zarr")
+
+    with pytest.raises(typer.Exit) as exit_:
+        _run(denied)
+    assert exit_.value.exit_code == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "/data/readonly/emb.zarr (Permission denied)" in err[0]
