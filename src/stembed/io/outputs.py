@@ -1,6 +1,6 @@
 """One place decides whether a command may write an output path, and what ``--overwrite`` may delete.
 
-Every command checks its output here before it reads or computes anything, so a refused output
+Every command checks its output here before it computes or writes anything, so a refused output
 leaves nothing behind. The rules (the README's "Guarantees"):
 
 - a path that does not exist is fine if its nearest existing parent is a writable folder;
