@@ -39,6 +39,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     name = next(k for k, v in raw["state_dict"].items() if v.ndim >= 2)
     raw["state_dict"][name] = torch.zeros(3, 3)
     torch.save(raw, w / "wrong_shape.pt")
+    raw = torch.load(w / "fusion.pt", weights_only=True)
+    del raw["config"]["s2_model"]
+    torch.save(raw, w / "no_model_config.pt")
     s2 = scene.s2
     n_t, h, wd = s2.sizes["time"], s2.sizes["y"], s2.sizes["x"]
     values = np.random.default_rng(0).normal(size=(n_t, 7, h, wd)).astype(np.float32)
@@ -121,9 +124,6 @@ def _with(*overrides: str) -> list[str]:
 
 W = "{w}"  # placeholders are filled per case
 SYN = "data.source.kind=synthetic"
-# load_bundle / Bundle.build_model (stembed.models.bundle) still let KeyError and load_state_dict's
-# RuntimeError through; the fix belongs there (check the keys, wrap load_state_dict in a BundleError)
-BUNDLE_GAP = "bundle missing keys / wrong-shape weight: still a traceback (fix in models/bundle.py)"
 CUBE_ARGS = ["--bbox", "3.00", "50.80", "3.01", "50.81", "--start", "2020-03-01", "--end", "2020-10-31",
              "--catalog", "http://127.0.0.1:9/", "--retries", "0", "--quiet"]
 
@@ -203,12 +203,14 @@ CASES: list[Case] = [
     Case("info-unknown-preset", lambda w, s: ["info", "--preset", "giant"], "unknown preset"),
     Case("info-missing-bundle", lambda w, s: ["info", str(w / "nope.pt")], "does not exist"),
     Case("info-not-a-bundle", lambda w, s: ["info", str(w / "not_a_bundle.pt")], "not a stembed bundle"),
-    Case("info-bundle-without-weights", lambda w, s: ["info", str(w / "no_weights.pt")], "state_dict",
-         xfail=BUNDLE_GAP),
-    Case("info-bundle-wrong-shape", lambda w, s: ["info", str(w / "wrong_shape.pt")], "shape",
-         xfail=BUNDLE_GAP),
+    Case("info-bundle-without-weights", lambda w, s: ["info", str(w / "no_weights.pt")], "state_dict"),
+    Case("info-bundle-wrong-shape", lambda w, s: ["info", str(w / "wrong_shape.pt")], "wrong shape"),
     Case("embed-bundle-wrong-shape",
-         lambda w, s: _embed_with(w, s, "scene.zarr", "wrong_shape.pt"), "shape", xfail=BUNDLE_GAP),
+         lambda w, s: _embed_with(w, s, "scene.zarr", "wrong_shape.pt"), "wrong shape"),
+    Case("embed-bundle-without-weights",
+         lambda w, s: _embed_with(w, s, "scene.zarr", "no_weights.pt"), "lacks the entries"),
+    Case("info-bundle-config-without-model", lambda w, s: ["info", str(w / "no_model_config.pt")],
+         "model config lacks"),
     # --- cube: what --overwrite may delete, and arguments checked before any search
     Case("cube-overwrite-foreign-folder", lambda w, s: _cube(s / "out", "--overwrite"),
          "not a stembed scene store", setup=_foreign_folder),
