@@ -241,6 +241,8 @@ def _start_embed(files: dict[str, Path], out: Path, tile_px: int) -> subprocess.
         f"tile_px={tile_px}",
         "--set",
         f"batch_size={BATCH}",
+        "--set",
+        "threads_per_worker=1",  # what the resume on the shared 1-thread cluster uses
         "--quiet",
     ]
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -280,7 +282,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothi
         files["cube"],
         files["bundle"],
         out,
-        EmbedConfig(tile_px=3, batch_size=BATCH),
+        EmbedConfig(tile_px=3, batch_size=BATCH, threads_per_worker=1),
         resume=True,
         scheduler=scheduler,
         progress=False,
@@ -306,6 +308,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothi
             "tile_px=3",
             "--set",
             f"batch_size={BATCH}",
+            "--set",
+            "threads_per_worker=1",
         ],
     )
     assert r.exit_code == 0, r.output
@@ -326,6 +330,21 @@ def test_existing_output_needs_resume_or_overwrite_and_stays_untouched(
     assert code == 2 and "tile_px: stored 12, now 4" in msg
     code, msg = _embed_cli(files, untiled, "--resume", "--overwrite")
     assert code == 2 and "contradict" in msg
+    assert snapshot(untiled) == before
+
+
+def test_resume_with_another_thread_count_is_refused(files: dict[str, Path], untiled: Path) -> None:
+    # a dense model's sums round differently with another torch thread count, so tiles of two counts
+    # must not mix in one store (issue 14 item 11); --workers sets it by splitting the cores
+    before = snapshot(untiled)
+    stored = read_attrs(untiled)["fingerprint"]["threads_per_worker"]
+    assert stored is None  # made on a running scheduler, whose workers keep their own thread count
+    common = ("--resume", "--set", "tile_px=12", "--set", f"batch_size={BATCH}")
+    code, msg = _embed_cli(files, untiled, *common, "--workers", "1")
+    cores = len(os.sched_getaffinity(0))
+    assert code == 2 and f"threads_per_worker: stored None, now {cores}" in msg and "--workers" in msg, msg
+    code, msg = _embed_cli(files, untiled, *common, "--set", "threads_per_worker=3")
+    assert code == 2 and "threads_per_worker: stored None, now 3" in msg, msg
     assert snapshot(untiled) == before
 
 

@@ -408,6 +408,11 @@ def embed_cube(
         daily = DailyJob(cfg.daily_fill, cfg.savgol_window_days, cfg.savgol_order, with_model,
                          int(s2_days[0]), int(s2_days[-1]))
     bundle_sha = file_sha256(bundle_path)
+    # torch threads per worker: a dense model's sums round differently with another thread count, so a
+    # resume must use the same (the worker count matters only through it: --workers splits the cores)
+    threads = cfg.threads_per_worker or (
+        max(1, len(os.sched_getaffinity(0)) // cfg.workers) if scheduler is None else None
+    )
     fingerprint = {
         "format": store.EMBEDDING_FORMAT,
         "bundle_sha256": bundle_sha,
@@ -420,6 +425,7 @@ def embed_cube(
         "s1_max_gap_days": gap_days,
         "calibration": [cfg.calibration_samples, cfg.calibration_margin, cfg.seed],
         "daily": None if daily is None else asdict(daily),
+        "threads_per_worker": threads,
     }
     fresh = True
     if out.is_file() or not out.exists():
@@ -508,10 +514,6 @@ def embed_cube(
         quant = store.store_quantisation(out)
         done = store.tiles_done(out)
         todo = [t for t in grid.tiles() if not done[t]]
-        n_workers = cfg.workers if cluster is not None else max(1, len(client.nthreads()))
-        threads = cfg.threads_per_worker or (
-            max(1, len(os.sched_getaffinity(0)) // n_workers) if cluster else None
-        )
         jobs = [
             TileJob(
                 str(cube.resolve()),
@@ -576,5 +578,6 @@ def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]
         raise store.EmbeddingStoreError(
             f"{out} was written by a different run, so --resume cannot continue it:\n- "
             + "\n- ".join(diffs)
-            + "\nfix: rerun with the settings it was made with, or pass --overwrite to replace it"
+            + "\nfix: rerun with the settings it was made with (threads_per_worker: the same --workers on "
+            "the same machine, or --set threads_per_worker=N), or pass --overwrite to replace it"
         )
