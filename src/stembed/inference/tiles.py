@@ -133,7 +133,7 @@ def read_block(
     )
     s2, s1 = sensor_arrays(sub, "s2"), matched_s1_arrays(sub, s1_max_gap_days)
     for key, values in (("s2", s2.values), ("s1", s1.values)):
-        problems = value_problems(xr.DataArray(values), SENSORS[key])
+        problems = value_problems(xr.DataArray(values), SENSORS[key], allow_all_nan=True)
         if problems:
             raise CubeError(
                 f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: "
@@ -163,7 +163,7 @@ def read_block_extra(
     out = {}
     for key, gap in max_gap_days.items():
         arr = matched_arrays(sub, key, gap)
-        problems = value_problems(xr.DataArray(arr.values), SENSORS[key])
+        problems = value_problems(xr.DataArray(arr.values), SENSORS[key], allow_all_nan=True)
         if problems:
             raise CubeError(
                 f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: " + "; ".join(problems)
@@ -277,6 +277,24 @@ def cube_fingerprint(scene: Scene) -> str:
             "provenance": str(cube.attrs.get("provenance")),
         }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def check_cube_values(scene: Scene, path: Path) -> None:
+    """The value contract over each whole cube of ``scene`` (dtype, range, no infinities, not all NaN),
+    read in blocks of one date, so a bad value is refused before a store exists, not by a tile mid-run.
+
+    A tile whose window holds no observation is fine (it gets NaN embeddings); only a cube with no
+    value at all is refused.
+
+    Raises:
+        CubeError: a cube breaks the value contract (every problem of it, one line each).
+    """
+    cubes = {"s2": scene.s2, "s1": scene.s1, **scene.extra}
+    for key, cube in cubes.items():
+        blocks = cube.chunk({TIME: 1, Y: min(cube.sizes[Y], 1024), X: min(cube.sizes[X], 1024)})
+        problems = value_problems(blocks, SENSORS[key])
+        if problems:
+            raise CubeError(f"{path}: the {key} cube breaks the cube contract: " + "; ".join(problems))
 
 
 def _trained_gap_days(bundle: Bundle) -> float:
@@ -454,6 +472,7 @@ def embed_cube(
                 )
             fresh = False
 
+    check_cube_values(scene, cube)  # before the store exists: no tile finds a bad value mid-run
     resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
     client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
     try:

@@ -208,8 +208,12 @@ def _band_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
     return out
 
 
-def value_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
-    """Dtype and value-range violations of ``da`` (any part of a cube), one line each with its fix."""
+def value_problems(da: xr.DataArray, spec: SensorSpec, *, allow_all_nan: bool = False) -> list[str]:
+    """Dtype and value-range violations of ``da`` (any part of a cube), one line each with its fix.
+
+    ``allow_all_nan``: ``da`` is a part of a cube (a tile and its halo), where no observation at
+    all is data (a swath edge, a water mask), not a broken contract; a whole cube must hold some.
+    """
     out = []
     if da.dtype != np.float32:
         out.append(f"dtype is {da.dtype}, expected float32; fix: normalise, then cube.astype('float32')")
@@ -225,7 +229,8 @@ def value_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
             finite = da.where(np.isfinite(da))
             vmin, vmax = float(finite.min()), float(finite.max())
     if np.isnan(vmin):
-        out.append("every value is NaN, so the cube holds no data; fix: check the masking and the period")
+        if not allow_all_nan:
+            out.append("every value is NaN, so the cube holds no data; fix: check the masking and the period")
         return out
     lo, hi = spec.valid_range
     if lo <= vmin and vmax <= hi:
