@@ -436,7 +436,9 @@ def test_cube_values_are_checked_before_anything_is_written(
     s1_values = zarr.open_array(nan_cube / "s1" / "s1", mode="r+")
     s1_values[:] = np.full(s1_values.shape, np.nan, np.float32)
     with pytest.raises(CubeError, match="the s1 cube breaks the cube contract: every value is NaN"):
-        embed_cube(nan_cube, files["bundle"], out, EmbedConfig(tile_px=6), scheduler=scheduler, progress=False)
+        embed_cube(
+            nan_cube, files["bundle"], out, EmbedConfig(tile_px=6), scheduler=scheduler, progress=False
+        )
     assert not out.exists()
 
 

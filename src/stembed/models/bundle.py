@@ -60,7 +60,9 @@ class Bundle:
                 if self.kind == "gapfill":
                     model = GapFillModel(model)
         except (KeyError, ValidationError) as e:  # a config that does not describe a model
-            what = f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"
+            what = (
+                f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"
+            )
             where = f"bundle {self.path}" if self.path is not None else "the bundle"
             raise BundleError(f"{where} is damaged: its model config {what}; {_FIX_DAMAGED}") from e
         _load_weights(model, self.state_dict, self.path)
