@@ -49,7 +49,7 @@ import xarray as xr
 
 from stembed.errors import UserError
 from stembed.io.cube import Scene, _write_atomically, make_cube, save_scene
-from stembed.io.outputs import check_store_output
+from stembed.io.outputs import check_store_output, lock_output
 from stembed.io.stac import (
     PLANETARY_COMPUTER,
     S1_COLLECTION,
@@ -372,8 +372,6 @@ def build_cube(
         CubeBuildError, StacError: an empty search, no S1 coverage, too few dates, failed reads, a
             different build staged at the same place, an existing output without ``overwrite``.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     say = echo or (lambda msg: None)
     notes: list[str] = []
@@ -385,6 +383,17 @@ def build_cube(
     pieces = period_pieces(request.start, request.end, months=request.piece_months)  # checks the dates
     session = http_session(request.retry)
     _configure_gdal(request.retry)
+    # this run owns --out and its staging folder (OUT.lock) until it ends: a second run refuses
+    with lock_output(out, command="cube", echo=echo):
+        return _build_owned(request, out, overwrite, progress, say, notes, pieces, session)
+
+
+def _build_owned(
+    request: CubeRequest, out: Path, overwrite: bool, progress: bool, say: Callable[[str], None],
+    notes: list[str], pieces: list[Any], session: Any,
+) -> BuildResult:
+    from tqdm.auto import tqdm
+
     stage = _open_staging(out, request, overwrite=overwrite)
 
     bar = tqdm(total=4 * len(pieces) + 1, disable=not progress, desc="stembed cube", unit="step")

@@ -14,11 +14,11 @@ paths (a shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,7 +46,13 @@ from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
 from stembed.io.cube import CubeError, Scene, open_scene, value_problems
 from stembed.io.embeddings import EmbedError
-from stembed.io.outputs import check_store_output
+from stembed.io.outputs import (
+    check_store_output,
+    creating_path,
+    discard_store,
+    lock_output,
+    remove_leftovers,
+)
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
@@ -369,6 +375,31 @@ def embed_cube(
 ) -> EmbedResult:
     """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
 
+    The run owns ``out`` through the lock file ``OUT.lock`` (:func:`stembed.io.outputs.lock_output`)
+    from its first decision about ``out`` until it ends, however it ends. Checks and errors: see
+    :func:`_embed_cube`.
+    """
+    with contextlib.ExitStack() as owned:
+        return _embed_cube(
+            cube, bundle_path, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler,
+            progress=progress, owned=owned,
+        )
+
+
+def _embed_cube(
+    cube: str | Path,
+    bundle_path: str | Path,
+    out: str | Path,
+    cfg: EmbedConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    scheduler: str | None,
+    progress: bool,
+    owned: contextlib.ExitStack,
+) -> EmbedResult:
+    """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
+
     Every check runs before anything is written: a bad bundle, cube or ``out``, or an unreachable
     scheduler, leaves an existing ``out`` untouched.
 
@@ -451,6 +482,10 @@ def embed_cube(
         check_store_output(out, "embeddings", overwrite=False)
     elif overwrite:  # only a stembed embedding store is ever deleted
         check_store_output(out, "embeddings", overwrite=True)
+    # from here on this run owns --out (OUT.lock): a second run into it refuses, and every decision about
+    # what is at --out (resume, replace, create) is taken while no other run can change it
+    owned.enter_context(lock_output(out, command="embed"))
+    remove_leftovers(out)  # what a run killed while it created or replaced the store left
     if out.exists():
         if not (resume or overwrite):
             raise FileExistsError(
@@ -480,11 +515,12 @@ def embed_cube(
         if fresh:
             quant = _calibrate(model.to(device), scene, cfg, gap_days, extra_gaps, device)
             if out.exists():  # --overwrite of a stembed store, now that every check has passed
-                shutil.rmtree(out)
+                discard_store(out)
             s2 = scene.s2
             times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
+            creating = creating_path(out)  # created aside, then renamed: a kill leaves no half store at out
             store.create_store(
-                out,
+                creating,
                 time=times,
                 y=s2[Y].values,
                 x=s2[X].values,
@@ -529,6 +565,7 @@ def embed_cube(
                 },
                 flag_meanings=None if daily is None else FLAG_MEANINGS,
             )
+            creating.rename(out)
         grid = store.TileGrid(height, width, cfg.tile_px)
         quant = store.store_quantisation(out)
         done = store.tiles_done(out)
