@@ -400,14 +400,16 @@ def _embed_cube(
 ) -> EmbedResult:
     """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
 
-    Every check runs before anything is written: a bad bundle, cube or ``out``, or an unreachable
-    scheduler, leaves an existing ``out`` untouched.
+    Every check runs before anything is written: a bad bundle, a cube value that breaks the contract
+    (checked over each whole cube), a bad or locked ``out``, or an unreachable scheduler leaves an
+    existing ``out`` untouched. A tile whose window has no observation gets NaN embeddings.
 
     Raises:
         BundleError, CubeError: the bundle or the cube is unusable (named, with the fix).
         FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
         EmbeddingStoreError: ``out`` is not a stembed embedding store, or was made with other settings.
         EmbedError: the scheduler is unreachable, or a tile failed (tiles written so far are kept).
+        OutputError: another live run holds ``out`` (its lock file ``OUT.lock``).
     """
     from distributed import as_completed
     from tqdm.auto import tqdm

@@ -8,7 +8,11 @@ leaves nothing behind. The rules (the README's "Guarantees"):
   is replaced: a stembed scene store (``cube``), a stembed embedding store (``embed``), a table file
   (``sample``). A folder of someone's files, or a plain file where a store belongs, is never deleted;
 - output folders that hold several named files (``report``, ``pca``, ``eval``, ``export``,
-  ``train --run-dir``) are never deleted; only the files a command names are (re)written in them.
+  ``train --run-dir``) are never deleted; only the files a command names are (re)written in them;
+- ``embed`` and ``cube`` own their output while they run through ``OUT.lock`` (:func:`lock_output`):
+  a second run refuses, a dead owner's lock is taken over; with the lock held, a store is created
+  beside the output and renamed into place, and an old one renamed away before it is deleted, so a
+  kill never leaves a half-made store at the output (:func:`remove_leftovers` cleans what it leaves).
 """
 
 from __future__ import annotations
