@@ -57,3 +57,41 @@ def test_presets_set_the_paper_latent_sizes() -> None:
     assert ae_preset("paper", "s2").reduced_tokens == 6
     with pytest.raises(ValueError, match="known presets"):
         ae_preset("huge", "s2")
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ("train.max_epochs=0", "train.max_epochs"),  # wrote an untrained bundle with exit 0
+        ("train.max_epochs=-1", "train.max_epochs"),  # trained until early stopping
+        ("train.batch_size=0", "train.batch_size"),
+        ("train.lr=-1", "train.lr"),
+        ("data.s1_max_gap_days=-2", "data.s1_max_gap_days"),
+        ("data.source.height_px=-5", "data.source.synthetic.height_px"),
+        ("data.sampling.window_stride=0", "data.sampling.window_stride"),
+    ],
+)
+def test_out_of_range_settings_fail_at_load_on_one_line(override: str, field: str) -> None:
+    extra = ["data.source.kind=synthetic"] if override.startswith("data.source") else []
+    with pytest.raises(ConfigError, match="greater than") as err:
+        load_config(AEStageConfig, None, ["sensor=s2", *extra, override])
+    assert field in str(err.value) and "\n" not in str(err.value)
+
+
+def test_defaults_are_unchanged_by_the_ranges() -> None:
+    cfg = load_config(AEStageConfig, None, ["sensor=s2"])
+    assert (cfg.train.max_epochs, cfg.train.batch_size, cfg.train.lr) == (500, 16, 1e-4)
+    assert (cfg.data.source.height_px, cfg.data.s1_max_gap_days) == (48, 6.0)
+
+
+def test_yaml_syntax_error_unknown_preset_and_missing_kind_are_config_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1e-3\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML .*line \d+"):
+        load_config(AEStageConfig, bad, ["sensor=s2"])
+    with pytest.raises(ConfigError, match="unknown preset 'giant'"):
+        load_config(AEStageConfig, None, ["sensor=s2", "preset=giant"])
+    with pytest.raises(ConfigError, match="unknown preset 'giant'"):
+        load_config(FusionStageConfig, None, ["s1_bundle=a", "s2_bundle=b", "preset=giant"])
+    with pytest.raises(ConfigError, match="no 'kind' given; set data.source.kind to one of synthetic"):
+        load_config(AEStageConfig, None, ["sensor=s2", "data.source.n_sites=2"])

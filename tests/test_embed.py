@@ -241,6 +241,8 @@ def _start_embed(files: dict[str, Path], out: Path, tile_px: int) -> subprocess.
         f"tile_px={tile_px}",
         "--set",
         f"batch_size={BATCH}",
+        "--set",
+        "threads_per_worker=1",  # what the resume on the shared 1-thread cluster uses
         "--quiet",
     ]
     return subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -280,7 +282,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothi
         files["cube"],
         files["bundle"],
         out,
-        EmbedConfig(tile_px=3, batch_size=BATCH),
+        EmbedConfig(tile_px=3, batch_size=BATCH, threads_per_worker=1),
         resume=True,
         scheduler=scheduler,
         progress=False,
@@ -306,6 +308,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothi
             "tile_px=3",
             "--set",
             f"batch_size={BATCH}",
+            "--set",
+            "threads_per_worker=1",
         ],
     )
     assert r.exit_code == 0, r.output
@@ -326,6 +330,21 @@ def test_existing_output_needs_resume_or_overwrite_and_stays_untouched(
     assert code == 2 and "tile_px: stored 12, now 4" in msg
     code, msg = _embed_cli(files, untiled, "--resume", "--overwrite")
     assert code == 2 and "contradict" in msg
+    assert snapshot(untiled) == before
+
+
+def test_resume_with_another_thread_count_is_refused(files: dict[str, Path], untiled: Path) -> None:
+    # a dense model's sums round differently with another torch thread count, so tiles of two counts
+    # must not mix in one store (issue 14 item 11); --workers sets it by splitting the cores
+    before = snapshot(untiled)
+    stored = read_attrs(untiled)["fingerprint"]["threads_per_worker"]
+    assert stored is None  # made on a running scheduler, whose workers keep their own thread count
+    common = ("--resume", "--set", "tile_px=12", "--set", f"batch_size={BATCH}")
+    code, msg = _embed_cli(files, untiled, *common, "--workers", "1")
+    cores = len(os.sched_getaffinity(0))
+    assert code == 2 and f"threads_per_worker: stored None, now {cores}" in msg and "--workers" in msg, msg
+    code, msg = _embed_cli(files, untiled, *common, "--set", "threads_per_worker=3")
+    assert code == 2 and "threads_per_worker: stored None, now 3" in msg, msg
     assert snapshot(untiled) == before
 
 
@@ -401,22 +420,49 @@ def test_unreachable_scheduler_is_named_and_nothing_is_written(files: dict[str, 
     assert snapshot(untiled) == before  # --overwrite deletes nothing until the run can start
 
 
-def test_cube_values_are_checked_tile_by_tile(files: dict[str, Path], scene: Scene, scheduler: str) -> None:
+def test_cube_values_are_checked_before_anything_is_written(
+    files: dict[str, Path], scene: Scene, scheduler: str
+) -> None:
     cube = files["dir"] / "bad_values.zarr"
     save_scene(scene, cube)
     # a value out of [0, 1], written around save_scene's validation as a foreign tool might
     zarr.open_array(cube / "s2" / "s2", mode="r+")[2, 0, 10, 10] = 3.0
-    with pytest.raises(
-        CubeError, match=r"s2 cube rows .* break the cube contract: values range over \[.*3\]"
-    ):
+    out = files["dir"] / "bad_out.zarr"
+    with pytest.raises(CubeError, match=r"the s2 cube breaks the cube contract: values range over \[.*3\]"):
+        embed_cube(cube, files["bundle"], out, EmbedConfig(tile_px=6), scheduler=scheduler, progress=False)
+    assert not out.exists()  # refused before the store was created, not by a tile mid-run
+    # a cube with no S1 value at all holds no data: refused as a whole, before anything is written
+    nan_cube = save_scene(scene, files["dir"] / "no_s1.zarr")
+    s1_values = zarr.open_array(nan_cube / "s1" / "s1", mode="r+")
+    s1_values[:] = np.full(s1_values.shape, np.nan, np.float32)
+    with pytest.raises(CubeError, match="the s1 cube breaks the cube contract: every value is NaN"):
         embed_cube(
-            cube,
-            files["bundle"],
-            files["dir"] / "bad_out.zarr",
-            EmbedConfig(tile_px=6),
-            scheduler=scheduler,
-            progress=False,
+            nan_cube, files["bundle"], out, EmbedConfig(tile_px=6), scheduler=scheduler, progress=False
         )
+    assert not out.exists()
+
+
+def test_a_window_without_observations_embeds_as_no_data(
+    files: dict[str, Path], scene: Scene, scheduler: str, untiled: Path
+) -> None:
+    # no S2 value on any date in the top-left quarter (a swath edge), no S1 value in the bottom-right
+    # (an S1 gap): such windows are data, not a broken cube, whatever the tile size (issue 14 item 2)
+    s2, s1 = scene.s2.copy(deep=True), scene.s1.copy(deep=True)
+    s2[:, :, :6, :6] = np.nan
+    s1[:, :, 6:, 6:] = np.nan
+    cube = save_scene(Scene(site=scene.site, s2=s2, s1=s1), files["dir"] / "no_data.zarr")
+    results = {}
+    for tile_px in (EmbedConfig().tile_px, 3):
+        out = files["dir"] / f"no_data_{tile_px}.zarr"
+        cfg = EmbedConfig(tile_px=tile_px, batch_size=BATCH)
+        embed_cube(cube, files["bundle"], out, cfg, scheduler=scheduler, progress=False)
+        results[tile_px] = values(out)
+    (emb, valid), (emb3, valid3) = results.values()
+    np.testing.assert_array_equal(valid, valid3)
+    assert np.array_equal(emb, emb3, equal_nan=True)
+    assert not valid[:, :6, :6].any() and np.isnan(emb[:, :, :6, :6]).all()
+    assert valid[:, 6:, 6:].any() and valid[:, :6, 6:].any()
+    assert np.isnan(emb.transpose(0, 2, 3, 1)[~valid]).all()
 
 
 def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene, tmp_path: Path) -> None:

@@ -278,8 +278,11 @@ def test_commands_pca_sample_export(tmp_path: Path, scene: Scene) -> None:
     assert res.exit_code == 0, res.output
     assert len(pd.read_csv(tmp_path / "s.csv")) == n_t and str(tmp_path / "s.csv") in res.output
     res = runner.invoke(app, ["sample", "--embeddings", str(emb), "--points", str(tmp_path / "pts.csv"),
-                              "--window-px", "4", "--out", str(tmp_path / "s.csv")])
+                              "--window-px", "4", "--out", str(tmp_path / "s.csv"), "--overwrite"])
     assert res.exit_code == 2 and "odd whole number" in res.output
+    res = runner.invoke(app, ["sample", "--embeddings", str(emb), "--points", str(tmp_path / "pts.csv"),
+                              "--out", str(tmp_path / "s.csv")])
+    assert res.exit_code == 2 and "already exists; fix: pass --overwrite" in res.output
 
     res = runner.invoke(app, ["export", "--embeddings", str(emb), "--out", str(tmp_path / "tif"),
                               "--dates", day])

@@ -37,14 +37,78 @@ def _user_errors() -> tuple[type[Exception], ...]:
     return (UserError, FileExistsError, FileNotFoundError)
 
 
-def _run(fn: Callable[[], T]) -> T:
-    """Call ``fn``; turn user-fixable errors into one red line and exit status 2."""
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(2)
+
+
+_RESUME_TRAIN = "rerun with --resume RUN_DIR/checkpoints/last.ckpt to continue"
+_RESUME_EMBED = "tiles written so far are kept: rerun with --resume to finish the store"
+_RESUME_CUBE = "finished pieces are kept: rerun the same command to resume"
+
+
+def _run(fn: Callable[[], T], *, resume: str | None = None) -> T:
+    """Call ``fn``; turn user-fixable errors into one red line and exit status 2.
+
+    Ctrl-C prints one line (with ``resume``: how to continue) and exits with status 130.
+    """
     errors = _user_errors()
     try:
         return fn()
     except errors as e:
-        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-        raise typer.Exit(2) from None
+        raise _fail(str(e)) from None
+    except KeyboardInterrupt:
+        typer.secho(f"interrupted{'; ' + resume if resume else ''}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(130) from None
+    except PermissionError as e:  # the user's file system, not a bug: name the path
+        where = e.filename if e.filename is not None else "a file"
+        raise _fail(
+            f"no permission to write or read {where} ({e.strerror}); fix: choose a path this user may write, "
+            "or change its permissions"
+        ) from None
+
+
+def _run_into(folder: Path, fn: Callable[[], T]) -> T:
+    """``_run(fn)`` for a command writing into ``folder``: a failure leaves no new empty folder behind."""
+    existed = folder.exists()
+    try:
+        return _run(fn)
+    except BaseException:
+        if not existed and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+        raise
+
+
+def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: str = "auto") -> None:
+    """Refuse a foreign --run-dir, a --resume that is not a Lightning checkpoint, and a GPU that is not
+    there, before anything is written."""
+    from stembed.config import ConfigError
+    from stembed.io.outputs import check_run_dir
+
+    if accelerator == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "train.accelerator is 'gpu' but torch sees no CUDA GPU; fix: --set train.accelerator=auto "
+                "(or cpu)"
+            )
+
+    if resume is not None:
+        if not resume.is_file():
+            raise ConfigError(f"--resume {resume} does not exist; fix: pass a run's checkpoints/last.ckpt")
+        if resume.suffix != ".ckpt":
+            what = "not one"
+            if resume.suffix == ".pt":
+                what = "a bundle (a finished model, which cannot be resumed)"
+            raise ConfigError(
+                f"--resume {resume} is {what}: --resume takes a Lightning checkpoint; "
+                "fix: pass the run's checkpoints/last.ckpt"
+            )
+    if run_dir is not None:
+        check_run_dir(run_dir)
+    elif resume is not None:
+        check_run_dir(resume.parent.parent, option="--resume's run folder")
 
 
 def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir: Path | None, resume: Path | None) -> None:
@@ -60,10 +124,11 @@ def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir:
             in_file = (yaml.safe_load(config.read_text()) or {}).get("sensor")
             if in_file not in (None, sensor):
                 raise ConfigError(f"{config} is a config for sensor {in_file!r}; run `stembed train {in_file}`")
+        _check_train_paths(run_dir, resume, cfg.train.accelerator)
         return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
-    res = _run(go)
+    res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
@@ -101,7 +166,13 @@ def train_gapfill_cmd(
     from stembed.training.run import train_gapfill
 
     tune_allocator()
-    res = _run(lambda: train_gapfill(load_config(GapFillStageConfig, config, set_), run_dir=run_dir, resume=resume))
+
+    def go() -> Any:
+        cfg = load_config(GapFillStageConfig, config, set_)
+        _check_train_paths(run_dir, resume, cfg.train.accelerator)
+        return train_gapfill(cfg, run_dir=run_dir, resume=resume)
+
+    res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
@@ -115,7 +186,13 @@ def train_fusion_cmd(
     from stembed.training.run import train_fusion
 
     tune_allocator()
-    res = _run(lambda: train_fusion(load_config(FusionStageConfig, config, set_), run_dir=run_dir, resume=resume))
+
+    def go() -> Any:
+        cfg = load_config(FusionStageConfig, config, set_)
+        _check_train_paths(run_dir, resume, cfg.train.accelerator)
+        return train_fusion(cfg, run_dir=run_dir, resume=resume)
+
+    res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
@@ -202,7 +279,7 @@ def embed(
         )
 
     tune_allocator()
-    res = _run(go)
+    res = _run(go, resume=_RESUME_EMBED)
     for note in res.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
     if res.tiles_written == 0:
@@ -270,7 +347,7 @@ def cube(
         )
         return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
 
-    res = _run(go)
+    res = _run(go, resume=_RESUME_CUBE)
     typer.echo(
         f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
         f"{res.s2_dates_with_s1} S2 dates with S1 within {s1_max_gap_days:g} days)"
@@ -299,13 +376,16 @@ def pca(
     from stembed.eval.pca import pca_maps
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
+    from stembed.io.outputs import check_output_folder
 
-    res = _run(
-        lambda: pca_maps(
+    def go() -> Any:
+        check_output_folder(out)
+        return pca_maps(
             open_embeddings(embeddings), open_scene(cube, check_values=False).s2, dates=dates, out_dir=out,
             n_samples=samples, seed=seed,
         )
-    )
+
+    res = _run_into(out, go)
     typer.echo("\n".join([*(f"map: {p}" for p in res["pngs"]), f"pca: {res['json']}"]))
 
 
@@ -315,12 +395,15 @@ def sample(
     points: Annotated[Path, typer.Option("--points", help="CSV: lon,lat (WGS84) or x,y, optional id.")],
     out: Annotated[Path, typer.Option("--out", help="Output table, .csv or .parquet.")],
     window_px: Annotated[int, typer.Option("--window-px", help="Odd window side K: mean over K x K px.")] = 1,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing table.")] = False,
 ) -> None:
     """Sample the embeddings at points: one row per point and date (window mean over valid pixels)."""
     from stembed.io.embeddings import open_embeddings
+    from stembed.io.outputs import check_file_output
     from stembed.io.sample import read_points, sample_points, write_table
 
     def go() -> Path:
+        check_file_output(out, overwrite=overwrite, what="table")
         table = sample_points(open_embeddings(embeddings), read_points(points), window_px=window_px)
         return write_table(table, out)
 
@@ -338,8 +421,13 @@ def export(
     """Write one 7-band float32 GeoTIFF per date (all dates, or --dates)."""
     from stembed.io.embeddings import open_embeddings
     from stembed.io.export import export_geotiffs
+    from stembed.io.outputs import check_output_folder
 
-    files = _run(lambda: export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite))
+    def go() -> Any:
+        check_output_folder(out)
+        return export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+
+    files = _run_into(out, go)
     typer.echo(f"{len(files)} GeoTIFF(s) in {out}")
 
 
@@ -370,8 +458,13 @@ def eval_recon(
 ) -> None:
     """Centre-pixel MAE, SAM and SSIM per run, split and sensor, against the trivial baselines."""
     from stembed.eval.recon import recon_markdown, recon_table
+    from stembed.io.outputs import check_output_folder
 
-    table = _run(lambda: recon_table(list(runs)))
+    def go() -> Any:
+        check_output_folder(out)
+        return recon_table(list(runs))
+
+    table = _run(go)
     out.mkdir(parents=True, exist_ok=True)
     table.to_csv(out / "recon.csv", index=False)
     (out / "recon.md").write_text(recon_markdown(table) + "\n")
@@ -394,8 +487,10 @@ def eval_probe(
     from stembed.eval.probe import probe_markdown, probe_table
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
+    from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
+        check_output_folder(out)
         scene = open_scene(cube, check_values=False)
         if scene.labels is None:
             from stembed.eval.probe import ProbeError
@@ -425,9 +520,13 @@ def eval_gapfill(
 ) -> None:
     """Hide clear S2 dates of the bundle's test blocks; error of each fill (model, linear, savgol) by gap length."""
     from stembed.eval.gapfill_run import evaluate_gap_fill
+    from stembed.io.outputs import check_output_folder
 
-    res = _run(lambda: evaluate_gap_fill(cube, bundle, run_lengths=tuple(run_length or (1, 2, 4, 8)),
-                                         offsets=offsets))
+    def go() -> Any:
+        check_output_folder(out)
+        return evaluate_gap_fill(cube, bundle, run_lengths=tuple(run_length or (1, 2, 4, 8)), offsets=offsets)
+
+    res = _run(go)
     out.mkdir(parents=True, exist_ok=True)
     res.table.to_csv(out / "gapfill.csv", index=False)
     (out / "gapfill.md").write_text(res.markdown + "\n")
@@ -457,8 +556,10 @@ def eval_gpp(
     from stembed.eval.gpp_run import GPPRunError, gpp_at_tower
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
+    from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
+        check_output_folder(out)
         if (tower is None) == (not whole_cube):
             raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
         if interpolation not in ("linear", "savgol"):
@@ -469,7 +570,7 @@ def eval_gpp(
                             split=_year_split(train_years, val_years, test_years),
                             interpolation=interpolation, stride_days=stride, cfg=cfg, seed=seed)  # type: ignore[arg-type]
 
-    res = _run(go)
+    res = _run_into(out, go)
     typer.echo(f"{res.n_windows} windows\nmetrics: {res.metrics_csv}\npredictions: {res.predictions_csv}")
 
 
@@ -496,6 +597,7 @@ def report(
     """One markdown page (with figures) of the reconstruction, probe, GPP and cloudy-date fill results."""
     from stembed.eval.gpp import GPPConfig
     from stembed.eval.report import ReportInputs, write_report
+    from stembed.io.outputs import check_output_folder
 
     inputs = ReportInputs(
         runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
@@ -503,7 +605,12 @@ def report(
         gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs), gpp_stride_days=stride,
         probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
     )
-    path = _run(lambda: write_report(out, inputs))
+
+    def go() -> Any:
+        check_output_folder(out)
+        return write_report(out, inputs)
+
+    path = _run_into(out, go)
     typer.echo(f"report: {path}")
 
 

@@ -223,15 +223,21 @@ def fusion_preset(name: str) -> FusionConfig:
 PRESETS = ("paper", "small", "tiny", "dense", "small-dense", "tiny-dense")
 
 
+def _check_preset(name: str) -> None:
+    """Refuse an unknown preset when the config loads, not when training builds the model."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+
+
 # ----------------------------------------------------------------------------- data
 class SyntheticSource(_Frozen):
     """The built-in seeded synthetic scene (:mod:`stembed.testing`), one scene per site."""
 
     kind: Literal["synthetic"] = "synthetic"
-    n_sites: int = 4
-    height_px: int = 48
-    width_px: int = 48
-    n_days: int = 365
+    n_sites: int = Field(4, ge=1)
+    height_px: int = Field(48, gt=0)
+    width_px: int = Field(48, gt=0)
+    n_days: int = Field(365, gt=0)
     seed: int = 0
 
 
@@ -253,12 +259,13 @@ class ZarrSource(_Frozen):
 class SamplingConfig(_Frozen):
     """Training-patch extraction (spec §1.4)."""
 
-    patch_px: int = 15
-    n_frames: int = 11
-    window_dates: int = 20  # consecutive valid dates a window spans before drawing n_frames of them
-    window_stride: int = 17
-    spatial_stride: int = 9
-    max_span_days: int = 200  # drop a patch whose n_frames dates span this many days or more
+    patch_px: int = Field(15, ge=1)
+    n_frames: int = Field(11, ge=1)
+    # consecutive valid dates a window spans before drawing n_frames of them
+    window_dates: int = Field(20, ge=1)
+    window_stride: int = Field(17, ge=1)
+    spatial_stride: int = Field(9, ge=1)
+    max_span_days: int = Field(200, ge=1)  # drop a patch whose n_frames dates span this many days or more
 
     @model_validator(mode="after")
     def _check(self) -> SamplingConfig:
@@ -278,7 +285,7 @@ class SplitConfig(_Frozen):
     """
 
     by: Literal["site", "block"] = "site"
-    blocks: int = 2
+    blocks: int = Field(2, ge=1)
     fractions: tuple[float, float, float] = (0.5, 0.25, 0.25)
     seed: int = 42
 
@@ -295,8 +302,10 @@ class DataConfig(_Frozen):
     source: SyntheticSource | WorldCerealSource | ZarrSource = Field(
         default_factory=SyntheticSource, discriminator="kind"
     )
-    min_valid_fraction: float = 0.03  # keep an S2 date if this share of its values is valid
-    s1_max_gap_days: float = 6.0  # S2 date takes the nearest S1 date within this gap, else S1 is missing
+    # keep an S2 date if this share of its values is valid
+    min_valid_fraction: float = Field(0.03, ge=0.0, le=1.0)
+    # S2 date takes the nearest S1 date within this gap, else S1 is missing
+    s1_max_gap_days: float = Field(6.0, ge=0.0)
     scl_masked_classes: tuple[int, ...] = (0, 1, 3, 8, 9, 10)
     sampling: SamplingConfig | None = None  # None: the paper's sampling for the stage's sensor
     split: SplitConfig = Field(default_factory=SplitConfig)
@@ -345,22 +354,22 @@ class FusionLossConfig(_Frozen):
 class TrainConfig(_Frozen):
     """Optimisation settings shared by both stages (spec §4)."""
 
-    batch_size: int = 16
-    max_epochs: int = 500
-    lr: float = 1e-4
-    weight_decay: float = 1.5e-4
-    warmup_steps: int = 35_000
-    warmup_start_factor: float = 1e-3
-    plateau_factor: float = 0.35
-    plateau_patience: int = 5
-    min_lr: float = 1.5e-6
-    early_stop_patience: int = 16
-    grad_clip: float = 1.0
+    batch_size: int = Field(16, ge=1)
+    max_epochs: int = Field(500, ge=1)  # 0 would write an untrained bundle, -1 train until early stopping
+    lr: float = Field(1e-4, gt=0.0)
+    weight_decay: float = Field(1.5e-4, ge=0.0)
+    warmup_steps: int = Field(35_000, ge=0)
+    warmup_start_factor: float = Field(1e-3, gt=0.0, le=1.0)
+    plateau_factor: float = Field(0.35, gt=0.0, lt=1.0)
+    plateau_patience: int = Field(5, ge=0)
+    min_lr: float = Field(1.5e-6, ge=0.0)
+    early_stop_patience: int = Field(16, ge=1)
+    grad_clip: float = Field(1.0, ge=0.0)  # 0: no clipping
     seed: int = 42
-    num_workers: int = 0
+    num_workers: int = Field(0, ge=0)
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
-    limit_train_batches: float | int = 1.0
-    max_minutes: float | None = None  # stop after this much training time (the best checkpoint is kept)
+    limit_train_batches: float | int = Field(1.0, gt=0)  # a share (float <= 1) or a number of batches (int)
+    max_minutes: float | None = Field(None, gt=0)  # stop after this much training time (the best checkpoint is kept)
     progress_bar: bool = True
 
 
@@ -406,6 +415,7 @@ class AEStageConfig(_Frozen):
                 )
         if self.model is not None and self.model.sensor != self.sensor:
             raise ValueError(f"model.sensor={self.model.sensor!r} but stage sensor={self.sensor!r}")
+        _check_preset(self.preset)
         return self
 
     def resolved_model(self) -> AEConfig:
@@ -435,6 +445,11 @@ class FusionStageConfig(_Frozen):
                                                                    plateau_patience=9, min_lr=3.5e-7))
     dense_training: DenseTrainingConfig | None = None  # tiles instead of patches (dense bundles only)
     out_dir: str = "runs"
+
+    @model_validator(mode="after")
+    def _check(self) -> FusionStageConfig:
+        _check_preset(self.preset)
+        return self
 
     def resolved_model(self) -> FusionConfig:
         """The fusion architecture this stage trains."""
@@ -468,7 +483,8 @@ class EmbedConfig(_Frozen):
     calibration_samples: int = Field(1024, ge=16)  # pixel-dates embedded to set the float16/int8 scale
     calibration_margin: float = Field(0.25, ge=0.0)  # widen the calibrated range by this share each side
     seed: int = 0  # draws the calibration pixel-dates
-    s1_max_gap_days: float | None = None  # None: the value the bundle's fusion stage was trained with
+    # None: the value the bundle's fusion stage was trained with
+    s1_max_gap_days: float | None = Field(None, ge=0.0)
     workers: int = Field(1, ge=1)  # LocalCluster worker processes (ignored with a scheduler address)
     threads_per_worker: int | None = Field(None, ge=1)  # torch threads per worker; None: cores // workers
     connect_timeout_s: float = Field(10.0, gt=0)  # how long to try a --scheduler address
@@ -538,7 +554,15 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
-        loaded = yaml.safe_load(p.read_text())
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            where = getattr(e, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"config file {p} is not valid YAML ({problem}{at}); fix its syntax") from e
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"config file {p} cannot be read ({type(e).__name__}: {e})") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -548,12 +572,16 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
-        lines = []
+        problems = []
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "<root>"
-            lines.append(f"  {loc}: {err['msg']}")
+            msg = err["msg"]
+            if err["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using discriminator"
+                msg = f"no 'kind' given; set {loc}.kind to one of synthetic, worldcereal, zarr"
+            problems.append(f"{loc}: {msg}")
         where = f" in {path}" if path is not None else ""
-        raise ConfigError(f"invalid {cls.__name__}{where}:\n" + "\n".join(lines)) from None
+        # one line: every bad field, each with pydantic's reason (e.g. "greater than or equal to 1")
+        raise ConfigError(f"invalid {cls.__name__}{where}: " + "; ".join(problems)) from None
 
 
 def dump_config(cfg: BaseModel) -> dict[str, Any]:

@@ -49,6 +49,7 @@ import xarray as xr
 
 from stembed.errors import UserError
 from stembed.io.cube import Scene, _write_atomically, make_cube, save_scene
+from stembed.io.outputs import check_store_output, lock_output
 from stembed.io.stac import (
     PLANETARY_COMPUTER,
     S1_COLLECTION,
@@ -371,22 +372,29 @@ def build_cube(
         CubeBuildError, StacError: an empty search, no S1 coverage, too few dates, failed reads, a
             different build staged at the same place, an existing output without ``overwrite``.
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
     say = echo or (lambda msg: None)
     notes: list[str] = []
     if request.grid.note:
         notes.append(request.grid.note)
         say(f"note: {request.grid.note}")
-    if out.exists() and not overwrite:
-        raise CubeBuildError(
-            f"{out} already exists; fix: pass --overwrite to replace it, or choose another --out"
-        )
-    stage = _open_staging(out, request, overwrite=overwrite)
-    pieces = period_pieces(request.start, request.end, months=request.piece_months)
+    # a file, or a folder that is not a scene store, is refused even with --overwrite (never deleted)
+    check_store_output(out, "scene", overwrite=overwrite)
+    pieces = period_pieces(request.start, request.end, months=request.piece_months)  # checks the dates
     session = http_session(request.retry)
     _configure_gdal(request.retry)
+    # this run owns --out and its staging folder (OUT.lock) until it ends: a second run refuses
+    with lock_output(out, command="cube", echo=echo):
+        return _build_owned(request, out, overwrite, progress, say, notes, pieces, session)
+
+
+def _build_owned(
+    request: CubeRequest, out: Path, overwrite: bool, progress: bool, say: Callable[[str], None],
+    notes: list[str], pieces: list[Any], session: Any,
+) -> BuildResult:
+    from tqdm.auto import tqdm
+
+    stage = _open_staging(out, request, overwrite=overwrite)
 
     bar = tqdm(total=4 * len(pieces) + 1, disable=not progress, desc="stembed cube", unit="step")
     try:
@@ -414,8 +422,12 @@ def build_cube(
 
         bar.set_postfix_str("assemble")
         scene, counts = _assemble(stage, pieces, request, orbit, notes)
+        check_store_output(out, "scene", overwrite=overwrite)  # again: --out may have changed meanwhile
         save_scene(scene, out, overwrite=overwrite)
         bar.update()
+    except BaseException:
+        _drop_empty_staging(stage)
+        raise
     finally:
         bar.close()
     shutil.rmtree(stage, ignore_errors=True)
@@ -424,13 +436,27 @@ def build_cube(
     )
 
 
+def _drop_empty_staging(stage: Path) -> None:
+    """Remove a staging folder that holds no searched item list and no piece (nothing to resume)."""
+    if not stage.is_dir() or not (stage / "request.json").is_file():
+        return
+    kept = [p for sub in ("search", "pieces") if (stage / sub).is_dir() for p in (stage / sub).iterdir()]
+    if not kept:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def _open_staging(out: Path, request: CubeRequest, *, overwrite: bool) -> Path:
     stage = staging_dir(out)
     ident = request.identity()
-    if stage.exists():
+    if stage.exists() or stage.is_symlink():
+        if not stage.is_dir() or not (stage / "request.json").is_file():  # not ours: never deleted
+            raise CubeBuildError(
+                f"{stage} exists but is not a staged stembed cube build (no request.json); fix: move it "
+                "away, or choose another --out"
+            )
         try:
             staged = json.loads((stage / "request.json").read_text())
-        except (OSError, json.JSONDecodeError):
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             staged = None
         if staged != json.loads(json.dumps(ident)):
             finished = [p for p in (stage / "pieces").glob("*.zarr") if not p.name.startswith(".")]

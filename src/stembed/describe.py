@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, TextIO
 
-from stembed.config import PRESETS, ae_preset, dump_config, fusion_preset
+from stembed.config import PRESETS, ConfigError, ae_preset, dump_config, fusion_preset
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
 from stembed.models.fusion import FusionModel
@@ -23,7 +23,7 @@ def _fusion_counts(model: FusionModel) -> dict[str, int]:
 def describe_preset(name: str) -> dict[str, Any]:
     """Build the preset's three models (random weights) and count their parameters."""
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
     s1_cfg, s2_cfg, f_cfg = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
     s1, s2 = SensorAutoencoder(s1_cfg), SensorAutoencoder(s2_cfg)
     report = {

@@ -54,17 +54,35 @@ def load_fluxnet_daily(path: str | Path, *, qc_min: float = 0.7, drop_negative: 
     path = Path(path)
     if not path.is_file():
         raise FluxError(f"flux file {path} does not exist")
-    raw = pd.read_csv(path, dtype={"TIMESTAMP": str}, na_values=["NA", "-9999", "-9999.0"])
+    try:
+        raw = pd.read_csv(path, dtype={"TIMESTAMP": str}, na_values=["NA", "-9999", "-9999.0"])
+    except pd.errors.EmptyDataError:
+        raise FluxError(f"flux file {path} is empty; fix: pass a FLUXNET daily (DD) CSV") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as e:
+        raise FluxError(f"flux file {path} is not a readable CSV ({type(e).__name__}: {e})") from e
     missing = [c for c in ("TIMESTAMP", GPP, QC) if c not in raw.columns]
     if missing:
         raise FluxError(
             f"{path.name} lacks column(s) {missing}; a FLUXNET daily file with {GPP} and {QC} is needed "
             "(half-hourly HH files are not daily: use the DD file)"
         )
+    if raw["TIMESTAMP"].dropna().empty:
+        raise FluxError(f"{path.name} has a header but no dated rows; fix: pass a FLUXNET daily file")
     layout = _layout(raw["TIMESTAMP"])
-    dates = pd.to_datetime(raw["TIMESTAMP"].str.strip(), format="%Y%m%d" if layout == "fluxnet2015" else "%Y-%m-%d")
-    gpp = raw[GPP].astype(float).replace(MISSING, np.nan)
-    qc = raw[QC].astype(float).replace(MISSING, np.nan)
+    fmt = "%Y%m%d" if layout == "fluxnet2015" else "%Y-%m-%d"
+    stamps = raw["TIMESTAMP"].str.strip()
+    dates = pd.to_datetime(stamps, format=fmt, errors="coerce")
+    bad = stamps[dates.isna() & stamps.notna()]
+    if len(bad):
+        raise FluxError(
+            f"{path.name}: TIMESTAMP {bad.iloc[0]!r} (row {bad.index[0] + 1}) is not a date in the file's "
+            f"{fmt} layout; fix: correct that row"
+        )
+    try:
+        gpp = raw[GPP].astype(float).replace(MISSING, np.nan)
+        qc = raw[QC].astype(float).replace(MISSING, np.nan)
+    except ValueError as e:
+        raise FluxError(f"{path.name}: {GPP} and {QC} must be numbers ({e}); fix: correct them") from e
     if qc.max() > 1.0 + 1e-9:
         raise FluxError(f"{QC} in {path.name} exceeds 1; expected the fraction of good half-hours (0-1)")
     df = pd.DataFrame({"gpp": gpp.to_numpy(), "qc": qc.to_numpy()}, index=pd.DatetimeIndex(dates, name="date"))

@@ -79,6 +79,17 @@ def feature_series(
         to_crs = pyproj.Transformer.from_crs("EPSG:4326", embeddings.attrs["crs"], always_xy=True)
         x, y = to_crs.transform(*tower_lonlat)
         win = window_px
+        xs, ys = embeddings[X].values, embeddings[Y].values
+        half = abs(float(xs[1] - xs[0])) / 2 if len(xs) > 1 else 5.0
+        if not (xs.min() - half <= x <= xs.max() + half and ys.min() - half <= y <= ys.max() + half):
+            lon, lat = to_crs.transform(  # the cube's corners, for a message in the units --tower takes
+                [xs.min() - half, xs.max() + half], [ys.min() - half, ys.max() + half], direction="INVERSE"
+            )
+            raise GPPRunError(
+                f"the tower at lon {tower_lonlat[0]}, lat {tower_lonlat[1]} is outside the cube (lon "
+                f"{min(lon):.5f}..{max(lon):.5f}, lat {min(lat):.5f}..{max(lat):.5f}); fix: check --tower "
+                "LON LAT (WGS84), build a cube around the tower, or pass --whole-cube"
+            )
     emb = embeddings["embedding"].where(embeddings["valid"])
     bands = s2.rename({BAND: FEATURE}).assign_coords({FEATURE: [str(b) for b in s2[BAND].values]})
     out = {}
@@ -88,6 +99,16 @@ def feature_series(
         except ValueError as e:
             raise GPPRunError(f"{e}; or pass --whole-cube to average the whole cube") from e
     return out
+
+
+def _check_years(windows: Windows, split: YearSplit) -> None:
+    """Refuse a year split whose training years hold no window (the models would have nothing to fit)."""
+    years = sorted({int(y) for y in windows.end_date.year})
+    if isinstance(split, YearSplit) and not set(split.train_years) & set(years):
+        raise GPPRunError(
+            f"no window ends in the training years {list(split.train_years)}: the windows end in {years}; "
+            f"fix: pass --train-years (and --val-years) with years among {years}"
+        )
 
 
 def gpp_at_tower(
@@ -126,6 +147,7 @@ def gpp_at_tower(
             f"quality-checked GPP at {site} (flux {gpp.index.min().date()}..{gpp.index.max().date()}); "
             "fix: use a cube and flux file that overlap by more than the window length"
         )
+    _check_years(sets["embedding"][site], split)
     metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics_csv, preds_csv = out_dir / "gpp_metrics.csv", out_dir / "gpp_predictions.csv"

@@ -47,10 +47,22 @@ def recon_table(run_dirs: list[str | Path]) -> pd.DataFrame:
                 f"{run} has no metrics.json; fix: pass the folder of a finished `stembed train` run "
                 "(it holds bundle.pt and metrics.json)"
             )
-        metrics = json.loads(path.read_text())
-        splits = metrics.get("splits") or {}
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ReconError(
+                f"{path} is not readable JSON ({type(e).__name__}: {e}); fix: re-run the stage to completion"
+            ) from e
+        splits = metrics.get("splits") if isinstance(metrics, dict) else None
         if not splits:
             raise ReconError(f"{path} holds no split metrics; fix: re-run the stage to completion")
+        if not isinstance(splits, dict) or not all(
+            isinstance(sensors, dict) and all(isinstance(m, dict) for m in sensors.values())
+            for sensors in splits.values()
+        ):
+            raise ReconError(
+                f"{path}: 'splits' is not split -> sensor -> metrics; fix: re-run the stage to completion"
+            )
         for split, sensors in splits.items():
             for sensor, m in sensors.items():
                 rows.append(

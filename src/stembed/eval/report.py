@@ -66,6 +66,8 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     needs_store = [f for f, v in (("--label", inputs.labels), ("--flux", inputs.flux)) if v]
     if needs_store and (inputs.embeddings is None or inputs.cube is None):
         raise ReportError(f"{' and '.join(needs_store)} need an embedding store and its scene; fix: pass --embeddings and --cube")
+    if inputs.embeddings is not None and inputs.cube is None:  # else the report would be a title only
+        raise ReportError("--embeddings are reported beside their scene; fix: pass its --cube")
     if inputs.gapfill_bundle is not None and inputs.cube is None:
         raise ReportError("--gapfill-bundle hides dates of a scene; fix: pass its --cube")
     if not inputs.runs and inputs.embeddings is None and inputs.gapfill_bundle is None:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from stembed.data.datasets import fill_patch
+from stembed.errors import UserError
 from stembed.models.fusion import FusionModel
 
 
@@ -34,7 +35,13 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     """``auto``/None: CUDA when present, else CPU."""
     if name is None or str(name) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device {str(name)!r} is not a torch device ({e}); fix: use auto, cpu, cuda") from e
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {str(name)!r} is asked for but torch sees no CUDA GPU; fix: use auto or cpu")
+    return device
 
 
 def min_dates(n_frames: int) -> int:

@@ -14,11 +14,11 @@ paths (a shared filesystem).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +46,13 @@ from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
 from stembed.io.cube import CubeError, Scene, open_scene, value_problems
 from stembed.io.embeddings import EmbedError
+from stembed.io.outputs import (
+    check_store_output,
+    creating_path,
+    discard_store,
+    lock_output,
+    remove_leftovers,
+)
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
@@ -132,7 +139,7 @@ def read_block(
     )
     s2, s1 = sensor_arrays(sub, "s2"), matched_s1_arrays(sub, s1_max_gap_days)
     for key, values in (("s2", s2.values), ("s1", s1.values)):
-        problems = value_problems(xr.DataArray(values), SENSORS[key])
+        problems = value_problems(xr.DataArray(values), SENSORS[key], allow_all_nan=True)
         if problems:
             raise CubeError(
                 f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: "
@@ -162,7 +169,7 @@ def read_block_extra(
     out = {}
     for key, gap in max_gap_days.items():
         arr = matched_arrays(sub, key, gap)
-        problems = value_problems(xr.DataArray(arr.values), SENSORS[key])
+        problems = value_problems(xr.DataArray(arr.values), SENSORS[key], allow_all_nan=True)
         if problems:
             raise CubeError(
                 f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: " + "; ".join(problems)
@@ -278,6 +285,24 @@ def cube_fingerprint(scene: Scene) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
+def check_cube_values(scene: Scene, path: Path) -> None:
+    """The value contract over each whole cube of ``scene`` (dtype, range, no infinities, not all NaN),
+    read in blocks of one date, so a bad value is refused before a store exists, not by a tile mid-run.
+
+    A tile whose window holds no observation is fine (it gets NaN embeddings); only a cube with no
+    value at all is refused.
+
+    Raises:
+        CubeError: a cube breaks the value contract (every problem of it, one line each).
+    """
+    cubes = {"s2": scene.s2, "s1": scene.s1, **scene.extra}
+    for key, cube in cubes.items():
+        blocks = cube.chunk({TIME: 1, Y: min(cube.sizes[Y], 1024), X: min(cube.sizes[X], 1024)})
+        problems = value_problems(blocks, SENSORS[key])
+        if problems:
+            raise CubeError(f"{path}: the {key} cube breaks the cube contract: " + "; ".join(problems))
+
+
 def _trained_gap_days(bundle: Bundle) -> float:
     data = bundle.config.get("stage", {}).get("data", {})
     return float(data.get("s1_max_gap_days", 6.0))
@@ -350,14 +375,41 @@ def embed_cube(
 ) -> EmbedResult:
     """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
 
-    Every check runs before anything is written: a bad bundle, cube or ``out``, or an unreachable
-    scheduler, leaves an existing ``out`` untouched.
+    The run owns ``out`` through the lock file ``OUT.lock`` (:func:`stembed.io.outputs.lock_output`)
+    from its first decision about ``out`` until it ends, however it ends. Checks and errors: see
+    :func:`_embed_cube`.
+    """
+    with contextlib.ExitStack() as owned:
+        return _embed_cube(
+            cube, bundle_path, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler,
+            progress=progress, owned=owned,
+        )
+
+
+def _embed_cube(
+    cube: str | Path,
+    bundle_path: str | Path,
+    out: str | Path,
+    cfg: EmbedConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    scheduler: str | None,
+    progress: bool,
+    owned: contextlib.ExitStack,
+) -> EmbedResult:
+    """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
+
+    Every check runs before anything is written: a bad bundle, a cube value that breaks the contract
+    (checked over each whole cube), a bad or locked ``out``, or an unreachable scheduler leaves an
+    existing ``out`` untouched. A tile whose window has no observation gets NaN embeddings.
 
     Raises:
         BundleError, CubeError: the bundle or the cube is unusable (named, with the fix).
         FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
         EmbeddingStoreError: ``out`` is not a stembed embedding store, or was made with other settings.
         EmbedError: the scheduler is unreachable, or a tile failed (tiles written so far are kept).
+        OutputError: another live run holds ``out`` (its lock file ``OUT.lock``).
     """
     from distributed import as_completed
     from tqdm.auto import tqdm
@@ -407,6 +459,11 @@ def embed_cube(
         daily = DailyJob(cfg.daily_fill, cfg.savgol_window_days, cfg.savgol_order, with_model,
                          int(s2_days[0]), int(s2_days[-1]))
     bundle_sha = file_sha256(bundle_path)
+    # torch threads per worker: a dense model's sums round differently with another thread count, so a
+    # resume must use the same (the worker count matters only through it: --workers splits the cores)
+    threads = cfg.threads_per_worker or (
+        max(1, len(os.sched_getaffinity(0)) // cfg.workers) if scheduler is None else None
+    )
     fingerprint = {
         "format": store.EMBEDDING_FORMAT,
         "bundle_sha256": bundle_sha,
@@ -419,8 +476,18 @@ def embed_cube(
         "s1_max_gap_days": gap_days,
         "calibration": [cfg.calibration_samples, cfg.calibration_margin, cfg.seed],
         "daily": None if daily is None else asdict(daily),
+        "threads_per_worker": threads,
     }
     fresh = True
+    if out.is_file() or not out.exists():
+        # a file at --out is refused (never deleted); a new store needs a writable parent folder
+        check_store_output(out, "embeddings", overwrite=False)
+    elif overwrite:  # only a stembed embedding store is ever deleted
+        check_store_output(out, "embeddings", overwrite=True)
+    # from here on this run owns --out (OUT.lock): a second run into it refuses, and every decision about
+    # what is at --out (resume, replace, create) is taken while no other run can change it
+    owned.enter_context(lock_output(out, command="embed"))
+    remove_leftovers(out)  # what a run killed while it created or replaced the store left
     if out.exists():
         if not (resume or overwrite):
             raise FileExistsError(
@@ -442,17 +509,20 @@ def embed_cube(
                 )
             fresh = False
 
+    check_cube_values(scene, cube)  # before the store exists: no tile finds a bad value mid-run
+    resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
     client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
     try:
         device = resolve_device(cfg.device)
         if fresh:
             quant = _calibrate(model.to(device), scene, cfg, gap_days, extra_gaps, device)
             if out.exists():  # --overwrite of a stembed store, now that every check has passed
-                shutil.rmtree(out)
+                discard_store(out)
             s2 = scene.s2
             times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
+            creating = creating_path(out)  # created aside, then renamed: a kill leaves no half store at out
             store.create_store(
-                out,
+                creating,
                 time=times,
                 y=s2[Y].values,
                 x=s2[X].values,
@@ -497,14 +567,11 @@ def embed_cube(
                 },
                 flag_meanings=None if daily is None else FLAG_MEANINGS,
             )
+            creating.rename(out)
         grid = store.TileGrid(height, width, cfg.tile_px)
         quant = store.store_quantisation(out)
         done = store.tiles_done(out)
         todo = [t for t in grid.tiles() if not done[t]]
-        n_workers = cfg.workers if cluster is not None else max(1, len(client.nthreads()))
-        threads = cfg.threads_per_worker or (
-            max(1, len(os.sched_getaffinity(0)) // n_workers) if cluster else None
-        )
         jobs = [
             TileJob(
                 str(cube.resolve()),
@@ -569,5 +636,6 @@ def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]
         raise store.EmbeddingStoreError(
             f"{out} was written by a different run, so --resume cannot continue it:\n- "
             + "\n- ".join(diffs)
-            + "\nfix: rerun with the settings it was made with, or pass --overwrite to replace it"
+            + "\nfix: rerun with the settings it was made with (threads_per_worker: the same --workers on "
+            "the same machine, or --set threads_per_worker=N), or pass --overwrite to replace it"
         )

@@ -52,6 +52,7 @@ import pyproj
 import xarray as xr
 
 from stembed.errors import UserError
+from stembed.io.outputs import StoreKind, is_stembed_store
 from stembed.sensors import CORE_SENSORS, SENSORS, SensorSpec, load_builtin_plugins
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
@@ -207,8 +208,12 @@ def _band_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
     return out
 
 
-def value_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
-    """Dtype and value-range violations of ``da`` (any part of a cube), one line each with its fix."""
+def value_problems(da: xr.DataArray, spec: SensorSpec, *, allow_all_nan: bool = False) -> list[str]:
+    """Dtype and value-range violations of ``da`` (any part of a cube), one line each with its fix.
+
+    ``allow_all_nan``: ``da`` is a part of a cube (a tile and its halo), where no observation at
+    all is data (a swath edge, a water mask), not a broken contract; a whole cube must hold some.
+    """
     out = []
     if da.dtype != np.float32:
         out.append(f"dtype is {da.dtype}, expected float32; fix: normalise, then cube.astype('float32')")
@@ -224,7 +229,8 @@ def value_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
             finite = da.where(np.isfinite(da))
             vmin, vmax = float(finite.min()), float(finite.max())
     if np.isnan(vmin):
-        out.append("every value is NaN, so the cube holds no data; fix: check the masking and the period")
+        if not allow_all_nan:
+            out.append("every value is NaN, so the cube holds no data; fix: check the masking and the period")
         return out
     lo, hi = spec.valid_range
     if lo <= vmin and vmax <= hi:
@@ -518,14 +524,20 @@ def _cube_encoding(da: xr.DataArray) -> dict[str, dict[str, Any]]:
     }
 
 
-def _write_atomically(path: Path, write: Any, *, overwrite: bool) -> Path:
+def _write_atomically(path: Path, write: Any, *, overwrite: bool, owner: StoreKind | None = None) -> Path:
     """Run ``write(tmp)`` on a temporary sibling, then rename it to ``path``.
 
     An interrupted write never leaves a complete-looking store at ``path``, and an existing store
-    is only replaced once the new one is complete.
+    is only replaced once the new one is complete. With ``owner``, an existing ``path`` is only
+    replaced if it is a stembed store of that kind (never someone's folder or file).
     """
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    if owner is not None and (path.exists() or path.is_symlink()) and not is_stembed_store(path, owner):
+        raise CubeError(
+            f"{path} exists but is not a stembed {owner} store, so it is not replaced; fix: choose another "
+            "path, or remove it yourself if it is yours to delete"
+        )
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         write(tmp)
@@ -562,6 +574,7 @@ def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) ->
         path,
         lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding),
         overwrite=overwrite,
+        owner="cube",
     )
 
 
@@ -633,7 +646,7 @@ def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Pa
         if scene.labels is not None:
             scene.labels.to_zarr(tmp, group="labels", mode="w-", zarr_format=3, consolidated=False)
 
-    return _write_atomically(path, write, overwrite=overwrite)
+    return _write_atomically(path, write, overwrite=overwrite, owner="scene")
 
 
 def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:

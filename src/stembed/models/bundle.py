@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from stembed.config import AEConfig
@@ -47,17 +48,57 @@ class Bundle:
         from stembed.models.gapfill import GapFillModel
 
         model: nn.Module
-        if self.kind == "autoencoder":
-            model = SensorAutoencoder(AEConfig.model_validate(self.config["model"]))
-        else:
-            fusion_cfg = self.config["fusion"] if self.kind == "gapfill" else self.config
-            model = build_fusion(
-                fusion_cfg["s1_model"], fusion_cfg["s2_model"], fusion_cfg["model"], fusion_cfg.get("extra_models")
+        try:
+            if self.kind == "autoencoder":
+                model = SensorAutoencoder(AEConfig.model_validate(self.config["model"]))
+            else:
+                fusion_cfg = self.config["fusion"] if self.kind == "gapfill" else self.config
+                model = build_fusion(
+                    fusion_cfg["s1_model"], fusion_cfg["s2_model"], fusion_cfg["model"],
+                    fusion_cfg.get("extra_models"),
+                )
+                if self.kind == "gapfill":
+                    model = GapFillModel(model)
+        except (KeyError, ValidationError) as e:  # a config that does not describe a model
+            what = (
+                f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"
             )
-            if self.kind == "gapfill":
-                model = GapFillModel(model)
-        model.load_state_dict(self.state_dict, strict=True)
+            where = f"bundle {self.path}" if self.path is not None else "the bundle"
+            raise BundleError(f"{where} is damaged: its model config {what}; {_FIX_DAMAGED}") from e
+        _load_weights(model, self.state_dict, self.path)
         return model.eval()
+
+
+_FIX_DAMAGED = "fix: retrain it, or pass the bundle.pt of an intact stembed run"
+
+
+def _load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: Path | None) -> None:
+    """``model.load_state_dict(state, strict=True)``, with a mismatch reported as a one-line BundleError."""
+    where = f"bundle {path}" if path is not None else "the bundle"
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in state]
+    unexpected = [k for k in state if k not in wanted]
+    shapes = [
+        f"{k} is {tuple(state[k].shape)}, the model needs {tuple(v.shape)}"
+        for k, v in wanted.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    problems = []
+    for label, names in (("lacks weights", missing), ("holds unknown weights", unexpected)):
+        if names:
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            problems.append(f"{label} {', '.join(names[:3])}{more}")
+    if shapes:
+        more = f" and {len(shapes) - 2} more" if len(shapes) > 2 else ""
+        problems.append(f"has weights of the wrong shape ({'; '.join(shapes[:2])}{more})")
+    if problems:
+        raise BundleError(
+            f"{where} does not match the model its config describes: {'; '.join(problems)}; {_FIX_DAMAGED}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:  # anything the checks above did not foresee (e.g. a dtype torch refuses)
+        raise BundleError(f"{where}: its weights do not load ({e}); {_FIX_DAMAGED}".replace("\n", " ")) from e
 
 
 def save_bundle(
@@ -125,6 +166,13 @@ def load_bundle(
             f"{path} has bundle format {raw['format']!r}, but this stembed reads {BUNDLE_FORMAT!r}; "
             "use the stembed version that wrote it, or retrain"
         )
+    needed = ("kind", "config", "sensors", "provenance", "state_dict")
+    lacking = [k for k in needed if k not in raw]
+    if lacking:
+        raise BundleError(
+            f"bundle {path} is damaged: it lacks the entries {lacking} (a bundle holds {list(needed)}); "
+            f"{_FIX_DAMAGED}"
+        )
     kind, sensor = raw["kind"], raw.get("sensor")
     if kind not in ("autoencoder", "fusion", "gapfill"):
         raise BundleError(f"{path} has unknown bundle kind {kind!r}")
@@ -132,11 +180,31 @@ def load_bundle(
     if (kinds is not None and kind not in kinds) or (expect_sensor is not None and sensor != expect_sensor):
         want = " or ".join(_describe(k, expect_sensor) for k in (kinds or (kind,)))
         raise BundleError(f"{path} holds {_describe(kind, sensor)}, but {want} is needed here; pass the right bundle")
+    wrong = [
+        f"its {k} entry is a {type(raw[k]).__name__}, not a mapping"
+        for k in ("config", "sensors", "provenance", "state_dict")
+        if not isinstance(raw[k], dict)
+    ]
+    if not wrong:
+        wrong = [
+            f"its weight {k!r} is a {type(v).__name__}, not a tensor"
+            for k, v in raw["state_dict"].items()
+            if not isinstance(v, torch.Tensor)
+        ]
+    if wrong:
+        raise BundleError(f"bundle {path} is damaged: {wrong[0]}; {_FIX_DAMAGED}")
+    try:
+        sensors = {k: SensorSpec.from_dict(v) for k, v in raw["sensors"].items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(
+            f"bundle {path} is damaged: its sensor specs do not read ({type(e).__name__}: {e}); "
+            f"{_FIX_DAMAGED}"
+        ) from e
     return Bundle(
         kind=kind,
         sensor=sensor,
         config=raw["config"],
-        sensors={k: SensorSpec.from_dict(v) for k, v in raw["sensors"].items()},
+        sensors=sensors,
         provenance=raw["provenance"],
         metrics=raw.get("metrics", {}),
         state_dict=raw["state_dict"],
