@@ -370,6 +370,7 @@ class TrainConfig(_Frozen):
     accelerator: Literal["auto", "cpu", "gpu"] = "auto"
     limit_train_batches: float | int = Field(1.0, gt=0)  # a share (float <= 1) or a number of batches (int)
     max_minutes: float | None = Field(None, gt=0)  # stop after this much training time (the best checkpoint is kept)
+    val_every_n_epochs: int = Field(1, ge=1)  # validate (early stopping, plateau, best checkpoint) every n epochs
     progress_bar: bool = True
 
 

@@ -210,8 +210,9 @@ class SensorDecoder(nn.Module):
     """Latent (B, latent_dim) + day gaps (B, T-1) -> patch time series (B, T, C, 15, 15).
 
     The output is linear (no squashing), so reconstructions may leave the [0, 1] data range.
-    With ``cfg.centre_path`` each frame's token also writes the centre pixel's spectrum directly
-    (one linear map), added to what the upsampling CNN gives there.
+    With ``cfg.centre_path`` the latent also reaches the centre date's token directly, and each frame's
+    token writes the centre pixel's spectrum directly (one linear map each), added to what the
+    upsampling CNN gives there.
     """
 
     def __init__(
@@ -240,6 +241,9 @@ class SensorDecoder(nn.Module):
             nn.Conv2d(stem, C, kernel_size=3, padding=1), nn.SiLU(),
             nn.Conv2d(C, C, kernel_size=3, padding=1),  # (N, C, 15, 15), linear output
         )
+        # centre_path: the latent also reaches the centre date's token directly (the expander squeezes it
+        # through head_channels per token first), and that token writes the centre pixel directly
+        self.centre_in = nn.Linear(cfg.latent_dim, cfg.d_model) if cfg.centre_path else None
         self.centre_out = nn.Linear(cfg.d_model, C) if cfg.centre_path else None
 
     def tokens(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
@@ -250,7 +254,13 @@ class SensorDecoder(nn.Module):
                 f"z must be (B, {cfg.latent_dim}) for sensor {cfg.sensor!r}, got {tuple(z.shape)}"
             )
         _check_gaps(time_gaps, z.shape[0], cfg.n_frames)
-        return self.shared(self.expand(z), time_gaps)  # (B, T, d_model)
+        tokens = self.expand(z)  # (B, T, d_model)
+        if self.centre_in is not None:
+            c = cfg.n_frames // 2
+            onehot = torch.zeros(cfg.n_frames, 1, dtype=tokens.dtype, device=tokens.device)
+            onehot[c] = 1.0
+            tokens = tokens + onehot * self.centre_in(z)[:, None, :]  # (B, T, d_model), centre date only
+        return self.shared(tokens, time_gaps)  # (B, T, d_model)
 
     def render(self, tokens: torch.Tensor) -> torch.Tensor:
         """Frame tokens (N, d_model) -> frames (N, C, 15, 15); dense training renders a subset of frames."""
@@ -330,6 +340,9 @@ class SensorAutoencoder(nn.Module):
             "decoder_head": self.decoder.expand.parameters(),
             "decoder_cnn": self.decoder.cnn.parameters(),
         }
-        if self.encoder.centre_in is not None and self.decoder.centre_out is not None:
-            groups["centre_io"] = [*self.encoder.centre_in.parameters(), *self.decoder.centre_out.parameters()]
+        if self.encoder.centre_in is not None and self.decoder.centre_in is not None and self.decoder.centre_out is not None:
+            groups["centre_io"] = [
+                p for m in (self.encoder.centre_in, self.decoder.centre_in, self.decoder.centre_out)
+                for p in m.parameters()
+            ]
         return groups

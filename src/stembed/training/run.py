@@ -103,6 +103,7 @@ def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str
     return L.Trainer(
         max_epochs=cfg.max_epochs,
         max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        check_val_every_n_epoch=cfg.val_every_n_epochs,
         accelerator="auto" if cfg.accelerator == "auto" else cfg.accelerator,
         devices=1,
         gradient_clip_val=cfg.grad_clip,
