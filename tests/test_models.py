@@ -109,7 +109,9 @@ def test_autoencoder_shapes(sensor):
     ae = SensorAutoencoder(cfg)
     x, g = _patches(cfg, 3, 0)
     z = ae.encode(x, g)
-    assert z.shape == (3, cfg.latent_dim) and (z >= 0).all()
+    assert z.shape == (3, cfg.latent_dim)
+    paper = SensorAutoencoder(ae_preset("paper", sensor).model_copy(update={"stem_channels": 8}))
+    assert (paper.encode(*_patches(paper.cfg, 2, 0)) >= 0).all()  # the paper's softplus latent
     assert ae.decode(z, g).shape == x.shape
     x_hat, z2 = ae(x, g)
     assert x_hat.shape == x.shape and z2.shape == z.shape
