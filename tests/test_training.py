@@ -18,7 +18,7 @@ from stembed.training.run import RunResult, train_autoencoder
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
-    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=12)
+    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=24)
 
 
 def test_demo_leaves_three_bundles_and_metrics(demo_runs: dict[str, RunResult]) -> None:
@@ -46,7 +46,7 @@ def test_demo_ends_with_an_embedding_cube_and_pca_maps_of_the_test_site(demo_run
     ds = open_embeddings(out / "embeddings.zarr")  # refuses an unfinished store
     test_site = demo_runs["fusion"].metrics["data"]["splits"]["test"]["groups"][0]["site"]
     assert ds.attrs["input"]["site"] == test_site
-    assert ds["embedding"].sizes["y"] == 12 and ds["embedding"].sizes["x"] == 12
+    assert ds["embedding"].sizes["y"] == 24 and ds["embedding"].sizes["x"] == 24
     assert ds["valid"].values.mean() > 0.5
     pngs = sorted((out / "pca").glob("*.png"))
     assert pngs and all(p.stat().st_size > 1000 for p in pngs)

@@ -213,17 +213,22 @@ def demo(
 
 @app.command()
 def info(
-    bundle: Annotated[Path | None, typer.Argument(help="A bundle.pt to describe.")] = None,
+    bundle: Annotated[
+        str | None, typer.Argument(help="A bundle.pt, or pretrained:NAME (a built-in bundle) to describe.")
+    ] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Describe a named preset instead (paper, small).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Print a model's configuration and parameter counts per part."""
-    from stembed.describe import describe_bundle, describe_preset
+    """Print a model's configuration and parameter counts per part; with no argument, list the built-in bundles."""
+    from stembed.describe import describe_bundle, describe_preset, list_builtin
 
-    if (bundle is None) == (preset is None):
-        typer.secho("error: give either a BUNDLE path or --preset NAME (not both)", fg=typer.colors.RED, err=True)
+    if bundle is not None and preset is not None:
+        typer.secho("error: give either a BUNDLE or --preset NAME, not both", fg=typer.colors.RED, err=True)
         raise typer.Exit(2)
-    report = _run(lambda: describe_bundle(bundle) if bundle is not None else describe_preset(str(preset)))
+    if bundle is None and preset is None:
+        report = list_builtin()
+    else:
+        report = _run(lambda: describe_bundle(bundle) if bundle is not None else describe_preset(str(preset)))
     if as_json:
         typer.echo(json.dumps(report, indent=2))
         return

@@ -1,11 +1,9 @@
-"""The built-in default job: all three training stages on the synthetic scene, small preset, then
-an embedding cube and PCA maps of the held-out test site.
+"""The built-in default job: all three training stages on the synthetic scene (``tiny-dense`` preset,
+dense training on tiles), then an embedding cube and PCA maps of the held-out test site.
 
 It exists so a new user sees the whole pipeline run in minutes on a laptop CPU and gets real
 bundles, metrics, an embedding store and PNGs to inspect; the numbers it prints are measured on
-held-out synthetic sites. The embedding step covers a 24 x 24 px corner of the test site over one
-summer, because per-patch inference on 2 CPU cores costs ~10 ms per pixel-date (see
-``benchmarks/embed.py``); ``stembed embed`` takes any size, it just takes longer.
+held-out synthetic sites. The embedding step covers the whole test site over one summer.
 """
 
 from __future__ import annotations
@@ -17,6 +15,7 @@ from typing import Any
 from stembed.config import (
     AEStageConfig,
     DataConfig,
+    DenseTrainingConfig,
     FusionStageConfig,
     SamplingConfig,
     SplitConfig,
@@ -26,11 +25,12 @@ from stembed.config import (
 from stembed.training.run import RunResult, train_autoencoder, train_fusion
 
 STAGES = ("s1", "s2", "fusion", "embed")
-EMBED_PX = 24
+EMBED_PX = 48
+PRESET = "tiny-dense"
 EMBED_PERIOD = ("2020-05-01", "2020-09-01")
 
 
-def demo_configs(out: Path, *, max_epochs: int = 8, n_sites: int = 4) -> dict[str, Any]:
+def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[str, Any]:
     """The three stage configs of the demo (also used by the end-to-end tests with fewer epochs)."""
     source = SyntheticSource(n_sites=n_sites, height_px=48, width_px=48, n_days=365, seed=0)
     split = SplitConfig(by="site", fractions=(0.5, 0.25, 0.25), seed=0)
@@ -46,31 +46,36 @@ def demo_configs(out: Path, *, max_epochs: int = 8, n_sites: int = 4) -> dict[st
         sampling=SamplingConfig(window_dates=20, window_stride=8, spatial_stride=6),
     )
     train = TrainConfig(
-        batch_size=32,
+        batch_size=64,
         max_epochs=max_epochs,
-        lr=1e-3,
+        lr=2e-3,
         warmup_steps=50,
         plateau_patience=2,
         early_stop_patience=4,
         min_lr=1e-5,
         seed=0,
     )
+    # one frame-CNN pass per 32 px tile trains 256 centre pixel-dates (stembed.training.dense)
+    dense = DenseTrainingConfig(crop_px=32, subsets=2, latents=256, render_frames=2)
     return {
-        "s1": AEStageConfig(sensor="s1", preset="small", data=s1_data, train=train, out_dir=str(out)),
-        "s2": AEStageConfig(sensor="s2", preset="small", data=s2_data, train=train, out_dir=str(out)),
+        "s1": AEStageConfig(sensor="s1", preset=PRESET, data=s1_data, train=train, dense_training=dense,
+                            out_dir=str(out)),
+        "s2": AEStageConfig(sensor="s2", preset=PRESET, data=s2_data, train=train, dense_training=dense,
+                            out_dir=str(out)),
         "fusion": FusionStageConfig(
             s1_bundle=str(out / "s1" / "bundle.pt"),
             s2_bundle=str(out / "s2" / "bundle.pt"),
-            preset="small",
+            preset=PRESET,
             data=s2_data,
             train=train,
+            dense_training=dense,
             out_dir=str(out),
         ),
     }
 
 
 def run_demo(
-    out: Path, *, overwrite: bool = False, max_epochs: int = 8, embed_px: int = EMBED_PX
+    out: Path, *, overwrite: bool = False, max_epochs: int = 4, embed_px: int = EMBED_PX
 ) -> dict[str, RunResult]:
     """Train S1, S2, then fusion into ``out/{s1,s2,fusion}``, print a summary, embed and map the test site
     into ``out/embed``; return the training runs."""
@@ -94,7 +99,7 @@ def run_demo(
     return runs
 
 
-def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: int) -> dict[str, Path]:
+def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: int) -> dict[str, Any]:
     """Embed a ``size_px`` square corner of the held-out test site with the demo bundle; map it with PCA."""
     import numpy as np
 
@@ -126,9 +131,13 @@ def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: 
     maps = pca_maps(
         open_embeddings(store), corner(scene.s2.isel(time=summer)), dates=None, out_dir=out / "pca"
     )
+    import json
+
+    ratio = json.loads(Path(maps["json"]).read_text())["explained_variance_ratio"]
     return {
         "scene store": cube,
         "embedding store": store,
+        "PCA explained variance (PC1, PC2, PC3)": " / ".join(f"{100 * r:.1f} %" for r in ratio[:3]),
         **{f"PCA map {i + 1}": p for i, p in enumerate(maps["pngs"])},
     }
 

@@ -36,8 +36,23 @@ def describe_preset(name: str) -> dict[str, Any]:
     return report
 
 
-def describe_bundle(path: Path) -> dict[str, Any]:
-    """Rebuild a bundle's model from its stored config and report it."""
+def list_builtin() -> dict[str, Any]:
+    """The built-in pretrained bundles: name, file, size and the first lines of each model card."""
+    from stembed.pretrained import PREFIX, builtin_names, model_card, resolve_bundle
+
+    out = {}
+    for name in builtin_names():
+        path = resolve_bundle(PREFIX + name)
+        card = model_card(name).strip().splitlines()
+        out[PREFIX + name] = {"file": str(path), "bytes": path.stat().st_size,
+                              "summary": " ".join(line for line in card[1:4] if line.strip())}
+    return {"builtin_bundles": out, "usage": f"stembed info {PREFIX}NAME; stembed embed --bundle {PREFIX}NAME ..."}
+
+
+def describe_bundle(path: str | Path) -> dict[str, Any]:
+    """Rebuild a bundle's model from its stored config and report it (``pretrained:NAME`` adds its model card)."""
+    from stembed.pretrained import PREFIX, is_pretrained, model_card
+
     b = load_bundle(path)
     model = b.build_model()
     counts = _fusion_counts(model) if isinstance(model, FusionModel) else count_parameters(model)
@@ -50,15 +65,26 @@ def describe_bundle(path: Path) -> dict[str, Any]:
         "parameters": counts,
         "config": b.config,
         "provenance": b.provenance,
+        **({"model_card": model_card(str(path)[len(PREFIX):])} if is_pretrained(path) else {}),
     }
 
 
 def render(report: dict[str, Any], out: TextIO) -> None:
     """Human-readable tables (rich)."""
     from rich.console import Console
+    from rich.markdown import Markdown
     from rich.table import Table
 
     console = Console(file=out)
+    if "builtin_bundles" in report:
+        table = Table(title="built-in pretrained bundles")
+        for col in ("bundle", "size", "summary"):
+            table.add_column(col)
+        for name, b in report["builtin_bundles"].items():
+            table.add_row(name, f"{b['bytes'] / 1e6:.2f} MB", b["summary"])
+        console.print(table)
+        console.print(report["usage"])
+        return
     parts = (
         [(k, v) for k, v in report.items() if isinstance(v, dict) and "parameters" in v]
         if "preset" in report
@@ -75,3 +101,5 @@ def render(report: dict[str, Any], out: TextIO) -> None:
             console.print(part["config"])
     if "provenance" in report:
         console.print({"bands": report["bands"], "provenance": report["provenance"]})
+    if "model_card" in report:
+        console.print(Markdown(report["model_card"]))

@@ -56,6 +56,7 @@ from stembed.io.outputs import (
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
+from stembed.pretrained import resolve_bundle
 from stembed.repro import file_sha256, provenance
 from stembed.runtime import tune_allocator
 from stembed.sensors import SENSORS, SensorSpec, get_plugin, know_spec
@@ -415,7 +416,7 @@ def _embed_cube(
     from tqdm.auto import tqdm
 
     t_start = time.perf_counter()
-    cube, bundle_path, out = Path(cube), Path(bundle_path), Path(out)
+    cube, bundle_path, out = Path(cube), resolve_bundle(bundle_path), Path(out)
     if resume and overwrite:
         raise EmbedError("--resume and --overwrite contradict each other; pass one")
     bundle = load_bundle(bundle_path, expect_kind=("fusion", "gapfill"))

@@ -152,7 +152,9 @@ def load_bundle(
     expect_sensor: str | None = None,
 ) -> Bundle:
     """Load a bundle with ``weights_only=True`` and check it is the kind (one of the kinds) and sensor the caller needs."""
-    path = Path(path)
+    from stembed.pretrained import resolve_bundle
+
+    path = resolve_bundle(path)  # pretrained:NAME -> the shipped file
     if not path.is_file():
         raise BundleError(f"bundle {path} does not exist; train one with `stembed train s1|s2|fusion`")
     try:

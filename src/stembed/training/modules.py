@@ -84,7 +84,9 @@ def _optimisers(params: list[Tensor], cfg: TrainConfig, monitor: str) -> Any:
         [opt],
         [
             {"scheduler": warmup, "interval": "step"},
-            {"scheduler": plateau, "interval": "epoch", "monitor": monitor, "reduce_on_plateau": True},
+            # stepped when validation runs (every val_every_n_epochs epochs), so its metric exists
+            {"scheduler": plateau, "interval": "epoch", "frequency": cfg.val_every_n_epochs, "monitor": monitor,
+             "reduce_on_plateau": True},
         ],
     )
 
