@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.io.cube import save_scene
+from stembed.io.cube import cube_transform, save_scene
 from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
 from stembed.testing import random_fusion_bundle, synthetic_scene
 
@@ -49,7 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     grid = create_store(
         w / "emb.zarr", time=s2["time"].values, y=s2["y"].values, x=s2["x"].values,
         features=[f"E{i}" for i in range(1, 8)], crs=str(s2.attrs["crs"]),
-        transform=list(s2.attrs["transform"]), quant=q, tile_px=8, time_chunk=4,
+        transform=list(cube_transform(s2)), quant=q, tile_px=8, time_chunk=4,
         attrs={"fingerprint": "test"},
     )
     for tile in grid.tiles():

@@ -44,7 +44,7 @@ from stembed.inference.daily import (
 from stembed.inference.engine import embed_any, min_dates, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
-from stembed.io.cube import CubeError, Scene, open_scene, value_problems
+from stembed.io.cube import CubeError, Scene, cube_transform, open_scene, value_problems
 from stembed.io.embeddings import EmbedError
 from stembed.io.outputs import (
     check_store_output,
@@ -528,7 +528,7 @@ def _embed_cube(
                 x=s2[X].values,
                 features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)],
                 crs=str(s2.attrs["crs"]),
-                transform=list(s2.attrs["transform"]),
+                transform=list(cube_transform(s2)),
                 quant=quant,
                 tile_px=cfg.tile_px,
                 time_chunk=cfg.time_chunk,
