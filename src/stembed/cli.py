@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -411,17 +412,39 @@ def sample(
     typer.echo(f"table: {path}")
 
 
+class ExportFormat(str, Enum):
+    """What ``stembed export`` writes."""
+
+    geotiff = "geotiff"
+    netcdf = "netcdf"
+
+
 @app.command()
 def export(
     embeddings: EmbeddingsOpt,
-    out: Annotated[Path, typer.Option("--out", help="Output folder for the GeoTIFFs.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="geotiff: output folder (one file per date); netcdf: the .nc file.")
+    ],
     dates: DatesOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing GeoTIFFs.")] = False,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="geotiff (7-band file per date) or netcdf (one CF file, GDAL/QGIS)."),
+    ] = ExportFormat.geotiff,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")] = False,
 ) -> None:
-    """Write one 7-band float32 GeoTIFF per date (all dates, or --dates)."""
+    """Write the embeddings for GIS tools: a 7-band float32 GeoTIFF per date, or one CF netCDF file."""
     from stembed.io.embeddings import open_embeddings
-    from stembed.io.export import export_geotiffs
-    from stembed.io.outputs import check_output_folder
+    from stembed.io.export import export_geotiffs, export_netcdf
+    from stembed.io.outputs import check_file_output, check_output_folder
+
+    if fmt is ExportFormat.netcdf:
+
+        def go_nc() -> Path:
+            check_file_output(out, overwrite=overwrite, what="netCDF file")
+            return export_netcdf(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+
+        typer.echo(f"netCDF: {_run(go_nc)}")
+        return
 
     def go() -> Any:
         check_output_folder(out)
