@@ -464,14 +464,28 @@ OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 TowerOpt = Annotated[
     tuple[float, float] | None, typer.Option("--tower", help="Flux tower LON LAT (WGS84).")
 ]
-YearsOpt = Annotated[list[int] | None, typer.Option(help="Years (of a window's last day), repeatable.")]
+YearsOpt = Annotated[
+    list[int] | None,
+    typer.Option(help="Years (of a window's last day), repeatable; omit train and val years to adapt them to "
+                 "the cube (the latest year validates, the earlier ones train)."),
+]
 
 
 def _year_split(train_years: list[int] | None, val_years: list[int] | None, test_years: list[int] | None) -> Any:
+    """The GPP year split the options give; None (adapt to the cube) when no years are given."""
     from stembed.eval.gpp import YearSplit
+    from stembed.eval.gpp_run import GPPRunError
 
-    d = YearSplit()
-    return YearSplit(tuple(train_years or d.train_years), tuple(val_years or d.val_years), tuple(test_years or ()))
+    if train_years is None and val_years is None:
+        if test_years:
+            raise GPPRunError("--test-years needs --train-years and --val-years too; fix: give all three")
+        return None
+    if train_years is None or val_years is None:
+        raise GPPRunError(
+            "give both --train-years and --val-years, or neither (then the latest year of the cube's windows "
+            "validates and the earlier years train)"
+        )
+    return YearSplit(tuple(train_years), tuple(val_years), tuple(test_years or ()))
 
 
 @eval_app.command("recon")
@@ -594,7 +608,13 @@ def eval_gpp(
                             interpolation=interpolation, stride_days=stride, cfg=cfg, seed=seed)  # type: ignore[arg-type]
 
     res = _run_into(out, go)
-    typer.echo(f"{res.n_windows} windows\nmetrics: {res.metrics_csv}\npredictions: {res.predictions_csv}")
+    split = res.split
+    typer.echo(
+        f"{res.n_windows} windows (train years {list(split.train_years)}, validation {list(split.val_years)}"
+        + (f", test {list(split.test_years)}" if split.test_years else "")
+        + f"; {res.n_dropped_overlap} held-out windows dropped: their days overlap training windows)\n"
+        f"metrics: {res.metrics_csv}\npredictions: {res.predictions_csv}"
+    )
 
 
 @app.command()
@@ -622,14 +642,13 @@ def report(
     from stembed.eval.report import ReportInputs, write_report
     from stembed.io.outputs import check_output_folder
 
-    inputs = ReportInputs(
-        runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
-        tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
-        gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs), gpp_stride_days=stride,
-        probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
-    )
-
     def go() -> Any:
+        inputs = ReportInputs(
+            runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
+            tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
+            gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs),
+            gpp_stride_days=stride, probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
+        )
         check_output_folder(out)
         return write_report(out, inputs)
 
