@@ -345,6 +345,11 @@ def test_scene_store_cube_writes_a_geotiff_where_its_grid_is(tmp_path: Path, bel
         assert src.crs.to_epsg() == 32631
         np.testing.assert_allclose(tuple(src.bounds), expected, atol=1e-6)
         np.testing.assert_array_equal(src.read(3), one.sel(band="B04").values)
+    import odc.geo.xr  # noqa: F401  (registers the .odc accessor)
+
+    bbox = s2.odc.geobox.extent.boundingbox  # odc-geo reads the same CF grid mapping
+    assert s2.odc.crs.epsg == 32631
+    np.testing.assert_allclose((bbox.left, bbox.bottom, bbox.right, bbox.top), expected, atol=1e-6)
     # a crop keeps the original spatial_ref in memory; stores and rasters follow the coordinates
     crop = s2.isel(y=slice(10, 20), x=slice(5, 15), time=0)
     crop.rio.to_raster(tmp_path / "crop.tif")

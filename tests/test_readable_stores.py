@@ -138,3 +138,19 @@ def test_export_command_writes_netcdf_and_lists_the_formats(tmp_path: Path) -> N
     assert res.exit_code == 2 and "--overwrite" in res.output
     res = runner.invoke(app, ["export", "--embeddings", str(path), "--out", str(nc), "--format", "png"])
     assert res.exit_code == 2 and "geotiff" in res.output and "netcdf" in res.output
+
+
+def test_embedding_store_goes_to_geotiff_at_its_grid_with_rioxarray(tmp_path: Path) -> None:
+    """Embedding stores carry the CF spatial_ref too: one date's embedding lands where the store says."""
+    import rasterio
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+
+    values = _values(4)
+    path, _ = _store(tmp_path / "emb.zarr", values, "float32")
+    one = open_embeddings(path)["embedding"].isel(time=0)
+    one.rio.to_raster(tmp_path / "e.tif")
+    h, w = values.shape[2], values.shape[3]
+    with rasterio.open(tmp_path / "e.tif") as src:
+        assert src.crs.to_epsg() == 32631 and src.count == 7
+        assert tuple(src.bounds) == pytest.approx((400_000.0, 5_000_160.0 - 10.0 * h, 400_000.0 + 10.0 * w,
+                                                   5_000_160.0))
