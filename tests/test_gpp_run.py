@@ -98,7 +98,9 @@ def test_harness_runs_on_the_real_de_hai_gpp(shared_data_root: Path, tmp_path: P
         attrs={"crs": s2.attrs["crs"]},
     )
     flux = shared_data_root / "fluxnet_daily_gpp" / "FLX_DE-Hai_FLUXDATAKIT_FULLSET_DD_2000_2020_2-3.csv"
-    run = gpp_at_tower(ds, s2, flux, tmp_path, tower_lonlat=None, split=YearSplit((2019,), (2020,)), cfg=TINY)
+    run = gpp_at_tower(ds, s2, flux, tmp_path, tower_lonlat=None, split=None, cfg=TINY)
+    # no years given: they adapt to this cube's windows, and the 2020 windows reading 2019 days are dropped
+    assert run.split == YearSplit((2019,), (2020,), ()) and run.n_dropped_overlap > 0
     pooled = run.metrics[(run.metrics["site"] == "pooled") & (run.metrics["split"] == "val")]
     assert set(pooled["feature_set"]) == {"embedding", "raw_bands", "ndvi"}
     # 2020 windows end on QC-passed days only: at most the 264 such days, every 10th candidate day
