@@ -19,7 +19,7 @@ import torch
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.io.cube import save_scene
+from stembed.io.cube import cube_transform, save_scene
 from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
 from stembed.testing import random_fusion_bundle, synthetic_scene
 
@@ -49,7 +49,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     grid = create_store(
         w / "emb.zarr", time=s2["time"].values, y=s2["y"].values, x=s2["x"].values,
         features=[f"E{i}" for i in range(1, 8)], crs=str(s2.attrs["crs"]),
-        transform=list(s2.attrs["transform"]), quant=q, tile_px=8, time_chunk=4,
+        transform=list(cube_transform(s2)), quant=q, tile_px=8, time_chunk=4,
         attrs={"fingerprint": "test"},
     )
     for tile in grid.tiles():
@@ -310,7 +310,19 @@ CASES: list[Case] = [
     Case("gpp-flux-bad-date", lambda w, s: _gpp(w, s, "flux_baddate.csv", "--whole-cube"), "TIMESTAMP"),
     Case("gpp-flux-columns", lambda w, s: _gpp(w, s, "flux_nocols.csv", "--whole-cube"), "lacks column"),
     Case("gpp-flux-not-numbers", lambda w, s: _gpp(w, s, "flux_text.csv", "--whole-cube"), "must be numbers"),
-    Case("gpp-no-training-windows", lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube"), "train"),
+    Case("gpp-one-year-by-default", lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube"),
+         "a train/validation split by year needs two years or more"),
+    Case("gpp-same-year-train-and-val",
+         lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube", "--train-years", "2020",
+                           "--val-years", "2020"),
+         "years [2020] are in more than one of train"),
+    Case("gpp-val-years-without-windows",
+         lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube", "--train-years", "2020",
+                           "--val-years", "2017"),
+         "no window of this cube ends in the val years [2017]"),
+    Case("gpp-train-years-alone",
+         lambda w, s: _gpp(w, s, "flux_2020.csv", "--whole-cube", "--train-years", "2020"),
+         "give both --train-years and --val-years, or neither"),
     Case("gpp-flux-missing", lambda w, s: _gpp(w, s, "nope.csv", "--whole-cube"), "does not exist"),
     Case("gpp-no-tower", lambda w, s: _gpp(w, s, "flux_header.csv"), "--tower"),
     Case("gpp-tower-outside", lambda w, s: _gpp(w, s, "flux_2020.csv", "--tower", "4.35", "50.85"),

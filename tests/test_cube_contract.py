@@ -14,13 +14,17 @@ import xarray as xr
 
 from stembed.io.cube import (
     CubeError,
+    LegacyStoreWarning,
     Scene,
     cube_transform,
     make_cube,
     open_cube,
+    open_scene,
     save_cube,
+    save_scene,
     validate_cube,
     validate_pair,
+    with_georef,
 )
 from stembed.sensors import S1, S2, SensorSpec
 
@@ -49,14 +53,15 @@ def with_coord(da: xr.DataArray, name: str, values: object) -> xr.DataArray:
 
 
 # ----------------------------------------------------------------------------- construction
-def test_make_cube_builds_a_valid_cube_with_gdal_transform() -> None:
+def test_make_cube_builds_a_valid_cube_with_cf_spatial_ref() -> None:
     c = cube()
     validate_cube(c, S2)
     assert c.dims == ("time", "band", "y", "x")
     assert c.dtype == np.float32
     assert c["time"].dtype == np.dtype("datetime64[ns]")
-    assert c.attrs["transform"] == [X0 - 5.0, 10.0, 0.0, Y0 + 5.0, 0.0, -10.0]
-    assert cube_transform(c) == tuple(c.attrs["transform"])
+    assert cube_transform(c) == (X0 - 5.0, 10.0, 0.0, Y0 + 5.0, 0.0, -10.0)
+    assert "transform" not in c.attrs  # rioxarray would read it in Affine order
+    assert c.rio.crs.to_epsg() == 32631 and c.rio.transform().to_gdal() == cube_transform(c)
     assert json.loads(c.attrs["provenance"]) == {"test": True}
 
 
@@ -173,7 +178,6 @@ def test_crs_missing_or_unparseable_or_geographic() -> None:
 def test_spacing_must_be_regular_10m() -> None:
     c = cube()
     coarse = with_coord(c, "x", X0 + 20.0 * np.arange(5))
-    coarse.attrs["transform"] = list(cube_transform(coarse))
     check(coarse, match=r"x spacing is 20 m, expected a regular 10 m; fix: resample")
     irregular = with_coord(c, "y", Y0 - np.array([0.0, 10.0, 20.0, 35.0]))
     check(irregular, match=r"y spacing is irregular \(steps \[10.0, 15.0\] m\)")
@@ -187,12 +191,19 @@ def test_axis_directions() -> None:
     check(flipped_y, match=r"y coordinate does not decrease.*fix: cube.sortby\('y', ascending=False\)")
 
 
-def test_transform_must_match_coords() -> None:
+def test_legacy_transform_attribute_must_match_coords() -> None:
     c = cube()
     c.attrs["transform"] = [X0, 10.0, 0.0, Y0, 0.0, -10.0]  # pixel centre instead of corner
-    check(c, match="does not match the x/y coordinates.*cube_transform")
-    del c.attrs["transform"]
-    check(c, match="no 'transform' attribute")
+    check(c, match="does not match the x/y coordinates.*with_georef")
+    c.attrs["transform"] = list(cube_transform(c))  # a matching legacy attribute is tolerated
+    validate_cube(c, S2)
+
+
+def test_spatial_ref_must_name_the_cube_crs() -> None:
+    c = cube()
+    c.attrs["crs"] = "EPSG:32632"
+    check(c, match="spatial_ref coordinate's CRS is not attrs\\['crs'\\].*with_georef")
+    validate_cube(with_georef(c), S2)
 
 
 def test_grid_smaller_than_patch() -> None:
@@ -264,7 +275,7 @@ def test_zarr_round_trip_keeps_everything(tmp_path: Path) -> None:
     save_cube(c, tmp_path / "s1.zarr")
     back = open_cube(tmp_path / "s1.zarr")
     xr.testing.assert_identical(back.load(), c)
-    assert back.attrs["transform"] == c.attrs["transform"]
+    assert "transform" not in back.attrs
     assert json.loads(back.attrs["provenance"]) == {"test": True}
 
 
@@ -316,3 +327,59 @@ def test_io_preprocess_testing_do_not_import_torch() -> None:
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# ----------------------------------------------------------------------------- georeferencing (spatial_ref)
+def test_scene_store_cube_writes_a_geotiff_where_its_grid_is(tmp_path: Path, belgian_scene: Scene) -> None:
+    """A cube read back from a scene store goes to GeoTIFF with rioxarray at its own x/y bounds."""
+    import rasterio
+
+    save_scene(belgian_scene, tmp_path / "site.zarr")
+    s2 = open_scene(tmp_path / "site.zarr").s2
+    assert "transform" not in s2.attrs and "spatial_ref" in s2.coords
+    one = s2.isel(time=0)
+    one.rio.to_raster(tmp_path / "s2.tif")
+    x, y = s2["x"].values, s2["y"].values
+    expected = (x[0] - 5.0, y[-1] - 5.0, x[-1] + 5.0, y[0] + 5.0)  # pixel centres +- half a 10 m pixel
+    with rasterio.open(tmp_path / "s2.tif") as src:
+        assert src.crs.to_epsg() == 32631
+        np.testing.assert_allclose(tuple(src.bounds), expected, atol=1e-6)
+        np.testing.assert_array_equal(src.read(3), one.sel(band="B04").values)
+    import odc.geo.xr  # noqa: F401  (registers the .odc accessor)
+
+    bbox = s2.odc.geobox.extent.boundingbox  # odc-geo reads the same CF grid mapping
+    assert s2.odc.crs.epsg == 32631
+    np.testing.assert_allclose((bbox.left, bbox.bottom, bbox.right, bbox.top), expected, atol=1e-6)
+    # a crop keeps the original spatial_ref in memory; stores and rasters follow the coordinates
+    crop = s2.isel(y=slice(10, 20), x=slice(5, 15), time=0)
+    crop.rio.to_raster(tmp_path / "crop.tif")
+    with rasterio.open(tmp_path / "crop.tif") as src:
+        assert src.bounds.left == crop["x"].values[0] - 5.0 and src.bounds.top == crop["y"].values[0] + 5.0
+
+
+def test_legacy_store_opens_with_one_warning(tmp_path: Path, tiny_scene: Scene) -> None:
+    """Stores from before spatial_ref: the old attribute is checked, replaced; one warning names the fix."""
+    import warnings
+
+    import zarr
+
+    path = save_scene(tiny_scene, tmp_path / "old.zarr")
+    for group in ("s2", "s1"):  # make it look like an old store: a GDAL-order attribute, no spatial_ref
+        arr = zarr.open_array(path / group / group, mode="r+")
+        attrs = {k: v for k, v in arr.attrs.items() if k not in ("grid_mapping", "coordinates")}
+        attrs["transform"] = list(cube_transform(tiny_scene.s2))
+        arr.attrs.clear()
+        arr.attrs.update(attrs)
+        zarr.open_group(path / group, mode="r+").__delitem__("spatial_ref")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        scene = open_scene(path)
+    legacy = [w for w in caught if issubclass(w.category, LegacyStoreWarning)]
+    assert len(legacy) == 1 and "save_scene(open_scene(old), new)" in str(legacy[0].message)
+    assert "transform" not in scene.s2.attrs
+    assert scene.s2.rio.transform().to_gdal() == cube_transform(tiny_scene.s2)
+    # a legacy attribute that disagrees with the coordinates is refused, not trusted
+    arr = zarr.open_array(path / "s1" / "s1", mode="r+")
+    arr.attrs["transform"] = [0.0, 10.0, 0.0, 0.0, 0.0, -10.0]
+    with pytest.raises(CubeError, match="does not match the x/y coordinates"):
+        open_scene(path)

@@ -21,7 +21,7 @@ from stembed.config import EmbedConfig
 from stembed.inference.reference import embed_reference
 from stembed.inference.tiles import embed_cube
 from stembed.io.cube import CubeError, Scene, cube_transform, save_scene
-from stembed.io.embeddings import EmbeddingStoreError, open_embeddings, read_attrs
+from stembed.io.embeddings import EmbeddingStoreError, feature_var, open_embeddings, read_attrs
 from stembed.models.bundle import load_bundle
 from stembed.sensors import S1, S2
 from stembed.testing import random_fusion_bundle, synthetic_scene
@@ -170,7 +170,7 @@ def test_store_attributes_chunks_and_georeference(
     ds = open_embeddings(out)
     a = ds.attrs
     assert a["complete"] is True and a["crs"] == scene.s2.attrs["crs"]
-    assert a["transform"] == list(scene.s2.attrs["transform"])
+    assert a["transform"] == list(cube_transform(scene.s2))
     assert a["features"] == [f"E{i}" for i in range(1, 8)] and list(ds["feature"].values) == a["features"]
     assert a["bundle"]["sha256"] == a["fingerprint"]["bundle_sha256"] and len(a["bundle"]["sha256"]) == 64
     assert a["config"]["tile_px"] == 5 and a["input"]["site"] == scene.site
@@ -179,10 +179,10 @@ def test_store_attributes_chunks_and_georeference(
     assert list(ds.rio.transform())[:6] == [
         10.0,
         0.0,
-        scene.s2.attrs["transform"][0],
+        cube_transform(scene.s2)[0],
         0.0,
         -10.0,
-        scene.s2.attrs["transform"][3],
+        cube_transform(scene.s2)[3],
     ]
     g = zarr.open_group(out, mode="r")
     assert g["embedding"].chunks == (min(16, scene.s2.sizes["time"]), 7, 5, 5)
@@ -205,7 +205,7 @@ def test_compact_storage_error_is_measured_and_recorded(
         progress=False,
     )
     g = zarr.open_group(out, mode="r")
-    assert str(g["embedding"].dtype) == dtype
+    assert "embedding" not in g and str(g[feature_var("E1")].dtype) == dtype  # CF: one variable per feature
     emb, valid = values(out)
     exact, valid0 = values(untiled)
     np.testing.assert_array_equal(valid, valid0)
@@ -379,8 +379,9 @@ def test_s1_and_s2_on_different_grids_are_refused(files: dict[str, Path], scene:
     # move S1 10 m east, coordinates and transform together, as a resampling slip would
     x = zarr.open_array(cube / "s1" / "x", mode="r+")
     x[:] = x[:] + 10.0
-    s1 = zarr.open_array(cube / "s1" / "s1", mode="r+")
-    s1.attrs["transform"] = [s1.attrs["transform"][0] + 10.0, *s1.attrs["transform"][1:]]
+    sr = zarr.open_array(cube / "s1" / "spatial_ref", mode="r+")
+    gt = [float(v) for v in sr.attrs["GeoTransform"].split()]
+    sr.attrs["GeoTransform"] = " ".join(str(v) for v in [gt[0] + 10.0, *gt[1:]])
     out = files["dir"] / "shifted_out.zarr"
     code, msg = _embed_cli(files, out, cube=cube)
     assert code == 2 and "S1 grid is offset by (10, 0) m" in msg and "reproject" in msg
@@ -470,7 +471,7 @@ def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene,
     # random-weight tiny model keeps it fast
     def crop(da: xr.DataArray) -> xr.DataArray:
         out = da.isel(y=slice(0, 10), x=slice(0, 12))
-        out.attrs = {**da.attrs, "transform": list(cube_transform(out))}
+        out.attrs = dict(da.attrs)
         return out
 
     scene = Scene(site=belgian_scene.site, s2=crop(belgian_scene.s2), s1=crop(belgian_scene.s1))

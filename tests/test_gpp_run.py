@@ -9,8 +9,8 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from stembed.eval.gpp import GPPConfig, YearSplit
-from stembed.eval.gpp_run import GPPRunError, feature_series, gpp_at_tower
+from stembed.eval.gpp import GPPConfig, Windows, YearSplit
+from stembed.eval.gpp_run import GPPRunError, feature_series, gpp_at_tower, resolve_split
 from stembed.testing import synthetic_scene
 from stembed.types import FEATURE, TIME, X, Y
 
@@ -98,10 +98,64 @@ def test_harness_runs_on_the_real_de_hai_gpp(shared_data_root: Path, tmp_path: P
         attrs={"crs": s2.attrs["crs"]},
     )
     flux = shared_data_root / "fluxnet_daily_gpp" / "FLX_DE-Hai_FLUXDATAKIT_FULLSET_DD_2000_2020_2-3.csv"
-    run = gpp_at_tower(ds, s2, flux, tmp_path, tower_lonlat=None, split=YearSplit((2019,), (2020,)), cfg=TINY)
+    run = gpp_at_tower(ds, s2, flux, tmp_path, tower_lonlat=None, split=None, cfg=TINY)
+    # no years given: they adapt to this cube's windows, and the 2020 windows reading 2019 days are dropped
+    assert run.split == YearSplit((2019,), (2020,), ()) and run.n_dropped_overlap > 0
     pooled = run.metrics[(run.metrics["site"] == "pooled") & (run.metrics["split"] == "val")]
     assert set(pooled["feature_set"]) == {"embedding", "raw_bands", "ndvi"}
     # 2020 windows end on QC-passed days only: at most the 264 such days, every 10th candidate day
     assert 0 < pooled["n"].iloc[0] <= 37
     preds = pd.read_csv(run.predictions_csv)
     assert set(preds["site"]) == {"DE-Hai"} and (preds["obs"] >= 0).all()
+
+
+# ----------------------------------------------------------------------------- honest splits (issue 15)
+def _windows(ends: pd.DatetimeIndex) -> Windows:
+    n = len(ends)
+    x = np.zeros((n, 90, 2), np.float32)
+    return Windows(x, np.broadcast_to(np.arange(90), (n, 90)).copy(), np.ones(n, np.float32), ends,
+                   np.full(n, "S", dtype=object))
+
+
+def test_default_split_adapts_to_the_cube_and_drops_boundary_windows() -> None:
+    ends = pd.date_range("2019-04-01", "2021-12-31", freq="10D")
+    split, keep = resolve_split(_windows(ends), None, 90)
+    assert split == YearSplit((2019, 2020), (2021,), ())
+    val = ends.year == 2021
+    # validation windows whose 90 days reach back into 2020's training windows are dropped, none later
+    dropped = ends[val & ~keep]
+    assert len(dropped) > 0 and dropped.max() < pd.Timestamp("2021-04-01")
+    train_ends = ends[ends.year < 2021]
+    for e in ends[val & keep]:
+        assert ((e - train_ends).days >= 90).all()  # no kept validation window shares a day with training
+    assert keep[~val].all()
+
+
+def test_splits_that_would_score_in_sample_are_refused() -> None:
+    w = _windows(pd.date_range("2020-04-01", "2020-12-31", freq="10D"))
+    with pytest.raises(GPPRunError, match="needs two years or more"):
+        resolve_split(w, None, 90)
+    with pytest.raises(GPPRunError, match=r"years \[2020\] are in more than one"):
+        resolve_split(w, YearSplit((2020,), (2020,)), 90)
+    with pytest.raises(GPPRunError, match=r"no window of this cube ends in the val years \[2021\]"):
+        resolve_split(w, YearSplit((2020,), (2021,)), 90)
+    with pytest.raises(GPPRunError, match="no validation or test years"):
+        resolve_split(w, YearSplit((2020,), ()), 90)
+    # validation windows that all lie within 90 days of training ones: nothing is held out
+    short = _windows(pd.DatetimeIndex(["2020-10-01", "2020-12-31", "2021-01-10", "2021-02-20"]))
+    with pytest.raises(GPPRunError, match="every validation window .* shares days with training"):
+        resolve_split(short, YearSplit((2020,), (2021,)), 90)
+
+
+def test_gpp_at_tower_records_the_split_and_what_it_dropped(inputs, tmp_path: Path) -> None:
+    import json
+
+    ds, s2, flux = inputs
+    run = gpp_at_tower(ds, s2, flux, tmp_path, tower_lonlat=None, split=None, cfg=TINY)
+    assert run.split == YearSplit((2020,), (2021,), ()) and run.n_dropped_overlap > 0
+    preds = pd.read_csv(run.predictions_csv)
+    val_ends = pd.to_datetime(preds.loc[preds["split"] == "val", "end_date"])
+    train_ends = pd.to_datetime(preds.loc[preds["split"] == "train", "end_date"])
+    assert val_ends.min() >= train_ends.max() + pd.Timedelta(days=90)  # no shared day
+    recorded = json.loads((tmp_path / "gpp_split.json").read_text())
+    assert recorded["held_out_windows_dropped_for_overlap"] == run.n_dropped_overlap

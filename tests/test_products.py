@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from stembed.cli import app
 from stembed.eval.pca import pca_maps
-from stembed.io.cube import CubeError, Scene, save_scene
+from stembed.io.cube import CubeError, Scene, cube_transform, save_scene
 from stembed.io.embeddings import (
     EmbeddingStoreError,
     Quantisation,
@@ -204,7 +204,7 @@ def scene() -> Scene:
 
 def scene_store(path: Path, scene: Scene, values: np.ndarray) -> Path:
     s2 = scene.s2
-    return make_store(path, values, times=s2["time"].values, transform=list(s2.attrs["transform"]),
+    return make_store(path, values, times=s2["time"].values, transform=list(cube_transform(s2)),
                       crs=s2.attrs["crs"])
 
 
@@ -271,7 +271,7 @@ def test_commands_pca_sample_export(tmp_path: Path, scene: Scene) -> None:
     assert (tmp_path / "pca" / f"pca_{day}.png").is_file()
     assert str(tmp_path / "pca" / "pca.json") in res.output
 
-    x0, y0 = scene.s2.attrs["transform"][0], scene.s2.attrs["transform"][3]
+    x0, y0 = cube_transform(scene.s2)[0], cube_transform(scene.s2)[3]
     (tmp_path / "pts.csv").write_text(f"id,x,y\nfield,{x0 + 55},{y0 - 55}\n")
     res = runner.invoke(app, ["sample", "--embeddings", str(emb), "--points", str(tmp_path / "pts.csv"),
                               "--window-px", "3", "--out", str(tmp_path / "s.csv")])

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.io.cube import save_scene
+from stembed.io.cube import cube_transform, save_scene
 from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
 from stembed.testing import synthetic_scene
 
@@ -37,7 +37,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         x=s2["x"].values,
         features=[f"E{i}" for i in range(1, 8)],
         crs=s2.attrs["crs"],
-        transform=list(s2.attrs["transform"]),
+        transform=list(cube_transform(s2)),
         quant=q,
         tile_px=16,
         time_chunk=8,

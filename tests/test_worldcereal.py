@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from stembed.io.cube import CubeError, Scene
+from stembed.io.cube import CubeError, Scene, cube_transform
 from stembed.io.worldcereal import read_worldcereal, shared_data_dir
 from stembed.preprocess import merge_same_day
 from stembed.sensors import S1, S2
@@ -43,7 +43,8 @@ def test_belgian_scene_shape_bands_and_dates(belgian_scene: Scene) -> None:
         assert 0.0 <= float(c.min()) and float(c.max()) <= 1.0
         assert pd.DatetimeIndex(c["time"].values).is_monotonic_increasing
     assert s2.attrs["crs"] == "EPSG:32631"
-    assert s2.attrs["transform"] == [501360.0, 10.0, 0.0, 5629680.0, 0.0, -10.0]
+    assert cube_transform(s2) == (501360.0, 10.0, 0.0, 5629680.0, 0.0, -10.0)
+    assert s2.rio.transform().to_gdal() == cube_transform(s2)  # CF spatial_ref, as rioxarray reads it
     assert float(s2.isnull().mean()) > 0.05  # clouds are masked, not filled
     belgian_scene.validate()
 

@@ -6,9 +6,13 @@ naming the problem and the fix, and exit with status 2; anything else is a bug a
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -23,10 +27,67 @@ app.add_typer(train_app, name="train")
 
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML stage config (defaults apply if omitted).")]
 SetOpt = Annotated[
-    list[str] | None, typer.Option("--set", help="Override a config value: key.path=value (repeatable).")
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a config value: key.path=value (repeatable)."),
 ]
 RunDirOpt = Annotated[Path | None, typer.Option("--run-dir", help="Run folder (default: <out_dir>/train-*/<time>-<hash>).")]
 ResumeOpt = Annotated[Path | None, typer.Option("--resume", help="Continue from a Lightning checkpoint (last.ckpt).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", metavar="", help="No progress bar.")]
+VerboseOpt = Annotated[
+    bool,
+    typer.Option("--verbose", metavar="", help="Show Lightning's banners and deprecation warnings."),
+]
+
+
+def _version(value: bool) -> None:
+    if not value:
+        return
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        typer.echo(f"stembed {version('stembed')}")
+    except PackageNotFoundError:
+        typer.echo("stembed (not installed, so it has no version; fix: pip install -e . in the source tree)")
+    raise typer.Exit(0)
+
+
+@app.callback()
+def main(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", metavar="", help="Print the version and exit.", callback=_version,
+                     is_eager=True),
+    ] = False,
+) -> None:
+    """Per-date Sentinel-1/2 embeddings."""
+
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
+
+
+@contextlib.contextmanager
+def _training_output(verbose: bool) -> Iterator[None]:
+    """Hide Lightning's INFO banners ("GPU available ...", checkpoint notes) and deprecation or
+    "possible user" warnings, unless ``verbose``. stembed's own warnings and all errors still show."""
+    if verbose:
+        yield
+        return
+    import lightning.pytorch  # noqa: F401  (importing sets the logger levels: import before changing them)
+    from lightning.fabric.utilities.warnings import PossibleUserWarning
+
+    loggers = [logging.getLogger(name) for name in _LIGHTNING_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            hidden = (DeprecationWarning, PendingDeprecationWarning, FutureWarning, PossibleUserWarning)
+            for category in hidden:
+                warnings.simplefilter("ignore", category)
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 T = TypeVar("T")
 
@@ -111,13 +172,21 @@ def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: s
         check_run_dir(resume.parent.parent, option="--resume's run folder")
 
 
-def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir: Path | None, resume: Path | None) -> None:
+def _quiet_set(set_: list[str] | None, quiet: bool) -> list[str]:
+    """The --set overrides, with --quiet's (no progress bar) last so it wins."""
+    return [*(set_ or []), *(["train.progress_bar=false"] if quiet else [])]
+
+
+def _train_ae(
+    sensor: str, config: Path | None, set_: list[str] | None, run_dir: Path | None, resume: Path | None,
+    quiet: bool = False, verbose: bool = False,
+) -> None:
     from stembed.config import AEStageConfig, ConfigError, load_config
     from stembed.runtime import tune_allocator
     from stembed.training.run import train_autoencoder
 
     def go() -> Any:
-        cfg = load_config(AEStageConfig, config, [f"sensor={sensor}", *(set_ or [])])
+        cfg = load_config(AEStageConfig, config, [f"sensor={sensor}", *_quiet_set(set_, quiet)])
         if config is not None:
             import yaml
 
@@ -125,7 +194,8 @@ def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir:
             if in_file not in (None, sensor):
                 raise ConfigError(f"{config} is a config for sensor {in_file!r}; run `stembed train {in_file}`")
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
+        with _training_output(verbose):
+            return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
     res = _run(go, resume=_RESUME_TRAIN)
@@ -133,15 +203,21 @@ def _train_ae(sensor: str, config: Path | None, set_: list[str] | None, run_dir:
 
 
 @train_app.command("s1")
-def train_s1(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None) -> None:
+def train_s1(
+    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
     """Train the Sentinel-1 autoencoder."""
-    _train_ae("s1", config, set_, run_dir, resume)
+    _train_ae("s1", config, set_, run_dir, resume, quiet, verbose)
 
 
 @train_app.command("s2")
-def train_s2(config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None) -> None:
+def train_s2(
+    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
+) -> None:
     """Train the Sentinel-2 autoencoder."""
-    _train_ae("s2", config, set_, run_dir, resume)
+    _train_ae("s2", config, set_, run_dir, resume, quiet, verbose)
 
 
 @train_app.command("sensor")
@@ -151,14 +227,17 @@ def train_sensor(
     set_: SetOpt = None,
     run_dir: RunDirOpt = None,
     resume: ResumeOpt = None,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train a companion sensor's autoencoder (its scenes: data.extra_sensors must name it)."""
-    _train_ae(name, config, set_, run_dir, resume)
+    _train_ae(name, config, set_, run_dir, resume, quiet, verbose)
 
 
 @train_app.command("gapfill")
 def train_gapfill_cmd(
-    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None
+    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Train the fusion layers that embed cloudy dates (fusion_bundle in the config; its data section)."""
     from stembed.config import GapFillStageConfig, load_config
@@ -168,9 +247,10 @@ def train_gapfill_cmd(
     tune_allocator()
 
     def go() -> Any:
-        cfg = load_config(GapFillStageConfig, config, set_)
+        cfg = load_config(GapFillStageConfig, config, _quiet_set(set_, quiet))
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        return train_gapfill(cfg, run_dir=run_dir, resume=resume)
+        with _training_output(verbose):
+            return train_gapfill(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
@@ -178,7 +258,8 @@ def train_gapfill_cmd(
 
 @train_app.command("fusion")
 def train_fusion_cmd(
-    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None
+    config: ConfigOpt = None, set_: SetOpt = None, run_dir: RunDirOpt = None, resume: ResumeOpt = None,
+    quiet: QuietOpt = False, verbose: VerboseOpt = False,
 ) -> None:
     """Train the fusion layers on two stage-1 bundles (s1_bundle, s2_bundle in the config)."""
     from stembed.config import FusionStageConfig, load_config
@@ -188,9 +269,10 @@ def train_fusion_cmd(
     tune_allocator()
 
     def go() -> Any:
-        cfg = load_config(FusionStageConfig, config, set_)
+        cfg = load_config(FusionStageConfig, config, _quiet_set(set_, quiet))
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        return train_fusion(cfg, run_dir=run_dir, resume=resume)
+        with _training_output(verbose):
+            return train_fusion(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
     typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
@@ -201,14 +283,22 @@ def demo(
     out: Annotated[Path, typer.Option("--out", help="Output folder for the three bundles and metrics.")] = Path(
         "demo_out"
     ),
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing demo output.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", metavar="", help="Replace an existing demo output.")
+    ] = False,
+    verbose: VerboseOpt = False,
 ) -> None:
     """Train S1, S2 and fusion on the built-in synthetic scene (small preset, minutes on a laptop CPU)."""
     from stembed.demo import run_demo
     from stembed.runtime import tune_allocator
 
     tune_allocator()
-    _run(lambda: run_demo(out, overwrite=overwrite))
+
+    def go() -> Any:
+        with _training_output(verbose):
+            return run_demo(out, overwrite=overwrite)
+
+    _run(go)
 
 
 @app.command()
@@ -217,7 +307,7 @@ def info(
         str | None, typer.Argument(help="A bundle.pt, or pretrained:NAME (a built-in bundle) to describe.")
     ] = None,
     preset: Annotated[str | None, typer.Option("--preset", help="Describe a named preset instead (paper, small).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", metavar="", help="Print JSON.")] = False,
 ) -> None:
     """Print a model's configuration and parameter counts per part; with no argument, list the built-in bundles."""
     from stembed.describe import describe_bundle, describe_preset, list_builtin
@@ -237,6 +327,30 @@ def info(
     render(report, sys.stdout)
 
 
+class StorageDtype(str, Enum):
+    """How ``stembed embed`` stores the embeddings."""
+
+    float32 = "float32"
+    float16 = "float16"
+    int8 = "int8"
+
+
+class S1Orbit(str, Enum):
+    """Which Sentinel-1 passes ``stembed cube`` reads."""
+
+    auto = "auto"
+    ascending = "ascending"
+    descending = "descending"
+    both = "both"
+
+
+class Interpolation(str, Enum):
+    """How ``stembed eval gpp`` fills days between observations."""
+
+    linear = "linear"
+    savgol = "savgol"
+
+
 @app.command()
 def embed(
     cube: Annotated[Path, typer.Option("--cube", help="Scene store (zarr, S2 + S1) to embed.")],
@@ -246,18 +360,25 @@ def embed(
     scheduler: Annotated[
         str | None, typer.Option("--scheduler", help="Address of a running dask scheduler (instead of --workers).")
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Finish an interrupted run (or check a finished one).")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing embedding store.")] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", metavar="", help="Finish an interrupted run (or check a finished one)."),
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", metavar="", help="Replace an existing embedding store.")
+    ] = False,
     dtype: Annotated[
-        str | None, typer.Option("--dtype", help="Storage: float32 (default), float16 or int8 (scale + offset).")
+        StorageDtype | None,
+        typer.Option("--dtype", help="Storage (default float32); float16/int8 use CF scale/offset."),
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML EmbedConfig (tile_px, batch_size, ...).")] = None,
     set_: SetOpt = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: QuietOpt = False,
     daily: Annotated[
         bool,
         typer.Option(
             "--daily",
+            metavar="",
             help="Write every day from the first to the last S2 date, with a flag per value: observed, model_based "
             "(cloudy dates, gap-fill bundles), linear or savgol (--set daily_fill=savgol).",
         ),
@@ -275,7 +396,7 @@ def embed(
         if workers is not None:
             overrides.append(f"workers={workers}")
         if dtype is not None:
-            overrides.append(f"dtype={dtype}")
+            overrides.append(f"dtype={dtype.value}")
         if daily:
             overrides.append("daily=true")
         cfg = load_config(EmbedConfig, config, overrides)
@@ -303,9 +424,12 @@ def cube(
     start: Annotated[str, typer.Option("--start", help="First day, YYYY-MM-DD.")],
     end: Annotated[str, typer.Option("--end", help="Last day, YYYY-MM-DD (inclusive).")],
     bbox: Annotated[
-        tuple[float, float, float, float] | None, typer.Option("--bbox", help="Area as lon/lat W S E N.")
+        tuple[float, float, float, float] | None,
+        typer.Option("--bbox", metavar="W S E N", help="Area as lon/lat W S E N."),
     ] = None,
-    point: Annotated[tuple[float, float] | None, typer.Option("--point", help="Centre as LON LAT.")] = None,
+    point: Annotated[
+        tuple[float, float] | None, typer.Option("--point", metavar="LON LAT", help="Centre as LON LAT.")
+    ] = None,
     size_m: Annotated[float | None, typer.Option("--size-m", help="Side of the square around --point, metres.")] = None,
     catalog: Annotated[
         str | None, typer.Option("--catalog", help="STAC API root (default: Planetary Computer, signed).")
@@ -319,19 +443,26 @@ def cube(
     scl_classes: Annotated[
         str | None, typer.Option("--scl-classes", help="SCL classes masked, comma-separated (default 0,1,3,8,9,10).")
     ] = None,
-    no_brdf: Annotated[bool, typer.Option("--no-brdf", help="Skip the BRDF nadir normalisation.")] = False,
+    no_brdf: Annotated[
+        bool, typer.Option("--no-brdf", metavar="", help="Skip the BRDF nadir normalisation.")
+    ] = False,
     min_valid_fraction: Annotated[
         float, typer.Option("--min-valid-fraction", help="Keep an S2 date with at least this share valid.")
     ] = 0.03,
     min_dates: Annotated[int, typer.Option("--min-dates", help="Fewest S2 dates the cube may have.")] = 6,
-    s1_orbit: Annotated[str, typer.Option("--s1-orbit", help="auto, ascending, descending or both.")] = "auto",
+    s1_orbit: Annotated[
+        S1Orbit, typer.Option("--s1-orbit", help="Sentinel-1 passes to read.")
+    ] = S1Orbit.auto,
     s1_max_gap_days: Annotated[
         float, typer.Option("--s1-max-gap-days", help="S1-S2 matching tolerance, checked and recorded.")
     ] = 6.0,
     piece_months: Annotated[int, typer.Option("--piece-months", help="Fetch in pieces of this many months.")] = 12,
     retries: Annotated[int, typer.Option("--retries", help="HTTP retries (exponential backoff).")] = 5,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out (and discard a different staged build).")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", metavar="", help="Replace --out (and discard a different staged build)."),
+    ] = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Build an S2 L2A + S1 RTC scene store from a STAC API (cloud mask, BRDF, S1 smoothing); resumable."""
     from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, load_cloud_mask
@@ -347,7 +478,7 @@ def cube(
             site=site or out.name.removesuffix(".zarr"), catalog=catalog or PLANETARY_COMPUTER,
             s2_collection=s2_collection, s1_collection=s1_collection,
             cloud_mask=load_cloud_mask(cloud_mask, scl_classes=classes), brdf=not no_brdf,
-            min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit,
+            min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit.value,
             s1_max_gap_days=s1_max_gap_days, piece_months=piece_months, retry=RetryPolicy(retries=retries),
         )
         return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
@@ -364,7 +495,8 @@ EmbeddingsOpt = Annotated[
     Path, typer.Option("--embeddings", help="Embedding store (zarr) from `stembed embed`.")
 ]
 DatesOpt = Annotated[
-    list[str] | None, typer.Option("--dates", help="ISO date to use, e.g. 2021-06-03 (repeatable).")
+    list[str] | None,
+    typer.Option("--dates", metavar="YYYY-MM-DD", help="ISO date to use, e.g. 2021-06-03 (repeatable)."),
 ]
 
 
@@ -400,7 +532,9 @@ def sample(
     points: Annotated[Path, typer.Option("--points", help="CSV: lon,lat (WGS84) or x,y, optional id.")],
     out: Annotated[Path, typer.Option("--out", help="Output table, .csv or .parquet.")],
     window_px: Annotated[int, typer.Option("--window-px", help="Odd window side K: mean over K x K px.")] = 1,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing table.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", metavar="", help="Replace an existing table.")
+    ] = False,
 ) -> None:
     """Sample the embeddings at points: one row per point and date (window mean over valid pixels)."""
     from stembed.io.embeddings import open_embeddings
@@ -416,17 +550,41 @@ def sample(
     typer.echo(f"table: {path}")
 
 
+class ExportFormat(str, Enum):
+    """What ``stembed export`` writes."""
+
+    geotiff = "geotiff"
+    netcdf = "netcdf"
+
+
 @app.command()
 def export(
     embeddings: EmbeddingsOpt,
-    out: Annotated[Path, typer.Option("--out", help="Output folder for the GeoTIFFs.")],
+    out: Annotated[
+        Path, typer.Option("--out", help="geotiff: output folder (one file per date); netcdf: the .nc file.")
+    ],
     dates: DatesOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing GeoTIFFs.")] = False,
+    fmt: Annotated[
+        ExportFormat,
+        typer.Option("--format", help="geotiff (7-band file per date) or netcdf (one CF file, GDAL/QGIS)."),
+    ] = ExportFormat.geotiff,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", metavar="", help="Replace existing output files.")
+    ] = False,
 ) -> None:
-    """Write one 7-band float32 GeoTIFF per date (all dates, or --dates)."""
+    """Write the embeddings for GIS tools: a 7-band float32 GeoTIFF per date, or one CF netCDF file."""
     from stembed.io.embeddings import open_embeddings
-    from stembed.io.export import export_geotiffs
-    from stembed.io.outputs import check_output_folder
+    from stembed.io.export import export_geotiffs, export_netcdf
+    from stembed.io.outputs import check_file_output, check_output_folder
+
+    if fmt is ExportFormat.netcdf:
+
+        def go_nc() -> Path:
+            check_file_output(out, overwrite=overwrite, what="netCDF file")
+            return export_netcdf(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+
+        typer.echo(f"netCDF: {_run(go_nc)}")
+        return
 
     def go() -> Any:
         check_output_folder(out)
@@ -444,16 +602,30 @@ app.add_typer(eval_app, name="eval")
 CubeOpt = Annotated[Path, typer.Option("--cube", help="Scene store (zarr) the embeddings were made from.")]
 OutDirOpt = Annotated[Path, typer.Option("--out", help="Output folder.")]
 TowerOpt = Annotated[
-    tuple[float, float] | None, typer.Option("--tower", help="Flux tower LON LAT (WGS84).")
+    tuple[float, float] | None, typer.Option("--tower", metavar="LON LAT", help="Flux tower LON LAT (WGS84).")
 ]
-YearsOpt = Annotated[list[int] | None, typer.Option(help="Years (of a window's last day), repeatable.")]
+YearsOpt = Annotated[
+    list[int] | None,
+    typer.Option(metavar="YEAR", help="Years (of a window's last day), repeatable; omit train and val years "
+                 "to adapt them to the cube (the latest year validates, the earlier ones train)."),
+]
 
 
 def _year_split(train_years: list[int] | None, val_years: list[int] | None, test_years: list[int] | None) -> Any:
+    """The GPP year split the options give; None (adapt to the cube) when no years are given."""
     from stembed.eval.gpp import YearSplit
+    from stembed.eval.gpp_run import GPPRunError
 
-    d = YearSplit()
-    return YearSplit(tuple(train_years or d.train_years), tuple(val_years or d.val_years), tuple(test_years or ()))
+    if train_years is None and val_years is None:
+        if test_years:
+            raise GPPRunError("--test-years needs --train-years and --val-years too; fix: give all three")
+        return None
+    if train_years is None or val_years is None:
+        raise GPPRunError(
+            "give both --train-years and --val-years, or neither (then the latest year of the cube's windows "
+            "validates and the earlier years train)"
+        )
+    return YearSplit(tuple(train_years), tuple(val_years), tuple(test_years or ()))
 
 
 @eval_app.command("recon")
@@ -482,7 +654,10 @@ def eval_probe(
     cube: CubeOpt,
     label: Annotated[str, typer.Option("--label", help="Label layer of the scene, e.g. LC or CT.")],
     out: OutDirOpt,
-    nodata: Annotated[list[int] | None, typer.Option("--nodata", help="Label values to ignore (default 0).")] = None,
+    nodata: Annotated[
+        list[int] | None,
+        typer.Option("--nodata", metavar="VALUE", help="Label values to ignore (default 0)."),
+    ] = None,
     block_px: Annotated[int, typer.Option("--block-px", help="Spatial CV block edge in pixels.")] = 16,
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 4,
     samples: Annotated[int, typer.Option("--samples", help="Pixel-dates sampled.")] = 20000,
@@ -519,7 +694,8 @@ def eval_gapfill(
     bundle: Annotated[Path, typer.Option("--bundle", help="Gap-fill bundle.pt (`stembed train gapfill`).")],
     out: OutDirOpt,
     run_length: Annotated[
-        list[int] | None, typer.Option("--run-length", help="Consecutive dates hidden per run (repeatable).")
+        list[int] | None,
+        typer.Option("--run-length", metavar="DATES", help="Consecutive dates hidden per run (repeatable)."),
     ] = None,
     offsets: Annotated[int, typer.Option("--offsets", help="Schedules per run length (more hide more dates).")] = 2,
 ) -> None:
@@ -546,13 +722,18 @@ def eval_gpp(
     flux: Annotated[Path, typer.Option("--flux", help="FLUXNET daily CSV (FULLSET_DD or FluxDataKit).")],
     out: OutDirOpt,
     tower: TowerOpt = None,
-    whole_cube: Annotated[bool, typer.Option("--whole-cube", help="Average the whole cube (the authors' footprint).")] = False,
+    whole_cube: Annotated[
+        bool,
+        typer.Option("--whole-cube", metavar="", help="Average the whole cube (the authors' footprint)."),
+    ] = False,
     window_px: Annotated[int, typer.Option("--window-px", help="Odd window around the tower, pixels.")] = 15,
     train_years: YearsOpt = None,
     val_years: YearsOpt = None,
     test_years: YearsOpt = None,
     stride: Annotated[int, typer.Option("--stride", help="Days between window ends.")] = 10,
-    interpolation: Annotated[str, typer.Option("--interpolation", help="linear or savgol.")] = "linear",
+    interpolation: Annotated[
+        Interpolation, typer.Option("--interpolation", help="How days between observations are filled.")
+    ] = Interpolation.linear,
     epochs: Annotated[int | None, typer.Option("--epochs", help="Max transformer epochs (default 150).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
@@ -567,25 +748,35 @@ def eval_gpp(
         check_output_folder(out)
         if (tower is None) == (not whole_cube):
             raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
-        if interpolation not in ("linear", "savgol"):
-            raise GPPRunError(f"--interpolation is {interpolation!r}; use linear or savgol")
         cfg = GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs)
         return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out,
                             tower_lonlat=tower, window_px=window_px,
                             split=_year_split(train_years, val_years, test_years),
-                            interpolation=interpolation, stride_days=stride, cfg=cfg, seed=seed)  # type: ignore[arg-type]
+                            interpolation=interpolation.value,  # type: ignore[arg-type]
+                            stride_days=stride, cfg=cfg, seed=seed)
 
     res = _run_into(out, go)
-    typer.echo(f"{res.n_windows} windows\nmetrics: {res.metrics_csv}\npredictions: {res.predictions_csv}")
+    split = res.split
+    typer.echo(
+        f"{res.n_windows} windows (train years {list(split.train_years)}, validation {list(split.val_years)}"
+        + (f", test {list(split.test_years)}" if split.test_years else "")
+        + f"; {res.n_dropped_overlap} held-out windows dropped: their days overlap training windows)\n"
+        f"metrics: {res.metrics_csv}\npredictions: {res.predictions_csv}"
+    )
 
 
 @app.command()
 def report(
     out: OutDirOpt,
-    runs: Annotated[list[Path] | None, typer.Option("--run", help="A `stembed train` run folder (repeatable).")] = None,
+    runs: Annotated[
+        list[Path] | None,
+        typer.Option("--run", metavar="RUN_DIR", help="A `stembed train` run folder (repeatable)."),
+    ] = None,
     embeddings: Annotated[Path | None, typer.Option("--embeddings", help="Embedding store.")] = None,
     cube: Annotated[Path | None, typer.Option("--cube", help="Its scene store.")] = None,
-    labels: Annotated[list[str] | None, typer.Option("--label", help="Label layer to probe (repeatable).")] = None,
+    labels: Annotated[
+        list[str] | None, typer.Option("--label", metavar="NAME", help="Label layer to probe (repeatable).")
+    ] = None,
     flux: Annotated[Path | None, typer.Option("--flux", help="FLUXNET daily CSV for the GPP part.")] = None,
     tower: TowerOpt = None,
     train_years: YearsOpt = None,
@@ -604,14 +795,13 @@ def report(
     from stembed.eval.report import ReportInputs, write_report
     from stembed.io.outputs import check_output_folder
 
-    inputs = ReportInputs(
-        runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
-        tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
-        gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs), gpp_stride_days=stride,
-        probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
-    )
-
     def go() -> Any:
+        inputs = ReportInputs(
+            runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
+            tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
+            gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs),
+            gpp_stride_days=stride, probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
+        )
         check_output_folder(out)
         return write_report(out, inputs)
 

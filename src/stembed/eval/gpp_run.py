@@ -9,11 +9,18 @@ feature set.
 
 Daily features span only the cube's own dates (first to last observation): the windows never read
 flat-extended values beyond the imagery.
+
+Held-out numbers are held out (:func:`resolve_split`): with no years given, the latest year of the
+cube's windows validates and the earlier years train; given years must each hold windows and be
+disjoint. A validation or test window whose 90 days overlap a training window's days (the windows
+at a year boundary) is dropped, and the count reported, so no held-out window shares a day with
+training data; a split left with no held-out window is refused.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -49,6 +56,8 @@ class GPPRun:
     predictions_csv: Path
     plots: list[Path]
     n_windows: int
+    split: YearSplit | None = None
+    n_dropped_overlap: int = 0
 
 
 def _ndvi(s2: xr.DataArray) -> xr.DataArray:
@@ -101,14 +110,81 @@ def feature_series(
     return out
 
 
-def _check_years(windows: Windows, split: YearSplit) -> None:
-    """Refuse a year split whose training years hold no window (the models would have nothing to fit)."""
-    years = sorted({int(y) for y in windows.end_date.year})
-    if isinstance(split, YearSplit) and not set(split.train_years) & set(years):
+def _years(windows: Windows) -> list[int]:
+    return sorted({int(y) for y in windows.end_date.year})
+
+
+def resolve_split(
+    windows: Windows, split: YearSplit | None, window_days: int
+) -> tuple[YearSplit, np.ndarray]:
+    """The year split to run on ``windows``, and a mask dropping held-out windows that share training days.
+
+    ``split=None`` adapts to the windows: the latest end year validates, the earlier years train.
+    A window covers ``window_days`` days up to its end date; a validation or test window is dropped
+    when those days meet a training window's days (test windows likewise against validation ones).
+
+    Raises:
+        GPPRunError: the years overlap, a named set holds no window of this cube, there is no
+            held-out set, or every held-out window overlaps training windows in time.
+    """
+    years = _years(windows)
+    if split is None:
+        if len(years) < 2:
+            raise GPPRunError(
+                f"the GPP windows end in {years} only, and a train/validation split by year needs two "
+                "years or more (one year would be scored in-sample); fix: use a cube and flux file that "
+                "overlap over two years or more"
+            )
+        split = YearSplit(tuple(years[:-1]), (years[-1],), ())
+    named = {"train": split.train_years, "val": split.val_years, "test": split.test_years}
+    flat = [y for ys in named.values() for y in ys]
+    shared = sorted({y for y in flat if flat.count(y) > 1})
+    if shared:
         raise GPPRunError(
-            f"no window ends in the training years {list(split.train_years)}: the windows end in {years}; "
-            f"fix: pass --train-years (and --val-years) with years among {years}"
+            f"years {shared} are in more than one of train {list(split.train_years)}, "
+            f"val {list(split.val_years)} and test {list(split.test_years)}, so held-out numbers would be "
+            "in-sample; fix: give disjoint "
+            "--train-years, --val-years and --test-years"
         )
+    if not split.val_years and not split.test_years:
+        raise GPPRunError(
+            "no validation or test years: every number would be in-sample; fix: pass --val-years"
+        )
+    end_year = windows.end_date.year.to_numpy()
+    for name, ys in named.items():
+        if ys and not np.isin(end_year, list(ys)).any():
+            opt = {"train": "--train-years", "val": "--val-years", "test": "--test-years"}[name]
+            raise GPPRunError(
+                f"no window of this cube ends in the {name} years {list(ys)}: the windows end in {years}; "
+                f"fix: pass {opt} with years among {years} (or omit the years: the latest then validates)"
+            )
+    keep = np.ones(len(windows), dtype=bool)
+    ends = windows.end_date.to_numpy().astype("datetime64[D]").astype(np.int64)
+    earlier = np.sort(ends[np.isin(end_year, list(split.train_years))])
+    for ys in (split.val_years, split.test_years):
+        part = np.isin(end_year, list(ys)) if ys else np.zeros(len(windows), dtype=bool)
+        if part.any():
+            keep[part] = _min_distance(ends[part], earlier) >= window_days  # spans of equal length meet
+            earlier = np.sort(np.concatenate([earlier, ends[part & keep]]))
+    for name, ys in (("validation", split.val_years), ("test", split.test_years)):
+        part = np.isin(end_year, list(ys)) if ys else np.zeros(len(windows), dtype=bool)
+        if part.any() and not (part & keep).any():
+            raise GPPRunError(
+                f"every {name} window (years {list(ys)}) shares days with training windows (each "
+                f"window reads {window_days} days), so none is held out; fix: leave a gap year, or use a "
+                "longer cube"
+            )
+    return split, keep
+
+
+def _min_distance(days: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """For each of ``days``, the distance in days to the nearest of the sorted ``others`` (inf if none)."""
+    if others.size == 0:
+        return np.full(days.shape, np.inf)
+    i = np.searchsorted(others, days)
+    left = np.abs(days - others[np.clip(i - 1, 0, others.size - 1)])
+    right = np.abs(others[np.clip(i, 0, others.size - 1)] - days)
+    return np.minimum(left, right).astype(np.float64)
 
 
 def gpp_at_tower(
@@ -119,13 +195,17 @@ def gpp_at_tower(
     *,
     tower_lonlat: tuple[float, float] | None,
     window_px: int = 15,
-    split: YearSplit,
+    split: YearSplit | None = None,
     interpolation: Literal["linear", "savgol"] = "linear",
     stride_days: int = 10,
     cfg: GPPConfig | None = None,
     seed: int = 0,
 ) -> GPPRun:
-    """Run the GPP experiment at one tower and write ``gpp_metrics.csv``, ``gpp_predictions.csv`` and PNGs."""
+    """Run the GPP experiment at one tower and write ``gpp_metrics.csv``, ``gpp_predictions.csv`` and PNGs.
+
+    ``split=None`` adapts the years to the cube (see :func:`resolve_split`, which also drops held-out
+    windows sharing days with training ones); the split used is written to ``gpp_split.json``.
+    """
     cfg = cfg or GPPConfig()
     out_dir = Path(out_dir)
     flux = load_fluxnet_daily(flux_csv)
@@ -147,9 +227,15 @@ def gpp_at_tower(
             f"quality-checked GPP at {site} (flux {gpp.index.min().date()}..{gpp.index.max().date()}); "
             "fix: use a cube and flux file that overlap by more than the window length"
         )
-    _check_years(sets["embedding"][site], split)
+    split, keep = resolve_split(sets["embedding"][site], split, cfg.window_days)
+    sets = {name: {k: w.take(keep) for k, w in by_site.items()} for name, by_site in sets.items()}
+    n_dropped = int((~keep).sum())
     metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpp_split.json").write_text(json.dumps({
+        **asdict(split), "windows": int(keep.sum()), "held_out_windows_dropped_for_overlap": n_dropped,
+        "rule": f"held-out windows sharing any of their {cfg.window_days} days with training are dropped",
+    }, indent=2))
     metrics_csv, preds_csv = out_dir / "gpp_metrics.csv", out_dir / "gpp_predictions.csv"
     metrics.to_csv(metrics_csv, index=False)
     preds.to_csv(preds_csv, index=False)
@@ -170,4 +256,4 @@ def gpp_at_tower(
                 title=f"{site}: GPP from {fs}",
             )
         )
-    return GPPRun(metrics, metrics_csv, preds_csv, plots, n)
+    return GPPRun(metrics, metrics_csv, preds_csv, plots, int(keep.sum()), split, n_dropped)

@@ -33,7 +33,7 @@ class ReportInputs:
     labels: tuple[str, ...] = ()
     flux: Path | None = None
     tower_lonlat: tuple[float, float] | None = None
-    gpp_split: YearSplit = field(default_factory=YearSplit)
+    gpp_split: YearSplit | None = None  # None: years adapt to the cube (stembed.eval.gpp_run.resolve_split)
     gpp_config: GPPConfig = field(default_factory=GPPConfig)
     gpp_stride_days: int = 10
     probe_samples: int = 20000
@@ -136,7 +136,8 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
             pooled = run.metrics[run.metrics["site"] == "pooled"].drop(columns="site")
             page += [
                 f"{run.n_windows} windows of {inputs.gpp_config.window_days} days, stride "
-                f"{inputs.gpp_stride_days}; {inputs.gpp_split}. Pooled over sites (per-site rows in "
+                f"{inputs.gpp_stride_days}; {run.split} ({run.n_dropped_overlap} held-out windows dropped: "
+                f"their days overlap training windows). Pooled over sites (per-site rows in "
                 "`gpp/gpp_metrics.csv`); train rows are in-sample.",
                 "",
                 _markdown(pooled),

@@ -21,6 +21,7 @@ whichever worker runs it; other batch sizes agree to float32 rounding (~1e-7).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -105,6 +106,7 @@ def embed_block(
     extra: Extra | None = None,
     targets: np.ndarray | None = None,
     hide_s2_centre: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """Embed every pixel-date of a block.
 
@@ -118,6 +120,7 @@ def embed_block(
         extra: the model's companion sensors, matched to the S2 dates like S1.
         targets: ``(time, h, w)`` which pixel-dates to embed; default: those whose S2 centre pixel is observed.
         hide_s2_centre: hide each window's S2 centre frame (the gap-fill model's input, see models.gapfill).
+        progress: called after each batch with the number of pixel-dates (windows) it embedded.
 
     Returns:
         ``(time, embed_dim, h, w)`` float32, NaN where not a target.
@@ -174,6 +177,8 @@ def embed_block(
             companions,
         )  # (B, embed_dim)
         out[tb[:n], :, yb[:n], xb[:n]] = e[:n].float().cpu().numpy()
+        if progress is not None:
+            progress(n)
     return out
 
 
@@ -198,6 +203,7 @@ def embed_block_dense(
     extra: Extra | None = None,
     targets: np.ndarray | None = None,
     hide_s2_centre: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """:func:`embed_block` for the ``dense`` encoder: each frame encoded once, windows batched.
 
@@ -266,6 +272,8 @@ def embed_block_dense(
                 e = model.fuse(z["s1"], z["s2"], dtb["s1"], {k: (z[k], dtb[k]) for k in extra})
                 ys, xs = np.divmod(pix[i : i + batch_size], w)
                 out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
+                if progress is not None:
+                    progress(B)
     return out
 
 
@@ -278,9 +286,12 @@ def embed_any(
     extra: Extra | None = None,
     targets: np.ndarray | None = None,
     hide_s2_centre: bool = False,
+    progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """:func:`embed_block_dense` for a dense model, else :func:`embed_block` (float32 only)."""
-    kw: dict[str, Any] = {"extra": extra, "targets": targets, "hide_s2_centre": hide_s2_centre}
+    kw: dict[str, Any] = {
+        "extra": extra, "targets": targets, "hide_s2_centre": hide_s2_centre, "progress": progress
+    }
     if model.s2.cfg.variant == "dense":
         return embed_block_dense(model, *arrays, batch_size=batch_size, device=device, precision=precision, **kw)
     if precision in ("bfloat16", "float16"):

@@ -24,7 +24,7 @@ import xarray as xr
 
 from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.inference.engine import embed_block, resolve_device
-from stembed.io.cube import CubeError, Scene
+from stembed.io.cube import CubeError, Scene, cube_transform
 from stembed.models.bundle import Bundle, BundleError
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
@@ -106,7 +106,7 @@ def embedding_dataset(values: np.ndarray, valid: np.ndarray, scene: Scene, bundl
     )
     ds.attrs.update({
         "crs": s2.attrs["crs"],
-        "transform": list(s2.attrs["transform"]),
+        "transform": list(cube_transform(s2)),
         "site": scene.site,
         "bundle": str(bundle.path) if bundle.path else "",
         "method": "per-patch reference (stembed.inference.reference)",

@@ -19,7 +19,10 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +47,7 @@ from stembed.inference.daily import (
 from stembed.inference.engine import embed_any, min_dates, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
-from stembed.io.cube import CubeError, Scene, open_scene, value_problems
+from stembed.io.cube import CubeError, Scene, cube_transform, open_scene, value_problems
 from stembed.io.embeddings import EmbedError
 from stembed.io.outputs import (
     check_store_output,
@@ -95,6 +98,7 @@ class TileJob:
     extra_max_gap_days: tuple[tuple[str, float], ...] = ()  # companion sensor -> its matching tolerance
     extra_specs: tuple[SensorSpec, ...] = ()  # their specs, from the bundle
     daily: DailyJob | None = None
+    progress_topic: str | None = None  # dask event topic the worker reports embedded pixel-dates to
 
 
 @dataclass(frozen=True)
@@ -191,12 +195,15 @@ def embed_tile(
     device: torch.device,
     precision: str,
     daily: DailyJob | None,
+    progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A block's embeddings ``(time, feature, h, w)`` on the S2 dates, or with ``daily`` on every day
-    from ``first_day`` to ``last_day`` together with their flags ``(day, h, w)``."""
+    from ``first_day`` to ``last_day`` together with their flags ``(day, h, w)``.
+
+    ``progress`` is called with the number of pixel-dates of each batch of the per-date pass."""
     fusion = model.fusion if isinstance(model, GapFillModel) else model
     kw = {"batch_size": batch_size, "device": device, "precision": precision, "extra": extra}
-    values = embed_any(fusion, s2, s1, d2, d1, **kw)
+    values = embed_any(fusion, s2, s1, d2, d1, progress=progress, **kw)
     if daily is None:
         return values, None
     observed = np.isfinite(values).all(axis=1)  # (time, h, w)
@@ -258,11 +265,68 @@ def run_tile(job: TileJob) -> tuple[int, int]:
     values, flags = embed_tile(
         model, s2, s1, d2, d1, extra, batch_size=job.batch_size, device=device, precision=job.precision,
         daily=job.daily,
+        progress=None if job.progress_topic is None else _Reporter(job.progress_topic, job.tile),
     )
     codes = job.quant.encode(values)
     valid = np.isfinite(values).all(axis=1)
     store.write_tile(job.out, job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes), flags)
     return job.tile
+
+
+_REPORT_EVERY_S = 0.5  # how often a worker sends its tile's progress to the client
+
+
+class _Reporter:
+    """Worker side of the progress bar: sends ``(tile, pixel-dates)`` to the client at most twice a second."""
+
+    def __init__(self, topic: str, tile: tuple[int, int]) -> None:
+        from distributed import get_worker
+
+        self.worker, self.topic, self.tile = get_worker(), topic, [int(tile[0]), int(tile[1])]
+        self.pending, self.last = 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.pending += int(n)
+        if time.monotonic() - self.last >= _REPORT_EVERY_S:
+            self.worker.log_event(self.topic, [*self.tile, self.pending])
+            self.pending, self.last = 0, time.monotonic()
+
+
+class _ProgressBar:
+    """Client side: counts pixel-dates (S2 dates x pixels) as workers report them, and tiles as they finish.
+
+    A tile's pixel-dates that were not embedded (no observed S2 centre) are counted when it finishes,
+    so the bar ends at the total; reports that arrive after their tile finished are ignored.
+    """
+
+    def __init__(self, bar: Any, per_tile: dict[tuple[int, int], int], n_tiles: int, n_done: int) -> None:
+        self.bar, self.per_tile, self.n_tiles, self.n_done = bar, per_tile, n_tiles, n_done
+        self.reported: dict[tuple[int, int], int] = {}
+        self.finished: set[tuple[int, int]] = set()
+        self.lock = threading.Lock()
+        self.bar.set_postfix_str(f"tiles {n_done}/{n_tiles}")
+
+    def on_event(self, event: tuple[float, Any]) -> None:
+        _, (iy, ix, n) = event
+        tile = (int(iy), int(ix))
+        with self.lock:
+            if tile in self.finished or tile not in self.per_tile:
+                return
+            add = max(0, min(int(n), self.per_tile[tile] - self.reported.get(tile, 0)))
+            self.reported[tile] = self.reported.get(tile, 0) + add
+            self.bar.update(add)
+
+    def finish(self, tile: tuple[int, int]) -> None:
+        with self.lock:
+            self.finished.add(tile)
+            self.bar.update(self.per_tile[tile] - self.reported.get(tile, 0))
+            self.n_done += 1
+            self.bar.set_postfix_str(f"tiles {self.n_done}/{self.n_tiles}")
+
+
+def _n_px(grid: store.TileGrid, tile: tuple[int, int]) -> int:
+    rows, cols = grid.bounds(*tile)
+    return (rows.stop - rows.start) * (cols.stop - cols.start)
 
 
 def _fusion(model: FusionModel | GapFillModel) -> FusionModel:
@@ -529,7 +593,7 @@ def _embed_cube(
                 x=s2[X].values,
                 features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)],
                 crs=str(s2.attrs["crs"]),
-                transform=list(s2.attrs["transform"]),
+                transform=list(cube_transform(s2)),
                 quant=quant,
                 tile_px=cfg.tile_px,
                 time_chunk=cfg.time_chunk,
@@ -573,6 +637,7 @@ def _embed_cube(
         quant = store.store_quantisation(out)
         done = store.tiles_done(out)
         todo = [t for t in grid.tiles() if not done[t]]
+        topic = f"stembed-progress-{uuid.uuid4().hex[:12]}" if progress else None
         jobs = [
             TileJob(
                 str(cube.resolve()),
@@ -591,6 +656,7 @@ def _embed_cube(
                 tuple(extra_gaps.items()),
                 tuple(bundle.sensors[k] for k in extra_gaps),
                 daily,
+                topic,
             )
             for t in todo
         ]
@@ -600,13 +666,20 @@ def _embed_cube(
             )
             for job in jobs
         ]
+        n_dates = scene.s2.sizes[TIME]
+        per_tile = {t: n_dates * _n_px(grid, t) for t in grid.tiles()}
         with tqdm(
-            total=len(grid.tiles()),
-            initial=len(grid.tiles()) - len(todo),
-            desc="tiles",
-            unit="tile",
+            total=sum(per_tile.values()),
+            initial=sum(per_tile[t] for t in grid.tiles() if done[t]),
+            desc="pixel-dates",
+            unit="",
+            unit_scale=True,
             disable=not progress,
         ) as bar:
+            tracker = _ProgressBar(bar, per_tile, len(grid.tiles()), len(grid.tiles()) - len(todo))
+            if topic is not None:
+                client.subscribe_topic(topic, tracker.on_event)
+            tile_of = {f.key: job.tile for f, job in zip(futures, jobs, strict=True)}
             for fut in as_completed(futures, loop=client.loop):
                 if fut.status == "error":
                     err = fut.exception()
@@ -618,7 +691,9 @@ def _embed_cube(
                         f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
                         f"problem and rerun with --resume"
                     ) from err
-                bar.update(1)
+                tracker.finish(tile_of[fut.key])
+            if topic is not None:
+                client.unsubscribe_topic(topic)
         summary = store.finalise(out)
     finally:
         client.close()

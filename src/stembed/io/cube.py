@@ -13,13 +13,22 @@ A *cube* is one ``xr.DataArray`` holding one sensor's model-ready time series on
 * **attrs**:
 
   - ``crs``: a pyproj-parseable string such as ``"EPSG:32631"``;
-  - ``transform``: the GDAL-order affine ``[x_left, 10.0, 0.0, y_top, 0.0, -10.0]`` as a list,
-    where ``(x_left, y_top)`` is the outer corner of the top-left pixel; it must agree with the
-    ``x``/``y`` coordinates (:func:`cube_transform` computes it);
+  - (no ``transform`` attribute: rioxarray reads one as an Affine-order matrix; the grid's affine is
+    :func:`cube_transform` of the coordinates, and stores carry it in ``spatial_ref``, below);
   - ``sensor``: ``"s1"``, ``"s2"`` or a registered companion sensor (e.g. ``"agera5"``, see
     :mod:`stembed.sensors`);
   - ``site``: a string id;
   - ``provenance``: a JSON string holding a dict that says where the data came from.
+
+Georeferencing follows the CF convention rioxarray, GDAL and odc-geo read: a scalar ``spatial_ref``
+coordinate holding the CRS (``crs_wkt``) and the GDAL-order ``GeoTransform`` of the cube's outer
+corner (:func:`with_georef` writes it; :func:`make_cube` and :func:`open_cube` return cubes that
+carry it), so ``cube.rio.to_raster(path)`` places a cube right. Stores always get a ``spatial_ref``
+rebuilt from the ``x``/``y`` coordinates, so a cropped cube (whose ``spatial_ref`` still describes the
+uncropped grid) is stored right; rioxarray itself recomputes the transform from the coordinates when
+it writes a raster. Stores written before this convention carry a GDAL-order ``transform``
+attribute instead: they still open (the attribute is checked against the coordinates, replaced by
+``spatial_ref``, and a :class:`LegacyStoreWarning` says how to rewrite the store).
 
 Optional: an S1 cube put on the S2 dates by :func:`stembed.preprocess.match_s1_to_s2` carries an
 ``s1_time`` coordinate along ``time`` (the S1 acquisition used, NaT where none was close enough).
@@ -67,6 +76,10 @@ class CubeError(UserError):
     """A cube, cube pair or cube store that breaks the contract; the message names the problem and the fix."""
 
 
+class LegacyStoreWarning(UserWarning):
+    """A store written by an older stembed opened fine, but should be rewritten (the message says how)."""
+
+
 # ----------------------------------------------------------------------------- construction
 def make_cube(
     values: Any,
@@ -101,8 +114,33 @@ def make_cube(
             "provenance": provenance_json(provenance or {}),
         },
     )
-    da.attrs["transform"] = list(cube_transform(da))
-    return da
+    if _parse_crs(str(crs)) is None:
+        return da  # no spatial_ref to write; validate_cube names the bad crs and its fix
+    return with_georef(da)
+
+
+def with_georef(da: xr.DataArray) -> xr.DataArray:
+    """``da`` with a CF ``spatial_ref`` coordinate for its ``crs`` attribute and its x/y grid.
+
+    The GeoTransform is rebuilt from the coordinates (:func:`cube_transform`), so this also refreshes
+    the ``spatial_ref`` of a cropped cube. A legacy GDAL-order ``transform`` attribute is dropped
+    (rioxarray would read it in Affine order and misplace the cube). ``attrs['crs']`` is kept.
+    """
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    from affine import Affine
+
+    crs = da.attrs.get("crs")
+    parsed = _parse_crs(crs) if isinstance(crs, str) else None
+    if parsed is None:
+        raise CubeError(
+            f"cannot georeference: crs attribute {crs!r} is not a CRS; fix: cube.attrs['crs'] = 'EPSG:<code>'"
+        )
+    attrs = {k: v for k, v in da.attrs.items() if k not in ("transform", "grid_mapping")}
+    out = da.drop_vars("spatial_ref", errors="ignore")
+    out.attrs = {}
+    out = out.rio.write_crs(parsed.to_wkt()).rio.write_transform(Affine.from_gdal(*cube_transform(da)))
+    out.attrs = attrs
+    return out
 
 
 def provenance_json(provenance: dict[str, Any]) -> str:
@@ -334,29 +372,13 @@ def _attr_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
             f"crs attribute is a {type(crs).__name__}, expected a string; "
             "fix: cube.attrs['crs'] = 'EPSG:<code>'"
         )
-    else:
-        parsed = _parse_crs(crs)
+    parsed = _parse_crs(crs) if isinstance(crs, str) else None
+    if isinstance(crs, str):
         if parsed is None:
             out.append(f"crs {crs!r} cannot be parsed by pyproj; fix: use a string such as 'EPSG:32631'")
         elif not parsed.is_projected:
             out.append(f"crs {crs!r} is not projected (x/y must be metres); fix: reproject to the UTM zone")
-    transform = da.attrs.get("transform")
-    expected = cube_transform(da)
-    fix_t = "cube.attrs['transform'] = list(stembed.io.cube.cube_transform(cube))"
-    if transform is None:
-        out.append(f"no 'transform' attribute; fix: {fix_t}")
-    else:
-        try:
-            t = np.asarray(transform, dtype=np.float64)
-        except (TypeError, ValueError):
-            t = np.empty(0)
-        if t.shape != (6,):
-            out.append(f"transform {transform!r} is not 6 numbers (GDAL order); fix: {fix_t}")
-        elif not np.allclose(t, expected, rtol=0, atol=_COORD_TOL_M):
-            out.append(
-                f"transform {t.tolist()} does not match the x/y coordinates, which imply {list(expected)}; "
-                f"fix: {fix_t}"
-            )
+    out.extend(_georef_problems(da, parsed if isinstance(crs, str) else None))
     sensor = da.attrs.get("sensor")
     if sensor != spec.name:
         out.append(
@@ -376,6 +398,32 @@ def _attr_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
             "attrs['provenance'] must be a JSON string holding a dict; "
             "fix: cube.attrs['provenance'] = stembed.io.cube.provenance_json({...where the data came from})"
         )
+    return out
+
+
+def _georef_problems(da: xr.DataArray, crs: pyproj.CRS | None) -> list[str]:
+    """A legacy ``transform`` attribute must match the grid; a ``spatial_ref`` must name the cube's CRS."""
+    out = []
+    fix = "fix: cube = stembed.io.cube.with_georef(cube)"
+    transform = da.attrs.get("transform")
+    if transform is not None:
+        try:
+            t = np.asarray(transform, dtype=np.float64)
+        except (TypeError, ValueError):
+            t = np.empty(0)
+        expected = cube_transform(da)
+        if t.shape != (6,):
+            out.append(f"transform {transform!r} is not 6 numbers (GDAL order); {fix}")
+        elif not np.allclose(t, expected, rtol=0, atol=_COORD_TOL_M):
+            out.append(
+                f"transform {t.tolist()} does not match the x/y coordinates, which imply "
+                f"{list(expected)}; {fix}"
+            )
+    if "spatial_ref" in da.coords and crs is not None:
+        wkt = da.coords["spatial_ref"].attrs.get("crs_wkt")
+        ref = _parse_crs(wkt) if isinstance(wkt, str) else None
+        if ref is None or ref != crs:
+            out.append(f"the spatial_ref coordinate's CRS is not attrs['crs'] ({da.attrs.get('crs')}); {fix}")
     return out
 
 
@@ -509,17 +557,20 @@ def _cube_dataset(da: xr.DataArray) -> xr.Dataset:
     # unicode has no stable zarr v3 representation)
     var = da.assign_coords({BAND: da[BAND].values.astype(object)})
     var.encoding = {}
+    var = with_georef(var)  # spatial_ref rebuilt from x/y, so a cropped cube is stored right
     ds = var.to_dataset(name=sensor)
     ds.attrs = {_STORE_MARKER: _STORE_FORMAT, "sensor": sensor}
     return ds
 
 
 def _cube_encoding(da: xr.DataArray) -> dict[str, dict[str, Any]]:
+    grid_mapping = {"grid_mapping": "spatial_ref"}  # CF: names the variable holding CRS and GeoTransform
     if da.chunks is not None:  # dask-backed cubes keep their own chunks
-        return {}
+        return {str(da.attrs["sensor"]): grid_mapping}
     return {
         str(da.attrs["sensor"]): {
-            "chunks": (1, da.sizes[BAND], min(da.sizes[Y], _CHUNK_PX), min(da.sizes[X], _CHUNK_PX))
+            "chunks": (1, da.sizes[BAND], min(da.sizes[Y], _CHUNK_PX), min(da.sizes[X], _CHUNK_PX)),
+            **grid_mapping,
         }
     }
 
@@ -567,8 +618,11 @@ def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) ->
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; pass overwrite=True to replace it")
+    sensor = da.attrs.get("sensor") if isinstance(da, xr.DataArray) else None
+    if sensor not in SENSORS:
+        raise CubeError(f"cannot save: attrs['sensor'] is {sensor!r}, expected one of {sorted(SENSORS)}")
+    validate_cube(da, SENSORS[str(sensor)])
     ds = _cube_dataset(da)
-    validate_cube(da, SENSORS[str(da.attrs["sensor"])])
     encoding = _cube_encoding(da)
     return _write_atomically(
         path,
@@ -578,10 +632,11 @@ def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) ->
     )
 
 
-def _read_cube(path: Path, group: str | None = None) -> xr.DataArray:
+def _read_cube(path: Path, group: str | None = None, legacy: list[str] | None = None) -> xr.DataArray:
+    """Read one cube; a store without ``spatial_ref`` (older stembed) is upgraded and noted in ``legacy``."""
     where = f"{path}" + (f" (group {group!r})" if group else "")
     try:
-        ds = xr.open_zarr(path, group=group, consolidated=False, chunks=None)
+        ds = xr.open_zarr(path, group=group, consolidated=False, chunks=None, decode_coords="all")
     except (OSError, ValueError, KeyError) as e:
         raise CubeError(f"{where} is not a readable zarr store ({type(e).__name__}: {e})") from e
     sensor = ds.attrs.get("sensor")
@@ -597,9 +652,37 @@ def _read_cube(path: Path, group: str | None = None) -> xr.DataArray:
         )
     da = ds[sensor]
     da = da.assign_coords({BAND: np.array([str(b) for b in da[BAND].values])})
-    if "transform" in da.attrs:
-        da.attrs["transform"] = [float(v) for v in da.attrs["transform"]]
+    if "spatial_ref" in da.coords:
+        gt = str(da.coords["spatial_ref"].attrs.get("GeoTransform", ""))
+        try:
+            stored = np.asarray([float(v) for v in gt.split()], dtype=np.float64)
+        except ValueError:
+            stored = np.empty(0)
+        if stored.shape != (6,) or not np.allclose(stored, cube_transform(da), rtol=0, atol=_COORD_TOL_M):
+            raise CubeError(
+                f"{where}: spatial_ref GeoTransform {gt!r} does not match the x/y coordinates, which imply "
+                f"{list(cube_transform(da))}; fix: rewrite the store from a corrected cube "
+                "(save_scene/save_cube)"
+            )
+    else:
+        problems = _georef_problems(da, None)
+        if problems:
+            raise CubeError(f"{where}: {problems[0]}")
+        da = with_georef(da)
+        if legacy is not None:
+            legacy.append(group or "/")
     return da
+
+
+def _warn_legacy(path: Path, legacy: list[str], rewrite: str) -> None:
+    """One warning per opened store that predates the ``spatial_ref`` convention."""
+    if legacy:
+        warnings.warn(
+            f"{path} was written by an older stembed (a GDAL-order 'transform' attribute, no CF spatial_ref; "
+            f"read fine); fix: rewrite it so GIS tools place it right: {rewrite}",
+            LegacyStoreWarning,
+            stacklevel=3,
+        )
 
 
 def open_cube(path: str | Path) -> xr.DataArray:
@@ -611,7 +694,10 @@ def open_cube(path: str | Path) -> xr.DataArray:
     path = Path(path)
     if not path.exists():
         raise CubeError(f"no cube at {path}; fix: check the path (stembed.io.cube.save_cube writes cubes)")
-    return _read_cube(path)
+    legacy: list[str] = []
+    da = _read_cube(path, legacy=legacy)
+    _warn_legacy(path, legacy, "save_cube(open_cube(old).load(), new)")
+    return da
 
 
 _SCENE_MARKER = "stembed_scene_format"
@@ -677,7 +763,8 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
         raise CubeError(
             f"{path} is not a stembed scene store (no '{_SCENE_MARKER}' = {_SCENE_FORMAT} attribute); fix: {hint}"
         )
-    s2, s1 = _read_cube(path, "s2"), _read_cube(path, "s1")
+    legacy: list[str] = []
+    s2, s1 = _read_cube(path, "s2", legacy), _read_cube(path, "s1", legacy)
     labels = None
     if (path / "labels").is_dir():
         labels = xr.open_zarr(path, group="labels", consolidated=False, chunks=None)
@@ -694,7 +781,8 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
             f"{path} holds companion-sensor cubes {unknown}, but no such sensor is registered (known: "
             f"{sorted(SENSORS)}); fix: import the module that registers it before opening the scene"
         )
-    extra = {str(n): _read_cube(path, str(n)) for n in names}
+    extra = {str(n): _read_cube(path, str(n), legacy) for n in names}
+    _warn_legacy(path, legacy, "save_scene(open_scene(old), new)")
     scene = Scene(site=str(root.attrs.get("site")), s2=s2, s1=s1, labels=labels, extra=extra)
     validate_cube(s2, SENSORS["s2"], check_values=check_values)
     validate_cube(s1, SENSORS["s1"], check_values=check_values)

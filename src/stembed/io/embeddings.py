@@ -2,10 +2,14 @@
 
 One store holds one cube's embeddings (no torch here):
 
-* ``embedding`` ``(time, feature, y, x)``: stored *codes*; the value is ``code * scale + offset``
-  with the per-feature ``scale`` and ``offset`` variables. float32 stores have scale 1 and offset 0,
-  so a plain ``xr.open_zarr`` reads true values; float16 and int8 stores must be decoded, which
-  :func:`open_embeddings` does (int8 code -128 = missing, read as NaN).
+* float32 stores: ``embedding`` ``(time, feature, y, x)`` holds the values (NaN = missing).
+* float16 and int8 stores: one variable per feature, ``embedding_<feature>`` ``(time, y, x)`` (e.g.
+  ``embedding_E1``), holding codes with the CF attributes ``scale_factor``, ``add_offset`` and, for
+  int8, ``_FillValue`` (-128 = missing): CF scale and offset are one number per variable, and each
+  feature has its own. A plain ``xr.open_zarr`` (and GDAL, QGIS) decodes them to values;
+  :func:`open_embeddings` stacks them back into ``embedding`` ``(time, feature, y, x)`` float32.
+  Stores of format ``stembed-embedding/1`` (codes in one ``embedding`` variable with separate
+  ``scale``/``offset`` variables) still open.
 * ``valid`` ``(time, y, x)`` bool: the pixel-date has an embedding (its S2 centre pixel was observed).
 * daily stores (``stembed embed --daily``) only: ``time`` is every day, and ``flag`` ``(time, y, x)``
   uint8 says how each value was obtained (CF ``flag_values`` / ``flag_meanings``: 0 none,
@@ -37,7 +41,8 @@ from stembed.errors import UserError
 from stembed.types import FEATURE, TIME, X, Y
 
 FORMAT_ATTR = "stembed_embedding_format"
-EMBEDDING_FORMAT = "stembed-embedding/1"
+EMBEDDING_FORMAT = "stembed-embedding/2"
+READABLE_FORMATS = ("stembed-embedding/1", EMBEDDING_FORMAT)  # /1: codes + scale/offset variables
 DTYPES = ("float32", "float16", "int8")
 INT8_FILL = -128  # code of a missing value in int8 stores
 INT8_MAX = 127  # codes -127..127 hold values
@@ -196,21 +201,34 @@ def create_store(
     g = zarr.open_group(path, mode="r+", zarr_format=3)
     tc = min(time_chunk, n_t)
     fill: Any = INT8_FILL if quant.dtype == "int8" else np.nan
-    emb_attrs: dict[str, Any] = {
-        "grid_mapping": "spatial_ref",
-        "long_name": "fused embedding (codes; value = code * scale + offset)",
-    }
-    if quant.dtype == "int8":
-        emb_attrs["_FillValue"] = INT8_FILL  # xarray masks it to NaN
-    g.create_array(
-        "embedding",
-        shape=(n_t, n_f, grid.height, grid.width),
-        dtype=quant.dtype,
-        chunks=(tc, n_f, tile_px, tile_px),
-        fill_value=fill,
-        dimension_names=(TIME, FEATURE, Y, X),
-        attributes=emb_attrs,
-    )
+    if quant.dtype == "float32":
+        g.create_array(
+            "embedding",
+            shape=(n_t, n_f, grid.height, grid.width),
+            dtype=quant.dtype,
+            chunks=(tc, n_f, tile_px, tile_px),
+            fill_value=fill,
+            dimension_names=(TIME, FEATURE, Y, X),
+            attributes={"grid_mapping": "spatial_ref", "long_name": "fused embedding"},
+        )
+    for i, name in enumerate(features if quant.dtype != "float32" else []):
+        attrs_f: dict[str, Any] = {
+            "grid_mapping": "spatial_ref",
+            "long_name": f"fused embedding feature {name}",
+            "scale_factor": float(quant.scale[i]),  # CF: value = code * scale_factor + add_offset
+            "add_offset": float(quant.offset[i]),
+        }
+        if quant.dtype == "int8":
+            attrs_f["_FillValue"] = INT8_FILL  # xarray and GDAL mask it
+        g.create_array(
+            feature_var(name),
+            shape=(n_t, grid.height, grid.width),
+            dtype=quant.dtype,
+            chunks=(tc, tile_px, tile_px),
+            fill_value=fill,
+            dimension_names=(TIME, Y, X),
+            attributes=attrs_f,
+        )
     g.create_array(
         "valid",
         shape=(n_t, grid.height, grid.width),
@@ -235,9 +253,6 @@ def create_store(
                 "flag_meanings": " ".join(flag_meanings),
             },
         )
-    for name, vals in (("scale", quant.scale), ("offset", quant.offset)):
-        arr = g.create_array(name, shape=(n_f,), dtype="float32", chunks=(n_f,), dimension_names=(FEATURE,))
-        arr[:] = vals
     ny, nx = grid.shape
     g.create_array(
         "tile_done",
@@ -260,6 +275,11 @@ def create_store(
     return grid
 
 
+def feature_var(feature: str) -> str:
+    """The variable holding one feature in float16/int8 stores."""
+    return f"embedding_{feature}"
+
+
 def read_attrs(path: str | Path) -> dict[str, Any]:
     """The attributes of the embedding store at ``path``.
 
@@ -278,7 +298,7 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
             "`stembed embed` wrote, or remove it and run again"
         ) from e
     fmt = attrs.get(FORMAT_ATTR)
-    if fmt != EMBEDDING_FORMAT:
+    if fmt not in READABLE_FORMATS:
         what = "no stembed embedding format attribute" if fmt is None else f"format {fmt!r}"
         raise EmbeddingStoreError(
             f"{path} is a zarr store but not a stembed embedding store ({what}, expected {EMBEDDING_FORMAT!r}); "
@@ -288,9 +308,17 @@ def read_attrs(path: str | Path) -> dict[str, Any]:
 
 
 def store_quantisation(path: str | Path) -> Quantisation:
-    """The storage dtype, scale and offset of a store."""
+    """The storage dtype, scale and offset of a store (either format)."""
     g = zarr.open_group(Path(path), mode="r")
-    return Quantisation(str(g["embedding"].dtype), np.asarray(g["scale"][:]), np.asarray(g["offset"][:]))
+    if "scale" in g:  # format /1
+        return Quantisation(str(g["embedding"].dtype), np.asarray(g["scale"][:]), np.asarray(g["offset"][:]))
+    features = [str(f) for f in g.attrs["features"]]
+    if "embedding" in g:
+        return Quantisation.identity(len(features))
+    arrs = [g[feature_var(f)] for f in features]
+    scale = np.array([a.attrs["scale_factor"] for a in arrs], dtype=np.float32)
+    offset = np.array([a.attrs["add_offset"] for a in arrs], dtype=np.float32)
+    return Quantisation(str(arrs[0].dtype), scale, offset)
 
 
 def tiles_done(path: str | Path) -> np.ndarray:
@@ -315,7 +343,11 @@ def write_tile(
     """
     g = zarr.open_group(Path(path), mode="r+")
     ys, xs = grid.bounds(*tile)
-    g["embedding"][:, :, ys, xs] = codes
+    if "embedding" in g:
+        g["embedding"][:, :, ys, xs] = codes
+    else:
+        for i, f in enumerate(g.attrs["features"]):
+            g[feature_var(str(f))][:, ys, xs] = codes[:, i]
     g["valid"][:, ys, xs] = valid
     if flag is not None:
         g["flag"][:, ys, xs] = flag
@@ -336,7 +368,7 @@ def finalise(path: str | Path) -> dict[str, Any]:
     count = err[:, :, 0].sum(axis=(0, 1))
     rmse = np.sqrt(err[:, :, 1].sum(axis=(0, 1)) / np.maximum(count, 1))
     summary = {
-        "dtype": str(g["embedding"].dtype),
+        "dtype": str(g.attrs["storage_dtype"]),
         "measured_on": "every valid pixel-date, decoded value minus the float32 model output",
         "n_values_per_feature": int(count[0]) if count.size else 0,
         "max_abs": [float(v) for v in err[:, :, 2].max(axis=(0, 1))],
@@ -377,11 +409,24 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.D
             "fix: finish it with `stembed embed ... --resume`"
         )
     ds = xr.open_zarr(path, consolidated=False)
-    emb = ds["embedding"]
-    if str(attrs.get("storage_dtype")) != "float32":
-        emb = (emb * ds["scale"] + ds["offset"]).astype(np.float32)
-        emb = emb.transpose(TIME, FEATURE, Y, X)
+    features = [str(f) for f in attrs.get("features", [])]
+    per_feature = [feature_var(f) for f in features]
+    if "embedding" not in ds and all(v in ds for v in per_feature):  # float16/int8, CF-decoded by xarray
+        emb = xr.concat([ds[v] for v in per_feature], dim=FEATURE).assign_coords({FEATURE: features})
+        emb = emb.astype(np.float32).transpose(TIME, FEATURE, Y, X)
+        ds = ds.drop_vars(per_feature)
+    elif "embedding" in ds:
+        emb = ds["embedding"]
+        if "scale" in ds and str(attrs.get("storage_dtype")) != "float32":  # format /1
+            emb = (emb * ds["scale"] + ds["offset"]).astype(np.float32)
+            emb = emb.transpose(TIME, FEATURE, Y, X)
+    else:
+        raise EmbeddingStoreError(
+            f"{path} has neither an 'embedding' variable nor one per feature ({per_feature}); it is damaged; "
+            "fix: rerun `stembed embed ... --overwrite`"
+        )
     emb.attrs = {"grid_mapping": "spatial_ref", "long_name": "fused embedding"}
+    emb.encoding = {}
     out = ds.drop_vars([v for v in _BOOKKEEPING if v in ds.variables]).assign(embedding=emb)
     out = out.assign_coords({FEATURE: [str(f) for f in out[FEATURE].values]})
     out.attrs = attrs

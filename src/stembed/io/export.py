@@ -1,5 +1,9 @@
-"""Export an embedding store as one GeoTIFF per date, for GIS tools that do not read zarr (no torch here).
+"""Export an embedding store for GIS tools that do not read zarr v3 (no torch here).
 
+Two routes: one GeoTIFF per date (:func:`export_geotiffs`), or one CF netCDF file for the whole
+store (:func:`export_netcdf`) that GDAL, rasterio, QGIS and xarray open with its CRS and grid.
+
+GeoTIFFs:
 Each file holds the 7 features of one date as float32 bands (descriptions ``E1``..``E7``), NaN as
 nodata, the store's CRS and transform, tiled and deflate-compressed. Files are named
 ``embedding_YYYY-MM-DD.tif``; when two dates of the store fall on one day, their names carry the
@@ -19,7 +23,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from stembed.io.embeddings import EmbeddingStoreError
+from stembed.io.embeddings import EmbeddingStoreError, feature_var
 from stembed.types import BAND, FEATURE, TIME, X, Y
 
 _BLOCK_PX = 256  # GeoTIFF tile size
@@ -90,6 +94,85 @@ def _date_raster(embeddings: xr.Dataset, i: int, crs: str, transform: list[float
     return da.rio.write_nodata(np.nan, encoded=False)
 
 
+def _georef_attrs(embeddings: xr.Dataset) -> tuple[str, list[float]]:
+    crs, transform = embeddings.attrs.get("crs"), embeddings.attrs.get("transform")
+    if not crs or transform is None or len(transform) != 6:
+        raise EmbeddingStoreError(
+            "the embedding store has no 'crs'/'transform' attributes; fix: open it with open_embeddings"
+        )
+    return str(crs), [float(v) for v in transform]
+
+
+def export_netcdf(
+    embeddings: xr.Dataset,
+    path: str | Path,
+    *,
+    dates: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the store (all dates, or the ISO ``dates``) as one CF-1.8 netCDF-4 file GDAL and QGIS open.
+
+    Layout: one float32 variable per feature, named like the store's float16/int8 variables
+    (``embedding_E1`` ... ``(time, y, x)``, NaN = missing, so GDAL shows each as a subdataset whose bands
+    are the dates: ``NETCDF:"file.nc":embedding_E1``), ``valid`` ``(time, y, x)`` uint8, and a
+    ``spatial_ref`` grid mapping with the CRS and GeoTransform. The store's attributes go in the
+    global attribute ``stembed_attrs`` (JSON). Values are decoded, so int8/float16 stores export
+    as the values they hold. Written beside ``path`` and renamed into place.
+
+    Raises:
+        EmbeddingStoreError: a date is not in the store, or the store lacks its CRS/transform.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    import json
+
+    import rioxarray  # noqa: F401  (registers the .rio accessor)
+    from affine import Affine
+
+    path = Path(path)
+    crs, transform = _georef_attrs(embeddings)
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{path} already exists; fix: pass overwrite=True (--overwrite) or choose another path"
+        )
+    times = embeddings[TIME].values
+    idx = list(range(len(times))) if dates is None else select_dates(times, dates)
+    emb = embeddings["embedding"].isel({TIME: idx})
+    features = [str(f) for f in emb[FEATURE].values]
+    data_vars = {}
+    for f in features:
+        v = emb.sel({FEATURE: f}, drop=True).astype(np.float32).transpose(TIME, Y, X)
+        v.attrs = {"long_name": f"fused embedding feature {f}"}
+        data_vars[feature_var(f)] = v
+    valid = embeddings["valid"].isel({TIME: idx}).astype(np.uint8).transpose(TIME, Y, X)
+    valid.attrs = {"long_name": "pixel-date has an embedding", "flag_values": [0, 1],
+                   "flag_meanings": "no_embedding embedding"}
+    data_vars["valid"] = valid
+    ds = xr.Dataset(data_vars).drop_vars("spatial_ref", errors="ignore")
+    for name in ds.data_vars:
+        ds[name].encoding = {}
+    ds = ds.rio.write_crs(crs).rio.write_transform(Affine.from_gdal(*transform)).rio.write_coordinate_system()
+    ds.attrs = {
+        "Conventions": "CF-1.8",
+        "title": "stembed per-date embeddings",
+        "source": "stembed embed (exported by stembed export --format netcdf)",
+        "features": " ".join(features),
+        "stembed_attrs": json.dumps(embeddings.attrs, sort_keys=True, default=str),
+    }
+    cf = {"zlib": True, "complevel": 4, "grid_mapping": "spatial_ref"}  # GDAL finds the CRS through it
+    encoding: dict[str, dict[str, object]] = {feature_var(f): {"_FillValue": np.float32(np.nan), **cf}
+                                              for f in features}
+    encoding["valid"] = dict(cf)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        ds.to_netcdf(tmp, engine="netcdf4", format="NETCDF4", encoding=encoding)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
+    return path
+
+
 def export_geotiffs(
     embeddings: xr.Dataset,
     out_dir: str | Path,
@@ -118,11 +201,7 @@ def export_geotiffs(
     import rioxarray  # noqa: F401  (registers the .rio accessor)
 
     out_dir = Path(out_dir)
-    crs, transform = embeddings.attrs.get("crs"), embeddings.attrs.get("transform")
-    if not crs or transform is None or len(transform) != 6:
-        raise EmbeddingStoreError(
-            "the embedding store has no 'crs'/'transform' attributes; fix: open it with open_embeddings"
-        )
+    crs, transform = _georef_attrs(embeddings)
     times = embeddings[TIME].values
     idx = list(range(len(times))) if dates is None else select_dates(times, dates)
     labels = date_labels(times)
@@ -138,7 +217,7 @@ def export_geotiffs(
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for i, path in targets:
-        raster = _date_raster(embeddings, i, str(crs), [float(v) for v in transform])
+        raster = _date_raster(embeddings, i, crs, transform)
         tmp = path.with_name(f".{path.name}.partial")
         raster.rio.to_raster(
             tmp, driver="GTiff", dtype="float32", tiled=True, blockxsize=_BLOCK_PX, blockysize=_BLOCK_PX,
