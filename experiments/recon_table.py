@@ -1,0 +1,107 @@
+"""Reconstruction of trained runs beside their trivial baselines and a linear model of the same size.
+
+For each run folder (stage 1 or fusion) it rebuilds the run's data exactly (its config.yaml, its
+seed, so the same patches) and prints, per split and sensor, the centre-pixel MAE of the model (from
+the run's metrics.json), of the two trivial baselines (patch mean, temporal neighbours) and of PCA-k
+of the centre spectrum fitted on the *training* split's centre values: k = the latent size for an
+autoencoder (9 for S2, 2 for S1), and for fusion PCA-7 of the joint [S2 | S1] centre vector (what a
+linear 7-d embedding could keep of both). Last line: one JSON object.
+
+    .venv/bin/python experiments/recon_table.py runs/belgium/s2 runs/belgium/s1 runs/belgium/fusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from stembed.config import AEConfig, AEStageConfig, FusionStageConfig
+from stembed.data.build import build_fusion_data, build_sensor_data
+from stembed.data.scenes import load_scenes
+from stembed.models.bundle import load_bundle
+
+
+def centres(ds, keys: dict[str, str]) -> dict[str, np.ndarray]:
+    """Centre values (N, C) per sensor of every patch of a dataset, NaN where not observed."""
+    out: dict[str, list[np.ndarray]] = {s: [] for s in keys}
+    for i in range(len(ds)):
+        item = ds[i]
+        for s, (xk, vk) in keys.items():
+            x, v = item[xk].numpy(), item[vk].numpy()
+            t, c = x.shape[0] // 2, x.shape[-1] // 2
+            out[s].append(np.where(v[t, :, c, c], x[t, :, c, c], np.nan))
+    return {s: np.stack(v) for s, v in out.items()}
+
+
+def pca_mae(train: np.ndarray, test: np.ndarray, k: int, widths: list[int]) -> list[float]:
+    """Fit PCA-k on fully observed training rows; MAE per block of columns (sensor) on fully observed test rows."""
+    a = train[np.isfinite(train).all(1)]
+    b = test[np.isfinite(test).all(1)]
+    mu = a.mean(0)
+    _, _, vt = np.linalg.svd(a - mu, full_matrices=False)
+    rec = (b - mu) @ vt[:k].T @ vt[:k] + mu
+    err = np.abs(rec - b)
+    edges = np.cumsum([0, *widths])
+    return [float(err[:, edges[i] : edges[i + 1]].mean()) for i in range(len(widths))]
+
+
+def run_table(run: Path) -> dict:
+    raw = yaml.safe_load((run / "config.yaml").read_text())
+    metrics = json.loads((run / "metrics.json").read_text())
+    rng = np.random.default_rng(raw["train"]["seed"])
+    if raw.get("stage") == "fusion":
+        cfg = FusionStageConfig.model_validate(raw)
+        a2 = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["s2_model"])
+        data = build_fusion_data(load_scenes(cfg.data), cfg.data, rng, context_px=a2.context_px)
+        keys = {"s2": ("x2", "valid2"), "s1": ("x1", "valid1")}
+        k = load_bundle(run / "bundle.pt").config["model"]["embed_dim"]
+    else:
+        cfg = AEStageConfig.model_validate(raw)
+        model = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["model"])
+        data = build_sensor_data(load_scenes(cfg.data), cfg.sensor, cfg.data, rng, context_px=model.context_px)
+        keys = {cfg.sensor: ("x", "valid")}
+        k = model.latent_dim
+    per = {name: centres(data.datasets[name], keys) for name in ("train", "test")}
+    sensors = list(keys)
+    joint = {name: np.concatenate([per[name][s] for s in sensors], axis=1) for name in per}
+    widths = [per["train"][s].shape[1] for s in sensors]
+    pca = pca_mae(joint["train"], joint["test"], k, widths)
+    rows = {}
+    for s, p in zip(sensors, pca, strict=True):
+        m = metrics["splits"]["test"][s]
+        rows[s] = {
+            "model": m["centre_mae"],
+            "patch_mean": m["baseline_patch_mean_centre_mae"],
+            "temporal_neighbours": m["baseline_temporal_neighbours_centre_mae"],
+            f"pca_{k}": p,
+            "n_patches": m["n_patches"],
+            "val_model": metrics["splits"]["val"][s]["centre_mae"],
+        }
+    return {"stage": metrics["stage"], "k": k, "rows": rows, "train_seconds": metrics.get("train_seconds")}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("runs", nargs="+", type=Path)
+    a = ap.parse_args()
+    out = {}
+    print("| run | sensor | val model | test model | test patch mean | test temporal neighbours | test PCA-k | "
+          "model / best baseline |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for run in a.runs:
+        t = run_table(run)
+        out[str(run)] = t
+        for s, r in t["rows"].items():
+            pca = r[f"pca_{t['k']}"]
+            best = min(r["patch_mean"], r["temporal_neighbours"])
+            print(f"| {t['stage']} | {s} | {r['val_model']:.4f} | **{r['model']:.4f}** | {r['patch_mean']:.4f} | "
+                  f"{r['temporal_neighbours']:.4f} | {pca:.4f} (k={t['k']}) | {best / r['model']:.1f}x better |")
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
