@@ -150,6 +150,9 @@ class FusionConfig(_Frozen):
     dropout: float = 0.1
     max_pair_gap_days: int = 350  # rows of the S1-S2 date-gap embedding = max_pair_gap_days + 1
     finetune_autoencoders: bool = False  # paper text: frozen; the authors' scripts fine-tune (off here)
+    # the latents also reach the embedding through one linear map beside the transformer, whose pooled output
+    # is layer-normalised (scale removed); the paper: transformer path only (README "Deviations")
+    direct_path: bool = False
 
 
 LEARNING_FIXES: dict[str, Any] = {
@@ -211,8 +214,8 @@ def fusion_preset(name: str) -> FusionConfig:
     """Named fusion presets (see :func:`ae_preset`)."""
     presets: dict[str, dict[str, Any]] = {
         "paper": {},
-        "small": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
-        "tiny": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64},
+        "small": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "direct_path": True},
+        "tiny": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "direct_path": True},
     }
     presets |= {"dense": presets["paper"], "small-dense": presets["small"], "tiny-dense": presets["tiny"]}
     if name not in presets:
@@ -388,6 +391,9 @@ class DenseTrainingConfig(_Frozen):
     latents: int = Field(512, ge=1)  # training windows drawn per step
     render_frames: int = Field(3, ge=1)  # frames decoded per latent, the centre frame included
     tiles_per_batch: int = Field(1, ge=1)
+    # fusion only: for the first n steps the fusion layers learn to give back the frozen encoders' latents
+    # (head_k(e) ~ z_k, standardised squared error, nothing decoded), then the paper's reconstruction loss
+    latent_warmup_steps: int = Field(0, ge=0)
 
 
 class AEStageConfig(_Frozen):

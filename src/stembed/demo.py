@@ -16,7 +16,9 @@ from stembed.config import (
     AEStageConfig,
     DataConfig,
     DenseTrainingConfig,
+    FusionLossConfig,
     FusionStageConfig,
+    LossConfig,
     SamplingConfig,
     SplitConfig,
     SyntheticSource,
@@ -57,18 +59,23 @@ def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[st
     )
     # one frame-CNN pass per 32 px tile trains 256 centre pixel-dates (stembed.training.dense)
     dense = DenseTrainingConfig(crop_px=32, subsets=2, latents=256, render_frames=2)
+    # MAE only, as in configs/belgium_*.yaml: the paper's SAM-heavy S2 loss held training back (README "Deviations")
+    mae = LossConfig(mae=1.0)
+    fusion_loss = FusionLossConfig(s1=LossConfig(mae=1.0, centre_weight=1.5), s2=LossConfig(mae=1.0, centre_weight=1.75))
     return {
         "s1": AEStageConfig(sensor="s1", preset=PRESET, data=s1_data, train=train, dense_training=dense,
                             out_dir=str(out)),
-        "s2": AEStageConfig(sensor="s2", preset=PRESET, data=s2_data, train=train, dense_training=dense,
+        "s2": AEStageConfig(sensor="s2", preset=PRESET, data=s2_data, loss=mae, train=train, dense_training=dense,
                             out_dir=str(out)),
         "fusion": FusionStageConfig(
             s1_bundle=str(out / "s1" / "bundle.pt"),
             s2_bundle=str(out / "s2" / "bundle.pt"),
             preset=PRESET,
             data=s2_data,
+            loss=fusion_loss,
             train=train,
-            dense_training=dense,
+            # a cheap warm start: the fusion layers first learn to give back the frozen latents (nothing decoded)
+            dense_training=dense.model_copy(update={"latent_warmup_steps": 400}),
             out_dir=str(out),
         ),
     }

@@ -64,6 +64,8 @@ class FusionModel(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
         self.to_embedding = nn.Linear(d, cfg.embed_dim)
+        latent_total = s1.cfg.latent_dim + s2.cfg.latent_dim + sum(ae.cfg.latent_dim for ae in self.extra.values())
+        self.direct = nn.Linear(latent_total, cfg.embed_dim) if cfg.direct_path else None
         self.softplus = nn.Softplus()
         self.head_s1 = nn.Linear(cfg.embed_dim, s1.cfg.latent_dim)
         self.head_s2 = nn.Linear(cfg.embed_dim, s2.cfg.latent_dim)
@@ -100,6 +102,7 @@ class FusionModel(nn.Module):
         return [
             self.project_s1, self.project_s2, self.project_extra, self.type_embedding, self.pair_positions,
             self.transformer, self.norm, self.to_embedding, self.head_s1, self.head_s2, self.head_extra,
+            *([self.direct] if self.direct is not None else []),
         ]
 
     def fusion_parameters(self) -> Iterator[nn.Parameter]:
@@ -180,7 +183,10 @@ class FusionModel(nn.Module):
 
         tokens = run_transformer(self.transformer, tokens)  # (B, N, d), attention between the sensor tokens
         pooled = self.norm(tokens.mean(dim=1))  # (B, d)
-        return self.softplus(self.to_embedding(pooled))  # (B, embed_dim)
+        pre = self.to_embedding(pooled)  # (B, embed_dim)
+        if self.direct is not None:  # the latents' scale, which the layer norm removed
+            pre = pre + self.direct(torch.cat([z1, z2, *(z for z, _ in extra.values())], dim=1))
+        return self.softplus(pre)  # (B, embed_dim)
 
     def decode(
         self, e: torch.Tensor, gaps1: torch.Tensor, gaps2: torch.Tensor

@@ -100,7 +100,7 @@ class _StageModule(L.LightningModule):
 
     monitor = MONITOR  # what early stopping, the best checkpoint and the plateau schedule follow
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         raise NotImplementedError
 
     def on_train_epoch_end(self) -> None:
@@ -109,7 +109,7 @@ class _StageModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         _log_centre(self, "val")
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         return self._step(batch, "train")
 
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
@@ -138,10 +138,12 @@ class AutoencoderModule(_StageModule):
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics(["centre_mae"])
 
-    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         ae, d = self.model, self.dense
         cfg, T = ae.cfg, ae.cfg.n_frames
         win = draw_windows(batch, cfg.context_px, d.latents, self.gen)
+        if win.b.numel() == 0:  # no observed centre in these tiles: skip the step (Lightning skips on None)
+            return None
         z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
         sel, scale = draw_render_frames(z.shape[0], T, d.render_frames, self.gen, z.device)
         x_hat = render(ae, z, win.gaps, sel)  # (N, F, C, P, P), centre frame first
@@ -154,7 +156,7 @@ class AutoencoderModule(_StageModule):
         _update(self.centre[f"{prefix}_centre_mae"], x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
         return parts["loss"]
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         if "window" in batch:
             return self._dense_step(batch, prefix)
         x, valid = batch["x"], batch["valid"]  # (B, T, C, P, P)
@@ -193,12 +195,14 @@ class FusionModule(_StageModule):
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.autoencoders()])
 
-    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
         model, d = self.model, self.dense
         aes = model.autoencoders()
         T, m, P = model.s2.cfg.n_frames, model.s2.cfg.context_px, model.s2.cfg.patch_px
         win = draw_windows(batch, m, d.latents, self.gen)
+        if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step (Lightning skips on None)
+            return None
         c = T // 2
         windows = {k: batch["window" if k == "s2" else f"window_{k}"] for k in aes}
         gaps, dt = {"s2": win.gaps}, {}
@@ -214,6 +218,12 @@ class FusionModule(_StageModule):
             }
         e = model.fuse(z["s1"], z["s2"], dt["s1"], {k: (z[k], dt[k]) for k in model.extra})
         heads = {"s1": model.head_s1, "s2": model.head_s2, **model.head_extra}
+        if prefix == "train" and self.global_step < d.latent_warmup_steps:
+            # warm start: give back each frozen encoder's latent, standardised per dimension (nothing decoded)
+            err = {k: ((heads[k](e) - z[k]) / z[k].std(dim=0).clamp_min(1e-6).detach()) ** 2 for k in aes}
+            total = torch.stack([err[k].mean() for k in aes]).mean()
+            self.log(f"{prefix}_latent_warmup", total, on_step=False, on_epoch=True, batch_size=e.shape[0])
+            return total
         branch_cfg = {"s1": (self.loss_cfg.s1, self.loss_cfg.s1_weight), "s2": (self.loss_cfg.s2, self.loss_cfg.s2_weight)}
         total = e.new_zeros(())
         logs: dict[str, Tensor] = {}
@@ -231,7 +241,7 @@ class FusionModule(_StageModule):
         self.log_dict({f"{prefix}_loss": total, **logs}, on_step=False, on_epoch=True, batch_size=e.shape[0])
         return total
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         if "window" in batch:
             return self._dense_step(batch, prefix)
         x1, v1, x2, v2 = batch["x1"], batch["valid1"], batch["x2"], batch["valid2"]
