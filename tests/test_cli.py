@@ -36,8 +36,10 @@ def test_info_paper_preset_matches_spec_counts_within_one_percent() -> None:
 def test_info_table_output_and_argument_errors() -> None:
     res = runner.invoke(app, ["info", "--preset", "small"])
     assert res.exit_code == 0 and "parameters" in res.output
-    res = runner.invoke(app, ["info"])
-    assert res.exit_code == 2 and "either a BUNDLE path or --preset" in res.output
+    res = runner.invoke(app, ["info"])  # no argument: the built-in bundles
+    assert res.exit_code == 0 and "pretrained:belgium" in res.output
+    res = runner.invoke(app, ["info", "some.pt", "--preset", "small"])
+    assert res.exit_code == 2 and "either a BUNDLE or --preset" in res.output
     res = runner.invoke(app, ["info", "--preset", "giant"])
     assert res.exit_code != 0
 

@@ -198,7 +198,6 @@ CASES: list[Case] = [
          lambda w, s: ["train", "fusion", *_with(f"s1_bundle={w}/x.pt", f"s2_bundle={w}/y.pt",
                                                  f"out_dir={s}/runs")], "train one with"),
     # --- info
-    Case("info-nothing", lambda w, s: ["info"], "either a BUNDLE"),
     Case("info-both", lambda w, s: ["info", str(w / "fusion.pt"), "--preset", "small"], "not both"),
     Case("info-unknown-preset", lambda w, s: ["info", "--preset", "giant"], "unknown preset"),
     Case("info-missing-bundle", lambda w, s: ["info", str(w / "nope.pt")], "does not exist"),

@@ -1,0 +1,49 @@
+"""The built-in pretrained bundle: listed, described with its model card, small, and it embeds a scene with no training."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from stembed.cli import app
+from stembed.config import EmbedConfig
+from stembed.inference.tiles import embed_cube
+from stembed.io.cube import save_scene
+from stembed.io.embeddings import open_embeddings
+from stembed.models.bundle import load_bundle
+from stembed.pretrained import PretrainedError, builtin_names, resolve_bundle
+from stembed.testing import synthetic_scene
+
+
+def test_belgium_is_built_in_small_and_a_fusion_bundle():
+    assert "belgium" in builtin_names()
+    path = resolve_bundle("pretrained:belgium")
+    assert path.is_file() and path.stat().st_size <= 5 * 1024 * 1024
+    b = load_bundle("pretrained:belgium", expect_kind="fusion")
+    assert list(b.sensors["s2"].bands) == ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
+    assert b.config["s2_model"]["variant"] == "dense"
+
+
+def test_info_lists_and_describes_the_built_in_bundles():
+    runner = CliRunner()
+    listing = runner.invoke(app, ["info"])
+    assert listing.exit_code == 0 and "pretrained:belgium" in listing.output
+    card = runner.invoke(app, ["info", "pretrained:belgium"])
+    assert card.exit_code == 0, card.output
+    assert "Not fit for" in card.output and "test block" in card.output
+    unknown = runner.invoke(app, ["info", "pretrained:mars"])
+    assert unknown.exit_code == 2 and "pretrained:belgium" in unknown.output
+
+
+def test_unknown_name_names_the_built_ins():
+    with pytest.raises(PretrainedError, match="pretrained:belgium"):
+        resolve_bundle("pretrained:nowhere")
+
+
+def test_a_new_scene_embeds_with_the_pretrained_bundle_and_no_training(tmp_path):
+    scene = synthetic_scene(seed=5, height_px=30, width_px=30, n_days=120)
+    save_scene(scene, tmp_path / "scene.zarr")
+    embed_cube(tmp_path / "scene.zarr", "pretrained:belgium", tmp_path / "emb.zarr", EmbedConfig(tile_px=30),
+               progress=False)
+    ds = open_embeddings(tmp_path / "emb.zarr")
+    assert bool(ds["valid"].any()) and ds["embedding"].sizes["feature"] == 7
