@@ -214,8 +214,9 @@ def test_compact_storage_error_is_measured_and_recorded(
     measured = np.nanmax(err, axis=1)
     recorded = read_attrs(out)["storage_error"]
     assert recorded == res.storage_error and recorded["dtype"] == dtype
-    np.testing.assert_allclose(recorded["max_abs"], measured, rtol=1e-5, atol=1e-9)
-    np.testing.assert_allclose(recorded["rmse"], np.sqrt(np.nanmean(err**2, axis=1)), rtol=1e-4)
+    # the store decodes codes in float32 (eps 6e-8 at the embedding's ~0.5), the record in float64
+    np.testing.assert_allclose(recorded["max_abs"], measured, rtol=1e-5, atol=2e-7)
+    np.testing.assert_allclose(recorded["rmse"], np.sqrt(np.nanmean(err**2, axis=1)), rtol=1e-4, atol=1e-8)
     assert recorded["n_values_per_feature"] == int(valid.sum())
     spread = np.nanmax(exact, axis=(0, 2, 3)) - np.nanmin(exact, axis=(0, 2, 3))
     # int8: half a step of 254 over 1.5x the range; float16: ~1e-3 relative

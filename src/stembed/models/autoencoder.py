@@ -201,8 +201,11 @@ class SensorEncoder(nn.Module):
         _check_gaps(time_gaps, B, T)
         tokens = self.cnn(x.reshape(B * T, C, H, W))  # (B*T, tok, 4, 4), dense: (B*T, d_model, 1, 1); each frame alone
         tokens = tokens.reshape(B, T, cfg.d_model)
-        if self.centre_in is not None:
-            tokens = tokens + self.centre_in(x[:, :, :, H // 2, W // 2])  # (B, T, C) -> (B, T, d_model)
+        if self.centre_in is not None:  # (B, T, C) -> (B, T, d_model)
+            # a broadcast sum, not a matmul: BLAS rounds a row by where it sits in the batch when the inner
+            # size is this small, and a pixel's embedding must not depend on its batch mates (bit for bit)
+            centre = x[:, :, :, H // 2, W // 2]
+            tokens = tokens + (centre[..., None, :] * self.centre_in.weight).sum(-1) + self.centre_in.bias
         return self.latent_from_tokens(tokens, time_gaps)
 
 

@@ -185,7 +185,10 @@ class FusionModel(nn.Module):
         pooled = self.norm(tokens.mean(dim=1))  # (B, d)
         pre = self.to_embedding(pooled)  # (B, embed_dim)
         if self.direct is not None:  # the latents' scale, which the layer norm removed
-            pre = pre + self.direct(torch.cat([z1, z2, *(z for z, _ in extra.values())], dim=1))
+            z = torch.cat([z1, z2, *(z for z, _ in extra.values())], dim=1)  # (B, sum of latent sizes)
+            # a broadcast sum, not a matmul: with so small an inner size BLAS rounds a row by its place in the
+            # batch, and an embedding must not depend on its batch mates (bit for bit)
+            pre = pre + (z[:, None, :] * self.direct.weight).sum(-1) + self.direct.bias
         return self.softplus(pre)  # (B, embed_dim)
 
     def decode(
