@@ -79,7 +79,8 @@ def test_bundles_rebuild_from_their_own_config(demo_runs: dict[str, RunResult]) 
     assert b.sensors["s2"].bands[0] == "B02" and b.sensors["s1"].bands == ("VV", "VH")
     assert b.provenance["versions"]["torch"].startswith("2.13")
     batch = 3
-    x1, x2 = torch.rand(batch, 11, 2, 15, 15), torch.rand(batch, 11, 10, 15, 15)
+    w = model.s2.cfg.input_px  # the demo's models are dense: 47 px windows
+    x1, x2 = torch.rand(batch, 11, 2, w, w), torch.rand(batch, 11, 10, w, w)
     gaps = torch.full((batch, 10), 5.0)
     with torch.no_grad():
         e = model.embed(x1, gaps, x2, gaps, torch.zeros(batch))
