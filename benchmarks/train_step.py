@@ -25,21 +25,11 @@ import time
 
 import torch
 
-from stembed.config import AEConfig, ae_preset, s2_stage1_loss
-from stembed.losses import reconstruction_loss, sampled_reconstruction_loss
+from stembed.config import LEARNING_FIXES, AEConfig, ae_preset, s2_stage1_loss
+from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.runtime import tune_allocator
-from stembed.training.dense import (
-    draw_render_frames,
-    draw_windows,
-    gather_targets,
-    gather_tokens,
-    render,
-    window_tokens,
-)
-
-FIXES = {"centre_path": True, "temporal_norm_first": True, "latent_activation": "identity", "dropout": 0.0,
-         "enc_dropout2d": 0.0, "dec_dropout2d": 0.0}
+from stembed.training.dense import autoencoder_step
 
 
 def main() -> None:
@@ -54,7 +44,7 @@ def main() -> None:
     tune_allocator()
     gen = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
-    cfg = AEConfig(**{**ae_preset(a.preset, "s2").model_dump(), **FIXES})
+    cfg = AEConfig(**{**ae_preset(a.preset, "s2").model_dump(), **LEARNING_FIXES})
     if cfg.variant != "dense":
         raise SystemExit(f"--preset must be a dense preset, got {a.preset!r}")
     model = SensorAutoencoder(cfg).train()
@@ -83,17 +73,11 @@ def main() -> None:
         return a.batch
 
     def dense_step() -> int:
-        win = draw_windows(tile, m, a.latents, gen)
-        z = model.encoder.latent_from_tokens(gather_tokens(window_tokens(model, tile["window"]), win), win.gaps)
-        sel, scale = draw_render_frames(z.shape[0], T, a.render, gen, z.device)
-        x_hat = render(model, z, win.gaps, sel)
-        tg = gather_targets(tile["window"], tile["inside"], win, sel, m, P, loss_cfg)
-        loss = sampled_reconstruction_loss(x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale,
-                                           sam_total=tg.sam_total, n_frames=T)["loss"]
+        step = autoencoder_step(model, tile, loss_cfg, a.latents, a.render, gen)
         opt.zero_grad()
-        loss.backward()
+        step.parts["loss"].backward()
         opt.step()
-        return z.shape[0]
+        return step.x_hat.shape[0]
 
     times: dict[str, list[float]] = {"per_patch": [], "dense": []}
     counts: dict[str, int] = {}

@@ -6,24 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from stembed.config import AEConfig, LossConfig, SamplingConfig, ae_preset, s2_stage1_loss
+from stembed.config import LEARNING_FIXES, AEConfig, LossConfig, SamplingConfig, ae_preset, s2_stage1_loss
 from stembed.data.datasets import PatchDataset, SensorArrays
 from stembed.data.sampling import PatchIndex, Region, day_numbers
 from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.losses import reconstruction_loss, sam_normaliser, sampled_reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.testing import synthetic_scene
-from stembed.training.dense import (
-    draw_render_frames,
-    draw_windows,
-    gather_targets,
-    gather_tokens,
-    render,
-    window_tokens,
-)
-
-FIXES = {"centre_path": True, "temporal_norm_first": True, "latent_activation": "identity", "dropout": 0.0,
-         "enc_dropout2d": 0.0, "dec_dropout2d": 0.0}
+from stembed.training.dense import autoencoder_step, draw_render_frames
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +24,7 @@ def s2_site() -> SensorArrays:
 
 def _model(**over: object) -> SensorAutoencoder:
     torch.manual_seed(0)
-    cfg = AEConfig(**{**ae_preset("tiny-dense", "s2").model_dump(), **FIXES, **over})
+    cfg = AEConfig(**{**ae_preset("tiny-dense", "s2").model_dump(), **LEARNING_FIXES, **over})
     return SensorAutoencoder(cfg)
 
 
@@ -51,16 +41,10 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
     item = TileDataset([s2_site], [tile], sampling.window_dates, 10, m)[0]
     batch = {k: v[None] for k, v in item.items()}
 
-    gen = torch.Generator().manual_seed(0)
-    win = draw_windows(batch, m, n_latents=10_000, gen=gen)  # every observed centre
+    step = autoencoder_step(ae, batch, loss_cfg, latents=10_000, render_frames=T,  # every window, every frame
+                            gen=torch.Generator().manual_seed(0))
+    win, tg, dense = step.windows, step.targets, step.parts
     assert win.b.numel() > 50
-    z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
-    sel, scale = draw_render_frames(z.shape[0], T, T, gen, z.device)
-    x_hat = render(ae, z, win.gaps, sel)
-    tg = gather_targets(batch["window"], batch["inside"], win, sel, m, ae.cfg.patch_px, loss_cfg)
-    dense = sampled_reconstruction_loss(
-        x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
-    )
 
     # the same windows as per-patch samples, through the per-patch dataset and model call
     patches = []

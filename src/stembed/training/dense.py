@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from stembed.config import LossConfig
-from stembed.losses import context_weight_factors
+from stembed.losses import context_weight_factors, sampled_reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 
 
@@ -152,3 +152,32 @@ def gather_targets(
         centre = all_ok[win.b, win.frames[:, win.frames.shape[1] // 2], py + r, px + r]  # (N,) its raw weight was 1
         sam_total = (per_window + (loss.centre_weight - 1.0) * centre).sum()
     return Targets(x, valid, sam_total)
+
+
+@dataclass(frozen=True)
+class DenseStep:
+    """One stage-1 dense step's windows, reconstructions (centre frame first), targets and loss terms."""
+
+    windows: Windows
+    x_hat: Tensor
+    targets: Targets
+    parts: dict[str, Tensor]
+
+
+def autoencoder_step(
+    ae: SensorAutoencoder, batch: dict[str, Tensor], loss: LossConfig, latents: int, render_frames: int,
+    gen: torch.Generator,
+) -> DenseStep | None:
+    """Draw windows from a tile batch, encode, render and score them; None when no centre value is observed."""
+    cfg, T = ae.cfg, ae.cfg.n_frames
+    win = draw_windows(batch, cfg.context_px, latents, gen)
+    if win.b.numel() == 0:
+        return None
+    z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
+    sel, scale = draw_render_frames(z.shape[0], T, render_frames, gen, z.device)
+    x_hat = render(ae, z, win.gaps, sel)  # (N, F, C, P, P), centre frame first
+    tg = gather_targets(batch["window"], batch["inside"], win, sel, cfg.context_px, cfg.patch_px, loss)
+    parts = sampled_reconstruction_loss(
+        x_hat, tg.x, tg.valid, loss, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
+    )
+    return DenseStep(win, x_hat, tg, parts)

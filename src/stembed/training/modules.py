@@ -15,6 +15,7 @@ from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import Companion, FusionModel, build_fusion
 from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
 from stembed.training.dense import (
+    autoencoder_step,
     draw_render_frames,
     draw_windows,
     gather_targets,
@@ -139,21 +140,14 @@ class AutoencoderModule(_StageModule):
         self.centre = _centre_metrics(["centre_mae"])
 
     def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
-        ae, d = self.model, self.dense
-        cfg, T = ae.cfg, ae.cfg.n_frames
-        win = draw_windows(batch, cfg.context_px, d.latents, self.gen)
-        if win.b.numel() == 0:  # no observed centre in these tiles: skip the step (Lightning skips on None)
+        d = self.dense
+        step = autoencoder_step(self.model, batch, self.loss_cfg, d.latents, d.render_frames, self.gen)
+        if step is None:  # no observed centre in these tiles: skip the step (Lightning skips on None)
             return None
-        z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
-        sel, scale = draw_render_frames(z.shape[0], T, d.render_frames, self.gen, z.device)
-        x_hat = render(ae, z, win.gaps, sel)  # (N, F, C, P, P), centre frame first
-        tg = gather_targets(batch["window"], batch["inside"], win, sel, cfg.context_px, cfg.patch_px, self.loss_cfg)
-        parts = sampled_reconstruction_loss(
-            x_hat, tg.x, tg.valid, self.loss_cfg, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
-        )
+        parts, tg = step.parts, step.targets
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=z.shape[0])
-        _update(self.centre[f"{prefix}_centre_mae"], x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=step.x_hat.shape[0])
+        _update(self.centre[f"{prefix}_centre_mae"], step.x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
         return parts["loss"]
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
