@@ -73,10 +73,11 @@ def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[st
             preset=PRESET,
             data=s2_data,
             loss=fusion_loss,
-            # twice the epochs (its steps are cheaper: the encoders are frozen), the first 150 a warm start in which
-            # the fusion layers learn to give back the frozen latents (nothing decoded)
-            train=train.model_copy(update={"max_epochs": 2 * max_epochs}),
-            dense_training=dense.model_copy(update={"latent_warmup_steps": 150}),
+            # starts at the best linear fusion of the training latents (stembed.training.fusion_init), so a lower
+            # learning rate refines it
+            init="linear",
+            train=train.model_copy(update={"lr": 5e-4}),
+            dense_training=dense,
             out_dir=str(out),
         ),
     }

@@ -39,9 +39,11 @@ from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
+from stembed.models.fusion import FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
 from stembed.training.evaluate import evaluate_split
+from stembed.training.fusion_init import init_linear_fusion, training_latents
 from stembed.training.modules import AutoencoderModule, FusionModule, GapFillModule, fusion_inputs
 
 
@@ -217,6 +219,34 @@ def _companion_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
     }
 
 
+def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> dict[str, Any]:
+    """``init: linear``: fit the linear fusion on the training split's latents (patches: its patch dataset)."""
+    loader = DataLoader(patches, batch_size=max(cfg.train.batch_size, 64), shuffle=False)
+    z, gaps = training_latents(model, loader)
+    weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight, **{k: cfg.loss.extra_weight for k in model.extra}}
+    return {"n_latents": int(z["s2"].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
+
+
+def _fusion_reconstruct(model: FusionModel) -> Any:
+    """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split`."""
+
+    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        x1_hat, x2_hat, e = model(*fusion_inputs(batch, model))
+        extra_hat = model.decode_extra(e, {k: batch[f"time_gaps_{k}"] for k in model.extra})
+        return {
+            "s1": (x1_hat, batch["x1"], batch["valid1"]),
+            "s2": (x2_hat, batch["x2"], batch["valid2"]),
+            **{k: (extra_hat[k], batch[f"x_{k}"], batch[f"valid_{k}"]) for k in model.extra},
+        }
+
+    return reconstruct
+
+
+def _monitor(split: dict[str, Any]) -> float:
+    """A fusion split's monitor, as training's: the mean of S1's and S2's centre MAEs (companions left out)."""
+    return float(np.mean([split[k]["centre_mae"] for k in ("s1", "s2")]))
+
+
 def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
     """Stage 2: fusion layers on the stage-1 bundles named in ``cfg`` (S1, S2, companions)."""
     b1 = load_bundle(cfg.s1_bundle, expect_kind="autoencoder", expect_sensor="s1")
@@ -254,23 +284,25 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     for k, b in bx.items():
         model.extra[k].load_state_dict(b.state_dict)
     started = time.perf_counter()
+    start: dict[str, Any] = {}
+    if cfg.init == "linear" and resume is None:
+        start = _linear_start(model, patch_train, cfg)
+        start_state = {k: v.clone() for k, v in model.state_dict().items()}
+        start["val"] = evaluate_split(_loaders(data, cfg.train)["val"], _fusion_reconstruct(model.eval()))
     module = _fit(module, data, cfg.train, run_dir, resume)
     model = module.model  # type: ignore[attr-defined]
     data.datasets["train"] = patch_train
-
-    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x1_hat, x2_hat, e = model(*fusion_inputs(batch, model))
-        extra_hat = model.decode_extra(e, {k: batch[f"time_gaps_{k}"] for k in model.extra})
-        return {
-            "s1": (x1_hat, batch["x1"], batch["valid1"]),
-            "s2": (x2_hat, batch["x2"], batch["valid2"]),
-            **{k: (extra_hat[k], batch[f"x_{k}"], batch[f"valid_{k}"]) for k in model.extra},
-        }
-
+    splits = _split_metrics(data, cfg.train, _fusion_reconstruct(model))
+    if start and _monitor(start["val"]) < _monitor(splits["val"]):
+        # chosen on validation: training did not improve on the linear start there, so the start is the model
+        model.load_state_dict(start_state)
+        splits = _split_metrics(data, cfg.train, _fusion_reconstruct(model))
+        start["kept"] = True
     metrics = {
         "stage": "fusion",
         "train_seconds": round(time.perf_counter() - started, 1),
-        "splits": _split_metrics(data, cfg.train, reconstruct),
+        **({"linear_start": start} if start else {}),
+        "splits": splits,
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)

@@ -1,0 +1,98 @@
+"""The linear fusion start against a trained fusion run, on the run's own validation and test blocks.
+
+Rebuilds the run's data (its config.yaml and seed), encodes every patch with the frozen stage-1
+autoencoders, and prints the centre-pixel MAE per sensor of:
+
+- ``autoencoders``: each sensor's own latent decoded (the floor any fusion of these latents stands on);
+- ``run``: the run's fusion bundle;
+- ``linear, decoder metric``: PCA of the training latents in the decoders' metric
+  (:func:`stembed.training.fusion_init.init_linear_fusion`, what ``init: linear`` starts from);
+- ``linear, standardised``: plain PCA of the standardised latents, same size (the metric's effect).
+
+    .venv/bin/python experiments/fusion_init.py runs/belgium/fusion
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+from stembed.config import AEConfig, FusionStageConfig
+from stembed.data.build import build_fusion_data
+from stembed.data.scenes import load_scenes
+from stembed.models.bundle import load_bundle
+from stembed.training.evaluate import evaluate_split
+from stembed.training.fusion_init import init_linear_fusion, linear_fusion, training_latents
+from stembed.training.run import _fusion_reconstruct
+
+
+def centre_mae(model, z, gaps, batches) -> dict[str, float]:
+    """Centre MAE of decoding latents ``z`` (per sensor, rows in dataset order) against the patches' centres."""
+    out = {}
+    for k, ae in model.autoencoders().items():
+        err, n, i = 0.0, 0.0, 0
+        for batch in batches:
+            key = {"s1": ("x1", "valid1"), "s2": ("x2", "valid2")}.get(k, (f"x_{k}", f"valid_{k}"))
+            x, v = batch[key[0]], batch[key[1]]
+            b = x.shape[0]
+            with torch.no_grad():
+                x_hat = ae.decode(z[k][i : i + b], gaps[k][i : i + b])
+            t, c = x.shape[1] // 2, x.shape[-1] // 2
+            err += float(((x_hat[:, t, :, c, c] - x[:, t, :, c, c]).abs() * v[:, t, :, c, c]).sum())
+            n += float(v[:, t, :, c, c].sum())
+            i += b
+        out[k] = err / n
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("run", type=Path)
+    a = ap.parse_args()
+    raw = yaml.safe_load((a.run / "config.yaml").read_text())
+    cfg = FusionStageConfig.model_validate(raw)
+    trained = load_bundle(a.run / "bundle.pt").build_model().eval()
+    a2 = AEConfig.model_validate(trained.s2.cfg.model_dump())
+    data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
+                             context_px=a2.context_px, extra=tuple(cfg.data.extra_sensors))
+    loaders = {s: list(DataLoader(data.datasets[s], batch_size=64)) for s in ("train", "val", "test")}
+    latents = {s: training_latents(trained, loaders[s]) for s in loaders}
+    weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight, **{k: cfg.loss.extra_weight for k in trained.extra}}
+
+    linear = copy.deepcopy(trained)
+    init_linear_fusion(linear, *latents["train"], weights)
+    z_train = torch.cat(list(latents["train"][0].values()), dim=1)
+    std = torch.diag(1.0 / z_train.std(0) ** 2)
+    mean, enc, dec = linear_fusion(z_train, std, trained.cfg.embed_dim)
+    widths = [z.shape[1] for z in latents["train"][0].values()]
+
+    rows = {}
+    for s in ("val", "test"):
+        z, gaps = latents[s]
+        zz = torch.cat(list(z.values()), dim=1)
+        zs = dict(zip(z, ((zz - mean) @ enc @ dec + mean).split(widths, dim=1), strict=True))
+        rows[s] = {
+            "autoencoders": centre_mae(trained, z, gaps, loaders[s]),
+            "run": {k: m["centre_mae"] for k, m in evaluate_split(loaders[s], _fusion_reconstruct(trained)).items()},
+            "linear, decoder metric": {
+                k: m["centre_mae"] for k, m in evaluate_split(loaders[s], _fusion_reconstruct(linear)).items()
+            },
+            "linear, standardised": centre_mae(trained, zs, gaps, loaders[s]),
+        }
+    sensors = list(trained.autoencoders())
+    print("| model | " + " | ".join(f"{s} {k}" for s in ("val", "test") for k in sensors) + " |")
+    print("|---|" + "---:|" * (2 * len(sensors)))
+    for name in rows["val"]:
+        print(f"| {name} | " + " | ".join(f"{rows[s][name][k]:.4f}" for s in ("val", "test") for k in sensors) + " |")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
