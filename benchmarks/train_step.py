@@ -7,8 +7,8 @@ cube's value range:
 - per patch: ``--batch`` windows of 11 frames x 47 x 47 px (the encoder's context), one centre
   pixel-date each;
 - dense: one tile of ``--crop`` x ``--crop`` centre pixels (+ the 23 px context) over 20 dates with 2
-  frame draws; ``--latents`` windows drawn from it, each rendered on its centre frame and
-  ``--render - 1`` others (the training default).
+  frame draws; ``--latents`` windows drawn from it, each rendered on its centre frame and on
+  average ``--render - 1`` others (a fraction: that share of the windows renders one more).
 
 The steps alternate, after two warm-up steps each; the script prints the median step time, the
 centre pixel-dates per second of each and their ratio. Last line: one JSON object.
@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--crop", type=int, default=32)
     ap.add_argument("--latents", type=int, default=512)
-    ap.add_argument("--render", type=int, default=3)
+    ap.add_argument("--render", type=float, default=3)
     ap.add_argument("--steps", type=int, default=6)
     a = ap.parse_args()
     tune_allocator()
@@ -75,9 +75,9 @@ def main() -> None:
     def dense_step() -> int:
         step = autoencoder_step(model, tile, loss_cfg, a.latents, a.render, gen)
         opt.zero_grad()
-        step.parts["loss"].backward()
+        step.recon.parts["loss"].backward()
         opt.step()
-        return step.x_hat.shape[0]
+        return step.windows.b.numel()
 
     times: dict[str, list[float]] = {"per_patch": [], "dense": []}
     counts: dict[str, int] = {}

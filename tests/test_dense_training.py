@@ -41,10 +41,10 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
     item = TileDataset([s2_site], [tile], sampling.window_dates, 10, m)[0]
     batch = {k: v[None] for k, v in item.items()}
 
-    step = autoencoder_step(ae, batch, loss_cfg, latents=10_000, render_frames=T,  # every window, every frame
+    step = autoencoder_step(ae, batch, loss_cfg, latents=10_000, render_frames=T,  # every window and frame
                             gen=torch.Generator().manual_seed(0))
-    win, tg, dense = step.windows, step.targets, step.parts
-    assert win.b.numel() > 50
+    win, plan, tg, dense = step.windows, step.recon.plan, step.recon.targets, step.recon.parts
+    assert win.b.numel() > 50 and plan.latent.numel() == win.b.numel() * T
 
     # the same windows as per-patch samples, through the per-patch dataset and model call
     patches = []
@@ -58,14 +58,16 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
     x_hat_ref, _ = ae(pb["x_in"], pb["time_gaps"])
     ref = reconstruction_loss(x_hat_ref, pb["x"], pb["valid"], loss_cfg)
 
-    torch.testing.assert_close(tg.x, pb["x"])
-    assert torch.equal(tg.valid, pb["valid"])
+    torch.testing.assert_close(tg.x[:, 0], pb["x"][plan.latent, plan.frame])
+    assert torch.equal(tg.valid[:, 0], pb["valid"][plan.latent, plan.frame])
     for key in ref:
         torch.testing.assert_close(dense[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
-def test_frame_sampling_is_unbiased(one_torch_thread):
-    """Rendering the centre frame plus 2 drawn others: the mean of many draws is the all-frames loss."""
+@pytest.mark.parametrize("render", [3, 1.4], ids=["two-others", "fraction"])
+def test_frame_sampling_is_unbiased(one_torch_thread, render):
+    """The centre frame plus drawn others (2 each, or one for 40 % of the patches): the mean of many draws is the
+    all-frames loss."""
     torch.manual_seed(0)
     N, T, C, P = 4, 11, 10, 15
     x = torch.rand(N, T, C, P, P) * 0.3
@@ -73,23 +75,36 @@ def test_frame_sampling_is_unbiased(one_torch_thread):
     valid = torch.rand(N, T, C, P, P) > 0.2
     cfg = s2_stage1_loss()
     total = sam_normaliser(valid.all(dim=2), cfg)
-    full_sel, ones = draw_render_frames(N, T, T, torch.Generator(), x.device)
-    exact = sampled_reconstruction_loss(x_hat, x, valid, cfg, frames=full_sel, scale=ones, sam_total=total,
-                                        n_frames=T)
+
+    def loss(plan):
+        i, f = plan.latent, plan.frame
+        return sampled_reconstruction_loss(
+            x_hat[i, f][:, None], x[i, f][:, None], valid[i, f][:, None], cfg, frames=f[:, None],
+            scale=plan.scale[:, None], sam_total=total, n_frames=T, n_patches=N,
+        )
+
+    exact = loss(draw_render_frames(N, T, T, torch.Generator(), x.device))
     assert torch.allclose(exact["loss"], reconstruction_loss(x_hat, x, valid, cfg)["loss"], rtol=1e-5)
     gen = torch.Generator().manual_seed(1)
     draws = {k: [] for k in ("mae", "ssim", "sam")}
+    sizes = []
     for _ in range(1500):
-        sel, scale = draw_render_frames(N, T, 3, gen, x.device)
-        assert (sel[:, 0] == T // 2).all() and (sel[:, 1:] != T // 2).all()
-        pick = sel[:, :, None, None, None].expand(-1, -1, C, P, P)
-        out = sampled_reconstruction_loss(
-            torch.gather(x_hat, 1, pick), torch.gather(x, 1, pick), torch.gather(valid, 1, pick), cfg,
-            frames=sel, scale=scale, sam_total=total, n_frames=T,
-        )
+        plan = draw_render_frames(N, T, render, gen, x.device)
+        assert (plan.latent[:N] == torch.arange(N)).all() and (plan.frame[:N] == T // 2).all()
+        assert (plan.frame[N:] != T // 2).all()
+        pairs = set(zip(plan.latent.tolist(), plan.frame.tolist(), strict=True))
+        assert len(pairs) == plan.latent.numel()  # no frame twice
+        sizes.append(plan.latent.numel())
+        out = loss(plan)
         for k in draws:
             draws[k].append(float(out[k]))
+    assert np.mean(sizes) == pytest.approx(N * render, rel=0.05)
     for k, values in draws.items():
         v = np.asarray(values)
         se = v.std() / np.sqrt(len(v))
         assert abs(v.mean() - float(exact[k])) < 4 * se + 1e-7, (k, v.mean(), float(exact[k]), se)
+
+
+def test_the_centre_frame_alone_is_refused():
+    with pytest.raises(ValueError, match="above 1"):
+        draw_render_frames(4, 11, 1, torch.Generator(), torch.device("cpu"))

@@ -382,14 +382,15 @@ class DenseTrainingConfig(_Frozen):
 
     One frame-CNN pass over a ``crop_px`` tile (plus the encoder's context) gives every centre
     pixel's tokens; ``latents`` windows per step are drawn among the tile batch's observed centre
-    pixel-dates, each decoded on its centre frame plus ``render_frames - 1`` others (``n_frames``:
-    every frame, the exact per-patch loss). Validation and the run's metrics stay per patch.
+    pixel-dates, each decoded on its centre frame plus on average ``render_frames - 1`` others (a
+    fraction: that share of the windows decodes one more frame; ``n_frames``: every frame, the exact
+    per-patch loss). Validation and the run's metrics stay per patch.
     """
 
     crop_px: int = Field(32, ge=1)  # centre pixels per tile edge
     subsets: int = Field(2, ge=1)  # frame draws (n_frames of the window's dates) per tile
     latents: int = Field(512, ge=1)  # training windows drawn per step
-    render_frames: int = Field(3, ge=1)  # frames decoded per latent, the centre frame included
+    render_frames: float = Field(3, gt=1)  # mean frames decoded per latent, the centre frame included
     tiles_per_batch: int = Field(1, ge=1)
     # fusion only: for the first n steps the fusion layers learn to give back the frozen encoders' latents
     # (head_k(e) ~ z_k, standardised squared error, nothing decoded), then the paper's reconstruction loss
@@ -451,11 +452,17 @@ class FusionStageConfig(_Frozen):
     train: TrainConfig = Field(default_factory=lambda: TrainConfig(warmup_steps=30_000, plateau_factor=0.3,
                                                                    plateau_patience=9, min_lr=3.5e-7))
     dense_training: DenseTrainingConfig | None = None  # tiles instead of patches (dense bundles only)
+    # "linear": before training, set the fusion layers to the best linear fusion of the training latents to first
+    # order (PCA in the frozen decoders' metric, stembed.training.fusion_init; needs the direct path); "random":
+    # the paper's random start
+    init: Literal["random", "linear"] = "random"
     out_dir: str = "runs"
 
     @model_validator(mode="after")
     def _check(self) -> FusionStageConfig:
         _check_preset(self.preset)
+        if self.init == "linear" and not self.resolved_model().direct_path:
+            raise ValueError("init: linear needs a fusion model with direct_path: true (the small and tiny presets)")
         return self
 
     def resolved_model(self) -> FusionConfig:

@@ -267,6 +267,7 @@ def sampled_reconstruction_loss(
     scale: torch.Tensor,
     sam_total: torch.Tensor | None,
     n_frames: int,
+    n_patches: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """:func:`reconstruction_loss` when only some frames of each patch were decoded (dense training).
 
@@ -279,10 +280,13 @@ def sampled_reconstruction_loss(
         sam_total: the SAM term's normaliser over *all* T frames of every patch,
             :func:`sam_normaliser`: it is known without decoding, so only the numerator is estimated
             (None when ``cfg.sam`` is 0).
+        n_patches: the number of patches the rows belong to (default: N, one row per patch); rows may
+            also be single (patch, frame) pairs, (M, 1, ...), when patches decode different numbers of frames.
 
     With every frame decoded (F = T, ``scale`` 1) this is exactly :func:`reconstruction_loss`.
     """
-    N, _, C, P, _ = x.shape
+    _, _, C, P, _ = x.shape
+    N = x.shape[0] if n_patches is None else n_patches
     out: dict[str, torch.Tensor] = {}
     total = x_hat.new_zeros(())
     if cfg.mae:

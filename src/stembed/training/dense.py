@@ -71,113 +71,166 @@ def gather_tokens(tok: Tensor, win: Windows) -> Tensor:
     return tok[win.b[:, None], win.frames, :, win.p[:, None]]
 
 
-def draw_render_frames(n: int, n_frames: int, render: int, gen: torch.Generator, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Which frames each latent renders: the centre frame plus ``render - 1`` of the others, uniformly.
+@dataclass(frozen=True)
+class RenderPlan:
+    """Which (window, frame) pairs a step decodes: window index ``latent`` (M,), frame position ``frame`` (M,)
+    in the window (0 ... T-1), and ``scale`` (M,), the inverse of the pair's inclusion probability. The first
+    N pairs are the N windows' centre frames, in window order."""
 
-    Returns ``sel`` (N, F) long frame indices (centre first) and ``scale`` (N, F): 1 for the centre,
-    (T - 1) / (F - 1) for the others (inverse inclusion probability).
+    latent: Tensor
+    frame: Tensor
+    scale: Tensor
+
+
+def draw_render_frames(n: int, n_frames: int, render: float, gen: torch.Generator, device: torch.device) -> RenderPlan:
+    """Every window's centre frame, plus on average ``render - 1`` of its other frames (at least a fraction).
+
+    Each window draws ``floor(render - 1)`` others uniformly without replacement, and one more with
+    probability ``frac(render - 1)``: every non-centre frame is then included with probability
+    ``q = (render - 1) / (T - 1)`` and weighted ``1 / q`` (Horvitz-Thompson), so the expected loss is
+    the all-frames loss. ``render >= n_frames`` renders every frame with weight 1.
     """
     c = n_frames // 2
-    if render >= n_frames:
-        sel = torch.arange(n_frames, device=device).expand(n, -1)
-        return sel, torch.ones(n, n_frames, device=device)
-    others = torch.rand(n, n_frames - 1, generator=gen).argsort(dim=1)[:, : render - 1].to(device)  # (N, F-1)
+    q = min(float(render) - 1.0, n_frames - 1.0)
+    if q <= 0:
+        raise ValueError(f"render_frames must be above 1 (the centre frame alone is not the paper's loss), got {render}")
+    whole, frac = int(q), q - int(q)
+    k = whole + (frac > 0)
+    ids = torch.arange(n)
+    others = torch.rand(n, n_frames - 1, generator=gen).argsort(dim=1)[:, :k]  # (N, k) among the T-1 others
     others = others + (others >= c).long()  # skip the centre index
-    sel = torch.cat([torch.full((n, 1), c, device=device, dtype=torch.long), others], dim=1)
-    scale = torch.full((n, render), (n_frames - 1) / (render - 1), device=device)
-    scale[:, 0] = 1.0
-    return sel, scale
+    keep = torch.ones(n, k, dtype=torch.bool)
+    if frac > 0:
+        keep[:, -1] = torch.rand(n, generator=gen) < frac
+    n_other = int(keep.sum())
+    latent = torch.cat([ids, ids[:, None].expand(n, k)[keep]])
+    frame = torch.cat([torch.full((n,), c, dtype=torch.long), others[keep]])
+    scale = torch.cat([torch.ones(n), torch.full((n_other,), (n_frames - 1) / q)])
+    return RenderPlan(latent.to(device), frame.to(device), scale.to(device))
 
 
-def render(ae: SensorAutoencoder, z: Tensor, gaps: Tensor, sel: Tensor) -> Tensor:
-    """Decode latents (N, latent) but render only frames ``sel`` (N, F): (N, F, C, P, P) in cube units."""
+def render(ae: SensorAutoencoder, z: Tensor, gaps: Tensor, plan: RenderPlan) -> Tensor:
+    """Decode latents (N, latent) but render only the pairs of ``plan``: (M, 1, C, P, P) in cube units."""
     tokens = ae.decoder.tokens(z, gaps)  # (N, T, d_model)
-    chosen = torch.gather(tokens, 1, sel[..., None].expand(-1, -1, tokens.shape[-1]))  # (N, F, d_model)
-    x_hat = ae.decoder.render(chosen.reshape(-1, tokens.shape[-1]))  # (N*F, C, P, P)
-    cfg = ae.cfg
-    x_hat = x_hat.reshape(sel.shape[0], sel.shape[1], cfg.in_channels, cfg.patch_px, cfg.patch_px)
-    return x_hat * ae.input_std + ae.input_mean
+    x_hat = ae.decoder.render(tokens[plan.latent, plan.frame])  # (M, C, P, P)
+    return (x_hat * ae.input_std[0] + ae.input_mean[0])[:, None]
 
 
 @dataclass(frozen=True)
 class Targets:
-    """Per-patch targets of the windows on the rendered frames: ``x`` (N, F, C, P, P) filled with the patch's
-    band means where not observed (for SSIM, as :func:`stembed.data.datasets.fill_patch` fills), ``valid``
-    (same shape), and ``sam_total``: the SAM normaliser over all T frames of every patch (None without SAM)."""
+    """Per-patch targets of the rendered pairs: ``x`` (M, 1, C, P, P) filled with the patch's band means where
+    not observed (for SSIM, as :func:`stembed.data.datasets.fill_patch` fills), ``valid`` (same shape), and
+    ``sam_total``: the SAM normaliser over all T frames of every window (None without SAM)."""
 
     x: Tensor
     valid: Tensor
     sam_total: Tensor | None
 
 
+def _box_sums(t: Tensor, size: int) -> Tensor:
+    """(..., S, S) -> (..., S - size + 1, S - size + 1): the sum over each size x size square, from an integral
+    image (float64), so its cost does not grow with the square's area as a 15 x 15 pooling kernel's does."""
+    ii = torch.nn.functional.pad(t.double().cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+    out = ii[..., size:, size:] - ii[..., :-size, size:] - ii[..., size:, :-size] + ii[..., :-size, :-size]
+    return out.to(t.dtype)
+
+
 def gather_targets(
-    window: Tensor, inside: Tensor, win: Windows, sel: Tensor, margin: int, patch_px: int, loss: LossConfig
+    window: Tensor, inside: Tensor, win: Windows, plan: RenderPlan, margin: int, patch_px: int, loss: LossConfig
 ) -> Targets:
-    """The reconstruction targets of each window: its 15 x 15 patch around the centre, on the rendered frames.
+    """The reconstruction targets of each rendered pair: its window's 15 x 15 patch on that frame.
 
     A pixel outside the tile's split region (a reflected one) is never a target (``valid`` False). The
     statistics that need every frame of a patch (its band means, the SAM normaliser) come from box sums
-    over the tile, so only the F rendered frames are gathered.
+    over the tile, so only the rendered frames are gathered.
     """
-    Bt, D, C = window.shape[:3]
+    C = window.shape[2]
     h = window.shape[-1] - 2 * margin
-    py, px = win.p // h, win.p % h
     r = patch_px // 2
     lo, S = margin - r, h + 2 * r  # the patches of all centres cover [lo, lo + S) of the window
     part = window[..., lo : lo + S, lo : lo + S]  # (Bt, D, C, S, S)
     ins = inside[:, lo : lo + S, lo : lo + S]  # (Bt, S, S)
     ok = torch.isfinite(part) & ins[:, None, None]
-    frames = torch.gather(win.frames, 1, sel)  # (N, F) tile-date indices of the rendered frames
+    b, p = win.b[plan.latent], win.p[plan.latent]  # (M,) each pair's tile and centre pixel
+    py, px = p // h, p % h
+    frames = win.frames[plan.latent]  # (M, T) tile-date indices of each pair's window
+    frame = frames.gather(1, plan.frame[:, None])  # (M, 1) the rendered one
     views = part.unfold(3, patch_px, 1).unfold(4, patch_px, 1)  # (Bt, D, C, h, w, P, P), no copy
     ok_views = ok.unfold(3, patch_px, 1).unfold(4, patch_px, 1)
-    x = views[win.b[:, None], frames, :, py[:, None], px[:, None]]  # (N, F, C, P, P)
-    valid = ok_views[win.b[:, None], frames, :, py[:, None], px[:, None]]
+    x = views[b[:, None], frame, :, py[:, None], px[:, None]]  # (M, 1, C, P, P)
+    valid = ok_views[b[:, None], frame, :, py[:, None], px[:, None]]
 
-    def box(t: Tensor) -> Tensor:  # (Bt, D, C', S, S) -> (Bt, D, C', h, w): sums over each P x P patch
-        out = nn.functional.avg_pool2d(t.reshape(Bt * D, -1, S, S), patch_px, stride=1) * patch_px**2
-        return out.reshape(Bt, D, -1, h, h)
-
-    per_date = box(torch.cat([torch.where(ok, part, torch.zeros_like(part)), ok.to(part.dtype)], dim=2))
-    at = per_date[win.b[:, None], win.frames, :, py[:, None], px[:, None]].sum(dim=1)  # (N, 2C) over the T frames
+    per_date = _box_sums(torch.cat([torch.where(ok, part, torch.zeros_like(part)), ok.to(part.dtype)], dim=2),
+                         patch_px)  # (Bt, D, 2C, h, w)
+    at = per_date[b[:, None], frames, :, py[:, None], px[:, None]].sum(dim=1)  # (M, 2C) over the T frames
     sums, counts = at[:, :C], at[:, C:]
-    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))  # (N, C)
+    means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))  # (M, C)
     x = torch.where(valid, x, means[:, None, :, None, None])
+    return Targets(x, valid, window_sam_total(window, inside, win, margin, patch_px, loss) if loss.sam else None)
 
-    sam_total = None
-    if loss.sam:
-        w_t, w_s = (w.to(window.dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay))
-        all_ok = ok.all(dim=2).to(window.dtype)  # (Bt, D, S, S)
-        spatial = nn.functional.conv2d(all_ok.reshape(Bt * D, 1, S, S), w_s[None, None]).reshape(Bt, D, h, h)
-        per_window = spatial[win.b[:, None], win.frames, py[:, None], px[:, None]] @ w_t  # (N,)
-        centre = all_ok[win.b, win.frames[:, win.frames.shape[1] // 2], py + r, px + r]  # (N,) its raw weight was 1
-        sam_total = (per_window + (loss.centre_weight - 1.0) * centre).sum()
-    return Targets(x, valid, sam_total)
+
+def window_sam_total(
+    window: Tensor, inside: Tensor, win: Windows, margin: int, patch_px: int, loss: LossConfig
+) -> Tensor:
+    """The SAM term's normaliser (:func:`stembed.losses.sam_normaliser`) over all T frames of every window."""
+    Bt, D = window.shape[:2]
+    h = window.shape[-1] - 2 * margin
+    r = patch_px // 2
+    lo, S = margin - r, h + 2 * r
+    part = window[..., lo : lo + S, lo : lo + S]
+    ok = torch.isfinite(part) & inside[:, lo : lo + S, lo : lo + S][:, None, None]
+    py, px = win.p // h, win.p % h
+    w_t, w_s = (w.to(window.dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay))
+    all_ok = ok.all(dim=2).to(window.dtype)  # (Bt, D, S, S)
+    spatial = nn.functional.conv2d(all_ok.reshape(Bt * D, 1, S, S), w_s[None, None]).reshape(Bt, D, h, h)
+    per_window = spatial[win.b[:, None], win.frames, py[:, None], px[:, None]] @ w_t  # (N,)
+    centre = all_ok[win.b, win.frames[:, win.frames.shape[1] // 2], py + r, px + r]  # (N,) its raw weight was 1
+    return (per_window + (loss.centre_weight - 1.0) * centre).sum()
 
 
 @dataclass(frozen=True)
-class DenseStep:
-    """One stage-1 dense step's windows, reconstructions (centre frame first), targets and loss terms."""
+class Reconstruction:
+    """The rendered pairs of N windows (the first N: their centre frames), their targets and loss terms."""
 
-    windows: Windows
+    plan: RenderPlan
     x_hat: Tensor
     targets: Targets
     parts: dict[str, Tensor]
 
 
+def reconstruct_windows(
+    ae: SensorAutoencoder, z: Tensor, gaps: Tensor, window: Tensor, inside: Tensor, win: Windows,
+    loss: LossConfig, render_frames: float, gen: torch.Generator,
+) -> Reconstruction:
+    """Decode the latents ``z`` (N, L) of windows ``win`` on a drawn subset of frames and score them against the
+    tile ``window`` of ``ae``'s sensor (stage 1, and each branch of fusion)."""
+    cfg, T, n = ae.cfg, ae.cfg.n_frames, z.shape[0]
+    plan = draw_render_frames(n, T, render_frames, gen, z.device)
+    x_hat = render(ae, z, gaps, plan)  # (M, 1, C, P, P), the N centre frames first
+    tg = gather_targets(window, inside, win, plan, cfg.context_px, cfg.patch_px, loss)
+    parts = sampled_reconstruction_loss(
+        x_hat, tg.x, tg.valid, loss, frames=plan.frame[:, None], scale=plan.scale[:, None], sam_total=tg.sam_total,
+        n_frames=T, n_patches=n,
+    )
+    return Reconstruction(plan, x_hat, tg, parts)
+
+
+@dataclass(frozen=True)
+class DenseStep:
+    """One stage-1 dense step's windows and their reconstruction."""
+
+    windows: Windows
+    recon: Reconstruction
+
+
 def autoencoder_step(
-    ae: SensorAutoencoder, batch: dict[str, Tensor], loss: LossConfig, latents: int, render_frames: int,
+    ae: SensorAutoencoder, batch: dict[str, Tensor], loss: LossConfig, latents: int, render_frames: float,
     gen: torch.Generator,
 ) -> DenseStep | None:
     """Draw windows from a tile batch, encode, render and score them; None when no centre value is observed."""
-    cfg, T = ae.cfg, ae.cfg.n_frames
-    win = draw_windows(batch, cfg.context_px, latents, gen)
+    win = draw_windows(batch, ae.cfg.context_px, latents, gen)
     if win.b.numel() == 0:
         return None
     z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
-    sel, scale = draw_render_frames(z.shape[0], T, render_frames, gen, z.device)
-    x_hat = render(ae, z, win.gaps, sel)  # (N, F, C, P, P), centre frame first
-    tg = gather_targets(batch["window"], batch["inside"], win, sel, cfg.context_px, cfg.patch_px, loss)
-    parts = sampled_reconstruction_loss(
-        x_hat, tg.x, tg.valid, loss, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
-    )
-    return DenseStep(win, x_hat, tg, parts)
+    return DenseStep(win, reconstruct_windows(ae, z, win.gaps, batch["window"], batch["inside"], win, loss,
+                                              render_frames, gen))

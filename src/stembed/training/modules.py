@@ -10,17 +10,15 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from stembed.config import AEConfig, DenseTrainingConfig, FusionLossConfig, LossConfig, TrainConfig
-from stembed.losses import fusion_loss, reconstruction_loss, sampled_reconstruction_loss
+from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import Companion, FusionModel, build_fusion
 from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
 from stembed.training.dense import (
     autoencoder_step,
-    draw_render_frames,
     draw_windows,
-    gather_targets,
     gather_tokens,
-    render,
+    reconstruct_windows,
     window_tokens,
 )
 from stembed.training.evaluate import centre_abs_error
@@ -144,11 +142,11 @@ class AutoencoderModule(_StageModule):
         step = autoencoder_step(self.model, batch, self.loss_cfg, d.latents, d.render_frames, self.gen)
         if step is None:  # no observed centre in these tiles: skip the step (Lightning skips on None)
             return None
-        parts, tg = step.parts, step.targets
-        logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=step.x_hat.shape[0])
-        _update(self.centre[f"{prefix}_centre_mae"], step.x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
-        return parts["loss"]
+        rec, n = step.recon, step.windows.b.numel()  # the first n rendered pairs are the centre frames
+        logs = {f"{prefix}_{k}": v for k, v in rec.parts.items() if torch.isfinite(v)}
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=n)
+        _update(self.centre[f"{prefix}_centre_mae"], rec.x_hat[:n], rec.targets.x[:n], rec.targets.valid[:n])
+        return rec.parts["loss"]
 
     def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         if "window" in batch:
@@ -193,7 +191,7 @@ class FusionModule(_StageModule):
         """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
         model, d = self.model, self.dense
         aes = model.autoencoders()
-        T, m, P = model.s2.cfg.n_frames, model.s2.cfg.context_px, model.s2.cfg.patch_px
+        T, m = model.s2.cfg.n_frames, model.s2.cfg.context_px
         win = draw_windows(batch, m, d.latents, self.gen)
         if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step (Lightning skips on None)
             return None
@@ -223,15 +221,12 @@ class FusionModule(_StageModule):
         logs: dict[str, Tensor] = {}
         for k, ae in aes.items():
             loss_cfg, weight = branch_cfg.get(k, (self.loss_cfg.extra, self.loss_cfg.extra_weight))
-            sel, scale = draw_render_frames(e.shape[0], T, d.render_frames, self.gen, e.device)
-            x_hat = render(ae, heads[k](e), gaps[k], sel)  # (N, F, C_k, P, P)
-            tg = gather_targets(windows[k], batch["inside"], win, sel, m, P, loss_cfg)
-            parts = sampled_reconstruction_loss(
-                x_hat, tg.x, tg.valid, loss_cfg, frames=sel, scale=scale, sam_total=tg.sam_total, n_frames=T
-            )
-            total = total + weight * parts["loss"]
-            logs |= {f"{prefix}_{k}/{name}": v for name, v in parts.items() if torch.isfinite(v)}
-            _update(self.centre[f"{prefix}_centre_mae_{k}"], x_hat[:, :1], tg.x[:, :1], tg.valid[:, :1])
+            rec = reconstruct_windows(ae, heads[k](e), gaps[k], windows[k], batch["inside"], win, loss_cfg,
+                                      d.render_frames, self.gen)
+            total = total + weight * rec.parts["loss"]
+            logs |= {f"{prefix}_{k}/{name}": v for name, v in rec.parts.items() if torch.isfinite(v)}
+            n = e.shape[0]  # the first n rendered pairs are the centre frames
+            _update(self.centre[f"{prefix}_centre_mae_{k}"], rec.x_hat[:n], rec.targets.x[:n], rec.targets.valid[:n])
         self.log_dict({f"{prefix}_loss": total, **logs}, on_step=False, on_epoch=True, batch_size=e.shape[0])
         return total
 
