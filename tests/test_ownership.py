@@ -205,3 +205,90 @@ def test_cube_refuses_an_output_another_run_writes(tmp_path: Path, live_pid: int
     with pytest.raises(OutputError, match="being written by another stembed run"):
         build_cube(request, out, overwrite=True, progress=False)
     assert not staging_dir(out).exists() and not out.exists() and lock_path(out).is_file()
+
+
+# ----------------------------------------------------------------------------- every other writer respects it too
+@pytest.mark.parametrize(
+    ("name", "args"),
+    [
+        ("table.csv", ["sample", "--embeddings", "{store}", "--points", "{points}", "--out", "{out}"]),
+        ("tifs", ["export", "--embeddings", "{store}", "--out", "{out}"]),
+        ("emb.nc", ["export", "--embeddings", "{store}", "--format", "netcdf", "--out", "{out}"]),
+        ("run", ["train", "s2", "--run-dir", "{out}", "--quiet"]),
+    ],
+    ids=["sample", "export-geotiff", "export-netcdf", "train"],
+)
+def test_sample_export_and_train_refuse_an_output_another_run_writes(
+    world: dict[str, Path], store: Path, live_pid: int, tmp_path: Path, name: str, args: list[str]
+) -> None:
+    points = tmp_path / "points.csv"
+    points.write_text("id,lon,lat\na,3.0,50.8\n")
+    out = tmp_path / "sub" / name
+    out.parent.mkdir()
+    _fake_lock(out, live_pid)
+    before = _tree(tmp_path)
+    for flags in ((), ("--overwrite",)) if args[0] != "train" else ((),):
+        cmd = [a.format(store=store, points=points, out=out) for a in args] + list(flags)
+        r = CliRunner().invoke(app, cmd)
+        assert r.exit_code == 2, r.output
+        assert "is being written by another stembed run" in r.output and f"pid {live_pid}" in r.output, r.output
+        assert len([ln for ln in r.output.splitlines() if ln.strip()]) == 1, r.output
+        assert _tree(tmp_path) == before
+
+
+def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
+    """Ctrl-C signals the whole process group: the dask workers must stay quiet (issue 14, item 9)."""
+    import signal
+    import sys
+    import time
+
+    cube = save_scene(synthetic_scene(seed=3, height_px=48, width_px=48, n_days=200), tmp_path / "scene.zarr")
+    bundle = random_fusion_bundle(tmp_path / "fusion.pt", seed=0, tiny=True)
+    out = tmp_path / "e.zarr"
+    exe = Path(sys.executable).with_name("stembed")
+    proc = subprocess.Popen(
+        [str(exe), "embed", "--cube", str(cube), "--bundle", str(bundle), "--out", str(out), "--workers", "2",
+         "--set", "tile_px=12", "--quiet"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while not lock_path(out).exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # the run has begun: its local workers start (import) in the next seconds, when they used to print tracebacks.
+    # As a terminal does: SIGINT to the whole group; again if the run goes on (one pressed while the workers start
+    # is lost), but not while it stops (a second Ctrl-C there kills it)
+    time.sleep(1.0)
+    while proc.poll() is None and time.monotonic() < deadline:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert lines == ["interrupted; tiles written so far are kept: rerun with --resume to finish the store"], err
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads signal dispositions from /proc (Linux)")
+def test_local_workers_ignore_ctrl_c_and_this_process_does_not() -> None:
+    """The deterministic half of the test above: the workers' SIGINT is ignored, ours is not."""
+    import multiprocessing
+    import signal
+
+    from stembed.inference.tiles import _connect
+
+    def ignores_sigint(pid: int | str) -> bool:
+        line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigIgn:"))
+        return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
+
+    before = signal.getsignal(signal.SIGINT)
+    others = {p.pid for p in multiprocessing.active_children()}  # other tests' clusters
+    client, cluster = _connect(None, 1, 30)
+    try:
+        workers = [p for p in multiprocessing.active_children() if p.pid not in others]
+        assert workers and all(ignores_sigint(p.pid) for p in workers)
+        assert not ignores_sigint("self") and signal.getsignal(signal.SIGINT) is before
+    finally:
+        client.close()
+        cluster.close()

@@ -172,6 +172,17 @@ def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: s
         check_run_dir(resume.parent.parent, option="--resume's run folder")
 
 
+def _train_lock(run_dir: Path | None, resume: Path | None) -> contextlib.AbstractContextManager[Any]:
+    """This run owns its run folder (``RUN_DIR.lock``) until it ends: a second run into it refuses."""
+    from stembed.io.outputs import lock_output
+
+    if run_dir is not None:
+        return lock_output(run_dir, command="train", option="--run-dir")
+    if resume is not None:
+        return lock_output(resume.parent.parent, command="train", option="--resume's run folder")
+    return contextlib.nullcontext()  # a new folder named by time and config hash
+
+
 def _quiet_set(set_: list[str] | None, quiet: bool) -> list[str]:
     """The --set overrides, with --quiet's (no progress bar) last so it wins."""
     return [*(set_ or []), *(["train.progress_bar=false"] if quiet else [])]
@@ -194,7 +205,7 @@ def _train_ae(
             if in_file not in (None, sensor):
                 raise ConfigError(f"{config} is a config for sensor {in_file!r}; run `stembed train {in_file}`")
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        with _training_output(verbose):
+        with _train_lock(run_dir, resume), _training_output(verbose):
             return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
@@ -249,7 +260,7 @@ def train_gapfill_cmd(
     def go() -> Any:
         cfg = load_config(GapFillStageConfig, config, _quiet_set(set_, quiet))
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        with _training_output(verbose):
+        with _train_lock(run_dir, resume), _training_output(verbose):
             return train_gapfill(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
@@ -271,7 +282,7 @@ def train_fusion_cmd(
     def go() -> Any:
         cfg = load_config(FusionStageConfig, config, _quiet_set(set_, quiet))
         _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        with _training_output(verbose):
+        with _train_lock(run_dir, resume), _training_output(verbose):
             return train_fusion(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
@@ -538,13 +549,14 @@ def sample(
 ) -> None:
     """Sample the embeddings at points: one row per point and date (window mean over valid pixels)."""
     from stembed.io.embeddings import open_embeddings
-    from stembed.io.outputs import check_file_output
+    from stembed.io.outputs import check_file_output, lock_output
     from stembed.io.sample import read_points, sample_points, write_table
 
     def go() -> Path:
-        check_file_output(out, overwrite=overwrite, what="table")
-        table = sample_points(open_embeddings(embeddings), read_points(points), window_px=window_px)
-        return write_table(table, out)
+        with lock_output(out, command="sample"):
+            check_file_output(out, overwrite=overwrite, what="table")
+            table = sample_points(open_embeddings(embeddings), read_points(points), window_px=window_px)
+            return write_table(table, out)
 
     path = _run(go)
     typer.echo(f"table: {path}")
@@ -575,20 +587,22 @@ def export(
     """Write the embeddings for GIS tools: a 7-band float32 GeoTIFF per date, or one CF netCDF file."""
     from stembed.io.embeddings import open_embeddings
     from stembed.io.export import export_geotiffs, export_netcdf
-    from stembed.io.outputs import check_file_output, check_output_folder
+    from stembed.io.outputs import check_file_output, check_output_folder, lock_output
 
     if fmt is ExportFormat.netcdf:
 
         def go_nc() -> Path:
-            check_file_output(out, overwrite=overwrite, what="netCDF file")
-            return export_netcdf(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+            with lock_output(out, command="export"):
+                check_file_output(out, overwrite=overwrite, what="netCDF file")
+                return export_netcdf(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
 
         typer.echo(f"netCDF: {_run(go_nc)}")
         return
 
     def go() -> Any:
-        check_output_folder(out)
-        return export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+        with lock_output(out, command="export"):
+            check_output_folder(out)
+            return export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
 
     files = _run_into(out, go)
     typer.echo(f"{len(files)} GeoTIFF(s) in {out}")

@@ -18,11 +18,13 @@ import contextlib
 import hashlib
 import json
 import logging
+import multiprocessing
 import os
+import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -386,14 +388,46 @@ def _connect(scheduler: str | None, workers: int, timeout_s: float) -> tuple[Any
                 "(`dask scheduler`, then `dask worker ADDRESS`) and pass its address, or omit --scheduler to "
                 "run on a local cluster"
             ) from e
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=":0",  # any free port
-        silence_logs=logging.ERROR,
-    )
+    with _workers_ignore_ctrl_c():
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=":0",  # any free port
+            silence_logs=logging.ERROR,
+        )
     return Client(cluster, set_as_default=False), cluster
+
+
+def _stop_local_workers() -> None:
+    """Ctrl-C: kill this process's local worker processes now; closing would wait for their running tiles.
+
+    A tile a worker was writing is redone by ``--resume`` (the store marks a tile done after its data).
+    """
+    for proc in multiprocessing.active_children():
+        proc.kill()
+    for proc in multiprocessing.active_children():
+        proc.join(timeout=5)
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Ignore SIGINT while the local cluster starts: the worker processes inherit the ignored SIGINT (Python then
+    installs no KeyboardInterrupt handler), so Ctrl-C reaches this process alone, which stops them.
+
+    Ctrl-C in a terminal signals the whole process group: without this every worker printed its own
+    traceback (31-127 lines). The cost: a Ctrl-C in the few seconds the workers take to start is lost
+    (press it again). A blocked signal mask instead did not reach the workers (distributed spawns them
+    from its own thread).
+    """
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _calibrate(
@@ -695,6 +729,10 @@ def _embed_cube(
             if topic is not None:
                 client.unsubscribe_topic(topic)
         summary = store.finalise(out)
+    except KeyboardInterrupt:
+        if cluster is not None:
+            _stop_local_workers()
+        raise
     finally:
         client.close()
         if cluster is not None:
