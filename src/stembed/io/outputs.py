@@ -256,6 +256,7 @@ def lock_output(
         OutputError: another run holds ``out``, or ``OUT.lock`` is not a stembed lock file.
     """
     out = Path(out)
+    check_writable_parent(out, option=option)  # a lock cannot be made where the output cannot
     path = lock_path(out)
     created = []  # missing parent folders, outermost first
     folder = path.parent
