@@ -259,6 +259,15 @@ class ZarrSource(_Frozen):
     s1_paths: tuple[str, ...] = ()
 
 
+class SceneSource(_Frozen):
+    """Scene stores, one per site, as ``stembed cube`` and ``stembed.io.cube.save_scene`` write them: each holds
+    S2, S1 and any companion sensors, so it is everything training needs. ``paths``: stores or glob patterns
+    (``sites/*.zarr``), relative to the folder stembed runs in."""
+
+    kind: Literal["scene"] = "scene"
+    paths: tuple[str, ...] = Field(min_length=1)
+
+
 class SamplingConfig(_Frozen):
     """Training-patch extraction (spec §1.4)."""
 
@@ -302,7 +311,7 @@ class SplitConfig(_Frozen):
 class DataConfig(_Frozen):
     """Where the cubes come from and how they are preprocessed and cut into patches."""
 
-    source: SyntheticSource | WorldCerealSource | ZarrSource = Field(
+    source: SyntheticSource | WorldCerealSource | SceneSource | ZarrSource = Field(
         default_factory=SyntheticSource, discriminator="kind"
     )
     # keep an S2 date if this share of its values is valid

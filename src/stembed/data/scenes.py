@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import glob
 from pathlib import Path
 
-from stembed.config import DataConfig, SyntheticSource, WorldCerealSource, ZarrSource
-from stembed.io.cube import CubeError, Scene, open_cube
+from stembed.config import DataConfig, SceneSource, SyntheticSource, WorldCerealSource, ZarrSource
+from stembed.io.cube import CubeError, Scene, open_cube, open_scene
+from stembed.io.outputs import is_stembed_store
 from stembed.sensors import get_plugin
 
 
@@ -47,14 +49,22 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
             for p in src.paths
         ]
         folders = [Path(p) for p in src.paths]
+    elif isinstance(src, SceneSource):
+        scenes = [open_scene(p) for p in scene_paths(src.paths)]
+        folders = [None] * len(scenes)
     elif isinstance(src, ZarrSource):
         if len(src.s1_paths) not in (0, len(src.s2_paths)):
             raise CubeError(
                 f"data.source.s1_paths has {len(src.s1_paths)} entries but s2_paths has {len(src.s2_paths)}; "
-                "give one S1 cube per S2 cube (same order), or none for S2-only training"
+                "give one S1 cube per S2 cube, in the same order (both sensors are needed)"
             )
         scenes = []
         for i, p in enumerate(src.s2_paths):
+            if is_stembed_store(p, "scene"):
+                raise CubeError(
+                    f"{p} is a scene store (S2 + S1 in one, as `stembed cube` writes), not a single-sensor cube; "
+                    f"fix: data.source: {{kind: scene, paths: [{p}]}}"
+                )
             s2 = open_cube(p)
             s1 = open_cube(src.s1_paths[i]) if src.s1_paths else None
             if s1 is None:
@@ -68,11 +78,30 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
     sites = [s.site for s in scenes]
     if len(set(sites)) != len(sites):
         raise CubeError(f"site ids must be unique across the data source, got {sites}")
-    if plugins:
+    if plugins:  # a companion a scene store already holds is taken from it
         scenes = [
-            dataclasses.replace(s, extra={**s.extra, **{pl.spec.name: pl.load(s, folder) for pl in plugins}})
+            dataclasses.replace(
+                s, extra={**{pl.spec.name: pl.load(s, folder) for pl in plugins if pl.spec.name not in s.extra},
+                          **s.extra}
+            )
             for s, folder in zip(scenes, folders, strict=True)
         ]
     for s in scenes:
         s.validate()
     return scenes
+
+
+def scene_paths(patterns: tuple[str, ...]) -> list[Path]:
+    """Expand ``data.source.paths`` of a scene source: stores or glob patterns, each of which must match."""
+    out: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            found = sorted(Path(p) for p in glob.glob(pattern))
+            if not found:
+                raise CubeError(f"data.source.paths: {pattern!r} matches no scene store; fix: check the pattern")
+            out += found
+        else:
+            out.append(Path(pattern))
+    if len(set(out)) != len(out):
+        raise CubeError(f"data.source.paths names a scene store twice: {[str(p) for p in out]}; fix: list each once")
+    return out
