@@ -30,7 +30,7 @@ from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
 from stembed.training.evaluate import evaluate_split
 from stembed.training.fusion_init import init_linear_fusion, linear_fusion, training_latents
-from stembed.training.run import _fusion_reconstruct
+from stembed.training.run import fusion_reconstruct
 
 
 def centre_mae(model, z, gaps, batches) -> dict[str, float]:
@@ -80,9 +80,9 @@ def main() -> None:
         zs = dict(zip(z, ((zz - mean) @ enc @ dec + mean).split(widths, dim=1), strict=True))
         rows[s] = {
             "autoencoders": centre_mae(trained, z, gaps, loaders[s]),
-            "run": {k: m["centre_mae"] for k, m in evaluate_split(loaders[s], _fusion_reconstruct(trained)).items()},
+            "run": {k: m["centre_mae"] for k, m in evaluate_split(loaders[s], fusion_reconstruct(trained)).items()},
             "linear, decoder metric": {
-                k: m["centre_mae"] for k, m in evaluate_split(loaders[s], _fusion_reconstruct(linear)).items()
+                k: m["centre_mae"] for k, m in evaluate_split(loaders[s], fusion_reconstruct(linear)).items()
             },
             "linear, standardised": centre_mae(trained, zs, gaps, loaders[s]),
         }

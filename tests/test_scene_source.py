@@ -69,3 +69,20 @@ def test_stembed_train_runs_on_scene_stores(stores: Path, tmp_path: Path) -> Non
     assert sorted(bundle.provenance["data_ids"]) == sorted(
         str(synthetic_scene(seed=10 + i, height_px=16, width_px=16, n_days=200).site) for i in range(3)
     )
+    # and the bundle scores on a scene store through `stembed eval recon --bundle --cube`
+    out = tmp_path / "recon"
+    res = CliRunner().invoke(app, ["eval", "recon", "--bundle", str(run / "bundle.pt"), "--cube",
+                                   str(stores / "site0.zarr"), "--cube", str(stores / "site1.zarr"),
+                                   "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    table = pd.read_csv(out / "recon.csv")
+    assert list(table["sensor"]) == ["s2"] and int(table["n_patches"].iloc[0]) > 0
+    row = table.iloc[0]
+    assert 0 < row["centre_mae"] and 0 < row["baseline_patch_mean_centre_mae"] and 0 < row["ssim"] <= 1
+    for bad in (["--bundle", str(run / "bundle.pt")], ["--bundle", str(run / "bundle.pt"), str(run), "--cube",
+                str(stores / "site0.zarr")], ["--cube", str(stores / "site0.zarr")]):
+        res = CliRunner().invoke(app, ["eval", "recon", *bad, "--out", str(tmp_path / "bad")])
+        assert res.exit_code == 2 and "--bundle" in res.output, res.output
+        assert not (tmp_path / "bad").exists()

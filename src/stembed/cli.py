@@ -644,14 +644,38 @@ def _year_split(train_years: list[int] | None, val_years: list[int] | None, test
 
 @eval_app.command("recon")
 def eval_recon(
-    runs: Annotated[list[Path], typer.Argument(help="Run folders of `stembed train` (each holds metrics.json).")],
     out: OutDirOpt,
+    runs: Annotated[
+        list[Path] | None, typer.Argument(help="Run folders of `stembed train` (each holds metrics.json).")
+    ] = None,
+    bundle: Annotated[
+        str | None,
+        typer.Option("--bundle", help="Instead of runs: score this autoencoder or fusion bundle on --cube stores."),
+    ] = None,
+    cubes: Annotated[
+        list[Path] | None, typer.Option("--cube", help="Scene store to score --bundle on (repeatable).")
+    ] = None,
+    spatial_stride: Annotated[
+        int | None, typer.Option("--spatial-stride", help="Patch centres every N px (default: the bundle's).")
+    ] = None,
 ) -> None:
-    """Centre-pixel MAE, SAM and SSIM per run, split and sensor, against the trivial baselines."""
-    from stembed.eval.recon import recon_markdown, recon_table
+    """Centre-pixel MAE, SAM and SSIM per run, split and sensor (or of --bundle on --cube stores), against
+    the trivial baselines."""
+    from stembed.eval.recon import ReconError, recon_markdown, recon_table
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
+        if bundle is not None:
+            if runs or not cubes:
+                raise ReconError("--bundle scores a bundle on scene stores: give one or more --cube and no run folders")
+            if spatial_stride is not None and spatial_stride < 1:
+                raise ReconError(f"--spatial-stride must be >= 1, got {spatial_stride}")
+            check_output_folder(out)
+            from stembed.eval.recon_bundle import bundle_recon
+
+            return bundle_recon(bundle, list(cubes), spatial_stride=spatial_stride)
+        if not runs or cubes:
+            raise ReconError("give run folders of `stembed train`, or --bundle with --cube stores")
         check_output_folder(out)
         return recon_table(list(runs))
 

@@ -227,7 +227,7 @@ def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> d
     return {"n_latents": int(z["s2"].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
 
 
-def _fusion_reconstruct(model: FusionModel) -> Any:
+def fusion_reconstruct(model: FusionModel) -> Any:
     """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split`."""
 
     def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -288,15 +288,15 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     if cfg.init == "linear" and resume is None:
         start = _linear_start(model, patch_train, cfg)
         start_state = {k: v.clone() for k, v in model.state_dict().items()}
-        start["val"] = evaluate_split(_loaders(data, cfg.train)["val"], _fusion_reconstruct(model.eval()))
+        start["val"] = evaluate_split(_loaders(data, cfg.train)["val"], fusion_reconstruct(model.eval()))
     module = _fit(module, data, cfg.train, run_dir, resume)
     model = module.model  # type: ignore[attr-defined]
     data.datasets["train"] = patch_train
-    splits = _split_metrics(data, cfg.train, _fusion_reconstruct(model))
+    splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
     if start and _monitor(start["val"]) < _monitor(splits["val"]):
         # chosen on validation: training did not improve on the linear start there, so the start is the model
         model.load_state_dict(start_state)
-        splits = _split_metrics(data, cfg.train, _fusion_reconstruct(model))
+        splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
         start["kept"] = True
     metrics = {
         "stage": "fusion",
