@@ -250,6 +250,9 @@ def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
         [str(exe), "embed", "--cube", str(cube), "--bundle", str(bundle), "--out", str(out), "--workers", "2",
          "--set", "tile_px=12", "--quiet"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # as from a terminal: a test runner started in the background (CI, nohup) hands its children an ignored
+        # SIGINT, which Ctrl-C could then never interrupt
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 120
     while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -277,13 +280,17 @@ def test_local_workers_ignore_ctrl_c_and_this_process_does_not() -> None:
         line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigIgn:"))
         return bool(int(line.split()[1], 16) & (1 << (signal.SIGINT - 1)))
 
-    before = signal.getsignal(signal.SIGINT)
+    # as in a process started from a terminal (a test runner in the background may ignore SIGINT itself)
+    runner_handler = signal.signal(signal.SIGINT, signal.default_int_handler)
     others = {p.pid for p in multiprocessing.active_children()}  # other tests' clusters
-    client, cluster = _connect(None, 1, 30)
     try:
-        workers = [p for p in multiprocessing.active_children() if p.pid not in others]
-        assert workers and all(ignores_sigint(p.pid) for p in workers)
-        assert not ignores_sigint("self") and signal.getsignal(signal.SIGINT) is before
+        client, cluster = _connect(None, 1, 30)
+        try:
+            workers = [p for p in multiprocessing.active_children() if p.pid not in others]
+            assert workers and all(ignores_sigint(p.pid) for p in workers)
+            assert not ignores_sigint("self") and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        finally:
+            client.close()
+            cluster.close()
     finally:
-        client.close()
-        cluster.close()
+        signal.signal(signal.SIGINT, runner_handler)
