@@ -10,11 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
-
 import numpy as np
 import pandas as pd
-import torch
 from torch.utils.data import DataLoader
 
 from stembed.config import DataConfig, SceneSource, SplitConfig
@@ -24,7 +21,7 @@ from stembed.eval.recon import COLUMNS, ReconError
 from stembed.models.bundle import load_bundle
 from stembed.pretrained import resolve_bundle
 from stembed.training.evaluate import evaluate_split
-from stembed.training.run import fusion_reconstruct
+from stembed.training.run import autoencoder_reconstruct, fusion_reconstruct
 
 
 def bundle_recon(
@@ -57,12 +54,8 @@ def bundle_recon(
         split = build_fusion_data(scenes, data, rng, context_px=model.s2.cfg.context_px, extra=tuple(model.extra))
         reconstruct = fusion_reconstruct(model)
     else:
-        sensor = str(b.sensor)
-        split = build_sensor_data(scenes, sensor, data, rng, context_px=model.cfg.context_px)
-
-        def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-            x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])  # x_in: a dense encoder's window
-            return {sensor: (x_hat, batch["x"], batch["valid"])}
+        split = build_sensor_data(scenes, str(b.sensor), data, rng, context_px=model.cfg.context_px)
+        reconstruct = autoencoder_reconstruct(model, str(b.sensor))
 
     metrics = evaluate_split(DataLoader(split.datasets["test"], batch_size=batch_size), reconstruct)
     rows = [

@@ -399,14 +399,14 @@ def _connect(scheduler: str | None, workers: int, timeout_s: float) -> tuple[Any
     return Client(cluster, set_as_default=False), cluster
 
 
-def _stop_local_workers() -> None:
-    """Ctrl-C: kill this process's local worker processes now; closing would wait for their running tiles.
-
-    A tile a worker was writing is redone by ``--resume`` (the store marks a tile done after its data).
-    """
-    for proc in multiprocessing.active_children():
+def _stop_local_workers(others: set[int]) -> None:
+    """Ctrl-C: kill this run's local worker processes (children not in ``others``) now; closing would wait for
+    their running tiles. A tile a worker was writing is redone by ``--resume`` (a tile is marked done after its
+    data)."""
+    ours = [p for p in multiprocessing.active_children() if p.pid not in others]
+    for proc in ours:
         proc.kill()
-    for proc in multiprocessing.active_children():
+    for proc in ours:
         proc.join(timeout=5)
 
 
@@ -610,6 +610,7 @@ def _embed_cube(
 
     check_cube_values(scene, cube)  # before the store exists: no tile finds a bad value mid-run
     resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
+    others = {p.pid for p in multiprocessing.active_children()}  # processes this run did not start
     client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
     try:
         device = resolve_device(cfg.device)
@@ -731,7 +732,7 @@ def _embed_cube(
         summary = store.finalise(out)
     except KeyboardInterrupt:
         if cluster is not None:
-            _stop_local_workers()
+            _stop_local_workers(others)
         raise
     finally:
         client.close()

@@ -135,6 +135,25 @@ def _box_sums(t: Tensor, size: int) -> Tensor:
     return out.to(t.dtype)
 
 
+@dataclass(frozen=True)
+class _PatchArea:
+    """The part of a tile batch that the 15 x 15 patches of all centre pixels cover: ``part`` (Bt, D, C, S, S),
+    ``ok`` (same: observed and inside the split region), centre-crop side ``h``, patch radius ``r``."""
+
+    part: Tensor
+    ok: Tensor
+    h: int
+    r: int
+
+
+def _patch_area(window: Tensor, inside: Tensor, margin: int, patch_px: int) -> _PatchArea:
+    h, r = window.shape[-1] - 2 * margin, patch_px // 2
+    lo, S = margin - r, h + 2 * r  # the patches of all centres cover [lo, lo + S) of the window
+    part = window[..., lo : lo + S, lo : lo + S]
+    ok = torch.isfinite(part) & inside[:, lo : lo + S, lo : lo + S][:, None, None]
+    return _PatchArea(part, ok, h, r)
+
+
 def gather_targets(
     window: Tensor, inside: Tensor, win: Windows, plan: RenderPlan, margin: int, patch_px: int, loss: LossConfig
 ) -> Targets:
@@ -145,12 +164,8 @@ def gather_targets(
     over the tile, so only the rendered frames are gathered.
     """
     C = window.shape[2]
-    h = window.shape[-1] - 2 * margin
-    r = patch_px // 2
-    lo, S = margin - r, h + 2 * r  # the patches of all centres cover [lo, lo + S) of the window
-    part = window[..., lo : lo + S, lo : lo + S]  # (Bt, D, C, S, S)
-    ins = inside[:, lo : lo + S, lo : lo + S]  # (Bt, S, S)
-    ok = torch.isfinite(part) & ins[:, None, None]
+    area = _patch_area(window, inside, margin, patch_px)
+    part, ok, h = area.part, area.ok, area.h
     b, p = win.b[plan.latent], win.p[plan.latent]  # (M,) each pair's tile and centre pixel
     py, px = p // h, p % h
     frames = win.frames[plan.latent]  # (M, T) tile-date indices of each pair's window
@@ -166,22 +181,17 @@ def gather_targets(
     sums, counts = at[:, :C], at[:, C:]
     means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))  # (M, C)
     x = torch.where(valid, x, means[:, None, :, None, None])
-    return Targets(x, valid, window_sam_total(window, inside, win, margin, patch_px, loss) if loss.sam else None)
+    return Targets(x, valid, _sam_total(area, win, patch_px, loss) if loss.sam else None)
 
 
-def window_sam_total(
-    window: Tensor, inside: Tensor, win: Windows, margin: int, patch_px: int, loss: LossConfig
-) -> Tensor:
+def _sam_total(area: _PatchArea, win: Windows, patch_px: int, loss: LossConfig) -> Tensor:
     """The SAM term's normaliser (:func:`stembed.losses.sam_normaliser`) over all T frames of every window."""
-    Bt, D = window.shape[:2]
-    h = window.shape[-1] - 2 * margin
-    r = patch_px // 2
-    lo, S = margin - r, h + 2 * r
-    part = window[..., lo : lo + S, lo : lo + S]
-    ok = torch.isfinite(part) & inside[:, lo : lo + S, lo : lo + S][:, None, None]
+    Bt, D, _, S, _ = area.ok.shape
+    h, r = area.h, area.r
     py, px = win.p // h, win.p % h
-    w_t, w_s = (w.to(window.dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay))
-    all_ok = ok.all(dim=2).to(window.dtype)  # (Bt, D, S, S)
+    dtype = area.part.dtype
+    w_t, w_s = (w.to(dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay))
+    all_ok = area.ok.all(dim=2).to(dtype)  # (Bt, D, S, S)
     spatial = nn.functional.conv2d(all_ok.reshape(Bt * D, 1, S, S), w_s[None, None]).reshape(Bt, D, h, h)
     per_window = spatial[win.b[:, None], win.frames, py[:, None], px[:, None]] @ w_t  # (N,)
     centre = all_ok[win.b, win.frames[:, win.frames.shape[1] // 2], py + r, px + r]  # (N,) its raw weight was 1

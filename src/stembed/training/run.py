@@ -38,6 +38,7 @@ from stembed.data.datasets import FusionPatchDataset
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.data.scenes import load_scenes
+from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
@@ -187,10 +188,7 @@ def train_autoencoder(
     model = module.model  # type: ignore[attr-defined]
     data.datasets["train"] = patch_train
 
-    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])
-        return {cfg.sensor: (x_hat, batch["x"], batch["valid"])}
-
+    reconstruct = autoencoder_reconstruct(model, cfg.sensor)
     metrics = {
         "stage": f"ae-{cfg.sensor}",
         "train_seconds": round(time.perf_counter() - started, 1),
@@ -225,6 +223,16 @@ def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> d
     z, gaps = training_latents(model, loader)
     weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight, **{k: cfg.loss.extra_weight for k in model.extra}}
     return {"n_latents": int(z["s2"].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
+
+
+def autoencoder_reconstruct(model: SensorAutoencoder, sensor: str) -> Any:
+    """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split` (x_in: a dense encoder's wider window)."""
+
+    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])
+        return {sensor: (x_hat, batch["x"], batch["valid"])}
+
+    return reconstruct
 
 
 def fusion_reconstruct(model: FusionModel) -> Any:
@@ -288,7 +296,8 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     if cfg.init == "linear" and resume is None:
         start = _linear_start(model, patch_train, cfg)
         start_state = {k: v.clone() for k, v in model.state_dict().items()}
-        start["val"] = evaluate_split(_loaders(data, cfg.train)["val"], fusion_reconstruct(model.eval()))
+        val = DataLoader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
+        start["val"] = evaluate_split(val, fusion_reconstruct(model.eval()))
     module = _fit(module, data, cfg.train, run_dir, resume)
     model = module.model  # type: ignore[attr-defined]
     data.datasets["train"] = patch_train
