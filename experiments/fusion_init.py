@@ -9,6 +9,8 @@ autoencoders, and prints the centre-pixel MAE per sensor of:
   (:func:`stembed.training.fusion_init.init_linear_fusion`, what ``init: linear`` starts from);
 - ``linear, standardised``: plain PCA of the standardised latents, same size (the metric's effect).
 
+Then how many of the linear start's components each sensor holds (their sum is the embedding size).
+
     .venv/bin/python experiments/fusion_init.py runs/belgium/fusion
 """
 
@@ -28,8 +30,13 @@ from stembed.config import AEConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
-from stembed.training.evaluate import evaluate_split
-from stembed.training.fusion_init import init_linear_fusion, linear_fusion, training_latents
+from stembed.training.evaluate import centre_abs_error, evaluate_split
+from stembed.training.fusion_init import (
+    centre_jacobian_metric,
+    init_linear_fusion,
+    linear_fusion,
+    training_latents,
+)
 from stembed.training.run import fusion_reconstruct
 
 
@@ -37,19 +44,30 @@ def centre_mae(model, z, gaps, batches) -> dict[str, float]:
     """Centre MAE of decoding latents ``z`` (per sensor, rows in dataset order) against the patches' centres."""
     out = {}
     for k, ae in model.autoencoders().items():
+        key = {"s1": ("x1", "valid1"), "s2": ("x2", "valid2")}.get(k, (f"x_{k}", f"valid_{k}"))
         err, n, i = 0.0, 0.0, 0
         for batch in batches:
-            key = {"s1": ("x1", "valid1"), "s2": ("x2", "valid2")}.get(k, (f"x_{k}", f"valid_{k}"))
-            x, v = batch[key[0]], batch[key[1]]
-            b = x.shape[0]
+            b = batch[key[0]].shape[0]
             with torch.no_grad():
                 x_hat = ae.decode(z[k][i : i + b], gaps[k][i : i + b])
-            t, c = x.shape[1] // 2, x.shape[-1] // 2
-            err += float(((x_hat[:, t, :, c, c] - x[:, t, :, c, c]).abs() * v[:, t, :, c, c]).sum())
-            n += float(v[:, t, :, c, c].sum())
-            i += b
+            e, c = centre_abs_error(x_hat, batch[key[0]], batch[key[1]])
+            err, n, i = err + float(e), n + float(c), i + b
         out[k] = err / n
     return out
+
+
+def sensor_shares(z: dict, gaps: dict, model, weights: dict, k: int) -> dict[str, float]:
+    """How many of the linear start's k components each sensor holds: the squared loadings of the k
+    principal directions (in the decoder metric, as :func:`init_linear_fusion` computes them) summed per
+    sensor block (they sum to k)."""
+    aes = model.autoencoders()
+    metric = torch.block_diag(*[weights[s] * centre_jacobian_metric(aes[s], z[s], gaps[s]) for s in z]).double()
+    w, u = torch.linalg.eigh(metric)
+    root = u @ torch.diag(w.clamp_min(w.max() * 1e-10).sqrt()) @ u.T
+    zz = torch.cat(list(z.values()), dim=1).double()
+    _, _, vt = torch.linalg.svd((zz - zz.mean(0)) @ root, full_matrices=False)
+    edges = np.cumsum([0, *(z[s].shape[1] for s in z)])
+    return {s: float((vt[:k, edges[i] : edges[i + 1]] ** 2).sum()) for i, s in enumerate(z)}
 
 
 def main() -> None:
@@ -91,7 +109,10 @@ def main() -> None:
     print("|---|" + "---:|" * (2 * len(sensors)))
     for name in rows["val"]:
         print(f"| {name} | " + " | ".join(f"{rows[s][name][k]:.4f}" for s in ("val", "test") for k in sensors) + " |")
-    print(json.dumps(rows))
+    shares = sensor_shares(*latents["train"], trained, weights, trained.cfg.embed_dim)
+    print("components of the linear start held by each sensor: "
+          + ", ".join(f"{s} {v:.2f}" for s, v in shares.items()))
+    print(json.dumps({**rows, "sensor_shares": shares}))
 
 
 if __name__ == "__main__":
