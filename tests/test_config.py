@@ -95,3 +95,41 @@ def test_yaml_syntax_error_unknown_preset_and_missing_kind_are_config_errors(tmp
         load_config(FusionStageConfig, None, ["s1_bundle=a", "s2_bundle=b", "preset=giant"])
     with pytest.raises(ConfigError, match="no 'kind' given; set data.source.kind to one of synthetic"):
         load_config(AEStageConfig, None, ["sensor=s2", "data.source.n_sites=2"])
+
+
+def test_relative_paths_in_a_config_file_resolve_from_its_folder(tmp_path: Path, monkeypatch) -> None:
+    """A config works from any folder: its paths are read from the file's folder; --set values from the
+    current one; absolute paths and names with a scheme (pretrained:belgium) are kept."""
+    conf = tmp_path / "project" / "configs"
+    conf.mkdir(parents=True)
+    (conf / "fusion.yaml").write_text(
+        "s1_bundle: ../runs/s1/bundle.pt\n"
+        f"s2_bundle: {tmp_path}/abs/bundle.pt\n"
+        "extra_bundles: {agera5: pretrained:belgium}\n"
+        "data:\n  source: {kind: scene, paths: ['../sites/*.zarr', site9.zarr]}\n"
+        "out_dir: ../runs\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(FusionStageConfig, Path("..") / "project" / "configs" / "fusion.yaml")
+    project = (tmp_path / "project").resolve()
+    assert cfg.s1_bundle == str(project / "runs" / "s1" / "bundle.pt")
+    assert cfg.s2_bundle == f"{tmp_path}/abs/bundle.pt"
+    assert cfg.extra_bundles == {"agera5": "pretrained:belgium"}
+    assert cfg.data.source.paths == (str(project / "sites" / "*.zarr"), str(project / "configs" / "site9.zarr"))
+    assert cfg.out_dir == str(project / "runs")
+    over = load_config(FusionStageConfig, conf / "fusion.yaml", ["s1_bundle=mine/bundle.pt"])
+    assert over.s1_bundle == "mine/bundle.pt"  # typed here, so relative to here
+
+
+def test_shipped_belgian_configs_find_the_shared_data_from_any_folder(
+    belgian_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for path in sorted(CONFIGS.glob("belgium_*.yaml")):
+        cls = GapFillStageConfig if "gapfill" in path.name else FusionStageConfig if "fusion" in path.name else AEStageConfig
+        cfg = load_config(cls, path)
+        (folder,) = cfg.data.source.paths
+        assert Path(folder).resolve() == belgian_dir.resolve(), path.name
+        assert Path(cfg.out_dir) == CONFIGS.parent / "runs", path.name

@@ -159,3 +159,95 @@ def test_gpp_at_tower_records_the_split_and_what_it_dropped(inputs, tmp_path: Pa
     assert val_ends.min() >= train_ends.max() + pd.Timedelta(days=90)  # no shared day
     recorded = json.loads((tmp_path / "gpp_split.json").read_text())
     assert recorded["held_out_windows_dropped_for_overlap"] == run.n_dropped_overlap
+
+
+# ----------------------------------------------------------------------------- several towers (issue 15)
+def _tower(root: Path, seed: int, amplitude: float) -> dict[str, str]:
+    """A synthetic tower: scene store, stand-in embedding store (7 of the bands) and a flux CSV."""
+    from stembed.io.cube import cube_transform, save_scene
+    from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
+
+    scene = synthetic_scene(seed=seed, height_px=8, width_px=8, n_days=730, site=f"T{seed}")
+    s2 = scene.s2
+    folder = root / f"t{seed}"
+    cube = save_scene(scene, folder / "scene.zarr")
+    vals = s2.values[:, :7].astype(np.float32)
+    q = Quantisation.identity(7)
+    grid = create_store(folder / "emb.zarr", time=s2[TIME].values, y=s2[Y].values, x=s2[X].values,
+                        features=[f"E{i}" for i in range(1, 8)], crs=s2.attrs["crs"],
+                        transform=list(cube_transform(s2)), quant=q, tile_px=8, time_chunk=64,
+                        attrs={"fingerprint": {}, "input": {"site": scene.site}})
+    for t in grid.tiles():
+        ys, xs = grid.bounds(*t)
+        v = vals[:, :, ys, xs]
+        c = q.encode(v)
+        write_tile(folder / "emb.zarr", grid, t, c, np.isfinite(v).all(axis=1), q.error_stats(v, c))
+    finalise(folder / "emb.zarr")
+    days = pd.date_range("2019-10-01", "2021-12-31", freq="D")
+    pd.DataFrame({"TIMESTAMP": days.strftime("%Y%m%d"),
+                  "GPP_NT_VUT_REF": 5 + amplitude * np.sin(2 * np.pi * (days.dayofyear - 100) / 365),
+                  "NEE_VUT_REF_QC": 1.0}).to_csv(folder / "flux.csv", index=False)
+    return {"site": f"T{seed}", "embeddings": f"t{seed}/emb.zarr", "cube": str(cube.relative_to(root)),
+            "flux": f"t{seed}/flux.csv", "lon": "", "lat": ""}
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("towers")
+    rows = [_tower(root, seed, amp) for seed, amp in ((1, 1.0), (2, 3.0), (3, 5.0))]
+    pd.DataFrame(rows).to_csv(root / "towers.csv", index=False)
+    return root / "towers.csv"
+
+
+def test_leave_one_site_out_scores_each_tower_with_models_of_the_others(towers: Path, tmp_path: Path) -> None:
+    from stembed.eval.gpp import fit_climatology
+    from stembed.eval.gpp_run import gpp_leave_one_site_out, read_towers, tower_windows
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    table = read_towers(towers)
+    assert [t.site for t in table] == ["T1", "T2", "T3"] and all(t.lonlat is None for t in table)
+    run = gpp_leave_one_site_out(table, tmp_path, cfg=TINY)
+    preds = pd.read_csv(run.predictions_csv)
+    assert set(preds["split"]) == {"test"} and (preds["fold"] == preds["site"]).all()
+    # the held-out tower's climatology is the other towers' (amplitudes 1, 3, 5 tell them apart)
+    w = {t.site: tower_windows(open_embeddings(t.embeddings), open_scene(t.cube).s2, t.flux, tower_lonlat=None,
+                               cfg=TINY, site=t.site)[1]["embedding"] for t in table}
+    for held in w:
+        clim = fit_climatology(Windows.concat([v for s, v in w.items() if s != held]))
+        got = preds[(preds["site"] == held) & (preds["model"] == "climatology") & (preds["feature_set"] == "ndvi")]
+        np.testing.assert_allclose(got.sort_values("end_date")["pred"].to_numpy(), clim.predict(w[held].end_date))
+    m = run.metrics
+    assert {"T1", "T2", "T3", "pooled"} == set(m["site"]) and set(m["feature_set"]) == {"embedding", "raw_bands",
+                                                                                          "ndvi"}
+    assert len(run.plots) == 9 and all(p.is_file() for p in run.plots)
+
+
+def test_eval_gpp_towers_from_the_cli_and_its_bad_tables(towers: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from stembed.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "loso"
+    r = runner.invoke(app, ["eval", "gpp", "--towers", str(towers), "--out", str(out), "--epochs", "1"])
+    assert r.exit_code == 0, r.output
+    assert "3 towers" in r.output and (out / "gpp_metrics.csv").is_file()
+    table = pd.read_csv(towers, dtype=str, keep_default_na=False)
+    bad = {
+        "lacks the columns": table.drop(columns=["flux"]),
+        "more than once": pd.concat([table, table.iloc[:1]]),
+        "does not exist": table.assign(cube=["t1/nope.zarr", *table["cube"][1:]]),
+        "not numbers": table.assign(lon="east", lat="north"),
+        "needs at least 2": table.iloc[:1],
+    }
+    for expect, frame in bad.items():
+        path = towers.parent / "bad.csv"
+        frame.to_csv(path, index=False)
+        r = runner.invoke(app, ["eval", "gpp", "--towers", str(path), "--out", str(tmp_path / "bad")])
+        assert r.exit_code == 2 and expect in r.output and "Traceback" not in r.output, (expect, r.output)
+        assert not (tmp_path / "bad").exists()
+    r = runner.invoke(app, ["eval", "gpp", "--towers", str(towers), "--flux", str(towers), "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "cannot be given too" in r.output
+    r = runner.invoke(app, ["eval", "gpp", "--out", str(tmp_path / "b")])
+    assert r.exit_code == 2 and "--towers" in r.output

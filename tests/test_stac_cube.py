@@ -393,6 +393,35 @@ def test_boa_offset_baseline_04(tmp_path: Path, belgian_dir: Path, times) -> Non
     xr.testing.assert_identical(cubes[0].drop_attrs(), cubes[1].drop_attrs())
 
 
+def test_spurious_reproject_warning_is_hidden_and_no_other(tmp_path: Path, server: StacTestServer, monkeypatch) -> None:
+    """odc-stac's threaded reprojects now and then raise rasterio's "no geotransform" warning on georeferenced
+    sources (odc-geo#131); `cube` hides it from that call site only. Made deterministic here: every reproject
+    raises it, attributed to rasterio.warp as rasterio does, plus one attributed elsewhere that must show."""
+    import warnings
+
+    import rasterio.warp
+    from rasterio.errors import NotGeoreferencedWarning
+
+    real = rasterio.warp.reproject
+    calls = []
+
+    def noisy(*args, **kwargs):
+        calls.append(1)
+        for module in ("rasterio.warp", "rasterio"):
+            warnings.warn_explicit(f"Dataset has no geotransform ({module})", NotGeoreferencedWarning,
+                                   rasterio.warp.__file__, 387, module=module)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rasterio.warp, "reproject", noisy)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        build_cube(request(server, grid=patch_grid(size_px=16), end="2018-03-31", min_dates=2), tmp_path / "c.zarr",
+                   progress=False)
+    assert calls, "the 20 m bands no longer go through rasterio.warp.reproject: this test checks nothing"
+    shown = [str(w.message) for w in seen if issubclass(w.category, NotGeoreferencedWarning)]
+    assert shown and all(m.endswith("(rasterio)") for m in shown), shown
+
+
 # ----------------------------------------------------------------------------- errors leave no store
 def test_empty_search(tmp_path: Path, server: StacTestServer) -> None:
     out = tmp_path / "cube.zarr"

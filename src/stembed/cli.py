@@ -755,10 +755,17 @@ def eval_gapfill(
 
 @eval_app.command("gpp")
 def eval_gpp(
-    embeddings: EmbeddingsOpt,
-    cube: CubeOpt,
-    flux: Annotated[Path, typer.Option("--flux", help="FLUXNET daily CSV (FULLSET_DD or FluxDataKit).")],
     out: OutDirOpt,
+    embeddings: Annotated[
+        Path | None, typer.Option("--embeddings", help="Embedding store (zarr) from `stembed embed`.")
+    ] = None,
+    cube: Annotated[Path | None, typer.Option("--cube", help="Scene store (zarr) the embeddings were made from.")] = None,
+    flux: Annotated[Path | None, typer.Option("--flux", help="FLUXNET daily CSV (FULLSET_DD or FluxDataKit).")] = None,
+    towers: Annotated[
+        Path | None,
+        typer.Option("--towers", help="CSV of towers (site,embeddings,cube,flux,lon,lat; paths relative to it): "
+                     "leave-one-site-out, instead of --embeddings/--cube/--flux."),
+    ] = None,
     tower: TowerOpt = None,
     whole_cube: Annotated[
         bool,
@@ -775,18 +782,35 @@ def eval_gpp(
     epochs: Annotated[int | None, typer.Option("--epochs", help="Max transformer epochs (default 150).")] = None,
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
-    """GPP from embeddings, raw bands and NDVI at one tower: transformer, ridge and climatology."""
+    """GPP from embeddings, raw bands and NDVI at one tower (or several, each held out in turn): transformer,
+    ridge and climatology."""
     from stembed.eval.gpp import GPPConfig
-    from stembed.eval.gpp_run import GPPRunError, gpp_at_tower
+    from stembed.eval.gpp_run import GPPRunError, gpp_at_tower, gpp_leave_one_site_out, read_towers
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
         check_output_folder(out)
+        cfg = GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs)
+        if towers is not None:
+            given = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux),
+                                    ("--tower", tower), ("--train-years", train_years),
+                                    ("--test-years", test_years)) if v is not None] + (
+                ["--whole-cube"] if whole_cube else [])
+            if given:
+                raise GPPRunError(f"--towers takes each tower's files and position from its table, so {given} "
+                                  "cannot be given too; fix: drop them (--val-years may stop training early)")
+            return gpp_leave_one_site_out(read_towers(towers), out, window_px=window_px,
+                                          val_years=tuple(val_years or ()),
+                                          interpolation=interpolation.value,  # type: ignore[arg-type]
+                                          stride_days=stride, cfg=cfg, seed=seed)
+        lacking = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux)) if v is None]
+        if lacking:
+            raise GPPRunError(f"missing {', '.join(lacking)}; fix: give --embeddings, --cube and --flux for one "
+                              "tower, or --towers TABLE.csv for several")
         if (tower is None) == (not whole_cube):
             raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
-        cfg = GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs)
         return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out,
                             tower_lonlat=tower, window_px=window_px,
                             split=_year_split(train_years, val_years, test_years),
@@ -795,6 +819,14 @@ def eval_gpp(
 
     res = _run_into(out, go)
     split = res.split
+    if split is None:
+        held = json.loads((out / "gpp_split.json").read_text())
+        stop = (f"validation years {held['val_years']} of the training towers stop it early" if held["early_stopping"]
+                else f"no --val-years, so the transformer trains all {held['max_epochs']} epochs")
+        typer.echo(f"{res.n_windows} windows at {len(held['sites'])} towers, each scored by models fitted on the "
+                   f"others (leave-one-site-out; {stop})\nmetrics: {res.metrics_csv}\npredictions: "
+                   f"{res.predictions_csv}")
+        return
     typer.echo(
         f"{res.n_windows} windows (train years {list(split.train_years)}, validation {list(split.val_years)}"
         + (f", test {list(split.test_years)}" if split.test_years else "")

@@ -6,6 +6,7 @@ every bundle, and a bundle's model is always rebuilt from its own stored config.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -262,7 +263,7 @@ class ZarrSource(_Frozen):
 class SceneSource(_Frozen):
     """Scene stores, one per site, as ``stembed cube`` and ``stembed.io.cube.save_scene`` write them: each holds
     S2, S1 and any companion sensors, so it is everything training needs. ``paths``: stores or glob patterns
-    (``sites/*.zarr``), relative to the folder stembed runs in."""
+    (``sites/*.zarr``); in a config file, relative to the file's folder."""
 
     kind: Literal["scene"] = "scene"
     paths: tuple[str, ...] = Field(min_length=1)
@@ -565,8 +566,47 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return out
 
 
+# where a stage config holds file paths: top-level keys, keys of data.source, and the values of extra_bundles
+_PATH_KEYS = ("out_dir", "s1_bundle", "s2_bundle", "fusion_bundle")
+_SOURCE_PATH_KEYS = ("paths", "s2_paths", "s1_paths")
+
+
+def _from_folder(value: Any, folder: Path) -> Any:
+    """``value`` relative to ``folder`` if it is a relative path; absolute paths, ``~`` paths and names with a
+    scheme (``pretrained:belgium``, ``s3://...``) are kept as they are. Not a string: left for validation."""
+    if not isinstance(value, str) or not value:
+        return value
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", value) or value.startswith("~") or Path(value).is_absolute():
+        return value
+    return str((folder / value).resolve())  # resolve, not normpath: ".." after a symlink goes where the OS goes
+
+
+def resolve_config_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """Paths written in a config file are relative to that file's folder, not to where stembed runs, so a
+    config works from any folder. Overrides (``--set``) are typed where stembed runs and stay relative to it."""
+    out = dict(raw)
+    for key in _PATH_KEYS:
+        if key in out:
+            out[key] = _from_folder(out[key], folder)
+    if isinstance(out.get("extra_bundles"), dict):
+        out["extra_bundles"] = {k: _from_folder(v, folder) for k, v in out["extra_bundles"].items()}
+    data = out.get("data")
+    if isinstance(data, dict) and isinstance(data.get("source"), dict):
+        source = dict(data["source"])
+        for key in _SOURCE_PATH_KEYS:
+            if isinstance(source.get(key), list | tuple):
+                source[key] = [_from_folder(v, folder) for v in source[key]]
+            elif key in source:
+                source[key] = _from_folder(source[key], folder)
+        out["data"] = {**data, "source": source}
+    return out
+
+
 def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
     """Read a YAML file (or start empty), apply overrides, validate into ``cls``.
+
+    Relative paths in the file resolve from the file's folder (:func:`resolve_config_paths`); relative
+    paths in ``overrides`` from the current folder.
 
     Raises:
         ConfigError: the file is missing or not a mapping, or validation fails; the message lists
@@ -590,7 +630,7 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
             loaded = {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {p} must hold a YAML mapping at the top level")
-        raw = loaded
+        raw = resolve_config_paths(loaded, p.resolve().parent)
     raw = apply_overrides(raw, overrides)
     try:
         return cls.model_validate(raw)
@@ -600,7 +640,7 @@ def load_config(cls: type[C], path: str | Path | None, overrides: list[str] | No
             loc = ".".join(str(x) for x in err["loc"]) or "<root>"
             msg = err["msg"]
             if err["type"] == "union_tag_not_found":  # pydantic: "Unable to extract tag using discriminator"
-                msg = f"no 'kind' given; set {loc}.kind to one of synthetic, worldcereal, zarr"
+                msg = f"no 'kind' given; set {loc}.kind to one of synthetic, worldcereal, scene, zarr"
             problems.append(f"{loc}: {msg}")
         where = f" in {path}" if path is not None else ""
         # one line: every bad field, each with pydantic's reason (e.g. "greater than or equal to 1")

@@ -1,4 +1,5 @@
-"""``stembed eval gpp``: GPP regression at one flux tower from an embedding store and its scene store.
+"""``stembed eval gpp``: GPP regression at a flux tower from an embedding store and its scene store, or at
+several towers, each held out in turn (:func:`gpp_leave_one_site_out`, ``--towers``).
 
 Three feature sets on identical windows (spec §6, section A fixes): the 7-d embedding, the 10 raw
 S2 bands and NDVI, each the mean over a window of pixels around the tower (or over the whole cube),
@@ -20,6 +21,7 @@ training data; a split left with no held-out window is refused.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -33,6 +35,7 @@ from stembed.errors import UserError
 from stembed.eval.fluxnet import load_fluxnet_daily
 from stembed.eval.gpp import (
     GPPConfig,
+    SiteSplit,
     Windows,
     YearSplit,
     common_windows,
@@ -56,7 +59,7 @@ class GPPRun:
     predictions_csv: Path
     plots: list[Path]
     n_windows: int
-    split: YearSplit | None = None
+    split: YearSplit | None = None  # None: leave-one-site-out
     n_dropped_overlap: int = 0
 
 
@@ -187,6 +190,71 @@ def _min_distance(days: np.ndarray, others: np.ndarray) -> np.ndarray:
     return np.minimum(left, right).astype(np.float64)
 
 
+def tower_windows(
+    embeddings: xr.Dataset,
+    s2: xr.DataArray,
+    flux_csv: str | Path,
+    *,
+    tower_lonlat: tuple[float, float] | None,
+    window_px: int = 15,
+    interpolation: Literal["linear", "savgol"] = "linear",
+    stride_days: int = 10,
+    cfg: GPPConfig | None = None,
+    site: str | None = None,
+) -> tuple[str, dict[str, Windows]]:
+    """One tower's windows for each feature set, on identical end dates: ``(site, {feature set: windows})``.
+
+    ``site`` names the windows (default: the flux file's site id).
+
+    Raises:
+        GPPRunError: no window of the cube ends on a day with quality-checked GPP.
+    """
+    cfg = cfg or GPPConfig()
+    flux = load_fluxnet_daily(flux_csv)
+    site = site or str(flux.attrs.get("site", Path(flux_csv).stem))
+    gpp = flux["gpp"]
+    series = feature_series(embeddings, s2, tower_lonlat=tower_lonlat, window_px=window_px)
+    times = pd.DatetimeIndex(embeddings[TIME].values)
+    start, end = times.min().normalize(), times.max().normalize()
+    sets: dict[str, dict[str, Windows]] = {}
+    for name, s in series.items():
+        daily = daily_series(s, start, end, method=interpolation)
+        x, t, ends = make_windows(daily, gpp, length_days=cfg.window_days, stride_days=stride_days)
+        sets[name] = {site: Windows.from_make_windows((x, t, ends), site)}
+    sets = common_windows(sets)
+    if len(sets["embedding"][site]) == 0:
+        raise GPPRunError(
+            f"no {cfg.window_days}-day window of the cube ({start.date()}..{end.date()}) ends on a day with "
+            f"quality-checked GPP at {site} (flux {gpp.index.min().date()}..{gpp.index.max().date()}); "
+            "fix: use a cube and flux file that overlap by more than the window length"
+        )
+    return site, {name: by_site[site] for name, by_site in sets.items()}
+
+
+def _write_outputs(
+    out_dir: Path, metrics: pd.DataFrame, preds: pd.DataFrame, split_info: dict[str, object]
+) -> tuple[Path, Path, list[Path]]:
+    """``gpp_split.json``, ``gpp_metrics.csv``, ``gpp_predictions.csv`` and one PNG per feature set and site."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpp_split.json").write_text(json.dumps(split_info, indent=2))
+    metrics_csv, preds_csv = out_dir / "gpp_metrics.csv", out_dir / "gpp_predictions.csv"
+    metrics.to_csv(metrics_csv, index=False)
+    preds.to_csv(preds_csv, index=False)
+    sites = sorted(preds["site"].unique())
+    plots = []
+    for (fs, site), p in preds.groupby(["feature_set", "site"]):
+        obs = p[p["model"] == p["model"].iloc[0]].sort_values("end_date")
+        lines = {
+            m: g.sort_values("end_date")["pred"].to_numpy()
+            for m, g in p.groupby("model")
+            if len(g) == len(obs)
+        }
+        name = f"gpp_{fs}.png" if len(sites) == 1 else f"gpp_{fs}_{site}.png"
+        plots.append(plot_gpp_series(pd.DatetimeIndex(obs["end_date"]), obs["obs"].to_numpy(), lines,
+                                     out_dir / name, title=f"{site}: GPP from {fs}"))
+    return metrics_csv, preds_csv, plots
+
+
 def gpp_at_tower(
     embeddings: xr.Dataset,
     s2: xr.DataArray,
@@ -207,53 +275,137 @@ def gpp_at_tower(
     windows sharing days with training ones); the split used is written to ``gpp_split.json``.
     """
     cfg = cfg or GPPConfig()
-    out_dir = Path(out_dir)
-    flux = load_fluxnet_daily(flux_csv)
-    site = str(flux.attrs.get("site", Path(flux_csv).stem))
-    gpp = flux["gpp"]
-    series = feature_series(embeddings, s2, tower_lonlat=tower_lonlat, window_px=window_px)
-    times = pd.DatetimeIndex(embeddings[TIME].values)
-    start, end = times.min().normalize(), times.max().normalize()
-    sets: dict[str, dict[str, Windows]] = {}
-    for name, s in series.items():
-        daily = daily_series(s, start, end, method=interpolation)
-        x, t, ends = make_windows(daily, gpp, length_days=cfg.window_days, stride_days=stride_days)
-        sets[name] = {site: Windows.from_make_windows((x, t, ends), site)}
-    sets = common_windows(sets)
-    n = len(sets["embedding"][site])
-    if n == 0:
-        raise GPPRunError(
-            f"no {cfg.window_days}-day window of the cube ({start.date()}..{end.date()}) ends on a day with "
-            f"quality-checked GPP at {site} (flux {gpp.index.min().date()}..{gpp.index.max().date()}); "
-            "fix: use a cube and flux file that overlap by more than the window length"
-        )
-    split, keep = resolve_split(sets["embedding"][site], split, cfg.window_days)
-    sets = {name: {k: w.take(keep) for k, w in by_site.items()} for name, by_site in sets.items()}
+    site, by_set = tower_windows(embeddings, s2, flux_csv, tower_lonlat=tower_lonlat, window_px=window_px,
+                                 interpolation=interpolation, stride_days=stride_days, cfg=cfg)
+    split, keep = resolve_split(by_set["embedding"], split, cfg.window_days)
+    sets = {name: {site: w.take(keep)} for name, w in by_set.items()}
     n_dropped = int((~keep).sum())
     metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "gpp_split.json").write_text(json.dumps({
+    metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, {
         **asdict(split), "windows": int(keep.sum()), "held_out_windows_dropped_for_overlap": n_dropped,
         "rule": f"held-out windows sharing any of their {cfg.window_days} days with training are dropped",
-    }, indent=2))
-    metrics_csv, preds_csv = out_dir / "gpp_metrics.csv", out_dir / "gpp_predictions.csv"
-    metrics.to_csv(metrics_csv, index=False)
-    preds.to_csv(preds_csv, index=False)
-    plots = []
-    for fs, p in preds.groupby("feature_set"):
-        obs = p[p["model"] == p["model"].iloc[0]].sort_values("end_date")
-        lines = {
-            m: g.sort_values("end_date")["pred"].to_numpy()
-            for m, g in p.groupby("model")
-            if len(g) == len(obs)
-        }
-        plots.append(
-            plot_gpp_series(
-                pd.DatetimeIndex(obs["end_date"]),
-                obs["obs"].to_numpy(),
-                lines,
-                out_dir / f"gpp_{fs}.png",
-                title=f"{site}: GPP from {fs}",
-            )
-        )
+    })
     return GPPRun(metrics, metrics_csv, preds_csv, plots, int(keep.sum()), split, n_dropped)
+
+
+# ----------------------------------------------------------------------------- several towers
+@dataclass(frozen=True)
+class Tower:
+    """One row of a towers table: a flux tower, its embedding store, the scene store it came from."""
+
+    site: str
+    embeddings: Path
+    cube: Path
+    flux: Path
+    lonlat: tuple[float, float] | None  # None: the whole cube is the footprint
+
+
+TOWER_COLUMNS = ("site", "embeddings", "cube", "flux", "lon", "lat")
+
+
+def read_towers(path: str | Path) -> list[Tower]:
+    """Read and check a towers CSV (columns ``site, embeddings, cube, flux, lon, lat``; empty ``lon`` and
+    ``lat``: the whole cube). Relative paths resolve from the CSV's folder. Every row is checked before
+    anything runs.
+
+    Raises:
+        GPPRunError: the file is missing or unreadable, a column is missing, a site id repeats, a
+            coordinate is not a number, or a named file does not exist; the message names the row.
+    """
+    path = Path(path)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise GPPRunError(f"towers table {path} does not exist; fix: pass a CSV with columns "
+                          f"{', '.join(TOWER_COLUMNS)}") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, IsADirectoryError) as e:
+        raise GPPRunError(f"towers table {path} is not a readable CSV ({type(e).__name__}); fix: write it with "
+                          f"the header {','.join(TOWER_COLUMNS)}") from None
+    missing = [c for c in TOWER_COLUMNS if c not in table.columns]
+    if missing:
+        raise GPPRunError(f"towers table {path} lacks the columns {missing}; fix: give the header "
+                          f"{','.join(TOWER_COLUMNS)} (lon and lat may be empty: the whole cube)")
+    dup = sorted(table["site"][table["site"].duplicated()].unique())
+    if dup:
+        raise GPPRunError(f"towers table {path} names the sites {dup} more than once; fix: one row per tower")
+    towers = []
+    for i, row in table.iterrows():
+        where = f"towers table {path}, row {int(i) + 2} (site {row['site']!r})"  # + header, 1-based
+        if not row["site"].strip():
+            raise GPPRunError(f"{where}: the site is empty; fix: give every tower an id")
+        lon, lat = row["lon"].strip(), row["lat"].strip()
+        lonlat = None
+        if lon or lat:
+            try:
+                lonlat = (float(lon), float(lat))
+            except ValueError:
+                raise GPPRunError(f"{where}: lon {lon!r} / lat {lat!r} are not numbers; fix: WGS84 degrees, "
+                                  "or both empty for the whole cube") from None
+            if not (-180 <= lonlat[0] <= 180 and -90 <= lonlat[1] <= 90):
+                raise GPPRunError(f"{where}: lon {lon} / lat {lat} are not WGS84 degrees; fix: lon first, "
+                                  "then lat")
+        files = {}
+        for col in ("embeddings", "cube", "flux"):
+            p = Path(row[col].strip())
+            p = p if p.is_absolute() else path.parent / p
+            if not row[col].strip() or not p.exists():
+                raise GPPRunError(f"{where}: {col} {str(p)!r} does not exist; fix: paths are relative to the "
+                                  "table's folder")
+            files[col] = p
+        towers.append(Tower(row["site"].strip(), files["embeddings"], files["cube"], files["flux"], lonlat))
+    if len(towers) < 2:
+        raise GPPRunError(f"towers table {path} holds {len(towers)} tower(s); leave-one-site-out needs at least "
+                          "2; fix: add towers, or run one tower with --embeddings/--cube/--flux")
+    return towers
+
+
+def gpp_leave_one_site_out(
+    towers: list[Tower],
+    out_dir: str | Path,
+    *,
+    window_px: int = 15,
+    val_years: tuple[int, ...] = (),
+    interpolation: Literal["linear", "savgol"] = "linear",
+    stride_days: int = 10,
+    cfg: GPPConfig | None = None,
+    seed: int = 0,
+) -> GPPRun:
+    """GPP at several towers, each scored by models trained on the other towers only (``SiteSplit``).
+
+    ``val_years``: windows of the training towers ending in these years stop the transformer early (none:
+    it trains ``max_epochs``); the held-out tower is never seen in training or early stopping. Every
+    tower's windows are made (and checked) before any model is fitted.
+    """
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    cfg = cfg or GPPConfig()
+    sets: dict[str, dict[str, Windows]] = {}
+    for t in towers:
+        try:
+            site, by_set = tower_windows(open_embeddings(t.embeddings), open_scene(t.cube, check_values=False).s2,
+                                         t.flux, tower_lonlat=t.lonlat, window_px=window_px,
+                                         interpolation=interpolation, stride_days=stride_days, cfg=cfg, site=t.site)
+        except UserError as e:
+            raise GPPRunError(f"tower {t.site}: {e}") from e
+        for name, w in by_set.items():
+            sets.setdefault(name, {})[site] = w
+    split = SiteSplit(tuple(val_years))
+    if val_years:
+        for site in sets["embedding"]:
+            rest = Windows.concat([w for s, w in sets["embedding"].items() if s != site])
+            if not np.isin(rest.end_date.year.to_numpy(), list(val_years)).any():
+                raise GPPRunError(f"with tower {site} held out, no window of the other towers ends in the "
+                                  f"validation years {list(val_years)}; fix: pick --val-years the cubes cover, or "
+                                  "omit them (no early stopping)")
+    with warnings.catch_warnings():
+        if not val_years:  # said once, in gpp_split.json and by the CLI, not once per fit
+            warnings.filterwarnings("ignore", message="fit_gpp: no validation windows", category=UserWarning)
+        metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
+    n = {site: len(w) for site, w in sets["embedding"].items()}
+    metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, {
+        "split": "leave-one-site-out", "sites": list(n), "windows_per_site": n, "val_years": list(val_years),
+        "early_stopping": bool(val_years), "max_epochs": cfg.max_epochs,
+        "rule": "each tower is scored by models fitted on the other towers' windows only",
+    })
+    return GPPRun(metrics, metrics_csv, preds_csv, plots, sum(n.values()), None, 0)
