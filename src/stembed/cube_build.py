@@ -589,8 +589,9 @@ def _quiet_reproject_warning() -> Iterator[None]:
     """Hide rasterio's "Dataset has no geotransform" warning when ``rasterio.warp.reproject`` raises it.
 
     odc-stac's threaded reads raise it now and then although every source is georeferenced (odc-geo#131,
-    odc-stac#145: spurious, seen by the maintainers). On the local test catalog one build in three warns;
-    the cubes of builds that warned are bit-identical to those that did not
+    odc-stac#145: spurious, seen by the maintainers). On the local test catalog it came from the first
+    build of a process only (two processes of 8 and 10 builds: each first build warned once, no
+    later one), and every build's cube is bit-identical to the first's, warned or not
     (``experiments/reproject_warning.py``). Only that call site is hidden: the same warning raised on
     opening a file that really lacks georeferencing still shows.
     """
