@@ -976,7 +976,7 @@ def build_site(request: CubeRequest, out: str | Path, *, overwrite: bool = False
     except Exception as e:  # the per-site boundary: one site's bug must not stop the others; shown in full
         return SiteOutcome(
             request.site, "failed", out, seconds=time.perf_counter() - t0, error=f"{type(e).__name__}: {e}",
-            traceback=traceback.format_exc(), user_error=False,
+            traceback=traceback.format_exc(),
         )
     return SiteOutcome(
         request.site, "built", res.path, res.s2_dates, res.s1_dates, res.pieces_reused,

@@ -20,7 +20,7 @@ import math
 import os
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from stembed.errors import UserError
@@ -100,8 +100,8 @@ def read_sites(
         first = seen.setdefault(site.site.lower(), site)
         if first is not site:
             raise SitesError(
-                f"{path} line {line}: site {site.site!r} repeats {first.site!r} of line {first.line} (ids must be "
-                "unique, also ignoring case: each names a store); fix: give each row its own site id"
+                f"{path} line {line}: site {site.site!r} repeats {first.site!r} of line {first.line} (ids "
+                "must be unique, also ignoring case: each names a store); fix: give each row its own site id"
             )
         sites.append(site)
     return sites
@@ -214,8 +214,7 @@ class SiteOutcome:
     seconds: float | None = None
     error: str = ""  # the error's message (with its type when it is not a stembed error)
     notes: tuple[str, ...] = ()
-    traceback: str = ""  # for an unexpected error (a bug): where it happened
-    user_error: bool = field(default=True, repr=False)  # False: an unexpected error (a bug), with traceback
+    traceback: str = ""  # only for an unexpected error (a bug): where it happened
 
     @property
     def failed(self) -> bool:
