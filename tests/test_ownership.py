@@ -274,7 +274,7 @@ def test_local_workers_ignore_ctrl_c_and_this_process_does_not() -> None:
     import multiprocessing
     import signal
 
-    from stembed.inference.tiles import _connect
+    from stembed.cluster import connect as _connect
 
     def ignores_sigint(pid: int | str) -> bool:
         line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("SigIgn:"))

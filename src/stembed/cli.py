@@ -431,9 +431,36 @@ def embed(
 
 @app.command()
 def cube(
-    out: Annotated[Path, typer.Option("--out", help="Output scene store (zarr): S2 + S1 cubes on one grid.")],
-    start: Annotated[str, typer.Option("--start", help="First day, YYYY-MM-DD.")],
-    end: Annotated[str, typer.Option("--end", help="Last day, YYYY-MM-DD (inclusive).")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Output scene store (zarr): S2 + S1 cubes on one grid.")
+    ] = None,
+    start: Annotated[
+        str | None, typer.Option("--start", help="First day, YYYY-MM-DD (with --sites: of rows without one).")
+    ] = None,
+    end: Annotated[
+        str | None,
+        typer.Option("--end", help="Last day, YYYY-MM-DD, inclusive (with --sites: of rows without one)."),
+    ] = None,
+    sites: Annotated[
+        Path | None,
+        typer.Option(
+            "--sites",
+            help="CSV table, one store per row: column site, and lon,lat,size_m or west,south,east,north; "
+            "optional start,end. Instead of --out/--bbox/--point/--site; needs --out-dir.",
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option("--out-dir", help="With --sites: folder of the stores DIR/<site>.zarr and the report."),
+    ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", help="With --sites: local dask worker processes (default: sites, max 4)."),
+    ] = None,
+    scheduler: Annotated[
+        str | None,
+        typer.Option("--scheduler", help="With --sites: a running dask scheduler's address (not --workers)."),
+    ] = None,
     bbox: Annotated[
         tuple[float, float, float, float] | None,
         typer.Option("--bbox", metavar="W S E N", help="Area as lon/lat W S E N."),
@@ -475,30 +502,140 @@ def cube(
     ] = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Build an S2 L2A + S1 RTC scene store from a STAC API (cloud mask, BRDF, S1 smoothing); resumable."""
+    """Build an S2 L2A + S1 RTC scene store from a STAC API (cloud mask, BRDF, S1 smoothing); resumable.
+
+    With --sites, one store per row of a CSV table, in parallel on dask; a failed site is reported at the
+    end (and in OUT_DIR/sites_report.csv, exit status 1) without stopping the others.
+    """
     from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, load_cloud_mask
     from stembed.io.stac import PLANETARY_COMPUTER, RetryPolicy, utm_grid
 
-    def go() -> Any:
+    def settings() -> dict[str, Any]:
+        """The options every site shares (all but area, period and id)."""
         try:
             classes = None if scl_classes is None else [int(c) for c in scl_classes.split(",") if c.strip()]
         except ValueError as e:
-            raise CubeBuildError(f"--scl-classes {scl_classes!r} is not a comma-separated list of integers") from e
-        request = CubeRequest(
-            grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
-            site=site or out.name.removesuffix(".zarr"), catalog=catalog or PLANETARY_COMPUTER,
-            s2_collection=s2_collection, s1_collection=s1_collection,
+            raise CubeBuildError(
+                f"--scl-classes {scl_classes!r} is not a comma-separated list of integers"
+            ) from e
+        return dict(
+            catalog=catalog or PLANETARY_COMPUTER, s2_collection=s2_collection, s1_collection=s1_collection,
             cloud_mask=load_cloud_mask(cloud_mask, scl_classes=classes), brdf=not no_brdf,
             min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit.value,
             s1_max_gap_days=s1_max_gap_days, piece_months=piece_months, retry=RetryPolicy(retries=retries),
         )
+
+    def go() -> Any:
+        options = (("--out-dir", out_dir), ("--workers", workers), ("--scheduler", scheduler))
+        given = [name for name, value in options if value is not None]
+        if given:
+            raise CubeBuildError(f"{', '.join(given)} go with --sites; fix: add --sites TABLE.csv or drop it")
+        if out is None or start is None or end is None:
+            missing = [n for n, v in (("--out", out), ("--start", start), ("--end", end)) if v is None]
+            raise CubeBuildError(
+                f"missing {', '.join(missing)}; fix: pass --out STORE.zarr --start YYYY-MM-DD --end "
+                "YYYY-MM-DD (or --sites TABLE.csv --out-dir DIR for many sites)"
+            )
+        request = CubeRequest(
+            grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
+            site=site or out.name.removesuffix(".zarr"), **settings(),
+        )
         return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
 
+    if sites is not None:
+        single = (("--out", out), ("--bbox", bbox), ("--point", point), ("--size-m", size_m),
+                  ("--site", site))
+        _cube_sites(
+            sites, out_dir, settings, start=start, end=end, overwrite=overwrite, workers=workers,
+            scheduler=scheduler, quiet=quiet, single=single,
+        )
+        return
     res = _run(go, resume=_RESUME_CUBE)
     typer.echo(
         f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
         f"{res.s2_dates_with_s1} S2 dates with S1 within {s1_max_gap_days:g} days)"
     )
+
+
+_RESUME_SITES = "finished sites and pieces are kept: rerun the same command to build the rest"
+
+
+def _cube_sites(
+    sites: Path, out_dir: Path | None, settings: Callable[[], dict[str, Any]], *, start: str | None,
+    end: str | None, overwrite: bool, workers: int | None, scheduler: str | None, quiet: bool,
+    single: tuple[tuple[str, Any], ...],
+) -> None:
+    """``stembed cube --sites``: check everything (table, options, --out-dir) before any site starts, build
+    the sites on dask, print a summary, write OUT_DIR/sites_report.csv; exit 1 if a site failed."""
+    from stembed.cube_build import CubeBuildError, CubeRequest, build_cubes
+    from stembed.io.outputs import check_file_output, check_output_folder, lock_output
+    from stembed.io.sites import REPORT_NAME, SiteOutcome, read_sites, summary_lines, write_report
+
+    done: list[SiteOutcome] = []
+
+    def on_done(outcome: SiteOutcome) -> None:
+        done.append(outcome)
+        write_report(done, report)  # so far: a run cut short still says which sites finished
+        if quiet:
+            return
+        if outcome.failed:
+            typer.secho(f"{outcome.site}: failed: {outcome.error}", fg=typer.colors.RED, err=True)
+        elif outcome.status == "built":
+            typer.echo(
+                f"{outcome.site}: built {outcome.path} ({outcome.s2_dates} S2 dates, {outcome.s1_dates} S1 "
+                f"dates, {outcome.seconds:.1f} s)"
+            )
+        else:
+            typer.echo(f"{outcome.site}: {outcome.status} ({outcome.path})")
+
+    def go() -> list[SiteOutcome]:
+        given = [name for name, value in single if value is not None]
+        if given:
+            raise CubeBuildError(
+                f"--sites takes each site's area and id from its table, so {', '.join(given)} cannot go with "
+                "it; fix: drop them (the stores go to --out-dir DIR as DIR/<site>.zarr)"
+            )
+        if out_dir is None:
+            raise CubeBuildError("--sites needs --out-dir DIR (the stores are DIR/<site>.zarr); fix: add it")
+        if workers is not None and scheduler is not None:
+            raise CubeBuildError(
+                "--workers starts a local cluster and --scheduler uses a running one; fix: pass one"
+            )
+        if workers is not None and workers < 1:
+            raise CubeBuildError(f"--workers is {workers}; fix: use at least 1")
+        shared = settings()
+        rows = read_sites(sites, start=start, end=end, piece_months=shared["piece_months"])
+        requests = [CubeRequest(grid=r.grid, start=r.start, end=r.end, site=r.site, **shared) for r in rows]
+        check_output_folder(out_dir, option="--out-dir")
+        check_file_output(report, overwrite=True, what="report", option="--out-dir")
+        # one --sites run per --out-dir at a time (each site's store has its own lock besides)
+        with lock_output(report, command="cube --sites", option="--out-dir"):
+            outcomes = build_cubes(
+                requests, out_dir, overwrite=overwrite, workers=workers, scheduler=scheduler, on_done=on_done
+            )
+            write_report(outcomes, report)
+        return outcomes
+
+    report = (out_dir or Path(".")) / REPORT_NAME
+    outcomes = _run(go, resume=_RESUME_SITES)
+    for line in summary_lines(outcomes):
+        typer.echo(line)
+    for o in outcomes:
+        if o.traceback:  # an unexpected error is a bug: show where it happened
+            typer.secho(f"{o.site}: unexpected error (a bug, please report it):\n{o.traceback}", err=True)
+    failed = [o for o in outcomes if o.failed]
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("built", "already built")}
+    typer.echo(
+        f"{counts['built']} built, {counts['already built']} already built, {len(failed)} failed of "
+        f"{len(outcomes)} sites; report: {report}"
+    )
+    if failed:
+        typer.secho(
+            f"{len(failed)} site(s) failed: {', '.join(o.site for o in failed)}; fix the cause named above, "
+            "then rerun the same command (built sites are skipped, unfinished ones resume)",
+            fg=typer.colors.RED, err=True,
+        )
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- products of an embedding store

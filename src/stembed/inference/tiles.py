@@ -17,14 +17,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import multiprocessing
 import os
-import signal
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 import xarray as xr
 
+from stembed.cluster import connect as _connect
+from stembed.cluster import stop_local_workers as _stop_local_workers
 from stembed.config import EmbedConfig, dump_config
 from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import fold_index
@@ -373,61 +373,6 @@ def check_cube_values(scene: Scene, path: Path) -> None:
 def _trained_gap_days(bundle: Bundle) -> float:
     data = bundle.config.get("stage", {}).get("data", {})
     return float(data.get("s1_max_gap_days", 6.0))
-
-
-def _connect(scheduler: str | None, workers: int, timeout_s: float) -> tuple[Any, Any]:
-    """A dask Client on ``scheduler``, or on a new LocalCluster of ``workers`` processes."""
-    from distributed import Client, LocalCluster
-
-    if scheduler is not None:
-        try:
-            return Client(scheduler, timeout=f"{timeout_s}s", set_as_default=False), None
-        except (OSError, TimeoutError, ValueError) as e:
-            raise EmbedError(
-                f"could not reach the dask scheduler at {scheduler!r} ({type(e).__name__}: {e}); fix: start it "
-                "(`dask scheduler`, then `dask worker ADDRESS`) and pass its address, or omit --scheduler to "
-                "run on a local cluster"
-            ) from e
-    with _workers_ignore_ctrl_c():
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=":0",  # any free port
-            silence_logs=logging.ERROR,
-        )
-    return Client(cluster, set_as_default=False), cluster
-
-
-def _stop_local_workers(others: set[int]) -> None:
-    """Ctrl-C: kill this run's local worker processes (children not in ``others``) now; closing would wait for
-    their running tiles. A tile a worker was writing is redone by ``--resume`` (a tile is marked done after its
-    data)."""
-    ours = [p for p in multiprocessing.active_children() if p.pid not in others]
-    for proc in ours:
-        proc.kill()
-    for proc in ours:
-        proc.join(timeout=5)
-
-
-@contextlib.contextmanager
-def _workers_ignore_ctrl_c() -> Iterator[None]:
-    """Ignore SIGINT while the local cluster starts: the worker processes inherit the ignored SIGINT (Python then
-    installs no KeyboardInterrupt handler), so Ctrl-C reaches this process alone, which stops them.
-
-    Ctrl-C in a terminal signals the whole process group: without this every worker printed its own
-    traceback (31-127 lines). The cost: a Ctrl-C in the few seconds the workers take to start is lost
-    (press it again). A blocked signal mask instead did not reach the workers (distributed spawns them
-    from its own thread).
-    """
-    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def _calibrate(
