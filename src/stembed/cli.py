@@ -172,15 +172,29 @@ def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: s
         check_run_dir(resume.parent.parent, option="--resume's run folder")
 
 
-def _train_lock(run_dir: Path | None, resume: Path | None) -> contextlib.AbstractContextManager[Any]:
-    """This run owns its run folder (``RUN_DIR.lock``) until it ends: a second run into it refuses."""
-    from stembed.io.outputs import lock_output
+def _train_lock(run_dir: Path | None, resume: Path | None, train: Any) -> contextlib.AbstractContextManager[Any]:
+    """Check the run folder (:func:`_check_train_paths`), then own it (``RUN_DIR.lock``) until the run ends: a
+    second run into it refuses.
 
+    DDP ranks other than global rank 0 (the same command, run again by Lightning's launcher, torchrun or
+    srun) neither check nor lock the folder: rank 0 owns it for the whole run, and they write nothing.
+    """
+    from stembed.io.outputs import lock_output
+    from stembed.training.run import follower_rank
+
+    if follower_rank(train):
+        return contextlib.nullcontext()
+    _check_train_paths(run_dir, resume, train.accelerator)
     if run_dir is not None:
         return lock_output(run_dir, command="train", option="--run-dir")
     if resume is not None:
         return lock_output(resume.parent.parent, command="train", option="--resume's run folder")
     return contextlib.nullcontext()  # a new folder named by time and config hash
+
+
+def _echo_result(res: Any) -> None:
+    if res.lead:  # DDP: one line set, from global rank 0 (the one that wrote them)
+        typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
 
 
 def _quiet_set(set_: list[str] | None, quiet: bool) -> list[str]:
@@ -204,13 +218,12 @@ def _train_ae(
             in_file = (yaml.safe_load(config.read_text()) or {}).get("sensor")
             if in_file not in (None, sensor):
                 raise ConfigError(f"{config} is a config for sensor {in_file!r}; run `stembed train {in_file}`")
-        _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        with _train_lock(run_dir, resume), _training_output(verbose):
+        with _train_lock(run_dir, resume, cfg.train), _training_output(verbose):
             return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
     res = _run(go, resume=_RESUME_TRAIN)
-    typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
+    _echo_result(res)
 
 
 @train_app.command("s1")
@@ -259,12 +272,11 @@ def train_gapfill_cmd(
 
     def go() -> Any:
         cfg = load_config(GapFillStageConfig, config, _quiet_set(set_, quiet))
-        _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        with _train_lock(run_dir, resume), _training_output(verbose):
+        with _train_lock(run_dir, resume, cfg.train), _training_output(verbose):
             return train_gapfill(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
-    typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
+    _echo_result(res)
 
 
 @train_app.command("fusion")
@@ -281,12 +293,11 @@ def train_fusion_cmd(
 
     def go() -> Any:
         cfg = load_config(FusionStageConfig, config, _quiet_set(set_, quiet))
-        _check_train_paths(run_dir, resume, cfg.train.accelerator)
-        with _train_lock(run_dir, resume), _training_output(verbose):
+        with _train_lock(run_dir, resume, cfg.train), _training_output(verbose):
             return train_fusion(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
-    typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
+    _echo_result(res)
 
 
 @app.command()

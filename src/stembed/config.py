@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stembed.errors import UserError
 from stembed.sensors import CORE_SENSORS, PLUGINS, get_plugin, load_builtin_plugins
@@ -385,6 +385,25 @@ class TrainConfig(_Frozen):
     max_minutes: float | None = Field(None, gt=0)  # stop after this much training time (the best checkpoint is kept)
     val_every_n_epochs: int = Field(1, ge=1)  # validate (early stopping, plateau, best checkpoint) every n epochs
     progress_bar: bool = True
+    # scale-out (README "Training on several GPUs or nodes"): processes per node (GPUs, or CPU processes),
+    # nodes, how Lightning joins them, and the training arithmetic. batch_size and limit_train_batches are per
+    # process, so the global batch is batch_size * devices * num_nodes. Bundles always hold float32 weights.
+    devices: int | Literal["auto"] = 1  # "auto": every GPU torch sees (one process on CPU)
+    num_nodes: int = Field(1, ge=1)
+    strategy: Literal["auto", "ddp"] = "auto"  # "auto": DDP when devices * num_nodes > 1
+    precision: Literal["32-true", "bf16-mixed", "16-mixed"] = "32-true"  # *-mixed: autocast, float32 weights
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError("must be >= 1 or 'auto'")
+        return v
+
+    @property
+    def distributed(self) -> bool:
+        """More than one training process may run (so ranks, samplers and collectives matter)."""
+        return self.devices != 1 or self.num_nodes > 1
 
 
 class DenseTrainingConfig(_Frozen):

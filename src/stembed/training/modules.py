@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import lightning as L
@@ -50,17 +51,47 @@ def _centre_metrics(names: list[str]) -> nn.ModuleDict:
     return nn.ModuleDict({f"{p}_{n}": MeanMetric() for p in ("train", "val") for n in names})
 
 
+def _distributed() -> bool:
+    """This process is one of several DDP ranks (so collectives must run on every rank alike)."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and (
+        torch.distributed.get_world_size() > 1
+    )
+
+
 def _log_centre(module: L.LightningModule, prefix: str) -> None:
-    """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: the mean of S1's and S2's."""
+    """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: the mean of S1's and S2's.
+
+    Under DDP ``compute()`` gathers every rank's sums (a collective), so every rank computes every metric,
+    also one it never updated; the values (the monitor of early stopping, the plateau schedule and the best
+    checkpoint) are then the same on all ranks.
+    """
     values = {}
     for name, metric in module.centre.items():
         if name.startswith(prefix + "_"):
-            values[name] = metric.compute() if metric.update_count else torch.tensor(float("nan"))
+            if metric.update_count or _distributed():
+                with warnings.catch_warnings():  # a rank without updates: its share is empty, NaN if all are
+                    warnings.filterwarnings("ignore", message=".*was called before the ``update`` method.*")
+                    values[name] = metric.compute()
+            else:
+                values[name] = torch.tensor(float("nan"))
             metric.reset()
     if module.monitor == MONITOR and f"{prefix}_centre_mae" not in values:
         # companions left out, so runs with and without them stop on the same criterion
         values[f"{prefix}_centre_mae"] = torch.stack([values[f"{prefix}_centre_mae_{k}"] for k in ("s1", "s2")]).mean()
-    module.log_dict(values, prog_bar=prefix == "val")
+    # already equal across ranks (torchmetrics synced them); sync_dist states it and keeps Lightning from warning
+    module.log_dict(values, prog_bar=prefix == "val", sync_dist=True)
+
+
+def _skip_step(module: nn.Module) -> Tensor | None:
+    """A training step with nothing to learn from (no observed centre in the tiles).
+
+    One process: None, and Lightning skips it. Under DDP every rank must run backward, because the
+    gradient all-reduce is collective (a rank that skips hangs the others): a zero loss reaching every
+    trainable parameter instead (zero gradients; AdamW still applies its weight decay on that step).
+    """
+    if not _distributed():
+        return None
+    return torch.stack([p.sum() for p in module.parameters() if p.requires_grad]).sum() * 0.0
 
 
 def _update(metric: MeanMetric, x_hat: Tensor, x: Tensor, valid: Tensor) -> None:
@@ -140,8 +171,8 @@ class AutoencoderModule(_StageModule):
     def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         d = self.dense
         step = autoencoder_step(self.model, batch, self.loss_cfg, d.latents, d.render_frames, self.gen)
-        if step is None:  # no observed centre in these tiles: skip the step (Lightning skips on None)
-            return None
+        if step is None:  # no observed centre in these tiles: skip the step
+            return _skip_step(self.model)
         rec, n = step.recon, step.windows.b.numel()  # the first n rendered pairs are the centre frames
         logs = {f"{prefix}_{k}": v for k, v in rec.parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=n)
@@ -193,8 +224,8 @@ class FusionModule(_StageModule):
         aes = model.autoencoders()
         T, m = model.s2.cfg.n_frames, model.s2.cfg.context_px
         win = draw_windows(batch, m, d.latents, self.gen)
-        if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step (Lightning skips on None)
-            return None
+        if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step
+            return _skip_step(self.model)
         c = T // 2
         windows = {k: batch["window" if k == "s2" else f"window_{k}"] for k in aes}
         gaps, dt = {"s2": win.gaps}, {}

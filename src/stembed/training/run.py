@@ -8,7 +8,9 @@ A run folder holds ``config.yaml`` (the resolved stage config), ``checkpoints/{b
 from __future__ import annotations
 
 import json
+import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,11 +52,20 @@ from stembed.training.modules import AutoencoderModule, FusionModule, GapFillMod
 
 @dataclass(frozen=True)
 class RunResult:
-    """Where a finished stage left its outputs."""
+    """Where a finished stage left its outputs.
+
+    ``lead`` is False on DDP ranks other than global rank 0: they wrote nothing (``metrics`` is empty) and
+    ``run_dir`` is only what that process was given.
+    """
 
     run_dir: Path
     bundle: Path
     metrics: dict[str, Any]
+    lead: bool = True
+
+
+def _follower_result(run_dir: Path) -> RunResult:
+    return RunResult(run_dir, run_dir / "bundle.pt", {}, lead=False)
 
 
 def default_run_dir(cfg: AEStageConfig | FusionStageConfig | GapFillStageConfig) -> Path:
@@ -95,6 +106,60 @@ def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
     }
 
 
+# set by Lightning's DDP launcher (LOCAL_RANK, NODE_RANK), torchrun (RANK, GROUP_RANK) or srun (SLURM_PROCID)
+_RANK_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
+
+
+def follower_rank(cfg: TrainConfig) -> bool:
+    """This process is a rank other than global rank 0 of a distributed run, known before the trainer exists.
+
+    Lightning's ``ddp`` launcher runs the same command again for ranks 1.., torchrun and srun start every
+    rank themselves; all of them set the rank variables above. Only global rank 0 owns the run folder
+    (lock, ``config.yaml``, checkpoints, ``metrics.json``, ``bundle.pt``); the others train and write nothing.
+    Read only when ``cfg`` asks for several processes, so a stray variable cannot silence a one-process run.
+    """
+    if not cfg.distributed:
+        return False
+    return any(os.environ.get(k, "0").strip() not in ("", "0") for k in _RANK_VARS)
+
+
+def check_scale_out(cfg: TrainConfig) -> None:
+    """Refuse devices or a precision this machine cannot give, before anything is written.
+
+    Raises:
+        ConfigError: more GPUs than torch sees, several devices with no GPU and ``accelerator: auto`` (ambiguous:
+            CPU processes were rarely meant), more CPU processes than cores, or ``16-mixed`` without a GPU.
+    """
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = cfg.accelerator == "gpu" or (cfg.accelerator == "auto" and n_gpus > 0)
+    devices = cfg.devices
+    if cfg.accelerator == "gpu" and n_gpus == 0:
+        raise ConfigError("train.accelerator is 'gpu' but torch sees no CUDA GPU; fix: --set train.accelerator=auto "
+                          "(or cpu)")
+    if on_gpu and isinstance(devices, int) and devices > n_gpus:
+        raise ConfigError(
+            f"train.devices={devices} but torch sees {n_gpus} CUDA GPU(s) on this node; fix: --set "
+            f"train.devices={n_gpus} (or auto: all of them), or run on a node with {devices} GPUs"
+        )
+    if not on_gpu:
+        if isinstance(devices, int) and devices > 1 and cfg.accelerator == "auto":
+            raise ConfigError(
+                f"train.devices={devices} but torch sees no CUDA GPU; fix: run on a node with {devices} GPUs, or "
+                f"--set train.accelerator=cpu to train with {devices} CPU processes"
+            )
+        cores = os.cpu_count() or 1
+        if isinstance(devices, int) and devices > cores:
+            raise ConfigError(
+                f"train.devices={devices} CPU processes but this machine has {cores} cores; fix: --set "
+                f"train.devices={cores} (or fewer)"
+            )
+        if cfg.precision == "16-mixed":
+            raise ConfigError(
+                "train.precision=16-mixed needs a CUDA GPU (CPU autocast has no float16 training); fix: --set "
+                "train.precision=bf16-mixed (or 32-true)"
+            )
+
+
 def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str) -> L.Trainer:
     callbacks: list[L.Callback] = [
         EarlyStopping(monitor=monitor, mode="min", patience=cfg.early_stop_patience),
@@ -108,7 +173,10 @@ def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str
         max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
         check_val_every_n_epoch=cfg.val_every_n_epochs,
         accelerator="auto" if cfg.accelerator == "auto" else cfg.accelerator,
-        devices=1,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy=cfg.strategy,
+        precision=cfg.precision,
         gradient_clip_val=cfg.grad_clip,
         logger=CSVLogger(save_dir=run_dir, name="logs"),  # logs/version_N: a resume starts a new file
         callbacks=callbacks,
@@ -120,7 +188,10 @@ def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str
     )
 
 
-def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | None) -> None:
+def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | None, train: TrainConfig) -> None:
+    check_scale_out(train)
+    if follower_rank(train):  # global rank 0 checked and wrote the run folder
+        return
     if resume is None and (run_dir / "bundle.pt").exists():
         raise FileExistsError(
             f"{run_dir} already holds a finished run (bundle.pt); choose another --run-dir or resume with "
@@ -132,15 +203,25 @@ def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | Non
 
 def _fit(
     module: L.LightningModule, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None
-) -> L.LightningModule:
-    """Fit, then load the best checkpoint's weights back into ``module``."""
+) -> L.LightningModule | None:
+    """Fit, then load the best checkpoint's weights back into ``module``.
+
+    Returns None on DDP ranks other than global rank 0: they trained their share and stop there (only rank 0
+    evaluates and writes metrics.json and bundle.pt, so no rank waits on another after the fit).
+    """
     if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
         raise SamplingError("the validation split is empty; early stopping needs one (check data.split.fractions)")
     loaders = _loaders(data, cfg)
     trainer = _trainer(run_dir, cfg, len(loaders["train"]), module.monitor)
     if resume is not None and not resume.is_file():
         raise FileNotFoundError(f"checkpoint {resume} does not exist; resume from a run's checkpoints/last.ckpt")
-    trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(resume) if resume else None)
+    with warnings.catch_warnings():
+        # DDP: some conv weights are channels-last, so their gradients are copied into the all-reduce buckets
+        # (a little slower, not wrong); said once per rank and step otherwise
+        warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+        trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(resume) if resume else None)
+    if not trainer.is_global_zero:
+        return None
     best = Path(trainer.checkpoint_callback.best_model_path) if trainer.checkpoint_callback else None  # type: ignore[union-attr]
     if best and best.is_file():
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -165,7 +246,7 @@ def train_autoencoder(
     """Stage 1 for one sensor."""
     run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
     cfg_dict = dump_config(cfg)
-    _prepare_run_dir(run_dir, cfg_dict, resume)
+    _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # run boundary: init and dropout draws
     scenes = load_scenes(cfg.data)
     model_cfg = cfg.resolved_model()
@@ -184,8 +265,10 @@ def train_autoencoder(
     module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train),
                                dump_config(dense) if dense is not None else None)
     started = time.perf_counter()
-    module = _fit(module, data, cfg.train, run_dir, resume)
-    model = module.model  # type: ignore[attr-defined]
+    fitted = _fit(module, data, cfg.train, run_dir, resume)
+    if fitted is None:
+        return _follower_result(run_dir)
+    model = fitted.model  # type: ignore[attr-defined]
     data.datasets["train"] = patch_train
 
     reconstruct = autoencoder_reconstruct(model, cfg.sensor)
@@ -262,7 +345,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     bx = _companion_bundles(cfg)
     run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
     cfg_dict = dump_config(cfg)
-    _prepare_run_dir(run_dir, cfg_dict, resume)
+    _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
     a2 = AEConfig.model_validate(b2.config["model"])
@@ -298,8 +381,10 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         start_state = {k: v.clone() for k, v in model.state_dict().items()}
         val = DataLoader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
         start["val"] = evaluate_split(val, fusion_reconstruct(model.eval()))
-    module = _fit(module, data, cfg.train, run_dir, resume)
-    model = module.model  # type: ignore[attr-defined]
+    fitted = _fit(module, data, cfg.train, run_dir, resume)
+    if fitted is None:
+        return _follower_result(run_dir)
+    model = fitted.model  # type: ignore[attr-defined]
     data.datasets["train"] = patch_train
     splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
     if start and _monitor(start["val"]) < _monitor(splits["val"]):
@@ -353,7 +438,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
         )
     run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
     cfg_dict = dump_config(cfg)
-    _prepare_run_dir(run_dir, cfg_dict, resume)
+    _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
     fusion_config = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
@@ -364,8 +449,10 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=context_px,
                              extra=extra)
     started = time.perf_counter()
-    module = _fit(module, data, cfg.train, run_dir, resume)
-    model = module.model  # type: ignore[attr-defined]
+    fitted = _fit(module, data, cfg.train, run_dir, resume)
+    if fitted is None:
+        return _follower_result(run_dir)
+    model = fitted.model  # type: ignore[attr-defined]
 
     @torch.no_grad()
     def errors(loader: DataLoader[Any]) -> dict[str, float]:
