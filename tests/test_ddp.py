@@ -85,6 +85,60 @@ def test_cli_ddp_on_two_cpu_processes_writes_one_bundle_that_embeds(belgian_dir:
     assert z.shape == (batch["x"].shape[0], model.cfg.latent_dim) and torch.isfinite(z).all()
 
 
+def test_fusion_stage_under_ddp_writes_a_bundle_that_embeds_a_cube(belgian_dir: Path, tmp_path: Path) -> None:
+    """The fusion stage (frozen autoencoders, dense tiles) on 2 CPU processes, then `stembed embed` with its
+    bundle on a crop of the real patch: the path a user takes from a multi-GPU run to an embedding store."""
+    from typer.testing import CliRunner
+
+    from stembed.cli import app
+    from stembed.config import ae_preset
+    from stembed.io.cube import Scene, save_scene
+    from stembed.io.embeddings import open_embeddings
+    from stembed.io.worldcereal import read_worldcereal
+    from stembed.models.autoencoder import SensorAutoencoder
+    from stembed.models.bundle import save_bundle
+    from stembed.sensors import get_sensor
+
+    torch.manual_seed(0)
+    bundles = {}
+    for sensor in ("s1", "s2"):  # untrained stage-1 bundles: what fusion does with them is the test
+        cfg = ae_preset("tiny-dense", sensor)
+        bundles[sensor] = save_bundle(tmp_path / f"{sensor}.pt", kind="autoencoder", sensor=sensor,
+                                      model=SensorAutoencoder(cfg), config={"model": dump_config(cfg), "stage": {}},
+                                      sensors={sensor: get_sensor(sensor)}, provenance={"note": "random"})
+    config = tmp_path / "fusion.yaml"
+    config.write_text(yaml.safe_dump({
+        "s1_bundle": str(bundles["s1"]), "s2_bundle": str(bundles["s2"]), "preset": "tiny-dense",
+        "data": {**STAGE["data"], "source": {"kind": "worldcereal", "paths": [str(belgian_dir)]}},
+        "dense_training": {"crop_px": 16, "latents": 32, "render_frames": 2},
+        "train": {**STAGE["train"], "batch_size": 16, "devices": 2, "accelerator": "cpu", "strategy": "ddp"},
+    }))
+    run_dir = tmp_path / "fusion"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "stembed.cli", "train", "fusion", "--config", str(config), "--run-dir", str(run_dir)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("bundle: ") == 1, proc.stdout
+    bundle = load_bundle(run_dir / "bundle.pt", expect_kind="fusion")
+    assert bundle.config["stage"]["train"]["devices"] == 2 and np.isfinite(
+        bundle.metrics["splits"]["test"]["s2"]["centre_mae"])
+
+    scene = read_worldcereal(belgian_dir)
+    crop = {"y": slice(0, 24), "x": slice(0, 24)}  # the smallest cube the 23 px halo reflects in
+    cube = save_scene(Scene(site=scene.site, s2=scene.s2.isel(crop).isel(time=slice(0, 16)), s1=scene.s1.isel(crop)),
+                      tmp_path / "crop.zarr")
+    res = CliRunner().invoke(app, ["embed", "--cube", str(cube), "--bundle", str(run_dir / "bundle.pt"),
+                                   "--out", str(tmp_path / "emb.zarr"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    emb = open_embeddings(tmp_path / "emb.zarr")
+    valid = emb["valid"].values
+    assert valid.any() and np.isfinite(emb["embedding"].values.transpose(1, 0, 2, 3)[:, valid]).all()
+
+
 # ----------------------------------------------------------------------------- DDP step == full-batch step
 LR = 0.5
 
