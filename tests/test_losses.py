@@ -58,6 +58,9 @@ def test_context_weight_rings_and_frames():
     boosted = context_weights(normalised=False, centre_weight=1.5).double()
     assert float(boosted[5, 7, 7]) == 1.5 and float(boosted[4, 7, 7]) == pytest.approx(0.1)
     assert torch.equal(w, w.flip(0)) and torch.equal(w, w.flip(1)) and torch.equal(w, w.transpose(1, 2))
+    slow = context_weights(normalised=False, time_decay=0.5).double()  # time only: space keeps decay 0.1
+    assert float(slow[4, 7, 7]) == pytest.approx(0.5) and float(slow[2, 7, 7]) == pytest.approx(0.125)
+    assert float(slow[5, 6, 7]) == pytest.approx(1e-2) and float(slow[3, 5, 9]) == pytest.approx(0.25 * 1e-3)
 
 
 # ----------------------------------------------------------------------------- MAE

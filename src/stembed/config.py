@@ -341,6 +341,9 @@ class LossConfig(_Frozen):
     """Context-aware reconstruction loss of one sensor (spec §2)."""
 
     decay: float = 0.1
+    # the temporal factor's decay per frame (None: decay, the paper's one decay for space and time); a slower
+    # one asks the latent for more of the season around its date (README "Models that learn", the probe)
+    time_decay: float | None = Field(None, gt=0.0, le=1.0)
     centre_weight: float = 1.0
     mae: float = 1.0
     ssim: float = 0.0

@@ -22,18 +22,24 @@ _SSIM_C2 = 0.03**2
 
 
 # ----------------------------------------------------------------------------- weights
-def context_weight_factors(n_frames: int, patch_px: int, decay: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two factors of the raw context map, float64: ``w_t`` (T,) = decay**d_t and ``w_s`` (H, W) =
-    decay**(d_s + 1), 1 at the centre pixel (before the centre entry is replaced by the centre weight)."""
+def context_weight_factors(
+    n_frames: int, patch_px: int, decay: float, time_decay: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two factors of the raw context map, float64: ``w_t`` (T,) = time_decay**d_t (``time_decay`` None:
+    ``decay``) and ``w_s`` (H, W) = decay**(d_s + 1), 1 at the centre pixel (before the centre entry is
+    replaced by the centre weight)."""
     d_t = (torch.arange(n_frames, dtype=torch.float64) - n_frames // 2).abs()  # (T,) in frames, not days
     idx = (torch.arange(patch_px, dtype=torch.float64) - patch_px // 2).abs()  # (H,)
     d_s = torch.maximum(idx[:, None], idx[None, :])  # (H, W) Chebyshev distance
-    return decay**d_t, torch.where(d_s == 0, torch.ones_like(d_s), decay ** (d_s + 1))
+    t_decay = decay if time_decay is None else time_decay
+    return t_decay**d_t, torch.where(d_s == 0, torch.ones_like(d_s), decay ** (d_s + 1))
 
 
-def _raw_context_weights(n_frames: int, patch_px: int, decay: float, centre_weight: float) -> torch.Tensor:
-    """(T, H, W) float64 map: decay**(d_s + 1) spatially (1 at the centre), decay**d_t temporally."""
-    w_t, w_s = context_weight_factors(n_frames, patch_px, decay)
+def _raw_context_weights(
+    n_frames: int, patch_px: int, decay: float, centre_weight: float, time_decay: float | None = None
+) -> torch.Tensor:
+    """(T, H, W) float64 map: decay**(d_s + 1) spatially (1 at the centre), time_decay**d_t temporally."""
+    w_t, w_s = context_weight_factors(n_frames, patch_px, decay, time_decay)
     w = w_t[:, None, None] * w_s[None]  # (T, H, W)
     w[n_frames // 2, patch_px // 2, patch_px // 2] = centre_weight
     return w
@@ -42,9 +48,9 @@ def _raw_context_weights(n_frames: int, patch_px: int, decay: float, centre_weig
 @functools.lru_cache(maxsize=64)
 def _cached_weights(
     n_frames: int, patch_px: int, decay: float, centre_weight: float, n_channels: int, normalised: bool,
-    device: torch.device, dtype: torch.dtype,
+    device: torch.device, dtype: torch.dtype, time_decay: float | None,
 ) -> torch.Tensor:
-    w = _raw_context_weights(n_frames, patch_px, decay, centre_weight)
+    w = _raw_context_weights(n_frames, patch_px, decay, centre_weight, time_decay)
     if normalised:
         w = w / (n_channels * w.sum())
     return w.to(device=device, dtype=dtype)
@@ -56,6 +62,7 @@ def context_weights(
     *,
     decay: float = 0.1,
     centre_weight: float = 1.0,
+    time_decay: float | None = None,
     n_channels: int = 1,
     normalised: bool = True,
     device: torch.device | str | None = None,
@@ -64,7 +71,7 @@ def context_weights(
     """Context weight map (T, H, W), the same for every channel.
 
     Spatial weight ``decay**(d+1)`` at Chebyshev distance d > 0 from the centre pixel (1 at d = 0),
-    temporal weight ``decay**d_t`` at d_t frames from the centre frame; their product, with the
+    temporal weight ``time_decay**d_t`` (None: ``decay``) at d_t frames from the centre frame; their product, with the
     centre entry (value 1) replaced by ``centre_weight``. With ``normalised`` (default) the map is
     divided by ``n_channels * sum`` so that it sums to 1 over (T, C, H, W) once broadcast to C
     channels; ``normalised=False`` gives the raw map used to average the spectral angle.
@@ -73,14 +80,15 @@ def context_weights(
     """
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return _cached_weights(
-        n_frames, patch_px, float(decay), float(centre_weight), int(n_channels), normalised, dev, dtype
+        n_frames, patch_px, float(decay), float(centre_weight), int(n_channels), normalised, dev, dtype,
+        None if time_decay is None else float(time_decay),
     )
 
 
 def _weights_for(x: torch.Tensor, cfg: LossConfig, *, normalised: bool) -> torch.Tensor:
     _, T, C, H, _ = x.shape
     return context_weights(
-        T, H, decay=cfg.decay, centre_weight=cfg.centre_weight, n_channels=C,
+        T, H, decay=cfg.decay, time_decay=cfg.time_decay, centre_weight=cfg.centre_weight, n_channels=C,
         normalised=normalised, device=x.device, dtype=x.dtype,
     )
 
@@ -252,8 +260,8 @@ def sam_normaliser(all_valid: torch.Tensor, cfg: LossConfig) -> torch.Tensor:
     """Sum of the raw context weights over the fully observed positions of ``all_valid`` (N, T, P, P): the
     denominator of :func:`sam_loss`."""
     _, T, P, _ = all_valid.shape
-    w = context_weights(T, P, decay=cfg.decay, centre_weight=cfg.centre_weight, normalised=False,
-                        device=all_valid.device)
+    w = context_weights(T, P, decay=cfg.decay, time_decay=cfg.time_decay, centre_weight=cfg.centre_weight,
+                        normalised=False, device=all_valid.device)
     return (w * all_valid).sum()
 
 
@@ -290,8 +298,8 @@ def sampled_reconstruction_loss(
     out: dict[str, torch.Tensor] = {}
     total = x_hat.new_zeros(())
     if cfg.mae:
-        w = context_weights(n_frames, P, decay=cfg.decay, centre_weight=cfg.centre_weight, n_channels=C,
-                            device=x.device, dtype=x.dtype)  # (T, P, P)
+        w = context_weights(n_frames, P, decay=cfg.decay, time_decay=cfg.time_decay, centre_weight=cfg.centre_weight,
+                            n_channels=C, device=x.device, dtype=x.dtype)  # (T, P, P)
         w_sel = (w[frames] * scale[..., None, None])[:, :, None]  # (N, F, 1, P, P)
         err = torch.where(valid, x_hat - x, torch.zeros_like(x_hat)).abs()
         out["mae"] = (err * w_sel).sum() / N
@@ -303,8 +311,9 @@ def sampled_reconstruction_loss(
     if cfg.sam:
         if sam_total is None:
             raise ValueError("the loss has a SAM term: pass sam_total (see sam_normaliser)")
-        w_raw = context_weights(n_frames, P, decay=cfg.decay, centre_weight=cfg.centre_weight,
-                                normalised=False, device=x.device, dtype=x.dtype)  # (T, P, P)
+        w_raw = context_weights(n_frames, P, decay=cfg.decay, time_decay=cfg.time_decay,
+                                centre_weight=cfg.centre_weight, normalised=False, device=x.device,
+                                dtype=x.dtype)  # (T, P, P)
         ok = valid.all(dim=2)  # (N, F, P, P)
         angle = spectral_angle(x_hat, torch.where(valid, x, torch.zeros_like(x)))  # (N, F, P, P)
         num = (torch.where(ok, w_raw[frames] * scale[..., None, None], torch.zeros_like(angle)) * angle).sum()

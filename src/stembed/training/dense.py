@@ -190,7 +190,8 @@ def _sam_total(area: _PatchArea, win: Windows, patch_px: int, loss: LossConfig) 
     h, r = area.h, area.r
     py, px = win.p // h, win.p % h
     dtype = area.part.dtype
-    w_t, w_s = (w.to(dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay))
+    w_t, w_s = (w.to(dtype) for w in context_weight_factors(win.frames.shape[1], patch_px, loss.decay,
+                                                                           loss.time_decay))
     all_ok = area.ok.all(dim=2).to(dtype)  # (Bt, D, S, S)
     spatial = nn.functional.conv2d(all_ok.reshape(Bt * D, 1, S, S), w_s[None, None]).reshape(Bt, D, h, h)
     per_window = spatial[win.b[:, None], win.frames, py[:, None], px[:, None]] @ w_t  # (N,)
