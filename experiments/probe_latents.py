@@ -4,10 +4,13 @@ Embeds every pixel-date of a scene store with a fusion bundle three ways: its 7-
 stage-1 latents it fuses (S2 9 + S1 2, concatenated), and the S2 latent alone; each is probed exactly
 like `stembed eval probe` (same pixel-dates, folds and models, `stembed.eval.probe.probe_table`).
 If the latents beat PCA-k of the raw bands but the embedding does not, the fusion loses what the
-autoencoders kept; if the latents lose too, the autoencoders are the bottleneck. Last line: JSON.
+autoencoders kept; if the latents lose too, the autoencoders are the bottleneck. Several ``--bundle``s are
+probed on the same pixel-dates. ``--region`` keeps one block of the scene (``y0:y1,x0:x1`` in pixels), e.g.
+the validation block of the Belgian configs (``0:32,32:64``) to choose between models without looking at
+the test block; ``--block-px`` then sets the probe's CV blocks. Last line: JSON.
 
     .venv/bin/python experiments/probe_latents.py --cube runs/belgium/scene.zarr \
-        --bundle runs/belgium/fusion/bundle.pt
+        --bundle runs/belgium/fusion/bundle.pt [--region 0:32,32:64 --block-px 8]
 """
 
 from __future__ import annotations
@@ -24,15 +27,24 @@ from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import embedding_dataset
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.inference.tiles import _trained_gap_days
-from stembed.io.cube import open_scene
+from stembed.io.cube import Scene, open_scene
 from stembed.models.bundle import load_bundle
 
 LABELS = {"LC": (0, 99), "CT": (0,)}
 
 
-def embed_variants(cube: Path, bundle_path: Path, device: torch.device) -> dict[str, object]:
+def crop(scene: Scene, region: str | None) -> Scene:
+    """The scene cut to ``y0:y1,x0:x1`` (None: whole)."""
+    if region is None:
+        return scene
+    (y0, y1), (x0, x1) = (map(int, part.split(":")) for part in region.split(","))
+    box = {"y": slice(y0, y1), "x": slice(x0, x1)}
+    labels = scene.labels.isel(box) if scene.labels is not None else None
+    return Scene(site=scene.site, s2=scene.s2.isel(box), s1=scene.s1.isel(box), labels=labels)
+
+
+def embed_variants(scene: Scene, bundle_path: Path, device: torch.device) -> dict[str, object]:
     """{name: embedding Dataset} for the fusion embedding and the latents it is made from."""
-    scene = open_scene(cube)
     bundle = load_bundle(bundle_path, expect_kind="fusion")
     model = bundle.build_model().to(device).eval()
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
@@ -55,31 +67,38 @@ def embed_variants(cube: Path, bundle_path: Path, device: torch.device) -> dict[
         out[name] = embedding_dataset(values, valid, scene, bundle)
         print(f"embedded {name}: {values.shape[1]} features", flush=True)
     model.fuse, model.cfg = fuse, cfg
-    return {"scene": scene, **out}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cube", type=Path, required=True)
-    ap.add_argument("--bundle", type=Path, required=True)
+    ap.add_argument("--bundle", type=Path, action="append", required=True)
+    ap.add_argument("--region", default=None, help="y0:y1,x0:x1 (pixels); default: the whole scene")
+    ap.add_argument("--block-px", type=int, default=16)
     ap.add_argument("--device", default="auto")
     a = ap.parse_args()
     torch.manual_seed(0)
-    v = embed_variants(a.cube, a.bundle, resolve_device(a.device))
-    scene = v.pop("scene")
+    scene = crop(open_scene(a.cube), a.region)
+    v = {}
+    for i, path in enumerate(a.bundle):
+        tag = "" if len(a.bundle) == 1 else f"#{i + 1} "
+        v.update({f"{tag}{k}": ds for k, ds in embed_variants(scene, path, resolve_device(a.device)).items()})
     rows = []
     for label, nodata in LABELS.items():
-        for name, ds in v.items():
-            res = probe_table(ds, scene.s2, scene.labels, label=label, nodata=nodata)
+        for n, (name, ds) in enumerate(v.items()):
+            res = probe_table(ds, scene.s2, scene.labels, label=label, nodata=nodata, block_px=a.block_px)
             t = res.table[res.table["fold"] == "mean"]
             for _, row in t.iterrows():
                 fs = name if row["feature_set"] == "embedding" else row["feature_set"]
-                if fs == name or name == "fusion_embedding":  # raw rows once, from the first variant
+                if fs == name or n == 0:  # raw rows once, from the first variant
                     rows.append({"label": label, "features": fs, "model": row["model"],
                                  "macro_f1": round(float(row["macro_f1"]), 3)})
-    print(f"{'label':<5} {'features':<18} {'model':<20} {'macro-F1':>8}")
+    for i, path in enumerate(a.bundle):
+        print(f"#{i + 1}: {path}")
+    print(f"{'label':<5} {'features':<22} {'model':<20} {'macro-F1':>8}")
     for r in rows:
-        print(f"{r['label']:<5} {r['features']:<18} {r['model']:<20} {r['macro_f1']:>8.3f}")
+        print(f"{r['label']:<5} {r['features']:<22} {r['model']:<20} {r['macro_f1']:>8.3f}")
     print(json.dumps(rows))
 
 

@@ -168,3 +168,18 @@ def test_a_permission_error_is_one_line_naming_the_path(capsys: pytest.CaptureFi
     assert exit_.value.exit_code == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "/data/readonly/emb.zarr (Permission denied)" in err[0]
+
+
+def test_info_counts_a_companion_autoencoder_as_stage_1_not_as_fusion_layers() -> None:
+    from stembed.config import AEConfig, ae_preset, fusion_preset
+    from stembed.describe import _fusion_counts
+    from stembed.models.autoencoder import SensorAutoencoder
+    from stembed.models.fusion import FusionModel
+
+    a1, a2 = ae_preset("tiny", "s1"), ae_preset("tiny", "s2")
+    toy = AEConfig.model_validate({**a1.model_dump(), "sensor": "toy"})
+    model = FusionModel(SensorAutoencoder(a1), SensorAutoencoder(a2), fusion_preset("tiny"),
+                        extra={"toy": SensorAutoencoder(toy)})
+    counts = _fusion_counts(model)
+    assert counts["fusion_only"] == sum(p.numel() for p in model.fusion_parameters())
+    assert counts["toy_autoencoder"] == sum(p.numel() for p in model.extra["toy"].parameters()) > 0

@@ -13,10 +13,10 @@ from stembed.models.layers import count_parameters
 
 
 def _fusion_counts(model: FusionModel) -> dict[str, int]:
-    counts = count_parameters(model)
-    ae = sum(p.numel() for p in model.s1.parameters()) + sum(p.numel() for p in model.s2.parameters())
+    counts = count_parameters(model)  # one "<sensor>_autoencoder" part per sensor (FusionModel.parameter_groups)
     counts.setdefault("total", sum(p.numel() for p in model.parameters()))
-    counts["fusion_only"] = counts["total"] - ae
+    # S1's, S2's and every companion sensor's autoencoder are stage-1 parts, not fusion layers
+    counts["fusion_only"] = counts["total"] - sum(counts[f"{k}_autoencoder"] for k in model.autoencoders())
     return counts
 
 
