@@ -182,3 +182,7 @@ def test_report_says_plainly_when_gpp_only_checks_the_harness(inputs: dict[str, 
     assert "| feature_set | model | split | n | nrmse | rmse | r2 | bias |" in page
     for name in ("gpp_embedding.png", "gpp_raw_bands.png", "gpp_ndvi.png"):
         assert f"(gpp/{name})" in page and (out / "gpp" / name).is_file()
+    # the report's eval files are the eval commands' files: one writer each (issue 16: no second copy)
+    for name in ("recon.csv", "recon.md", "probe_land_cover.csv", "probe_land_cover_summary.csv",
+                 "probe_land_cover.md"):
+        assert (out / name).is_file(), name

@@ -809,7 +809,7 @@ def eval_recon(
 ) -> None:
     """Centre-pixel MAE, SAM and SSIM per run, split and sensor (or of --bundle on --cube stores), against
     the trivial baselines."""
-    from stembed.eval.recon import ReconError, recon_markdown, recon_table
+    from stembed.eval.recon import ReconError, recon_markdown, recon_table, write_recon
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
@@ -828,10 +828,7 @@ def eval_recon(
         return recon_table(list(runs))
 
     table = _run(go)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "recon.csv", index=False)
-    (out / "recon.md").write_text(recon_markdown(table) + "\n")
-    typer.echo(recon_markdown(table) + f"\ntable: {out / 'recon.csv'}")
+    typer.echo(recon_markdown(table) + f"\ntable: {write_recon(table, out)}")
 
 
 @eval_app.command("probe")
@@ -850,7 +847,7 @@ def eval_probe(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Logistic regression and random forest on embeddings vs raw bands vs PCA of raw bands (blocked CV)."""
-    from stembed.eval.probe import probe_markdown, probe_table
+    from stembed.eval.probe import probe_markdown, probe_table, write_probe
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.outputs import check_output_folder
@@ -867,10 +864,7 @@ def eval_probe(
                            seed=seed)
 
     res = _run(go)
-    out.mkdir(parents=True, exist_ok=True)
-    res.table.to_csv(out / f"probe_{label}.csv", index=False)
-    res.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
-    (out / f"probe_{label}.md").write_text(probe_markdown(res) + "\n")
+    write_probe(res, out)
     typer.echo(probe_markdown(res))
 
 
@@ -886,7 +880,7 @@ def eval_gapfill(
     offsets: Annotated[int, typer.Option("--offsets", help="Schedules per run length (more hide more dates).")] = 2,
 ) -> None:
     """Hide clear S2 dates of the bundle's test blocks; error of each fill (model, linear, savgol) by gap length."""
-    from stembed.eval.gapfill_run import evaluate_gap_fill
+    from stembed.eval.gapfill_run import evaluate_gap_fill, write_gapfill
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
@@ -894,11 +888,7 @@ def eval_gapfill(
         return evaluate_gap_fill(cube, bundle, run_lengths=tuple(run_length or (1, 2, 4, 8)), offsets=offsets)
 
     res = _run(go)
-    out.mkdir(parents=True, exist_ok=True)
-    res.table.to_csv(out / "gapfill.csv", index=False)
-    (out / "gapfill.md").write_text(res.markdown + "\n")
-    (out / "gapfill.json").write_text(json.dumps(res.info, indent=2))
-    typer.echo(res.markdown + f"\ntable: {out / 'gapfill.csv'}")
+    typer.echo(res.markdown + f"\ntable: {write_gapfill(res, out)}")
 
 
 @eval_app.command("gpp")

@@ -17,6 +17,7 @@ windows read real neighbours around the region, as ``stembed embed`` does.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +53,17 @@ class GapFillResult:
     table: pd.DataFrame
     markdown: str
     info: dict[str, Any]
+
+
+def write_gapfill(result: GapFillResult, out: str | Path) -> Path:
+    """``gapfill.csv``, ``gapfill.md`` and ``gapfill.json`` (what was run) in ``out``; shared by ``stembed eval
+    gapfill`` and ``stembed report``. Returns the CSV's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result.table.to_csv(out / "gapfill.csv", index=False)
+    (out / "gapfill.md").write_text(result.markdown + "\n")
+    (out / "gapfill.json").write_text(json.dumps(result.info, indent=2))
+    return out / "gapfill.csv"
 
 
 def split_regions(bundle_metrics: dict[str, Any]) -> list[tuple[slice, slice]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -421,6 +422,18 @@ def probe_table(
         "min_class_pixels": min_class_pixels,
     }
     return ProbeResult(table=table, summary=summary, meta=meta, samples=samples)
+
+
+def write_probe(result: ProbeResult, out: str | Path) -> Path:
+    """``probe_<label>.csv`` (every fold), ``probe_<label>_summary.csv`` and ``probe_<label>.md`` in ``out``;
+    shared by ``stembed eval probe`` and ``stembed report``. Returns the summary's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    label = result.meta["label"]
+    result.table.to_csv(out / f"probe_{label}.csv", index=False)
+    result.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
+    (out / f"probe_{label}.md").write_text(probe_markdown(result) + "\n")
+    return out / f"probe_{label}_summary.csv"
 
 
 def probe_markdown(result: ProbeResult) -> str:

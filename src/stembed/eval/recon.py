@@ -77,6 +77,16 @@ def recon_table(run_dirs: list[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
+def write_recon(table: pd.DataFrame, out: str | Path) -> Path:
+    """``recon.csv`` (every split) and ``recon.md`` (the test split) in ``out``; the one writer ``stembed eval
+    recon`` and ``stembed report`` share, so their files cannot drift apart. Returns the CSV's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out / "recon.csv", index=False)
+    (out / "recon.md").write_text(recon_markdown(table) + "\n")
+    return out / "recon.csv"
+
+
 def recon_markdown(table: pd.DataFrame, split: str = "test") -> str:
     """Markdown table of one split: model vs baselines, per run and sensor."""
     t = table[table["split"] == split]
