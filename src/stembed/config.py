@@ -235,7 +235,7 @@ def _check_preset(name: str) -> None:
 
 # ----------------------------------------------------------------------------- data
 class SyntheticSource(_Frozen):
-    """The built-in seeded synthetic scene (:mod:`stembed.testing`), one scene per site."""
+    """The built-in seeded synthetic scene (:mod:`stembed.data.synthetic`), one scene per site."""
 
     kind: Literal["synthetic"] = "synthetic"
     n_sites: int = Field(4, ge=1)

@@ -49,8 +49,9 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stembed.contract import Scene, make_cube
 from stembed.errors import UserError
-from stembed.io.cube import Scene, _write_atomically, make_cube, open_scene, save_scene
+from stembed.io.cube import _write_atomically, open_scene, save_scene
 from stembed.io.outputs import check_store_output, is_stembed_store, lock_output
 from stembed.io.sites import SiteOutcome, store_path
 from stembed.io.stac import (

@@ -113,10 +113,11 @@ def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: 
     import numpy as np
 
     from stembed.config import EmbedConfig
+    from stembed.contract import Scene, cube_transform
     from stembed.data.scenes import load_scenes
     from stembed.eval.pca import pca_maps
     from stembed.inference.tiles import embed_cube
-    from stembed.io.cube import Scene, cube_transform, save_scene
+    from stembed.io.cube import save_scene
     from stembed.io.embeddings import open_embeddings
 
     test_sites = [g["site"] for g in run.metrics["data"]["splits"]["test"]["groups"]]

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from stembed.io.cube import CubeError
+from stembed.contract import CubeError
 from stembed.sensors import S1_DB_MAX, S1_DB_MIN
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 

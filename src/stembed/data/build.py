@@ -10,6 +10,7 @@ import xarray as xr
 from torch.utils.data import Dataset
 
 from stembed.config import DataConfig, SamplingConfig
+from stembed.contract import Scene
 from stembed.data.datasets import FusionPatchDataset, PatchDataset, SensorArrays
 from stembed.data.sampling import (
     SPLITS,
@@ -21,7 +22,6 @@ from stembed.data.sampling import (
     make_regions,
     sample_patches,
 )
-from stembed.io.cube import Scene
 from stembed.preprocess import match_s1_to_s2
 from stembed.sensors import get_plugin
 

@@ -7,7 +7,8 @@ import glob
 from pathlib import Path
 
 from stembed.config import DataConfig, SceneSource, SyntheticSource, WorldCerealSource, ZarrSource
-from stembed.io.cube import CubeError, Scene, open_cube, open_scene
+from stembed.contract import CubeError, Scene
+from stembed.io.cube import open_cube, open_scene
 from stembed.io.outputs import is_stembed_store
 from stembed.sensors import get_plugin
 
@@ -32,7 +33,7 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
     scenes: list[Scene]
     folders: list[Path | None]
     if isinstance(src, SyntheticSource):
-        from stembed.testing import synthetic_scene
+        from stembed.data.synthetic import synthetic_scene
 
         scenes = [
             synthetic_scene(seed=src.seed + i, height_px=src.height_px, width_px=src.width_px, n_days=src.n_days)

@@ -20,7 +20,7 @@ import pandas as pd
 import pyproj
 import xarray as xr
 
-from stembed.io.cube import CubeError
+from stembed.contract import CubeError
 from stembed.io.embeddings import EmbeddingStoreError, grid_mismatch
 from stembed.io.export import date_labels, select_dates
 from stembed.types import BAND, FEATURE, TIME, X, Y

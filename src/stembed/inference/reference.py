@@ -22,9 +22,9 @@ import numpy as np
 import torch
 import xarray as xr
 
+from stembed.contract import CubeError, Scene, cube_transform
 from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.inference.engine import embed_block, resolve_device
-from stembed.io.cube import CubeError, Scene, cube_transform
 from stembed.models.bundle import Bundle, BundleError
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel

@@ -34,6 +34,7 @@ import xarray as xr
 from stembed.cluster import connect as _connect
 from stembed.cluster import stop_local_workers as _stop_local_workers
 from stembed.config import EmbedConfig, dump_config
+from stembed.contract import CubeError, Scene, cube_transform, value_problems
 from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import fold_index
 from stembed.data.sampling import day_numbers
@@ -49,7 +50,7 @@ from stembed.inference.daily import (
 from stembed.inference.engine import embed_any, min_dates, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
-from stembed.io.cube import CubeError, Scene, cube_transform, open_scene, value_problems
+from stembed.io.cube import open_scene
 from stembed.io.embeddings import EmbedError
 from stembed.io.outputs import (
     check_store_output,

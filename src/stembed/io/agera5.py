@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from stembed.io.cube import CubeError, Scene, make_cube
+from stembed.contract import CubeError, Scene, make_cube
 from stembed.sensors import SensorPlugin, SensorSpec, register_sensor
 from stembed.types import TIME, X, Y
 

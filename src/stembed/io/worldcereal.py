@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from stembed.io.cube import CubeError, Scene, make_cube
+from stembed.contract import CubeError, Scene, make_cube
 from stembed.preprocess import SCL_MASKED_DEFAULT, merge_same_day, prepare_s1, prepare_s2
 from stembed.sensors import S1, S2
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y

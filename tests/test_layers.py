@@ -1,0 +1,97 @@
+"""The package's layers, kept: every import in ``src/stembed`` (function-level ones included) goes down.
+
+A module may import from its own package (``stembed.io.cube`` from ``stembed.io.outputs``) and from any
+package of a lower rank; never sideways (``data`` and ``models`` do not know each other) or up. The
+``testing`` helpers may import anything but the CLI; production code never imports them. The layers
+below the models (``contract``, ``preprocess``, ``io``, ...) never import torch or Lightning, so reading
+and writing cubes and stores needs no deep-learning stack. README "Layout" lists the same ranks.
+
+Built-in sensor plugins are loaded by name (``stembed.sensors.BUILTIN_PLUGIN_MODULES``, like entry points),
+not imported by ``sensors``: that lookup is a registry, not an import edge, and is not checked here.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "stembed"
+
+RANK = {
+    "errors": 0, "types": 0,
+    "sensors": 1,
+    "config": 2, "repro": 2, "runtime": 2, "pretrained": 2, "cluster": 2,
+    "contract": 3,
+    "preprocess": 4,
+    "io": 5,
+    "data": 6, "models": 6, "losses": 6,
+    "training": 7, "inference": 7,
+    "eval": 8, "cube_build": 8,
+    "describe": 9, "demo": 9,
+    "cli": 10,
+}
+NO_TORCH = {"errors", "types", "sensors", "config", "repro", "runtime", "pretrained", "cluster", "contract",
+            "preprocess", "io", "cube_build"}
+
+
+def _part(module: str) -> str:
+    """``stembed.io.cube`` -> ``io``; ``stembed.contract`` -> ``contract``; ``stembed`` -> ``""``."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def _imports(path: Path) -> list[tuple[int, str]]:
+    """(line, absolute module) of every import statement in the file, at any depth."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # the package imports absolutely; a relative import would hide from this check
+                out.append((node.lineno, f"<relative import of {node.module!r}>"))
+            elif node.module:
+                out.append((node.lineno, node.module))
+    return out
+
+
+FILES = sorted(SRC.rglob("*.py"))
+
+
+def _module(path: Path) -> str:
+    return ".".join(["stembed", *path.relative_to(SRC).with_suffix("").parts]).removesuffix(".__init__")
+
+
+def test_every_package_has_a_rank() -> None:
+    parts = {_part(_module(f)) for f in FILES} - {"", "testing"}
+    assert parts <= set(RANK), f"new packages without a rank: {sorted(parts - set(RANK))}; add them to RANK and README"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_imports_go_down_the_layers(path: Path) -> None:
+    me = _part(_module(path))
+    bad = []
+    for line, target in _imports(path):
+        if target.startswith("<relative"):
+            bad.append(f"line {line}: {target}; write it as an absolute stembed.* import")
+            continue
+        top = target.split(".")[0]
+        if top in ("torch", "lightning") and me in NO_TORCH:
+            bad.append(f"line {line}: {target} (the {me} layer must not need torch)")
+        if top != "stembed" or me in ("", "testing"):
+            if me == "testing" and _part(target) == "cli":
+                bad.append(f"line {line}: {target} (testing helpers must not import the CLI)")
+            continue
+        other = _part(target)
+        if other == "testing":
+            bad.append(f"line {line}: {target} (production code must not import the test helpers)")
+        elif other and other != me and RANK[other] >= RANK[me]:
+            bad.append(f"line {line}: {target} ({other}, rank {RANK[other]}, is not below {me}, rank {RANK[me]})")
+    assert not bad, f"{_module(path)} imports against the layers:\n" + "\n".join(bad)
+
+
+def test_the_walk_sees_function_level_imports(tmp_path: Path) -> None:
+    """The check would be empty if it missed imports inside functions, where most cross-layer ones hide."""
+    found = [m for _, m in _imports(SRC / "data" / "scenes.py")]
+    assert "stembed.data.synthetic" in found  # imported inside load_scenes
