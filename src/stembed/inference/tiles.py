@@ -431,38 +431,40 @@ def embed_cube(
         )
 
 
-def _embed_cube(
-    cube: str | Path,
-    bundle_path: str | Path,
-    out: str | Path,
-    cfg: EmbedConfig,
-    *,
-    resume: bool,
-    overwrite: bool,
-    scheduler: str | None,
-    progress: bool,
-    owned: contextlib.ExitStack,
-) -> EmbedResult:
-    """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
+@dataclass(frozen=True)
+class EmbedPlan:
+    """What one ``stembed embed`` run computes, decided and checked before anything is written.
 
-    Every check runs before anything is written: a bad bundle, a cube value that breaks the contract
-    (checked over each whole cube), a bad or locked ``out``, or an unreachable scheduler leaves an
-    existing ``out`` untouched. A tile whose window has no observation gets NaN embeddings.
+    Built by :func:`plan_embedding` from the inputs alone; ``fingerprint`` is what a resumed run must
+    match (bundle, cube, tiling, arithmetic), ``notes`` what the user should know about the output.
+    """
+
+    cube: Path
+    bundle_path: Path
+    bundle: Bundle
+    bundle_sha256: str
+    scene: Scene
+    model: FusionModel
+    cfg: EmbedConfig
+    gap_days: float
+    extra_gaps: dict[str, float]
+    daily: DailyJob | None
+    threads: int | None
+    fingerprint: dict[str, Any]
+    notes: tuple[str, ...]
+
+    @property
+    def grid(self) -> store.TileGrid:
+        return store.TileGrid(self.scene.s2.sizes[Y], self.scene.s2.sizes[X], self.cfg.tile_px)
+
+
+def plan_embedding(cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, *, scheduler: str | None) -> EmbedPlan:
+    """Load and check the bundle and the cube's structure, and decide what the run computes (no writes).
 
     Raises:
-        BundleError, CubeError: the bundle or the cube is unusable (named, with the fix).
-        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
-        EmbeddingStoreError: ``out`` is not a stembed embedding store, or was made with other settings.
-        EmbedError: the scheduler is unreachable, or a tile failed (tiles written so far are kept).
-        OutputError: another live run holds ``out`` (its lock file ``OUT.lock``).
+        BundleError, CubeError, EmbedError: the bundle or the cube is unusable, or a setting does not fit it.
     """
-    from distributed import as_completed
-    from tqdm.auto import tqdm
-
-    t_start = time.perf_counter()
-    cube, bundle_path, out = Path(cube), resolve_bundle(bundle_path), Path(out)
-    if resume and overwrite:
-        raise EmbedError("--resume and --overwrite contradict each other; pass one")
+    cube, bundle_path = Path(cube), resolve_bundle(bundle_path)
     bundle = load_bundle(bundle_path, expect_kind=("fusion", "gapfill"))
     scene = open_scene(cube, check_values=False)
     check_bundle_for_scene(scene, bundle)
@@ -470,39 +472,10 @@ def _embed_cube(
     if not isinstance(full_model, (FusionModel, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
         raise TypeError("expected a FusionModel or GapFillModel")
     model = _fusion(full_model)
-    n_frames, input_px = model.s2.cfg.n_frames, model.s2.cfg.input_px
-    n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
-    if cfg.precision in ("bfloat16", "float16") and model.s2.cfg.variant != "dense":
-        raise EmbedError(
-            f"precision {cfg.precision!r} is for dense bundles; {bundle_path} holds the per-patch ('patch') "
-            "encoder, which runs in float32: drop --set precision=..."
-        )
-    if n_time < min_dates(n_frames):
-        raise CubeError(
-            f"{cube} has {n_time} S2 dates, too short in time for a window: an {n_frames}-frame window "
-            f"reflected at the ends needs at least {min_dates(n_frames)}; fix: build the cube over a longer period"
-        )
-    halo = model.s2.cfg.context_px
-    if min(height, width) <= halo:
-        raise CubeError(
-            f"{cube} is {height}x{width} px; reflecting the {halo} px halo of the model's {input_px} px window "
-            f"needs at least {halo + 1} px each way; fix: build a larger cube"
-        )
+    _check_fits(cube, bundle_path, scene, model, cfg)
     gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
     extra_gaps = {k: get_plugin(k).match_max_gap_days for k in model.extra}
-    s2_days = day_numbers(scene.s2[TIME].values)
-    daily, notes = None, []
-    if cfg.daily:
-        if cfg.daily_fill == "savgol":
-            check_savgol(cfg.savgol_window_days, cfg.savgol_order)  # before anything is written
-        with_model = cfg.model_fill and isinstance(full_model, GapFillModel)
-        if cfg.model_fill and not with_model:
-            notes.append(
-                f"{bundle_path} has no gap-fill layers, so cloudy S2 dates are filled by {cfg.daily_fill} "
-                "interpolation like days without an S2 date; train them with `stembed train gapfill`"
-            )
-        daily = DailyJob(cfg.daily_fill, cfg.savgol_window_days, cfg.savgol_order, with_model,
-                         int(s2_days[0]), int(s2_days[-1]))
+    daily, notes = _daily_job(scene, bundle_path, cfg, with_gapfill=isinstance(full_model, GapFillModel))
     bundle_sha = file_sha256(bundle_path)
     # torch threads per worker: a dense model's sums round differently with another thread count, so a
     # resume must use the same (the worker count matters only through it: --workers splits the cores)
@@ -523,7 +496,65 @@ def _embed_cube(
         "daily": None if daily is None else asdict(daily),
         "threads_per_worker": threads,
     }
-    fresh = True
+    return EmbedPlan(cube=cube, bundle_path=bundle_path, bundle=bundle, bundle_sha256=bundle_sha, scene=scene,
+                     model=model, cfg=cfg, gap_days=gap_days, extra_gaps=extra_gaps, daily=daily, threads=threads,
+                     fingerprint=fingerprint, notes=notes)
+
+
+def _check_fits(cube: Path, bundle_path: Path, scene: Scene, model: FusionModel, cfg: EmbedConfig) -> None:
+    """Refuse a precision the encoder cannot run, and a cube too short or too small for the model's window."""
+    n_frames, input_px = model.s2.cfg.n_frames, model.s2.cfg.input_px
+    n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
+    if cfg.precision in ("bfloat16", "float16") and model.s2.cfg.variant != "dense":
+        raise EmbedError(
+            f"precision {cfg.precision!r} is for dense bundles; {bundle_path} holds the per-patch ('patch') "
+            "encoder, which runs in float32: drop --set precision=..."
+        )
+    if n_time < min_dates(n_frames):
+        raise CubeError(
+            f"{cube} has {n_time} S2 dates, too short in time for a window: an {n_frames}-frame window "
+            f"reflected at the ends needs at least {min_dates(n_frames)}; fix: build the cube over a longer period"
+        )
+    halo = model.s2.cfg.context_px
+    if min(height, width) <= halo:
+        raise CubeError(
+            f"{cube} is {height}x{width} px; reflecting the {halo} px halo of the model's {input_px} px window "
+            f"needs at least {halo + 1} px each way; fix: build a larger cube"
+        )
+
+
+def _daily_job(
+    scene: Scene, bundle_path: Path, cfg: EmbedConfig, *, with_gapfill: bool
+) -> tuple[DailyJob | None, tuple[str, ...]]:
+    """The ``--daily`` settings of the run (None without ``daily``), and a note if the model fill is off."""
+    if not cfg.daily:
+        return None, ()
+    if cfg.daily_fill == "savgol":
+        check_savgol(cfg.savgol_window_days, cfg.savgol_order)  # before anything is written
+    notes = []
+    with_model = cfg.model_fill and with_gapfill
+    if cfg.model_fill and not with_model:
+        notes.append(
+            f"{bundle_path} has no gap-fill layers, so cloudy S2 dates are filled by {cfg.daily_fill} "
+            "interpolation like days without an S2 date; train them with `stembed train gapfill`"
+        )
+    s2_days = day_numbers(scene.s2[TIME].values)
+    daily = DailyJob(method=cfg.daily_fill, savgol_window_days=cfg.savgol_window_days,
+                     savgol_order=cfg.savgol_order, model_fill=with_model, first_day=int(s2_days[0]),
+                     last_day=int(s2_days[-1]))
+    return daily, tuple(notes)
+
+
+def _claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
+                  owned: contextlib.ExitStack) -> bool | None:
+    """Own ``out`` (its lock, held by ``owned``) and decide what happens there: True to create a new store
+    (replacing ours with ``overwrite``), False to resume an unfinished one, None if it is already complete.
+
+    Raises:
+        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
+        EmbeddingStoreError: ``out`` is foreign, damaged, or was made with other settings.
+        OutputError: another live run holds ``out``.
+    """
     if out.is_file() or not out.exists():
         # a file at --out is refused (never deleted); a new store needs a writable parent folder
         check_store_output(out, "embeddings", overwrite=False)
@@ -533,148 +564,186 @@ def _embed_cube(
     # what is at --out (resume, replace, create) is taken while no other run can change it
     owned.enter_context(lock_output(out, command="embed"))
     remove_leftovers(out)  # what a run killed while it created or replaced the store left
-    if out.exists():
-        if not (resume or overwrite):
-            raise FileExistsError(
-                f"{out} already exists; fix: pass --resume to finish or check it, --overwrite to replace it, "
-                "or choose another --out"
-            )
-        attrs = store.read_attrs(out)  # refuses foreign or corrupt stores, so --overwrite never deletes them
-        if resume:
-            _check_fingerprint(out, attrs.get("fingerprint", {}), fingerprint)
-            try:
-                done = store.tiles_done(out)
-            except (KeyError, OSError, ValueError) as e:
-                raise store.EmbeddingStoreError(
-                    f"{out} is a damaged embedding store ({type(e).__name__}: {e}); fix: rerun with --overwrite"
-                ) from e
-            if attrs.get("complete") and done.all():
-                return EmbedResult(
-                    out, 0, int(done.size), attrs.get("storage_error", {}), time.perf_counter() - t_start, tuple(notes)
-                )
-            fresh = False
+    if not out.exists():
+        return True
+    if not (resume or overwrite):
+        raise FileExistsError(
+            f"{out} already exists; fix: pass --resume to finish or check it, --overwrite to replace it, "
+            "or choose another --out"
+        )
+    attrs = store.read_attrs(out)  # refuses foreign or corrupt stores, so --overwrite never deletes them
+    if not resume:
+        return True
+    _check_fingerprint(out, attrs.get("fingerprint", {}), plan.fingerprint)
+    try:
+        done = store.tiles_done(out)
+    except (KeyError, OSError, ValueError) as e:
+        raise store.EmbeddingStoreError(
+            f"{out} is a damaged embedding store ({type(e).__name__}: {e}); fix: rerun with --overwrite"
+        ) from e
+    return None if attrs.get("complete") and done.all() else False
 
-    check_cube_values(scene, cube)  # before the store exists: no tile finds a bad value mid-run
+
+def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
+    """What an embedding store records about its run: fingerprint, config, bundle, input, software, edges."""
+    s2, model, daily = plan.scene.s2, plan.model, plan.daily
+    attrs: dict[str, Any] = {
+        "fingerprint": plan.fingerprint,
+        "config": dump_config(plan.cfg),
+        "bundle": {"path": str(plan.bundle_path.resolve()), "sha256": plan.bundle_sha256,
+                   "provenance": plan.bundle.provenance},
+        "input": {
+            "cube": str(plan.cube.resolve()),
+            "site": plan.scene.site,
+            "s2_provenance": str(s2.attrs.get("provenance")),
+            "s1_provenance": str(plan.scene.s1.attrs.get("provenance")),
+        },
+        "software": provenance([plan.scene.site]),
+        "edges": (
+            "time: each date's window reflects the series at its ends (frame -k = date k); "
+            f"space: windows of border pixels read the cube reflected by {model.s2.cfg.context_px} pixels "
+            "(context_px)"
+        ),
+        "method": "dense (each frame encoded once per tile)" if model.s2.cfg.variant == "dense" else "per patch",
+        "companion_sensors": list(model.extra),
+    }
+    if daily is not None:
+        attrs["daily"] = {
+            **asdict(daily),
+            "flags": "see the flag variable: " + ", ".join(f"{i} {m}" for i, m in enumerate(FLAG_MEANINGS)),
+            "model_based": (
+                "cloudy S2 dates embedded by the bundle's gap-fill layers with the S2 centre frame hidden "
+                "(stembed.models.gapfill)" if daily.model_fill else "off"
+            ),
+            "notes": list(plan.notes),
+        }
+    return attrs
+
+
+def _create_store(plan: EmbedPlan, out: Path, quant: store.Quantisation) -> None:
+    """Write the empty store aside and rename it to ``out`` (a kill leaves no half store at ``out``);
+    an existing store at ``out`` (ours, ``--overwrite``) is discarded only now that every check passed."""
+    if out.exists():
+        discard_store(out)
+    s2, daily = plan.scene.s2, plan.daily
+    times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
+    creating = creating_path(out)
+    store.create_store(
+        creating, time=times, y=s2[Y].values, x=s2[X].values,
+        features=[f"E{i + 1}" for i in range(plan.model.cfg.embed_dim)], crs=str(s2.attrs["crs"]),
+        transform=list(cube_transform(s2)), quant=quant, tile_px=plan.cfg.tile_px,
+        time_chunk=plan.cfg.time_chunk, attrs=_store_attrs(plan),
+        flag_meanings=None if daily is None else FLAG_MEANINGS,
+    )
+    creating.rename(out)
+
+
+def _tile_jobs(plan: EmbedPlan, out: Path, todo: list[tuple[int, int]], quant: store.Quantisation,
+               topic: str | None) -> list[TileJob]:
+    cfg = plan.cfg
+    return [
+        TileJob(
+            cube=str(plan.cube.resolve()), cube_fingerprint=plan.fingerprint["cube_fingerprint"],
+            bundle=str(plan.bundle_path.resolve()), bundle_sha256=plan.bundle_sha256, out=str(out.resolve()),
+            grid=plan.grid, tile=t, quant=quant, s1_max_gap_days=plan.gap_days, batch_size=cfg.batch_size,
+            device=cfg.device, threads=plan.threads, precision=cfg.precision,
+            extra_max_gap_days=tuple(plan.extra_gaps.items()),
+            extra_specs=tuple(plan.bundle.sensors[k] for k in plan.extra_gaps), daily=plan.daily,
+            progress_topic=topic,
+        )
+        for t in todo
+    ]
+
+
+def _run_tiles(plan: EmbedPlan, out: Path, client: Any, *, progress: bool) -> int:
+    """Embed every tile ``out`` still lacks on the cluster, with a pixel-date progress bar; returns how many.
+
+    Raises:
+        CubeError, EmbedError: a tile failed (the others are cancelled; tiles written so far are kept).
+    """
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    grid, quant, done = plan.grid, store.store_quantisation(out), store.tiles_done(out)
+    todo = [t for t in grid.tiles() if not done[t]]
+    topic = f"stembed-progress-{uuid.uuid4().hex[:12]}" if progress else None
+    jobs = _tile_jobs(plan, out, todo, quant, topic)
+    futures = [
+        client.submit(run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{plan.bundle_sha256[:8]}",
+                      pure=False)
+        for job in jobs
+    ]
+    n_dates = plan.scene.s2.sizes[TIME]
+    per_tile = {t: n_dates * _n_px(grid, t) for t in grid.tiles()}
+    with tqdm(total=sum(per_tile.values()), initial=sum(per_tile[t] for t in grid.tiles() if done[t]),
+              desc="pixel-dates", unit="", unit_scale=True, disable=not progress) as bar:
+        tracker = _ProgressBar(bar, per_tile, len(grid.tiles()), len(grid.tiles()) - len(todo))
+        if topic is not None:
+            client.subscribe_topic(topic, tracker.on_event)
+        tile_of = {f.key: job.tile for f, job in zip(futures, jobs, strict=True)}
+        for fut in as_completed(futures, loop=client.loop):
+            if fut.status == "error":
+                err = fut.exception()
+                for f in futures:
+                    f.cancel()
+                if isinstance(err, (CubeError, EmbedError)):
+                    raise err
+                raise EmbedError(
+                    f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
+                    f"problem and rerun with --resume"
+                ) from err
+            tracker.finish(tile_of[fut.key])
+        if topic is not None:
+            client.unsubscribe_topic(topic)
+    return len(todo)
+
+
+def _embed_cube(
+    cube: str | Path,
+    bundle_path: str | Path,
+    out: str | Path,
+    cfg: EmbedConfig,
+    *,
+    resume: bool,
+    overwrite: bool,
+    scheduler: str | None,
+    progress: bool,
+    owned: contextlib.ExitStack,
+) -> EmbedResult:
+    """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``:
+    plan (:func:`plan_embedding`), claim ``out``, check the values, then create the store and run the tiles.
+
+    Every check runs before anything is written: a bad bundle, a cube value that breaks the contract
+    (checked over each whole cube), a bad or locked ``out``, or an unreachable scheduler leaves an
+    existing ``out`` untouched. A tile whose window has no observation gets NaN embeddings.
+
+    Raises:
+        BundleError, CubeError: the bundle or the cube is unusable (named, with the fix).
+        FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
+        EmbeddingStoreError: ``out`` is not a stembed embedding store, or was made with other settings.
+        EmbedError: the scheduler is unreachable, or a tile failed (tiles written so far are kept).
+        OutputError: another live run holds ``out`` (its lock file ``OUT.lock``).
+    """
+    t_start = time.perf_counter()
+    out = Path(out)
+    if resume and overwrite:
+        raise EmbedError("--resume and --overwrite contradict each other; pass one")
+    plan = plan_embedding(cube, bundle_path, cfg, scheduler=scheduler)
+    fresh = _claim_output(plan, out, resume=resume, overwrite=overwrite, owned=owned)
+    n_tiles = len(plan.grid.tiles())
+    if fresh is None:  # a finished store, resumed: nothing to do
+        return EmbedResult(out, 0, n_tiles, store.read_attrs(out).get("storage_error", {}),
+                           time.perf_counter() - t_start, plan.notes)
+    check_cube_values(plan.scene, plan.cube)  # before the store exists: no tile finds a bad value mid-run
     resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
     others = {p.pid for p in multiprocessing.active_children()}  # processes this run did not start
     client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
     try:
-        device = resolve_device(cfg.device)
         if fresh:
-            quant = _calibrate(model.to(device), scene, cfg, gap_days, extra_gaps, device)
-            if out.exists():  # --overwrite of a stembed store, now that every check has passed
-                discard_store(out)
-            s2 = scene.s2
-            times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
-            creating = creating_path(out)  # created aside, then renamed: a kill leaves no half store at out
-            store.create_store(
-                creating,
-                time=times,
-                y=s2[Y].values,
-                x=s2[X].values,
-                features=[f"E{i + 1}" for i in range(model.cfg.embed_dim)],
-                crs=str(s2.attrs["crs"]),
-                transform=list(cube_transform(s2)),
-                quant=quant,
-                tile_px=cfg.tile_px,
-                time_chunk=cfg.time_chunk,
-                attrs={
-                    "fingerprint": fingerprint,
-                    "config": dump_config(cfg),
-                    "bundle": {
-                        "path": str(bundle_path.resolve()),
-                        "sha256": bundle_sha,
-                        "provenance": bundle.provenance,
-                    },
-                    "input": {
-                        "cube": str(cube.resolve()),
-                        "site": scene.site,
-                        "s2_provenance": str(s2.attrs.get("provenance")),
-                        "s1_provenance": str(scene.s1.attrs.get("provenance")),
-                    },
-                    "software": provenance([scene.site]),
-                    "edges": (
-                        "time: each date's window reflects the series at its ends (frame -k = date k); "
-                        f"space: windows of border pixels read the cube reflected by {halo} pixels (context_px)"
-                    ),
-                    "method": "dense (each frame encoded once per tile)" if model.s2.cfg.variant == "dense"
-                    else "per patch",
-                    "companion_sensors": list(model.extra),
-                    **({} if daily is None else {"daily": {
-                        **asdict(daily),
-                        "flags": "see the flag variable: " + ", ".join(
-                            f"{i} {m}" for i, m in enumerate(FLAG_MEANINGS)),
-                        "model_based": (
-                            "cloudy S2 dates embedded by the bundle's gap-fill layers with the S2 centre frame "
-                            "hidden (stembed.models.gapfill)" if daily.model_fill else "off"
-                        ),
-                        "notes": notes,
-                    }}),
-                },
-                flag_meanings=None if daily is None else FLAG_MEANINGS,
-            )
-            creating.rename(out)
-        grid = store.TileGrid(height, width, cfg.tile_px)
-        quant = store.store_quantisation(out)
-        done = store.tiles_done(out)
-        todo = [t for t in grid.tiles() if not done[t]]
-        topic = f"stembed-progress-{uuid.uuid4().hex[:12]}" if progress else None
-        jobs = [
-            TileJob(
-                str(cube.resolve()),
-                fingerprint["cube_fingerprint"],
-                str(bundle_path.resolve()),
-                bundle_sha,
-                str(out.resolve()),
-                grid,
-                t,
-                quant,
-                gap_days,
-                cfg.batch_size,
-                cfg.device,
-                threads,
-                cfg.precision,
-                tuple(extra_gaps.items()),
-                tuple(bundle.sensors[k] for k in extra_gaps),
-                daily,
-                topic,
-            )
-            for t in todo
-        ]
-        futures = [
-            client.submit(
-                run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{bundle_sha[:8]}", pure=False
-            )
-            for job in jobs
-        ]
-        n_dates = scene.s2.sizes[TIME]
-        per_tile = {t: n_dates * _n_px(grid, t) for t in grid.tiles()}
-        with tqdm(
-            total=sum(per_tile.values()),
-            initial=sum(per_tile[t] for t in grid.tiles() if done[t]),
-            desc="pixel-dates",
-            unit="",
-            unit_scale=True,
-            disable=not progress,
-        ) as bar:
-            tracker = _ProgressBar(bar, per_tile, len(grid.tiles()), len(grid.tiles()) - len(todo))
-            if topic is not None:
-                client.subscribe_topic(topic, tracker.on_event)
-            tile_of = {f.key: job.tile for f, job in zip(futures, jobs, strict=True)}
-            for fut in as_completed(futures, loop=client.loop):
-                if fut.status == "error":
-                    err = fut.exception()
-                    for f in futures:
-                        f.cancel()
-                    if isinstance(err, (CubeError, EmbedError)):
-                        raise err
-                    raise EmbedError(
-                        f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
-                        f"problem and rerun with --resume"
-                    ) from err
-                tracker.finish(tile_of[fut.key])
-            if topic is not None:
-                client.unsubscribe_topic(topic)
+            device = resolve_device(cfg.device)
+            quant = _calibrate(plan.model.to(device), plan.scene, cfg, plan.gap_days, plan.extra_gaps, device)
+            _create_store(plan, out, quant)
+        written = _run_tiles(plan, out, client, progress=progress)
         summary = store.finalise(out)
     except KeyboardInterrupt:
         if cluster is not None:
@@ -684,9 +753,7 @@ def _embed_cube(
         client.close()
         if cluster is not None:
             cluster.close()
-    return EmbedResult(
-        out, len(todo), len(grid.tiles()) - len(todo), summary, time.perf_counter() - t_start, tuple(notes)
-    )
+    return EmbedResult(out, written, n_tiles - written, summary, time.perf_counter() - t_start, plan.notes)
 
 
 def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
