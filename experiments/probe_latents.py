@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import embedding_dataset
-from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.inference.tiles import _trained_gap_days
 from stembed.io.cube import Scene, open_scene
 from stembed.models.bundle import load_bundle
