@@ -91,6 +91,19 @@ def test_imports_go_down_the_layers(path: Path) -> None:
     assert not bad, f"{_module(path)} imports against the layers:\n" + "\n".join(bad)
 
 
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(SRC)))
+def test_no_private_name_crosses_a_package(path: Path) -> None:
+    """A ``_name`` is its module's business: another package importing it is a layer seam left unmade."""
+    me = _part(_module(path))
+    bad = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stembed"):
+            if _part(node.module) != me and me != "testing":
+                bad += [f"line {node.lineno}: {a.name} from {node.module}" for a in node.names
+                        if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not bad, f"{_module(path)} imports private names:\n" + "\n".join(bad)
+
+
 def test_the_walk_sees_function_level_imports(tmp_path: Path) -> None:
     """The check would be empty if it missed imports inside functions, where most cross-layer ones hide."""
     found = [m for _, m in _imports(SRC / "data" / "scenes.py")]

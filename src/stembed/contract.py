@@ -62,7 +62,7 @@ from stembed.errors import UserError
 from stembed.sensors import CORE_SENSORS, SENSORS, SensorSpec, load_builtin_plugins
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
-_COORD_TOL_M = 1e-3  # coordinates and transforms agree if within a millimetre
+COORD_TOL_M = 1e-3  # coordinates and transforms agree if within a millimetre
 _S2_DN_MAX = 1.5  # S2 reflectance never gets this high; larger maxima are digital numbers
 
 
@@ -338,7 +338,7 @@ def _grid_problems(da: xr.DataArray, spec: SensorSpec, patch_px: int | None) -> 
         steps = np.diff(c.astype(np.float64)) * sign
         if np.all(steps < 0):
             out.append(f"{name} coordinate does not {word} (west to east / north to south); fix: {sort_fix}")
-        elif not np.allclose(steps, res, rtol=0, atol=_COORD_TOL_M):
+        elif not np.allclose(steps, res, rtol=0, atol=COORD_TOL_M):
             uniq = np.unique(np.round(np.abs(steps), 3))
             regular = uniq.size == 1 and np.all(steps > 0)
             what = f"{uniq[0]:g} m" if regular else f"irregular (steps {uniq[:5].tolist()} m)"
@@ -368,7 +368,7 @@ def _attr_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
             out.append(f"crs {crs!r} cannot be parsed by pyproj; fix: use a string such as 'EPSG:32631'")
         elif not parsed.is_projected:
             out.append(f"crs {crs!r} is not projected (x/y must be metres); fix: reproject to the UTM zone")
-    out.extend(_georef_problems(da, parsed if isinstance(crs, str) else None))
+    out.extend(georef_problems(da, parsed if isinstance(crs, str) else None))
     sensor = da.attrs.get("sensor")
     if sensor != spec.name:
         out.append(
@@ -391,7 +391,7 @@ def _attr_problems(da: xr.DataArray, spec: SensorSpec) -> list[str]:
     return out
 
 
-def _georef_problems(da: xr.DataArray, crs: pyproj.CRS | None) -> list[str]:
+def georef_problems(da: xr.DataArray, crs: pyproj.CRS | None) -> list[str]:
     """A legacy ``transform`` attribute must match the grid; a ``spatial_ref`` must name the cube's CRS."""
     out = []
     fix = "fix: cube = stembed.contract.with_georef(cube)"
@@ -404,7 +404,7 @@ def _georef_problems(da: xr.DataArray, crs: pyproj.CRS | None) -> list[str]:
         expected = cube_transform(da)
         if t.shape != (6,):
             out.append(f"transform {transform!r} is not 6 numbers (GDAL order); {fix}")
-        elif not np.allclose(t, expected, rtol=0, atol=_COORD_TOL_M):
+        elif not np.allclose(t, expected, rtol=0, atol=COORD_TOL_M):
             out.append(
                 f"transform {t.tolist()} does not match the x/y coordinates, which imply "
                 f"{list(expected)}; {fix}"
@@ -456,8 +456,8 @@ def _check_on_s2_grid(cube: xr.DataArray, s2: xr.DataArray, label: str, var: str
         )
     dx = cube[X].values.astype(np.float64) - s2[X].values
     dy = cube[Y].values.astype(np.float64) - s2[Y].values
-    if not (np.allclose(dx, 0, atol=_COORD_TOL_M) and np.allclose(dy, 0, atol=_COORD_TOL_M)):
-        if np.ptp(dx) < _COORD_TOL_M and np.ptp(dy) < _COORD_TOL_M:
+    if not (np.allclose(dx, 0, atol=COORD_TOL_M) and np.allclose(dy, 0, atol=COORD_TOL_M)):
+        if np.ptp(dx) < COORD_TOL_M and np.ptp(dy) < COORD_TOL_M:
             raise CubeError(f"{label} grid is offset by ({dx[0]:g}, {dy[0]:g}) m (dx, dy) from S2; {fix}")
         raise CubeError(f"{label} and S2 have different x/y pixel coordinates (not a constant offset); {fix}")
     if cube.attrs.get("site") != s2.attrs.get("site"):
@@ -530,7 +530,7 @@ class Scene:
         if self.labels is not None:
             for dim in (Y, X):
                 if dim not in self.labels.coords or not np.allclose(
-                    self.labels[dim].values, self.s2[dim].values, atol=_COORD_TOL_M
+                    self.labels[dim].values, self.s2[dim].values, atol=COORD_TOL_M
                 ):
                     raise CubeError(
                         f"labels {dim} coordinates differ from the S2 grid; fix: put the labels on that grid"

@@ -51,7 +51,7 @@ import xarray as xr
 
 from stembed.contract import Scene, make_cube
 from stembed.errors import UserError
-from stembed.io.cube import _write_atomically, open_scene, save_scene
+from stembed.io.cube import open_scene, save_scene, write_atomically
 from stembed.io.outputs import check_store_output, is_stembed_store, lock_output
 from stembed.io.sites import SiteOutcome, store_path
 from stembed.io.stac import (
@@ -581,7 +581,7 @@ def _build_piece(
     values = values.assign_coords({BAND: values[BAND].values.astype(object)})  # zarr v3 strings
     ds = xr.Dataset({"values": values}, attrs={"meta": json.dumps(meta, default=str), "piece": piece.name})
     path = _piece_store(stage, piece, sensor)
-    _write_atomically(
+    write_atomically(
         path, lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False), overwrite=False
     )
 

@@ -24,11 +24,11 @@ import numpy as np
 import xarray as xr
 
 from stembed.contract import (  # noqa: F401  (re-exported: the contract's names lived here first)
-    _COORD_TOL_M,
+    COORD_TOL_M,
     CubeError,
     Scene,
-    _georef_problems,
     cube_transform,
+    georef_problems,
     make_cube,
     provenance_json,
     validate_cube,
@@ -78,7 +78,7 @@ def _cube_encoding(da: xr.DataArray) -> dict[str, dict[str, Any]]:
     }
 
 
-def _write_atomically(path: Path, write: Any, *, overwrite: bool, owner: StoreKind | None = None) -> Path:
+def write_atomically(path: Path, write: Any, *, overwrite: bool, owner: StoreKind | None = None) -> Path:
     """Run ``write(tmp)`` on a temporary sibling, then rename it to ``path``.
 
     An interrupted write never leaves a complete-looking store at ``path``, and an existing store
@@ -127,7 +127,7 @@ def save_cube(da: xr.DataArray, path: str | Path, *, overwrite: bool = False) ->
     validate_cube(da, SENSORS[str(sensor)])
     ds = _cube_dataset(da)
     encoding = _cube_encoding(da)
-    return _write_atomically(
+    return write_atomically(
         path,
         lambda tmp: ds.to_zarr(tmp, mode="w-", zarr_format=3, consolidated=False, encoding=encoding),
         overwrite=overwrite,
@@ -161,14 +161,14 @@ def _read_cube(path: Path, group: str | None = None, legacy: list[str] | None = 
             stored = np.asarray([float(v) for v in gt.split()], dtype=np.float64)
         except ValueError:
             stored = np.empty(0)
-        if stored.shape != (6,) or not np.allclose(stored, cube_transform(da), rtol=0, atol=_COORD_TOL_M):
+        if stored.shape != (6,) or not np.allclose(stored, cube_transform(da), rtol=0, atol=COORD_TOL_M):
             raise CubeError(
                 f"{where}: spatial_ref GeoTransform {gt!r} does not match the x/y coordinates, which imply "
                 f"{list(cube_transform(da))}; fix: rewrite the store from a corrected cube "
                 "(save_scene/save_cube)"
             )
     else:
-        problems = _georef_problems(da, None)
+        problems = georef_problems(da, None)
         if problems:
             raise CubeError(f"{where}: {problems[0]}")
         da = with_georef(da)
@@ -235,7 +235,7 @@ def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Pa
         if scene.labels is not None:
             scene.labels.to_zarr(tmp, group="labels", mode="w-", zarr_format=3, consolidated=False)
 
-    return _write_atomically(path, write, overwrite=overwrite, owner="scene")
+    return write_atomically(path, write, overwrite=overwrite, owner="scene")
 
 
 def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
