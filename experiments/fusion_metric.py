@@ -1,0 +1,134 @@
+"""Which directions should a 7-d fusion keep? The linear start in two metrics, on the validation block only.
+
+The linear start (``init: linear``) is PCA of the training latents in the decoders' metric ``E[J^T J]``
+of the *centre pixel of the centre date*. Here a second metric weighs the Jacobian of the whole decoded
+patch with the context weights (spatial decay 0.1, temporal decay ``--time-decay``, the loss's centre
+weight), so directions that carry the neighbouring dates count too. For each start, on the run's
+validation block: the centre MAE of the fusion reconstruction, and the blocked probe (LC, CT) of its
+7-d embedding beside PCA-7 of the raw bands. No training: both are closed-form starts on the frozen
+autoencoders of the run. Last line: JSON.
+
+    .venv/bin/python experiments/fusion_metric.py runs/belgium/fusion_td03 --time-decay 0.3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import DataLoader
+
+import stembed.training.fusion_init as fusion_init
+from stembed.config import AEConfig, FusionStageConfig
+from stembed.data.build import build_fusion_data, matched_s1_arrays, sensor_arrays
+from stembed.data.scenes import load_scenes
+from stembed.eval.probe import probe_table
+from stembed.inference.engine import embed_any
+from stembed.inference.reference import embedding_dataset
+from stembed.io.cube import Scene, open_scene
+from stembed.losses import context_weights
+from stembed.models.bundle import load_bundle
+from stembed.training.evaluate import evaluate_split
+from stembed.training.run import fusion_reconstruct
+
+LABELS = {"LC": (0, 99), "CT": (0,)}
+
+
+def patch_metric(time_decay: float, centre_weight: float):
+    """``E[J^T W J]`` over the whole decoded patch, ``W`` the context weights. ``J`` by central differences
+    (step 1e-2 of each latent's spread): forward-mode autodiff does not reach through torch's CPU attention."""
+
+    def metric(ae, z: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+        L = z.shape[1]
+        steps = 1e-2 * z.std(0).clamp_min(1e-6)  # (L,)
+        out = torch.zeros(L, L, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(0, z.shape[0], 128):
+                zb, gb = z[i : i + 128], gaps[i : i + 128]
+                cols = []
+                for k in range(L):
+                    d = torch.zeros_like(zb)
+                    d[:, k] = steps[k]
+                    jv = (ae.decode(zb + d, gb).double() - ae.decode(zb - d, gb).double()) / (2 * float(steps[k]))
+                    cols.append(jv)  # (B, T, C, H, W): d out / d z_k
+                T, H = cols[0].shape[1], cols[0].shape[3]
+                w = context_weights(T, H, decay=0.1, time_decay=time_decay, centre_weight=centre_weight,
+                                    normalised=False, dtype=torch.float64)[None, :, None]  # (1, T, 1, H, W)
+                for a in range(L):
+                    for b in range(a, L):
+                        out[a, b] += (cols[a] * cols[b] * w).sum()
+                        out[b, a] = out[a, b]
+        return (out / z.shape[0]).float()
+
+    return metric
+
+
+def crop(scene: Scene, region: str) -> Scene:
+    (y0, y1), (x0, x1) = (map(int, part.split(":")) for part in region.split(","))
+    box = {"y": slice(y0, y1), "x": slice(x0, x1)}
+    return Scene(site=scene.site, s2=scene.s2.isel(box), s1=scene.s1.isel(box), labels=scene.labels.isel(box))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", type=Path)
+    ap.add_argument("--time-decay", type=float, default=0.3)
+    ap.add_argument("--cube", type=Path, default=Path("runs/belgium/scene.zarr"))
+    ap.add_argument("--region", default="0:32,32:64", help="the validation block, y0:y1,x0:x1")
+    ap.add_argument("--block-px", type=int, default=8)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    cfg = FusionStageConfig.model_validate(yaml.safe_load((a.run / "config.yaml").read_text()))
+    bundle = load_bundle(a.run / "bundle.pt")
+    trained = bundle.build_model().eval()
+    a2 = AEConfig.model_validate(trained.s2.cfg.model_dump())
+    data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
+                             context_px=a2.context_px)
+    train = list(DataLoader(data.datasets["train"], batch_size=64))
+    val = list(DataLoader(data.datasets["val"], batch_size=64))
+    z, gaps = fusion_init.training_latents(trained, train)
+    weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight}
+    centre_w = {"s1": cfg.loss.s1.centre_weight, "s2": cfg.loss.s2.centre_weight}
+
+    scene = crop(open_scene(a.cube), a.region)
+    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, cfg.data.s1_max_gap_days)
+    r = trained.s2.cfg.context_px
+    pad = ((0, 0), (0, 0), (r, r), (r, r))
+    arrays = (np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"), s2.days, s1.days)
+    valid = np.isfinite(s2.values).any(axis=1)
+
+    centre_metric = fusion_init.centre_jacobian_metric
+    metrics = {"centre pixel (init: linear)": lambda k: centre_metric,
+               f"patch, time decay {a.time_decay}": lambda k: patch_metric(a.time_decay, centre_w[k])}
+    rows = []
+    for name, metric_for in metrics.items():
+        model = copy.deepcopy(trained)
+        blocks = {k: metric_for(k) for k in ("s1", "s2")}
+        fusion_init.centre_jacobian_metric = lambda ae, zz, gg: blocks[ae.cfg.sensor](ae, zz, gg)
+        try:
+            fusion_init.init_linear_fusion(model, z, gaps, weights)
+        finally:
+            fusion_init.centre_jacobian_metric = centre_metric
+        recon = {k: m["centre_mae"] for k, m in evaluate_split(val, fusion_reconstruct(model)).items()}
+        with torch.no_grad():
+            values = embed_any(model, *arrays, batch_size=512, device=torch.device("cpu"), precision="float32")
+        ds = embedding_dataset(values, valid, scene, bundle)
+        row = {"start": name, "val_centre_mae": {k: round(v, 4) for k, v in recon.items()}}
+        for label, nodata in LABELS.items():
+            res = probe_table(ds, scene.s2, scene.labels, label=label, nodata=nodata, block_px=a.block_px)
+            t = res.table[res.table["fold"] == "mean"].set_index(["feature_set", "model"])["macro_f1"]
+            for model_name in ("logistic_regression", "random_forest"):
+                row[f"{label} {model_name} embedding"] = round(float(t[("embedding", model_name)]), 3)
+                row[f"{label} {model_name} PCA-7"] = round(float(t[("raw_pca7", model_name)]), 3)
+        rows.append(row)
+        print(row, flush=True)
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()
