@@ -21,22 +21,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from probe_latents import LABELS, crop  # the same block and labels as the probe script (experiments/)
 from torch.utils.data import DataLoader
 
-import stembed.training.fusion_init as fusion_init
 from stembed.config import AEConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data, matched_s1_arrays, sensor_arrays
 from stembed.data.scenes import load_scenes
 from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any
 from stembed.inference.reference import embedding_dataset
-from stembed.io.cube import Scene, open_scene
+from stembed.io.cube import open_scene
 from stembed.losses import context_weights
 from stembed.models.bundle import load_bundle
 from stembed.training.evaluate import evaluate_split
+from stembed.training.fusion_init import centre_jacobian_metric, init_linear_fusion, training_latents
 from stembed.training.run import fusion_reconstruct
-
-LABELS = {"LC": (0, 99), "CT": (0,)}
 
 
 def patch_metric(time_decay: float, centre_weight: float):
@@ -68,12 +67,6 @@ def patch_metric(time_decay: float, centre_weight: float):
     return metric
 
 
-def crop(scene: Scene, region: str) -> Scene:
-    (y0, y1), (x0, x1) = (map(int, part.split(":")) for part in region.split(","))
-    box = {"y": slice(y0, y1), "x": slice(x0, x1)}
-    return Scene(site=scene.site, s2=scene.s2.isel(box), s1=scene.s1.isel(box), labels=scene.labels.isel(box))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
@@ -91,7 +84,7 @@ def main() -> None:
                              context_px=a2.context_px)
     train = list(DataLoader(data.datasets["train"], batch_size=64))
     val = list(DataLoader(data.datasets["val"], batch_size=64))
-    z, gaps = fusion_init.training_latents(trained, train)
+    z, gaps = training_latents(trained, train)
     weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight}
     centre_w = {"s1": cfg.loss.s1.centre_weight, "s2": cfg.loss.s2.centre_weight}
 
@@ -102,18 +95,13 @@ def main() -> None:
     arrays = (np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"), s2.days, s1.days)
     valid = np.isfinite(s2.values).any(axis=1)
 
-    centre_metric = fusion_init.centre_jacobian_metric
-    metrics = {"centre pixel (init: linear)": lambda k: centre_metric,
-               f"patch, time decay {a.time_decay}": lambda k: patch_metric(a.time_decay, centre_w[k])}
+    patch = {k: patch_metric(a.time_decay, centre_w[k]) for k in ("s1", "s2")}
+    metrics = {"centre pixel (init: linear)": centre_jacobian_metric,
+               f"patch, time decay {a.time_decay}": lambda ae, zz, gg: patch[ae.cfg.sensor](ae, zz, gg)}
     rows = []
-    for name, metric_for in metrics.items():
+    for name, metric in metrics.items():
         model = copy.deepcopy(trained)
-        blocks = {k: metric_for(k) for k in ("s1", "s2")}
-        fusion_init.centre_jacobian_metric = lambda ae, zz, gg: blocks[ae.cfg.sensor](ae, zz, gg)
-        try:
-            fusion_init.init_linear_fusion(model, z, gaps, weights)
-        finally:
-            fusion_init.centre_jacobian_metric = centre_metric
+        init_linear_fusion(model, z, gaps, weights, metric=metric)
         recon = {k: m["centre_mae"] for k, m in evaluate_split(val, fusion_reconstruct(model)).items()}
         with torch.no_grad():
             values = embed_any(model, *arrays, batch_size=512, device=torch.device("cpu"), precision="float32")

@@ -19,9 +19,8 @@ import torch
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.io.cube import cube_transform, save_scene
-from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
-from stembed.testing import random_fusion_bundle, synthetic_scene
+from stembed.io.cube import save_scene
+from stembed.testing import random_fusion_bundle, synthetic_scene, write_embedding_store
 
 runner = CliRunner()
 
@@ -45,20 +44,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     s2 = scene.s2
     n_t, h, wd = s2.sizes["time"], s2.sizes["y"], s2.sizes["x"]
     values = np.random.default_rng(0).normal(size=(n_t, 7, h, wd)).astype(np.float32)
-    q = Quantisation.identity(7)
-    grid = create_store(
-        w / "emb.zarr", time=s2["time"].values, y=s2["y"].values, x=s2["x"].values,
-        features=[f"E{i}" for i in range(1, 8)], crs=str(s2.attrs["crs"]),
-        transform=list(cube_transform(s2)), quant=q, tile_px=8, time_chunk=4,
-        attrs={"fingerprint": "test"},
-    )
-    for tile in grid.tiles():
-        ys, xs = grid.bounds(*tile)
-        v = values[:, :, ys, xs]
-        codes = q.encode(v)
-        write_tile(w / "emb.zarr", grid, tile, codes, np.ones((n_t, v.shape[2], v.shape[3]), bool),
-                   q.error_stats(v, codes))
-    finalise(w / "emb.zarr")
+    write_embedding_store(w / "emb.zarr", s2, values, valid=np.ones((n_t, h, wd), bool), tile_px=8, time_chunk=4,
+                          attrs={"fingerprint": "test"})
     x0, y0 = float(s2["x"].values[8]), float(s2["y"].values[8])
     (w / "points.csv").write_text(f"id,x,y\na,{x0},{y0}\n")
     (w / "table.csv").write_text("someone's table\n")

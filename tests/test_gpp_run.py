@@ -164,25 +164,15 @@ def test_gpp_at_tower_records_the_split_and_what_it_dropped(inputs, tmp_path: Pa
 # ----------------------------------------------------------------------------- several towers (issue 15)
 def _tower(root: Path, seed: int, amplitude: float) -> dict[str, str]:
     """A synthetic tower: scene store, stand-in embedding store (7 of the bands) and a flux CSV."""
-    from stembed.io.cube import cube_transform, save_scene
-    from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
+    from stembed.io.cube import save_scene
+    from stembed.testing import write_embedding_store
 
     scene = synthetic_scene(seed=seed, height_px=8, width_px=8, n_days=730, site=f"T{seed}")
     s2 = scene.s2
     folder = root / f"t{seed}"
     cube = save_scene(scene, folder / "scene.zarr")
-    vals = s2.values[:, :7].astype(np.float32)
-    q = Quantisation.identity(7)
-    grid = create_store(folder / "emb.zarr", time=s2[TIME].values, y=s2[Y].values, x=s2[X].values,
-                        features=[f"E{i}" for i in range(1, 8)], crs=s2.attrs["crs"],
-                        transform=list(cube_transform(s2)), quant=q, tile_px=8, time_chunk=64,
-                        attrs={"fingerprint": {}, "input": {"site": scene.site}})
-    for t in grid.tiles():
-        ys, xs = grid.bounds(*t)
-        v = vals[:, :, ys, xs]
-        c = q.encode(v)
-        write_tile(folder / "emb.zarr", grid, t, c, np.isfinite(v).all(axis=1), q.error_stats(v, c))
-    finalise(folder / "emb.zarr")
+    write_embedding_store(folder / "emb.zarr", s2, s2.values[:, :7].astype(np.float32), tile_px=8, time_chunk=64,
+                          attrs={"fingerprint": {}, "input": {"site": scene.site}})
     days = pd.date_range("2019-10-01", "2021-12-31", freq="D")
     pd.DataFrame({"TIMESTAMP": days.strftime("%Y%m%d"),
                   "GPP_NT_VUT_REF": 5 + amplitude * np.sin(2 * np.pi * (days.dayofyear - 100) / 365),

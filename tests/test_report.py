@@ -11,9 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.io.cube import cube_transform, save_scene
-from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
-from stembed.testing import synthetic_scene
+from stembed.io.cube import save_scene
+from stembed.testing import synthetic_scene, write_embedding_store
 
 runner = CliRunner()
 
@@ -28,27 +27,8 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     cube = save_scene(scene, d / "scene.zarr")
     s2 = scene.s2
     # a stand-in store: 7 of the bands as "embedding" (the commands, not a model, are tested)
-    vals = s2.values[:, :7].astype(np.float32)
-    q = Quantisation.identity(7)
-    grid = create_store(
-        d / "emb.zarr",
-        time=s2["time"].values,
-        y=s2["y"].values,
-        x=s2["x"].values,
-        features=[f"E{i}" for i in range(1, 8)],
-        crs=s2.attrs["crs"],
-        transform=list(cube_transform(s2)),
-        quant=q,
-        tile_px=16,
-        time_chunk=8,
-        attrs={"fingerprint": {}, "input": {"site": scene.site}},
-    )
-    for t in grid.tiles():
-        ys, xs = grid.bounds(*t)
-        v = vals[:, :, ys, xs]
-        c = q.encode(v)
-        write_tile(d / "emb.zarr", grid, t, c, np.isfinite(v).all(axis=1), q.error_stats(v, c))
-    finalise(d / "emb.zarr")
+    write_embedding_store(d / "emb.zarr", s2, s2.values[:, :7].astype(np.float32), tile_px=16, time_chunk=8,
+                          attrs={"fingerprint": {}, "input": {"site": scene.site}})
     run = d / "run"
     run.mkdir()
     m = {

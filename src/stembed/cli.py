@@ -958,7 +958,7 @@ def eval_gpp(
     res = _run_into(out, go)
     split = res.split
     if split is None:
-        held = json.loads((out / "gpp_split.json").read_text())
+        held: dict[str, Any] = res.split_info
         stop = (f"validation years {held['val_years']} of the training towers stop it early" if held["early_stopping"]
                 else f"no --val-years, so the transformer trains all {held['max_epochs']} epochs")
         typer.echo(f"{res.n_windows} windows at {len(held['sites'])} towers, each scored by models fitted on the "

@@ -82,3 +82,25 @@ def workers_ignore_ctrl_c() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def cluster_client(scheduler: str | None, workers: int, timeout_s: float) -> Iterator[Any]:
+    """A dask Client for the block (:func:`connect`), closed after it, with the LocalCluster it started; on
+    Ctrl-C this run's local workers are killed first (:func:`stop_local_workers`), not waited for.
+
+    Raises:
+        ClusterError: ``scheduler`` cannot be reached.
+    """
+    others = {p.pid for p in multiprocessing.active_children()}  # processes this run did not start
+    client, cluster = connect(scheduler, workers, timeout_s)
+    try:
+        yield client
+    except KeyboardInterrupt:
+        if cluster is not None:
+            stop_local_workers(others)
+        raise
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()

@@ -918,7 +918,7 @@ def build_cubes(
     Raises:
         ClusterError: ``scheduler`` cannot be reached (nothing was built).
     """
-    from stembed.cluster import connect, stop_local_workers
+    from stembed.cluster import cluster_client
 
     out_dir = Path(out_dir)
     say = on_done or (lambda outcome: None)
@@ -934,15 +934,11 @@ def build_cubes(
     if not todo:
         return [outcomes[r.site] for r in requests]
 
-    import multiprocessing
-
     from distributed import as_completed
 
-    others = {p.pid for p in multiprocessing.active_children()}  # processes this run did not start
     n_workers = workers if workers is not None else min(len(todo), 4)
-    client, cluster = connect(scheduler, n_workers, connect_timeout_s)
     run = uuid.uuid4().hex[:8]
-    try:
+    with cluster_client(scheduler, n_workers, connect_timeout_s) as client:
         futures = {
             client.submit(
                 build_site, request, store_path(out_dir, request.site), overwrite=overwrite,
@@ -963,14 +959,6 @@ def build_cubes(
                 outcome = future.result()
             outcomes[request.site] = outcome
             say(outcome)
-    except KeyboardInterrupt:
-        if cluster is not None:
-            stop_local_workers(others)
-        raise
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return [outcomes[r.site] for r in requests]
 
 

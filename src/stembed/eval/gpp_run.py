@@ -61,6 +61,7 @@ class GPPRun:
     n_windows: int
     split: YearSplit | None = None  # None: leave-one-site-out
     n_dropped_overlap: int = 0
+    split_info: dict[str, object] | None = None  # what gpp_split.json says
 
 
 def _ndvi(s2: xr.DataArray) -> xr.DataArray:
@@ -281,11 +282,12 @@ def gpp_at_tower(
     sets = {name: {site: w.take(keep)} for name, w in by_set.items()}
     n_dropped = int((~keep).sum())
     metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
-    metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, {
+    info = {
         **asdict(split), "windows": int(keep.sum()), "held_out_windows_dropped_for_overlap": n_dropped,
         "rule": f"held-out windows sharing any of their {cfg.window_days} days with training are dropped",
-    })
-    return GPPRun(metrics, metrics_csv, preds_csv, plots, int(keep.sum()), split, n_dropped)
+    }
+    metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, info)
+    return GPPRun(metrics, metrics_csv, preds_csv, plots, int(keep.sum()), split, n_dropped, info)
 
 
 # ----------------------------------------------------------------------------- several towers
@@ -403,9 +405,10 @@ def gpp_leave_one_site_out(
             warnings.filterwarnings("ignore", message="fit_gpp: no validation windows", category=UserWarning)
         metrics, preds = run_gpp_experiment(sets, split, cfg, seed, return_predictions=True)
     n = {site: len(w) for site, w in sets["embedding"].items()}
-    metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, {
+    info = {
         "split": "leave-one-site-out", "sites": list(n), "windows_per_site": n, "val_years": list(val_years),
         "early_stopping": bool(val_years), "max_epochs": cfg.max_epochs,
         "rule": "each tower is scored by models fitted on the other towers' windows only",
-    })
-    return GPPRun(metrics, metrics_csv, preds_csv, plots, sum(n.values()), None, 0)
+    }
+    metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, info)
+    return GPPRun(metrics, metrics_csv, preds_csv, plots, sum(n.values()), None, 0, info)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import multiprocessing
 import os
 import threading
 import time
@@ -31,8 +30,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from stembed.cluster import connect as _connect
-from stembed.cluster import stop_local_workers as _stop_local_workers
+from stembed.cluster import cluster_client
 from stembed.config import EmbedConfig, dump_config
 from stembed.contract import CubeError, Scene, cube_transform, value_problems
 from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
@@ -546,9 +544,10 @@ def _daily_job(
 
 
 def _claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
-                  owned: contextlib.ExitStack) -> bool | None:
+                  owned: contextlib.ExitStack) -> tuple[bool | None, dict[str, Any]]:
     """Own ``out`` (its lock, held by ``owned``) and decide what happens there: True to create a new store
-    (replacing ours with ``overwrite``), False to resume an unfinished one, None if it is already complete.
+    (replacing ours with ``overwrite``), False to resume an unfinished one, None if it is already complete;
+    with the attributes of the store found there (empty if none).
 
     Raises:
         FileExistsError: ``out`` exists and neither ``resume`` nor ``overwrite`` is set.
@@ -565,7 +564,7 @@ def _claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
     owned.enter_context(lock_output(out, command="embed"))
     remove_leftovers(out)  # what a run killed while it created or replaced the store left
     if not out.exists():
-        return True
+        return True, {}
     if not (resume or overwrite):
         raise FileExistsError(
             f"{out} already exists; fix: pass --resume to finish or check it, --overwrite to replace it, "
@@ -573,7 +572,7 @@ def _claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
         )
     attrs = store.read_attrs(out)  # refuses foreign or corrupt stores, so --overwrite never deletes them
     if not resume:
-        return True
+        return True, attrs
     _check_fingerprint(out, attrs.get("fingerprint", {}), plan.fingerprint)
     try:
         done = store.tiles_done(out)
@@ -581,7 +580,7 @@ def _claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
         raise store.EmbeddingStoreError(
             f"{out} is a damaged embedding store ({type(e).__name__}: {e}); fix: rerun with --overwrite"
         ) from e
-    return None if attrs.get("complete") and done.all() else False
+    return (None if attrs.get("complete") and done.all() else False), attrs
 
 
 def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
@@ -729,30 +728,20 @@ def _embed_cube(
     if resume and overwrite:
         raise EmbedError("--resume and --overwrite contradict each other; pass one")
     plan = plan_embedding(cube, bundle_path, cfg, scheduler=scheduler)
-    fresh = _claim_output(plan, out, resume=resume, overwrite=overwrite, owned=owned)
+    fresh, found = _claim_output(plan, out, resume=resume, overwrite=overwrite, owned=owned)
     n_tiles = len(plan.grid.tiles())
     if fresh is None:  # a finished store, resumed: nothing to do
-        return EmbedResult(out, 0, n_tiles, store.read_attrs(out).get("storage_error", {}),
-                           time.perf_counter() - t_start, plan.notes)
+        return EmbedResult(out, 0, n_tiles, found.get("storage_error", {}), time.perf_counter() - t_start,
+                           plan.notes)
     check_cube_values(plan.scene, plan.cube)  # before the store exists: no tile finds a bad value mid-run
     resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
-    others = {p.pid for p in multiprocessing.active_children()}  # processes this run did not start
-    client, cluster = _connect(scheduler, cfg.workers, cfg.connect_timeout_s)
-    try:
+    with cluster_client(scheduler, cfg.workers, cfg.connect_timeout_s) as client:
         if fresh:
             device = resolve_device(cfg.device)
             quant = _calibrate(plan.model.to(device), plan.scene, cfg, plan.gap_days, plan.extra_gaps, device)
             _create_store(plan, out, quant)
         written = _run_tiles(plan, out, client, progress=progress)
         summary = store.finalise(out)
-    except KeyboardInterrupt:
-        if cluster is not None:
-            _stop_local_workers(others)
-        raise
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
     return EmbedResult(out, written, n_tiles - written, summary, time.perf_counter() - t_start, plan.notes)
 
 

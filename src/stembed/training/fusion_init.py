@@ -14,7 +14,7 @@ training from a random start had reached 0.0100 and 0.0068. Training then starts
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -68,6 +68,7 @@ def init_linear_fusion(
     latents: Mapping[str, Tensor],
     gaps: Mapping[str, Tensor],
     weights: Mapping[str, float],
+    metric: Callable[[SensorAutoencoder, Tensor, Tensor], Tensor] = centre_jacobian_metric,
 ) -> dict[str, float]:
     """Set the fusion layers to the linear fusion of :func:`linear_fusion` (needs ``cfg.direct_path``).
 
@@ -75,6 +76,8 @@ def init_linear_fusion(
         latents: each sensor's training latents (N, L_k), keys in ``model.autoencoders()`` order.
         gaps: each sensor's day gaps (N, T-1) for the same rows (the decoders' positions).
         weights: each sensor's branch weight in the fusion loss.
+        metric: each sensor's block of the metric, ``(autoencoder, latents, gaps) -> (L_k, L_k)``; the
+            centre pixel's by default (``experiments/fusion_metric.py`` tries the whole patch's).
 
     The direct path carries the scores, shifted so that the embedding's softplus is near the identity on
     the training latents; the transformer path's output layer starts at zero (it learns from there); each
@@ -86,7 +89,7 @@ def init_linear_fusion(
     if list(latents) != keys:
         raise ValueError(f"latents for {keys} needed, got {list(latents)}")
     aes = model.autoencoders()
-    blocks = [weights[k] * centre_jacobian_metric(aes[k], latents[k], gaps[k]) for k in keys]
+    blocks = [weights[k] * metric(aes[k], latents[k], gaps[k]) for k in keys]
     z = torch.cat([latents[k] for k in keys], dim=1)  # (N, L)
     mean, enc, dec = linear_fusion(z, torch.block_diag(*blocks), model.cfg.embed_dim)
     scores = (z - mean) @ enc  # (N, k)
