@@ -49,8 +49,9 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
     assert win.b.numel() > 50 and plan.latent.numel() == win.b.numel() * T
 
     # the same windows as per-patch samples, through the per-patch dataset and model call
+    assert win.b.unique().tolist() == [0]  # one tile in the batch: every window is its window
     patches = []
-    for b, k, p in zip(win.b.tolist(), win.k.tolist(), win.p.tolist(), strict=True):
+    for k, p in zip(win.k.tolist(), win.p.tolist(), strict=True):
         py, px = divmod(p, 10)
         frames = tuple(tile.t0 + f for f in tile.subsets[k])
         patches.append(PatchIndex(0, frames, tile.y0 + py - 7, tile.x0 + px - 7, (0, 40, 0, 40)))

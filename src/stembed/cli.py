@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -349,7 +349,7 @@ def info(
     render(report, sys.stdout)
 
 
-class StorageDtype(str, Enum):
+class StorageDtype(StrEnum):
     """How ``stembed embed`` stores the embeddings."""
 
     float32 = "float32"
@@ -357,7 +357,7 @@ class StorageDtype(str, Enum):
     int8 = "int8"
 
 
-class S1Orbit(str, Enum):
+class S1Orbit(StrEnum):
     """Which Sentinel-1 passes ``stembed cube`` reads."""
 
     auto = "auto"
@@ -366,7 +366,7 @@ class S1Orbit(str, Enum):
     both = "both"
 
 
-class Interpolation(str, Enum):
+class Interpolation(StrEnum):
     """How ``stembed eval gpp`` fills days between observations."""
 
     linear = "linear"
@@ -710,7 +710,7 @@ def sample(
     typer.echo(f"table: {path}")
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(StrEnum):
     """What ``stembed export`` writes."""
 
     geotiff = "geotiff"

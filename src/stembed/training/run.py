@@ -38,8 +38,8 @@ from stembed.config import (
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
 from stembed.data.datasets import FusionPatchDataset
 from stembed.data.sampling import SPLITS, SamplingError
-from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.data.scenes import load_scenes
+from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import FusionModel
