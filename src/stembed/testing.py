@@ -368,6 +368,7 @@ class StacTestServer:
 
     @property
     def api(self) -> str:
+        """The STAC API's root URL (the catalog's search endpoint is below it)."""
         return f"{self.url}/api"
 
     def fail_next(self, prefix: str, n: int, status: int = 503) -> None:

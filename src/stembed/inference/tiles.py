@@ -453,6 +453,7 @@ class EmbedPlan:
 
     @property
     def grid(self) -> store.TileGrid:
+        """The tiles the scene is cut into (the store's chunks and the units of work)."""
         return store.TileGrid(self.scene.s2.sizes[Y], self.scene.s2.sizes[X], self.cfg.tile_px)
 
 

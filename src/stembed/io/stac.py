@@ -54,6 +54,7 @@ class RetryPolicy:
     backoff_s: float = 1.0
 
     def urllib3_retry(self) -> Any:
+        """This policy as urllib3's ``Retry`` (also on the :data:`RETRY_STATUS` answers), for a requests session."""
         from urllib3.util.retry import Retry
 
         return Retry(
@@ -227,6 +228,7 @@ class GridSpec:
 
     @property
     def crs(self) -> str:
+        """The grid's CRS as ``EPSG:<code>``."""
         return f"EPSG:{self.epsg}"
 
     @property
@@ -257,6 +259,7 @@ class GridSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The grid as plain values, for JSON attributes and provenance."""
         return asdict(self)
 
 
@@ -348,6 +351,7 @@ class Piece:
 
     @property
     def name(self) -> str:
+        """``START_END``, the stem of the piece's staged files."""
         return f"{self.start}_{self.end}"
 
 

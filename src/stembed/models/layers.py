@@ -32,6 +32,7 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape, each channel scaled by its gate."""
         x_max = torch.amax(x, dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         x_avg = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         gate = torch.sigmoid(self.mlp(x_max) + self.mlp(x_avg))  # (N, C, 1, 1)
@@ -50,6 +51,7 @@ class SpatialAttention(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape, each pixel scaled by its gate."""
         x_max = torch.amax(x, dim=1, keepdim=True)  # (N, 1, H, W)
         x_avg = x.mean(dim=1, keepdim=True)  # (N, 1, H, W)
         gate = torch.sigmoid(self.conv(torch.cat([x_max, x_avg], dim=1)))  # (N, 1, H, W)
@@ -65,6 +67,7 @@ class CBAM(nn.Module):
         self.spatial = SpatialAttention(spatial_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape."""
         return self.spatial(self.channel(x)) + x
 
 
@@ -88,6 +91,7 @@ class MultiScaleBlock(nn.Module):
         self.attention = CBAM(out_channels, reduction, spatial_kernel=7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W)."""
         y = torch.cat([branch(x) for branch in self.branches], dim=1)  # (N, n_kernels * C_out, H, W)
         return self.attention(self.mix(y))  # (N, C_out, H, W)
 
@@ -101,6 +105,7 @@ class ConvAttnBlock(nn.Module):
         self.attention = CBAM(out_channels, reduction, spatial_kernel=spatial_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W)."""
         return self.attention(self.conv(x))
 
 
@@ -157,6 +162,7 @@ class PooledResidual(nn.Module):
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape (the block must keep it)."""
         return x + max_pool3x3(self.block(x))
 
 
