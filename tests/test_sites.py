@@ -122,7 +122,7 @@ def test_sites_are_built_in_one_call_and_a_failed_one_is_reported(first_run) -> 
     assert [rows[s]["status"] for s in "ABC"] == ["built", "built", "failed"]
     assert "found no 'sentinel-2-l2a' items" in rows["C"]["error"] and not rows["C"]["traceback"]
     assert "1 site(s) failed: C" in res.output
-    assert "2 built, 0 already built, 1 failed of 3 sites" in res.output
+    assert f"2 built, 0 already built, 1 failed of 3 sites; report: {out_dir / REPORT_NAME}" in res.output
     assert not (out_dir / "C.zarr").exists()
     grids = {"A": utm_grid(point=A_POINT, size_m=80), "B": utm_grid(bbox=B_BOX)}
     for site, grid in grids.items():

@@ -418,13 +418,13 @@ class StacTestServer:
         hits = [it for it in self._items if _matches(it, params)]
         hits.sort(key=lambda it: (it["properties"]["datetime"], it["id"]))
         limit = int(params.get("limit") or self.page_size)
-        page = hits[token: token + limit]
+        features = hits[token: token + limit]
         links: list[dict[str, Any]] = []
         if token + limit < len(hits):
             body = {k: v for k, v in params.items() if k != "token"} | {"token": token + limit}
             links.append({"rel": "next", "href": f"{self.api}/search", "method": "POST", "body": body,
                           "type": "application/geo+json"})
-        return {"type": "FeatureCollection", "features": page, "links": links, "numberReturned": len(page)}
+        return {"type": "FeatureCollection", "features": features, "links": links, "numberReturned": len(features)}
 
     def _landing(self) -> dict[str, Any]:
         return {

@@ -330,6 +330,11 @@ class GPPTransformer(nn.Module):
     windows, so the model alone maps raw features to GPP in original units (:meth:`to_gpp`).
     """
 
+    feature_mean: torch.Tensor  # buffers (register_buffer): declared so they type as tensors
+    feature_std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+
     def __init__(self, n_features: int, cfg: GPPConfig) -> None:
         super().__init__()
         self.cfg, self.n_features = cfg, n_features

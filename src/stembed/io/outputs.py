@@ -259,7 +259,7 @@ def lock_output(
     out = Path(out)
     check_writable_parent(out, option=option)  # a lock cannot be made where the output cannot
     path = lock_path(out)
-    created = []  # missing parent folders, outermost first
+    created: list[Path] = []  # missing parent folders, outermost first
     folder = path.parent
     while not folder.exists():
         created.insert(0, folder)
