@@ -297,6 +297,9 @@ class SensorAutoencoder(nn.Module):
     once). Call ``train()/eval()/to()`` on this module, not on its encoder or decoder alone.
     """
 
+    input_mean: torch.Tensor  # buffers (register_buffer): declared so they type as tensors
+    input_std: torch.Tensor
+
     def __init__(self, cfg: AEConfig):
         super().__init__()
         self.cfg = cfg

@@ -12,8 +12,9 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -170,7 +171,7 @@ def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, n_train_batches // 10)))
     return L.Trainer(
         max_epochs=cfg.max_epochs,
-        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
         check_val_every_n_epoch=cfg.val_every_n_epochs,
         accelerator="auto" if cfg.accelerator == "auto" else cfg.accelerator,
         devices=cfg.devices,
@@ -201,9 +202,10 @@ def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | Non
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
-def _fit(
-    module: L.LightningModule, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None
-) -> L.LightningModule | None:
+_Stage = TypeVar("_Stage", AutoencoderModule, FusionModule, GapFillModule)
+
+
+def _fit(module: _Stage, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None) -> _Stage | None:
     """Fit, then load the best checkpoint's weights back into ``module``.
 
     Returns None on DDP ranks other than global rank 0: they trained their share and stop there (only rank 0
@@ -222,7 +224,8 @@ def _fit(
         trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(resume) if resume else None)
     if not trainer.is_global_zero:
         return None
-    best = Path(trainer.checkpoint_callback.best_model_path) if trainer.checkpoint_callback else None  # type: ignore[union-attr]
+    ckpt = trainer.checkpoint_callback
+    best = Path(ckpt.best_model_path) if isinstance(ckpt, ModelCheckpoint) else None
     if best and best.is_file():
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -268,7 +271,7 @@ def train_autoencoder(
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model  # type: ignore[attr-defined]
+    model = fitted.model
     data.datasets["train"] = patch_train
 
     reconstruct = autoencoder_reconstruct(model, cfg.sensor)
@@ -384,7 +387,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model  # type: ignore[attr-defined]
+    model = fitted.model
     data.datasets["train"] = patch_train
     splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
     if start and _monitor(start["val"]) < _monitor(splits["val"]):
@@ -441,7 +444,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    fusion_config = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
+    fusion_config: dict[str, Any] = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
     module = GapFillModule(fusion_config, dump_config(cfg.train))
     module.model.fusion.load_state_dict(fb.state_dict)
     module.model.filler.load_state_dict(fb.state_dict)  # start from the trained fusion layers
@@ -452,7 +455,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model  # type: ignore[attr-defined]
+    model = fitted.model
 
     @torch.no_grad()
     def errors(loader: DataLoader[Any]) -> dict[str, float]:
