@@ -236,7 +236,8 @@ def _footprint(ds: xr.Dataset, epsg: int) -> tuple[float, float, float, float]:
     x0, x1 = float(x[0] - r / 2), float(x[-1] + r / 2)
     y0, y1 = float(y[-1] - r / 2), float(y[0] + r / 2)
     tr = pyproj.Transformer.from_crs(f"EPSG:{epsg}", "EPSG:4326", always_xy=True)
-    return tuple(float(v) for v in tr.transform_bounds(x0, y0, x1, y1, densify_pts=21))  # type: ignore[return-value]
+    west, south, east, north = tr.transform_bounds(x0, y0, x1, y1, densify_pts=21)
+    return float(west), float(south), float(east), float(north)
 
 
 def _collection(name: str, lonlat: tuple[float, float, float, float], times: Any) -> Any:

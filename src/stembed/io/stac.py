@@ -246,7 +246,8 @@ class GridSpec:
         tr = pyproj.Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True)
         x0, x1 = self.x_left, self.x_left + self.width_px * self.resolution_m
         y1, y0 = self.y_top, self.y_top - self.height_px * self.resolution_m
-        return tuple(float(v) for v in tr.transform_bounds(x0, y0, x1, y1, densify_pts=21))  # type: ignore[return-value]
+        west, south, east, north = tr.transform_bounds(x0, y0, x1, y1, densify_pts=21)
+        return float(west), float(south), float(east), float(north)
 
     def geobox(self) -> Any:
         """The odc-geo ``GeoBox`` of this grid."""

@@ -120,7 +120,7 @@ class DenseConvAttn(nn.Module):
 class DensePooledResidual(nn.Module):
     """``crop(x) + maxpool3x3(block(x))`` with valid pooling at dilation d (the paper's PooledResidual)."""
 
-    def __init__(self, block: nn.Module, dilation: int):
+    def __init__(self, block: DenseMultiScale | DenseConvAttn, dilation: int):
         super().__init__()
         self.block = block
         self.dilation = dilation

@@ -8,7 +8,7 @@ BatchNorm anywhere, and a sample's output never depends on its batch mates).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -109,7 +109,9 @@ class ConvAttnBlock(nn.Module):
         return self.attention(self.conv(x))
 
 
-def _window_reduce(x: torch.Tensor, k: int, d: int, combine) -> torch.Tensor:  # noqa: ANN001
+def _window_reduce(
+    x: torch.Tensor, k: int, d: int, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Valid k x k window (dilation d, stride 1) of ``combine`` over (N, C, H, W), as two separable passes."""
     span = d * (k - 1)
     h = x[..., :, : x.shape[-1] - span]
@@ -273,8 +275,9 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
     parts; otherwise its direct children are the parts. Shared parameters (the autoencoder's
     temporal transformer and position table) are counted once.
     """
-    if hasattr(module, "parameter_groups"):
-        groups = module.parameter_groups()
+    parameter_groups = getattr(module, "parameter_groups", None)
+    if parameter_groups is not None:
+        groups = parameter_groups()
     else:
         groups = {name: child.parameters() for name, child in module.named_children()}
         own = list(module.parameters(recurse=False))

@@ -89,7 +89,7 @@ def tile_dataset(
     if isinstance(ds, FusionPatchDataset):  # S2 drives the tiles; S1 and companions are on its dates
         sites, others = ds.s2, {"s1": ds.s1, **ds.extra}
     else:
-        sites, others = ds.sites, {}  # type: ignore[attr-defined]
+        sites, others = ds.sites, {}  # type: ignore[attr-defined]  # a per-sensor PatchDataset here
     tiles = sample_tiles([s.days for s in sites], data.regions["train"], sampling, dense.crop_px, dense.subsets, rng)
     return TileDataset(sites, tiles, sampling.window_dates, dense.crop_px, model.context_px, others,
                        batch_size=dense.tiles_per_batch)
@@ -211,7 +211,7 @@ def _fit(module: _Stage, data: SplitData, cfg: TrainConfig, run_dir: Path, resum
     Returns None on DDP ranks other than global rank 0: they trained their share and stop there (only rank 0
     evaluates and writes metrics.json and bundle.pt, so no rank waits on another after the fit).
     """
-    if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
+    if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         raise SamplingError("the validation split is empty; early stopping needs one (check data.split.fractions)")
     loaders = _loaders(data, cfg)
     trainer = _trainer(run_dir, cfg, len(loaders["train"]), module.monitor)
@@ -236,6 +236,7 @@ def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any) -> dict[
     loaders = {
         name: DataLoader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
     }
+    # (the ignore below: torch's Dataset declares no __len__; ours all have one)
     return {name: evaluate_split(loaders[name], reconstruct) for name in SPLITS if len(data.datasets[name])}  # type: ignore[arg-type]
 
 
@@ -264,7 +265,7 @@ def train_autoencoder(
     if dense is not None:
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling(cfg.sensor), dense, model_cfg,
                                               np.random.default_rng(cfg.train.seed))
-        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]
+        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
     module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train),
                                dump_config(dense) if dense is not None else None)
     started = time.perf_counter()
@@ -369,7 +370,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     if dense is not None:
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling("s2"), dense, a2,
                                               np.random.default_rng(cfg.train.seed))
-        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]
+        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
     module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
                           dump_config(cfg.train), extra_models, dump_config(dense) if dense is not None else None)
     model = module.model
@@ -474,7 +475,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
         "train_seconds": round(time.perf_counter() - started, 1),
         "splits": {
             name: errors(DataLoader(ds, batch_size=max(cfg.train.batch_size, 64)))
-            for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]
+            for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         },
         "data": data.info,
     }
