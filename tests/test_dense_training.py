@@ -31,6 +31,7 @@ def _model(**over: object) -> SensorAutoencoder:
 @pytest.mark.parametrize("loss_cfg", [LossConfig(), s2_stage1_loss(),
                                       s2_stage1_loss().model_copy(update={"time_decay": 0.4, "centre_weight": 1.5})],
                          ids=["mae", "hybrid", "hybrid-time-decay"])
+@pytest.mark.slow
 def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thread, s2_site, loss_cfg):
     """Every frame rendered: the tile step's loss is the mean per-patch loss of its windows (same weights)."""
     ae = _model()
