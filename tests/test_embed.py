@@ -101,7 +101,6 @@ def _embed_cli(
     return r.exit_code, r.output
 
 
-@pytest.mark.slow
 def test_tiled_equals_untiled_and_the_reference_bit_for_bit(
     files: dict[str, Path], scheduler: str, untiled: Path, scene: Scene
 ) -> None:
