@@ -1,4 +1,5 @@
-# Two-command quick start: `make demo` and `make test` (see README).
+# Two-command quick start: `make demo` and `make test` (see README). `make check` is the quick gate while
+# developing (ruff, mypy, the tests not marked slow); CI (.ci/run) runs `make lint test`.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,7 +7,7 @@ STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 DEMO_OUT ?= demo_out
 
-.PHONY: demo test install clean
+.PHONY: demo test lint check install clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +30,14 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -q
+
+# ruff and mypy read their settings from pyproject.toml (mypy: files = src/stembed)
+lint: $(TEST_STAMP)
+	$(PY) -m ruff check src tests
+	$(PY) -m mypy
+
+check: lint
+	$(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT)

@@ -46,6 +46,7 @@ def _stage(belgian_dir: Path, **sections: dict[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the CLI, two CPU processes
+@pytest.mark.slow
 def test_cli_ddp_on_two_cpu_processes_writes_one_bundle_that_embeds(belgian_dir: Path, tmp_path: Path) -> None:
     config = tmp_path / "s2.yaml"
     config.write_text(yaml.safe_dump(_stage(belgian_dir)))
@@ -85,6 +86,7 @@ def test_cli_ddp_on_two_cpu_processes_writes_one_bundle_that_embeds(belgian_dir:
     assert z.shape == (batch["x"].shape[0], model.cfg.latent_dim) and torch.isfinite(z).all()
 
 
+@pytest.mark.slow
 def test_fusion_stage_under_ddp_writes_a_bundle_that_embeds_a_cube(belgian_dir: Path, tmp_path: Path) -> None:
     """The fusion stage (frozen autoencoders, dense tiles) on 2 CPU processes, then `stembed embed` with its
     bundle on a crop of the real patch: the path a user takes from a multi-GPU run to an embedding store."""
@@ -175,6 +177,7 @@ def _ddp_worker(rank: int, world: int, port: int, setup: str, out: str) -> None:
     torch.save(module.model.state_dict(), out.format(rank=rank))
 
 
+@pytest.mark.slow
 def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(
     belgian_dir: Path, tmp_path: Path, one_torch_thread: None
 ) -> None:

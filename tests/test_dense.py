@@ -121,6 +121,7 @@ def dense_scene_store(tmp_path_factory):
     return d, d / "scene.zarr", bundle
 
 
+@pytest.mark.slow
 def test_embed_cube_dense_tiles_match_one_block(dense_scene_store):
     """`stembed embed` with a dense bundle: tiled output == one dense pass over the whole cube (<= 1e-5)."""
     d, cube, bundle = dense_scene_store

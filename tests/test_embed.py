@@ -128,6 +128,7 @@ def test_tiled_equals_untiled_and_the_reference_bit_for_bit(
     assert valid[:, 0, :].any() and valid[:, -1, :].any() and valid[:, :, 0].any() and valid[:, :, -1].any()
 
 
+@pytest.mark.slow
 def test_two_workers_equal_one_and_the_cli_default_cluster(files: dict[str, Path], untiled: Path) -> None:
     one, two = files["dir"] / "one_worker.zarr", files["dir"] / "two_workers.zarr"
     for out, workers in ((one, "1"), (two, "2")):
@@ -140,6 +141,7 @@ def test_two_workers_equal_one_and_the_cli_default_cluster(files: dict[str, Path
     assert np.array_equal(e1, values(untiled)[0], equal_nan=True)
 
 
+@pytest.mark.slow
 def test_embeddings_do_not_depend_on_the_batch_size(
     files: dict[str, Path], scheduler: str, untiled: Path
 ) -> None:
@@ -191,6 +193,7 @@ def test_store_attributes_chunks_and_georeference(
     np.testing.assert_array_equal(ds["x"].values, scene.s2["x"].values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["int8", "float16"])
 def test_compact_storage_error_is_measured_and_recorded(
     files: dict[str, Path], scheduler: str, untiled: Path, dtype: str
@@ -255,6 +258,7 @@ def _n_done(out: Path) -> int:
     return sum(1 for p in c.rglob("*") if p.is_file()) if c.exists() else 0
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_uninterrupted_result_and_a_rerun_writes_nothing(
     files: dict[str, Path], scheduler: str, untiled: Path
 ) -> None:
@@ -444,6 +448,7 @@ def test_cube_values_are_checked_before_anything_is_written(
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_window_without_observations_embeds_as_no_data(
     files: dict[str, Path], scene: Scene, scheduler: str, untiled: Path
 ) -> None:
@@ -467,6 +472,7 @@ def test_a_window_without_observations_embeds_as_no_data(
     assert np.isnan(emb.transpose(0, 2, 3, 1)[~valid]).all()
 
 
+@pytest.mark.slow
 def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene, tmp_path: Path) -> None:
     # a 10 x 12 px corner of the real patch, every date: the plumbing is what is tested, so a
     # random-weight tiny model keeps it fast

@@ -59,6 +59,7 @@ def _fusion(preset: str = "tiny") -> FusionModel:
     ).eval()
 
 
+@pytest.mark.slow
 def test_init_linear_fusion_gives_the_pca_reconstruction_of_the_latents():
     model = _fusion()
     g = torch.Generator().manual_seed(2)

@@ -36,6 +36,7 @@ def _padded(scene, r):
     return np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"), s2.days, s1.days
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", ["patch", "dense"])
 def test_hidden_centre_frame_is_never_read(tmp_path, one_torch_thread, variant):
     """With the S2 centre frame hidden, changing that frame's values changes nothing (both encoder variants)."""
@@ -58,6 +59,7 @@ def test_hidden_centre_frame_is_never_read(tmp_path, one_torch_thread, variant):
     assert np.abs(seen[t] - a[t]).max() > 1e-6  # not hidden, the frame moves the output (random weights: slightly)
 
 
+@pytest.mark.slow
 def test_dense_and_patch_paths_agree_with_the_centre_hidden(tmp_path, one_torch_thread):
     model = load_bundle(random_fusion_bundle(tmp_path / "b.pt", preset="tiny-dense", gapfill=True)).build_model()
     scene = synthetic_scene(seed=4, height_px=5, width_px=5, n_days=120)
@@ -71,6 +73,7 @@ def test_dense_and_patch_paths_agree_with_the_centre_hidden(tmp_path, one_torch_
     np.testing.assert_allclose(dense, ref, atol=1e-4, equal_nan=True)
 
 
+@pytest.mark.slow
 def test_embed_daily_flags_and_values(tmp_path):
     """--daily: observed dates equal the per-date store, cloudy dates are model-based, other days linear."""
     scene = synthetic_scene(seed=5, height_px=12, width_px=12, n_days=150)
@@ -115,6 +118,7 @@ def test_embed_daily_flags_and_values(tmp_path):
     np.testing.assert_array_equal(table["flag"].to_numpy(), flag[:, 3, 4])
 
 
+@pytest.mark.slow
 def test_embed_daily_with_a_plain_fusion_bundle_says_model_fill_is_off(tmp_path):
     scene = synthetic_scene(seed=6, height_px=8, width_px=8, n_days=120)
     cube = save_scene(scene, tmp_path / "scene.zarr")
@@ -151,6 +155,7 @@ def _state(bundle_path, prefix=""):
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
+@pytest.mark.slow
 def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
     """A registered companion sensor: its AE, then a fusion run whose S1/S2 AEs stay bit-identical."""
     runs = {}
@@ -197,6 +202,7 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
     assert matched_arrays(with_toy, "toy", 0.5).values.shape[0] == scene.s2.sizes["time"]
 
 
+@pytest.mark.slow
 def test_gapfill_stage_trains_the_filler_only(tmp_path):
     data = _data()
     runs = {
@@ -237,6 +243,7 @@ def test_gapfill_stage_trains_the_filler_only(tmp_path):
     assert not (tmp_path / "g2").exists()
 
 
+@pytest.mark.slow
 def test_gap_fill_experiment_counts_every_hidden_observed_pixel_date(tmp_path):
     from stembed.eval.gapfill import GapFillEvalError, hide_schedule
     from stembed.eval.gapfill_run import evaluate_gap_fill

@@ -137,6 +137,7 @@ def test_time_encoding_changes_the_output() -> None:
         assert torch.equal(model(x, early), model(x, late))
 
 
+@pytest.mark.slow
 def test_transformer_learns_a_simple_target_beats_climatology_and_is_deterministic() -> None:
     days = pd.date_range("2018-01-01", periods=224, freq="D")
     train, val, test = _windows(days[:128], seed=0), _windows(days[128:160], seed=1), _windows(days[160:], seed=2)

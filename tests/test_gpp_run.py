@@ -44,6 +44,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[xr.Dataset, xr.Dat
     return ds, s2, flux
 
 
+@pytest.mark.slow
 def test_three_feature_sets_on_identical_windows_and_outputs_written(inputs, tmp_path: Path) -> None:
     ds, s2, flux = inputs
     run = gpp_at_tower(
@@ -189,6 +190,7 @@ def towers(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "towers.csv"
 
 
+@pytest.mark.slow
 def test_leave_one_site_out_scores_each_tower_with_models_of_the_others(towers: Path, tmp_path: Path) -> None:
     from stembed.eval.gpp import fit_climatology
     from stembed.eval.gpp_run import gpp_leave_one_site_out, read_towers, tower_windows
@@ -213,6 +215,7 @@ def test_leave_one_site_out_scores_each_tower_with_models_of_the_others(towers: 
     assert len(run.plots) == 9 and all(p.is_file() for p in run.plots)
 
 
+@pytest.mark.slow
 def test_eval_gpp_towers_from_the_cli_and_its_bad_tables(towers: Path, tmp_path: Path) -> None:
     from typer.testing import CliRunner
 

@@ -5,6 +5,7 @@ would give, within a few hundred steps (the paper's design at the same widths wa
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from stembed.config import AEConfig, DataConfig, LossConfig, SamplingConfig, SplitConfig, ae_preset
@@ -14,6 +15,7 @@ from stembed.models.autoencoder import SensorAutoencoder
 from stembed.training.evaluate import baselines, centre_abs_error
 
 
+@pytest.mark.slow
 def test_tiny_s2_autoencoder_memorises_32_real_patches(belgian_scene, one_torch_thread):
     cfg = DataConfig(sampling=SamplingConfig(window_dates=20, window_stride=4, spatial_stride=2),
                      split=SplitConfig(by="block", blocks=2, fractions=(0.5, 0.25, 0.25), seed=0))

@@ -153,6 +153,7 @@ def test_leftovers_beside_the_output_are_ours_only_if_they_hold_zarr(tmp_path: P
 
 
 # ----------------------------------------------------------------------------- embed and cube respect it
+@pytest.mark.slow
 def test_a_second_embed_refuses_a_store_another_run_writes(
     world: dict[str, Path], store: Path, live_pid: int
 ) -> None:
@@ -174,6 +175,7 @@ def test_a_second_embed_refuses_a_store_another_run_writes(
         lock_path(store).unlink()
 
 
+@pytest.mark.slow
 def test_a_kill_while_the_store_is_created_leaves_what_resume_and_overwrite_accept(
     world: dict[str, Path], store: Path, scheduler: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -218,6 +220,7 @@ def test_cube_refuses_an_output_another_run_writes(tmp_path: Path, live_pid: int
     ],
     ids=["sample", "export-geotiff", "export-netcdf", "train"],
 )
+@pytest.mark.slow
 def test_sample_export_and_train_refuse_an_output_another_run_writes(
     world: dict[str, Path], store: Path, live_pid: int, tmp_path: Path, name: str, args: list[str]
 ) -> None:
@@ -236,6 +239,7 @@ def test_sample_export_and_train_refuse_an_output_another_run_writes(
         assert _tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line_and_how_to_resume(tmp_path: Path) -> None:
     """Ctrl-C signals the whole process group: the dask workers must stay quiet (issue 14, item 9)."""
     import signal

@@ -40,6 +40,7 @@ def test_unknown_name_names_the_built_ins():
         resolve_bundle("pretrained:nowhere")
 
 
+@pytest.mark.slow
 def test_a_new_scene_embeds_with_the_pretrained_bundle_and_no_training(tmp_path):
     scene = synthetic_scene(seed=5, height_px=30, width_px=30, n_days=120)
     save_scene(scene, tmp_path / "scene.zarr")

@@ -10,12 +10,15 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 from stembed.config import AEStageConfig, load_config
 from stembed.training.run import train_autoencoder
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "belgium_s2.yaml"
 
 
+@pytest.mark.slow
 def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(shared_data: Path, tmp_path: Path) -> None:
     folder = shared_data / "00002806639B424A"
     cfg = load_config(AEStageConfig, CONFIG, [

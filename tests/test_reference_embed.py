@@ -89,6 +89,7 @@ def test_reference_equals_the_model_on_the_training_patch(
     assert checked >= 4
 
 
+@pytest.mark.slow
 def test_reference_does_not_depend_on_batch_size(scene: Scene, bundle: Bundle, reference: xr.Dataset) -> None:
     a = embed_reference(scene, bundle, batch_size=7)["embedding"].values
     b = reference["embedding"].values

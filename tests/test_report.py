@@ -52,6 +52,7 @@ def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"dir": d, "cube": cube, "emb": d / "emb.zarr", "run": run, "flux": flux}
 
 
+@pytest.mark.slow
 def test_eval_commands_write_their_tables(inputs: dict[str, Path]) -> None:
     out = inputs["dir"] / "eval"
     r = runner.invoke(app, ["eval", "recon", str(inputs["run"]), "--out", str(out)])
@@ -124,6 +125,7 @@ def test_gpp_needs_a_tower_or_the_whole_cube_and_a_tower_inside(inputs: dict[str
     assert r.exit_code == 2 and "outside the cube" in r.output and "--whole-cube" in r.output
 
 
+@pytest.mark.slow
 def test_report_says_plainly_when_gpp_only_checks_the_harness(inputs: dict[str, Path]) -> None:
     out = inputs["dir"] / "report"
     r = runner.invoke(

@@ -86,3 +86,23 @@ def test_stembed_train_runs_on_scene_stores(stores: Path, tmp_path: Path) -> Non
         res = CliRunner().invoke(app, ["eval", "recon", *bad, "--out", str(tmp_path / "bad")])
         assert res.exit_code == 2 and "--bundle" in res.output, res.output
         assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("spatial_stride", [None, 4], ids=["as-trained", "stride-4"])
+def test_recon_of_a_bundle_trained_with_the_papers_sampling(stores: Path, tmp_path: Path, spatial_stride) -> None:
+    """A bundle whose training config left data.sampling out (the paper's sampling, as configs/s1_ae.yaml
+    does) scores through `eval recon --bundle`; it used to fail on the missing sampling."""
+    from stembed.config import ae_preset, dump_config
+    from stembed.eval.recon_bundle import bundle_recon
+    from stembed.models.autoencoder import SensorAutoencoder
+    from stembed.models.bundle import save_bundle
+    from stembed.sensors import S2
+
+    cfg = ae_preset("tiny", "s2")
+    data = DataConfig(source=SceneSource(paths=(str(stores / "site0.zarr"),)))
+    assert data.sampling is None
+    bundle = save_bundle(tmp_path / "bundle.pt", kind="autoencoder", sensor="s2", model=SensorAutoencoder(cfg),
+                         config={"model": dump_config(cfg), "stage": {"data": dump_config(data)}},
+                         sensors={"s2": S2}, provenance={})
+    table = bundle_recon(bundle, [stores / "site1.zarr"], spatial_stride=spatial_stride)
+    assert list(table["sensor"]) == ["s2"] and int(table["n_patches"].iloc[0]) > 0

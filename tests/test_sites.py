@@ -115,6 +115,7 @@ def report(out_dir: Path) -> dict[str, dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- one call, many stores
+@pytest.mark.slow
 def test_sites_are_built_in_one_call_and_a_failed_one_is_reported(first_run) -> None:
     table, out_dir, res = first_run
     assert res.exit_code == 1, res.output
@@ -122,7 +123,7 @@ def test_sites_are_built_in_one_call_and_a_failed_one_is_reported(first_run) -> 
     assert [rows[s]["status"] for s in "ABC"] == ["built", "built", "failed"]
     assert "found no 'sentinel-2-l2a' items" in rows["C"]["error"] and not rows["C"]["traceback"]
     assert "1 site(s) failed: C" in res.output
-    assert "2 built, 0 already built, 1 failed of 3 sites" in res.output
+    assert f"2 built, 0 already built, 1 failed of 3 sites; report: {out_dir / REPORT_NAME}" in res.output
     assert not (out_dir / "C.zarr").exists()
     grids = {"A": utm_grid(point=A_POINT, size_m=80), "B": utm_grid(bbox=B_BOX)}
     for site, grid in grids.items():
@@ -137,12 +138,14 @@ def test_sites_are_built_in_one_call_and_a_failed_one_is_reported(first_run) -> 
     assert b_prov["period"] == ["2017-10-01", "2018-09-30"]  # the row's own period
 
 
+@pytest.mark.slow
 def test_killed_site_resumed_from_its_staged_piece(first_run) -> None:
     _, out_dir, _ = first_run
     # the staged 2017 S2 piece was reused; the dead run's lock was taken over
     assert report(out_dir)["B"]["pieces_reused"] == "1"
 
 
+@pytest.mark.slow
 def test_a_site_equals_its_single_site_build(first_run, server: StacTestServer, tmp_path: Path) -> None:
     _, out_dir, _ = first_run
     single = tmp_path / "A.zarr"
@@ -156,6 +159,7 @@ def test_a_site_equals_its_single_site_build(first_run, server: StacTestServer, 
         xr.testing.assert_identical(x.drop_attrs(), y.drop_attrs())
 
 
+@pytest.mark.slow
 def test_rerun_skips_built_sites_and_retries_failed_ones(first_run, server: StacTestServer) -> None:
     table, out_dir, _ = first_run
     before = {s: (out_dir / f"{s}.zarr" / "zarr.json").stat().st_mtime_ns for s in "AB"}

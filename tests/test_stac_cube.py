@@ -249,6 +249,7 @@ def test_provenance_records_items_baselines_orbit(built: Path, times) -> None:
     assert not staging_dir(built).exists()
 
 
+@pytest.mark.slow
 def test_embed_runs_on_the_built_cube(tmp_path: Path, catalog: Path) -> None:
     """`stembed cube` then `stembed embed`, both through the CLI.
 
@@ -300,6 +301,7 @@ def test_embed_runs_on_the_built_cube(tmp_path: Path, catalog: Path) -> None:
 
 
 # ----------------------------------------------------------------------------- resume, retries, offsets
+@pytest.mark.slow
 def test_interrupted_build_resumes_to_the_same_cube(
     tmp_path: Path, server: StacTestServer, built: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -333,6 +335,7 @@ def test_interrupted_build_resumes_to_the_same_cube(
     assert not staging_dir(out).exists()
 
 
+@pytest.mark.slow
 def test_a_different_staged_build_is_not_mixed_in(
     tmp_path: Path, server: StacTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -370,6 +373,7 @@ def test_http_5xx_are_retried(tmp_path: Path, server: StacTestServer) -> None:
     assert not failed, f"injected failures never hit: {failed}"
 
 
+@pytest.mark.slow
 def test_boa_offset_baseline_04(tmp_path: Path, belgian_dir: Path, times) -> None:
     """The same dates stored as baseline 04.00 with DN + 1000 give the same cube as baseline 02.06 DN."""
     s2, s1 = times["s2"][10:18], times["s1"][times["s1"] >= pd.Timestamp("2018-01-01")]
@@ -446,6 +450,7 @@ def test_period_too_short_for_a_window(tmp_path: Path, server: StacTestServer) -
     no_store(out)
 
 
+@pytest.mark.slow
 def test_failed_asset_read_is_reported_not_zero_filled(
     tmp_path: Path, server: StacTestServer, catalog: Path
 ) -> None:

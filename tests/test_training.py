@@ -21,6 +21,7 @@ def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
     return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=24)
 
 
+@pytest.mark.slow
 def test_demo_leaves_three_bundles_and_metrics(demo_runs: dict[str, RunResult]) -> None:
     for stage in ("s1", "s2", "fusion"):
         run = demo_runs[stage]
@@ -39,6 +40,7 @@ def test_demo_leaves_three_bundles_and_metrics(demo_runs: dict[str, RunResult]) 
         assert (run.run_dir / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow
 def test_demo_ends_with_an_embedding_cube_and_pca_maps_of_the_test_site(demo_runs: dict[str, RunResult]) -> None:
     from stembed.io.embeddings import open_embeddings
 
@@ -53,6 +55,7 @@ def test_demo_ends_with_an_embedding_cube_and_pca_maps_of_the_test_site(demo_run
     assert json.loads((out / "pca" / "pca.json").read_text())
 
 
+@pytest.mark.slow
 def test_splits_are_grouped_by_site(demo_runs: dict[str, RunResult]) -> None:
     splits = demo_runs["s2"].metrics["data"]["splits"]
     sites = {k: {g["site"] for g in v["groups"]} for k, v in splits.items()}
@@ -60,6 +63,7 @@ def test_splits_are_grouped_by_site(demo_runs: dict[str, RunResult]) -> None:
     assert sites["val"].isdisjoint(sites["test"])
 
 
+@pytest.mark.slow
 def test_fusion_training_leaves_stage1_weights_bit_identical(demo_runs: dict[str, RunResult]) -> None:
     fusion = load_bundle(demo_runs["fusion"].bundle, expect_kind="fusion")
     for sensor in ("s1", "s2"):
@@ -73,6 +77,7 @@ def test_fusion_training_leaves_stage1_weights_bit_identical(demo_runs: dict[str
     assert fusion.provenance["s1_bundle_sha256"] and fusion.provenance["s2_bundle_sha256"]
 
 
+@pytest.mark.slow
 def test_bundles_rebuild_from_their_own_config(demo_runs: dict[str, RunResult]) -> None:
     b = load_bundle(demo_runs["fusion"].bundle)
     model = b.build_model()
@@ -87,6 +92,7 @@ def test_bundles_rebuild_from_their_own_config(demo_runs: dict[str, RunResult]) 
     assert e.shape == (batch, 7) and torch.isfinite(e).all()
 
 
+@pytest.mark.slow
 def test_wrong_sensor_and_unknown_format_are_refused(demo_runs: dict[str, RunResult], tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="holds an Sentinel-1 autoencoder, but an Sentinel-2 autoencoder is needed"):
         load_bundle(demo_runs["s1"].bundle, expect_kind="autoencoder", expect_sensor="s2")
@@ -118,6 +124,7 @@ def test_save_bundle_is_atomic(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [target]
 
 
+@pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(tmp_path: Path) -> None:
     cfg = demo_configs(tmp_path, max_epochs=1)["s2"]
     cfg = AEStageConfig.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "max_epochs": 1,

@@ -12,7 +12,7 @@ import logging
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -349,7 +349,7 @@ def info(
     render(report, sys.stdout)
 
 
-class StorageDtype(str, Enum):
+class StorageDtype(StrEnum):
     """How ``stembed embed`` stores the embeddings."""
 
     float32 = "float32"
@@ -357,7 +357,7 @@ class StorageDtype(str, Enum):
     int8 = "int8"
 
 
-class S1Orbit(str, Enum):
+class S1Orbit(StrEnum):
     """Which Sentinel-1 passes ``stembed cube`` reads."""
 
     auto = "auto"
@@ -366,7 +366,7 @@ class S1Orbit(str, Enum):
     both = "both"
 
 
-class Interpolation(str, Enum):
+class Interpolation(StrEnum):
     """How ``stembed eval gpp`` fills days between observations."""
 
     linear = "linear"
@@ -583,10 +583,12 @@ def _cube_sites(
     from stembed.io.sites import REPORT_NAME, SiteOutcome, read_sites, summary_lines, write_report
 
     done: list[SiteOutcome] = []
+    # named apart from the module's `report` command, which a closure would otherwise seem to mean
+    report_csv = (out_dir or Path(".")) / REPORT_NAME
 
     def on_done(outcome: SiteOutcome) -> None:
         done.append(outcome)
-        write_report(done, report)  # so far: a run cut short still says which sites finished
+        write_report(done, report_csv)  # so far: a run cut short still says which sites finished
         if quiet:
             return
         if outcome.failed:
@@ -618,16 +620,15 @@ def _cube_sites(
         rows = read_sites(sites, start=start, end=end, piece_months=shared["piece_months"])
         requests = [CubeRequest(grid=r.grid, start=r.start, end=r.end, site=r.site, **shared) for r in rows]
         check_output_folder(out_dir, option="--out-dir")
-        check_file_output(report, overwrite=True, what="report", option="--out-dir")
+        check_file_output(report_csv, overwrite=True, what="report", option="--out-dir")
         # one --sites run per --out-dir at a time (each site's store has its own lock besides)
-        with lock_output(report, command="cube --sites", option="--out-dir"):
+        with lock_output(report_csv, command="cube --sites", option="--out-dir"):
             outcomes = build_cubes(
                 requests, out_dir, overwrite=overwrite, workers=workers, scheduler=scheduler, on_done=on_done
             )
-            write_report(outcomes, report)
+            write_report(outcomes, report_csv)
         return outcomes
 
-    report = (out_dir or Path(".")) / REPORT_NAME
     outcomes = _run(go, resume=_RESUME_SITES)
     for line in summary_lines(outcomes):
         typer.echo(line)
@@ -638,7 +639,7 @@ def _cube_sites(
     counts = {s: sum(o.status == s for o in outcomes) for s in ("built", "already built")}
     typer.echo(
         f"{counts['built']} built, {counts['already built']} already built, {len(failed)} failed of "
-        f"{len(outcomes)} sites; report: {report}"
+        f"{len(outcomes)} sites; report: {report_csv}"
     )
     if failed:
         typer.secho(
@@ -710,7 +711,7 @@ def sample(
     typer.echo(f"table: {path}")
 
 
-class ExportFormat(str, Enum):
+class ExportFormat(StrEnum):
     """What ``stembed export`` writes."""
 
     geotiff = "geotiff"
@@ -941,10 +942,10 @@ def eval_gpp(
                                   "cannot be given too; fix: drop them (--val-years may stop training early)")
             return gpp_leave_one_site_out(read_towers(towers), out, window_px=window_px,
                                           val_years=tuple(val_years or ()),
-                                          interpolation=interpolation.value,  # type: ignore[arg-type]
+                                          interpolation=interpolation.value,
                                           stride_days=stride, cfg=cfg, seed=seed)
-        lacking = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux)) if v is None]
-        if lacking:
+        if embeddings is None or cube is None or flux is None:
+            lacking = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux)) if v is None]
             raise GPPRunError(f"missing {', '.join(lacking)}; fix: give --embeddings, --cube and --flux for one "
                               "tower, or --towers TABLE.csv for several")
         if (tower is None) == (not whole_cube):
@@ -952,7 +953,7 @@ def eval_gpp(
         return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out,
                             tower_lonlat=tower, window_px=window_px,
                             split=_year_split(train_years, val_years, test_years),
-                            interpolation=interpolation.value,  # type: ignore[arg-type]
+                            interpolation=interpolation.value,
                             stride_days=stride, cfg=cfg, seed=seed)
 
     res = _run_into(out, go)

@@ -92,7 +92,7 @@ def cluster_client(scheduler: str | None, workers: int, timeout_s: float) -> Ite
     Raises:
         ClusterError: ``scheduler`` cannot be reached.
     """
-    others = {p.pid for p in multiprocessing.active_children()}  # processes this run did not start
+    others = {p.pid for p in multiprocessing.active_children() if p.pid is not None}  # processes this run did not start
     client, cluster = connect(scheduler, workers, timeout_s)
     try:
         yield client

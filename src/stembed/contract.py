@@ -48,7 +48,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,7 +75,7 @@ def make_cube(
     values: Any,
     *,
     times: Any,
-    bands: Sequence[str],
+    bands: Iterable[str],  # a list, or the band coordinate's values
     y: Any,
     x: Any,
     crs: str,

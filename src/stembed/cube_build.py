@@ -110,12 +110,20 @@ class CloudMask(Protocol):
     and ``stembed cube --cloud-mask mymasks:CloudSen12Mask`` builds it (no arguments).
     """
 
-    assets: tuple[str, ...]
-    needs_reflectance: bool
+    # read-only members: a class attribute (``assets = ()``), a ClassVar or a property all fit
+    @property
+    def assets(self) -> tuple[str, ...]:
+        """The extra item assets :meth:`clear` reads."""
 
-    def clear(self, reflectance: np.ndarray | None, extra: dict[str, np.ndarray]) -> np.ndarray: ...
+    @property
+    def needs_reflectance(self) -> bool:
+        """Whether :meth:`clear` wants the reflectance bands."""
 
-    def describe(self) -> dict[str, Any]: ...
+    def clear(self, reflectance: np.ndarray | None, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """The clear-sky mask (time, y, x) of one piece; True = clear."""
+
+    def describe(self) -> dict[str, Any]:
+        """What this mask is and how it was set up, for the store's provenance."""
 
 
 @dataclass(frozen=True)
@@ -128,15 +136,19 @@ class SCLMask:
 
     @property
     def assets(self) -> tuple[str, ...]:
+        """The SCL asset, the one extra asset this mask reads."""
         return (self.asset,)
 
     def masked_classes(self) -> list[int]:
+        """The SCL classes that are not clear, always including 0 (no data)."""
         return sorted({int(c) for c in self.classes} | {0})
 
     def clear(self, reflectance: np.ndarray | None, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """True where the SCL class is not among :meth:`masked_classes`."""
         return ~np.isin(np.asarray(extra[self.asset]), self.masked_classes())
 
     def describe(self) -> dict[str, Any]:
+        """``kind``, asset and masked classes, for the store's provenance."""
         return {"kind": "scl", "asset": self.asset, "masked_classes": self.masked_classes()}
 
 
@@ -217,7 +229,7 @@ def nbar_c_factor(angles: xr.DataArray) -> xr.DataArray:
 
     sun_zenith = angles.sel(band="Sun", angle="Zenith", drop=True)
     sun_azimuth = angles.sel(band="Sun", angle="Azimuth", drop=True)
-    parts = {}
+    parts: dict[str, xr.DataArray] = {}
     # two calls: the nine bands sen2nbar knows, then B8A under B08's name (its coefficients)
     for bands, coefs in (([b for b in S2.bands if b != "B8A"], None), (["B8A"], ["B08"])):
         view_zenith = angles.sel(band=bands, angle="Zenith", drop=True)
@@ -261,13 +273,13 @@ def item_c_factor(item: Any, grid: GridSpec, session: Any, workdir: Path) -> np.
     src_crs = str(angles.attrs.get("epsg") or f"EPSG:{item_epsg(item)}")
     interp = {"method": "linear", "kwargs": {"fill_value": "extrapolate"}}
     if _same_crs(src_crs, grid.crs):
-        out = c.interp(x=grid.x, y=grid.y, **interp)  # type: ignore[arg-type]
+        out = c.interp(x=grid.x, y=grid.y, **interp)
     else:
         import pyproj
 
         xx, yy = np.meshgrid(grid.x, grid.y)
         sx, sy = pyproj.Transformer.from_crs(grid.crs, src_crs, always_xy=True).transform(xx, yy)
-        out = c.interp(x=xr.DataArray(sx, dims=(Y, X)), y=xr.DataArray(sy, dims=(Y, X)), **interp)  # type: ignore[arg-type]
+        out = c.interp(x=xr.DataArray(sx, dims=(Y, X)), y=xr.DataArray(sy, dims=(Y, X)), **interp)
     values = out.transpose("band", Y, X).values.astype(np.float64)
     if not np.isfinite(values).all():
         raise CubeBuildError(f"the BRDF c-factor of {item.id} is not finite everywhere; fix: pass --no-brdf")
@@ -739,7 +751,7 @@ def _s1_piece(items: list[Any], request: CubeRequest) -> tuple[xr.DataArray, dic
         layers.append(a)
     linear = np.stack(layers, axis=1)
     times = np.array([_naive(it.datetime) for it in items], dtype="datetime64[ns]")
-    (linear,), merged_times = merge_same_day([linear], times, np.isfinite(linear).all(axis=1))
+    (linear,), merged_times = merge_same_day([linear], times, np.all(np.isfinite(linear), axis=1))
     day_of = pd.DatetimeIndex(times).normalize()
     dates = []
     for day in pd.DatetimeIndex(merged_times).normalize():

@@ -117,7 +117,7 @@ def prepare_s1(linear: xr.DataArray) -> xr.DataArray:
     lin = linear.astype(np.float64)
     smooth = lin.rolling({TIME: 3}, center=True, min_periods=1).mean().where(lin.notnull())
     with np.errstate(divide="ignore"):  # 0 power -> -inf dB, clipped to S1_DB_MIN below
-        db = 10.0 * np.log10(smooth)
+        db = 10.0 * xr.ufuncs.log10(smooth)
     db = db.clip(S1_DB_MIN, S1_DB_MAX)
     out = ((db - S1_DB_MIN) / (S1_DB_MAX - S1_DB_MIN)).astype(np.float32).transpose(*CUBE_DIMS)
     out.attrs = dict(linear.attrs)

@@ -236,7 +236,8 @@ def _footprint(ds: xr.Dataset, epsg: int) -> tuple[float, float, float, float]:
     x0, x1 = float(x[0] - r / 2), float(x[-1] + r / 2)
     y0, y1 = float(y[-1] - r / 2), float(y[0] + r / 2)
     tr = pyproj.Transformer.from_crs(f"EPSG:{epsg}", "EPSG:4326", always_xy=True)
-    return tuple(float(v) for v in tr.transform_bounds(x0, y0, x1, y1, densify_pts=21))  # type: ignore[return-value]
+    west, south, east, north = tr.transform_bounds(x0, y0, x1, y1, densify_pts=21)
+    return float(west), float(south), float(east), float(north)
 
 
 def _collection(name: str, lonlat: tuple[float, float, float, float], times: Any) -> Any:
@@ -368,6 +369,7 @@ class StacTestServer:
 
     @property
     def api(self) -> str:
+        """The STAC API's root URL (the catalog's search endpoint is below it)."""
         return f"{self.url}/api"
 
     def fail_next(self, prefix: str, n: int, status: int = 503) -> None:
@@ -417,13 +419,13 @@ class StacTestServer:
         hits = [it for it in self._items if _matches(it, params)]
         hits.sort(key=lambda it: (it["properties"]["datetime"], it["id"]))
         limit = int(params.get("limit") or self.page_size)
-        page = hits[token: token + limit]
+        features = hits[token: token + limit]
         links: list[dict[str, Any]] = []
         if token + limit < len(hits):
             body = {k: v for k, v in params.items() if k != "token"} | {"token": token + limit}
             links.append({"rel": "next", "href": f"{self.api}/search", "method": "POST", "body": body,
                           "type": "application/geo+json"})
-        return {"type": "FeatureCollection", "features": page, "links": links, "numberReturned": len(page)}
+        return {"type": "FeatureCollection", "features": features, "links": links, "numberReturned": len(features)}
 
     def _landing(self) -> dict[str, Any]:
         return {

@@ -120,7 +120,7 @@ def _split_patches(
 def band_stats(data: SplitData) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-band mean and std of the observed values in the training split's regions (for AEConfig)."""
     ds = data.datasets["train"]
-    sites = ds.sites  # type: ignore[attr-defined]
+    sites = ds.sites  # type: ignore[attr-defined]  # the train split's PatchDataset
     total = count = sq = None
     for g in data.regions["train"]:
         v = sites[g.site].values[:, :, g.y[0] : g.y[1], g.x[0] : g.x[1]]  # (time, band, y, x)

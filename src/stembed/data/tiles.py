@@ -15,7 +15,7 @@ counts a reflected pixel. Every random draw comes from the generator passed in.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,7 +98,7 @@ class TileDataset(Dataset[dict[str, torch.Tensor]]):
         window_dates: int,
         crop_px: int,
         margin: int,
-        others: dict[str, Sequence[SensorArrays]] | None = None,
+        others: Mapping[str, Sequence[SensorArrays]] | None = None,
         batch_size: int = 1,
     ) -> None:
         self.batch_size = batch_size  # tiles per training batch (the loaders read it)

@@ -142,7 +142,7 @@ def interpolate_at(
     return out
 
 
-def gap_labels(bins: Sequence[float] = GAP_BINS_DAYS) -> list[str]:
+def gap_labels(bins: Sequence[float] | np.ndarray = GAP_BINS_DAYS) -> list[str]:
     """Labels of right-closed bins: ``'≤10'``, ``'10–20'``, ..., ``'>80'``."""
     labels = []
     for lo, hi in zip(bins[:-1], bins[1:], strict=True):
@@ -161,7 +161,7 @@ def error_table(
     targets: np.ndarray,
     gaps: np.ndarray,
     *,
-    bins: Sequence[float] = GAP_BINS_DAYS,
+    bins: Sequence[float] | np.ndarray = GAP_BINS_DAYS,
 ) -> pd.DataFrame:
     """Error of each method's fill against the truth, per gap-length bin and over all targets.
 

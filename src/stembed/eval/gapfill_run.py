@@ -113,7 +113,8 @@ def evaluate_gap_fill(
     gap = float(bundle.config["fusion"].get("stage", {}).get("data", {}).get("s1_max_gap_days", 6.0))
     r = model.fusion.s2.cfg.context_px
     kw: dict[str, Any] = {"batch_size": batch_size, "device": dev, "precision": "float32"}
-    truths, preds, targets_all, gaps_all = [], {m: [] for m in METHODS}, [], []
+    preds: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    truths, targets_all, gaps_all = [], [], []
     n_runs = 0
     for rows, cols in regions:
         s2, s1, d2, d1 = read_block(scene, rows, cols, r, gap)

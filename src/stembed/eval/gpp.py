@@ -105,6 +105,7 @@ class Windows:
 
     @property
     def n_features(self) -> int:
+        """Features per date (F of the windows' (N, T, F) inputs)."""
         return int(self.x.shape[2])
 
 
@@ -259,6 +260,7 @@ class Climatology:
         return cls(np.where(n_in > 0, smooth, smooth[nearest]))
 
     def predict(self, dates: pd.DatetimeIndex) -> np.ndarray:
+        """The climatology's value on each date's day of year (day 366 reads day 365's)."""
         return self.table[_doy(pd.DatetimeIndex(dates)) - 1]
 
 
@@ -280,6 +282,7 @@ def fit_ridge(train: Windows, *, alpha: float = 1.0) -> Any:
 
 
 def predict_ridge(model: Any, windows: Windows) -> np.ndarray:
+    """The ridge baseline's prediction for each window (the features flattened as in :func:`fit_ridge`)."""
     return np.asarray(model.predict(windows.x.reshape(len(windows), -1).astype(np.float64)), dtype=np.float64)
 
 
@@ -326,6 +329,11 @@ class GPPTransformer(nn.Module):
     Input standardisation (features) and output scale (GPP) are buffers set from the training
     windows, so the model alone maps raw features to GPP in original units (:meth:`to_gpp`).
     """
+
+    feature_mean: torch.Tensor  # buffers (register_buffer): declared so they type as tensors
+    feature_std: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
 
     def __init__(self, n_features: int, cfg: GPPConfig) -> None:
         super().__init__()

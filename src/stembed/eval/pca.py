@@ -93,8 +93,8 @@ def _true_colour(s2: xr.DataArray, t: int, stride: int) -> np.ndarray:
     """``(y, x, 3)`` RGB in [0, 1] from B04/B03/B02 with one 2-98 % stretch for the three bands (keeps the
     hue); pixels missing any band are grey."""
     win = {TIME: t, Y: slice(None, None, stride), X: slice(None, None, stride)}
-    rgb = s2.isel(win).sel({BAND: list(_TRUE_COLOUR)})
-    rgb = np.asarray(rgb.transpose(Y, X, BAND).values, np.float64)
+    bands = s2.isel(win).sel({BAND: list(_TRUE_COLOUR)})
+    rgb = np.asarray(bands.transpose(Y, X, BAND).values, np.float64)
     ok = np.isfinite(rgb).all(axis=2)
     out = np.empty(rgb.shape, np.float64)
     out[:] = _MISSING_RGB

@@ -88,7 +88,7 @@ def _nodata_values(nodata: float | Sequence[float] | None) -> list[float]:
     if nodata is None:
         return []
     if isinstance(nodata, str) or not isinstance(nodata, Sequence):
-        return [nodata]  # type: ignore[list-item]
+        return [nodata]
     return list(nodata)
 
 

@@ -9,6 +9,7 @@ report compares stages and runs without re-running models.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -33,7 +34,7 @@ class ReconError(UserError):
     """A run folder without usable metrics; the message names it and the fix."""
 
 
-def recon_table(run_dirs: list[str | Path]) -> pd.DataFrame:
+def recon_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     """One row per run, split and sensor, from each run folder's ``metrics.json``.
 
     Raises:

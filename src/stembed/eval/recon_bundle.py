@@ -10,15 +10,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
 from torch.utils.data import DataLoader
 
-from stembed.config import DataConfig, SceneSource, SplitConfig
+from stembed.config import DataConfig, SamplingConfig, SceneSource, SplitConfig
 from stembed.data.build import build_fusion_data, build_sensor_data
 from stembed.data.scenes import load_scenes
 from stembed.eval.recon import COLUMNS, ReconError
+from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
+from stembed.models.fusion import FusionModel
 from stembed.pretrained import resolve_bundle
 from stembed.training.evaluate import evaluate_split
 from stembed.training.run import autoencoder_reconstruct, fusion_reconstruct
@@ -41,19 +44,23 @@ def bundle_recon(
     if "data" not in stage:
         raise ReconError(f"{bundle} records no training data config (an older bundle); fix: retrain it")
     data = DataConfig.model_validate(stage["data"])
-    sampling = {**data.sampling.model_dump(), **({"spatial_stride": spatial_stride} if spatial_stride else {})}
+    sampling = data.sampling
+    if spatial_stride:  # data.sampling None is the paper's sampling for the sensor (S2 drives fusion's)
+        paper = data.resolved_sampling("s2" if b.kind == "fusion" else str(b.sensor))
+        sampling = SamplingConfig.model_validate({**paper.model_dump(), "spatial_stride": spatial_stride})
     data = data.model_copy(update={
         "source": SceneSource(paths=tuple(str(c) for c in cubes)),
         "split": SplitConfig(by="site", fractions=(0.0, 0.0, 1.0)),  # every site scored, one split
-        "sampling": data.sampling.model_validate(sampling),
+        "sampling": sampling,
     })
     scenes = load_scenes(data)
     model = b.build_model().eval()
     rng = np.random.default_rng(0)
-    if b.kind == "fusion":
+    if isinstance(model, FusionModel):  # b.kind == "fusion"
         split = build_fusion_data(scenes, data, rng, context_px=model.s2.cfg.context_px, extra=tuple(model.extra))
         reconstruct = fusion_reconstruct(model)
     else:
+        assert isinstance(model, SensorAutoencoder)  # b.kind == "autoencoder", checked above
         split = build_sensor_data(scenes, str(b.sensor), data, rng, context_px=model.cfg.context_px)
         reconstruct = autoencoder_reconstruct(model, str(b.sensor))
 

@@ -203,7 +203,7 @@ def embed_tile(
 
     ``progress`` is called with the number of pixel-dates of each batch of the per-date pass."""
     fusion = model.fusion if isinstance(model, GapFillModel) else model
-    kw = {"batch_size": batch_size, "device": device, "precision": precision, "extra": extra}
+    kw: dict[str, Any] = {"batch_size": batch_size, "device": device, "precision": precision, "extra": extra}
     values = embed_any(fusion, s2, s1, d2, d1, progress=progress, **kw)
     if daily is None:
         return values, None
@@ -453,6 +453,7 @@ class EmbedPlan:
 
     @property
     def grid(self) -> store.TileGrid:
+        """The tiles the scene is cut into (the store's chunks and the units of work)."""
         return store.TileGrid(self.scene.s2.sizes[Y], self.scene.s2.sizes[X], self.cfg.tile_px)
 
 

@@ -156,6 +156,22 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _array(g: zarr.Group, name: str) -> zarr.Array:
+    """The array ``name`` of an open store (a group in its place is a damaged store)."""
+    a = g[name]
+    if not isinstance(a, zarr.Array):
+        raise EmbeddingStoreError(f"{g.store}: {name!r} is a group, not an array; the store is damaged")
+    return a
+
+
+def _features(g: zarr.Group) -> list[str]:
+    """The feature names recorded in the store's attributes."""
+    names = g.attrs["features"]
+    if not isinstance(names, (list, tuple)):
+        raise EmbeddingStoreError(f"{g.store}: 'features' attribute is {names!r}, not a list; the store is damaged")
+    return [str(f) for f in names]
+
+
 def create_store(
     path: str | Path,
     *,
@@ -311,11 +327,13 @@ def store_quantisation(path: str | Path) -> Quantisation:
     """The storage dtype, scale and offset of a store (either format)."""
     g = zarr.open_group(Path(path), mode="r")
     if "scale" in g:  # format /1
-        return Quantisation(str(g["embedding"].dtype), np.asarray(g["scale"][:]), np.asarray(g["offset"][:]))
-    features = [str(f) for f in g.attrs["features"]]
+        return Quantisation(
+            str(_array(g, "embedding").dtype), np.asarray(_array(g, "scale")[:]), np.asarray(_array(g, "offset")[:])
+        )
+    features = _features(g)
     if "embedding" in g:
         return Quantisation.identity(len(features))
-    arrs = [g[feature_var(f)] for f in features]
+    arrs = [_array(g, feature_var(f)) for f in features]
     scale = np.array([a.attrs["scale_factor"] for a in arrs], dtype=np.float32)
     offset = np.array([a.attrs["add_offset"] for a in arrs], dtype=np.float32)
     return Quantisation(str(arrs[0].dtype), scale, offset)
@@ -324,7 +342,7 @@ def store_quantisation(path: str | Path) -> Quantisation:
 def tiles_done(path: str | Path) -> np.ndarray:
     """``(tile_y, tile_x)`` bool: which tiles are completely written."""
     g = zarr.open_group(Path(path), mode="r")
-    return np.asarray(g["tile_done"][:]).astype(bool)
+    return np.asarray(_array(g, "tile_done")[:]).astype(bool)
 
 
 def write_tile(
@@ -344,30 +362,30 @@ def write_tile(
     g = zarr.open_group(Path(path), mode="r+")
     ys, xs = grid.bounds(*tile)
     if "embedding" in g:
-        g["embedding"][:, :, ys, xs] = codes
+        _array(g, "embedding")[:, :, ys, xs] = codes
     else:
-        for i, f in enumerate(g.attrs["features"]):
-            g[feature_var(str(f))][:, ys, xs] = codes[:, i]
-    g["valid"][:, ys, xs] = valid
+        for i, f in enumerate(_features(g)):
+            _array(g, feature_var(f))[:, ys, xs] = codes[:, i]
+    _array(g, "valid")[:, ys, xs] = valid
     if flag is not None:
-        g["flag"][:, ys, xs] = flag
-    g["tile_error"][tile[0], tile[1]] = error
-    g["tile_done"][tile[0], tile[1]] = 1
+        _array(g, "flag")[:, ys, xs] = flag
+    _array(g, "tile_error")[tile[0], tile[1]] = error
+    _array(g, "tile_done")[tile[0], tile[1]] = 1
 
 
 def finalise(path: str | Path) -> dict[str, Any]:
     """Once every tile is done: sum the tiles' storage error into the attributes and mark the store complete."""
     path = Path(path)
     g = zarr.open_group(path, mode="r+")
-    done = np.asarray(g["tile_done"][:]).astype(bool)
+    done = np.asarray(_array(g, "tile_done")[:]).astype(bool)
     if not done.all():
         raise EmbeddingStoreError(
             f"{path}: {int((~done).sum())} tiles are not written yet; run with --resume"
         )
-    err = np.asarray(g["tile_error"][:])  # (ny, nx, stat, feature)
+    err = np.asarray(_array(g, "tile_error")[:])  # (ny, nx, stat, feature)
     count = err[:, :, 0].sum(axis=(0, 1))
     rmse = np.sqrt(err[:, :, 1].sum(axis=(0, 1)) / np.maximum(count, 1))
-    summary = {
+    summary: dict[str, Any] = {
         "dtype": str(g.attrs["storage_dtype"]),
         "measured_on": "every valid pixel-date, decoded value minus the float32 model output",
         "n_values_per_feature": int(count[0]) if count.size else 0,

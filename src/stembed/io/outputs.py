@@ -222,6 +222,7 @@ class OutputLock:
         self.out, self.path, self._content, self._created = out, path, content, created
 
     def release(self) -> None:
+        """Remove the lock file if it is still this run's, and the folders it created if ``out`` was never written."""
         try:
             if self.path.read_text() == self._content:  # still ours (never remove another run's)
                 self.path.unlink()
@@ -258,7 +259,7 @@ def lock_output(
     out = Path(out)
     check_writable_parent(out, option=option)  # a lock cannot be made where the output cannot
     path = lock_path(out)
-    created = []  # missing parent folders, outermost first
+    created: list[Path] = []  # missing parent folders, outermost first
     folder = path.parent
     while not folder.exists():
         created.insert(0, folder)

@@ -218,6 +218,7 @@ class SiteOutcome:
 
     @property
     def failed(self) -> bool:
+        """Whether the site could not be built."""
         return self.status == "failed"
 
 

@@ -54,6 +54,7 @@ class RetryPolicy:
     backoff_s: float = 1.0
 
     def urllib3_retry(self) -> Any:
+        """This policy as urllib3's ``Retry`` (also on the :data:`RETRY_STATUS` answers), for a requests session."""
         from urllib3.util.retry import Retry
 
         return Retry(
@@ -227,6 +228,7 @@ class GridSpec:
 
     @property
     def crs(self) -> str:
+        """The grid's CRS as ``EPSG:<code>``."""
         return f"EPSG:{self.epsg}"
 
     @property
@@ -244,7 +246,8 @@ class GridSpec:
         tr = pyproj.Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True)
         x0, x1 = self.x_left, self.x_left + self.width_px * self.resolution_m
         y1, y0 = self.y_top, self.y_top - self.height_px * self.resolution_m
-        return tuple(float(v) for v in tr.transform_bounds(x0, y0, x1, y1, densify_pts=21))  # type: ignore[return-value]
+        west, south, east, north = tr.transform_bounds(x0, y0, x1, y1, densify_pts=21)
+        return float(west), float(south), float(east), float(north)
 
     def geobox(self) -> Any:
         """The odc-geo ``GeoBox`` of this grid."""
@@ -257,6 +260,7 @@ class GridSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The grid as plain values, for JSON attributes and provenance."""
         return asdict(self)
 
 
@@ -348,6 +352,7 @@ class Piece:
 
     @property
     def name(self) -> str:
+        """``START_END``, the stem of the piece's staged files."""
         return f"{self.start}_{self.end}"
 
 

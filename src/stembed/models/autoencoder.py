@@ -105,6 +105,7 @@ class LatentHead(nn.Module):
         self.out = nn.Softplus() if cfg.latent_activation == "softplus" else nn.Identity()
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Frame tokens (B, T, d_model) -> latent (B, latent_dim)."""
         h = self.selu(self.token_proj(tokens))  # (B, T, head)
         h = self.selu(self.time_reduce(h.transpose(1, 2)))  # (B, head, R)
         z = self.to_latent(h.flatten(1))  # (B, head * R) -> (B, latent)
@@ -127,6 +128,7 @@ class LatentExpander(nn.Module):
         self.softplus = nn.Softplus()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Latent (B, latent_dim) -> tokens (B, T, d_model)."""
         h = self.softplus(self.from_latent(z))  # (B, R * head)
         h = h.reshape(-1, self.reduced_tokens, self.head_channels)  # (B, R, head)
         h = self.selu(self.time_expand(h.transpose(1, 2)))  # (B, head, R) -> (B, head, T)
@@ -195,6 +197,7 @@ class SensorEncoder(nn.Module):
         return self.head(self.shared(tokens, time_gaps))  # attention over the T dates of each window
 
     def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """Windows (B, T, C, input_px, input_px) + gaps (B, T-1) -> latent (B, latent_dim)."""
         cfg = self.cfg
         _check_patch(x, cfg)
         B, T, C, H, W = x.shape
@@ -279,6 +282,7 @@ class SensorDecoder(nn.Module):
         return x_hat
 
     def forward(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """Latent (B, latent_dim) + gaps (B, T-1) -> reconstructed patches (B, T, C, 15, 15)."""
         cfg = self.cfg
         tokens = self.tokens(z, time_gaps)  # (B, T, d_model)
         x_hat = self.render(tokens.reshape(-1, cfg.d_model))  # (B*T, C, 15, 15)
@@ -292,6 +296,9 @@ class SensorAutoencoder(nn.Module):
     Parameter names: ``encoder.*``, ``decoder.*``, ``temporal.*`` and ``positions.*`` (each weight
     once). Call ``train()/eval()/to()`` on this module, not on its encoder or decoder alone.
     """
+
+    input_mean: torch.Tensor  # buffers (register_buffer): declared so they type as tensors
+    input_std: torch.Tensor
 
     def __init__(self, cfg: AEConfig):
         super().__init__()

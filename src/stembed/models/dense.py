@@ -44,6 +44,7 @@ class WindowChannelAttention(ChannelAttention):
         self.shrink = dilation * (window // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the gated map cropped by ``shrink`` on each side."""
         x_max = window_max(x, self.window, self.dilation)  # (N, C, H - 2s, W - 2s)
         x_avg = window_mean(x, self.window, self.dilation)
         gate = torch.sigmoid(self.mlp(x_max) + self.mlp(x_avg))
@@ -59,6 +60,7 @@ class WindowSpatialAttention(nn.Module):
         self.shrink = dilation * (kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the gated map cropped by ``shrink`` on each side."""
         x_max = torch.amax(x, dim=1, keepdim=True)  # (N, 1, H, W)
         x_avg = x.mean(dim=1, keepdim=True)
         gate = torch.sigmoid(self.conv(torch.cat([x_max, x_avg], dim=1)))  # (N, 1, H - 2s, W - 2s)
@@ -75,6 +77,7 @@ class WindowCBAM(nn.Module):
         self.shrink = self.channel.shrink + self.spatial.shrink
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H - 2 * shrink, W - 2 * shrink)."""
         return self.spatial(self.channel(x)) + crop(x, self.shrink)
 
 
@@ -92,6 +95,7 @@ class DenseMultiScale(nn.Module):
         self.shrink = max(kernels) // 2 + self.attention.shrink
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H - 2 * shrink, W - 2 * shrink)."""
         widest = max(self.kernels) // 2
         y = torch.cat(
             [crop(branch(x), widest - k // 2) for k, branch in zip(self.kernels, self.branches, strict=True)], dim=1
@@ -109,19 +113,21 @@ class DenseConvAttn(nn.Module):
         self.shrink = dilation + self.attention.shrink
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H - 2 * shrink, W - 2 * shrink)."""
         return self.attention(self.conv(x))
 
 
 class DensePooledResidual(nn.Module):
     """``crop(x) + maxpool3x3(block(x))`` with valid pooling at dilation d (the paper's PooledResidual)."""
 
-    def __init__(self, block: nn.Module, dilation: int):
+    def __init__(self, block: DenseMultiScale | DenseConvAttn, dilation: int):
         super().__init__()
         self.block = block
         self.dilation = dilation
         self.shrink = block.shrink + dilation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> (N, C, H - 2 * shrink, W - 2 * shrink)."""
         return crop(x, self.shrink) + window_max(self.block(x), 3, self.dilation)
 
 

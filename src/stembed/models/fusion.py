@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 from torch import nn
@@ -27,6 +27,8 @@ from stembed.models.layers import make_transformer, run_transformer
 
 Companion = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 """A companion sensor's input: patches (B, T, C, H, W), day gaps (B, T-1), and (B,) days to the S2 date."""
+
+_V = TypeVar("_V")  # what each companion's entry holds (inputs, or latent and days)
 
 
 class FusionModel(nn.Module):
@@ -51,11 +53,12 @@ class FusionModel(nn.Module):
         self.cfg = cfg
         self.s1 = s1
         self.s2 = s2
-        self.extra = nn.ModuleDict(dict(extra or {}))
+        companions = dict(extra or {})  # typed, unlike the ModuleDict's entries
+        self.extra = nn.ModuleDict(companions)
         d = cfg.d_model
         self.project_s1 = nn.Linear(s1.cfg.latent_dim, d)
         self.project_s2 = nn.Linear(s2.cfg.latent_dim, d)
-        self.project_extra = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in self.extra.items()})
+        self.project_extra = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in companions.items()})
         # row 0: S1 token, row 1: S2 token, rows 2...: companion tokens in ``extra`` order
         self.type_embedding = nn.Embedding(2 + len(self.extra), d)
         self.pair_positions = nn.Embedding(cfg.max_pair_gap_days + 1, d)  # days between S1 and S2 dates
@@ -64,13 +67,13 @@ class FusionModel(nn.Module):
         )
         self.norm = nn.LayerNorm(d)
         self.to_embedding = nn.Linear(d, cfg.embed_dim)
-        latent_total = s1.cfg.latent_dim + s2.cfg.latent_dim + sum(ae.cfg.latent_dim for ae in self.extra.values())
+        latent_total = s1.cfg.latent_dim + s2.cfg.latent_dim + sum(ae.cfg.latent_dim for ae in companions.values())
         self.direct = nn.Linear(latent_total, cfg.embed_dim) if cfg.direct_path else None
         self.softplus = nn.Softplus()
         self.head_s1 = nn.Linear(cfg.embed_dim, s1.cfg.latent_dim)
         self.head_s2 = nn.Linear(cfg.embed_dim, s2.cfg.latent_dim)
-        self.head_extra = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in self.extra.items()})
-        for key, ae in [("s1", s1), *self.extra.items()]:
+        self.head_extra = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in companions.items()})
+        for key, ae in [("s1", s1), *companions.items()]:
             if ae.cfg.variant != s2.cfg.variant:
                 raise ValueError(
                     f"the {key} autoencoder is '{ae.cfg.variant}' but S2 is '{s2.cfg.variant}'; train all with the "
@@ -83,7 +86,7 @@ class FusionModel(nn.Module):
 
     def autoencoders(self) -> dict[str, SensorAutoencoder]:
         """Every sensor's autoencoder by sensor key: ``s1``, ``s2``, then the companions."""
-        return {"s1": self.s1, "s2": self.s2, **self.extra}  # type: ignore[dict-item]
+        return {"s1": self.s1, "s2": self.s2, **self.extra}  # type: ignore[dict-item]  # ModuleDict entries type as Module
 
     @property
     def frozen(self) -> bool:
@@ -146,10 +149,11 @@ class FusionModel(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             z1 = self.s1.encode(x1, gaps1)  # (B, latent_s1)
             z2 = self.s2.encode(x2, gaps2)  # (B, latent_s2)
-            zx = {k: (self.extra[k].encode(x, g), dt) for k, (x, g, dt) in extra.items()}  # (B, latent_k), (B,)
+            aes = self.autoencoders()
+            zx = {k: (aes[k].encode(x, g), dt) for k, (x, g, dt) in extra.items()}  # (B, latent_k), (B,)
         return self.fuse(z1, z2, dt_centre, zx)
 
-    def _check_extra(self, extra: Mapping[str, object] | None) -> Mapping[str, object]:
+    def _check_extra(self, extra: Mapping[str, _V] | None) -> Mapping[str, _V]:
         extra = extra or {}
         if list(extra) != list(self.extra):
             raise ValueError(f"this fusion model needs companion inputs {list(self.extra)}, got {list(extra)}")
@@ -201,7 +205,8 @@ class FusionModel(nn.Module):
 
     def decode_extra(self, e: torch.Tensor, gaps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Reconstruct each companion's patches: (B, embed_dim) + its (B, T-1) gaps -> (B, T, C_k, H, W)."""
-        return {k: self.extra[k].decode(self.head_extra[k](e), gaps[k]) for k in self.extra}
+        aes = self.autoencoders()
+        return {k: aes[k].decode(self.head_extra[k](e), gaps[k]) for k in self.extra}
 
     def forward(
         self,

@@ -8,7 +8,7 @@ BatchNorm anywhere, and a sample's output never depends on its batch mates).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ class ChannelAttention(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape, each channel scaled by its gate."""
         x_max = torch.amax(x, dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         x_avg = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
         gate = torch.sigmoid(self.mlp(x_max) + self.mlp(x_avg))  # (N, C, 1, 1)
@@ -50,6 +51,7 @@ class SpatialAttention(nn.Module):
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape, each pixel scaled by its gate."""
         x_max = torch.amax(x, dim=1, keepdim=True)  # (N, 1, H, W)
         x_avg = x.mean(dim=1, keepdim=True)  # (N, 1, H, W)
         gate = torch.sigmoid(self.conv(torch.cat([x_max, x_avg], dim=1)))  # (N, 1, H, W)
@@ -65,6 +67,7 @@ class CBAM(nn.Module):
         self.spatial = SpatialAttention(spatial_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape."""
         return self.spatial(self.channel(x)) + x
 
 
@@ -88,6 +91,7 @@ class MultiScaleBlock(nn.Module):
         self.attention = CBAM(out_channels, reduction, spatial_kernel=7)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W)."""
         y = torch.cat([branch(x) for branch in self.branches], dim=1)  # (N, n_kernels * C_out, H, W)
         return self.attention(self.mix(y))  # (N, C_out, H, W)
 
@@ -101,10 +105,13 @@ class ConvAttnBlock(nn.Module):
         self.attention = CBAM(out_channels, reduction, spatial_kernel=spatial_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C_in, H, W) -> (N, C_out, H, W)."""
         return self.attention(self.conv(x))
 
 
-def _window_reduce(x: torch.Tensor, k: int, d: int, combine) -> torch.Tensor:  # noqa: ANN001
+def _window_reduce(
+    x: torch.Tensor, k: int, d: int, combine: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
     """Valid k x k window (dilation d, stride 1) of ``combine`` over (N, C, H, W), as two separable passes."""
     span = d * (k - 1)
     h = x[..., :, : x.shape[-1] - span]
@@ -157,6 +164,7 @@ class PooledResidual(nn.Module):
         self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, H, W) -> the same shape (the block must keep it)."""
         return x + max_pool3x3(self.block(x))
 
 
@@ -267,8 +275,9 @@ def count_parameters(module: nn.Module) -> dict[str, int]:
     parts; otherwise its direct children are the parts. Shared parameters (the autoencoder's
     temporal transformer and position table) are counted once.
     """
-    if hasattr(module, "parameter_groups"):
-        groups = module.parameter_groups()
+    parameter_groups = getattr(module, "parameter_groups", None)
+    if parameter_groups is not None:
+        groups = parameter_groups()
     else:
         groups = {name: child.parameters() for name, child in module.named_children()}
         own = list(module.parameters(recurse=False))

@@ -103,8 +103,10 @@ def init_linear_fusion(
     for k in keys:
         width = latents[k].shape[1]
         part = dec[:, start : start + width]  # (embed_dim, L_k)
-        heads[k].weight.copy_(part.T)
-        heads[k].bias.copy_(mean[start : start + width] - shift @ part)
+        head = heads[k]
+        assert isinstance(head, torch.nn.Linear)  # head_extra's entries are typed as Module
+        head.weight.copy_(part.T)
+        head.bias.copy_(mean[start : start + width] - shift @ part)
         start += width
     return {"min_pre_softplus": float((scores + shift).min())}
 

@@ -58,7 +58,7 @@ def _distributed() -> bool:
     )
 
 
-def _log_centre(module: L.LightningModule, prefix: str) -> None:
+def _log_centre(module: _StageModule, prefix: str) -> None:
     """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: the mean of S1's and S2's.
 
     Under DDP ``compute()`` gathers every rank's sums (a collective), so every rank computes every metric,
@@ -67,6 +67,7 @@ def _log_centre(module: L.LightningModule, prefix: str) -> None:
     """
     values = {}
     for name, metric in module.centre.items():
+        assert isinstance(metric, MeanMetric)  # a ModuleDict types its entries as Module
         if name.startswith(prefix + "_"):
             if metric.update_count or _distributed():
                 with warnings.catch_warnings():  # a rank without updates: its share is empty, NaN if all are
@@ -94,7 +95,8 @@ def _skip_step(module: nn.Module) -> Tensor | None:
     return torch.stack([p.sum() for p in module.parameters() if p.requires_grad]).sum() * 0.0
 
 
-def _update(metric: MeanMetric, x_hat: Tensor, x: Tensor, valid: Tensor) -> None:
+def _update(metric: nn.Module, x_hat: Tensor, x: Tensor, valid: Tensor) -> None:
+    assert isinstance(metric, MeanMetric)  # an entry of a module's ``centre`` (a ModuleDict types it as Module)
     total, count = centre_abs_error(x_hat, x, valid)
     if count > 0:
         metric.update(total / count, weight=count)
@@ -142,7 +144,7 @@ class _StageModule(L.LightningModule):
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
         return self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
@@ -155,6 +157,8 @@ class AutoencoderModule(_StageModule):
     ``dense``: a :class:`~stembed.config.DenseTrainingConfig`; training batches are then tiles
     (:mod:`stembed.training.dense`), validation batches stay patches.
     """
+
+    model: SensorAutoencoder
 
     def __init__(
         self, model: dict[str, Any], loss: dict[str, Any], train: dict[str, Any], dense: dict[str, Any] | None = None
@@ -170,6 +174,7 @@ class AutoencoderModule(_StageModule):
 
     def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         d = self.dense
+        assert d is not None  # only dense training steps here
         step = autoencoder_step(self.model, batch, self.loss_cfg, d.latents, d.render_frames, self.gen)
         if step is None:  # no observed centre in these tiles: skip the step
             return _skip_step(self.model)
@@ -199,6 +204,8 @@ class FusionModule(_StageModule):
     construction; on resume Lightning restores everything from the checkpoint instead.
     """
 
+    model: FusionModel
+
     def __init__(
         self,
         s1_model: dict[str, Any],
@@ -221,6 +228,7 @@ class FusionModule(_StageModule):
     def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
         model, d = self.model, self.dense
+        assert d is not None  # only dense training steps here
         aes = model.autoencoders()
         T, m = model.s2.cfg.n_frames, model.s2.cfg.context_px
         win = draw_windows(batch, m, d.latents, self.gen)
@@ -285,6 +293,7 @@ class GapFillModule(_StageModule):
     """
 
     monitor = GAP_FILL_MONITOR
+    model: GapFillModel
 
     def __init__(self, fusion: dict[str, Any], train: dict[str, Any]) -> None:
         super().__init__()
@@ -301,5 +310,7 @@ class GapFillModule(_StageModule):
         e = filler.embed(*fusion_inputs(batch, filler, hide_s2_centre=True))  # (B, embed_dim)
         loss = nn.functional.l1_loss(e, target)
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=e.shape[0])
-        self.centre[f"{prefix}_embedding_mae"].update(loss.detach(), weight=e.shape[0])
+        metric = self.centre[f"{prefix}_embedding_mae"]
+        assert isinstance(metric, MeanMetric)  # a ModuleDict types its entries as Module
+        metric.update(loss.detach(), weight=e.shape[0])
         return loss

@@ -12,8 +12,9 @@ import os
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning as L
 import numpy as np
@@ -38,8 +39,8 @@ from stembed.config import (
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
 from stembed.data.datasets import FusionPatchDataset
 from stembed.data.sampling import SPLITS, SamplingError
-from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.data.scenes import load_scenes
+from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import FusionModel
@@ -88,7 +89,7 @@ def tile_dataset(
     if isinstance(ds, FusionPatchDataset):  # S2 drives the tiles; S1 and companions are on its dates
         sites, others = ds.s2, {"s1": ds.s1, **ds.extra}
     else:
-        sites, others = ds.sites, {}  # type: ignore[attr-defined]
+        sites, others = ds.sites, {}  # type: ignore[attr-defined]  # a per-sensor PatchDataset here
     tiles = sample_tiles([s.days for s in sites], data.regions["train"], sampling, dense.crop_px, dense.subsets, rng)
     return TileDataset(sites, tiles, sampling.window_dates, dense.crop_px, model.context_px, others,
                        batch_size=dense.tiles_per_batch)
@@ -170,7 +171,7 @@ def _trainer(run_dir: Path, cfg: TrainConfig, n_train_batches: int, monitor: str
         callbacks.append(TQDMProgressBar(refresh_rate=max(1, n_train_batches // 10)))
     return L.Trainer(
         max_epochs=cfg.max_epochs,
-        max_time={"minutes": cfg.max_minutes} if cfg.max_minutes else None,
+        max_time=timedelta(minutes=cfg.max_minutes) if cfg.max_minutes else None,
         check_val_every_n_epoch=cfg.val_every_n_epochs,
         accelerator="auto" if cfg.accelerator == "auto" else cfg.accelerator,
         devices=cfg.devices,
@@ -201,15 +202,16 @@ def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | Non
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
-def _fit(
-    module: L.LightningModule, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None
-) -> L.LightningModule | None:
+_Stage = TypeVar("_Stage", AutoencoderModule, FusionModule, GapFillModule)
+
+
+def _fit(module: _Stage, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None) -> _Stage | None:
     """Fit, then load the best checkpoint's weights back into ``module``.
 
     Returns None on DDP ranks other than global rank 0: they trained their share and stop there (only rank 0
     evaluates and writes metrics.json and bundle.pt, so no rank waits on another after the fit).
     """
-    if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]
+    if len(data.datasets["val"]) == 0:  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         raise SamplingError("the validation split is empty; early stopping needs one (check data.split.fractions)")
     loaders = _loaders(data, cfg)
     trainer = _trainer(run_dir, cfg, len(loaders["train"]), module.monitor)
@@ -222,7 +224,8 @@ def _fit(
         trainer.fit(module, loaders["train"], loaders["val"], ckpt_path=str(resume) if resume else None)
     if not trainer.is_global_zero:
         return None
-    best = Path(trainer.checkpoint_callback.best_model_path) if trainer.checkpoint_callback else None  # type: ignore[union-attr]
+    ckpt = trainer.checkpoint_callback
+    best = Path(ckpt.best_model_path) if isinstance(ckpt, ModelCheckpoint) else None
     if best and best.is_file():
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
         module.load_state_dict(state)
@@ -233,6 +236,7 @@ def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any) -> dict[
     loaders = {
         name: DataLoader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
     }
+    # (the ignore below: torch's Dataset declares no __len__; ours all have one)
     return {name: evaluate_split(loaders[name], reconstruct) for name in SPLITS if len(data.datasets[name])}  # type: ignore[arg-type]
 
 
@@ -261,14 +265,14 @@ def train_autoencoder(
     if dense is not None:
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling(cfg.sensor), dense, model_cfg,
                                               np.random.default_rng(cfg.train.seed))
-        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]
+        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
     module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train),
                                dump_config(dense) if dense is not None else None)
     started = time.perf_counter()
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model  # type: ignore[attr-defined]
+    model = fitted.model
     data.datasets["train"] = patch_train
 
     reconstruct = autoencoder_reconstruct(model, cfg.sensor)
@@ -366,7 +370,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     if dense is not None:
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling("s2"), dense, a2,
                                               np.random.default_rng(cfg.train.seed))
-        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]
+        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
     module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
                           dump_config(cfg.train), extra_models, dump_config(dense) if dense is not None else None)
     model = module.model
@@ -384,7 +388,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model  # type: ignore[attr-defined]
+    model = fitted.model
     data.datasets["train"] = patch_train
     splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
     if start and _monitor(start["val"]) < _monitor(splits["val"]):
@@ -441,7 +445,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    fusion_config = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
+    fusion_config: dict[str, Any] = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
     module = GapFillModule(fusion_config, dump_config(cfg.train))
     module.model.fusion.load_state_dict(fb.state_dict)
     module.model.filler.load_state_dict(fb.state_dict)  # start from the trained fusion layers
@@ -452,7 +456,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model  # type: ignore[attr-defined]
+    model = fitted.model
 
     @torch.no_grad()
     def errors(loader: DataLoader[Any]) -> dict[str, float]:
@@ -471,7 +475,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
         "train_seconds": round(time.perf_counter() - started, 1),
         "splits": {
             name: errors(DataLoader(ds, batch_size=max(cfg.train.batch_size, 64)))
-            for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]
+            for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         },
         "data": data.info,
     }
