@@ -21,7 +21,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "stembed"
 
 RANK = {
     "errors": 0, "types": 0,
-    "sensors": 1,
+    "sensors": 1, "geometry": 1,
     "config": 2, "repro": 2, "runtime": 2, "pretrained": 2, "cluster": 2,
     "contract": 3,
     "preprocess": 4,
@@ -32,7 +32,7 @@ RANK = {
     "describe": 9, "demo": 9,
     "cli": 10,
 }
-NO_TORCH = {"errors", "types", "sensors", "config", "repro", "runtime", "pretrained", "cluster", "contract",
+NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster", "contract",
             "preprocess", "io", "cube_build"}
 
 

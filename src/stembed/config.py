@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stembed.errors import UserError
+from stembed.geometry import DenseGeometry as DenseGeometry  # re-exported with dense_geometry
+from stembed.geometry import dense_geometry  # AEConfig.context_px reads the dense window
 from stembed.sensors import CORE_SENSORS, PLUGINS, get_plugin, load_builtin_plugins
 
 
@@ -106,38 +108,6 @@ class AEConfig(_Frozen):
     def d_model(self) -> int:
         """Token width seen by the temporal transformer: token_channels x 4 x 4."""
         return self.token_channels * 16
-
-
-class DenseGeometry(BaseModel):
-    """Where the dense encoder reads, in pixel offsets from the patch centre (pure arithmetic, no torch).
-
-    The paper's strided stack puts the 4x4 token grid at offsets ``-7, -3, 1, 5`` from the centre (the
-    anchors of its stride-4 cells). The dense encoder keeps those anchors; each stage of it is a valid
-    convolution, so it reads ``reach`` pixels further out. ``low_shift``: index 0 of the map that feeds
-    the token block sits at input pixel ``low_shift``.
-    """
-
-    token_offsets: tuple[int, ...]
-    level1_radius: int  # multiscale conv + channel pool + spatial conv + max-pool, at dilation 1
-    level2_radius: int  # 3x3 conv + channel pool + spatial conv + max-pool, at dilation 2
-    low_shift: int  # left shrink of the whole stack: level1 + level2 + 2 (the second stride-2 conv looks back)
-    right_shrink: int  # level1 + level2 + 1 (the first stride-2 conv looks forward)
-    margin: int  # context on each side of the centre pixel (max of the two sides)
-    unused_right: int  # pixels of the symmetric window the stack never reads on the right/bottom
-
-
-def dense_geometry(cfg: AEConfig) -> DenseGeometry:
-    """The context window of the ``dense`` encoder for these kernel sizes (see :class:`DenseGeometry`)."""
-    pw, ks = cfg.dense_pool_window // 2, cfg.dense_spatial_kernel // 2
-    r1 = max(cfg.multiscale_kernels) // 2 + pw + ks + 1
-    r2 = 2 * (1 + pw + ks + 1)
-    offsets = (-7, -3, 1, 5)
-    left, right = r1 + r2 + 2, r1 + r2 + 1
-    margin = max(left - offsets[0], right + offsets[-1])
-    return DenseGeometry(
-        token_offsets=offsets, level1_radius=r1, level2_radius=r2, low_shift=left, right_shrink=right,
-        margin=margin, unused_right=margin - (right + offsets[-1]),
-    )
 
 
 class FusionConfig(_Frozen):
