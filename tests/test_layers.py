@@ -32,8 +32,8 @@ RANK = {
     "describe": 9, "demo": 9,
     "cli": 10,
 }
-NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster", "contract",
-            "preprocess", "io", "cube_build"}
+NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster",
+            "contract", "preprocess", "io", "cube_build"}
 
 
 def _part(module: str) -> str:

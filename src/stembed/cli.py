@@ -518,8 +518,9 @@ def cube(
     With --sites, one store per row of a CSV table, in parallel on dask; a failed site is reported at the
     end (and in OUT_DIR/sites_report.csv, exit status 1) without stopping the others.
     """
-    from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, load_cloud_mask
+    from stembed.cube_build import CubeBuildError, CubeRequest, build_cube
     from stembed.io.stac import PLANETARY_COMPUTER, RetryPolicy, utm_grid
+    from stembed.preprocess import load_cloud_mask
 
     def settings() -> dict[str, Any]:
         """The options every site shares (all but area, period and id)."""
