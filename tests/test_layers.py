@@ -2,9 +2,10 @@
 
 A module may import from its own package (``stembed.io.cube`` from ``stembed.io.outputs``) and from any
 package of a lower rank; never sideways (``data`` and ``models`` do not know each other) or up. The
-``testing`` helpers may import anything but the CLI; production code never imports them. The layers
-below the models (``contract``, ``preprocess``, ``io``, ...) never import torch or Lightning, so reading
-and writing cubes and stores needs no deep-learning stack. README "Layout" lists the same ranks.
+``testing`` helpers (a package) may import anything but the CLI; production code never imports them. The
+layers below the models (``geometry``, ``contract``, ``preprocess``, ``io``, ...) and the ``cube_build``
+orchestration never import torch or Lightning, so reading and writing cubes and stores needs no
+deep-learning stack. ``models`` never import ``io`` or ``data`` although both rank below them. README "Layout" lists the same ranks.
 
 Built-in sensor plugins are loaded by name (``stembed.sensors.BUILTIN_PLUGIN_MODULES``, like entry points),
 not imported by ``sensors``: that lookup is a registry, not an import edge, and is not checked here.
@@ -34,6 +35,7 @@ RANK = {
 }
 NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster",
             "contract", "preprocess", "io", "cube_build"}
+MODELS_NEVER = {"io", "data"}  # below the models by rank, but a model file never reads cubes, stores or patches
 
 
 def _part(module: str) -> str:
@@ -84,6 +86,8 @@ def test_imports_go_down_the_layers(path: Path) -> None:
                 bad.append(f"line {line}: {target} (testing helpers must not import the CLI)")
             continue
         other = _part(target)
+        if me == "models" and other in MODELS_NEVER:
+            bad.append(f"line {line}: {target} (models are pure torch: they never read cubes or stores)")
         if other == "testing":
             bad.append(f"line {line}: {target} (production code must not import the test helpers)")
         elif other and other != me and RANK[other] >= RANK[me]:
