@@ -176,8 +176,7 @@ def ae_preset(name: str, sensor: str) -> AEConfig:
     }
     for base in ("paper", "small", "tiny"):
         presets[f"{base}-dense" if base != "paper" else "dense"] = {**presets[base], "variant": "dense"}
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+    _check_preset(name)  # the one list of names, and the one message, of config validation
     return AEConfig(**{**per_sensor[sensor], **presets[name]})
 
 
@@ -189,8 +188,7 @@ def fusion_preset(name: str) -> FusionConfig:
         "tiny": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "direct_path": True},
     }
     presets |= {"dense": presets["paper"], "small-dense": presets["small"], "tiny-dense": presets["tiny"]}
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+    _check_preset(name)
     return FusionConfig(**presets[name])
 
 
@@ -198,7 +196,8 @@ PRESETS = ("paper", "small", "tiny", "dense", "small-dense", "tiny-dense")
 
 
 def _check_preset(name: str) -> None:
-    """Refuse an unknown preset when the config loads, not when training builds the model."""
+    """Refuse an unknown preset when the config loads (the stage configs' validators call it), not when
+    training builds the model; :func:`ae_preset` and :func:`fusion_preset` use the same check and message."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
 
