@@ -810,7 +810,7 @@ def eval_recon(
 ) -> None:
     """Centre-pixel MAE, SAM and SSIM per run, split and sensor (or of --bundle on --cube stores), against
     the trivial baselines."""
-    from stembed.eval.recon import ReconError, recon_markdown, recon_table, write_recon
+    from stembed.eval.recon import ReconError, ReconResult, recon_table
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
@@ -828,8 +828,8 @@ def eval_recon(
         check_output_folder(out)
         return recon_table(list(runs))
 
-    table = _run(go)
-    typer.echo(recon_markdown(table) + f"\ntable: {write_recon(table, out)}")
+    res = ReconResult(_run(go))
+    typer.echo(res.markdown() + f"\ntable: {res.save(out)}")
 
 
 @eval_app.command("probe")
@@ -848,7 +848,7 @@ def eval_probe(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Logistic regression and random forest on embeddings vs raw bands vs PCA of raw bands (blocked CV)."""
-    from stembed.eval.probe import probe_markdown, probe_table, write_probe
+    from stembed.eval.probe import probe_table
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.outputs import check_output_folder
@@ -865,8 +865,8 @@ def eval_probe(
                            seed=seed)
 
     res = _run(go)
-    write_probe(res, out)
-    typer.echo(probe_markdown(res))
+    res.save(out)
+    typer.echo(res.markdown())
 
 
 @eval_app.command("gapfill")
@@ -881,7 +881,7 @@ def eval_gapfill(
     offsets: Annotated[int, typer.Option("--offsets", help="Schedules per run length (more hide more dates).")] = 2,
 ) -> None:
     """Hide clear S2 dates of the bundle's test blocks; error of each fill (model, linear, savgol) by gap length."""
-    from stembed.eval.gapfill_run import evaluate_gap_fill, write_gapfill
+    from stembed.eval.gapfill_run import evaluate_gap_fill
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
@@ -889,7 +889,7 @@ def eval_gapfill(
         return evaluate_gap_fill(cube, bundle, run_lengths=tuple(run_length or (1, 2, 4, 8)), offsets=offsets)
 
     res = _run(go)
-    typer.echo(res.markdown + f"\ntable: {write_gapfill(res, out)}")
+    typer.echo(res.markdown + f"\ntable: {res.save(out)}")
 
 
 @eval_app.command("gpp")

@@ -74,6 +74,21 @@ class ProbeResult:
     meta: dict[str, Any] = field(default_factory=dict)
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
 
+    def markdown(self) -> str:
+        """The summary for a report (:func:`probe_markdown`)."""
+        return probe_markdown(self)
+
+    def save(self, out: str | Path) -> Path:
+        """``probe_<label>.csv`` (every fold), ``probe_<label>_summary.csv`` and ``probe_<label>.md`` in ``out``;
+        shared by ``stembed eval probe`` and ``stembed report``. Returns the summary's path."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        label = self.meta["label"]
+        self.table.to_csv(out / f"probe_{label}.csv", index=False)
+        self.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
+        (out / f"probe_{label}.md").write_text(self.markdown() + "\n")
+        return out / f"probe_{label}_summary.csv"
+
 
 # ----------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
@@ -422,18 +437,6 @@ def probe_table(
         "min_class_pixels": min_class_pixels,
     }
     return ProbeResult(table=table, summary=summary, meta=meta, samples=samples)
-
-
-def write_probe(result: ProbeResult, out: str | Path) -> Path:
-    """``probe_<label>.csv`` (every fold), ``probe_<label>_summary.csv`` and ``probe_<label>.md`` in ``out``;
-    shared by ``stembed eval probe`` and ``stembed report``. Returns the summary's path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    label = result.meta["label"]
-    result.table.to_csv(out / f"probe_{label}.csv", index=False)
-    result.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
-    (out / f"probe_{label}.md").write_text(probe_markdown(result) + "\n")
-    return out / f"probe_{label}_summary.csv"
 
 
 def probe_markdown(result: ProbeResult) -> str:

@@ -58,8 +58,8 @@ def _tower_inside(embeddings: xr.Dataset, lonlat: tuple[float, float]) -> bool:
 def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     """Run the parts whose inputs are given into ``out`` and write ``out/report.md``; return its path."""
     from stembed.eval.gpp_run import gpp_at_tower
-    from stembed.eval.probe import probe_markdown, probe_table, write_probe
-    from stembed.eval.recon import recon_markdown, recon_table, write_recon
+    from stembed.eval.probe import probe_table
+    from stembed.eval.recon import ReconResult, recon_table
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
 
@@ -78,15 +78,15 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     page = ["# stembed evaluation report", ""]
     if inputs.runs:
-        table = recon_table(inputs.runs)
-        write_recon(table, out)
+        recon = ReconResult(recon_table(inputs.runs))
+        recon.save(out)
         page += [
             "## Reconstruction (test split, centre pixel)",
             "",
             "Model vs the two trivial baselines on the same observed centre values (`recon.csv` has "
             "every split).",
             "",
-            recon_markdown(table),
+            recon.markdown(),
             "",
         ]
     if inputs.embeddings is not None and inputs.cube is not None:
@@ -109,8 +109,8 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
                 max_samples=inputs.probe_samples,
                 seed=inputs.seed,
             )
-            write_probe(res, out)
-            page += [f"## Probe: {label}", "", probe_markdown(res), ""]
+            res.save(out)
+            page += [f"## Probe: {label}", "", res.markdown(), ""]
         if inputs.flux is not None:
             inside = inputs.tower_lonlat is not None and _tower_inside(ds, inputs.tower_lonlat)
             run = gpp_at_tower(
@@ -145,12 +145,12 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
             ]
             page += [f"![{p.stem}](gpp/{p.name})" for p in run.plots] + [""]
     if inputs.gapfill_bundle is not None and inputs.cube is not None:
-        from stembed.eval.gapfill_run import evaluate_gap_fill, write_gapfill
+        from stembed.eval.gapfill_run import evaluate_gap_fill
 
         gf = evaluate_gap_fill(
             inputs.cube, inputs.gapfill_bundle, run_lengths=inputs.gapfill_run_lengths, offsets=inputs.gapfill_offsets
         )
-        write_gapfill(gf, out)
+        gf.save(out)
         page += [
             "## Cloudy dates: error of each fill against the true embedding",
             "",
