@@ -268,6 +268,29 @@ def _assemble(
             "--s1-orbit and --s1-collection"
         )
     s1 = prepare_s1(s1_linear)
+    with_s1 = _s2_dates_with_s1(s2, s1, request, notes)
+    s2_prov, s1_prov = _provenance(request, pieces, orbit, notes, s2_meta, s1_meta, with_s1)
+
+    def cube(da: xr.DataArray, sensor: str, prov: dict[str, Any]) -> xr.DataArray:
+        return make_cube(
+            da.values,
+            times=da[TIME].values,
+            bands=da[BAND].values,
+            y=grid.y,
+            x=grid.x,
+            crs=grid.crs,
+            sensor=sensor,
+            site=request.site,
+            provenance=prov,
+        )
+
+    scene = Scene(site=request.site, s2=cube(s2, "s2", s2_prov), s1=cube(s1, "s1", s1_prov))
+    return scene, {"s2": n_s2, "s1": int(s1.sizes[TIME]), "s2_with_s1": with_s1}
+
+
+def _s2_dates_with_s1(s2: xr.DataArray, s1: xr.DataArray, request: CubeRequest, notes: list[str]) -> int:
+    """How many S2 dates have an S1 date within ``s1_max_gap_days`` (none is an error; fewer than all, a note)."""
+    n_s2 = s2.sizes[TIME]
     t1 = pd.DatetimeIndex(s1[TIME].values).asi8
     t2 = pd.DatetimeIndex(s2[TIME].values).asi8
     gaps = np.min(np.abs(t2[:, None] - t1[None, :]), axis=1) / 86_400e9
@@ -281,7 +304,15 @@ def _assemble(
         notes.append(
             f"{n_s2 - with_s1} of {n_s2} S2 dates have no S1 date within {request.s1_max_gap_days:g} days"
         )
+    return with_s1
 
+
+def _provenance(
+    request: CubeRequest, pieces: list[Piece], orbit: str, notes: list[str], s2_meta: list[dict[str, Any]],
+    s1_meta: list[dict[str, Any]], with_s1: int,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The S2 and S1 cubes' provenance: what was searched, read and done to the values."""
+    grid = request.grid
     common = {
         "source": "STAC",
         "builder": "stembed.cube_build.build_cube",
@@ -321,22 +352,7 @@ def _assemble(
         "s1_max_gap_days": request.s1_max_gap_days,
         "s2_dates_with_s1_within_gap": with_s1,
     }
-
-    def cube(da: xr.DataArray, sensor: str, prov: dict[str, Any]) -> xr.DataArray:
-        return make_cube(
-            da.values,
-            times=da[TIME].values,
-            bands=da[BAND].values,
-            y=grid.y,
-            x=grid.x,
-            crs=grid.crs,
-            sensor=sensor,
-            site=request.site,
-            provenance=prov,
-        )
-
-    scene = Scene(site=request.site, s2=cube(s2, "s2", s2_prov), s1=cube(s1, "s1", s1_prov))
-    return scene, {"s2": n_s2, "s1": int(s1.sizes[TIME]), "s2_with_s1": with_s1}
+    return s2_prov, s1_prov
 
 
 def _versions() -> dict[str, str]:

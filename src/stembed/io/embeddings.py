@@ -203,6 +203,17 @@ def create_store(
 
     g = zarr.open_group(path, mode="r+", zarr_format=3)
     tc = min(time_chunk, n_t)
+    _create_value_arrays(g, grid, features, quant, n_t, tc)
+    _create_pixel_arrays(g, grid, n_t, tc, flag_meanings)
+    _create_bookkeeping(g, grid, n_f)
+    return grid
+
+
+def _create_value_arrays(
+    g: zarr.Group, grid: TileGrid, features: list[str], quant: Quantisation, n_t: int, tc: int
+) -> None:
+    """The values: ``embedding`` (time, feature, y, x) for float32, else one CF-scaled array per feature."""
+    n_f, tile_px = len(features), grid.tile_px
     fill: Any = INT8_FILL if quant.dtype == "int8" else np.nan
     if quant.dtype == "float32":
         g.create_array(
@@ -232,6 +243,13 @@ def create_store(
             dimension_names=(TIME, Y, X),
             attributes=attrs_f,
         )
+
+
+def _create_pixel_arrays(
+    g: zarr.Group, grid: TileGrid, n_t: int, tc: int, flag_meanings: tuple[str, ...] | None
+) -> None:
+    """Per pixel-date: ``valid``, and ``flag`` (how the value was obtained) for daily stores."""
+    tile_px = grid.tile_px
     g.create_array(
         "valid",
         shape=(n_t, grid.height, grid.width),
@@ -256,6 +274,10 @@ def create_store(
                 "flag_meanings": " ".join(flag_meanings),
             },
         )
+
+
+def _create_bookkeeping(g: zarr.Group, grid: TileGrid, n_f: int) -> None:
+    """Per tile: ``tile_done`` (its last write) and ``tile_error`` (its storage-error stats)."""
     ny, nx = grid.shape
     g.create_array(
         "tile_done",
@@ -275,7 +297,6 @@ def create_store(
         dimension_names=("tile_y", "tile_x", "stat", FEATURE),
         attributes={"stats": list(ERROR_STATS), "long_name": "storage error of each tile's valid values"},
     )
-    return grid
 
 
 def feature_var(feature: str) -> str:

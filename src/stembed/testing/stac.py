@@ -69,6 +69,22 @@ def worldcereal_stac_catalog(
     s1_col = _collection("sentinel-1-rtc", lonlat, ds1["timestamp"].values)
     catalog.add_children([s2_col, s1_col])
 
+    _add_s2_items(s2_col, ds10, ds20, out, lonlat, epsg, s2_times, baseline_04_every, proj_code_every)
+    _add_s1_items(s1_col, ds1, out, lonlat, epsg, s1_times, proj_code_every)
+
+    catalog.normalize_hrefs(str(out))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return out / "catalog.json"
+
+
+def _add_s2_items(
+    s2_col: Any, ds10: xr.Dataset, ds20: xr.Dataset, out: Any, lonlat: tuple[float, float, float, float], epsg: int,
+    s2_times: Any, baseline_04_every: int, proj_code_every: int,
+) -> None:
+    """One S2 item per picked timestamp: a DN COG per band (some at baseline 04.00: DN + 1000) and MTD_TL.xml."""
+    import pystac
+
     s2_all = pd.DatetimeIndex(ds10["timestamp"].values)
     picks = range(len(s2_all)) if s2_times is None else [s2_all.get_loc(pd.Timestamp(t)) for t in s2_times]
     for k, i in enumerate(picks):
@@ -94,6 +110,12 @@ def worldcereal_stac_catalog(
         item.add_asset("granule-metadata", pystac.Asset(str(xml), media_type="application/xml", roles=["metadata"]))
         s2_col.add_item(item)
 
+
+def _add_s1_items(
+    s1_col: Any, ds1: xr.Dataset, out: Any, lonlat: tuple[float, float, float, float], epsg: int, s1_times: Any,
+    proj_code_every: int,
+) -> None:
+    """One S1 item per picked timestamp: ``vv``/``vh`` COGs in linear power."""
     s1_all = pd.DatetimeIndex(ds1["timestamp"].values)
     picks = range(len(s1_all)) if s1_times is None else [s1_all.get_loc(pd.Timestamp(t)) for t in s1_times]
     for k, i in enumerate(picks):
@@ -110,11 +132,6 @@ def worldcereal_stac_catalog(
             linear = np.where(raw == 0, np.nan, 10.0 ** (raw.astype(np.float64) * 1e-4 / 10.0)).astype(np.float32)
             _write_asset(item, item_dir / f"{band.lower()}.tif", band.lower(), linear, ds1, epsg, nodata=float("nan"))
         s1_col.add_item(item)
-
-    catalog.normalize_hrefs(str(out))
-    catalog.make_all_asset_hrefs_relative()
-    catalog.save(pystac.CatalogType.SELF_CONTAINED)
-    return out / "catalog.json"
 
 
 def _footprint(ds: xr.Dataset, epsg: int) -> tuple[float, float, float, float]:
