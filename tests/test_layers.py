@@ -112,3 +112,16 @@ def test_the_walk_sees_function_level_imports(tmp_path: Path) -> None:
     """The check would be empty if it missed imports inside functions, where most cross-layer ones hide."""
     found = [m for _, m in _imports(SRC / "data" / "scenes.py")]
     assert "stembed.data.synthetic" in found  # imported inside load_scenes
+
+
+def test_the_readme_layout_lists_the_same_ranks() -> None:
+    """README "Layout" is the map of these ranks: every package with its rank, none missing, none stale."""
+    import re
+
+    readme = (SRC.parents[1] / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = {}
+    for rank, modules in re.findall(r"^\| (\d+) \| ([^|]+) \|", section, flags=re.MULTILINE):
+        for name in re.findall(r"`([a-z_0-9]+)`", modules):
+            listed[name] = int(rank)
+    assert listed == RANK
