@@ -3,7 +3,7 @@
 Builds the same cube N times from the local test catalog (the real Belgian patch served as COGs by
 ``stembed.testing.StacTestServer``, as in tests/test_stac_cube.py), with stembed's filter for that warning
 turned off, counts the warnings each build raised and checks that every build's S2 and S1 arrays are
-bit-identical to the first build's. ``stembed.cube_build._quiet_reproject_warning`` hides the warning on
+bit-identical to the first build's. ``stembed.io.stac_load.quiet_reproject_warning`` hides the warning on
 the strength of this table. Last line: one JSON object.
 
     .venv/bin/python experiments/reproject_warning.py --builds 8
@@ -24,7 +24,7 @@ import pyproj
 import xarray as xr
 from rasterio.errors import NotGeoreferencedWarning
 
-import stembed.cube_build as cube_build
+import stembed.io.stac_load as stac_load
 from stembed.cube_build import CubeRequest, build_cube
 from stembed.io.cube import open_scene
 from stembed.io.stac import RetryPolicy, utm_grid
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--builds", type=int, default=8)
     ap.add_argument("--site", type=Path, default=SITE)
     a = ap.parse_args()
-    cube_build._quiet_reproject_warning = nullcontext  # count what the filter would hide
+    stac_load.quiet_reproject_warning = nullcontext  # count what the filter would hide
     seen: list[str] = []
     warnings.showwarning = lambda message, category, *rest: (
         seen.append(str(message)) if issubclass(category, NotGeoreferencedWarning) else None

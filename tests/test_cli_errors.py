@@ -57,6 +57,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (w / "bad.yaml").write_text("train:\n  lr: [1e-3\n")
     (w / "list.yaml").write_text("- a\n- b\n")
     (w / "s1.yaml").write_text("sensor: s1\n")
+    (w / "giant.yaml").write_text("preset: giant\n")
     (w / "not_a_bundle.pt").write_text("hello\n")
     run = w / "run"
     run.mkdir()
@@ -160,6 +161,8 @@ CASES: list[Case] = [
     Case("train-num-workers", _train(*_with("train.num_workers=-1")), "num_workers"),
     Case("train-spatial-stride-0", _train(*_with("data.sampling.spatial_stride=0")), "spatial_stride"),
     Case("train-unknown-preset", _train(*_with("preset=giant")), "unknown preset"),
+    Case("train-config-unknown-preset", _train("--config", W + "/giant.yaml"),
+         "unknown preset 'giant'; known presets: paper, small, tiny, dense, small-dense, tiny-dense"),
     Case("train-fusion-unknown-preset",
          lambda w, s: ["train", "fusion", *_with("preset=giant", f"s1_bundle={w}/x.pt", f"s2_bundle={w}/y.pt",
                                                  f"out_dir={s}/runs")], "unknown preset"),

@@ -7,11 +7,13 @@ from pathlib import Path
 import pytest
 
 from stembed.config import (
+    PRESETS,
     AEStageConfig,
     ConfigError,
     FusionStageConfig,
     GapFillStageConfig,
     ae_preset,
+    fusion_preset,
     load_config,
 )
 
@@ -95,6 +97,15 @@ def test_yaml_syntax_error_unknown_preset_and_missing_kind_are_config_errors(tmp
         load_config(FusionStageConfig, None, ["s1_bundle=a", "s2_bundle=b", "preset=giant"])
     with pytest.raises(ConfigError, match="no 'kind' given; set data.source.kind to one of synthetic"):
         load_config(AEStageConfig, None, ["sensor=s2", "data.source.n_sites=2"])
+
+
+def test_the_validated_preset_names_are_the_ones_the_factories_build() -> None:
+    """Config validation and the preset factories share one list of names and one message."""
+    for name in PRESETS:
+        assert ae_preset(name, "s2").sensor == "s2" and fusion_preset(name).embed_dim == 7
+    for factory in (lambda: ae_preset("giant", "s2"), lambda: fusion_preset("giant")):
+        with pytest.raises(ValueError, match=f"unknown preset 'giant'; known presets: {', '.join(PRESETS)}$"):
+            factory()
 
 
 def test_relative_paths_in_a_config_file_resolve_from_its_folder(tmp_path: Path, monkeypatch) -> None:

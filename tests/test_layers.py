@@ -2,9 +2,10 @@
 
 A module may import from its own package (``stembed.io.cube`` from ``stembed.io.outputs``) and from any
 package of a lower rank; never sideways (``data`` and ``models`` do not know each other) or up. The
-``testing`` helpers may import anything but the CLI; production code never imports them. The layers
-below the models (``contract``, ``preprocess``, ``io``, ...) never import torch or Lightning, so reading
-and writing cubes and stores needs no deep-learning stack. README "Layout" lists the same ranks.
+``testing`` helpers (a package) may import anything but the CLI; production code never imports them. The
+layers below the models (``geometry``, ``contract``, ``preprocess``, ``io``, ...) and the ``cube_build``
+orchestration never import torch or Lightning, so reading and writing cubes and stores needs no
+deep-learning stack. ``models`` never import ``io`` or ``data`` although both rank below them. README "Layout" lists the same ranks.
 
 Built-in sensor plugins are loaded by name (``stembed.sensors.BUILTIN_PLUGIN_MODULES``, like entry points),
 not imported by ``sensors``: that lookup is a registry, not an import edge, and is not checked here.
@@ -21,7 +22,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "stembed"
 
 RANK = {
     "errors": 0, "types": 0,
-    "sensors": 1,
+    "sensors": 1, "geometry": 1,
     "config": 2, "repro": 2, "runtime": 2, "pretrained": 2, "cluster": 2,
     "contract": 3,
     "preprocess": 4,
@@ -32,8 +33,9 @@ RANK = {
     "describe": 9, "demo": 9,
     "cli": 10,
 }
-NO_TORCH = {"errors", "types", "sensors", "config", "repro", "runtime", "pretrained", "cluster", "contract",
-            "preprocess", "io", "cube_build"}
+NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster",
+            "contract", "preprocess", "io", "cube_build"}
+MODELS_NEVER = {"io", "data"}  # below the models by rank, but a model file never reads cubes, stores or patches
 
 
 def _part(module: str) -> str:
@@ -84,6 +86,8 @@ def test_imports_go_down_the_layers(path: Path) -> None:
                 bad.append(f"line {line}: {target} (testing helpers must not import the CLI)")
             continue
         other = _part(target)
+        if me == "models" and other in MODELS_NEVER:
+            bad.append(f"line {line}: {target} (models are pure torch: they never read cubes or stores)")
         if other == "testing":
             bad.append(f"line {line}: {target} (production code must not import the test helpers)")
         elif other and other != me and RANK[other] >= RANK[me]:
@@ -108,3 +112,16 @@ def test_the_walk_sees_function_level_imports(tmp_path: Path) -> None:
     """The check would be empty if it missed imports inside functions, where most cross-layer ones hide."""
     found = [m for _, m in _imports(SRC / "data" / "scenes.py")]
     assert "stembed.data.synthetic" in found  # imported inside load_scenes
+
+
+def test_the_readme_layout_lists_the_same_ranks() -> None:
+    """README "Layout" is the map of these ranks: every package with its rank, none missing, none stale."""
+    import re
+
+    readme = (SRC.parents[1] / "README.md").read_text()
+    section = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    listed = {}
+    for rank, modules in re.findall(r"^\| (\d+) \| ([^|]+) \|", section, flags=re.MULTILINE):
+        for name in re.findall(r"`([a-z_0-9]+)`", modules):
+            listed[name] = int(rank)
+    assert listed == RANK

@@ -80,14 +80,14 @@ def dead_pid() -> int:
 @pytest.fixture(scope="module")
 def first_run(tmp_path_factory: pytest.TempPathFactory, server: StacTestServer):
     """B half built by a killed run (first S2 piece staged, lock of a dead pid), then --sites A, B, C."""
-    import stembed.cube_build as cb
+    import stembed.cube_build.build as cb
 
     tmp = tmp_path_factory.mktemp("sites")
     table = tmp / "sites.csv"
     table.write_text(SITES_CSV)
     out_dir = tmp / "out"
     (b,) = [s for s in read_sites(table, start="2018-03-01", end="2018-09-30") if s.site == "B"]
-    real, calls = cb._build_piece, []
+    real, calls = cb.build_piece, []
 
     def stop_after_one(*args, **kw):
         calls.append(1)
@@ -97,7 +97,7 @@ def first_run(tmp_path_factory: pytest.TempPathFactory, server: StacTestServer):
 
     request = CubeRequest(grid=b.grid, start=b.start, end=b.end, site="B", catalog=server.api, retry=FAST)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cb, "_build_piece", stop_after_one)
+        mp.setattr(cb, "build_piece", stop_after_one)
         with pytest.raises(CubeBuildError, match="killed"):
             build_cube(request, out_dir / "B.zarr", progress=False)
     assert len(list((staging_dir(out_dir / "B.zarr") / "pieces").glob("*.zarr"))) == 1

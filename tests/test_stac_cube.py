@@ -32,15 +32,7 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.cube_build import (
-    CubeBuildError,
-    CubeRequest,
-    SCLMask,
-    build_cube,
-    dn_to_reflectance,
-    nbar_c_factor,
-    staging_dir,
-)
+from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, staging_dir
 from stembed.io.cube import open_scene
 from stembed.io.stac import (
     RetryPolicy,
@@ -51,7 +43,7 @@ from stembed.io.stac import (
     search_items,
     utm_grid,
 )
-from stembed.preprocess import prepare_s1, prepare_s2
+from stembed.preprocess import SCLMask, dn_to_reflectance, nbar_c_factor, prepare_s1, prepare_s2
 from stembed.sensors import S1, S2
 from stembed.testing import StacTestServer, random_fusion_bundle, worldcereal_stac_catalog
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
@@ -305,10 +297,10 @@ def test_embed_runs_on_the_built_cube(tmp_path: Path, catalog: Path) -> None:
 def test_interrupted_build_resumes_to_the_same_cube(
     tmp_path: Path, server: StacTestServer, built: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stembed.cube_build as cb
+    import stembed.cube_build.pieces as cb
 
     out = tmp_path / "cube.zarr"
-    real = cb._s2_piece
+    real = cb.s2_piece
     calls: list[int] = []
 
     def fail_second(items, *args, **kw):
@@ -317,14 +309,14 @@ def test_interrupted_build_resumes_to_the_same_cube(
             raise CubeBuildError("simulated failure in the second piece")
         return real(items, *args, **kw)
 
-    monkeypatch.setattr(cb, "_s2_piece", fail_second)
+    monkeypatch.setattr(cb, "s2_piece", fail_second)
     with pytest.raises(CubeBuildError, match="second piece"):
         build_cube(request(server), out, progress=False)
     no_store(out)
     staged = sorted(p.name for p in (staging_dir(out) / "pieces").iterdir())
     assert staged == ["2017-08-01_2017-12-31_s1.zarr", "2017-08-01_2017-12-31_s2.zarr"]
 
-    monkeypatch.setattr(cb, "_s2_piece", real)
+    monkeypatch.setattr(cb, "s2_piece", real)
     searches = server.hits("/api/search")
     res = build_cube(request(server), out, progress=False)
     assert (res.pieces_reused, res.pieces_loaded) == (2, 2)
@@ -339,10 +331,10 @@ def test_interrupted_build_resumes_to_the_same_cube(
 def test_a_different_staged_build_is_not_mixed_in(
     tmp_path: Path, server: StacTestServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import stembed.cube_build as cb
+    import stembed.cube_build.build as cb
 
     out = tmp_path / "cube.zarr"
-    real, calls = cb._build_piece, []
+    real, calls = cb.build_piece, []
 
     def stop_after_one(*args, **kw):
         calls.append(1)
@@ -351,13 +343,13 @@ def test_a_different_staged_build_is_not_mixed_in(
         return real(*args, **kw)
 
     small = dict(grid=patch_grid(16), start="2018-01-01", end="2018-11-30", min_dates=2)
-    monkeypatch.setattr(cb, "_build_piece", stop_after_one)
+    monkeypatch.setattr(cb, "build_piece", stop_after_one)
     with pytest.raises(CubeBuildError, match="stop"):
         build_cube(request(server, **small), out, progress=False)
     with pytest.raises(CubeBuildError, match="different settings.*--overwrite"):
         build_cube(request(server, **small | {"min_valid_fraction": 0.5}), out, progress=False)
     no_store(out)
-    monkeypatch.setattr(cb, "_build_piece", real)
+    monkeypatch.setattr(cb, "build_piece", real)
     build_cube(request(server, **small | {"min_valid_fraction": 0.5}), out, overwrite=True, progress=False)
     assert json.loads(open_scene(out).s2.attrs["provenance"])["min_valid_fraction"] == 0.5
 

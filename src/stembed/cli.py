@@ -7,6 +7,7 @@ naming the problem and the fix, and exit with status 2; anything else is a bug a
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import sys
@@ -517,42 +518,16 @@ def cube(
 
     With --sites, one store per row of a CSV table, in parallel on dask; a failed site is reported at the
     end (and in OUT_DIR/sites_report.csv, exit status 1) without stopping the others.
+
+    (Long only by its option declarations, one per flag; the work is in _cube_settings, _cube_one and
+    _cube_sites.)
     """
-    from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, load_cloud_mask
-    from stembed.io.stac import PLANETARY_COMPUTER, RetryPolicy, utm_grid
-
-    def settings() -> dict[str, Any]:
-        """The options every site shares (all but area, period and id)."""
-        try:
-            classes = None if scl_classes is None else [int(c) for c in scl_classes.split(",") if c.strip()]
-        except ValueError as e:
-            raise CubeBuildError(
-                f"--scl-classes {scl_classes!r} is not a comma-separated list of integers"
-            ) from e
-        return dict(
-            catalog=catalog or PLANETARY_COMPUTER, s2_collection=s2_collection, s1_collection=s1_collection,
-            cloud_mask=load_cloud_mask(cloud_mask, scl_classes=classes), brdf=not no_brdf,
-            min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit.value,
-            s1_max_gap_days=s1_max_gap_days, piece_months=piece_months, retry=RetryPolicy(retries=retries),
-        )
-
-    def go() -> Any:
-        options = (("--out-dir", out_dir), ("--workers", workers), ("--scheduler", scheduler))
-        given = [name for name, value in options if value is not None]
-        if given:
-            raise CubeBuildError(f"{', '.join(given)} go with --sites; fix: add --sites TABLE.csv or drop it")
-        if out is None or start is None or end is None:
-            missing = [n for n, v in (("--out", out), ("--start", start), ("--end", end)) if v is None]
-            raise CubeBuildError(
-                f"missing {', '.join(missing)}; fix: pass --out STORE.zarr --start YYYY-MM-DD --end "
-                "YYYY-MM-DD (or --sites TABLE.csv --out-dir DIR for many sites)"
-            )
-        request = CubeRequest(
-            grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
-            site=site or out.name.removesuffix(".zarr"), **settings(),
-        )
-        return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
-
+    settings = functools.partial(
+        _cube_settings, catalog=catalog, s2_collection=s2_collection, s1_collection=s1_collection,
+        cloud_mask=cloud_mask, scl_classes=scl_classes, brdf=not no_brdf, min_valid_fraction=min_valid_fraction,
+        min_dates=min_dates, s1_orbit=s1_orbit.value, s1_max_gap_days=s1_max_gap_days, piece_months=piece_months,
+        retries=retries,
+    )
     if sites is not None:
         single = (("--out", out), ("--bbox", bbox), ("--point", point), ("--size-m", size_m),
                   ("--site", site))
@@ -561,11 +536,65 @@ def cube(
             scheduler=scheduler, quiet=quiet, single=single,
         )
         return
-    res = _run(go, resume=_RESUME_CUBE)
+    sites_only = (("--out-dir", out_dir), ("--workers", workers), ("--scheduler", scheduler))
+    res = _run(
+        lambda: _cube_one(out, start, end, bbox=bbox, point=point, size_m=size_m, site=site, settings=settings,
+                          overwrite=overwrite, quiet=quiet, sites_only=sites_only),
+        resume=_RESUME_CUBE,
+    )
     typer.echo(
         f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
         f"{res.s2_dates_with_s1} S2 dates with S1 within {s1_max_gap_days:g} days)"
     )
+
+
+def _cube_settings(
+    *, catalog: str | None, s2_collection: str, s1_collection: str, cloud_mask: str, scl_classes: str | None,
+    brdf: bool, min_valid_fraction: float, min_dates: int, s1_orbit: str, s1_max_gap_days: float,
+    piece_months: int, retries: int,
+) -> dict[str, Any]:
+    """The ``CubeRequest`` settings every site shares (all but area, period and id)."""
+    from stembed.cube_build import CubeBuildError
+    from stembed.io.stac import PLANETARY_COMPUTER, RetryPolicy
+    from stembed.preprocess import load_cloud_mask
+
+    try:
+        classes = None if scl_classes is None else [int(c) for c in scl_classes.split(",") if c.strip()]
+    except ValueError as e:
+        raise CubeBuildError(
+            f"--scl-classes {scl_classes!r} is not a comma-separated list of integers"
+        ) from e
+    return dict(
+        catalog=catalog or PLANETARY_COMPUTER, s2_collection=s2_collection, s1_collection=s1_collection,
+        cloud_mask=load_cloud_mask(cloud_mask, scl_classes=classes), brdf=brdf,
+        min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit,
+        s1_max_gap_days=s1_max_gap_days, piece_months=piece_months, retry=RetryPolicy(retries=retries),
+    )
+
+
+def _cube_one(
+    out: Path | None, start: str | None, end: str | None, *, bbox: tuple[float, float, float, float] | None,
+    point: tuple[float, float] | None, size_m: float | None, site: str | None,
+    settings: Callable[[], dict[str, Any]], overwrite: bool, quiet: bool, sites_only: tuple[tuple[str, Any], ...],
+) -> Any:
+    """``stembed cube`` for one store: refuse the --sites options, require --out/--start/--end, build."""
+    from stembed.cube_build import CubeBuildError, CubeRequest, build_cube
+    from stembed.io.stac import utm_grid
+
+    given = [name for name, value in sites_only if value is not None]
+    if given:
+        raise CubeBuildError(f"{', '.join(given)} go with --sites; fix: add --sites TABLE.csv or drop it")
+    if out is None or start is None or end is None:
+        missing = [n for n, v in (("--out", out), ("--start", start), ("--end", end)) if v is None]
+        raise CubeBuildError(
+            f"missing {', '.join(missing)}; fix: pass --out STORE.zarr --start YYYY-MM-DD --end "
+            "YYYY-MM-DD (or --sites TABLE.csv --out-dir DIR for many sites)"
+        )
+    request = CubeRequest(
+        grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
+        site=site or out.name.removesuffix(".zarr"), **settings(),
+    )
+    return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
 
 
 _RESUME_SITES = "finished sites and pieces are kept: rerun the same command to build the rest"
@@ -810,7 +839,7 @@ def eval_recon(
 ) -> None:
     """Centre-pixel MAE, SAM and SSIM per run, split and sensor (or of --bundle on --cube stores), against
     the trivial baselines."""
-    from stembed.eval.recon import ReconError, recon_markdown, recon_table, write_recon
+    from stembed.eval.recon import ReconError, ReconResult, recon_table
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
@@ -828,8 +857,8 @@ def eval_recon(
         check_output_folder(out)
         return recon_table(list(runs))
 
-    table = _run(go)
-    typer.echo(recon_markdown(table) + f"\ntable: {write_recon(table, out)}")
+    res = ReconResult(_run(go))
+    typer.echo(res.markdown() + f"\ntable: {res.save(out)}")
 
 
 @eval_app.command("probe")
@@ -848,7 +877,7 @@ def eval_probe(
     seed: Annotated[int, typer.Option("--seed")] = 0,
 ) -> None:
     """Logistic regression and random forest on embeddings vs raw bands vs PCA of raw bands (blocked CV)."""
-    from stembed.eval.probe import probe_markdown, probe_table, write_probe
+    from stembed.eval.probe import probe_table
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.outputs import check_output_folder
@@ -865,8 +894,8 @@ def eval_probe(
                            seed=seed)
 
     res = _run(go)
-    write_probe(res, out)
-    typer.echo(probe_markdown(res))
+    res.save(out)
+    typer.echo(res.markdown())
 
 
 @eval_app.command("gapfill")
@@ -881,7 +910,7 @@ def eval_gapfill(
     offsets: Annotated[int, typer.Option("--offsets", help="Schedules per run length (more hide more dates).")] = 2,
 ) -> None:
     """Hide clear S2 dates of the bundle's test blocks; error of each fill (model, linear, savgol) by gap length."""
-    from stembed.eval.gapfill_run import evaluate_gap_fill, write_gapfill
+    from stembed.eval.gapfill_run import evaluate_gap_fill
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
@@ -889,7 +918,7 @@ def eval_gapfill(
         return evaluate_gap_fill(cube, bundle, run_lengths=tuple(run_length or (1, 2, 4, 8)), offsets=offsets)
 
     res = _run(go)
-    typer.echo(res.markdown + f"\ntable: {write_gapfill(res, out)}")
+    typer.echo(res.markdown + f"\ntable: {res.save(out)}")
 
 
 @eval_app.command("gpp")

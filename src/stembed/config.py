@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from stembed.errors import UserError
+from stembed.geometry import DenseGeometry as DenseGeometry  # re-exported with dense_geometry
+from stembed.geometry import dense_geometry  # AEConfig.context_px reads the dense window
 from stembed.sensors import CORE_SENSORS, PLUGINS, get_plugin, load_builtin_plugins
 
 
@@ -108,38 +110,6 @@ class AEConfig(_Frozen):
         return self.token_channels * 16
 
 
-class DenseGeometry(BaseModel):
-    """Where the dense encoder reads, in pixel offsets from the patch centre (pure arithmetic, no torch).
-
-    The paper's strided stack puts the 4x4 token grid at offsets ``-7, -3, 1, 5`` from the centre (the
-    anchors of its stride-4 cells). The dense encoder keeps those anchors; each stage of it is a valid
-    convolution, so it reads ``reach`` pixels further out. ``low_shift``: index 0 of the map that feeds
-    the token block sits at input pixel ``low_shift``.
-    """
-
-    token_offsets: tuple[int, ...]
-    level1_radius: int  # multiscale conv + channel pool + spatial conv + max-pool, at dilation 1
-    level2_radius: int  # 3x3 conv + channel pool + spatial conv + max-pool, at dilation 2
-    low_shift: int  # left shrink of the whole stack: level1 + level2 + 2 (the second stride-2 conv looks back)
-    right_shrink: int  # level1 + level2 + 1 (the first stride-2 conv looks forward)
-    margin: int  # context on each side of the centre pixel (max of the two sides)
-    unused_right: int  # pixels of the symmetric window the stack never reads on the right/bottom
-
-
-def dense_geometry(cfg: AEConfig) -> DenseGeometry:
-    """The context window of the ``dense`` encoder for these kernel sizes (see :class:`DenseGeometry`)."""
-    pw, ks = cfg.dense_pool_window // 2, cfg.dense_spatial_kernel // 2
-    r1 = max(cfg.multiscale_kernels) // 2 + pw + ks + 1
-    r2 = 2 * (1 + pw + ks + 1)
-    offsets = (-7, -3, 1, 5)
-    left, right = r1 + r2 + 2, r1 + r2 + 1
-    margin = max(left - offsets[0], right + offsets[-1])
-    return DenseGeometry(
-        token_offsets=offsets, level1_radius=r1, level2_radius=r2, low_shift=left, right_shrink=right,
-        margin=margin, unused_right=margin - (right + offsets[-1]),
-    )
-
-
 class FusionConfig(_Frozen):
     """Fusion layers on top of two frozen stage-1 autoencoders (spec §3.2)."""
 
@@ -206,8 +176,7 @@ def ae_preset(name: str, sensor: str) -> AEConfig:
     }
     for base in ("paper", "small", "tiny"):
         presets[f"{base}-dense" if base != "paper" else "dense"] = {**presets[base], "variant": "dense"}
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+    _check_preset(name)  # the one list of names, and the one message, of config validation
     return AEConfig(**{**per_sensor[sensor], **presets[name]})
 
 
@@ -219,8 +188,7 @@ def fusion_preset(name: str) -> FusionConfig:
         "tiny": {"d_model": 32, "n_heads": 4, "n_layers": 1, "d_ff": 64, "direct_path": True},
     }
     presets |= {"dense": presets["paper"], "small-dense": presets["small"], "tiny-dense": presets["tiny"]}
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; known presets: {sorted(presets)}")
+    _check_preset(name)
     return FusionConfig(**presets[name])
 
 
@@ -228,7 +196,8 @@ PRESETS = ("paper", "small", "tiny", "dense", "small-dense", "tiny-dense")
 
 
 def _check_preset(name: str) -> None:
-    """Refuse an unknown preset when the config loads, not when training builds the model."""
+    """Refuse an unknown preset when the config loads (the stage configs' validators call it), not when
+    training builds the model; :func:`ae_preset` and :func:`fusion_preset` use the same check and message."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
 

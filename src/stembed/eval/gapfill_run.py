@@ -54,16 +54,15 @@ class GapFillResult:
     markdown: str
     info: dict[str, Any]
 
-
-def write_gapfill(result: GapFillResult, out: str | Path) -> Path:
-    """``gapfill.csv``, ``gapfill.md`` and ``gapfill.json`` (what was run) in ``out``; shared by ``stembed eval
-    gapfill`` and ``stembed report``. Returns the CSV's path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    result.table.to_csv(out / "gapfill.csv", index=False)
-    (out / "gapfill.md").write_text(result.markdown + "\n")
-    (out / "gapfill.json").write_text(json.dumps(result.info, indent=2))
-    return out / "gapfill.csv"
+    def save(self, out: str | Path) -> Path:
+        """``gapfill.csv``, ``gapfill.md`` and ``gapfill.json`` (what was run) in ``out``; shared by ``stembed eval
+        gapfill`` and ``stembed report``. Returns the CSV's path."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.to_csv(out / "gapfill.csv", index=False)
+        (out / "gapfill.md").write_text(self.markdown + "\n")
+        (out / "gapfill.json").write_text(json.dumps(self.info, indent=2))
+        return out / "gapfill.csv"
 
 
 def split_regions(bundle_metrics: dict[str, Any]) -> list[tuple[slice, slice]]:

@@ -418,15 +418,7 @@ def fit_gpp(
         torch.manual_seed(seed)
         model = GPPTransformer(train.n_features, cfg)
         x, days = _tensors(model, train, device)
-        y = torch.as_tensor(train.target, dtype=torch.float32)
-        x64 = train.x.reshape(-1, train.n_features).astype(np.float64)
-        t_std = float(y.std()) if len(y) > 1 else 0.0
-        model.target_mean.fill_(float(y.mean()))
-        model.target_std.fill_(t_std if t_std > 0 else 1.0)
-        if cfg.standardise_features:
-            f_std = x64.std(axis=0)
-            model.feature_mean.copy_(torch.as_tensor(x64.mean(axis=0)))
-            model.feature_std.copy_(torch.as_tensor(np.where(f_std > 0, f_std, 1.0)))
+        y = _set_scales(model, train, cfg)
         model.to(device)
         z = (y.to(device) - model.target_mean) / model.target_std  # standardised targets (N,)
         if val is not None and has_val:
@@ -434,11 +426,7 @@ def fit_gpp(
             zv = (torch.as_tensor(val.target, dtype=torch.float32, device=device) - model.target_mean) \
                 / model.target_std
 
-        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        warmup = (torch.optim.lr_scheduler.LinearLR(opt, start_factor=cfg.warmup_start_factor, end_factor=1.0,
-                                                    total_iters=cfg.warmup_steps) if cfg.warmup_steps > 0 else None)
-        plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.plateau_factor,
-                                                             patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+        opt, warmup, plateau = _optimiser(model, cfg)
         gen = torch.Generator().manual_seed(seed)  # shuffling order
         rows: list[dict[str, float]] = []
         best, best_epoch, best_state, since_best, step = math.inf, 0, None, 0, 0
@@ -479,6 +467,31 @@ def fit_gpp(
         "note": ("best val L1 epoch kept" if has_val else "no validation windows: no early stopping, last epoch kept"),
     })
     return model.eval(), history
+
+
+def _set_scales(model: GPPTransformer, train: Windows, cfg: GPPConfig) -> torch.Tensor:
+    """Store the training target's mean and std (and, with ``standardise_features``, the features') in the
+    model's buffers; the training targets as a tensor."""
+    y = torch.as_tensor(train.target, dtype=torch.float32)
+    x64 = train.x.reshape(-1, train.n_features).astype(np.float64)
+    t_std = float(y.std()) if len(y) > 1 else 0.0
+    model.target_mean.fill_(float(y.mean()))
+    model.target_std.fill_(t_std if t_std > 0 else 1.0)
+    if cfg.standardise_features:
+        f_std = x64.std(axis=0)
+        model.feature_mean.copy_(torch.as_tensor(x64.mean(axis=0)))
+        model.feature_std.copy_(torch.as_tensor(np.where(f_std > 0, f_std, 1.0)))
+    return y
+
+
+def _optimiser(model: GPPTransformer, cfg: GPPConfig) -> tuple[Any, Any, Any]:
+    """AdamW, its linear warm-up (None without warm-up steps) and the plateau scheduler."""
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warmup = (torch.optim.lr_scheduler.LinearLR(opt, start_factor=cfg.warmup_start_factor, end_factor=1.0,
+                                                total_iters=cfg.warmup_steps) if cfg.warmup_steps > 0 else None)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.plateau_factor,
+                                                         patience=cfg.plateau_patience, min_lr=cfg.min_lr)
+    return opt, warmup, plateau
 
 
 def predict_gpp(model: GPPTransformer, windows: Windows, *, batch_size: int = 512) -> np.ndarray:

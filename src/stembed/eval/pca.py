@@ -27,6 +27,7 @@ from stembed.types import BAND, FEATURE, TIME, X, Y
 
 _PERCENTILES = (2.0, 98.0)
 _N_DEFAULT_DATES = 4
+_N_COMPONENTS = 3  # the PCA map shows components 1-3 as RGB
 _MISSING_RGB = (0.85, 0.85, 0.85)  # light grey: no embedding / no S2 observation
 _MAX_DISPLAY_PX = 2048  # larger maps are shown at every n-th pixel, keeping reads and PNGs small
 _S2_TIME_TOL = pd.Timedelta(seconds=60)  # S2 cube and embedding store times agree within this
@@ -162,35 +163,18 @@ def pca_maps(
         EmbeddingStoreError: a date is not in the store, or the store has too few valid pixel-dates.
         CubeError: the S2 cube is on another grid or lacks a mapped date or a true-colour band.
     """
-    from sklearn.decomposition import PCA
-
     if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 3:
         raise EmbeddingStoreError(f"n_samples must be a whole number >= 3, got {n_samples!r}")
-    n_comp = 3
-    if embeddings.sizes[FEATURE] < n_comp:
+    if embeddings.sizes[FEATURE] < _N_COMPONENTS:
         n_f = embeddings.sizes[FEATURE]
-        raise EmbeddingStoreError(f"the store has {n_f} features; a PCA map needs >= {n_comp}")
+        raise EmbeddingStoreError(f"the store has {n_f} features; a PCA map needs >= {_N_COMPONENTS}")
     _check_grid(embeddings, s2)
     times = embeddings[TIME].values
     labels = date_labels(times)
     counts = np.asarray(embeddings["valid"].sum(dim=(Y, X)).values, np.int64)
-    if dates is None:
-        ranked = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
-        chosen = sorted(ranked[:_N_DEFAULT_DATES])
-    else:
-        chosen = select_dates(times, dates)
+    chosen = _chosen_dates(times, counts, dates)
     s2_pos = _s2_time_index(s2, times[chosen])
-
-    sample, sample_t = np.empty((0, 0)), np.empty(0, np.int64)
-    if counts.sum() >= n_comp:
-        sample, sample_t = _draw_sample(embeddings, counts, int(n_samples), np.random.default_rng(seed))
-    if len(sample) < n_comp:
-        raise EmbeddingStoreError(
-            f"the store has only {len(sample)} valid pixel-dates; a PCA needs >= {n_comp}; "
-            "fix: embed a larger or less cloudy cube"
-        )
-    pca = PCA(n_components=n_comp, random_state=seed).fit(sample)
-    lo, hi = np.percentile(pca.transform(sample), _PERCENTILES, axis=0)
+    pca, sample, sample_t, lo, hi = _fit_pca(embeddings, counts, int(n_samples), seed)
     ratio = pca.explained_variance_ratio_
 
     out_dir = Path(out_dir)
@@ -210,9 +194,49 @@ def pca_maps(
         pngs.append(path)
 
     per_date = np.bincount(sample_t, minlength=len(times))
-    report = {
+    report = _report(embeddings, pca, lo, hi, labels, chosen, pngs, len(sample), n_samples, counts, per_date, seed,
+                     stride)
+    json_path = out_dir / "pca.json"
+    json_path.write_text(json.dumps(report, indent=2))
+    return {"pngs": pngs, "json": json_path}
+
+
+def _chosen_dates(times: np.ndarray, counts: np.ndarray, dates: Sequence[str] | None) -> list[int]:
+    """Indices of the dates to map: those asked for, or up to 4 with the most valid pixels, in time order."""
+    if dates is None:
+        ranked = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+        return sorted(ranked[:_N_DEFAULT_DATES])
+    return select_dates(times, dates)
+
+
+def _fit_pca(
+    embeddings: xr.Dataset, counts: np.ndarray, n_samples: int, seed: int
+) -> tuple[Any, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The PCA fitted on a seeded draw of valid pixel-dates, the draw and its dates, and the stretch."""
+    from sklearn.decomposition import PCA
+
+    sample, sample_t = np.empty((0, 0)), np.empty(0, np.int64)
+    if counts.sum() >= _N_COMPONENTS:
+        sample, sample_t = _draw_sample(embeddings, counts, n_samples, np.random.default_rng(seed))
+    if len(sample) < _N_COMPONENTS:
+        raise EmbeddingStoreError(
+            f"the store has only {len(sample)} valid pixel-dates; a PCA needs >= {_N_COMPONENTS}; "
+            "fix: embed a larger or less cloudy cube"
+        )
+    pca = PCA(n_components=_N_COMPONENTS, random_state=seed).fit(sample)
+    lo, hi = np.percentile(pca.transform(sample), _PERCENTILES, axis=0)
+    return pca, sample, sample_t, lo, hi
+
+
+def _report(
+    embeddings: xr.Dataset, pca: Any, lo: np.ndarray, hi: np.ndarray, labels: list[str], chosen: list[int],
+    pngs: list[Path], n_drawn: int, n_samples: int, counts: np.ndarray, per_date: np.ndarray, seed: int,
+    stride: int,
+) -> dict[str, Any]:
+    """``pca.json``: the fit, the stretch, the dates mapped and the sample's make-up."""
+    return {
         "features": [str(f) for f in embeddings[FEATURE].values],
-        "explained_variance_ratio": [float(v) for v in ratio],
+        "explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio_],
         "explained_variance": [float(v) for v in pca.explained_variance_],
         "components": [[float(v) for v in row] for row in pca.components_],
         "mean": [float(v) for v in pca.mean_],
@@ -224,13 +248,10 @@ def pca_maps(
         },
         "dates": [labels[t] for t in chosen],
         "pngs": [p.name for p in pngs],
-        "n_samples": len(sample),
+        "n_samples": n_drawn,
         "n_samples_requested": int(n_samples),
         "n_valid_pixel_dates": int(counts.sum()),
         "samples_per_date": {labels[i]: int(n) for i, n in enumerate(per_date) if n},
         "seed": int(seed),
         "display_stride_px": stride,
     }
-    json_path = out_dir / "pca.json"
-    json_path.write_text(json.dumps(report, indent=2))
-    return {"pngs": pngs, "json": json_path}

@@ -74,6 +74,21 @@ class ProbeResult:
     meta: dict[str, Any] = field(default_factory=dict)
     samples: pd.DataFrame = field(default_factory=pd.DataFrame)
 
+    def markdown(self) -> str:
+        """The summary for a report (:func:`probe_markdown`)."""
+        return probe_markdown(self)
+
+    def save(self, out: str | Path) -> Path:
+        """``probe_<label>.csv`` (every fold), ``probe_<label>_summary.csv`` and ``probe_<label>.md`` in ``out``;
+        shared by ``stembed eval probe`` and ``stembed report``. Returns the summary's path."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        label = self.meta["label"]
+        self.table.to_csv(out / f"probe_{label}.csv", index=False)
+        self.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
+        (out / f"probe_{label}.md").write_text(self.markdown() + "\n")
+        return out / f"probe_{label}_summary.csv"
+
 
 # ----------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
@@ -292,6 +307,9 @@ def probe_table(
     Raises:
         ProbeError: missing label or bands, different grids or dates, fewer than 2 classes left,
             or too few blocks for ``n_folds``.
+
+    (Long by this docstring and the ``meta`` record it returns; the steps are :func:`_classes`,
+    :func:`_subsample`, :func:`_cross_validate` and :func:`_tables`.)
     """
     if max_samples < n_folds:
         raise ProbeError(f"max_samples must be >= n_folds ({n_folds}), got {max_samples}")
@@ -301,93 +319,22 @@ def probe_table(
     n_features = a.embedding.shape[1]
     n_pca = min(n_features, a.raw.shape[1])
     pca_name = f"raw_pca{n_pca}"
-
-    # classes: counted on pixels (any usable date), and the blocks those pixels fall in
-    it, iy, ix = np.nonzero(a.mask)
-    y_all = a.label[iy, ix]
-    pixel_has_date = a.mask.any(axis=0)
-    py, px = np.nonzero(pixel_has_date)
-    p_label, p_block = a.label[py, px], spatial_blocks(py, px, width_px=width, block_px=block_px)
-    kept: dict[Any, dict[str, int]] = {}
-    dropped: dict[Any, dict[str, Any]] = {}
-    for c in np.unique(p_label):
-        info = {
-            "pixels": int((p_label == c).sum()),
-            "pixel_dates": int((y_all == c).sum()),
-            "blocks": int(np.unique(p_block[p_label == c]).size),
-        }
-        reasons = []
-        if info["pixels"] < min_class_pixels:
-            reasons.append(f"{info['pixels']} pixels < min_class_pixels={min_class_pixels}")
-        if info["blocks"] < MIN_CLASS_BLOCKS:
-            reasons.append(f"in {info['blocks']} block(s) < {MIN_CLASS_BLOCKS}")
-        if reasons:
-            dropped[_py(c)] = info | {"reason": "; ".join(reasons)}
-        else:
-            kept[_py(c)] = info
-    if len(kept) < 2:
-        raise ProbeError(
-            f"only {len(kept)} class(es) of {label!r} remain ({list(kept)}; dropped: "
-            f"{ {k: v['reason'] for k, v in dropped.items()} }) and a probe needs 2; fix: lower "
-            "min_class_pixels, use a smaller block_px, or probe a label with more classes"
-        )
+    kept, dropped = _classes(a, label, block_px=block_px, min_class_pixels=min_class_pixels)
 
     # one sample for all: drop small classes, subsample uniformly, then assign folds
-    rng = np.random.default_rng(seed)
-    keep = np.isin(y_all, list(kept))
-    it, iy, ix, y_all = it[keep], iy[keep], ix[keep], y_all[keep]
-    n_eligible = int(y_all.size)
-    if n_eligible > max_samples:
-        pick = np.sort(rng.choice(n_eligible, size=max_samples, replace=False))
-        it, iy, ix, y_all = it[pick], iy[pick], ix[pick], y_all[pick]
-    if np.unique(y_all).size < 2:
-        raise ProbeError(
-            f"the subsample of {y_all.size} pixel-dates holds one class only; fix: raise max_samples"
-        )
+    it, iy, ix, y_all, n_eligible = _subsample(a, kept, max_samples, np.random.default_rng(seed))
     blocks = spatial_blocks(iy, ix, width_px=width, block_px=block_px)
     fold, cv_name = spatial_folds(y_all, blocks, n_folds=n_folds, seed=seed)
-
     features = {
         "embedding": a.embedding[it, :, iy, ix],
         "raw_bands": a.raw[it, :, iy, ix],
         "raw_pca": a.raw[it, :, iy, ix],
     }
     assert all(f.shape[0] == y_all.size for f in features.values())  # one row set for every feature set
-
-    rows = []
-    for k in range(n_folds):
-        train, test = fold != k, fold == k
-        y_train, y_test = y_all[train], y_all[test]
-        n = {"n_train": int(train.sum()), "n_test": int(test.sum())}
-        values, counts = np.unique(y_train, return_counts=True)
-        majority = values[np.argmax(counts)]
-        rows.append({"feature_set": BASELINE[0], "model": BASELINE[1], "fold": str(k),
-                     **_scores(y_test, np.full(y_test.shape, majority)), **n})
-        for fs, x in features.items():
-            for model in MODELS:
-                est = _pipeline(fs, model, n_pca=n_pca, seed=seed, n_estimators=n_estimators,
-                                n_jobs=n_jobs)
-                est.fit(x[train], y_train)
-                rows.append({"feature_set": pca_name if fs == "raw_pca" else fs, "model": model,
-                             "fold": str(k), **_scores(y_test, est.predict(x[test])), **n})
-    folds = pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
-
-    order = [BASELINE[0], "embedding", "raw_bands", pca_name]
-    g = folds.groupby(["feature_set", "model"], sort=False)
-    metrics = ["macro_f1", "accuracy", "n_train", "n_test"]
-    means = g[metrics].mean().reset_index().assign(fold="mean")
-    table = pd.concat([folds, means[list(TABLE_COLUMNS)]], ignore_index=True)
-    summary = (
-        g[["macro_f1", "accuracy"]].agg(["mean", "std"]).pipe(
-            lambda d: d.set_axis([f"{m}_{s}" for m, s in d.columns], axis=1)
-        ).reset_index()
-    )
-    summary["n_features"] = summary["feature_set"].map(
-        {BASELINE[0]: 0, "embedding": n_features, "raw_bands": a.raw.shape[1], pca_name: n_pca}
-    )
-    summary["n_folds"] = n_folds
-    summary = summary.sort_values("feature_set", key=lambda s: s.map(order.index), kind="stable")
-    summary = summary.reset_index(drop=True)
+    folds = _cross_validate(features, y_all, fold, n_folds=n_folds, n_pca=n_pca, seed=seed,
+                            n_estimators=n_estimators, n_jobs=n_jobs)
+    table, summary = _tables(folds, {BASELINE[0]: 0, "embedding": n_features, "raw_bands": a.raw.shape[1],
+                                     pca_name: n_pca}, n_folds)
 
     samples = pd.DataFrame({"it": it, "iy": iy, "ix": ix, "label": y_all, "block": blocks, "fold": fold})
     meta = {
@@ -424,16 +371,114 @@ def probe_table(
     return ProbeResult(table=table, summary=summary, meta=meta, samples=samples)
 
 
-def write_probe(result: ProbeResult, out: str | Path) -> Path:
-    """``probe_<label>.csv`` (every fold), ``probe_<label>_summary.csv`` and ``probe_<label>.md`` in ``out``;
-    shared by ``stembed eval probe`` and ``stembed report``. Returns the summary's path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    label = result.meta["label"]
-    result.table.to_csv(out / f"probe_{label}.csv", index=False)
-    result.summary.to_csv(out / f"probe_{label}_summary.csv", index=False)
-    (out / f"probe_{label}.md").write_text(probe_markdown(result) + "\n")
-    return out / f"probe_{label}_summary.csv"
+def _classes(
+    a: _Arrays, label: str, *, block_px: int, min_class_pixels: int
+) -> tuple[dict[Any, dict[str, int]], dict[Any, dict[str, Any]]]:
+    """The classes kept and dropped (with their pixel, pixel-date and block counts, and why), counted on
+    pixels with any usable date and the blocks those pixels fall in.
+
+    Raises:
+        ProbeError: fewer than 2 classes are kept.
+    """
+    width = a.label.shape[1]
+    _, iy, ix = np.nonzero(a.mask)
+    y_all = a.label[iy, ix]
+    pixel_has_date = a.mask.any(axis=0)
+    py, px = np.nonzero(pixel_has_date)
+    p_label, p_block = a.label[py, px], spatial_blocks(py, px, width_px=width, block_px=block_px)
+    kept: dict[Any, dict[str, int]] = {}
+    dropped: dict[Any, dict[str, Any]] = {}
+    for c in np.unique(p_label):
+        info = {
+            "pixels": int((p_label == c).sum()),
+            "pixel_dates": int((y_all == c).sum()),
+            "blocks": int(np.unique(p_block[p_label == c]).size),
+        }
+        reasons = []
+        if info["pixels"] < min_class_pixels:
+            reasons.append(f"{info['pixels']} pixels < min_class_pixels={min_class_pixels}")
+        if info["blocks"] < MIN_CLASS_BLOCKS:
+            reasons.append(f"in {info['blocks']} block(s) < {MIN_CLASS_BLOCKS}")
+        if reasons:
+            dropped[_py(c)] = info | {"reason": "; ".join(reasons)}
+        else:
+            kept[_py(c)] = info
+    if len(kept) < 2:
+        raise ProbeError(
+            f"only {len(kept)} class(es) of {label!r} remain ({list(kept)}; dropped: "
+            f"{ {k: v['reason'] for k, v in dropped.items()} }) and a probe needs 2; fix: lower "
+            "min_class_pixels, use a smaller block_px, or probe a label with more classes"
+        )
+    return kept, dropped
+
+
+def _subsample(
+    a: _Arrays, kept: dict[Any, Any], max_samples: int, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """The usable pixel-dates of the kept classes, at most ``max_samples`` drawn uniformly: ``it, iy, ix``,
+    their labels, and how many were eligible.
+
+    Raises:
+        ProbeError: the subsample holds one class only.
+    """
+    it, iy, ix = np.nonzero(a.mask)
+    y_all = a.label[iy, ix]
+    keep = np.isin(y_all, list(kept))
+    it, iy, ix, y_all = it[keep], iy[keep], ix[keep], y_all[keep]
+    n_eligible = int(y_all.size)
+    if n_eligible > max_samples:
+        pick = np.sort(rng.choice(n_eligible, size=max_samples, replace=False))
+        it, iy, ix, y_all = it[pick], iy[pick], ix[pick], y_all[pick]
+    if np.unique(y_all).size < 2:
+        raise ProbeError(
+            f"the subsample of {y_all.size} pixel-dates holds one class only; fix: raise max_samples"
+        )
+    return it, iy, ix, y_all, n_eligible
+
+
+def _cross_validate(
+    features: dict[str, np.ndarray], y_all: np.ndarray, fold: np.ndarray, *, n_folds: int, n_pca: int, seed: int,
+    n_estimators: int, n_jobs: int,
+) -> pd.DataFrame:
+    """One row per fold, feature set and model (plus the majority-class baseline): columns :data:`TABLE_COLUMNS`."""
+    pca_name = f"raw_pca{n_pca}"
+    rows = []
+    for k in range(n_folds):
+        train, test = fold != k, fold == k
+        y_train, y_test = y_all[train], y_all[test]
+        n = {"n_train": int(train.sum()), "n_test": int(test.sum())}
+        values, counts = np.unique(y_train, return_counts=True)
+        majority = values[np.argmax(counts)]
+        rows.append({"feature_set": BASELINE[0], "model": BASELINE[1], "fold": str(k),
+                     **_scores(y_test, np.full(y_test.shape, majority)), **n})
+        for fs, x in features.items():
+            for model in MODELS:
+                est = _pipeline(fs, model, n_pca=n_pca, seed=seed, n_estimators=n_estimators,
+                                n_jobs=n_jobs)
+                est.fit(x[train], y_train)
+                rows.append({"feature_set": pca_name if fs == "raw_pca" else fs, "model": model,
+                             "fold": str(k), **_scores(y_test, est.predict(x[test])), **n})
+    return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
+
+
+def _tables(folds: pd.DataFrame, n_inputs: dict[str, int], n_folds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The fold table with a ``mean`` row per feature set and model, and the summary (mean and std over
+    folds, input features per set) in the order of ``n_inputs``."""
+    order = list(n_inputs)
+    g = folds.groupby(["feature_set", "model"], sort=False)
+    metrics = ["macro_f1", "accuracy", "n_train", "n_test"]
+    means = g[metrics].mean().reset_index().assign(fold="mean")
+    table = pd.concat([folds, means[list(TABLE_COLUMNS)]], ignore_index=True)
+    summary = (
+        g[["macro_f1", "accuracy"]].agg(["mean", "std"]).pipe(
+            lambda d: d.set_axis([f"{m}_{s}" for m, s in d.columns], axis=1)
+        ).reset_index()
+    )
+    summary["n_features"] = summary["feature_set"].map(n_inputs)
+    summary["n_folds"] = n_folds
+    summary = summary.sort_values("feature_set", key=lambda s: s.map(order.index), kind="stable")
+    summary = summary.reset_index(drop=True)
+    return table, summary
 
 
 def probe_markdown(result: ProbeResult) -> str:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -78,14 +79,25 @@ def recon_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
-def write_recon(table: pd.DataFrame, out: str | Path) -> Path:
-    """``recon.csv`` (every split) and ``recon.md`` (the test split) in ``out``; the one writer ``stembed eval
-    recon`` and ``stembed report`` share, so their files cannot drift apart. Returns the CSV's path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "recon.csv", index=False)
-    (out / "recon.md").write_text(recon_markdown(table) + "\n")
-    return out / "recon.csv"
+@dataclass(frozen=True)
+class ReconResult:
+    """A reconstruction table (:func:`recon_table`, or ``eval.recon_bundle.bundle_recon``: columns
+    :data:`COLUMNS`) and how it is shown and saved."""
+
+    table: pd.DataFrame
+
+    def markdown(self, split: str = "test") -> str:
+        """The table of one split (:func:`recon_markdown`)."""
+        return recon_markdown(self.table, split)
+
+    def save(self, out: str | Path) -> Path:
+        """``recon.csv`` (every split) and ``recon.md`` (the test split) in ``out``; the one writer ``stembed eval
+        recon`` and ``stembed report`` share, so their files cannot drift apart. Returns the CSV's path."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        self.table.to_csv(out / "recon.csv", index=False)
+        (out / "recon.md").write_text(self.markdown() + "\n")
+        return out / "recon.csv"
 
 
 def recon_markdown(table: pd.DataFrame, split: str = "test") -> str:

@@ -57,12 +57,23 @@ def _tower_inside(embeddings: xr.Dataset, lonlat: tuple[float, float]) -> bool:
 
 def write_report(out: str | Path, inputs: ReportInputs) -> Path:
     """Run the parts whose inputs are given into ``out`` and write ``out/report.md``; return its path."""
-    from stembed.eval.gpp_run import gpp_at_tower
-    from stembed.eval.probe import probe_markdown, probe_table, write_probe
-    from stembed.eval.recon import recon_markdown, recon_table, write_recon
-    from stembed.io.cube import open_scene
-    from stembed.io.embeddings import open_embeddings
+    _check_inputs(inputs)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    page = ["# stembed evaluation report", ""]
+    if inputs.runs:
+        page += _recon_section(inputs, out)
+    if inputs.embeddings is not None and inputs.cube is not None:
+        page += _embedding_sections(inputs, out)
+    if inputs.gapfill_bundle is not None and inputs.cube is not None:
+        page += _gapfill_section(inputs, out)
+    path = out / "report.md"
+    path.write_text("\n".join(page))
+    return path
 
+
+def _check_inputs(inputs: ReportInputs) -> None:
+    """Refuse a request whose parts lack what they read, or that asks for nothing."""
     needs_store = [f for f, v in (("--label", inputs.labels), ("--flux", inputs.flux)) if v]
     if needs_store and (inputs.embeddings is None or inputs.cube is None):
         raise ReportError(f"{' and '.join(needs_store)} need an embedding store and its scene; fix: pass --embeddings and --cube")
@@ -74,99 +85,116 @@ def write_report(out: str | Path, inputs: ReportInputs) -> Path:
         raise ReportError(
             "nothing to report; fix: pass --run RUN_DIR, --embeddings with --cube, and/or --gapfill-bundle with --cube"
         )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    page = ["# stembed evaluation report", ""]
-    if inputs.runs:
-        table = recon_table(inputs.runs)
-        write_recon(table, out)
-        page += [
-            "## Reconstruction (test split, centre pixel)",
-            "",
-            "Model vs the two trivial baselines on the same observed centre values (`recon.csv` has "
-            "every split).",
-            "",
-            recon_markdown(table),
-            "",
-        ]
-    if inputs.embeddings is not None and inputs.cube is not None:
-        ds = open_embeddings(inputs.embeddings)
-        scene = open_scene(inputs.cube, check_values=False)
-        page += [
-            f"Embeddings: `{inputs.embeddings}` (site {ds.attrs.get('input', {}).get('site')}, "
-            f"bundle sha256 {ds.attrs.get('bundle', {}).get('sha256', '?')[:12]}).",
-            "",
-        ]
-        for label in inputs.labels:
-            if scene.labels is None or label not in scene.labels:
-                raise ReportError(f"the scene {inputs.cube} has no label layer {label!r}; fix: drop --label {label}")
-            res = probe_table(
-                ds,
-                scene.s2,
-                scene.labels,
-                label=label,
-                nodata=NODATA.get(label, 0),
-                max_samples=inputs.probe_samples,
-                seed=inputs.seed,
-            )
-            write_probe(res, out)
-            page += [f"## Probe: {label}", "", probe_markdown(res), ""]
-        if inputs.flux is not None:
-            inside = inputs.tower_lonlat is not None and _tower_inside(ds, inputs.tower_lonlat)
-            run = gpp_at_tower(
-                ds,
-                scene.s2,
-                inputs.flux,
-                out / "gpp",
-                tower_lonlat=inputs.tower_lonlat if inside else None,
-                split=inputs.gpp_split,
-                stride_days=inputs.gpp_stride_days,
-                cfg=inputs.gpp_config,
-                seed=inputs.seed,
-            )
-            page += ["## GPP", ""]
-            if not inside:
-                page += [
-                    "**This run checks the harness, not the skill:** the flux tower is not inside the "
-                    "embedded cube, so the features are whole-cube means of another place. The numbers "
-                    "below show that the pipeline runs end to end; they say nothing about how well "
-                    "the embeddings predict GPP.",
-                    "",
-                ]
-            pooled = run.metrics[run.metrics["site"] == "pooled"].drop(columns="site")
-            page += [
-                f"{run.n_windows} windows of {inputs.gpp_config.window_days} days, stride "
-                f"{inputs.gpp_stride_days}; {run.split} ({run.n_dropped_overlap} held-out windows dropped: "
-                f"their days overlap training windows). Pooled over sites (per-site rows in "
-                "`gpp/gpp_metrics.csv`); train rows are in-sample.",
-                "",
-                _markdown(pooled),
-                "",
-            ]
-            page += [f"![{p.stem}](gpp/{p.name})" for p in run.plots] + [""]
-    if inputs.gapfill_bundle is not None and inputs.cube is not None:
-        from stembed.eval.gapfill_run import evaluate_gap_fill, write_gapfill
 
-        gf = evaluate_gap_fill(
-            inputs.cube, inputs.gapfill_bundle, run_lengths=inputs.gapfill_run_lengths, offsets=inputs.gapfill_offsets
+
+def _recon_section(inputs: ReportInputs, out: Path) -> list[str]:
+    from stembed.eval.recon import ReconResult, recon_table
+
+    recon = ReconResult(recon_table(inputs.runs))
+    recon.save(out)
+    return [
+        "## Reconstruction (test split, centre pixel)",
+        "",
+        "Model vs the two trivial baselines on the same observed centre values (`recon.csv` has "
+        "every split).",
+        "",
+        recon.markdown(),
+        "",
+    ]
+
+
+def _embedding_sections(inputs: ReportInputs, out: Path) -> list[str]:
+    """What the embedding store is, then a probe per label and the GPP regression (when asked)."""
+    from stembed.eval.probe import probe_table
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    assert inputs.embeddings is not None and inputs.cube is not None  # checked by the caller
+    ds = open_embeddings(inputs.embeddings)
+    scene = open_scene(inputs.cube, check_values=False)
+    page = [
+        f"Embeddings: `{inputs.embeddings}` (site {ds.attrs.get('input', {}).get('site')}, "
+        f"bundle sha256 {ds.attrs.get('bundle', {}).get('sha256', '?')[:12]}).",
+        "",
+    ]
+    for label in inputs.labels:
+        if scene.labels is None or label not in scene.labels:
+            raise ReportError(f"the scene {inputs.cube} has no label layer {label!r}; fix: drop --label {label}")
+        res = probe_table(
+            ds,
+            scene.s2,
+            scene.labels,
+            label=label,
+            nodata=NODATA.get(label, 0),
+            max_samples=inputs.probe_samples,
+            seed=inputs.seed,
         )
-        write_gapfill(gf, out)
+        res.save(out)
+        page += [f"## Probe: {label}", "", res.markdown(), ""]
+    if inputs.flux is not None:
+        page += _gpp_section(inputs, ds, scene.s2, out)
+    return page
+
+
+def _gpp_section(inputs: ReportInputs, ds: xr.Dataset, s2: xr.DataArray, out: Path) -> list[str]:
+    from stembed.eval.gpp_run import gpp_at_tower
+
+    assert inputs.flux is not None  # checked by the caller
+    inside = inputs.tower_lonlat is not None and _tower_inside(ds, inputs.tower_lonlat)
+    run = gpp_at_tower(
+        ds,
+        s2,
+        inputs.flux,
+        out / "gpp",
+        tower_lonlat=inputs.tower_lonlat if inside else None,
+        split=inputs.gpp_split,
+        stride_days=inputs.gpp_stride_days,
+        cfg=inputs.gpp_config,
+        seed=inputs.seed,
+    )
+    page = ["## GPP", ""]
+    if not inside:
         page += [
-            "## Cloudy dates: error of each fill against the true embedding",
-            "",
-            f"Whole clear S2 dates of the test blocks {gf.info['regions']} hidden in runs of "
-            f"{list(inputs.gapfill_run_lengths)} consecutive dates ({gf.info['n_experiments']} schedules); each "
-            "hidden pixel-date filled by the gap-fill layers (`model_based`), the fusion model untrained for it "
-            "(`zero_shot`), and linear / Savitzky-Golay interpolation of the remaining dates. MAE over the "
-            "embedding's features; rows by the length of the gap (days between the known dates around it). "
-            "`gapfill.csv` has RMSE and the MAE relative to the embedding's spread.",
-            "",
-            gf.markdown,
+            "**This run checks the harness, not the skill:** the flux tower is not inside the "
+            "embedded cube, so the features are whole-cube means of another place. The numbers "
+            "below show that the pipeline runs end to end; they say nothing about how well "
+            "the embeddings predict GPP.",
             "",
         ]
-    path = out / "report.md"
-    path.write_text("\n".join(page))
-    return path
+    pooled = run.metrics[run.metrics["site"] == "pooled"].drop(columns="site")
+    page += [
+        f"{run.n_windows} windows of {inputs.gpp_config.window_days} days, stride "
+        f"{inputs.gpp_stride_days}; {run.split} ({run.n_dropped_overlap} held-out windows dropped: "
+        f"their days overlap training windows). Pooled over sites (per-site rows in "
+        "`gpp/gpp_metrics.csv`); train rows are in-sample.",
+        "",
+        _markdown(pooled),
+        "",
+    ]
+    return page + [f"![{p.stem}](gpp/{p.name})" for p in run.plots] + [""]
+
+
+def _gapfill_section(inputs: ReportInputs, out: Path) -> list[str]:
+    from stembed.eval.gapfill_run import evaluate_gap_fill
+
+    assert inputs.gapfill_bundle is not None and inputs.cube is not None  # checked by the caller
+    gf = evaluate_gap_fill(
+        inputs.cube, inputs.gapfill_bundle, run_lengths=inputs.gapfill_run_lengths, offsets=inputs.gapfill_offsets
+    )
+    gf.save(out)
+    return [
+        "## Cloudy dates: error of each fill against the true embedding",
+        "",
+        f"Whole clear S2 dates of the test blocks {gf.info['regions']} hidden in runs of "
+        f"{list(inputs.gapfill_run_lengths)} consecutive dates ({gf.info['n_experiments']} schedules); each "
+        "hidden pixel-date filled by the gap-fill layers (`model_based`), the fusion model untrained for it "
+        "(`zero_shot`), and linear / Savitzky-Golay interpolation of the remaining dates. MAE over the "
+        "embedding's features; rows by the length of the gap (days between the known dates around it). "
+        "`gapfill.csv` has RMSE and the MAE relative to the embedding's spread.",
+        "",
+        gf.markdown,
+        "",
+    ]
 
 
 def _markdown(df: pd.DataFrame) -> str:

@@ -52,11 +52,11 @@ from stembed.io.cube import open_scene
 from stembed.io.embeddings import EmbedError
 from stembed.io.outputs import (
     check_store_output,
-    creating_path,
     discard_store,
     lock_output,
     remove_leftovers,
 )
+from stembed.io.sinks import EmbeddingSink
 from stembed.models.bundle import Bundle, load_bundle
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
@@ -87,7 +87,7 @@ class TileJob:
     cube_fingerprint: str
     bundle: str
     bundle_sha256: str
-    out: str
+    sink: EmbeddingSink  # where the tile is written (a path inside: picklable)
     grid: store.TileGrid
     tile: tuple[int, int]
     quant: store.Quantisation
@@ -270,7 +270,8 @@ def run_tile(job: TileJob) -> tuple[int, int]:
     )
     codes = job.quant.encode(values)
     valid = np.isfinite(values).all(axis=1)
-    store.write_tile(job.out, job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes), flags)
+    job.sink.write_tile(job.grid, job.tile, codes, valid, job.quant.error_stats(values, codes), flags)
+    job.sink.mark_done(job.tile)  # last: a worker killed before it leaves the tile to the resume
     return job.tile
 
 
@@ -620,31 +621,29 @@ def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
     return attrs
 
 
-def _create_store(plan: EmbedPlan, out: Path, quant: store.Quantisation) -> None:
-    """Write the empty store aside and rename it to ``out`` (a kill leaves no half store at ``out``);
+def _create_store(plan: EmbedPlan, out: Path, sink: EmbeddingSink, quant: store.Quantisation) -> None:
+    """Create the empty store through ``sink`` (aside, then renamed: a kill leaves no half store at ``out``);
     an existing store at ``out`` (ours, ``--overwrite``) is discarded only now that every check passed."""
     if out.exists():
         discard_store(out)
     s2, daily = plan.scene.s2, plan.daily
     times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
-    creating = creating_path(out)
-    store.create_store(
-        creating, time=times, y=s2[Y].values, x=s2[X].values,
+    sink.create(
+        time=times, y=s2[Y].values, x=s2[X].values,
         features=[f"E{i + 1}" for i in range(plan.model.cfg.embed_dim)], crs=str(s2.attrs["crs"]),
         transform=list(cube_transform(s2)), quant=quant, tile_px=plan.cfg.tile_px,
         time_chunk=plan.cfg.time_chunk, attrs=_store_attrs(plan),
         flag_meanings=None if daily is None else FLAG_MEANINGS,
     )
-    creating.rename(out)
 
 
-def _tile_jobs(plan: EmbedPlan, out: Path, todo: list[tuple[int, int]], quant: store.Quantisation,
+def _tile_jobs(plan: EmbedPlan, sink: EmbeddingSink, todo: list[tuple[int, int]], quant: store.Quantisation,
                topic: str | None) -> list[TileJob]:
     cfg = plan.cfg
     return [
         TileJob(
             cube=str(plan.cube.resolve()), cube_fingerprint=plan.fingerprint["cube_fingerprint"],
-            bundle=str(plan.bundle_path.resolve()), bundle_sha256=plan.bundle_sha256, out=str(out.resolve()),
+            bundle=str(plan.bundle_path.resolve()), bundle_sha256=plan.bundle_sha256, sink=sink,
             grid=plan.grid, tile=t, quant=quant, s1_max_gap_days=plan.gap_days, batch_size=cfg.batch_size,
             device=cfg.device, threads=plan.threads, precision=cfg.precision,
             extra_max_gap_days=tuple(plan.extra_gaps.items()),
@@ -655,8 +654,8 @@ def _tile_jobs(plan: EmbedPlan, out: Path, todo: list[tuple[int, int]], quant: s
     ]
 
 
-def _run_tiles(plan: EmbedPlan, out: Path, client: Any, *, progress: bool) -> int:
-    """Embed every tile ``out`` still lacks on the cluster, with a pixel-date progress bar; returns how many.
+def _run_tiles(plan: EmbedPlan, sink: EmbeddingSink, client: Any, *, progress: bool) -> int:
+    """Embed every tile ``sink`` still lacks on the cluster, with a pixel-date progress bar; returns how many.
 
     Raises:
         CubeError, EmbedError: a tile failed (the others are cancelled; tiles written so far are kept).
@@ -664,10 +663,10 @@ def _run_tiles(plan: EmbedPlan, out: Path, client: Any, *, progress: bool) -> in
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    grid, quant, done = plan.grid, store.store_quantisation(out), store.tiles_done(out)
+    grid, quant, done = plan.grid, sink.quantisation(), sink.tiles_done()
     todo = [t for t in grid.tiles() if not done[t]]
     topic = f"stembed-progress-{uuid.uuid4().hex[:12]}" if progress else None
-    jobs = _tile_jobs(plan, out, todo, quant, topic)
+    jobs = _tile_jobs(plan, sink, todo, quant, topic)
     futures = [
         client.submit(run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{plan.bundle_sha256[:8]}",
                       pure=False)
@@ -736,13 +735,14 @@ def _embed_cube(
                            plan.notes)
     check_cube_values(plan.scene, plan.cube)  # before the store exists: no tile finds a bad value mid-run
     resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
+    sink = store.ZarrEmbeddingStore(str(out.resolve()))  # the tiles write only through it
     with cluster_client(scheduler, cfg.workers, cfg.connect_timeout_s) as client:
         if fresh:
             device = resolve_device(cfg.device)
             quant = _calibrate(plan.model.to(device), plan.scene, cfg, plan.gap_days, plan.extra_gaps, device)
-            _create_store(plan, out, quant)
-        written = _run_tiles(plan, out, client, progress=progress)
-        summary = store.finalise(out)
+            _create_store(plan, out, sink, quant)
+        written = _run_tiles(plan, sink, client, progress=progress)
+        summary = sink.finalise()
     return EmbedResult(out, written, n_tiles - written, summary, time.perf_counter() - t_start, plan.notes)
 
 

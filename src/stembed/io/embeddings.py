@@ -22,7 +22,9 @@ One store holds one cube's embeddings (no torch here):
   embed config, the input provenance, a run fingerprint (what a resume must match) and, once every
   tile is written, ``complete: true`` and the measured ``storage_error``.
 
-The ``y``/``x`` chunks are the tiles; ``time`` chunks hold ``time_chunk`` dates.
+The ``y``/``x`` chunks are the tiles; ``time`` chunks hold ``time_chunk`` dates. ``stembed embed`` writes
+through :class:`ZarrEmbeddingStore`, this layout as an :class:`~stembed.io.sinks.EmbeddingSink`; the
+functions (:func:`create_store`, :func:`write_tile`, :func:`finalise`) write it directly.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import xarray as xr
 import zarr
 
 from stembed.errors import UserError
+from stembed.io.outputs import creating_path
 from stembed.types import FEATURE, TIME, X, Y
 
 FORMAT_ATTR = "stembed_embedding_format"
@@ -216,6 +219,17 @@ def create_store(
 
     g = zarr.open_group(path, mode="r+", zarr_format=3)
     tc = min(time_chunk, n_t)
+    _create_value_arrays(g, grid, features, quant, n_t, tc)
+    _create_pixel_arrays(g, grid, n_t, tc, flag_meanings)
+    _create_bookkeeping(g, grid, n_f)
+    return grid
+
+
+def _create_value_arrays(
+    g: zarr.Group, grid: TileGrid, features: list[str], quant: Quantisation, n_t: int, tc: int
+) -> None:
+    """The values: ``embedding`` (time, feature, y, x) for float32, else one CF-scaled array per feature."""
+    n_f, tile_px = len(features), grid.tile_px
     fill: Any = INT8_FILL if quant.dtype == "int8" else np.nan
     if quant.dtype == "float32":
         g.create_array(
@@ -245,6 +259,13 @@ def create_store(
             dimension_names=(TIME, Y, X),
             attributes=attrs_f,
         )
+
+
+def _create_pixel_arrays(
+    g: zarr.Group, grid: TileGrid, n_t: int, tc: int, flag_meanings: tuple[str, ...] | None
+) -> None:
+    """Per pixel-date: ``valid``, and ``flag`` (how the value was obtained) for daily stores."""
+    tile_px = grid.tile_px
     g.create_array(
         "valid",
         shape=(n_t, grid.height, grid.width),
@@ -269,6 +290,10 @@ def create_store(
                 "flag_meanings": " ".join(flag_meanings),
             },
         )
+
+
+def _create_bookkeeping(g: zarr.Group, grid: TileGrid, n_f: int) -> None:
+    """Per tile: ``tile_done`` (its last write) and ``tile_error`` (its storage-error stats)."""
     ny, nx = grid.shape
     g.create_array(
         "tile_done",
@@ -288,7 +313,6 @@ def create_store(
         dimension_names=("tile_y", "tile_x", "stat", FEATURE),
         attributes={"stats": list(ERROR_STATS), "long_name": "storage error of each tile's valid values"},
     )
-    return grid
 
 
 def feature_var(feature: str) -> str:
@@ -359,6 +383,20 @@ def write_tile(
     A process killed mid-way leaves the flag unset, so a resume rewrites the whole tile; the region
     is chunk-aligned, so no other tile's chunks are touched.
     """
+    write_region(path, grid, tile, codes, valid, error, flag)
+    mark_tile_done(path, tile)
+
+
+def write_region(
+    path: str | Path,
+    grid: TileGrid,
+    tile: tuple[int, int],
+    codes: np.ndarray,
+    valid: np.ndarray,
+    error: np.ndarray,
+    flag: np.ndarray | None = None,
+) -> None:
+    """The first part of :func:`write_tile`: the tile's region and error stats, without its done flag."""
     g = zarr.open_group(Path(path), mode="r+")
     ys, xs = grid.bounds(*tile)
     if "embedding" in g:
@@ -370,6 +408,11 @@ def write_tile(
     if flag is not None:
         _array(g, "flag")[:, ys, xs] = flag
     _array(g, "tile_error")[tile[0], tile[1]] = error
+
+
+def mark_tile_done(path: str | Path, tile: tuple[int, int]) -> None:
+    """The last write of a tile: its ``tile_done`` flag."""
+    g = zarr.open_group(Path(path), mode="r+")
     _array(g, "tile_done")[tile[0], tile[1]] = 1
 
 
@@ -449,3 +492,45 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.D
     out = out.assign_coords({FEATURE: [str(f) for f in out[FEATURE].values]})
     out.attrs = attrs
     return out
+
+
+@dataclass(frozen=True)
+class ZarrEmbeddingStore:
+    """The zarr embedding store at ``path`` as an :class:`~stembed.io.sinks.EmbeddingSink` (picklable: a path).
+
+    :meth:`create` writes the empty store beside ``path`` (``creating_path``) and renames it into place, so
+    a kill never leaves a half-created store at ``path``; ``path`` must not exist (an old store is the
+    caller's to discard first).
+    """
+
+    path: str
+
+    def create(self, **layout: Any) -> TileGrid:
+        """:func:`create_store` aside, then renamed to ``path``; the tile grid."""
+        creating = creating_path(self.path)
+        grid = create_store(creating, **layout)
+        creating.rename(self.path)
+        return grid
+
+    def tiles_done(self) -> np.ndarray:
+        return tiles_done(self.path)
+
+    def quantisation(self) -> Quantisation:
+        return store_quantisation(self.path)
+
+    def write_tile(
+        self,
+        grid: TileGrid,
+        tile: tuple[int, int],
+        codes: np.ndarray,
+        valid: np.ndarray,
+        error: np.ndarray,
+        flag: np.ndarray | None = None,
+    ) -> None:
+        write_region(self.path, grid, tile, codes, valid, error, flag)
+
+    def mark_done(self, tile: tuple[int, int]) -> None:
+        mark_tile_done(self.path, tile)
+
+    def finalise(self) -> dict[str, Any]:
+        return finalise(self.path)

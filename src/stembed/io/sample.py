@@ -101,12 +101,40 @@ def sample_points(embeddings: xr.Dataset, points: pd.DataFrame, *, window_px: in
         raise SampleError(
             f"point ids {_name_points(ids, dup)} appear more than once; fix: make the ids unique"
         )
-    crs = str(embeddings.attrs["crs"])
     x_left, dx, rot_x, y_top, rot_y, dy = (float(v) for v in embeddings.attrs["transform"])
     if rot_x or rot_y:
         raise SampleError("the store's transform is rotated; sampling supports north-up grids only")
-    height, width = embeddings.sizes[Y], embeddings.sizes[X]
+    row, col = _pixels(embeddings, points, ids, k)
+    means, n_valid, features = _window_means(embeddings, row, col, half)
 
+    n_t, n_p = embeddings.sizes[TIME], len(ids)
+    cx, cy = x_left + dx * (col + 0.5), y_top + dy * (row + 0.5)
+    table = pd.DataFrame({
+        "id": np.repeat(ids.to_numpy(), n_t),
+        "time": np.tile(embeddings[TIME].values, n_p),
+        "x": np.repeat(np.asarray(cx, np.float64), n_t),
+        "y": np.repeat(np.asarray(cy, np.float64), n_t),
+    })
+    for j, f in enumerate(features):
+        table[f] = means[:, :, j].reshape(-1)
+    table["n_valid"] = n_valid.reshape(-1)
+    if "flag" in embeddings:  # a daily store: how the point's own pixel got its value that day
+        flag = embeddings["flag"].transpose(TIME, Y, X)
+        at = flag.isel({Y: xr.DataArray(row, dims="p"), X: xr.DataArray(col, dims="p")}).transpose("p", TIME)
+        table["flag"] = np.asarray(at.values, np.uint8).reshape(-1)
+    return table
+
+
+def _pixels(embeddings: xr.Dataset, points: pd.DataFrame, ids: pd.Series, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column of each point's pixel (north-up transform).
+
+    Raises:
+        SampleError: a point outside the grid, or its K x K window reaching past the border.
+    """
+    half = k // 2
+    crs = str(embeddings.attrs["crs"])
+    x_left, dx, _, y_top, _, dy = (float(v) for v in embeddings.attrs["transform"])
+    height, width = embeddings.sizes[Y], embeddings.sizes[X]
     px, py = _point_xy(points, crs, ids)
     col = np.floor((px - x_left) / dx).astype(np.int64)
     row = np.floor((py - y_top) / dy).astype(np.int64)
@@ -128,11 +156,18 @@ def sample_points(embeddings: xr.Dataset, points: pd.DataFrame, *, window_px: in
             f"border; fix: use a smaller --window-px (at most {max(1, 2 * int(half - over.max()) + 1)} "
             "fits them all), or drop those points"
         )
+    return row, col
 
+
+def _window_means(
+    embeddings: xr.Dataset, row: np.ndarray, col: np.ndarray, half: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Mean of the valid, finite embeddings in each point's window per date ``(point, time, feature)`` (NaN where
+    none), the count of those pixels ``(point, time)``, and the feature names; read in batches of points."""
     emb = embeddings["embedding"].transpose(TIME, FEATURE, Y, X)
     valid = embeddings["valid"].transpose(TIME, Y, X)
     off = np.arange(-half, half + 1)
-    n_t, n_p = embeddings.sizes[TIME], len(ids)
+    n_t, n_p = embeddings.sizes[TIME], len(row)
     features = [str(f) for f in emb[FEATURE].values]
     means = np.full((n_p, n_t, len(features)), np.nan, np.float32)
     n_valid = np.zeros((n_p, n_t), np.int64)
@@ -150,22 +185,7 @@ def sample_points(embeddings: xr.Dataset, points: pd.DataFrame, *, window_px: in
         with np.errstate(invalid="ignore", divide="ignore"):
             means[sl] = np.where(n[:, :, None] > 0, total / n[:, :, None], np.nan)
         n_valid[sl] = n
-
-    cx, cy = x_left + dx * (col + 0.5), y_top + dy * (row + 0.5)
-    table = pd.DataFrame({
-        "id": np.repeat(ids.to_numpy(), n_t),
-        "time": np.tile(embeddings[TIME].values, n_p),
-        "x": np.repeat(np.asarray(cx, np.float64), n_t),
-        "y": np.repeat(np.asarray(cy, np.float64), n_t),
-    })
-    for j, f in enumerate(features):
-        table[f] = means[:, :, j].reshape(-1)
-    table["n_valid"] = n_valid.reshape(-1)
-    if "flag" in embeddings:  # a daily store: how the point's own pixel got its value that day
-        flag = embeddings["flag"].transpose(TIME, Y, X)
-        at = flag.isel({Y: xr.DataArray(row, dims="p"), X: xr.DataArray(col, dims="p")}).transpose("p", TIME)
-        table["flag"] = np.asarray(at.values, np.uint8).reshape(-1)
-    return table
+    return means, n_valid, features
 
 
 def read_points(path: str | Path) -> pd.DataFrame:

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stembed.errors import UserError
-from stembed.io.stac import GridSpec, StacError, period_pieces, utm_grid
+from stembed.geometry import GridSpec
+from stembed.io.stac import StacError, period_pieces, utm_grid
 
 POINT_COLUMNS = ("lon", "lat", "size_m")
 BBOX_COLUMNS = ("west", "south", "east", "north")

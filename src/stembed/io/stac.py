@@ -18,17 +18,15 @@ pystac-client and requests are imported inside the functions that use them.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import pandas as pd
-import pyproj
 
 from stembed.errors import UserError
+from stembed.geometry import RESOLUTION_M, GridSpec, grid_around_bbox, grid_around_point
 
 PLANETARY_COMPUTER = "https://planetarycomputer.microsoft.com/api/stac/v1"
 """The default catalog."""
@@ -37,8 +35,6 @@ S1_COLLECTION = "sentinel-1-rtc"
 RETRY_STATUS = (429, 500, 502, 503, 504)
 """HTTP statuses retried (with backoff) by every request of the search layer."""
 
-_RES_M = 10.0
-_SNAP_TOL_M = 1e-3
 
 
 class StacError(UserError):
@@ -54,7 +50,6 @@ class RetryPolicy:
     backoff_s: float = 1.0
 
     def urllib3_retry(self) -> Any:
-        """This policy as urllib3's ``Retry`` (also on the :data:`RETRY_STATUS` answers), for a requests session."""
         from urllib3.util.retry import Retry
 
         return Retry(
@@ -214,68 +209,12 @@ def item_epsg(item: Any, asset: str | None = None) -> int:
 
 
 # ----------------------------------------------------------------------------- grid
-@dataclass(frozen=True)
-class GridSpec:
-    """One UTM grid of ``resolution_m`` pixels: ``x_left``/``y_top`` is the outer top-left corner."""
-
-    epsg: int
-    x_left: float
-    y_top: float
-    width_px: int
-    height_px: int
-    resolution_m: float = _RES_M
-    note: str = ""
-
-    @property
-    def crs(self) -> str:
-        """The grid's CRS as ``EPSG:<code>``."""
-        return f"EPSG:{self.epsg}"
-
-    @property
-    def x(self) -> np.ndarray:
-        """Pixel-centre x coordinates (increasing)."""
-        return self.x_left + self.resolution_m * (np.arange(self.width_px) + 0.5)
-
-    @property
-    def y(self) -> np.ndarray:
-        """Pixel-centre y coordinates (decreasing)."""
-        return self.y_top - self.resolution_m * (np.arange(self.height_px) + 0.5)
-
-    def bbox_lonlat(self) -> tuple[float, float, float, float]:
-        """The grid's bounds in lon/lat (envelope of the densified outline), for the item search."""
-        tr = pyproj.Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True)
-        x0, x1 = self.x_left, self.x_left + self.width_px * self.resolution_m
-        y1, y0 = self.y_top, self.y_top - self.height_px * self.resolution_m
-        west, south, east, north = tr.transform_bounds(x0, y0, x1, y1, densify_pts=21)
-        return float(west), float(south), float(east), float(north)
-
-    def geobox(self) -> Any:
-        """The odc-geo ``GeoBox`` of this grid."""
-        from affine import Affine
-        from odc.geo.geobox import GeoBox
-
-        r = self.resolution_m
-        return GeoBox(
-            (self.height_px, self.width_px), Affine(r, 0.0, self.x_left, 0.0, -r, self.y_top), self.crs
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        """The grid as plain values, for JSON attributes and provenance."""
-        return asdict(self)
-
-
-def utm_epsg(lon: float, lat: float) -> int:
-    """EPSG code of the WGS84 UTM zone holding (lon, lat) (the regular 6-degree zones)."""
-    zone = int(math.floor((lon + 180.0) / 6.0)) % 60 + 1
-    return (32600 if lat >= 0 else 32700) + zone
-
-
 def utm_grid(
     *,
     bbox: Sequence[float] | None = None,
     point: Sequence[float] | None = None,
     size_m: float | None = None,
-    resolution_m: float = _RES_M,
+    resolution_m: float = RESOLUTION_M,
 ) -> GridSpec:
     """The 10 m UTM grid for a lon/lat box ``(W, S, E, N)``, or for a square of ``size_m`` centred on ``point``.
 
@@ -301,30 +240,7 @@ def utm_grid(
             )
         if size_m is not None:
             raise StacError("--size-m goes with --point, not with --bbox")
-        clon, clat = (w + e) / 2, (s + n) / 2
-        epsg = utm_epsg(clon, clat)
-        zones = sorted({utm_epsg(lon, lat) for lon in (w, e) for lat in (s, n)})
-        note = ""
-        if len(zones) > 1:
-            note = (
-                f"the box spans UTM zones {', '.join(f'EPSG:{z}' for z in zones)}; the cube uses EPSG:{epsg}, the zone "
-                "of its centre (pixels of the other zone are reprojected onto it)"
-            )
-        tr = pyproj.Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True)
-        x0, y0, x1, y1 = tr.transform_bounds(w, s, e, n, densify_pts=21)
-        xl = math.floor(x0 / resolution_m + _SNAP_TOL_M) * resolution_m
-        xr = math.ceil(x1 / resolution_m - _SNAP_TOL_M) * resolution_m
-        yb = math.floor(y0 / resolution_m + _SNAP_TOL_M) * resolution_m
-        yt = math.ceil(y1 / resolution_m - _SNAP_TOL_M) * resolution_m
-        return GridSpec(
-            epsg,
-            float(xl),
-            float(yt),
-            int(round((xr - xl) / resolution_m)),
-            int(round((yt - yb) / resolution_m)),
-            resolution_m,
-            note,
-        )
+        return grid_around_bbox(w, s, e, n, resolution_m)
     if point is None or len(point) != 2:
         raise StacError(f"--point needs 2 numbers LON LAT, got {point}")
     lon, lat = (float(v) for v in point)
@@ -334,12 +250,7 @@ def utm_grid(
         raise StacError(
             f"--point needs --size-m of at least {resolution_m:g} m (the side of the square), got {size_m}"
         )
-    epsg = utm_epsg(lon, lat)
-    cx, cy = pyproj.Transformer.from_crs("EPSG:4326", f"EPSG:{epsg}", always_xy=True).transform(lon, lat)
-    n_px = int(math.ceil(float(size_m) / resolution_m - _SNAP_TOL_M))
-    xl = round((cx - n_px * resolution_m / 2) / resolution_m) * resolution_m
-    yt = round((cy + n_px * resolution_m / 2) / resolution_m) * resolution_m
-    return GridSpec(epsg, float(xl), float(yt), n_px, n_px, resolution_m, "")
+    return grid_around_point(lon, lat, float(size_m), resolution_m)
 
 
 # ----------------------------------------------------------------------------- pieces of a period
@@ -352,7 +263,6 @@ class Piece:
 
     @property
     def name(self) -> str:
-        """``START_END``, the stem of the piece's staged files."""
         return f"{self.start}_{self.end}"
 
 

@@ -84,22 +84,7 @@ def read_worldcereal(
 
     ds10, ds20, ds1 = (_load(paths[k]) for k in ("s2_10m", "s2_20m", "s1"))
     y, x = ds10[Y].values.astype(np.float64), ds10[X].values.astype(np.float64)
-    _check_nested(ds20, y, x, paths["s2_20m"].name)
-    _check_nested(ds1, y, x, paths["s1"].name)
-    if not np.array_equal(ds10["timestamp"].values, ds20["timestamp"].values):
-        raise CubeError(
-            f"{paths['s2_10m'].name} and {paths['s2_20m'].name} have different timestamps; "
-            "this reader needs both S2 files from one extraction"
-        )
-    if (ds10["timestamp"].values >= _BASELINE_04_START).any():
-        raise CubeError(
-            f"{paths['s2_10m'].name} holds acquisitions from {_BASELINE_04_START} on (processing baseline "
-            ">= 04.00), whose DN may carry BOA_ADD_OFFSET = -1000; this reader assumes older data: check the "
-            "source collection"
-        )
-
-    if "epsg" not in ds10.attrs:
-        raise CubeError(f"{paths['s2_10m'].name} has no 'epsg' attribute, so its CRS is unknown")
+    _check_files(ds10, ds20, ds1, paths, y, x)
     crs = f"EPSG:{ds10.attrs['epsg']}"
     site = str(ds10.attrs.get("location_id", folder.name))
     coords = {Y: y, X: x}
@@ -107,20 +92,7 @@ def read_worldcereal(
     base = {"source": SOURCE, "reader": "stembed.io.worldcereal.read_worldcereal", "location_id": site,
             "location_dir": str(folder)}
 
-    # Sentinel-2: reflectance (time, band, y, x) and SCL (time, y, x) on the 10 m grid
-    bands = {b: _dn_to_reflectance(ds10[b].values) for b in _S2_10M_BANDS}
-    bands |= {b: _upsample2(_dn_to_reflectance(ds20[b].values)) for b in _S2_20M_BANDS}
-    reflectance = np.stack([bands[b] for b in S2.bands], axis=1)
-    scl = _upsample2(ds20["SCL"].values)
-    s2_times = ds10["timestamp"].values
-    valid = ~np.isin(scl, classes) & np.isfinite(reflectance).all(axis=1)
-    (reflectance, scl), s2_times = merge_same_day([reflectance, scl], s2_times, valid)
-    s2 = prepare_s2(
-        xr.DataArray(reflectance, dims=CUBE_DIMS, coords={TIME: s2_times, BAND: list(S2.bands), **coords}),
-        xr.DataArray(scl, dims=(TIME, Y, X), coords={TIME: s2_times, **coords}),
-        masked_classes=classes,
-        min_valid_fraction=min_valid_fraction,
-    )
+    s2, n_merged = _s2_cube(ds10, ds20, coords, classes, min_valid_fraction)
     s2_prov = base | {
         "files": _hashes([paths["s2_10m"], paths["s2_20m"]]),
         "product": "Sentinel-2 L2A (Sen2Cor) from Google Earth Engine; reflectance = DN * 1e-4 (processing "
@@ -128,17 +100,11 @@ def read_worldcereal(
         "scl_masked_classes": classes,
         "min_valid_fraction": min_valid_fraction,
         "dates_in_file": int(ds10.sizes["timestamp"]),
-        "dates_after_same_day_merge": len(s2_times),
+        "dates_after_same_day_merge": n_merged,
         "dates_kept": int(s2.sizes[TIME]),
     }
 
-    # Sentinel-1: dB -> linear power, upsampled, then prepared on its own dates
-    linear = np.stack([_upsample2(_db_to_linear(ds1[b].values)) for b in S1.bands], axis=1)
-    s1_times = ds1["timestamp"].values
-    (linear,), s1_times = merge_same_day([linear], s1_times, np.isfinite(linear).all(axis=1))
-    s1 = prepare_s1(
-        xr.DataArray(linear, dims=CUBE_DIMS, coords={TIME: s1_times, BAND: list(S1.bands), **coords})
-    )
+    s1 = _s1_cube(ds1, coords)
     s1_prov = base | {
         "files": _hashes([paths["s1"]]),
         "product": "Sentinel-1 GRD sigma0 (not RTC gamma0), ascending orbits only, from Google Earth Engine "
@@ -159,6 +125,63 @@ def read_worldcereal(
     )
     scene.validate()
     return scene
+
+
+def _check_files(
+    ds10: xr.Dataset, ds20: xr.Dataset, ds1: xr.Dataset, paths: dict[str, Path], y: np.ndarray, x: np.ndarray
+) -> None:
+    """The three files of a location agree (nested grids, the same S2 dates), predate baseline 04.00 and
+    name their CRS.
+
+    Raises:
+        CubeError: they do not.
+    """
+    _check_nested(ds20, y, x, paths["s2_20m"].name)
+    _check_nested(ds1, y, x, paths["s1"].name)
+    if not np.array_equal(ds10["timestamp"].values, ds20["timestamp"].values):
+        raise CubeError(
+            f"{paths['s2_10m'].name} and {paths['s2_20m'].name} have different timestamps; "
+            "this reader needs both S2 files from one extraction"
+        )
+    if (ds10["timestamp"].values >= _BASELINE_04_START).any():
+        raise CubeError(
+            f"{paths['s2_10m'].name} holds acquisitions from {_BASELINE_04_START} on (processing baseline "
+            ">= 04.00), whose DN may carry BOA_ADD_OFFSET = -1000; this reader assumes older data: check the "
+            "source collection"
+        )
+    if "epsg" not in ds10.attrs:
+        raise CubeError(f"{paths['s2_10m'].name} has no 'epsg' attribute, so its CRS is unknown")
+
+
+def _s2_cube(
+    ds10: xr.Dataset, ds20: xr.Dataset, coords: dict[str, np.ndarray], classes: list[int], min_valid_fraction: float
+) -> tuple[xr.DataArray, int]:
+    """Sentinel-2 reflectance (time, band, y, x) and SCL on the 10 m grid, same-day merged, then prepared;
+    with the number of dates after the merge."""
+    bands = {b: _dn_to_reflectance(ds10[b].values) for b in _S2_10M_BANDS}
+    bands |= {b: _upsample2(_dn_to_reflectance(ds20[b].values)) for b in _S2_20M_BANDS}
+    reflectance = np.stack([bands[b] for b in S2.bands], axis=1)
+    scl = _upsample2(ds20["SCL"].values)
+    s2_times = ds10["timestamp"].values
+    valid = ~np.isin(scl, classes) & np.isfinite(reflectance).all(axis=1)
+    (reflectance, scl), s2_times = merge_same_day([reflectance, scl], s2_times, valid)
+    s2 = prepare_s2(
+        xr.DataArray(reflectance, dims=CUBE_DIMS, coords={TIME: s2_times, BAND: list(S2.bands), **coords}),
+        xr.DataArray(scl, dims=(TIME, Y, X), coords={TIME: s2_times, **coords}),
+        masked_classes=classes,
+        min_valid_fraction=min_valid_fraction,
+    )
+    return s2, len(s2_times)
+
+
+def _s1_cube(ds1: xr.Dataset, coords: dict[str, np.ndarray]) -> xr.DataArray:
+    """Sentinel-1: dB -> linear power, upsampled, same-day merged, then prepared on its own dates."""
+    linear = np.stack([_upsample2(_db_to_linear(ds1[b].values)) for b in S1.bands], axis=1)
+    s1_times = ds1["timestamp"].values
+    (linear,), s1_times = merge_same_day([linear], s1_times, np.isfinite(linear).all(axis=1))
+    return prepare_s1(
+        xr.DataArray(linear, dims=CUBE_DIMS, coords={TIME: s1_times, BAND: list(S1.bands), **coords})
+    )
 
 
 def _find(folder: Path, pattern: str, what: str, needs: str) -> Path:

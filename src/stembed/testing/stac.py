@@ -1,129 +1,18 @@
-"""Helpers for tests and benchmarks: random bundles, a toy companion sensor, and an offline STAC API built from
-the real WorldCereal patch (catalog writer + HTTP server). Production code never imports this module; the
-synthetic scene it re-exports lives in :mod:`stembed.data.synthetic` (the ``synthetic`` data source).
-"""
+"""An offline STAC API built from the real WorldCereal patch, for tests of ``stembed cube``:
+:func:`worldcereal_stac_catalog` writes a static catalog of COGs, :class:`StacTestServer` serves it over HTTP
+(search, files with Range, recorded pages, fault injection). pystac, rasterio and http.server are imported
+inside the functions that use them."""
 
 from __future__ import annotations
 
-import hashlib
-import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import xarray as xr
 
-from stembed.contract import Scene, make_cube
-from stembed.data.synthetic import LAND_COVER, synthetic_scene  # noqa: F401  (re-exported: it lived here first)
-from stembed.sensors import S1, S2, SensorPlugin, SensorSpec
-from stembed.types import BAND, TIME, X, Y
+from stembed.types import X, Y
 
-
-def random_fusion_bundle(
-    path: Any,
-    *,
-    seed: int = 0,
-    preset: str = "small",
-    tiny: bool = False,
-    sensors: dict[str, Any] | None = None,
-    gapfill: bool = False,
-) -> Any:
-    """Write an untrained fusion bundle with seeded random weights and return its path.
-
-    For tests and benchmarks where only the arithmetic matters (equality of two inference paths,
-    speed). ``tiny`` takes the ``tiny`` preset instead of ``preset``; ``sensors`` replaces the band specs.
-    ``gapfill`` writes a gap-fill bundle whose filler layers are random too (not a copy of the fusion's).
-    """
-    import torch
-
-    from stembed.config import ae_preset, fusion_preset
-    from stembed.models.autoencoder import SensorAutoencoder
-    from stembed.models.bundle import save_bundle
-    from stembed.models.fusion import FusionModel
-    from stembed.models.gapfill import GapFillModel
-
-    name = "tiny" if tiny else preset
-    a1, a2, f = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
-    torch.manual_seed(seed)
-    model = FusionModel(SensorAutoencoder(a1), SensorAutoencoder(a2), f)
-    config = {"model": f.model_dump(mode="json"), "s1_model": a1.model_dump(mode="json"),
-              "s2_model": a2.model_dump(mode="json")}
-    sensors = sensors or {"s1": S1, "s2": S2}
-    provenance = {"note": f"random weights, seed {seed}"}
-    if not gapfill:
-        return save_bundle(path, kind="fusion", sensor=None, model=model, config=config, sensors=sensors,
-                           provenance=provenance)
-    both = GapFillModel(model)
-    with torch.no_grad():
-        for p in both.fill_parameters():
-            p.normal_(0.0, 0.1)
-    return save_bundle(path, kind="gapfill", sensor=None, model=both, config={"fusion": config}, sensors=sensors,
-                       provenance=provenance)
-
-
-# ----------------------------------------------------------------------------- a toy companion sensor
-TOY_SENSOR = SensorSpec(
-    name="toy",
-    bands=("SEASON", "TEXTURE"),
-    valid_range=(0.0, 1.0),
-    normalisation=(
-        "synthetic test sensor (stembed.testing.toy_sensor_plugin), daily over the S2 period: "
-        "SEASON = seasonal sine shifted by a smoothed S2 B08 median, TEXTURE = smoothed S2 B08-B04 median modulated by the "
-        "season, plus seeded noise; clipped to [0, 1]; about 3 % of days NaN"
-    ),
-)
-
-
-def toy_sensor_plugin() -> SensorPlugin:
-    """A companion-sensor plugin named ``"toy"`` (2 bands, [0, 1]) whose cube derives from the scene itself.
-
-    For tests of the plugin plumbing and a fast three-sensor fusion on :func:`synthetic_scene`: its
-    daily cube varies in space (smoothed S2 medians, so it is learnable and tied to the landscape) and
-    in time (a seasonal sine), and is seeded by the site id. Not registered at import; register it with
-    ``stembed.sensors.register_sensor(toy_sensor_plugin())`` (registering it twice is a no-op).
-    """
-    return SensorPlugin(
-        spec=TOY_SENSOR, latent_dim=2, reduced_tokens=4, match_max_gap_days=0.5, load=_toy_load
-    )
-
-
-def _toy_load(scene: Scene, site_folder: Any) -> xr.DataArray:
-    """The toy sensor's cube: daily (00:00) from the first to the last S2 day, on the S2 grid."""
-    from scipy.ndimage import uniform_filter
-
-    s2 = scene.s2
-    seed = int.from_bytes(hashlib.sha256(f"toy:{scene.site}".encode()).digest()[:8], "little")
-    rng = np.random.default_rng(seed)
-    t2 = pd.DatetimeIndex(s2[TIME].values).normalize()
-    times = pd.date_range(t2.min(), t2.max(), freq="D")
-
-    def field(values: np.ndarray) -> np.ndarray:
-        """A band's temporal median, smoothed over 5x5 px and scaled to about [-1, 1]."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN pixels
-            med = np.nanmedian(values, axis=0)
-        med = np.where(np.isfinite(med), med, np.nanmean(med) if np.isfinite(med).any() else 0.0)
-        f = uniform_filter(med, size=5, mode="nearest")
-        return (f - f.mean()) / (np.abs(f - f.mean()).max() + 1e-9)
-
-    nir, red = s2.sel({BAND: "B08"}).values, s2.sel({BAND: "B04"}).values
-    f_nir, f_contrast = field(nir), field(nir - red)
-    phase = 2 * np.pi * (times.dayofyear.to_numpy() - 100) / 365.25
-    season = np.sin(phase)[:, None, None]  # (time, 1, 1)
-    band0 = 0.5 + 0.25 * season + 0.15 * f_nir[None]
-    band1 = 0.5 + 0.3 * f_contrast[None] * (0.6 + 0.4 * season)
-    values = np.stack([band0, band1], axis=1)  # (time, band, y, x)
-    values = values + 0.02 * rng.standard_normal(values.shape)
-    values[rng.random(times.size) < 0.03] = np.nan
-    return make_cube(
-        np.clip(values, 0.0, 1.0), times=times, bands=TOY_SENSOR.bands, y=s2[Y].values, x=s2[X].values,
-        crs=str(s2.attrs["crs"]), sensor=TOY_SENSOR.name, site=scene.site,
-        provenance={"source": "stembed.testing.toy_sensor_plugin", "synthetic": True, "seed": seed,
-                    "site_folder": None if site_folder is None else str(site_folder)},
-    )
-
-
-# ----------------------------------------------------------------------------- a local STAC catalog of real data
 S2_ASSETS_10M = ("B02", "B03", "B04", "B08")
 S2_ASSETS_20M = ("B05", "B06", "B07", "B8A", "B11", "B12")
 _VIEW_BAND_IDS = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
@@ -180,6 +69,22 @@ def worldcereal_stac_catalog(
     s1_col = _collection("sentinel-1-rtc", lonlat, ds1["timestamp"].values)
     catalog.add_children([s2_col, s1_col])
 
+    _add_s2_items(s2_col, ds10, ds20, out, lonlat, epsg, s2_times, baseline_04_every, proj_code_every)
+    _add_s1_items(s1_col, ds1, out, lonlat, epsg, s1_times, proj_code_every)
+
+    catalog.normalize_hrefs(str(out))
+    catalog.make_all_asset_hrefs_relative()
+    catalog.save(pystac.CatalogType.SELF_CONTAINED)
+    return out / "catalog.json"
+
+
+def _add_s2_items(
+    s2_col: Any, ds10: xr.Dataset, ds20: xr.Dataset, out: Any, lonlat: tuple[float, float, float, float], epsg: int,
+    s2_times: Any, baseline_04_every: int, proj_code_every: int,
+) -> None:
+    """One S2 item per picked timestamp: a DN COG per band (some at baseline 04.00: DN + 1000) and MTD_TL.xml."""
+    import pystac
+
     s2_all = pd.DatetimeIndex(ds10["timestamp"].values)
     picks = range(len(s2_all)) if s2_times is None else [s2_all.get_loc(pd.Timestamp(t)) for t in s2_times]
     for k, i in enumerate(picks):
@@ -205,6 +110,12 @@ def worldcereal_stac_catalog(
         item.add_asset("granule-metadata", pystac.Asset(str(xml), media_type="application/xml", roles=["metadata"]))
         s2_col.add_item(item)
 
+
+def _add_s1_items(
+    s1_col: Any, ds1: xr.Dataset, out: Any, lonlat: tuple[float, float, float, float], epsg: int, s1_times: Any,
+    proj_code_every: int,
+) -> None:
+    """One S1 item per picked timestamp: ``vv``/``vh`` COGs in linear power."""
     s1_all = pd.DatetimeIndex(ds1["timestamp"].values)
     picks = range(len(s1_all)) if s1_times is None else [s1_all.get_loc(pd.Timestamp(t)) for t in s1_times]
     for k, i in enumerate(picks):
@@ -221,11 +132,6 @@ def worldcereal_stac_catalog(
             linear = np.where(raw == 0, np.nan, 10.0 ** (raw.astype(np.float64) * 1e-4 / 10.0)).astype(np.float32)
             _write_asset(item, item_dir / f"{band.lower()}.tif", band.lower(), linear, ds1, epsg, nodata=float("nan"))
         s1_col.add_item(item)
-
-    catalog.normalize_hrefs(str(out))
-    catalog.make_all_asset_hrefs_relative()
-    catalog.save(pystac.CatalogType.SELF_CONTAINED)
-    return out / "catalog.json"
 
 
 def _footprint(ds: xr.Dataset, epsg: int) -> tuple[float, float, float, float]:
@@ -550,30 +456,3 @@ def _make_handler(server: StacTestServer) -> Any:
             self._route("HEAD")
 
     return Handler
-
-
-# ----------------------------------------------------------------------------- a stand-in embedding store
-def write_embedding_store(
-    path: Any, s2: xr.DataArray, values: np.ndarray, *, valid: np.ndarray | None = None, tile_px: int = 16,
-    time_chunk: int = 8, attrs: dict[str, Any] | None = None,
-) -> Any:
-    """Write ``values`` (time, 7, y, x) on the grid of the S2 cube ``s2`` as a finished float32 embedding store,
-    for tests of what reads one (eval, sample, export) where no model is needed. ``valid`` defaults to
-    "every feature finite"; returns ``path``."""
-    from stembed.contract import cube_transform
-    from stembed.io.embeddings import Quantisation, create_store, finalise, write_tile
-
-    q = Quantisation.identity(values.shape[1])
-    valid = np.isfinite(values).all(axis=1) if valid is None else valid
-    grid = create_store(
-        path, time=s2[TIME].values, y=s2[Y].values, x=s2[X].values,
-        features=[f"E{i}" for i in range(1, values.shape[1] + 1)], crs=str(s2.attrs["crs"]),
-        transform=list(cube_transform(s2)), quant=q, tile_px=tile_px, time_chunk=time_chunk, attrs=attrs or {},
-    )
-    for tile in grid.tiles():
-        ys, xs = grid.bounds(*tile)
-        v = values[:, :, ys, xs]
-        codes = q.encode(v)
-        write_tile(path, grid, tile, codes, valid[:, ys, xs], q.error_stats(v, codes))
-    finalise(path)
-    return path

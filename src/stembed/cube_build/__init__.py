@@ -1,0 +1,30 @@
+"""``stembed cube``: a scene store (S2 L2A + S1 RTC on one UTM 10 m grid) for any place and period, from STAC.
+
+The build orchestration, in its own rank above ``io`` and ``preprocess``:
+
+* :mod:`~stembed.cube_build.request`: :class:`CubeRequest` (what decides a cube's content) and :class:`BuildResult`;
+* :mod:`~stembed.cube_build.build`: :func:`build_cube`, one site: search (:mod:`stembed.io.stac`), staging,
+  pieces, assembly (the steps are described there);
+* :mod:`~stembed.cube_build.pieces`: one piece of the period per sensor, loaded (:mod:`stembed.io.stac_load`),
+  made into reflectance / backscatter (:mod:`stembed.preprocess`) and staged;
+* :mod:`~stembed.cube_build.sites`: :func:`build_cubes`, many sites as dask tasks.
+
+The loading lives in :mod:`stembed.io.stac_load`, the S2 radiometry (BOA offset, BRDF) and cloud masks in
+:mod:`stembed.preprocess`, the grid in :mod:`stembed.geometry`.
+"""
+
+from stembed.cube_build.build import build_cube, staging_dir
+from stembed.cube_build.request import MIN_DATES_DEFAULT, BuildResult, CubeRequest
+from stembed.cube_build.sites import build_cubes, build_site
+from stembed.errors import CubeBuildError
+
+__all__ = [
+    "MIN_DATES_DEFAULT",
+    "BuildResult",
+    "CubeBuildError",
+    "CubeRequest",
+    "build_cube",
+    "build_cubes",
+    "build_site",
+    "staging_dir",
+]
