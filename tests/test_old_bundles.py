@@ -1,0 +1,64 @@
+"""Bundles written before sensors were keyed (main 123f5ca) still load and give the same numbers, bit for bit.
+
+The fixtures in tests/data were written by ``tests/data/make_fixtures_main_123f5ca.py.txt`` run at that commit: a
+tiny fusion bundle with a companion sensor (``toy``), a gap-fill bundle on top of it, and the embeddings (and centre
+frame reconstructions) they and the built-in ``pretrained:belgium`` bundle gave a fixed random input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stembed.models.bundle import load_bundle
+
+DATA = Path(__file__).parent / "data"
+SAVED = np.load(DATA / "embeddings_main_123f5ca.npz")
+
+
+def _inputs(model, B=2, seed=1):
+    """The fixture script's input: seeded patches and gaps per sensor, fixed days to the S2 date."""
+    g = torch.Generator().manual_seed(seed)
+
+    def one(cfg):
+        x = torch.randn(B, cfg.n_frames, cfg.in_channels, cfg.input_px, cfg.input_px, generator=g)
+        gaps = torch.randint(1, 12, (B, cfg.n_frames - 1), generator=g).float()
+        return x, gaps
+
+    x1, g1 = one(model.s1.cfg)
+    x2, g2 = one(model.s2.cfg)
+    dt = torch.tensor([2.4, -3.6])[:B]
+    extra = {k: (*one(ae.cfg), torch.tensor([-1.0, 5.2])[:B]) for k, ae in model.extra.items()}
+    return x1, g1, x2, g2, dt, extra
+
+
+def _embed(model):
+    x1, g1, x2, g2, dt, extra = _inputs(model)
+    with torch.no_grad():
+        e = model.embed(x1, g1, x2, g2, dt, extra)
+        x1h, x2h = model.decode(e, g1, g2)
+        xh = model.decode_extra(e, {k: v[1] for k, v in extra.items()})
+    return e.numpy(), {"s1": x1h[:, 2].numpy(), "s2": x2h[:, 2].numpy(), **{k: v[:, 2].numpy() for k, v in xh.items()}}
+
+
+def test_an_old_fusion_bundle_gives_its_old_embedding_and_reconstructions():
+    model = load_bundle(DATA / "fusion_bundle_main_123f5ca.pt", expect_kind="fusion").build_model()
+    e, rec = _embed(model)
+    np.testing.assert_array_equal(e, SAVED["fusion_embedding"])
+    for k in ("s1", "s2", "toy"):
+        np.testing.assert_array_equal(rec[k], SAVED[f"fusion_decode_{k}"])
+
+
+def test_an_old_gapfill_bundle_gives_its_old_embeddings():
+    model = load_bundle(DATA / "gapfill_bundle_main_123f5ca.pt", expect_kind="gapfill").build_model()
+    np.testing.assert_array_equal(_embed(model.fusion)[0], SAVED["gapfill_fusion_embedding"])
+    np.testing.assert_array_equal(_embed(model.filler)[0], SAVED["gapfill_filler_embedding"])
+
+
+@pytest.mark.parametrize("name", ["pretrained:belgium"])
+def test_the_built_in_bundle_gives_its_old_embedding(name):
+    model = load_bundle(name, expect_kind="fusion").build_model()
+    np.testing.assert_array_equal(_embed(model)[0], SAVED["belgium_embedding"])
