@@ -55,9 +55,9 @@ def run_table(run: Path) -> dict:
     rng = np.random.default_rng(raw["train"]["seed"])
     if raw.get("stage") == "fusion":
         cfg = FusionStageConfig.model_validate(raw)
-        a2 = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["s2_model"])
+        a2 = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["models"]["s2"])
         data = build_fusion_data(load_scenes(cfg.data), cfg.data, rng, context_px=a2.context_px)
-        keys = {"s2": ("x2", "valid2"), "s1": ("x1", "valid1")}
+        keys = {"s2": ("x_s2", "valid_s2"), "s1": ("x_s1", "valid_s1")}
         k = load_bundle(run / "bundle.pt").config["model"]["embed_dim"]
     else:
         cfg = AEStageConfig.model_validate(raw)

@@ -14,40 +14,38 @@ import pytest
 import torch
 
 from stembed.models.bundle import load_bundle
+from stembed.models.fusion import SensorInput
 
 DATA = Path(__file__).parent / "data"
 SAVED = np.load(DATA / "embeddings_main_123f5ca.npz")
 
 
 def _inputs(model, B=2, seed=1):
-    """The fixture script's input: seeded patches and gaps per sensor, fixed days to the S2 date."""
+    """The fixture script's input: seeded patches and gaps per sensor (drawn in token order), fixed days to the
+    S2 date (S1: 2.4 and -3.6, companions: -1.0 and 5.2)."""
     g = torch.Generator().manual_seed(seed)
-
-    def one(cfg):
+    days = {"s1": torch.tensor([2.4, -3.6])[:B], "s2": None}
+    inputs = {}
+    for k, ae in model.autoencoders.items():
+        cfg = ae.cfg
         x = torch.randn(B, cfg.n_frames, cfg.in_channels, cfg.input_px, cfg.input_px, generator=g)
         gaps = torch.randint(1, 12, (B, cfg.n_frames - 1), generator=g).float()
-        return x, gaps
-
-    x1, g1 = one(model.s1.cfg)
-    x2, g2 = one(model.s2.cfg)
-    dt = torch.tensor([2.4, -3.6])[:B]
-    extra = {k: (*one(ae.cfg), torch.tensor([-1.0, 5.2])[:B]) for k, ae in model.extra.items()}
-    return x1, g1, x2, g2, dt, extra
+        inputs[k] = SensorInput(x, gaps, days.get(k, torch.tensor([-1.0, 5.2])[:B]))
+    return inputs
 
 
 def _embed(model):
-    x1, g1, x2, g2, dt, extra = _inputs(model)
+    inputs = _inputs(model)
     with torch.no_grad():
-        e = model.embed(x1, g1, x2, g2, dt, extra)
-        x1h, x2h = model.decode(e, g1, g2)
-        xh = model.decode_extra(e, {k: v[1] for k, v in extra.items()})
-    return e.numpy(), {"s1": x1h[:, 2].numpy(), "s2": x2h[:, 2].numpy(), **{k: v[:, 2].numpy() for k, v in xh.items()}}
+        rec, e = model(inputs)
+    return e.numpy(), {k: v[:, 2].numpy() for k, v in rec.items()}
 
 
 def test_an_old_fusion_bundle_gives_its_old_embedding_and_reconstructions():
     model = load_bundle(DATA / "fusion_bundle_main_123f5ca.pt", expect_kind="fusion").build_model()
     e, rec = _embed(model)
     np.testing.assert_array_equal(e, SAVED["fusion_embedding"])
+    assert list(rec) == ["s1", "s2", "toy"]
     for k in ("s1", "s2", "toy"):
         np.testing.assert_array_equal(rec[k], SAVED[f"fusion_decode_{k}"])
 

@@ -4,16 +4,15 @@ Items are dicts of tensors:
 
 - sensor patches: ``x`` (T, C, P, P) float32 with NaNs filled, ``valid`` (T, C, P, P) bool (True =
   observed), ``time_gaps`` (T-1,) float32 days between consecutive frames;
-- fusion patches: the same for each sensor with suffixes ``1`` (S1) and ``2`` (S2), and
-  ``dt_centre`` () float32 = |S1 date - S2 date| at the centre frame, in days; each companion
-  sensor ``k`` (matched to the S2 dates like S1) adds ``x_k``, ``valid_k``, ``time_gaps_k`` and
-  ``dt_k`` (|its date - S2 date| at the centre frame).
+- fusion patches: the same for every sensor ``k`` (``s1``, ``s2`` and each companion sensor, all on the S2
+  dates) as ``x_k``, ``valid_k``, ``time_gaps_k``, and for every sensor but the S2 anchor ``dt_k`` () float32
+  = |its date - S2 date| at the centre frame, in days.
 
 NaNs are filled with the patch's per-band mean over (time, y, x) of its valid values (0 where a
 band has none), as in the paper: the mask is taken before filling, so losses ignore filled values.
 
 An encoder that reads more context than the patch (the ``dense`` variant, ``context_px`` > 7) also
-gets ``x_in`` (T, C, W, W), W = 2 * context_px + 1: the raw window around the patch centre, NaN kept
+gets ``x_in`` (fusion: ``x_k_in``) (T, C, W, W), W = 2 * context_px + 1: the raw window around the patch centre, NaN kept
 (that encoder fills per pixel), read inside the patch's split region and reflected at its edges.
 """
 
@@ -108,27 +107,30 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
 
 
 class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
-    """Aligned S1+S2 patches: S1 already matched to the S2 dates (one S1 frame per S2 frame).
+    """Aligned patches of every sensor on the anchor's (S2's) dates: each other sensor already matched to them (one
+    frame per S2 frame).
 
-    ``s1_days`` holds the matched S1 acquisition day of each S2 date; where no S1 scene was within
-    the matching tolerance it holds the S2 day itself (the frame is all-NaN, so it is mean-filled
-    and masked out of the loss) and the centre gap counts as 0.
+    ``sensors``: each sensor's sites by sensor name, the anchor among them. A matched sensor's ``days`` hold its
+    acquisition day for each S2 date; where none was within the matching tolerance they hold the S2 day itself
+    (the frame is all-NaN, so it is mean-filled and masked out of the loss) and the centre gap counts as 0.
     """
 
     def __init__(
         self,
-        s2: Sequence[SensorArrays],
-        s1: Sequence[SensorArrays],
+        sensors: Mapping[str, Sequence[SensorArrays]],
         patches: Sequence[PatchIndex],
         patch_px: int,
         context_px: int | None = None,
-        extra: Mapping[str, Sequence[SensorArrays]] | None = None,
+        anchor: str = "s2",
     ) -> None:
-        self.extra = {k: list(v) for k, v in (extra or {}).items()}
-        for name, sites in {"S1": s1, **self.extra}.items():
-            if len(sites) != len(s2):
-                raise ValueError(f"{len(sites)} {name} sites for {len(s2)} S2 sites")
-        self.s2, self.s1 = list(s2), list(s1)
+        if anchor not in sensors:
+            raise ValueError(f"no {anchor!r} sites among the sensors {list(sensors)}: the anchor's dates drive the patches")
+        self.sensors = {k: list(v) for k, v in sensors.items()}
+        self.anchor = anchor
+        n = len(self.sensors[anchor])
+        for name, sites in self.sensors.items():
+            if len(sites) != n:
+                raise ValueError(f"{len(sites)} {name} sites for {n} {anchor} sites")
         self.patches = list(patches)
         self.patch_px = patch_px
         self.context_px = patch_px // 2 if context_px is None else context_px
@@ -138,34 +140,21 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         p = self.patches[i]
-        s1, s2 = self.s1[p.site], self.s2[p.site]
         frames = list(p.frames)
-        x1, valid1 = fill_patch(cut_patch(s1.values, p, self.patch_px))
-        x2, valid2 = fill_patch(cut_patch(s2.values, p, self.patch_px))
         c = len(frames) // 2
-        dt = abs(float(s1.days[frames[c]] - s2.days[frames[c]]))
-        item = {
-            "x1": torch.from_numpy(x1),
-            "valid1": torch.from_numpy(valid1),
-            "time_gaps1": torch.from_numpy(gaps(s1.days[frames])),
-            "x2": torch.from_numpy(x2),
-            "valid2": torch.from_numpy(valid2),
-            "time_gaps2": torch.from_numpy(gaps(s2.days[frames])),
-            "dt_centre": torch.tensor(dt, dtype=torch.float32),
-        }
+        anchor_day = self.sensors[self.anchor][p.site].days[frames[c]]
         wide = self.context_px > self.patch_px // 2
-        if wide:
-            item["x1_in"] = torch.from_numpy(cut_window(s1.values, p, self.patch_px, self.context_px))
-            item["x2_in"] = torch.from_numpy(cut_window(s2.values, p, self.patch_px, self.context_px))
-        for k, sites in self.extra.items():
-            sx = sites[p.site]
-            xk, validk = fill_patch(cut_patch(sx.values, p, self.patch_px))
+        item: dict[str, torch.Tensor] = {}
+        for k, sites in self.sensors.items():
+            site = sites[p.site]
+            x, valid = fill_patch(cut_patch(site.values, p, self.patch_px))
             item |= {
-                f"x_{k}": torch.from_numpy(xk),
-                f"valid_{k}": torch.from_numpy(validk),
-                f"time_gaps_{k}": torch.from_numpy(gaps(sx.days[frames])),
-                f"dt_{k}": torch.tensor(abs(float(sx.days[frames[c]] - s2.days[frames[c]])), dtype=torch.float32),
+                f"x_{k}": torch.from_numpy(x),
+                f"valid_{k}": torch.from_numpy(valid),
+                f"time_gaps_{k}": torch.from_numpy(gaps(site.days[frames])),
             }
+            if k != self.anchor:
+                item[f"dt_{k}"] = torch.tensor(abs(float(site.days[frames[c]] - anchor_day)), dtype=torch.float32)
             if wide:
-                item[f"x_{k}_in"] = torch.from_numpy(cut_window(sx.values, p, self.patch_px, self.context_px))
+                item[f"x_{k}_in"] = torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px))
         return item

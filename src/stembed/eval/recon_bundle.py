@@ -51,7 +51,8 @@ def bundle_recon(
     model = b.build_model().eval()
     rng = np.random.default_rng(0)
     if b.kind == "fusion":
-        split = build_fusion_data(scenes, data, rng, context_px=model.s2.cfg.context_px, extra=tuple(model.extra))
+        split = build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px,
+                                  extra=model.companions)
         reconstruct = fusion_reconstruct(model)
     else:
         split = build_sensor_data(scenes, str(b.sensor), data, rng, context_px=model.cfg.context_px)
