@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from stembed.config import AEConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data
+from stembed.data.datasets import patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
 from stembed.training.evaluate import centre_abs_error, evaluate_split
@@ -44,13 +44,12 @@ def centre_mae(model, z, gaps, batches) -> dict[str, float]:
     """Centre MAE of decoding latents ``z`` (per sensor, rows in dataset order) against the patches' centres."""
     out = {}
     for k, ae in model.autoencoders.items():
-        key = (f"x_{k}", f"valid_{k}")
         err, n, i = 0.0, 0.0, 0
         for batch in batches:
-            b = batch[key[0]].shape[0]
+            b = batch.size
             with torch.no_grad():
                 x_hat = ae.decode(z[k][i : i + b], gaps[k][i : i + b])
-            e, c = centre_abs_error(x_hat, batch[key[0]], batch[key[1]])
+            e, c = centre_abs_error(x_hat, batch[k].x, batch[k].valid)
             err, n, i = err + float(e), n + float(c), i + b
         out[k] = err / n
     return out
@@ -80,7 +79,7 @@ def main() -> None:
     a2 = AEConfig.model_validate(trained.anchor.cfg.model_dump())
     data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
                              context_px=a2.context_px, extra=tuple(cfg.data.extra_sensors))
-    loaders = {s: list(DataLoader(data.datasets[s], batch_size=64)) for s in ("train", "val", "test")}
+    loaders = {s: list(patch_loader(data.datasets[s], batch_size=64)) for s in ("train", "val", "test")}
     latents = {s: training_latents(trained, loaders[s]) for s in loaders}
     weights = {k: cfg.loss.branch(k)[1] for k in trained.sensors}
 

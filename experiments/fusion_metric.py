@@ -22,13 +22,12 @@ import numpy as np
 import torch
 import yaml
 from probe_latents import LABELS, crop  # the same block and labels as the probe script (experiments/)
-from torch.utils.data import DataLoader
 
 from stembed.config import AEConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data, matched_s1_arrays, sensor_arrays
+from stembed.data.datasets import SensorArrays, patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.eval.probe import probe_table
-from stembed.data.datasets import SensorArrays
 from stembed.inference.engine import embed_any
 from stembed.inference.reference import embedding_dataset
 from stembed.io.cube import open_scene
@@ -83,8 +82,8 @@ def main() -> None:
     a2 = AEConfig.model_validate(trained.anchor.cfg.model_dump())
     data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
                              context_px=a2.context_px)
-    train = list(DataLoader(data.datasets["train"], batch_size=64))
-    val = list(DataLoader(data.datasets["val"], batch_size=64))
+    train = list(patch_loader(data.datasets["train"], batch_size=64))
+    val = list(patch_loader(data.datasets["val"], batch_size=64))
     z, gaps = training_latents(trained, train)
     weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight}
     centre_w = {"s1": cfg.loss.s1.centre_weight, "s2": cfg.loss.s2.centre_weight}

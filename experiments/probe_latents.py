@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from stembed.data.build import matched_s1_arrays, sensor_arrays
-from stembed.eval.probe import probe_table
 from stembed.data.datasets import SensorArrays
+from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import embedding_dataset
 from stembed.inference.tiles import _trained_gap_days

@@ -184,11 +184,11 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     ds = data.datasets["train"]
     item = ds[0]
     W = cfg_model.input_px
-    assert item["x_in"].shape == (cfg_model.n_frames, cfg_model.in_channels, W, W)
+    assert item.x_in.shape == (cfg_model.n_frames, cfg_model.in_channels, W, W)
     # the window's centre 15x15 is the patch itself (raw values, NaN where the filled x is masked)
     c = cfg_model.context_px
-    core = item["x_in"][:, :, c - 7 : c + 8, c - 7 : c + 8]
-    np.testing.assert_array_equal(torch.isnan(core).numpy(), ~item["valid"].numpy())
+    core = item.x_in[:, :, c - 7 : c + 8, c - 7 : c + 8]
+    np.testing.assert_array_equal(torch.isnan(core).numpy(), ~item.valid.numpy())
     # every value comes from the patch's own block: mark the rest of the cube and check none leaks in
     p = ds.patches[0]
     y0, y1, x0, x1 = p.bounds
@@ -202,10 +202,10 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     # and the autoencoder trains on it: one step moves the weights
     ae = SensorAutoencoder(cfg_model)
     opt = torch.optim.SGD(ae.parameters(), lr=0.1)
-    x_hat, _ = ae(item["x_in"][None], item["time_gaps"][None])
-    assert x_hat.shape == item["x"][None].shape
+    x_hat, _ = ae(item.x_in[None], item.gaps[None])
+    assert x_hat.shape == item.x[None].shape
     before = ae.encoder.cnn.stem[0].weight.detach().clone()
-    (x_hat - item["x"][None]).abs()[item["valid"][None]].mean().backward()
+    (x_hat - item.x[None]).abs()[item.valid[None]].mean().backward()
     opt.step()
     assert not torch.equal(before, ae.encoder.cnn.stem[0].weight)
 

@@ -60,3 +60,16 @@ def test_an_old_gapfill_bundle_gives_its_old_embeddings():
 def test_the_built_in_bundle_gives_its_old_embedding(name):
     model = load_bundle(name, expect_kind="fusion").build_model()
     np.testing.assert_array_equal(_embed(model)[0], SAVED["belgium_embedding"])
+
+
+def test_info_counts_each_sensor_of_an_old_bundle():
+    """``stembed info``: each sensor's autoencoder is its own stage-1 part, the rest are the fusion layers."""
+    from stembed.describe import describe_bundle
+
+    path = DATA / "fusion_bundle_main_123f5ca.pt"
+    counts = describe_bundle(path)["parameters"]
+    model = load_bundle(path).build_model()
+    for k in ("s1", "s2", "toy"):
+        assert counts[f"{k}_autoencoder"] == sum(p.numel() for p in model.autoencoders[k].parameters()) > 0
+    assert counts["fusion_only"] == counts["fusion"] == sum(p.numel() for p in model.fusion_parameters())
+    assert counts["total"] == sum(p.numel() for p in model.parameters())

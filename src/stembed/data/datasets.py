@@ -1,29 +1,31 @@
 """Torch datasets over sampled patches, with the validity mask kept beside the filled values.
 
-Items are dicts of tensors:
+Items are typed, and :func:`collate` stacks them into batches of the same type (pass it to the
+``DataLoader``, or use :func:`patch_loader`):
 
-- sensor patches: ``x`` (T, C, P, P) float32 with NaNs filled, ``valid`` (T, C, P, P) bool (True =
-  observed), ``time_gaps`` (T-1,) float32 days between consecutive frames;
-- fusion patches: the same for every sensor ``k`` (``s1``, ``s2`` and each companion sensor, all on the S2
-  dates) as ``x_k``, ``valid_k``, ``time_gaps_k``, and for every sensor but the S2 anchor ``dt_k`` () float32
+- sensor patches (:class:`SensorPatches`): ``x`` (T, C, P, P) float32 with NaNs filled, ``valid``
+  (T, C, P, P) bool (True = observed), ``gaps`` (T-1,) float32 days between consecutive frames;
+- fusion patches (:class:`FusionPatches`): the same for every sensor (``s1``, ``s2`` and each companion
+  sensor, all on the S2 dates) by sensor name, and for every sensor but the S2 anchor ``dt`` () float32
   = |its date - S2 date| at the centre frame, in days.
 
 NaNs are filled with the patch's per-band mean over (time, y, x) of its valid values (0 where a
 band has none), as in the paper: the mask is taken before filling, so losses ignore filled values.
 
 An encoder that reads more context than the patch (the ``dense`` variant, ``context_px`` > 7) also
-gets ``x_in`` (fusion: ``x_k_in``) (T, C, W, W), W = 2 * context_px + 1: the raw window around the patch centre, NaN kept
+gets ``x_in`` (T, C, W, W), W = 2 * context_px + 1: the raw window around the patch centre, NaN kept
 (that encoder fills per pixel), read inside the patch's split region and reflected at its edges.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from stembed.data.sampling import PatchIndex
 
@@ -34,6 +36,74 @@ class SensorArrays:
 
     values: np.ndarray
     days: np.ndarray
+
+
+@dataclass
+class SensorPatches:
+    """One sensor's patches: one item of a dataset, or a batch of them (a leading batch axis B on every field).
+
+    Attributes:
+        x: (T, C, P, P) float32, NaNs filled with the patch's per-band mean.
+        valid: (T, C, P, P) bool, True where observed.
+        gaps: (T-1,) float32 days between consecutive frames.
+        dt: () float32 days between this sensor's centre frame and the S2 date (fusion, every sensor but S2).
+        x_in: (T, C, W, W) the raw window around the patch centre, NaN kept, for an encoder that reads more
+            context than the patch (the ``dense`` variant); None otherwise.
+    """
+
+    x: torch.Tensor
+    valid: torch.Tensor
+    gaps: torch.Tensor
+    dt: torch.Tensor | None = None
+    x_in: torch.Tensor | None = None
+
+    @property
+    def encoder_input(self) -> torch.Tensor:
+        """What the encoder reads: the wider raw window where there is one, else the filled patch."""
+        return self.x if self.x_in is None else self.x_in
+
+    @property
+    def size(self) -> int:
+        """Patches in a batch (its leading axis)."""
+        return int(self.x.shape[0])
+
+
+@dataclass
+class FusionPatches:
+    """Every sensor's patches on the S2 dates, by sensor name (an item or a batch, like :class:`SensorPatches`)."""
+
+    sensors: dict[str, SensorPatches]
+
+    def __getitem__(self, sensor: str) -> SensorPatches:
+        return self.sensors[sensor]
+
+    @property
+    def size(self) -> int:
+        """Patches in a batch."""
+        return next(iter(self.sensors.values())).size
+
+
+def _stack(items: Sequence[SensorPatches]) -> SensorPatches:
+    values = {}
+    for f in fields(SensorPatches):
+        parts = [getattr(it, f.name) for it in items]
+        values[f.name] = None if parts[0] is None else torch.stack(parts)
+    return SensorPatches(**values)
+
+
+def collate(items: Sequence[Any]) -> Any:
+    """Stack dataset items into a batch of their type (:class:`SensorPatches` or :class:`FusionPatches`)."""
+    first = items[0]
+    if isinstance(first, SensorPatches):
+        return _stack(items)
+    if isinstance(first, FusionPatches):
+        return FusionPatches({k: _stack([it.sensors[k] for it in items]) for k in first.sensors})
+    raise TypeError(f"collate stacks SensorPatches or FusionPatches, got {type(first).__name__}")
+
+
+def patch_loader(dataset: Dataset[Any], **kwargs: Any) -> DataLoader[Any]:
+    """A ``DataLoader`` over a patch dataset that collates its typed items (``kwargs`` as for ``DataLoader``)."""
+    return DataLoader(dataset, collate_fn=collate, **kwargs)
 
 
 def fill_patch(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +148,7 @@ def gaps(days: np.ndarray) -> np.ndarray:
     return np.diff(days).astype(np.float32)
 
 
-class PatchDataset(Dataset[dict[str, torch.Tensor]]):
+class PatchDataset(Dataset[SensorPatches]):
     """Patches of one sensor's cubes."""
 
     def __init__(
@@ -92,21 +162,20 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> SensorPatches:
         p = self.patches[i]
         site = self.sites[p.site]
         x, valid = fill_patch(cut_patch(site.values, p, self.patch_px))
-        item = {
-            "x": torch.from_numpy(x),
-            "valid": torch.from_numpy(valid),
-            "time_gaps": torch.from_numpy(gaps(site.days[list(p.frames)])),
-        }
-        if self.context_px > self.patch_px // 2:
-            item["x_in"] = torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px))
-        return item
+        wide = self.context_px > self.patch_px // 2
+        return SensorPatches(
+            x=torch.from_numpy(x),
+            valid=torch.from_numpy(valid),
+            gaps=torch.from_numpy(gaps(site.days[list(p.frames)])),
+            x_in=torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px)) if wide else None,
+        )
 
 
-class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
+class FusionPatchDataset(Dataset[FusionPatches]):
     """Aligned patches of every sensor on the anchor's (S2's) dates: each other sensor already matched to them (one
     frame per S2 frame).
 
@@ -138,23 +207,22 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> FusionPatches:
         p = self.patches[i]
         frames = list(p.frames)
         c = len(frames) // 2
         anchor_day = self.sensors[self.anchor][p.site].days[frames[c]]
         wide = self.context_px > self.patch_px // 2
-        item: dict[str, torch.Tensor] = {}
+        out = {}
         for k, sites in self.sensors.items():
             site = sites[p.site]
             x, valid = fill_patch(cut_patch(site.values, p, self.patch_px))
-            item |= {
-                f"x_{k}": torch.from_numpy(x),
-                f"valid_{k}": torch.from_numpy(valid),
-                f"time_gaps_{k}": torch.from_numpy(gaps(site.days[frames])),
-            }
-            if k != self.anchor:
-                item[f"dt_{k}"] = torch.tensor(abs(float(site.days[frames[c]] - anchor_day)), dtype=torch.float32)
-            if wide:
-                item[f"x_{k}_in"] = torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px))
-        return item
+            dt = abs(float(site.days[frames[c]] - anchor_day))
+            out[k] = SensorPatches(
+                x=torch.from_numpy(x),
+                valid=torch.from_numpy(valid),
+                gaps=torch.from_numpy(gaps(site.days[frames])),
+                dt=None if k == self.anchor else torch.tensor(dt, dtype=torch.float32),
+                x_in=torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px)) if wide else None,
+            )
+        return FusionPatches(out)

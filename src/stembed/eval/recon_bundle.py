@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from stembed.config import DataConfig, SceneSource, SplitConfig
 from stembed.data.build import build_fusion_data, build_sensor_data
+from stembed.data.datasets import patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.eval.recon import COLUMNS, ReconError
 from stembed.models.bundle import load_bundle
@@ -58,7 +59,7 @@ def bundle_recon(
         split = build_sensor_data(scenes, str(b.sensor), data, rng, context_px=model.cfg.context_px)
         reconstruct = autoencoder_reconstruct(model, str(b.sensor))
 
-    metrics = evaluate_split(DataLoader(split.datasets["test"], batch_size=batch_size), reconstruct)
+    metrics = evaluate_split(patch_loader(split.datasets["test"], batch_size=batch_size), reconstruct)
     rows = [
         {"run": f"{bundle} on {', '.join(s.site for s in scenes)}", "stage": b.kind, "split": "test",
          "sensor": sensor, **m}

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from stembed.data.datasets import FusionPatches
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import FusionModel
 from stembed.training.modules import fusion_inputs
@@ -111,7 +112,7 @@ def init_linear_fusion(
 
 @torch.no_grad()
 def training_latents(
-    model: FusionModel, batches: Iterable[dict[str, Tensor]]
+    model: FusionModel, batches: Iterable[FusionPatches]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every sensor's frozen latents (N, L_k) and day gaps (N, T-1) over patch batches (a training split)."""
     zs: dict[str, list[Tensor]] = {k: [] for k in model.sensors}

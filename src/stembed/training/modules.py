@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from stembed.config import AEConfig, DenseTrainingConfig, FusionLossConfig, LossConfig, TrainConfig
+from stembed.data.datasets import FusionPatches, SensorPatches
 from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import ANCHOR, FusionModel, SensorInput, build_fusion
@@ -29,26 +30,31 @@ GAP_FILL_MONITOR = "val_embedding_mae"
 
 
 def fusion_inputs(
-    batch: dict[str, Tensor], model: FusionModel, *, hide_s2_centre: bool = False
+    batch: FusionPatches, model: FusionModel, *, hide_s2_centre: bool = False
 ) -> dict[str, SensorInput]:
-    """A fusion batch as :meth:`FusionModel.embed`'s inputs by sensor (a dense encoder reads the wider ``x_k_in``
+    """A fusion batch as :meth:`FusionModel.embed`'s inputs by sensor (a dense encoder reads the wider ``x_in``
     windows).
 
     ``hide_s2_centre``: hide the S2 centre frame, as for a cloudy date (see :mod:`stembed.models.gapfill`).
     """
     inputs = {}
     for k in model.sensors:
-        x = batch.get(f"x_{k}_in")
+        p = batch[k]
+        x = p.encoder_input
         if k == ANCHOR and hide_s2_centre:
             # patch encoder: filled patches, refilled without the centre; dense: raw windows, filled in the encoder
-            x = hide_centre_filled(batch[f"x_{k}"], batch[f"valid_{k}"]) if x is None else hide_centre_raw(x)
-        inputs[k] = SensorInput(batch[f"x_{k}"] if x is None else x, batch[f"time_gaps_{k}"], batch.get(f"dt_{k}"))
+            x = hide_centre_filled(p.x, p.valid) if p.x_in is None else hide_centre_raw(p.x_in)
+        inputs[k] = SensorInput(x, p.gaps, p.dt)
     return inputs
 
 
-def fusion_targets(batch: dict[str, Tensor], model: FusionModel) -> dict[str, tuple[Tensor, Tensor]]:
+def fusion_targets(batch: FusionPatches, model: FusionModel) -> dict[str, tuple[Tensor, Tensor]]:
     """Each sensor's patches and validity (B, T, C, P, P) in a fusion batch: what its reconstruction is scored on."""
-    return {k: (batch[f"x_{k}"], batch[f"valid_{k}"]) for k in model.sensors}
+    return {k: (batch[k].x, batch[k].valid) for k in model.sensors}
+
+
+Batch = SensorPatches | FusionPatches | dict[str, Tensor]
+"""A training batch: patches of one sensor (stage 1), of every sensor (fusion), or tiles (a dict, dense training)."""
 
 
 def _centre_metrics(names: list[str]) -> nn.ModuleDict:
@@ -135,7 +141,7 @@ class _StageModule(L.LightningModule):
 
     monitor = MONITOR  # what early stopping, the best checkpoint and the plateau schedule follow
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
+    def _step(self, batch: Any, prefix: str) -> Tensor | None:
         raise NotImplementedError
 
     def on_train_epoch_end(self) -> None:
@@ -144,10 +150,10 @@ class _StageModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         _log_centre(self, "val")
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor:
         return self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
@@ -184,11 +190,11 @@ class AutoencoderModule(_StageModule):
         _update(self.centre[f"{prefix}_centre_mae"], rec.x_hat[:n], rec.targets.x[:n], rec.targets.valid[:n])
         return rec.parts["loss"]
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
-        if "window" in batch:
+    def _step(self, batch: SensorPatches | dict[str, Tensor], prefix: str) -> Tensor | None:
+        if isinstance(batch, dict):  # tiles
             return self._dense_step(batch, prefix)
-        x, valid = batch["x"], batch["valid"]  # (B, T, C, P, P)
-        x_hat, _ = self.model(batch.get("x_in", x), batch["time_gaps"])  # x_in: a dense encoder's wider window
+        x, valid = batch.x, batch.valid  # (B, T, C, P, P)
+        x_hat, _ = self.model(batch.encoder_input, batch.gaps)  # x_in: a dense encoder's wider window
         parts = reconstruction_loss(x_hat, x, valid, self.loss_cfg)
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x.shape[0])
@@ -263,8 +269,8 @@ class FusionModule(_StageModule):
         self.log_dict({f"{prefix}_loss": total, **logs}, on_step=False, on_epoch=True, batch_size=e.shape[0])
         return total
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
-        if "window" in batch:
+    def _step(self, batch: FusionPatches | dict[str, Tensor], prefix: str) -> Tensor | None:
+        if isinstance(batch, dict):  # tiles
             return self._dense_step(batch, prefix)
         targets = fusion_targets(batch, self.model)
         rec, e = self.model(fusion_inputs(batch, self.model))
@@ -293,7 +299,7 @@ class GapFillModule(_StageModule):
         self.train_cfg = TrainConfig.model_validate(train)
         self.centre = nn.ModuleDict({f"{p}_embedding_mae": MeanMetric() for p in ("train", "val")})
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _step(self, batch: FusionPatches, prefix: str) -> Tensor:
         fusion, filler = self.model.fusion, self.model.filler
         with torch.no_grad():
             target = fusion.embed(fusion_inputs(batch, fusion))  # (B, embed_dim)

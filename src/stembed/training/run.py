@@ -36,7 +36,7 @@ from stembed.config import (
     dump_config,
 )
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
-from stembed.data.datasets import FusionPatchDataset
+from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatches, collate, patch_loader
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
 from stembed.data.tiles import TileDataset, sample_tiles
@@ -107,6 +107,8 @@ def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
             ds, batch_size=getattr(ds, "batch_size", cfg.batch_size), shuffle=name == "train",
             generator=gen if name == "train" else None,
             num_workers=cfg.num_workers, drop_last=False,
+            # typed patch items are stacked by collate; a tile dataset's items are whole batches already
+            **({} if isinstance(ds, TileDataset) else {"collate_fn": collate}),
         )
         for name, ds in data.datasets.items()
     }
@@ -237,7 +239,7 @@ def _fit(
 
 def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any) -> dict[str, Any]:
     loaders = {
-        name: DataLoader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
+        name: patch_loader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
     }
     return {name: evaluate_split(loaders[name], reconstruct) for name in SPLITS if len(data.datasets[name])}  # type: ignore[arg-type]
 
@@ -310,7 +312,7 @@ def _stage1_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
 
 def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> dict[str, Any]:
     """``init: linear``: fit the linear fusion on the training split's latents (patches: its patch dataset)."""
-    loader = DataLoader(patches, batch_size=max(cfg.train.batch_size, 64), shuffle=False)
+    loader = patch_loader(patches, batch_size=max(cfg.train.batch_size, 64), shuffle=False)
     z, gaps = training_latents(model, loader)
     weights = {k: cfg.loss.branch(k)[1] for k in model.sensors}
     return {"n_latents": int(z["s2"].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
@@ -319,9 +321,9 @@ def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> d
 def autoencoder_reconstruct(model: SensorAutoencoder, sensor: str) -> Any:
     """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split` (x_in: a dense encoder's wider window)."""
 
-    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])
-        return {sensor: (x_hat, batch["x"], batch["valid"])}
+    def reconstruct(batch: SensorPatches) -> dict[str, Any]:
+        x_hat, _ = model(batch.encoder_input, batch.gaps)
+        return {sensor: (x_hat, batch.x, batch.valid)}
 
     return reconstruct
 
@@ -329,7 +331,7 @@ def autoencoder_reconstruct(model: SensorAutoencoder, sensor: str) -> Any:
 def fusion_reconstruct(model: FusionModel) -> Any:
     """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split`."""
 
-    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def reconstruct(batch: FusionPatches) -> dict[str, Any]:
         rec, _ = model(fusion_inputs(batch, model))
         return {k: (rec[k], *xv) for k, xv in fusion_targets(batch, model).items()}
 
@@ -380,7 +382,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     if cfg.init == "linear" and resume is None:
         start = _linear_start(model, patch_train, cfg)
         start_state = {k: v.clone() for k, v in model.state_dict().items()}
-        val = DataLoader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
+        val = patch_loader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
         start["val"] = evaluate_split(val, fusion_reconstruct(model.eval()))
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
@@ -466,7 +468,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
         "stage": "gapfill",
         "train_seconds": round(time.perf_counter() - started, 1),
         "splits": {
-            name: errors(DataLoader(ds, batch_size=max(cfg.train.batch_size, 64)))
+            name: errors(patch_loader(ds, batch_size=max(cfg.train.batch_size, 64)))
             for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]
         },
         "data": data.info,
