@@ -206,11 +206,12 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
     sub = slice(a.tile_px // 2, a.tile_px // 2 + a.ref_px)  # the reference's few pixels, inside the tile
 
     def block(model, rows, cols):
-        return read_block(scene, rows, cols, model.s2.cfg.context_px, GAP_DAYS)
+        return read_block(scene, rows, cols, model.anchor.cfg.context_px, {"s1": GAP_DAYS})
 
     def valid(arrays, model) -> int:
-        r = model.s2.cfg.context_px
-        s2 = arrays[0][:, :, r : arrays[0].shape[2] - r, r : arrays[0].shape[3] - r]
+        r = model.anchor.cfg.context_px
+        s2 = arrays["s2"].values
+        s2 = s2[:, :, r : s2.shape[2] - r, r : s2.shape[3] - r]
         return int(np.isfinite(s2).any(axis=1).sum())
 
     runs = {
@@ -218,18 +219,18 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
             dense,
             block(dense, tile, tile),
             lambda m, b: embed_block_dense(
-                m, *b, batch_size=a.batch_size, device=device, precision=a.precision
+                m, b, batch_size=a.batch_size, device=device, precision=a.precision
             ),
         ),
         "reference": (
             dense,
             block(dense, sub, sub),
-            lambda m, b: embed_block(m, *b, batch_size=a.ref_batch_size, device=device),
+            lambda m, b: embed_block(m, b, batch_size=a.ref_batch_size, device=device),
         ),
         "paper_per_patch": (
             paper,
             block(paper, sub, sub),
-            lambda m, b: embed_block(m, *b, batch_size=a.ref_batch_size, device=device),
+            lambda m, b: embed_block(m, b, batch_size=a.ref_batch_size, device=device),
         ),
     }
     outputs, cases = {}, []
@@ -271,7 +272,7 @@ def describe(bundle_path: Path) -> dict:
     from stembed.models.bundle import load_bundle
 
     model = load_bundle(bundle_path, expect_kind="fusion").build_model()
-    cfg = model.s2.cfg
+    cfg = model.anchor.cfg
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
         "variant": cfg.variant,

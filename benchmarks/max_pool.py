@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from stembed.config import ae_preset, fusion_preset
 from stembed.models import layers
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import FusionModel, SensorInput
 
 
 def median_ms(f: Callable[[], object], repeats: int = 7) -> float:
@@ -50,18 +50,18 @@ def main() -> None:
         print(f"{'op ' + 'x'.join(map(str, shape)):<28}{a:>15.1f}{b:>16.1f}{a / b:>8.2f}  {equal}")
         out["ops"][str(shape)] = {"max_pool2d_ms": a, "max_pool3x3_ms": b, "ratio": a / b, "equal": equal}
 
-    model = FusionModel(SensorAutoencoder(ae_preset("small", "s1")), SensorAutoencoder(ae_preset("small", "s2")),
+    model = FusionModel({k: SensorAutoencoder(ae_preset("small", k)) for k in ("s1", "s2")},
                         fusion_preset("small")).eval()
     n = 256
     x1, x2 = torch.rand(n, 11, 2, 15, 15), torch.rand(n, 11, 10, 15, 15)
     gaps, dt = torch.full((n, 10), 5.0), torch.zeros(n)
+    inputs = {"s1": SensorInput(x1, gaps, dt), "s2": SensorInput(x2, gaps)}
     fast = layers.max_pool3x3
     results = {}
     for name, pool in (("max_pool2d", torch_pool), ("max_pool3x3", fast)):
         layers.max_pool3x3 = pool  # PooledResidual looks the function up at call time
         with torch.no_grad():
-            results[name] = (median_ms(lambda: model.embed(x1, gaps, x2, gaps, dt), repeats=5),
-                             model.embed(x1, gaps, x2, gaps, dt))
+            results[name] = (median_ms(lambda: model.embed(inputs), repeats=5), model.embed(inputs))
     layers.max_pool3x3 = fast
     a, b = results["max_pool2d"][0], results["max_pool3x3"][0]
     equal = torch.equal(results["max_pool2d"][1], results["max_pool3x3"][1])

@@ -16,8 +16,17 @@ import json
 import numpy as np
 import torch
 
-from stembed.config import AEConfig, DataConfig, LossConfig, SamplingConfig, SplitConfig, SyntheticSource, ae_preset
+from stembed.config import (
+    AEConfig,
+    DataConfig,
+    LossConfig,
+    SamplingConfig,
+    SplitConfig,
+    SyntheticSource,
+    ae_preset,
+)
 from stembed.data.build import build_sensor_data
+from stembed.data.datasets import collate
 from stembed.data.scenes import load_scenes
 from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
@@ -34,8 +43,8 @@ def main() -> None:
                      sampling=SamplingConfig(window_stride=8, spatial_stride=4))
     ds = build_sensor_data(load_scenes(cfg), "s2", cfg, np.random.default_rng(0)).datasets["train"]
     items = [ds[i] for i in range(0, len(ds), max(1, len(ds) // 64))][:64]
-    b = {k: torch.stack([it[k] for it in items]) for k in ("x", "valid", "time_gaps")}
-    x, v = b["x"], b["valid"]
+    b = collate(items)
+    x, v = b.x, b.valid
     s, c = centre_abs_error(baselines(x, v)["patch_mean"], x, v)
     baseline = float(s / c)
     n = v.sum(dim=(0, 1, 3, 4))
@@ -56,7 +65,7 @@ def main() -> None:
         first_below[name] = None
         for step in range(1, a.steps + 1):
             model.train()
-            x_hat, _ = model(x, b["time_gaps"])
+            x_hat, _ = model(x, b.gaps)
             loss = reconstruction_loss(x_hat, x, v, LossConfig())["loss"]
             opt.zero_grad()
             loss.backward()

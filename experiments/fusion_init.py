@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
-from torch.utils.data import DataLoader
 
 from stembed.config import AEConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data
+from stembed.data.datasets import patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
 from stembed.training.evaluate import centre_abs_error, evaluate_split
@@ -43,14 +43,13 @@ from stembed.training.run import fusion_reconstruct
 def centre_mae(model, z, gaps, batches) -> dict[str, float]:
     """Centre MAE of decoding latents ``z`` (per sensor, rows in dataset order) against the patches' centres."""
     out = {}
-    for k, ae in model.autoencoders().items():
-        key = {"s1": ("x1", "valid1"), "s2": ("x2", "valid2")}.get(k, (f"x_{k}", f"valid_{k}"))
+    for k, ae in model.autoencoders.items():
         err, n, i = 0.0, 0.0, 0
         for batch in batches:
-            b = batch[key[0]].shape[0]
+            b = batch.size
             with torch.no_grad():
                 x_hat = ae.decode(z[k][i : i + b], gaps[k][i : i + b])
-            e, c = centre_abs_error(x_hat, batch[key[0]], batch[key[1]])
+            e, c = centre_abs_error(x_hat, batch[k].x, batch[k].valid)
             err, n, i = err + float(e), n + float(c), i + b
         out[k] = err / n
     return out
@@ -60,7 +59,7 @@ def sensor_shares(z: dict, gaps: dict, model, weights: dict, k: int) -> dict[str
     """How many of the linear start's k components each sensor holds: the squared loadings of the k
     principal directions (in the decoder metric, as :func:`init_linear_fusion` computes them) summed per
     sensor block (they sum to k)."""
-    aes = model.autoencoders()
+    aes = model.autoencoders
     metric = torch.block_diag(*[weights[s] * centre_jacobian_metric(aes[s], z[s], gaps[s]) for s in z]).double()
     w, u = torch.linalg.eigh(metric)
     root = u @ torch.diag(w.clamp_min(w.max() * 1e-10).sqrt()) @ u.T
@@ -77,12 +76,12 @@ def main() -> None:
     raw = yaml.safe_load((a.run / "config.yaml").read_text())
     cfg = FusionStageConfig.model_validate(raw)
     trained = load_bundle(a.run / "bundle.pt").build_model().eval()
-    a2 = AEConfig.model_validate(trained.s2.cfg.model_dump())
+    a2 = AEConfig.model_validate(trained.anchor.cfg.model_dump())
     data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
                              context_px=a2.context_px, extra=tuple(cfg.data.extra_sensors))
-    loaders = {s: list(DataLoader(data.datasets[s], batch_size=64)) for s in ("train", "val", "test")}
+    loaders = {s: list(patch_loader(data.datasets[s], batch_size=64)) for s in ("train", "val", "test")}
     latents = {s: training_latents(trained, loaders[s]) for s in loaders}
-    weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight, **{k: cfg.loss.extra_weight for k in trained.extra}}
+    weights = {k: cfg.loss.branch(k)[1] for k in trained.sensors}
 
     linear = copy.deepcopy(trained)
     init_linear_fusion(linear, *latents["train"], weights)
@@ -104,7 +103,7 @@ def main() -> None:
             },
             "linear, standardised": centre_mae(trained, zs, gaps, loaders[s]),
         }
-    sensors = list(trained.autoencoders())
+    sensors = list(trained.sensors)
     print("| model | " + " | ".join(f"{s} {k}" for s in ("val", "test") for k in sensors) + " |")
     print("|---|" + "---:|" * (2 * len(sensors)))
     for name in rows["val"]:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import yaml
 from probe_latents import LABELS, crop  # the same block and labels as the probe script (experiments/)
-from torch.utils.data import DataLoader
 
 from stembed.config import AEConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data, matched_s1_arrays, sensor_arrays
+from stembed.data.datasets import SensorArrays, patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any
@@ -79,20 +79,20 @@ def main() -> None:
     cfg = FusionStageConfig.model_validate(yaml.safe_load((a.run / "config.yaml").read_text()))
     bundle = load_bundle(a.run / "bundle.pt")
     trained = bundle.build_model().eval()
-    a2 = AEConfig.model_validate(trained.s2.cfg.model_dump())
+    a2 = AEConfig.model_validate(trained.anchor.cfg.model_dump())
     data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
                              context_px=a2.context_px)
-    train = list(DataLoader(data.datasets["train"], batch_size=64))
-    val = list(DataLoader(data.datasets["val"], batch_size=64))
+    train = list(patch_loader(data.datasets["train"], batch_size=64))
+    val = list(patch_loader(data.datasets["val"], batch_size=64))
     z, gaps = training_latents(trained, train)
     weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight}
     centre_w = {"s1": cfg.loss.s1.centre_weight, "s2": cfg.loss.s2.centre_weight}
 
     scene = crop(open_scene(a.cube), a.region)
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, cfg.data.s1_max_gap_days)
-    r = trained.s2.cfg.context_px
+    r = trained.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
-    arrays = (np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"), s2.days, s1.days)
+    block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in (("s2", s2), ("s1", s1))}
     valid = np.isfinite(s2.values).any(axis=1)
 
     patch = {k: patch_metric(a.time_decay, centre_w[k]) for k in ("s1", "s2")}
@@ -104,7 +104,7 @@ def main() -> None:
         init_linear_fusion(model, z, gaps, weights, metric=metric)
         recon = {k: m["centre_mae"] for k, m in evaluate_split(val, fusion_reconstruct(model)).items()}
         with torch.no_grad():
-            values = embed_any(model, *arrays, batch_size=512, device=torch.device("cpu"), precision="float32")
+            values = embed_any(model, block, batch_size=512, device=torch.device("cpu"), precision="float32")
         ds = embedding_dataset(values, valid, scene, bundle)
         row = {"start": name, "val_centre_mae": {k: round(v, 4) for k, v in recon.items()}}
         for label, nodata in LABELS.items():

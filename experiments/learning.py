@@ -34,6 +34,7 @@ from stembed.config import (
     s2_stage1_loss,
 )
 from stembed.data.build import band_stats, build_sensor_data
+from stembed.data.datasets import collate
 from stembed.data.scenes import load_scenes
 from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
@@ -75,7 +76,7 @@ def real_batch(sensor: str, n: int, context_px: int | None, seed: int) -> tuple[
     ds = data.datasets["train"]
     pick = np.random.default_rng(seed).choice(len(ds), size=n, replace=False)
     items = [ds[int(i)] for i in pick]
-    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    batch = collate(items)
     mean, std = band_stats(data)
     return batch, mean, std
 
@@ -101,8 +102,8 @@ def run_variant(
     torch.manual_seed(seed)
     model = SensorAutoencoder(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=train.get("lr", 1e-3), weight_decay=1.5e-4)
-    x, v, g = batch["x"], batch["valid"], batch["time_gaps"]
-    x_in = batch.get("x_in", x)
+    x, v, g = batch.x, batch.valid, batch.gaps
+    x_in = batch.encoder_input
     curve = []
     for step in range(1, steps + 1):
         model.train()
@@ -136,7 +137,7 @@ def main() -> None:
     probe = ae_preset(a.preset, a.sensor)
     batch, mean, std = real_batch(a.sensor, a.batch, probe.context_px if probe.variant == "dense" else None, a.seed)
     base = AEConfig(**{**probe.model_dump(), **PAPER_DESIGN, "input_mean": mean, "input_std": std})
-    x, v = batch["x"], batch["valid"]
+    x, v = batch.x, batch.valid
     s, c = centre_abs_error(baselines(x, v)["patch_mean"], x, v)
     print(f"{a.sensor} {a.preset}, {a.batch} real training patches, {a.steps} steps; centre MAE of the batch")
     print(f"patch-mean baseline {float(s / c):.4f}; PCA-{base.latent_dim} of the centre spectra "

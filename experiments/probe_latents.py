@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from stembed.data.build import matched_s1_arrays, sensor_arrays
+from stembed.data.datasets import SensorArrays
 from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import embedding_dataset
@@ -48,22 +49,22 @@ def embed_variants(scene: Scene, bundle_path: Path, device: torch.device) -> dic
     bundle = load_bundle(bundle_path, expect_kind="fusion")
     model = bundle.build_model().to(device).eval()
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
-    r = model.s2.cfg.context_px
+    r = model.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
-    arrays = (np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"), s2.days, s1.days)
+    block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in (("s2", s2), ("s1", s1))}
     valid = np.isfinite(s2.values).any(axis=1)
-    fuse, cfg = model.fuse, model.cfg
+    fuse, cfg, aes = model.fuse, model.cfg, model.autoencoders
     variants = {
         "fusion_embedding": (fuse, cfg),
-        "latents_s2_s1": (lambda z1, z2, dt1, extra: torch.cat([z2, z1], dim=1),
-                          cfg.model_copy(update={"embed_dim": model.s2.cfg.latent_dim + model.s1.cfg.latent_dim})),
-        "latent_s2": (lambda z1, z2, dt1, extra: z2, cfg.model_copy(update={"embed_dim": model.s2.cfg.latent_dim})),
+        "latents_s2_s1": (lambda z, dt: torch.cat([z["s2"], z["s1"]], dim=1),
+                          cfg.model_copy(update={"embed_dim": sum(ae.cfg.latent_dim for ae in aes.values())})),
+        "latent_s2": (lambda z, dt: z["s2"], cfg.model_copy(update={"embed_dim": aes["s2"].cfg.latent_dim})),
     }
     out = {}
     for name, (f, c) in variants.items():
         model.fuse, model.cfg = f, c
         with torch.no_grad():
-            values = embed_any(model, *arrays, batch_size=512, device=device, precision="float32")
+            values = embed_any(model, block, batch_size=512, device=device, precision="float32")
         out[name] = embedding_dataset(values, valid, scene, bundle)
         print(f"embedded {name}: {values.shape[1]} features", flush=True)
     model.fuse, model.cfg = fuse, cfg

@@ -21,17 +21,19 @@ import yaml
 
 from stembed.config import AEConfig, AEStageConfig, FusionStageConfig
 from stembed.data.build import build_fusion_data, build_sensor_data
+from stembed.data.datasets import FusionPatches
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
 
 
-def centres(ds, keys: dict[str, str]) -> dict[str, np.ndarray]:
+def centres(ds, sensors: list[str]) -> dict[str, np.ndarray]:
     """Centre values (N, C) per sensor of every patch of a dataset, NaN where not observed."""
-    out: dict[str, list[np.ndarray]] = {s: [] for s in keys}
+    out: dict[str, list[np.ndarray]] = {s: [] for s in sensors}
     for i in range(len(ds)):
         item = ds[i]
-        for s, (xk, vk) in keys.items():
-            x, v = item[xk].numpy(), item[vk].numpy()
+        for s in sensors:
+            p = item[s] if isinstance(item, FusionPatches) else item
+            x, v = p.x.numpy(), p.valid.numpy()
             t, c = x.shape[0] // 2, x.shape[-1] // 2
             out[s].append(np.where(v[t, :, c, c], x[t, :, c, c], np.nan))
     return {s: np.stack(v) for s, v in out.items()}
@@ -55,15 +57,15 @@ def run_table(run: Path) -> dict:
     rng = np.random.default_rng(raw["train"]["seed"])
     if raw.get("stage") == "fusion":
         cfg = FusionStageConfig.model_validate(raw)
-        a2 = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["s2_model"])
+        a2 = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["models"]["s2"])
         data = build_fusion_data(load_scenes(cfg.data), cfg.data, rng, context_px=a2.context_px)
-        keys = {"s2": ("x2", "valid2"), "s1": ("x1", "valid1")}
+        keys = ["s2", "s1"]
         k = load_bundle(run / "bundle.pt").config["model"]["embed_dim"]
     else:
         cfg = AEStageConfig.model_validate(raw)
         model = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["model"])
         data = build_sensor_data(load_scenes(cfg.data), cfg.sensor, cfg.data, rng, context_px=model.context_px)
-        keys = {cfg.sensor: ("x", "valid")}
+        keys = [cfg.sensor]
         k = model.latent_dim
     per = {name: centres(data.datasets[name], keys) for name in ("train", "test")}
     sensors = list(keys)

@@ -178,8 +178,8 @@ def test_info_counts_a_companion_autoencoder_as_stage_1_not_as_fusion_layers() -
 
     a1, a2 = ae_preset("tiny", "s1"), ae_preset("tiny", "s2")
     toy = AEConfig.model_validate({**a1.model_dump(), "sensor": "toy"})
-    model = FusionModel(SensorAutoencoder(a1), SensorAutoencoder(a2), fusion_preset("tiny"),
-                        extra={"toy": SensorAutoencoder(toy)})
+    model = FusionModel({"s1": SensorAutoencoder(a1), "s2": SensorAutoencoder(a2), "toy": SensorAutoencoder(toy)},
+                        fusion_preset("tiny"))
     counts = _fusion_counts(model)
     assert counts["fusion_only"] == sum(p.numel() for p in model.fusion_parameters())
-    assert counts["toy_autoencoder"] == sum(p.numel() for p in model.extra["toy"].parameters()) > 0
+    assert counts["toy_autoencoder"] == sum(p.numel() for p in model.autoencoders["toy"].parameters()) > 0

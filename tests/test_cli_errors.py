@@ -39,7 +39,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw["state_dict"][name] = torch.zeros(3, 3)
     torch.save(raw, w / "wrong_shape.pt")
     raw = torch.load(w / "fusion.pt", weights_only=True)
-    del raw["config"]["s2_model"]
+    del raw["config"]["models"]["s2"]
     torch.save(raw, w / "no_model_config.pt")
     s2 = scene.s2
     n_t, h, wd = s2.sizes["time"], s2.sizes["y"], s2.sizes["x"]

@@ -14,6 +14,7 @@ from stembed.config import (
     GapFillStageConfig,
     ae_preset,
     fusion_preset,
+    dump_config,
     load_config,
 )
 
@@ -125,13 +126,35 @@ def test_relative_paths_in_a_config_file_resolve_from_its_folder(tmp_path: Path,
     monkeypatch.chdir(elsewhere)
     cfg = load_config(FusionStageConfig, Path("..") / "project" / "configs" / "fusion.yaml")
     project = (tmp_path / "project").resolve()
-    assert cfg.s1_bundle == str(project / "runs" / "s1" / "bundle.pt")
-    assert cfg.s2_bundle == f"{tmp_path}/abs/bundle.pt"
-    assert cfg.extra_bundles == {"agera5": "pretrained:belgium"}
+    assert cfg.bundles["s1"] == str(project / "runs" / "s1" / "bundle.pt")  # the old keys load as bundles
+    assert cfg.bundles["s2"] == f"{tmp_path}/abs/bundle.pt"
+    assert cfg.companions == {"agera5": "pretrained:belgium"}
     assert cfg.data.source.paths == (str(project / "sites" / "*.zarr"), str(project / "configs" / "site9.zarr"))
     assert cfg.out_dir == str(project / "runs")
     over = load_config(FusionStageConfig, conf / "fusion.yaml", ["s1_bundle=mine/bundle.pt"])
-    assert over.s1_bundle == "mine/bundle.pt"  # typed here, so relative to here
+    assert over.bundles["s1"] == "mine/bundle.pt"  # typed here, so relative to here
+
+
+def test_fusion_bundles_are_keyed_by_sensor_and_the_old_keys_still_load(tmp_path: Path, monkeypatch) -> None:
+    """``bundles: {s1: ..., s2: ..., <companion>: ...}``; a path in it reads from the file's folder like any path;
+    ``s1_bundle``/``s2_bundle``/``extra_bundles`` (the old form) give the same config, and an old key set on a keyed
+    config overrides its entry."""
+    conf = tmp_path / "configs"
+    conf.mkdir()
+    (conf / "new.yaml").write_text("bundles: {s1: ../runs/s1.pt, s2: /abs/s2.pt, agera5: pretrained:belgium}\n")
+    (conf / "old.yaml").write_text(
+        "s1_bundle: ../runs/s1.pt\ns2_bundle: /abs/s2.pt\nextra_bundles: {agera5: pretrained:belgium}\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    new = load_config(FusionStageConfig, conf / "new.yaml")
+    assert new.bundles == {"s1": str(tmp_path.resolve() / "runs" / "s1.pt"), "s2": "/abs/s2.pt",
+                           "agera5": "pretrained:belgium"}
+    assert load_config(FusionStageConfig, conf / "old.yaml") == new
+    assert dump_config(new)["bundles"] == new.bundles and "s1_bundle" not in dump_config(new)
+    assert load_config(FusionStageConfig, conf / "new.yaml", ["s1_bundle=a.pt"]).bundles["s1"] == "a.pt"
+    assert load_config(FusionStageConfig, conf / "new.yaml", ["bundles.s2=b.pt"]).bundles["s2"] == "b.pt"
+    with pytest.raises(ConfigError, match="bundles needs the stage-1 bundle of"):
+        load_config(FusionStageConfig, None, ["bundles.s1=a.pt"])
 
 
 def test_shipped_belgian_configs_find_the_shared_data_from_any_folder(

@@ -21,6 +21,7 @@ import yaml
 
 from stembed.config import AEStageConfig, ConfigError, TrainConfig, dump_config, load_config
 from stembed.data.build import build_sensor_data
+from stembed.data.datasets import SensorPatches, patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
 from stembed.training.modules import AutoencoderModule
@@ -80,10 +81,10 @@ def test_cli_ddp_on_two_cpu_processes_writes_one_bundle_that_embeds(belgian_dir:
     model = bundle.build_model().eval()
     data = build_sensor_data(load_scenes(cfg.data), "s2", cfg.data, np.random.default_rng(0),
                              context_px=model.cfg.context_px)
-    batch = next(iter(torch.utils.data.DataLoader(data.datasets["test"], batch_size=16)))
+    batch = next(iter(patch_loader(data.datasets["test"], batch_size=16)))
     with torch.no_grad():
-        z = model.encode(batch.get("x_in", batch["x"]), batch["time_gaps"])
-    assert z.shape == (batch["x"].shape[0], model.cfg.latent_dim) and torch.isfinite(z).all()
+        z = model.encode(batch.encoder_input, batch.gaps)
+    assert z.shape == (batch.x.shape[0], model.cfg.latent_dim) and torch.isfinite(z).all()
 
 
 @pytest.mark.slow
@@ -152,7 +153,7 @@ class _SGDModule(AutoencoderModule):
         return torch.optim.SGD(self.model.parameters(), lr=LR)
 
 
-def _one_step(module: AutoencoderModule, items: list[dict[str, torch.Tensor]], devices: int) -> None:
+def _one_step(module: AutoencoderModule, items: list[SensorPatches], devices: int) -> None:
     import lightning as L
 
     trainer = L.Trainer(
@@ -161,7 +162,7 @@ def _one_step(module: AutoencoderModule, items: list[dict[str, torch.Tensor]], d
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         gradient_clip_val=None,
     )
-    loader = torch.utils.data.DataLoader(items, batch_size=len(items), shuffle=False)  # the shard as one batch
+    loader = patch_loader(items, batch_size=len(items), shuffle=False)  # the shard as one batch
     trainer.fit(module, loader)
 
 
@@ -190,7 +191,7 @@ def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(
                              context_px=model_cfg.context_px)
     ds = data.datasets["train"]
     items = [ds[i] for i in range(8)]  # the fixed global batch
-    assert sum(bool(it["valid"].all()) for it in items) < 8  # real gaps: the masked MAE is exercised
+    assert sum(bool(it.valid.all()) for it in items) < 8  # real gaps: the masked MAE is exercised
     torch.manual_seed(0)
     hparams = (dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train))
     start = _SGDModule(*hparams)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stembed.config import EmbedConfig, ae_preset, dense_geometry, fusion_preset
-from stembed.data.datasets import fold_index
+from stembed.data.datasets import SensorArrays, fold_index
 from stembed.inference.engine import embed_block, embed_block_dense
 from stembed.inference.tiles import EmbedError, embed_cube, read_block
 from stembed.io.cube import open_scene, save_scene
@@ -23,7 +23,7 @@ CPU = torch.device("cpu")
 def _dense_model(seed: int = 0, preset: str = "tiny-dense") -> FusionModel:
     torch.manual_seed(seed)
     s1, s2 = SensorAutoencoder(ae_preset(preset, "s1")), SensorAutoencoder(ae_preset(preset, "s2"))
-    return FusionModel(s1, s2, fusion_preset(preset)).eval()
+    return FusionModel({"s1": s1, "s2": s2}, fusion_preset(preset)).eval()
 
 
 def test_geometry_matches_what_the_encoder_reads(one_torch_thread):
@@ -77,19 +77,25 @@ def test_training_window_equals_tile_pass(one_torch_thread):
 
 
 def _block_case(model: FusionModel, scene, rows: slice, cols: slice):
-    return read_block(scene, rows, cols, model.s2.cfg.context_px, 6.0)
+    """(s2, s1, s2 days, s1 days) of a block (S1 matched within 6 days)."""
+    b = read_block(scene, rows, cols, model.anchor.cfg.context_px, {"s1": 6.0})
+    return b["s2"].values, b["s1"].values, b["s2"].days, b["s1"].days
+
+
+def _block(s2, s1, d2, d1):
+    return {"s2": SensorArrays(s2, d2), "s1": SensorArrays(s1, d1)}
 
 
 def test_dense_equals_per_patch_on_random_weights(one_torch_thread):
     model = _dense_model(seed=2)
     scene = synthetic_scene(seed=3, height_px=26, width_px=27, n_days=50)  # clouds and missing S1 included
     s2, s1, d2, d1 = _block_case(model, scene, slice(0, 26), slice(0, 27))
-    dense = embed_block_dense(model, s2, s1, d2, d1, batch_size=128, device=CPU)
-    r = model.s2.cfg.context_px
+    dense = embed_block_dense(model, _block(s2, s1, d2, d1), batch_size=128, device=CPU)
+    r = model.anchor.cfg.context_px
     # the per-patch reference on a few pixels (corners: reflected context; interior: real context)
     for y, x in [(0, 0), (25, 26), (12, 13)]:
         sub2, sub1, _, _ = _block_case(model, scene, slice(y, y + 1), slice(x, x + 1))
-        ref = embed_block(model, sub2, sub1, d2, d1, batch_size=16, device=CPU)[:, :, 0, 0]
+        ref = embed_block(model, _block(sub2, sub1, d2, d1), batch_size=16, device=CPU)[:, :, 0, 0]
         np.testing.assert_array_equal(np.isnan(ref), np.isnan(dense[:, :, y, x]))
         assert np.isfinite(ref).any()
         np.testing.assert_allclose(dense[:, :, y, x], ref, rtol=0, atol=1e-4)
@@ -103,14 +109,14 @@ def test_dense_equals_per_patch_on_the_real_patch(belgian_scene, one_torch_threa
     scene = belgian_scene
     height, width = scene.s2.sizes["y"], scene.s2.sizes["x"]
     s2, s1, d2, d1 = _block_case(model, scene, slice(0, 8), slice(width - 8, width))
-    dense = embed_block_dense(model, s2, s1, d2, d1, batch_size=256, device=CPU)
+    dense = embed_block_dense(model, _block(s2, s1, d2, d1), batch_size=256, device=CPU)
     assert np.isfinite(dense).any() and np.isnan(dense).any()  # cloudy dates are skipped, clear ones embedded
     for y, x in [(0, 7), (5, 2)]:
         sub2, sub1, _, _ = _block_case(model, scene, slice(y, y + 1), slice(width - 8 + x, width - 7 + x))
-        ref = embed_block(model, sub2, sub1, d2, d1, batch_size=32, device=CPU)[:, :, 0, 0]
+        ref = embed_block(model, _block(sub2, sub1, d2, d1), batch_size=32, device=CPU)[:, :, 0, 0]
         np.testing.assert_array_equal(np.isnan(ref), np.isnan(dense[:, :, y, x]))
         np.testing.assert_allclose(dense[:, :, y, x], ref, rtol=0, atol=1e-4)
-    assert height > model.s2.cfg.context_px
+    assert height > model.anchor.cfg.context_px
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +137,8 @@ def test_embed_cube_dense_tiles_match_one_block(dense_scene_store):
     assert "dense" in str(ds.attrs.get("method"))
     model = load_bundle(bundle).build_model()
     scene = open_scene(cube)
-    s2, s1, d2, d1 = read_block(scene, slice(0, 30), slice(0, 26), model.s2.cfg.context_px, 6.0)
-    whole = embed_block_dense(model, s2, s1, d2, d1, batch_size=64, device=CPU)
+    block = read_block(scene, slice(0, 30), slice(0, 26), model.anchor.cfg.context_px, {"s1": 6.0})
+    whole = embed_block_dense(model, block, batch_size=64, device=CPU)
     got = ds["embedding"].values
     np.testing.assert_array_equal(np.isnan(got), np.isnan(whole))
     np.testing.assert_allclose(got, whole, rtol=0, atol=1e-5)
@@ -150,7 +156,7 @@ def test_fusion_refuses_mixed_variants():
     s1 = SensorAutoencoder(ae_preset("tiny-dense", "s1"))
     s2 = SensorAutoencoder(ae_preset("tiny", "s2"))
     with pytest.raises(ValueError, match="same variant"):
-        FusionModel(s1, s2, fusion_preset("tiny"))
+        FusionModel({"s1": s1, "s2": s2}, fusion_preset("tiny"))
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 21])
@@ -179,11 +185,11 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     ds = data.datasets["train"]
     item = ds[0]
     W = cfg_model.input_px
-    assert item["x_in"].shape == (cfg_model.n_frames, cfg_model.in_channels, W, W)
+    assert item.x_in.shape == (cfg_model.n_frames, cfg_model.in_channels, W, W)
     # the window's centre 15x15 is the patch itself (raw values, NaN where the filled x is masked)
     c = cfg_model.context_px
-    core = item["x_in"][:, :, c - 7 : c + 8, c - 7 : c + 8]
-    np.testing.assert_array_equal(torch.isnan(core).numpy(), ~item["valid"].numpy())
+    core = item.x_in[:, :, c - 7 : c + 8, c - 7 : c + 8]
+    np.testing.assert_array_equal(torch.isnan(core).numpy(), ~item.valid.numpy())
     # every value comes from the patch's own block: mark the rest of the cube and check none leaks in
     p = ds.patches[0]
     y0, y1, x0, x1 = p.bounds
@@ -197,10 +203,10 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     # and the autoencoder trains on it: one step moves the weights
     ae = SensorAutoencoder(cfg_model)
     opt = torch.optim.SGD(ae.parameters(), lr=0.1)
-    x_hat, _ = ae(item["x_in"][None], item["time_gaps"][None])
-    assert x_hat.shape == item["x"][None].shape
+    x_hat, _ = ae(item.x_in[None], item.gaps[None])
+    assert x_hat.shape == item.x[None].shape
     before = ae.encoder.cnn.stem[0].weight.detach().clone()
-    (x_hat - item["x"][None]).abs()[item["valid"][None]].mean().backward()
+    (x_hat - item.x[None]).abs()[item.valid[None]].mean().backward()
     opt.step()
     assert not torch.equal(before, ae.encoder.cnn.stem[0].weight)
 
@@ -230,10 +236,11 @@ def test_dense_stages_train_then_embed(tmp_path, training):
     s2 = train_autoencoder(dense(cfgs["s2"], AEStageConfig), run_dir=tmp_path / "s2")
     fusion = train_fusion(dense(cfgs["fusion"], FusionStageConfig), run_dir=tmp_path / "fusion")
     fb = load_bundle(fusion.bundle)
-    assert fb.config["s2_model"]["variant"] == "dense"
+    assert fb.config["models"]["s2"]["variant"] == "dense"
     for key, run in (("s1", s1), ("s2", s2)):
         own = load_bundle(run.bundle).state_dict
-        inside = {k.removeprefix(f"{key}."): v for k, v in fb.state_dict.items() if k.startswith(f"{key}.")}
+        prefix = f"autoencoders.{key}."
+        inside = {k.removeprefix(prefix): v for k, v in fb.state_dict.items() if k.startswith(prefix)}
         assert own.keys() == inside.keys() and all(torch.equal(own[k], inside[k]) for k in own)
     assert np.isfinite(fusion.metrics["splits"]["test"]["s2"]["centre_mae"])
     if training == "tiles":

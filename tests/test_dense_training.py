@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from stembed.config import LEARNING_FIXES, AEConfig, LossConfig, SamplingConfig, ae_preset, s2_stage1_loss
-from stembed.data.datasets import PatchDataset, SensorArrays
+from stembed.data.datasets import PatchDataset, SensorArrays, collate
 from stembed.data.sampling import PatchIndex, Region, day_numbers
 from stembed.data.tiles import TileDataset, sample_tiles
 from stembed.losses import reconstruction_loss, sam_normaliser, sampled_reconstruction_loss
@@ -58,12 +58,12 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
         patches.append(PatchIndex(0, frames, tile.y0 + py - 7, tile.x0 + px - 7, (0, 40, 0, 40)))
     ds = PatchDataset([s2_site], patches, 15, context_px=m)
     items = [ds[i] for i in range(len(ds))]
-    pb = {key: torch.stack([it[key] for it in items]) for key in items[0]}
-    x_hat_ref, _ = ae(pb["x_in"], pb["time_gaps"])
-    ref = reconstruction_loss(x_hat_ref, pb["x"], pb["valid"], loss_cfg)
+    pb = collate(items)
+    x_hat_ref, _ = ae(pb.x_in, pb.gaps)
+    ref = reconstruction_loss(x_hat_ref, pb.x, pb.valid, loss_cfg)
 
-    torch.testing.assert_close(tg.x[:, 0], pb["x"][plan.latent, plan.frame])
-    assert torch.equal(tg.valid[:, 0], pb["valid"][plan.latent, plan.frame])
+    torch.testing.assert_close(tg.x[:, 0], pb.x[plan.latent, plan.frame])
+    assert torch.equal(tg.valid[:, 0], pb.valid[plan.latent, plan.frame])
     for key in ref:
         torch.testing.assert_close(dense[key], ref[key], rtol=1e-4, atol=1e-6, msg=key)
 

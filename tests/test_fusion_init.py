@@ -55,7 +55,8 @@ def test_centre_jacobian_metric_matches_finite_differences():
 def _fusion(preset: str = "tiny") -> FusionModel:
     torch.manual_seed(0)
     return FusionModel(
-        SensorAutoencoder(ae_preset("tiny", "s1")), SensorAutoencoder(ae_preset("tiny", "s2")), fusion_preset(preset)
+        {"s1": SensorAutoencoder(ae_preset("tiny", "s1")), "s2": SensorAutoencoder(ae_preset("tiny", "s2"))},
+        fusion_preset(preset),
     ).eval()
 
 
@@ -63,18 +64,19 @@ def _fusion(preset: str = "tiny") -> FusionModel:
 def test_init_linear_fusion_gives_the_pca_reconstruction_of_the_latents():
     model = _fusion()
     g = torch.Generator().manual_seed(2)
-    n, T = 300, model.s2.cfg.n_frames
-    z = {"s1": torch.randn(n, model.s1.cfg.latent_dim, generator=g),
-         "s2": torch.randn(n, 4, generator=g) @ torch.randn(4, model.s2.cfg.latent_dim, generator=g)}
+    s1, s2 = model.autoencoders["s1"], model.autoencoders["s2"]
+    n, T = 300, s2.cfg.n_frames
+    z = {"s1": torch.randn(n, s1.cfg.latent_dim, generator=g),
+         "s2": torch.randn(n, 4, generator=g) @ torch.randn(4, s2.cfg.latent_dim, generator=g)}
     gaps = {k: torch.full((n, T - 1), 5.0) for k in z}
-    dt = torch.zeros(n)
+    dt = {"s1": torch.zeros(n)}
     with torch.no_grad():
-        before = (model.head_s2(model.fuse(z["s1"], z["s2"], dt)) - z["s2"]).abs().mean()
+        before = (model.heads["s2"](model.fuse(z, dt)) - z["s2"]).abs().mean()
     info = init_linear_fusion(model, z, gaps, {"s1": 0.5, "s2": 0.5})
     assert info["min_pre_softplus"] == pytest.approx(SOFTPLUS_MARGIN, abs=1e-4)
     with torch.no_grad():
-        e = model.fuse(z["s1"], z["s2"], dt)
-        rec = {"s1": model.head_s1(e), "s2": model.head_s2(e)}
+        e = model.fuse(z, dt)
+        rec = {"s1": model.heads["s1"](e), "s2": model.heads["s2"](e)}
     # 7 dimensions hold S1's 2 and S2's rank 4 exactly, up to softplus's bend near its margin
     for k in z:
         assert (rec[k] - z[k]).abs().mean() < 0.02 * z[k].abs().mean()

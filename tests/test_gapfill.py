@@ -19,6 +19,7 @@ from stembed.config import (
     TrainConfig,
 )
 from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
+from stembed.data.datasets import SensorArrays
 from stembed.inference.daily import FLAG_LINEAR, FLAG_MODEL, FLAG_NONE, FLAG_OBSERVED
 from stembed.inference.engine import centre_valid, embed_block, embed_block_dense
 from stembed.inference.tiles import embed_cube
@@ -31,9 +32,10 @@ from stembed.training.run import train_autoencoder, train_fusion, train_gapfill
 
 
 def _padded(scene, r):
+    """The whole scene as one block (S2, and S1 matched within 6 days), reflect-padded by ``r``."""
     pad = ((0, 0), (0, 0), (r, r), (r, r))
-    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, 6.0)
-    return np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"), s2.days, s1.days
+    arrays = {"s2": sensor_arrays(scene, "s2"), "s1": matched_s1_arrays(scene, 6.0)}
+    return {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in arrays.items()}
 
 
 @pytest.mark.slow
@@ -43,19 +45,21 @@ def test_hidden_centre_frame_is_never_read(tmp_path, one_torch_thread, variant):
     preset = "tiny" if variant == "patch" else "tiny-dense"
     model = load_bundle(random_fusion_bundle(tmp_path / "b.pt", preset=preset, gapfill=True)).build_model()
     scene = synthetic_scene(seed=3, height_px=6, width_px=6, n_days=120)
-    s2, s1, d2, d1 = _padded(scene, model.fusion.s2.cfg.context_px)
+    block = _padded(scene, model.fusion.anchor.cfg.context_px)
+    s2, d2 = block["s2"].values, block["s2"].days
     embed = embed_block if variant == "patch" else embed_block_dense
     t = len(d2) // 2
     targets = np.zeros((len(d2), 6, 6), bool)
     targets[t] = True
     kw = {"batch_size": 16, "device": torch.device("cpu"), "targets": targets, "hide_s2_centre": True}
-    a = embed(model.filler, s2, s1, d2, d1, **kw)
+    a = embed(model.filler, block, **kw)
     changed = s2.copy()
     changed[t] = np.clip(changed[t] + 0.3, 0, 1)  # only the target date's frame
-    b = embed(model.filler, changed, s1, d2, d1, **kw)
+    changed = {**block, "s2": SensorArrays(changed, d2)}
+    b = embed(model.filler, changed, **kw)
     assert np.isfinite(a[t]).all()
     np.testing.assert_array_equal(a, b)
-    seen = embed(model.filler, changed, s1, d2, d1, **{**kw, "hide_s2_centre": False})
+    seen = embed(model.filler, changed, **{**kw, "hide_s2_centre": False})
     assert np.abs(seen[t] - a[t]).max() > 1e-6  # not hidden, the frame moves the output (random weights: slightly)
 
 
@@ -63,12 +67,12 @@ def test_hidden_centre_frame_is_never_read(tmp_path, one_torch_thread, variant):
 def test_dense_and_patch_paths_agree_with_the_centre_hidden(tmp_path, one_torch_thread):
     model = load_bundle(random_fusion_bundle(tmp_path / "b.pt", preset="tiny-dense", gapfill=True)).build_model()
     scene = synthetic_scene(seed=4, height_px=5, width_px=5, n_days=120)
-    s2, s1, d2, d1 = _padded(scene, model.fusion.s2.cfg.context_px)
-    cloudy = ~centre_valid(s2, model.fusion.s2.cfg.context_px)
+    block = _padded(scene, model.fusion.anchor.cfg.context_px)
+    cloudy = ~centre_valid(block["s2"].values, model.fusion.anchor.cfg.context_px)
     assert cloudy.any()
     kw = {"batch_size": 8, "device": torch.device("cpu"), "targets": cloudy, "hide_s2_centre": True}
-    ref = embed_block(model.filler, s2, s1, d2, d1, **kw)
-    dense = embed_block_dense(model.filler, s2, s1, d2, d1, **kw)
+    ref = embed_block(model.filler, block, **kw)
+    dense = embed_block_dense(model.filler, block, **kw)
     assert np.isfinite(ref[np.broadcast_to(cloudy[:, None], ref.shape)]).all()
     np.testing.assert_allclose(dense, ref, atol=1e-4, equal_nan=True)
 
@@ -164,12 +168,12 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
         cfg = AEStageConfig(sensor=sensor, preset="tiny", data=data, train=FAST, out_dir=str(tmp_path))
         runs[sensor] = train_autoencoder(cfg, run_dir=tmp_path / sensor).bundle
     fcfg = FusionStageConfig(
-        s1_bundle=str(runs["s1"]), s2_bundle=str(runs["s2"]), extra_bundles={"toy": str(runs["toy"])},
+        bundles={"s1": str(runs["s1"]), "s2": str(runs["s2"]), "toy": str(runs["toy"])},
         preset="tiny", data=_data(extra_sensors=("toy",)), train=FAST, out_dir=str(tmp_path),
     )
     res = train_fusion(fcfg, run_dir=tmp_path / "fusion3")
     fused = load_bundle(res.bundle)
-    for sensor, prefix in (("s1", "s1."), ("s2", "s2."), ("toy", "extra.toy.")):
+    for sensor, prefix in (("s1", "autoencoders.s1."), ("s2", "autoencoders.s2."), ("toy", "autoencoders.toy.")):
         stage1, after = _state(runs[sensor]), _state(res.bundle, prefix)
         assert stage1.keys() == after.keys()
         for k in stage1:  # encoder and decoder weights, buffers included
@@ -179,8 +183,8 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
     assert fused.build_model().type_embedding.num_embeddings == 3
 
     # a fusion stage without a bundle for a named companion is refused before training
-    bad = fcfg.model_copy(update={"extra_bundles": {}})
-    with pytest.raises(Exception, match="extra_bundles"):
+    bad = fcfg.model_copy(update={"bundles": {k: v for k, v in fcfg.bundles.items() if k != "toy"}})
+    with pytest.raises(Exception, match="bundles names companion sensors"):
         train_fusion(bad, run_dir=tmp_path / "bad")
 
     # the three-sensor bundle embeds a scene that carries the toy cube, and refuses one without it

@@ -10,6 +10,7 @@ import torch
 
 from stembed.config import AEConfig, DataConfig, LossConfig, SamplingConfig, SplitConfig, ae_preset
 from stembed.data.build import band_stats, build_sensor_data
+from stembed.data.datasets import collate
 from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.training.evaluate import baselines, centre_abs_error
@@ -23,7 +24,8 @@ def test_tiny_s2_autoencoder_memorises_32_real_patches(belgian_scene, one_torch_
     ds = data.datasets["train"]
     pick = np.random.default_rng(0).choice(len(ds), size=32, replace=False)
     items = [ds[int(i)] for i in pick]
-    x, valid, gaps = (torch.stack([it[k] for it in items]) for k in ("x", "valid", "time_gaps"))
+    batch = collate(items)
+    x, valid, gaps = batch.x, batch.valid, batch.gaps
     mean, std = band_stats(data)
     torch.manual_seed(0)
     model = SensorAutoencoder(AEConfig(**{**ae_preset("tiny", "s2").model_dump(), "input_mean": mean,

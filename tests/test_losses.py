@@ -197,7 +197,7 @@ def test_fusion_loss_is_weighted_sum_of_branches():
     x1_hat, x1, v1 = _batch(c=2, seed=0)
     x2_hat, x2, v2 = _batch(c=10, seed=1)
     cfg = FusionLossConfig()
-    out = fusion_loss(x1_hat, x1, v1, x2_hat, x2, v2, cfg)
+    out = fusion_loss({"s1": (x1_hat, x1, v1), "s2": (x2_hat, x2, v2)}, cfg)
     l1 = reconstruction_loss(x1_hat, x1, v1, cfg.s1)["loss"]
     l2 = reconstruction_loss(x2_hat, x2, v2, cfg.s2)["loss"]
     torch.testing.assert_close(out["loss"], 0.5 * l1 + 0.5 * l2)

@@ -14,6 +14,7 @@ from stembed.models import (
     FusionModel,
     SensorAutoencoder,
     SensorEncoder,
+    SensorInput,
     count_parameters,
     positions_from_gaps,
 )
@@ -33,21 +34,36 @@ def _small_models(seed: int = 0, finetune: bool = False) -> FusionModel:
     s1 = SensorAutoencoder(ae_preset("small", "s1"))
     s2 = SensorAutoencoder(ae_preset("small", "s2"))
     cfg = fusion_preset("small").model_copy(update={"finetune_autoencoders": finetune})
-    return FusionModel(s1, s2, cfg)
+    return FusionModel({"s1": s1, "s2": s2}, cfg)
 
 
 def _fusion_batch(model: FusionModel, batch: int, seed: int):
-    x1, g1 = _patches(model.s1.cfg, batch, seed)
-    x2, g2 = _patches(model.s2.cfg, batch, seed + 1000)
+    x1, g1 = _patches(model.autoencoders["s1"].cfg, batch, seed)
+    x2, g2 = _patches(model.autoencoders["s2"].cfg, batch, seed + 1000)
     dt = torch.randint(0, 7, (batch, 1), generator=torch.Generator().manual_seed(seed + 2000))
     return x1, g1, x2, g2, dt
+
+
+def _inputs(x1, g1, x2, g2, dt) -> dict[str, SensorInput]:
+    """S1 and S2 patches, gaps and the S1-S2 day gap as the fusion model's keyed inputs."""
+    return {"s1": SensorInput(x1, g1, dt), "s2": SensorInput(x2, g2)}
+
+
+def _run(model: FusionModel, *batch):
+    """``model`` on a :func:`_fusion_batch`: (x1_hat, x2_hat, e)."""
+    rec, e = model(_inputs(*batch))
+    return rec["s1"], rec["s2"], e
+
+
+def _embed(model: FusionModel, *batch) -> torch.Tensor:
+    return model.embed(_inputs(*batch))
 
 
 # ----------------------------------------------------------------------------- sizes
 def test_paper_parameter_counts_match_spec():
     s1 = SensorAutoencoder(ae_preset("paper", "s1"))
     s2 = SensorAutoencoder(ae_preset("paper", "s2"))
-    fused = FusionModel(s1, s2, fusion_preset("paper"))
+    fused = FusionModel({"s1": s1, "s2": s2}, fusion_preset("paper"))
     n1 = sum(p.numel() for p in s1.parameters())
     n2 = sum(p.numel() for p in s2.parameters())
     counts = count_parameters(fused)
@@ -136,13 +152,13 @@ def test_float_gaps_accepted_and_bad_shapes_rejected():
 def test_fusion_shapes():
     model = _small_models()
     x1, g1, x2, g2, dt = _fusion_batch(model, 3, 0)
-    x1_hat, x2_hat, e = model(x1, g1, x2, g2, dt)
+    x1_hat, x2_hat, e = _run(model, x1, g1, x2, g2, dt)
     assert x1_hat.shape == x1.shape and x2_hat.shape == x2.shape
     assert e.shape == (3, model.cfg.embed_dim) and (e >= 0).all()
     model.eval()
     with torch.no_grad():  # dt_centre may come as (B, 1), as stored, or (B,)
-        e_2d = model.embed(x1, g1, x2, g2, dt)
-        torch.testing.assert_close(e_2d, model.embed(x1, g1, x2, g2, dt.reshape(-1)))
+        e_2d = _embed(model, x1, g1, x2, g2, dt)
+        torch.testing.assert_close(e_2d, _embed(model, x1, g1, x2, g2, dt.reshape(-1)))
 
 
 # ----------------------------------------------------------------------------- time positions
@@ -211,9 +227,9 @@ def test_fusion_embedding_does_not_depend_on_batch_mates():
     mates_a = _fusion_batch(model, 4, 1)
     mates_b = _fusion_batch(model, 4, 2)
     with torch.no_grad():
-        e_a = model.embed(*[torch.cat([o, m]) for o, m in zip(one, mates_a, strict=True)])[0]
-        e_b = model.embed(*[torch.cat([o, m]) for o, m in zip(one, mates_b, strict=True)])[0]
-        e_alone = model.embed(*one)[0]
+        e_a = _embed(model, *[torch.cat([o, m]) for o, m in zip(one, mates_a, strict=True)])[0]
+        e_b = _embed(model, *[torch.cat([o, m]) for o, m in zip(one, mates_b, strict=True)])[0]
+        e_alone = _embed(model, *one)[0]
     torch.testing.assert_close(e_a, e_b, atol=1e-6, rtol=0)
     torch.testing.assert_close(e_a, e_alone, atol=1e-5, rtol=0)
 
@@ -221,25 +237,26 @@ def test_fusion_embedding_does_not_depend_on_batch_mates():
 # ----------------------------------------------------------------------------- frozen fusion
 def test_frozen_fusion_trains_only_fusion_layers():
     model = _small_models(seed=1)
-    before_ae = {name: copy.deepcopy(ae.state_dict()) for name, ae in (("s1", model.s1), ("s2", model.s2))}
+    before_ae = {name: copy.deepcopy(ae.state_dict()) for name, ae in model.autoencoders.items()}
     before_fusion = [p.detach().clone() for p in model.fusion_parameters()]
     model.train()
     assert model.training and model.transformer.training
-    assert not any(m.training for m in model.s1.modules()) and not any(m.training for m in model.s2.modules())
-    assert not any(p.requires_grad for p in model.s1.parameters())
+    s1, s2 = model.autoencoders["s1"], model.autoencoders["s2"]
+    assert not any(m.training for m in s1.modules()) and not any(m.training for m in s2.modules())
+    assert not any(p.requires_grad for p in model.autoencoders["s1"].parameters())
 
     opt = torch.optim.AdamW(model.fusion_parameters(), lr=1e-2)
     loss_cfg = FusionLossConfig()
     for step in range(3):
         x1, g1, x2, g2, dt = _fusion_batch(model, 4, step)
-        x1_hat, x2_hat, _ = model(x1, g1, x2, g2, dt)
-        loss = fusion_loss(x1_hat, x1, torch.ones_like(x1, dtype=torch.bool),
-                           x2_hat, x2, torch.rand(x2.shape) > 0.2, loss_cfg)["loss"]
+        x1_hat, x2_hat, _ = _run(model, x1, g1, x2, g2, dt)
+        loss = fusion_loss({"s1": (x1_hat, x1, torch.ones_like(x1, dtype=torch.bool)),
+                            "s2": (x2_hat, x2, torch.rand(x2.shape) > 0.2)}, loss_cfg)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
 
-    for name, ae in (("s1", model.s1), ("s2", model.s2)):
+    for name, ae in model.autoencoders.items():
         after = ae.state_dict()
         assert after.keys() == before_ae[name].keys()
         assert all(torch.equal(after[k], before_ae[name][k]) for k in after)
@@ -247,18 +264,18 @@ def test_frozen_fusion_trains_only_fusion_layers():
     after_fusion = list(model.fusion_parameters())
     changed = [not torch.equal(a, b.detach()) for a, b in zip(before_fusion, after_fusion, strict=True)]
     assert all(changed)
-    assert not model.s1.training and not model.s2.decoder.training
+    assert not model.autoencoders["s1"].training and not model.autoencoders["s2"].decoder.training
 
 
 def test_finetune_option_trains_everything():
     model = _small_models(finetune=True)
     model.train()
-    assert model.s1.training and model.s2.decoder.cnn.training
+    assert model.autoencoders["s1"].training and model.autoencoders["s2"].decoder.cnn.training
     assert all(p.requires_grad for p in model.parameters())
     assert count_parameters(model)["trainable"] == count_parameters(model)["total"]
     x1, g1, x2, g2, dt = _fusion_batch(model, 2, 0)
-    model(x1, g1, x2, g2, dt)[2].sum().backward()
-    assert model.s1.encoder.cnn[0].weight.grad is not None
+    _run(model, x1, g1, x2, g2, dt)[2].sum().backward()
+    assert model.autoencoders["s1"].encoder.cnn[0].weight.grad is not None
 
 
 def test_dt_centre_is_clamped_to_the_table():
@@ -267,7 +284,7 @@ def test_dt_centre_is_clamped_to_the_table():
     big = torch.tensor([[10_000], [-10_000]])
     top = torch.full((2, 1), model.cfg.max_pair_gap_days)
     with torch.no_grad():
-        torch.testing.assert_close(model.embed(x1, g1, x2, g2, big), model.embed(x1, g1, x2, g2, top))
+        torch.testing.assert_close(_embed(model, x1, g1, x2, g2, big), _embed(model, x1, g1, x2, g2, top))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -275,7 +292,7 @@ def test_runs_on_device(device):
     model = _small_models().to(device).eval()
     batch = [t.to(device) for t in _fusion_batch(model, 2, 0)]
     with torch.no_grad():
-        x1_hat, x2_hat, e = model(*batch)
+        x1_hat, x2_hat, e = _run(model, *batch)
     assert e.device.type == device and torch.isfinite(x2_hat).all()
 
 

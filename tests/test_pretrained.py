@@ -21,7 +21,7 @@ def test_belgium_is_built_in_small_and_a_fusion_bundle():
     assert path.is_file() and path.stat().st_size <= 5 * 1024 * 1024
     b = load_bundle("pretrained:belgium", expect_kind="fusion")
     assert list(b.sensors["s2"].bands) == ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
-    assert b.config["s2_model"]["variant"] == "dense"
+    assert b.config["models"]["s2"]["variant"] == "dense"
 
 
 def test_info_lists_and_describes_the_built_in_bundles():

@@ -18,6 +18,7 @@ from stembed.inference.reference import embed_reference
 from stembed.io.cube import Scene
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
+from stembed.models.fusion import SensorInput
 from stembed.sensors import S2
 from stembed.testing import random_fusion_bundle, synthetic_scene
 
@@ -81,9 +82,13 @@ def test_reference_equals_the_model_on_the_training_patch(
             x1, _ = fill_patch(cut_patch(s1.values, p, 15))
             f = list(p.frames)
             with torch.no_grad():
-                e = model.embed(torch.from_numpy(x1)[None], torch.from_numpy(np.diff(s1.days[f]).astype(np.float32))[None],
-                                torch.from_numpy(x2)[None], torch.from_numpy(np.diff(s2.days[f]).astype(np.float32))[None],
-                                torch.tensor([abs(float(s1.days[t] - s2.days[t]))]))
+                e = model.embed({
+                    "s1": SensorInput(torch.from_numpy(x1)[None],
+                                      torch.from_numpy(np.diff(s1.days[f]).astype(np.float32))[None],
+                                      torch.tensor([abs(float(s1.days[t] - s2.days[t]))])),
+                    "s2": SensorInput(torch.from_numpy(x2)[None],
+                                      torch.from_numpy(np.diff(s2.days[f]).astype(np.float32))[None]),
+                })
             np.testing.assert_allclose(ds["embedding"].values[t, :, y, x], e[0].numpy(), atol=1e-6)
             checked += 1
     assert checked >= 4

@@ -13,6 +13,7 @@ import torch
 from stembed.config import AEStageConfig
 from stembed.demo import demo_configs, run_demo
 from stembed.models.bundle import BundleError, load_bundle, save_bundle
+from stembed.models.fusion import SensorInput
 from stembed.training.run import RunResult, train_autoencoder
 
 
@@ -68,7 +69,7 @@ def test_fusion_training_leaves_stage1_weights_bit_identical(demo_runs: dict[str
     fusion = load_bundle(demo_runs["fusion"].bundle, expect_kind="fusion")
     for sensor in ("s1", "s2"):
         stage1 = load_bundle(demo_runs[sensor].bundle, expect_kind="autoencoder", expect_sensor=sensor)
-        prefix = f"{sensor}."
+        prefix = f"autoencoders.{sensor}."
         fused = {k[len(prefix):]: v for k, v in fusion.state_dict.items() if k.startswith(prefix)}
         assert fused.keys() == stage1.state_dict.keys()
         for k, v in stage1.state_dict.items():
@@ -84,11 +85,11 @@ def test_bundles_rebuild_from_their_own_config(demo_runs: dict[str, RunResult]) 
     assert b.sensors["s2"].bands[0] == "B02" and b.sensors["s1"].bands == ("VV", "VH")
     assert b.provenance["versions"]["torch"].startswith("2.13")
     batch = 3
-    w = model.s2.cfg.input_px  # the demo's models are dense: 47 px windows
+    w = model.anchor.cfg.input_px  # the demo's models are dense: 47 px windows
     x1, x2 = torch.rand(batch, 11, 2, w, w), torch.rand(batch, 11, 10, w, w)
     gaps = torch.full((batch, 10), 5.0)
     with torch.no_grad():
-        e = model.embed(x1, gaps, x2, gaps, torch.zeros(batch))
+        e = model.embed({"s1": SensorInput(x1, gaps, torch.zeros(batch)), "s2": SensorInput(x2, gaps)})
     assert e.shape == (batch, 7) and torch.isfinite(e).all()
 
 

@@ -334,6 +334,14 @@ class FusionLossConfig(_Frozen):
     extra: LossConfig = Field(default_factory=LossConfig)  # each companion sensor's branch (MAE)
     extra_weight: float = 0.5  # the weight of each companion branch, like S1's and S2's
 
+    def branch(self, sensor: str) -> tuple[LossConfig, float]:
+        """The loss and weight of ``sensor``'s branch: S1's and S2's own, a companion sensor's ``extra``."""
+        if sensor == "s1":
+            return self.s1, self.s1_weight
+        if sensor == "s2":
+            return self.s2, self.s2_weight
+        return self.extra, self.extra_weight
+
 
 # ----------------------------------------------------------------------------- training
 class TrainConfig(_Frozen):
@@ -438,14 +446,16 @@ class AEStageConfig(_Frozen):
         return s2_stage1_loss() if self.sensor == "s2" else LossConfig()
 
 
+_OLD_BUNDLE_KEYS = ("s1_bundle", "s2_bundle", "extra_bundles")
+
+
 class FusionStageConfig(_Frozen):
     """Stage 2: fusion layers on the stage-1 bundles (S1, S2, and any companion sensors')."""
 
     stage: Literal["fusion"] = "fusion"
-    s1_bundle: str
-    s2_bundle: str
-    # companion sensor key -> its stage-1 bundle; its scenes come from data.extra_sensors (same keys)
-    extra_bundles: dict[str, str] = Field(default_factory=dict)
+    # sensor -> its stage-1 bundle: s1 and s2, and each companion sensor, whose scenes come from
+    # data.extra_sensors (same keys). The keys of old configs (s1_bundle, s2_bundle, extra_bundles) still load.
+    bundles: dict[str, str]
     preset: str = "paper"
     model: FusionConfig | None = None
     data: DataConfig = Field(default_factory=DataConfig)
@@ -459,12 +469,37 @@ class FusionStageConfig(_Frozen):
     init: Literal["random", "linear"] = "random"
     out_dir: str = "runs"
 
+    @model_validator(mode="before")
+    @classmethod
+    def _keyed_bundles(cls, data: Any) -> Any:
+        """``s1_bundle``/``s2_bundle``/``extra_bundles`` (before sensors were keyed) -> entries of ``bundles``; an old
+        key given beside ``bundles`` overrides its entry (so ``--set s1_bundle=...`` works on a keyed config)."""
+        if not isinstance(data, dict) or not any(k in data for k in _OLD_BUNDLE_KEYS):
+            return data
+        out = {k: v for k, v in data.items() if k not in _OLD_BUNDLE_KEYS}
+        bundles = dict(out.get("bundles") or {})
+        extra = data.get("extra_bundles")
+        if isinstance(extra, dict):
+            bundles |= extra
+        elif extra is not None:
+            raise ValueError(f"extra_bundles must map a companion sensor to its bundle, got {extra!r}")
+        bundles |= {k: data[f"{k}_bundle"] for k in ("s1", "s2") if f"{k}_bundle" in data}
+        return {**out, "bundles": bundles}
+
     @model_validator(mode="after")
     def _check(self) -> FusionStageConfig:
+        missing = [k for k in CORE_SENSORS if k not in self.bundles]
+        if missing:
+            raise ValueError(f"bundles needs the stage-1 bundle of {missing} (bundles: {{s1: ..., s2: ...}})")
         _check_preset(self.preset)
         if self.init == "linear" and not self.resolved_model().direct_path:
             raise ValueError("init: linear needs a fusion model with direct_path: true (the small and tiny presets)")
         return self
+
+    @property
+    def companions(self) -> dict[str, str]:
+        """The companion sensors' bundles (every entry of ``bundles`` but S1's and S2's)."""
+        return {k: v for k, v in self.bundles.items() if k not in CORE_SENSORS}
 
     def resolved_model(self) -> FusionConfig:
         """The fusion architecture this stage trains."""
@@ -557,7 +592,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
     return out
 
 
-# where a stage config holds file paths: top-level keys, keys of data.source, and the values of extra_bundles
+# where a stage config holds file paths: top-level keys, keys of data.source, and the values of bundles (and of
+# extra_bundles, its old form)
 _PATH_KEYS = ("out_dir", "s1_bundle", "s2_bundle", "fusion_bundle")
 _SOURCE_PATH_KEYS = ("paths", "s2_paths", "s1_paths")
 
@@ -579,8 +615,9 @@ def resolve_config_paths(raw: dict[str, Any], folder: Path) -> dict[str, Any]:
     for key in _PATH_KEYS:
         if key in out:
             out[key] = _from_folder(out[key], folder)
-    if isinstance(out.get("extra_bundles"), dict):
-        out["extra_bundles"] = {k: _from_folder(v, folder) for k, v in out["extra_bundles"].items()}
+    for key in ("bundles", "extra_bundles"):
+        if isinstance(out.get(key), dict):
+            out[key] = {k: _from_folder(v, folder) for k, v in out[key].items()}
     data = out.get("data")
     if isinstance(data, dict) and isinstance(data.get("source"), dict):
         source = dict(data["source"])

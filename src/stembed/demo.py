@@ -68,8 +68,7 @@ def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[st
         "s2": AEStageConfig(sensor="s2", preset=PRESET, data=s2_data, loss=mae, train=train, dense_training=dense,
                             out_dir=str(out)),
         "fusion": FusionStageConfig(
-            s1_bundle=str(out / "s1" / "bundle.pt"),
-            s2_bundle=str(out / "s2" / "bundle.pt"),
+            bundles={"s1": str(out / "s1" / "bundle.pt"), "s2": str(out / "s2" / "bundle.pt")},
             preset=PRESET,
             data=s2_data,
             loss=fusion_loss,

@@ -16,7 +16,7 @@ def _fusion_counts(model: FusionModel) -> dict[str, int]:
     counts = count_parameters(model)  # one "<sensor>_autoencoder" part per sensor (FusionModel.parameter_groups)
     counts.setdefault("total", sum(p.numel() for p in model.parameters()))
     # S1's, S2's and every companion sensor's autoencoder are stage-1 parts, not fusion layers
-    counts["fusion_only"] = counts["total"] - sum(counts[f"{k}_autoencoder"] for k in model.autoencoders())
+    counts["fusion_only"] = counts["total"] - sum(counts[f"{k}_autoencoder"] for k in model.sensors)
     return counts
 
 
@@ -31,7 +31,7 @@ def describe_preset(name: str) -> dict[str, Any]:
         "s1_autoencoder": {"config": dump_config(s1_cfg), "parameters": count_parameters(s1)},
         "s2_autoencoder": {"config": dump_config(s2_cfg), "parameters": count_parameters(s2)},
     }
-    fusion = FusionModel(s1, s2, f_cfg)  # freezes s1 and s2, so they are counted above
+    fusion = FusionModel({"s1": s1, "s2": s2}, f_cfg)  # freezes s1 and s2, so they are counted above
     report["fusion"] = {"config": dump_config(f_cfg), "parameters": _fusion_counts(fusion)}
     return report
 

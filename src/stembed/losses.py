@@ -8,6 +8,7 @@ date, so errors are weighted by a map that decays with distance from that point 
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 
 import torch
 
@@ -230,26 +231,19 @@ def reconstruction_loss(
 
 
 def fusion_loss(
-    x1_hat: torch.Tensor,
-    x1: torch.Tensor,
-    valid1: torch.Tensor,
-    x2_hat: torch.Tensor,
-    x2: torch.Tensor,
-    valid2: torch.Tensor,
-    cfg: FusionLossConfig,
-    extra: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    branches: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cfg: FusionLossConfig
 ) -> dict[str, torch.Tensor]:
     """Fusion objective (paper eq. 6-8): ``s1_weight * L_S1 + s2_weight * L_S2`` (+ ``extra_weight * L_k``).
 
-    ``extra``: each companion sensor's ``(x_hat, x, valid)``, scored with ``cfg.extra``.
+    ``branches``: each sensor's ``(x_hat, x, valid)`` by sensor name, summed in that order; each is scored with
+    :meth:`FusionLossConfig.branch` (S1's and S2's own loss, a companion's ``cfg.extra``).
     Returns ``{"loss": total}`` plus each branch's terms as ``"<sensor>/<name>"``
     (e.g. ``"s1/loss"``, ``"s2/sam"``).
     """
-    branches = {"s1": (x1_hat, x1, valid1, cfg.s1, cfg.s1_weight), "s2": (x2_hat, x2, valid2, cfg.s2, cfg.s2_weight)}
-    branches |= {k: (*v, cfg.extra, cfg.extra_weight) for k, v in (extra or {}).items()}
     out: dict[str, torch.Tensor] = {}
     total = torch.zeros(())
-    for key, (x_hat, x, valid, loss_cfg, weight) in branches.items():
+    for key, (x_hat, x, valid) in branches.items():
+        loss_cfg, weight = cfg.branch(key)
         parts = reconstruction_loss(x_hat, x, valid, loss_cfg)
         total = total.to(parts["loss"].device) + weight * parts["loss"]
         out.update({f"{key}/{k}": v for k, v in parts.items()})

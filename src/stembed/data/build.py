@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -154,14 +155,23 @@ def build_fusion_data(
     context_px: int | None = None,
     extra: tuple[str, ...] = (),
 ) -> SplitData:
-    """Aligned S1+S2 (+ ``extra`` companion) patches on the S2 dates (stage 2); the S2 centre pixel decides
-    which patches exist. A companion is matched with its plugin's ``match_max_gap_days``."""
+    """Aligned S1 + S2 (+ ``extra`` companion) patches on the S2 dates (stage 2); the S2 centre pixel decides
+    which patches exist. Each non-S2 sensor is matched within :func:`match_gap_days`."""
     sampling = cfg.resolved_sampling("s2")
-    s2 = [sensor_arrays(s, "s2") for s in scenes]
-    s1 = [matched_s1_arrays(s, cfg.s1_max_gap_days) for s in scenes]
-    companions = {k: [matched_arrays(s, k, get_plugin(k).match_max_gap_days) for s in scenes] for k in extra}
-    patches, regions, info = _split_patches(scenes, s2, sampling, cfg, rng)
+    sensors = {"s2": [sensor_arrays(s, "s2") for s in scenes]}
+    for k, gap in match_gap_days(("s1", *extra), cfg.s1_max_gap_days).items():
+        sensors[k] = [matched_arrays(s, k, gap) for s in scenes]
+    patches, regions, info = _split_patches(scenes, sensors["s2"], sampling, cfg, rng)
     ds: dict[str, Dataset[Any]] = {
-        k: FusionPatchDataset(s2, s1, v, sampling.patch_px, context_px, companions) for k, v in patches.items()
+        k: FusionPatchDataset(sensors, v, sampling.patch_px, context_px) for k, v in patches.items()
     }
     return SplitData(ds, patches, regions, info)
+
+
+def match_gap_days(sensors: Iterable[str], s1_max_gap_days: float) -> dict[str, float]:
+    """How far (days) each non-S2 sensor's date may lie from an S2 date to fill that fusion frame (S2, the anchor,
+    is left out: its own dates are the frames): S1's ``s1_max_gap_days`` (``data.s1_max_gap_days`` in training),
+    a companion's from its plugin."""
+    return {
+        k: s1_max_gap_days if k == "s1" else get_plugin(k).match_max_gap_days for k in sensors if k != "s2"
+    }

@@ -1,13 +1,13 @@
 """Torch datasets over sampled patches, with the validity mask kept beside the filled values.
 
-Items are dicts of tensors:
+Items are typed, and :func:`collate` stacks them into batches of the same type (pass it to the
+``DataLoader``, or use :func:`patch_loader`):
 
-- sensor patches: ``x`` (T, C, P, P) float32 with NaNs filled, ``valid`` (T, C, P, P) bool (True =
-  observed), ``time_gaps`` (T-1,) float32 days between consecutive frames;
-- fusion patches: the same for each sensor with suffixes ``1`` (S1) and ``2`` (S2), and
-  ``dt_centre`` () float32 = |S1 date - S2 date| at the centre frame, in days; each companion
-  sensor ``k`` (matched to the S2 dates like S1) adds ``x_k``, ``valid_k``, ``time_gaps_k`` and
-  ``dt_k`` (|its date - S2 date| at the centre frame).
+- sensor patches (:class:`SensorPatches`): ``x`` (T, C, P, P) float32 with NaNs filled, ``valid``
+  (T, C, P, P) bool (True = observed), ``gaps`` (T-1,) float32 days between consecutive frames;
+- fusion patches (:class:`FusionPatches`): the same for every sensor (``s1``, ``s2`` and each companion
+  sensor, all on the S2 dates) by sensor name, and for every sensor but the S2 anchor ``dt`` () float32
+  = |its date - S2 date| at the centre frame, in days.
 
 NaNs are filled with the patch's per-band mean over (time, y, x) of its valid values (0 where a
 band has none), as in the paper: the mask is taken before filling, so losses ignore filled values.
@@ -20,11 +20,12 @@ gets ``x_in`` (T, C, W, W), W = 2 * context_px + 1: the raw window around the pa
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from stembed.data.sampling import PatchIndex
 
@@ -35,6 +36,74 @@ class SensorArrays:
 
     values: np.ndarray
     days: np.ndarray
+
+
+@dataclass
+class SensorPatches:
+    """One sensor's patches: one item of a dataset, or a batch of them (a leading batch axis B on every field).
+
+    Attributes:
+        x: (T, C, P, P) float32, NaNs filled with the patch's per-band mean.
+        valid: (T, C, P, P) bool, True where observed.
+        gaps: (T-1,) float32 days between consecutive frames.
+        dt: () float32 days between this sensor's centre frame and the S2 date (fusion, every sensor but S2).
+        x_in: (T, C, W, W) the raw window around the patch centre, NaN kept, for an encoder that reads more
+            context than the patch (the ``dense`` variant); None otherwise.
+    """
+
+    x: torch.Tensor
+    valid: torch.Tensor
+    gaps: torch.Tensor
+    dt: torch.Tensor | None = None
+    x_in: torch.Tensor | None = None
+
+    @property
+    def encoder_input(self) -> torch.Tensor:
+        """What the encoder reads: the wider raw window where there is one, else the filled patch."""
+        return self.x if self.x_in is None else self.x_in
+
+    @property
+    def size(self) -> int:
+        """Patches in a batch (its leading axis)."""
+        return int(self.x.shape[0])
+
+
+@dataclass
+class FusionPatches:
+    """Every sensor's patches on the S2 dates, by sensor name (an item or a batch, like :class:`SensorPatches`)."""
+
+    sensors: dict[str, SensorPatches]
+
+    def __getitem__(self, sensor: str) -> SensorPatches:
+        return self.sensors[sensor]
+
+    @property
+    def size(self) -> int:
+        """Patches in a batch."""
+        return next(iter(self.sensors.values())).size
+
+
+def _stack(items: Sequence[SensorPatches]) -> SensorPatches:
+    values = {}
+    for f in fields(SensorPatches):
+        parts = [getattr(it, f.name) for it in items]
+        values[f.name] = None if parts[0] is None else torch.stack(parts)
+    return SensorPatches(**values)
+
+
+def collate(items: Sequence[Any]) -> Any:
+    """Stack dataset items into a batch of their type (:class:`SensorPatches` or :class:`FusionPatches`)."""
+    first = items[0]
+    if isinstance(first, SensorPatches):
+        return _stack(items)
+    if isinstance(first, FusionPatches):
+        return FusionPatches({k: _stack([it.sensors[k] for it in items]) for k in first.sensors})
+    raise TypeError(f"collate stacks SensorPatches or FusionPatches, got {type(first).__name__}")
+
+
+def patch_loader(dataset: Dataset[Any], **kwargs: Any) -> DataLoader[Any]:
+    """A ``DataLoader`` over a patch dataset that collates its typed items (``kwargs`` as for ``DataLoader``)."""
+    return DataLoader(dataset, collate_fn=collate, **kwargs)
 
 
 def fill_patch(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -79,7 +148,7 @@ def gaps(days: np.ndarray) -> np.ndarray:
     return np.diff(days).astype(np.float32)
 
 
-class PatchDataset(Dataset[dict[str, torch.Tensor]]):
+class PatchDataset(Dataset[SensorPatches]):
     """Patches of one sensor's cubes."""
 
     def __init__(
@@ -93,42 +162,44 @@ class PatchDataset(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> SensorPatches:
         p = self.patches[i]
         site = self.sites[p.site]
         x, valid = fill_patch(cut_patch(site.values, p, self.patch_px))
-        item = {
-            "x": torch.from_numpy(x),
-            "valid": torch.from_numpy(valid),
-            "time_gaps": torch.from_numpy(gaps(site.days[list(p.frames)])),
-        }
-        if self.context_px > self.patch_px // 2:
-            item["x_in"] = torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px))
-        return item
+        wide = self.context_px > self.patch_px // 2
+        return SensorPatches(
+            x=torch.from_numpy(x),
+            valid=torch.from_numpy(valid),
+            gaps=torch.from_numpy(gaps(site.days[list(p.frames)])),
+            x_in=torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px)) if wide else None,
+        )
 
 
-class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
-    """Aligned S1+S2 patches: S1 already matched to the S2 dates (one S1 frame per S2 frame).
+class FusionPatchDataset(Dataset[FusionPatches]):
+    """Aligned patches of every sensor on the anchor's (S2's) dates: each other sensor already matched to them (one
+    frame per S2 frame).
 
-    ``s1_days`` holds the matched S1 acquisition day of each S2 date; where no S1 scene was within
-    the matching tolerance it holds the S2 day itself (the frame is all-NaN, so it is mean-filled
-    and masked out of the loss) and the centre gap counts as 0.
+    ``sensors``: each sensor's sites by sensor name, the anchor among them. A matched sensor's ``days`` hold its
+    acquisition day for each S2 date; where none was within the matching tolerance they hold the S2 day itself
+    (the frame is all-NaN, so it is mean-filled and masked out of the loss) and the centre gap counts as 0.
     """
 
     def __init__(
         self,
-        s2: Sequence[SensorArrays],
-        s1: Sequence[SensorArrays],
+        sensors: Mapping[str, Sequence[SensorArrays]],
         patches: Sequence[PatchIndex],
         patch_px: int,
         context_px: int | None = None,
-        extra: Mapping[str, Sequence[SensorArrays]] | None = None,
+        anchor: str = "s2",
     ) -> None:
-        self.extra = {k: list(v) for k, v in (extra or {}).items()}
-        for name, sites in {"S1": s1, **self.extra}.items():
-            if len(sites) != len(s2):
-                raise ValueError(f"{len(sites)} {name} sites for {len(s2)} S2 sites")
-        self.s2, self.s1 = list(s2), list(s1)
+        if anchor not in sensors:
+            raise ValueError(f"no {anchor!r} sites among the sensors {list(sensors)}: the anchor's dates drive the patches")
+        self.sensors = {k: list(v) for k, v in sensors.items()}
+        self.anchor = anchor
+        n = len(self.sensors[anchor])
+        for name, sites in self.sensors.items():
+            if len(sites) != n:
+                raise ValueError(f"{len(sites)} {name} sites for {n} {anchor} sites")
         self.patches = list(patches)
         self.patch_px = patch_px
         self.context_px = patch_px // 2 if context_px is None else context_px
@@ -136,36 +207,22 @@ class FusionPatchDataset(Dataset[dict[str, torch.Tensor]]):
     def __len__(self) -> int:
         return len(self.patches)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> FusionPatches:
         p = self.patches[i]
-        s1, s2 = self.s1[p.site], self.s2[p.site]
         frames = list(p.frames)
-        x1, valid1 = fill_patch(cut_patch(s1.values, p, self.patch_px))
-        x2, valid2 = fill_patch(cut_patch(s2.values, p, self.patch_px))
         c = len(frames) // 2
-        dt = abs(float(s1.days[frames[c]] - s2.days[frames[c]]))
-        item = {
-            "x1": torch.from_numpy(x1),
-            "valid1": torch.from_numpy(valid1),
-            "time_gaps1": torch.from_numpy(gaps(s1.days[frames])),
-            "x2": torch.from_numpy(x2),
-            "valid2": torch.from_numpy(valid2),
-            "time_gaps2": torch.from_numpy(gaps(s2.days[frames])),
-            "dt_centre": torch.tensor(dt, dtype=torch.float32),
-        }
+        anchor_day = self.sensors[self.anchor][p.site].days[frames[c]]
         wide = self.context_px > self.patch_px // 2
-        if wide:
-            item["x1_in"] = torch.from_numpy(cut_window(s1.values, p, self.patch_px, self.context_px))
-            item["x2_in"] = torch.from_numpy(cut_window(s2.values, p, self.patch_px, self.context_px))
-        for k, sites in self.extra.items():
-            sx = sites[p.site]
-            xk, validk = fill_patch(cut_patch(sx.values, p, self.patch_px))
-            item |= {
-                f"x_{k}": torch.from_numpy(xk),
-                f"valid_{k}": torch.from_numpy(validk),
-                f"time_gaps_{k}": torch.from_numpy(gaps(sx.days[frames])),
-                f"dt_{k}": torch.tensor(abs(float(sx.days[frames[c]] - s2.days[frames[c]])), dtype=torch.float32),
-            }
-            if wide:
-                item[f"x_{k}_in"] = torch.from_numpy(cut_window(sx.values, p, self.patch_px, self.context_px))
-        return item
+        out = {}
+        for k, sites in self.sensors.items():
+            site = sites[p.site]
+            x, valid = fill_patch(cut_patch(site.values, p, self.patch_px))
+            dt = abs(float(site.days[frames[c]] - anchor_day))
+            out[k] = SensorPatches(
+                x=torch.from_numpy(x),
+                valid=torch.from_numpy(valid),
+                gaps=torch.from_numpy(gaps(site.days[frames])),
+                dt=None if k == self.anchor else torch.tensor(dt, dtype=torch.float32),
+                x_in=torch.from_numpy(cut_window(site.values, p, self.patch_px, self.context_px)) if wide else None,
+            )
+        return FusionPatches(out)

@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from stembed.data.build import match_gap_days
+from stembed.data.datasets import SensorArrays
 from stembed.eval.gapfill import (
     GapFillEvalError,
     error_markdown,
@@ -37,11 +39,10 @@ from stembed.eval.gapfill import (
 )
 from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
-from stembed.inference.tiles import read_block, read_block_extra
+from stembed.inference.tiles import read_block
 from stembed.io.cube import open_scene
 from stembed.models.bundle import load_bundle
 from stembed.models.gapfill import GapFillModel
-from stembed.sensors import get_plugin
 
 METHODS = ("model_based", "zero_shot", "linear", "savgol")
 
@@ -110,15 +111,16 @@ def evaluate_gap_fill(
             f"{bundle_path} records no test blocks and none were given; fix: pass regions=[(rows, cols)]"
         )
     gap = float(bundle.config["fusion"].get("stage", {}).get("data", {}).get("s1_max_gap_days", 6.0))
-    r = model.fusion.s2.cfg.context_px
+    r = model.fusion.anchor.cfg.context_px
+    max_gap_days = match_gap_days(model.fusion.sensors, gap)
     kw: dict[str, Any] = {"batch_size": batch_size, "device": dev, "precision": "float32"}
     preds: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     truths, targets_all, gaps_all = [], [], []
     n_runs = 0
     for rows, cols in regions:
-        s2, s1, d2, d1 = read_block(scene, rows, cols, r, gap)
-        extra = read_block_extra(scene, rows, cols, r, {k: get_plugin(k).match_max_gap_days for k in model.fusion.extra})
-        truth = embed_any(model.fusion, s2, s1, d2, d1, extra=extra, **kw)  # (time, F, h, w)
+        block = read_block(scene, rows, cols, r, max_gap_days)
+        s2, d2 = block["s2"].values, block["s2"].days
+        truth = embed_any(model.fusion, block, **kw)  # (time, F, h, w)
         observed = np.isfinite(truth).all(axis=1)  # (time, h, w)
         for k in run_lengths:
             for o in range(offsets):
@@ -128,9 +130,10 @@ def evaluate_gap_fill(
                 known = observed & ~hidden[:, None, None]
                 s2_cut = s2.copy()
                 s2_cut[hidden] = np.nan  # the whole date, halo included, as a cloud would hide it
-                fill = {"targets": targets, "hide_s2_centre": True, "extra": extra, **kw}
-                preds["model_based"].append(embed_any(model.filler, s2_cut, s1, d2, d1, **fill))
-                preds["zero_shot"].append(embed_any(model.fusion, s2_cut, s1, d2, d1, **fill))
+                cut = {**block, "s2": SensorArrays(s2_cut, d2)}
+                fill = {"targets": targets, "hide_s2_centre": True, **kw}
+                preds["model_based"].append(embed_any(model.filler, cut, **fill))
+                preds["zero_shot"].append(embed_any(model.fusion, cut, **fill))
                 for method in ("linear", "savgol"):
                     preds[method].append(interpolate_at(
                         truth, known, d2, targets, method=method, savgol_window_days=savgol_window_days,

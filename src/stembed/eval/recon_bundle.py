@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from torch.utils.data import DataLoader
 
 from stembed.config import DataConfig, SamplingConfig, SceneSource, SplitConfig
 from stembed.data.build import build_fusion_data, build_sensor_data
+from stembed.data.datasets import patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.eval.recon import COLUMNS, ReconError
 from stembed.models.autoencoder import SensorAutoencoder
@@ -57,14 +57,15 @@ def bundle_recon(
     model = b.build_model().eval()
     rng = np.random.default_rng(0)
     if isinstance(model, FusionModel):  # b.kind == "fusion"
-        split = build_fusion_data(scenes, data, rng, context_px=model.s2.cfg.context_px, extra=tuple(model.extra))
+        split = build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px,
+                                  extra=model.companions)
         reconstruct = fusion_reconstruct(model)
     else:
         assert isinstance(model, SensorAutoencoder)  # b.kind == "autoencoder", checked above
         split = build_sensor_data(scenes, str(b.sensor), data, rng, context_px=model.cfg.context_px)
         reconstruct = autoencoder_reconstruct(model, str(b.sensor))
 
-    metrics = evaluate_split(DataLoader(split.datasets["test"], batch_size=batch_size), reconstruct)
+    metrics = evaluate_split(patch_loader(split.datasets["test"], batch_size=batch_size), reconstruct)
     rows = [
         {"run": f"{bundle} on {', '.join(s.site for s in scenes)}", "stage": b.kind, "split": "test",
          "sensor": sensor, **m}

@@ -21,15 +21,15 @@ whichever worker runs it; other batch sizes agree to float32 rounding (~1e-7).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
-from stembed.data.datasets import fill_patch
+from stembed.data.datasets import SensorArrays, fill_patch
 from stembed.errors import UserError
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import ANCHOR, FusionModel, SensorInput
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -84,8 +84,9 @@ def centre_valid(s2_block: np.ndarray, halo: int) -> np.ndarray:
     return np.isfinite(core).any(axis=1)
 
 
-Extra = dict[str, tuple[np.ndarray, np.ndarray]]
-"""Companion sensors of a block: key -> (values ``(time, band, h + 2r, w + 2r)`` on the S2 dates, matched days ``(time,)``)."""
+Block = Mapping[str, SensorArrays]
+"""A block of every sensor by name: ``values`` ``(time, band, h + 2r, w + 2r)`` on the S2 dates (NaN where no date of
+the sensor was close enough) and ``days`` ``(time,)``: the S2 day numbers for ``s2``, each other sensor's matched days."""
 
 
 def _frame_days(days2: np.ndarray, s2_days: np.ndarray, frames: np.ndarray, days: np.ndarray) -> np.ndarray:
@@ -96,14 +97,10 @@ def _frame_days(days2: np.ndarray, s2_days: np.ndarray, frames: np.ndarray, days
 @torch.no_grad()
 def embed_block(
     model: FusionModel,
-    s2: np.ndarray,
-    s1: np.ndarray,
-    s2_days: np.ndarray,
-    s1_days: np.ndarray,
+    block: Block,
     *,
     batch_size: int,
     device: torch.device,
-    extra: Extra | None = None,
     targets: np.ndarray | None = None,
     hide_s2_centre: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -112,12 +109,9 @@ def embed_block(
 
     Args:
         model: the fusion model (eval mode, on ``device``).
-        s2: ``(time, band, h + 2r, w + 2r)`` S2 values with a halo of ``r = context_px``.
-        s1: ``(time, band, h + 2r, w + 2r)`` S1 values matched to the S2 dates (NaN = no S1 date close).
-        s2_days, s1_days: ``(time,)`` day numbers of the S2 dates and of the matched S1 dates.
+        block: every sensor of the model (:data:`Block`), with a halo of ``r = context_px``.
         batch_size: patches per forward pass (fixed: see the module docstring).
         device: where the model runs.
-        extra: the model's companion sensors, matched to the S2 dates like S1.
         targets: ``(time, h, w)`` which pixel-dates to embed; default: those whose S2 centre pixel is observed.
         hide_s2_centre: hide each window's S2 centre frame (the gap-fill model's input, see models.gapfill).
         progress: called after each batch with the number of pixel-dates (windows) it embedded.
@@ -125,11 +119,12 @@ def embed_block(
     Returns:
         ``(time, embed_dim, h, w)`` float32, NaN where not a target.
     """
-    n_frames, p = model.s2.cfg.n_frames, model.s2.cfg.input_px
+    block = _check_block(model, block)
+    n_frames, p = model.anchor.cfg.n_frames, model.anchor.cfg.input_px
     r = p // 2
     # the patch encoder needs NaN-free windows filled as in training; the dense one fills per pixel itself
-    fill = fill_patch if model.s2.cfg.variant == "patch" else (lambda a: (a, None))
-    extra = extra or {}
+    fill = fill_patch if model.anchor.cfg.variant == "patch" else (lambda a: (a, None))
+    s2, s2_days = block[ANCHOR].values, block[ANCHOR].days
     n_time, _, hp, wp = s2.shape
     h, w = hp - 2 * r, wp - 2 * r
     out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
@@ -140,13 +135,12 @@ def embed_block(
     windows = [window_days(s2_days, t, n_frames) for t in range(n_time)]
     frames = np.stack([f for f, _ in windows])  # (time, n_frames) date index of each frame
     days2 = np.stack([d for _, d in windows])  # (time, n_frames) day number of each S2 frame
-    days1 = _frame_days(days2, s2_days, frames, s1_days)
-    daysx = {k: _frame_days(days2, s2_days, frames, d) for k, (_, d) in extra.items()}
+    days = {k: days2 if k == ANCHOR else _frame_days(days2, s2_days, frames, a.days) for k, a in block.items()}
 
     def view(a: np.ndarray) -> np.ndarray:
         return np.lib.stride_tricks.sliding_window_view(a, (p, p), axis=(2, 3))  # (T, C, h, w, p, p)
 
-    views = {"s2": view(s2), "s1": view(s1), **{k: view(v) for k, (v, _) in extra.items()}}
+    views = {k: view(a.values) for k, a in block.items()}
 
     def to(a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
@@ -161,21 +155,18 @@ def embed_block(
         # not depend on it
         x = {k: np.ascontiguousarray(v[f, :, yb[:, None], xb[:, None]]) for k, v in views.items()}  # (B, n_frames, C, p, p)
         if hide_s2_centre:
-            x["s2"][:, c] = np.nan
+            x[ANCHOR][:, c] = np.nan
         x = {k: fill(v)[0] for k, v in x.items()}
-        d2, d1 = days2[tb], days1[tb]
-        companions = {
-            k: (to(x[k]), to(np.diff(dk[tb], axis=1).astype(np.float32)), to(np.abs(dk[tb, c] - d2[:, c]).astype(np.float32)))
-            for k, dk in daysx.items()
+        d2 = days2[tb]
+        inputs = {
+            k: SensorInput(
+                to(x[k]),
+                to(np.diff(dk[tb], axis=1).astype(np.float32)),
+                None if k == ANCHOR else to(np.abs(dk[tb, c] - d2[:, c]).astype(np.float32)),
+            )
+            for k, dk in days.items()
         }
-        e = model.embed(
-            to(x["s1"]),
-            to(np.diff(d1, axis=1).astype(np.float32)),
-            to(x["s2"]),
-            to(np.diff(d2, axis=1).astype(np.float32)),
-            to(np.abs(d1[:, c] - d2[:, c]).astype(np.float32)),
-            companions,
-        )  # (B, embed_dim)
+        e = model.embed(inputs)  # (B, embed_dim)
         out[tb[:n], :, yb[:n], xb[:n]] = e[:n].float().cpu().numpy()
         if progress is not None:
             progress(n)
@@ -192,15 +183,11 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 @torch.no_grad()
 def embed_block_dense(
     model: FusionModel,
-    s2: np.ndarray,
-    s1: np.ndarray,
-    s2_days: np.ndarray,
-    s1_days: np.ndarray,
+    block: Block,
     *,
     batch_size: int,
     device: torch.device,
     precision: str = "float32",
-    extra: Extra | None = None,
     targets: np.ndarray | None = None,
     hide_s2_centre: bool = False,
     progress: Callable[[int], None] | None = None,
@@ -216,19 +203,20 @@ def embed_block_dense(
 
     ``precision``: ``float32`` (exact), or ``bfloat16`` / ``float16`` autocast (CUDA), or ``auto``.
     """
-    extra = extra or {}
-    for key, ae in model.autoencoders().items():
+    block = _check_block(model, block)
+    for key, ae in model.autoencoders.items():
         if ae.cfg.variant != "dense":
             raise ValueError(f"embed_block_dense needs dense autoencoders; the {key} one is 'patch'")
-    n_frames, r = model.s2.cfg.n_frames, model.s2.cfg.context_px
+    n_frames, r = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
+    s2, s2_days = block[ANCHOR].values, block[ANCHOR].days
     n_time, _, hp, wp = s2.shape
     h, w = hp - 2 * r, wp - 2 * r
     out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
     ok = centre_valid(s2, r) if targets is None else targets  # (time, h, w)
     amp = autocast_dtype(precision, device)
     c = n_frames // 2
-    values = {"s2": (s2, s2_days), "s1": (s1, s1_days), **extra}
-    aes = model.autoencoders()
+    values = {k: (a.values, a.days) for k, a in block.items()}
+    aes = model.autoencoders
     caches: dict[str, dict[int, torch.Tensor]] = {k: {} for k in values}
 
     def encode(sensor: str, frame: np.ndarray) -> torch.Tensor:
@@ -243,7 +231,7 @@ def embed_block_dense(
         return cache[date]
 
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        hidden = encode("s2", np.full_like(s2[:1], np.nan)) if hide_s2_centre else None
+        hidden = encode(ANCHOR, np.full_like(s2[:1], np.nan)) if hide_s2_centre else None
         for t in range(n_time):
             pix = np.flatnonzero(ok[t])  # flat y*w + x of the windows to embed
             if pix.size == 0:
@@ -254,8 +242,8 @@ def embed_block_dense(
                     del cache[d]
             tok = {k: [tokens(k, int(f)) for f in frames] for k in values}  # n_frames x (h*w, d_model) each
             if hidden is not None:
-                tok["s2"][c] = hidden
-            days = {k: days2 if k == "s2" else _frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
+                tok[ANCHOR][c] = hidden
+            days = {k: days2 if k == ANCHOR else _frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
             gaps = {k: torch.from_numpy(np.diff(d).astype(np.float32)).to(device)[None] for k, d in days.items()}
             dt = {k: float(abs(d[c] - days2[c])) for k, d in days.items()}  # days to the S2 date, centre frame
             for i in range(0, pix.size, batch_size):
@@ -268,8 +256,8 @@ def embed_block_dense(
                     )  # (B, latent_k)
                     for k in values
                 }
-                dtb = {k: torch.full((B,), v, device=device) for k, v in dt.items()}  # (B,) each
-                e = model.fuse(z["s1"], z["s2"], dtb["s1"], {k: (z[k], dtb[k]) for k in extra})
+                dtb = {k: torch.full((B,), v, device=device) for k, v in dt.items() if k != ANCHOR}  # (B,) each
+                e = model.fuse(z, dtb)
                 ys, xs = np.divmod(pix[i : i + batch_size], w)
                 out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
                 if progress is not None:
@@ -279,21 +267,28 @@ def embed_block_dense(
 
 def embed_any(
     model: FusionModel,
-    *arrays: np.ndarray,
+    block: Block,
+    *,
     batch_size: int,
     device: torch.device,
     precision: str,
-    extra: Extra | None = None,
     targets: np.ndarray | None = None,
     hide_s2_centre: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
     """:func:`embed_block_dense` for a dense model, else :func:`embed_block` (float32 only)."""
-    kw: dict[str, Any] = {
-        "extra": extra, "targets": targets, "hide_s2_centre": hide_s2_centre, "progress": progress
-    }
-    if model.s2.cfg.variant == "dense":
-        return embed_block_dense(model, *arrays, batch_size=batch_size, device=device, precision=precision, **kw)
+    kw: dict[str, Any] = {"targets": targets, "hide_s2_centre": hide_s2_centre, "progress": progress}
+    if model.anchor.cfg.variant == "dense":
+        return embed_block_dense(model, block, batch_size=batch_size, device=device, precision=precision, **kw)
     if precision in ("bfloat16", "float16"):
         raise ValueError(f"precision {precision!r} needs a dense bundle; the per-patch path runs in float32")
-    return embed_block(model, *arrays, batch_size=batch_size, device=device, **kw)
+    return embed_block(model, block, batch_size=batch_size, device=device, **kw)
+
+
+def _check_block(model: FusionModel, block: Block) -> dict[str, SensorArrays]:
+    """The block's arrays of the model's sensors (in token order); a sensor the model needs and the block lacks
+    is an error."""
+    missing = [k for k in model.sensors if k not in block]
+    if missing:
+        raise ValueError(f"the block lacks the sensor(s) {missing} this fusion model reads (it has {list(block)})")
+    return {k: block[k] for k in model.sensors}

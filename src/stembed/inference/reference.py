@@ -23,12 +23,12 @@ import torch
 import xarray as xr
 
 from stembed.contract import CubeError, Scene, cube_transform
-from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
+from stembed.data.build import match_gap_days, matched_arrays, sensor_arrays
+from stembed.data.datasets import SensorArrays
 from stembed.inference.engine import embed_block, resolve_device
 from stembed.models.bundle import Bundle, BundleError
 from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
-from stembed.sensors import get_plugin
 from stembed.types import FEATURE, TIME, X, Y
 
 
@@ -43,7 +43,7 @@ def check_bundle_for_scene(scene: Scene, bundle: Bundle) -> None:
         )
     fusion_cfg = bundle.config["fusion"] if bundle.kind == "gapfill" else bundle.config
     cubes = {"s1": scene.s1, "s2": scene.s2}
-    for key in fusion_cfg.get("extra_models", {}):
+    for key in [k for k in fusion_cfg["models"] if k not in cubes]:  # the companion sensors
         if key not in scene.extra:
             raise CubeError(
                 f"the bundle was trained with the companion sensor {key!r} but the scene has "
@@ -63,7 +63,7 @@ def embed_reference(
     scene: Scene,
     bundle: Bundle,
     *,
-    max_gap_days: float = 6.0,
+    max_gap_days: float = 6.0,  # S1's matching tolerance; a companion's comes from its plugin
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> xr.Dataset:
@@ -81,16 +81,13 @@ def embed_reference(
         raise TypeError("expected a FusionModel")
     dev = resolve_device(device)
     model.to(dev)
-    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, max_gap_days)
-    companions = {k: matched_arrays(scene, k, get_plugin(k).match_max_gap_days) for k in model.extra}
-    r = model.s2.cfg.context_px
+    arrays = {"s2": sensor_arrays(scene, "s2")}
+    arrays |= {k: matched_arrays(scene, k, gap) for k, gap in match_gap_days(model.sensors, max_gap_days).items()}
+    r = model.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
-    out = embed_block(
-        model, np.pad(s2.values, pad, mode="reflect"), np.pad(s1.values, pad, mode="reflect"),
-        s2.days, s1.days, batch_size=batch_size, device=dev,
-        extra={k: (np.pad(a.values, pad, mode="reflect"), a.days) for k, a in companions.items()},
-    )
-    return embedding_dataset(out, np.isfinite(s2.values).any(axis=1), scene, bundle)
+    block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in arrays.items()}
+    out = embed_block(model, block, batch_size=batch_size, device=dev)
+    return embedding_dataset(out, np.isfinite(arrays["s2"].values).any(axis=1), scene, bundle)
 
 
 def embedding_dataset(values: np.ndarray, valid: np.ndarray, scene: Scene, bundle: Bundle) -> xr.Dataset:

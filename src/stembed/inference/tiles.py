@@ -21,7 +21,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -33,8 +33,8 @@ import xarray as xr
 from stembed.cluster import cluster_client
 from stembed.config import EmbedConfig, dump_config
 from stembed.contract import CubeError, Scene, cube_transform, value_problems
-from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
-from stembed.data.datasets import fold_index
+from stembed.data.build import match_gap_days, matched_arrays, sensor_arrays
+from stembed.data.datasets import SensorArrays, fold_index
 from stembed.data.sampling import day_numbers
 from stembed.inference.daily import (
     FLAG_MEANINGS,
@@ -63,7 +63,7 @@ from stembed.models.gapfill import GapFillModel
 from stembed.pretrained import resolve_bundle
 from stembed.repro import file_sha256, provenance
 from stembed.runtime import tune_allocator
-from stembed.sensors import SENSORS, SensorSpec, get_plugin, know_spec
+from stembed.sensors import SENSORS, SensorSpec, know_spec
 from stembed.types import TIME, X, Y
 
 
@@ -91,13 +91,13 @@ class TileJob:
     grid: store.TileGrid
     tile: tuple[int, int]
     quant: store.Quantisation
-    s1_max_gap_days: float
+    # every sensor but the S2 anchor -> how far (days) its date may lie from an S2 date (S1, then companions)
+    max_gap_days: tuple[tuple[str, float], ...]
     batch_size: int
     device: str
     threads: int | None
     precision: str = "float32"
-    extra_max_gap_days: tuple[tuple[str, float], ...] = ()  # companion sensor -> its matching tolerance
-    extra_specs: tuple[SensorSpec, ...] = ()  # their specs, from the bundle
+    companion_specs: tuple[SensorSpec, ...] = ()  # the companion sensors' specs, from the bundle
     daily: DailyJob | None = None
     progress_topic: str | None = None  # dask event topic the worker reports embedded pixel-dates to
 
@@ -127,70 +127,40 @@ def _block_index(
 
 
 def read_block(
-    scene: Scene, rows: slice, cols: slice, halo: int, s1_max_gap_days: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """S2 and matched-S1 values of a block with its halo, and their day numbers.
+    scene: Scene, rows: slice, cols: slice, halo: int, max_gap_days: Mapping[str, float]
+) -> dict[str, SensorArrays]:
+    """Every sensor's values of a block with its halo, on the S2 dates, and their day numbers.
 
-    Only the block and halo are read from the (lazy) cubes. Returns ``s2 (time, band, h+2r, w+2r)``,
-    ``s1`` likewise on the S2 dates, ``s2_days`` and ``s1_days``.
+    Only the block and halo are read from the (lazy) cubes. Returns, by sensor name, S2's own values
+    ``(time, band, h+2r, w+2r)`` and days, then each sensor of ``max_gap_days`` (S1, companions) matched to
+    the S2 dates within its tolerance (days: the matched dates', see :func:`stembed.data.build.matched_arrays`).
 
     Raises:
         CubeError: a value in the block breaks the cube contract (named, with the block).
     """
     yi, xi, (y0, y1, x0, x1) = _block_index(scene, rows, cols, halo)
-    sub = Scene(
-        site=scene.site,
-        s2=scene.s2.isel({Y: slice(y0, y1), X: slice(x0, x1)}),
-        s1=scene.s1.isel({Y: slice(y0, y1), X: slice(x0, x1)}),
-    )
-    s2, s1 = sensor_arrays(sub, "s2"), matched_s1_arrays(sub, s1_max_gap_days)
-    for key, values in (("s2", s2.values), ("s1", s1.values)):
-        problems = value_problems(xr.DataArray(values), SENSORS[key], allow_all_nan=True)
-        if problems:
-            raise CubeError(
-                f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: "
-                + "; ".join(problems)
-            )
-    take = np.ix_(yi - y0, xi - x0)
-    return (
-        np.ascontiguousarray(s2.values[:, :, take[0], take[1]]),
-        np.ascontiguousarray(s1.values[:, :, take[0], take[1]]),
-        s2.days,
-        s1.days,
-    )
-
-
-def read_block_extra(
-    scene: Scene, rows: slice, cols: slice, halo: int, max_gap_days: dict[str, float]
-) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Companion sensors of a block (like :func:`read_block`'s S1): key -> (values on the S2 dates, days)."""
-    if not max_gap_days:
-        return {}
-    yi, xi, (y0, y1, x0, x1) = _block_index(scene, rows, cols, halo)
     window = {Y: slice(y0, y1), X: slice(x0, x1)}
     sub = Scene(
         site=scene.site, s2=scene.s2.isel(window), s1=scene.s1.isel(window),
-        extra={k: scene.extra[k].isel(window) for k in max_gap_days},
+        extra={k: scene.extra[k].isel(window) for k in max_gap_days if k not in ("s1", "s2")},
     )
+    arrays = {"s2": sensor_arrays(sub, "s2")}
+    arrays |= {k: matched_arrays(sub, k, gap) for k, gap in max_gap_days.items() if k != "s2"}
+    take = np.ix_(yi - y0, xi - x0)
     out = {}
-    for key, gap in max_gap_days.items():
-        arr = matched_arrays(sub, key, gap)
+    for key, arr in arrays.items():
         problems = value_problems(xr.DataArray(arr.values), SENSORS[key], allow_all_nan=True)
         if problems:
             raise CubeError(
                 f"{key} cube rows {y0}:{y1}, columns {x0}:{x1} break the cube contract: " + "; ".join(problems)
             )
-        out[key] = (np.ascontiguousarray(arr.values[:, :, (yi - y0)[:, None], (xi - x0)[None, :]]), arr.days)
+        out[key] = SensorArrays(np.ascontiguousarray(arr.values[:, :, take[0], take[1]]), arr.days)
     return out
 
 
 def embed_tile(
     model: FusionModel | GapFillModel,
-    s2: np.ndarray,
-    s1: np.ndarray,
-    d2: np.ndarray,
-    d1: np.ndarray,
-    extra: dict[str, tuple[np.ndarray, np.ndarray]],
+    block: Mapping[str, SensorArrays],
     *,
     batch_size: int,
     device: torch.device,
@@ -203,20 +173,20 @@ def embed_tile(
 
     ``progress`` is called with the number of pixel-dates of each batch of the per-date pass."""
     fusion = model.fusion if isinstance(model, GapFillModel) else model
-    kw: dict[str, Any] = {"batch_size": batch_size, "device": device, "precision": precision, "extra": extra}
-    values = embed_any(fusion, s2, s1, d2, d1, progress=progress, **kw)
+    kw: dict[str, Any] = {"batch_size": batch_size, "device": device, "precision": precision}
+    values = embed_any(fusion, block, progress=progress, **kw)
     if daily is None:
         return values, None
     observed = np.isfinite(values).all(axis=1)  # (time, h, w)
     flags = np.where(observed, FLAG_OBSERVED, FLAG_NONE).astype(np.uint8)
     if daily.model_fill and isinstance(model, GapFillModel):
         cloudy = ~observed
-        filled = embed_any(model.filler, s2, s1, d2, d1, targets=cloudy, hide_s2_centre=True, **kw)
+        filled = embed_any(model.filler, block, targets=cloudy, hide_s2_centre=True, **kw)
         got = cloudy & np.isfinite(filled).all(axis=1)
         values = np.where(got[:, None], filled, values)
         flags[got] = FLAG_MODEL
     out, out_flags, _ = fill_daily(
-        values, flags, d2, method=daily.method, savgol_window_days=daily.savgol_window_days,
+        values, flags, block["s2"].days, method=daily.method, savgol_window_days=daily.savgol_window_days,
         savgol_order=daily.savgol_order, first_day=daily.first_day, last_day=daily.last_day,
     )
     return out, out_flags
@@ -249,7 +219,7 @@ def run_tile(job: TileJob) -> tuple[int, int]:
         torch.set_num_threads(job.threads)
     device = resolve_device(job.device)
     model = _worker_model(job.bundle, job.bundle_sha256, device)
-    for spec in job.extra_specs:  # a fresh worker never ran the plugin's registration
+    for spec in job.companion_specs:  # a fresh worker never ran the plugin's registration
         know_spec(spec)
     key = (job.cube, job.cube_fingerprint)
     if key not in _SCENES:
@@ -260,11 +230,10 @@ def run_tile(job: TileJob) -> tuple[int, int]:
             )
         _SCENES[key] = scene
     rows, cols = job.grid.bounds(*job.tile)
-    halo = _fusion(model).s2.cfg.context_px
-    s2, s1, d2, d1 = read_block(_SCENES[key], rows, cols, halo, job.s1_max_gap_days)
-    extra = read_block_extra(_SCENES[key], rows, cols, halo, dict(job.extra_max_gap_days))
+    halo = _fusion(model).anchor.cfg.context_px
+    block = read_block(_SCENES[key], rows, cols, halo, dict(job.max_gap_days))
     values, flags = embed_tile(
-        model, s2, s1, d2, d1, extra, batch_size=job.batch_size, device=device, precision=job.precision,
+        model, block, batch_size=job.batch_size, device=device, precision=job.precision,
         daily=job.daily,
         progress=None if job.progress_topic is None else _Reporter(job.progress_topic, job.tile),
     )
@@ -376,8 +345,7 @@ def _trained_gap_days(bundle: Bundle) -> float:
 
 
 def _calibrate(
-    model: FusionModel, scene: Scene, cfg: EmbedConfig, gap_days: float, extra_gaps: dict[str, float],
-    device: torch.device,
+    model: FusionModel, scene: Scene, cfg: EmbedConfig, max_gap_days: dict[str, float], device: torch.device,
 ) -> store.Quantisation:
     """float16/int8 scale and offset from embeddings of random 4x4 blocks (all dates), seeded."""
     n_features = model.cfg.embed_dim
@@ -386,17 +354,14 @@ def _calibrate(
     rng = np.random.default_rng(cfg.seed)
     height, width = scene.s2.sizes[Y], scene.s2.sizes[X]
     b = 4
-    r = model.s2.cfg.context_px
+    r = model.anchor.cfg.context_px
     samples: list[np.ndarray] = []
     n = 0
     for _ in range(64):
         y0, x0 = int(rng.integers(0, max(1, height - b + 1))), int(rng.integers(0, max(1, width - b + 1)))
         rows, cols = slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width))
-        s2, s1, d2, d1 = read_block(scene, rows, cols, r, gap_days)
-        extra = read_block_extra(scene, rows, cols, r, extra_gaps)
-        e = embed_any(
-            model, s2, s1, d2, d1, batch_size=cfg.batch_size, device=device, precision=cfg.precision, extra=extra
-        )
+        block = read_block(scene, rows, cols, r, max_gap_days)
+        e = embed_any(model, block, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
         e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
         e = e[np.isfinite(e).all(axis=1)]
         samples.append(e)
@@ -445,8 +410,7 @@ class EmbedPlan:
     scene: Scene
     model: FusionModel
     cfg: EmbedConfig
-    gap_days: float
-    extra_gaps: dict[str, float]
+    max_gap_days: dict[str, float]  # every sensor but the S2 anchor -> its matching tolerance (read_block)
     daily: DailyJob | None
     threads: int | None
     fingerprint: dict[str, Any]
@@ -474,7 +438,7 @@ def plan_embedding(cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, 
     model = _fusion(full_model)
     _check_fits(cube, bundle_path, scene, model, cfg)
     gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
-    extra_gaps = {k: get_plugin(k).match_max_gap_days for k in model.extra}
+    max_gap_days = match_gap_days(model.sensors, gap_days)
     daily, notes = _daily_job(scene, bundle_path, cfg, with_gapfill=isinstance(full_model, GapFillModel))
     bundle_sha = file_sha256(bundle_path)
     # torch threads per worker: a dense model's sums round differently with another thread count, so a
@@ -497,15 +461,15 @@ def plan_embedding(cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, 
         "threads_per_worker": threads,
     }
     return EmbedPlan(cube=cube, bundle_path=bundle_path, bundle=bundle, bundle_sha256=bundle_sha, scene=scene,
-                     model=model, cfg=cfg, gap_days=gap_days, extra_gaps=extra_gaps, daily=daily, threads=threads,
+                     model=model, cfg=cfg, max_gap_days=max_gap_days, daily=daily, threads=threads,
                      fingerprint=fingerprint, notes=notes)
 
 
 def _check_fits(cube: Path, bundle_path: Path, scene: Scene, model: FusionModel, cfg: EmbedConfig) -> None:
     """Refuse a precision the encoder cannot run, and a cube too short or too small for the model's window."""
-    n_frames, input_px = model.s2.cfg.n_frames, model.s2.cfg.input_px
+    n_frames, input_px = model.anchor.cfg.n_frames, model.anchor.cfg.input_px
     n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
-    if cfg.precision in ("bfloat16", "float16") and model.s2.cfg.variant != "dense":
+    if cfg.precision in ("bfloat16", "float16") and model.anchor.cfg.variant != "dense":
         raise EmbedError(
             f"precision {cfg.precision!r} is for dense bundles; {bundle_path} holds the per-patch ('patch') "
             "encoder, which runs in float32: drop --set precision=..."
@@ -515,7 +479,7 @@ def _check_fits(cube: Path, bundle_path: Path, scene: Scene, model: FusionModel,
             f"{cube} has {n_time} S2 dates, too short in time for a window: an {n_frames}-frame window "
             f"reflected at the ends needs at least {min_dates(n_frames)}; fix: build the cube over a longer period"
         )
-    halo = model.s2.cfg.context_px
+    halo = model.anchor.cfg.context_px
     if min(height, width) <= halo:
         raise CubeError(
             f"{cube} is {height}x{width} px; reflecting the {halo} px halo of the model's {input_px} px window "
@@ -602,11 +566,11 @@ def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
         "software": provenance([plan.scene.site]),
         "edges": (
             "time: each date's window reflects the series at its ends (frame -k = date k); "
-            f"space: windows of border pixels read the cube reflected by {model.s2.cfg.context_px} pixels "
+            f"space: windows of border pixels read the cube reflected by {model.anchor.cfg.context_px} pixels "
             "(context_px)"
         ),
-        "method": "dense (each frame encoded once per tile)" if model.s2.cfg.variant == "dense" else "per patch",
-        "companion_sensors": list(model.extra),
+        "method": "dense (each frame encoded once per tile)" if model.anchor.cfg.variant == "dense" else "per patch",
+        "companion_sensors": list(model.companions),
     }
     if daily is not None:
         attrs["daily"] = {
@@ -644,10 +608,9 @@ def _tile_jobs(plan: EmbedPlan, sink: EmbeddingSink, todo: list[tuple[int, int]]
         TileJob(
             cube=str(plan.cube.resolve()), cube_fingerprint=plan.fingerprint["cube_fingerprint"],
             bundle=str(plan.bundle_path.resolve()), bundle_sha256=plan.bundle_sha256, sink=sink,
-            grid=plan.grid, tile=t, quant=quant, s1_max_gap_days=plan.gap_days, batch_size=cfg.batch_size,
-            device=cfg.device, threads=plan.threads, precision=cfg.precision,
-            extra_max_gap_days=tuple(plan.extra_gaps.items()),
-            extra_specs=tuple(plan.bundle.sensors[k] for k in plan.extra_gaps), daily=plan.daily,
+            grid=plan.grid, tile=t, quant=quant, max_gap_days=tuple(plan.max_gap_days.items()),
+            batch_size=cfg.batch_size, device=cfg.device, threads=plan.threads, precision=cfg.precision,
+            companion_specs=tuple(plan.bundle.sensors[k] for k in plan.model.companions), daily=plan.daily,
             progress_topic=topic,
         )
         for t in todo
@@ -739,7 +702,7 @@ def _embed_cube(
     with cluster_client(scheduler, cfg.workers, cfg.connect_timeout_s) as client:
         if fresh:
             device = resolve_device(cfg.device)
-            quant = _calibrate(plan.model.to(device), plan.scene, cfg, plan.gap_days, plan.extra_gaps, device)
+            quant = _calibrate(plan.model.to(device), plan.scene, cfg, plan.max_gap_days, device)
             _create_store(plan, out, sink, quant)
         written = _run_tiles(plan, sink, client, progress=progress)
         summary = sink.finalise()

@@ -1,7 +1,7 @@
-"""Neural networks of stembed: per-sensor autoencoders and the S1+S2 fusion model (spec §3)."""
+"""Neural networks of stembed: per-sensor autoencoders and the fusion model over them (spec §3)."""
 
 from stembed.models.autoencoder import SensorAutoencoder, SensorDecoder, SensorEncoder
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import FusionModel, SensorInput
 from stembed.models.layers import (
     CBAM,
     ChannelAttention,
@@ -22,6 +22,7 @@ __all__ = [
     "SensorAutoencoder",
     "SensorDecoder",
     "SensorEncoder",
+    "SensorInput",
     "SpatialAttention",
     "TemporalPositionalEmbedding",
     "count_parameters",

@@ -44,7 +44,7 @@ class Bundle:
     def build_model(self) -> nn.Module:
         """Rebuild the model from the stored config and load the weights (strict); eval mode."""
         from stembed.models.autoencoder import SensorAutoencoder
-        from stembed.models.fusion import build_fusion
+        from stembed.models.fusion import BUILT_IN, build_fusion
         from stembed.models.gapfill import GapFillModel
 
         model: nn.Module
@@ -53,10 +53,11 @@ class Bundle:
                 model = SensorAutoencoder(AEConfig.model_validate(self.config["model"]))
             else:
                 fusion_cfg = self.config["fusion"] if self.kind == "gapfill" else self.config
-                model = build_fusion(
-                    fusion_cfg["s1_model"], fusion_cfg["s2_model"], fusion_cfg["model"],
-                    fusion_cfg.get("extra_models"),
-                )
+                models = fusion_cfg["models"]
+                for key in BUILT_IN:
+                    if key not in models:
+                        raise KeyError(f"models.{key}")
+                model = build_fusion(models, fusion_cfg["model"])
                 if self.kind == "gapfill":
                     model = GapFillModel(model)
         except (KeyError, ValidationError) as e:  # a config that does not describe a model
@@ -202,13 +203,69 @@ def load_bundle(
             f"bundle {path} is damaged: its sensor specs do not read ({type(e).__name__}: {e}); "
             f"{_FIX_DAMAGED}"
         ) from e
+    config, state = raw["config"], raw["state_dict"]
+    if kind in ("fusion", "gapfill"):
+        config, state = upgrade_fusion(kind, config, state)
     return Bundle(
         kind=kind,
         sensor=sensor,
-        config=raw["config"],
+        config=config,
         sensors=sensors,
         provenance=raw["provenance"],
         metrics=raw.get("metrics", {}),
-        state_dict=raw["state_dict"],
+        state_dict=state,
         path=path,
     )
+
+
+# ----------------------------------------------------------------------------- bundles written before sensors were keyed
+_OLD_MODEL_KEYS = ("s1_model", "s2_model", "extra_models")
+_OLD_PREFIXES = (  # state-dict prefix of a fusion model up to stembed 123f5ca -> today's (models.fusion.FusionModel)
+    ("s1.", "autoencoders.s1."), ("s2.", "autoencoders.s2."), ("extra.", "autoencoders."),
+    ("project_s1.", "project.s1."), ("project_s2.", "project.s2."), ("project_extra.", "project."),
+    ("head_s1.", "heads.s1."), ("head_s2.", "heads.s2."), ("head_extra.", "heads."),
+)
+
+
+def _upgrade_fusion_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``s1_model``/``s2_model``/``extra_models`` (before sensors were keyed) -> ``models`` by sensor name."""
+    if "models" in cfg or not any(k in cfg for k in _OLD_MODEL_KEYS):
+        return cfg
+    models = {k: cfg[f"{k}_model"] for k in ("s1", "s2") if f"{k}_model" in cfg}
+    extra = cfg.get("extra_models") or {}
+    models |= extra if isinstance(extra, dict) else {}
+    return {**{k: v for k, v in cfg.items() if k not in _OLD_MODEL_KEYS}, "models": models}
+
+
+def _upgrade_fusion_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """Rename a fusion model's weights under ``prefix`` from the pre-keyed names (``project_s1.weight``, ``s1.…``,
+    ``extra.toy.…``) to today's (``project.s1.weight``, ``autoencoders.s1.…``); names already new are kept."""
+    if prefix + "project_s2.weight" not in state:
+        return state
+    out = {}
+    for key, value in state.items():
+        if key.startswith(prefix):
+            rest = key[len(prefix):]
+            for old, new in _OLD_PREFIXES:
+                if rest.startswith(old):
+                    rest = new + rest[len(old):]
+                    break
+            key = prefix + rest
+        out[key] = value
+    return out
+
+
+def upgrade_fusion(
+    kind: str, config: dict[str, Any], state: dict[str, torch.Tensor]
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A fusion or gap-fill bundle's config and weights in today's keyed form, whatever stembed wrote them.
+
+    Bundles written before sensors were keyed (up to 123f5ca) store ``s1_model``/``s2_model``/``extra_models`` and
+    weights named ``project_s1``/``head_s2``/``s1.``/``extra.<k>.``; they load as if written today (same numbers).
+    """
+    if kind == "gapfill":
+        fusion = config.get("fusion")
+        if isinstance(fusion, dict):
+            config = {**config, "fusion": _upgrade_fusion_config(fusion)}
+        return config, _upgrade_fusion_state(_upgrade_fusion_state(state, "fusion."), "filler.")
+    return _upgrade_fusion_config(config), _upgrade_fusion_state(state, "")

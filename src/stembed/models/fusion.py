@@ -1,22 +1,26 @@
-"""Fusion of the S1 and S2 latents (and any companion sensors') into one embedding per patch (spec §3.2).
+"""Fusion of the sensors' latents into one embedding per patch (spec §3.2).
 
 The stage-1 autoencoders each turn their patch into a latent (S1: 2-d, S2: 9-d in the paper
 preset). The fusion layers read the latents as tokens, let them attend to each other, and pool them
 into the fused embedding ``e`` (7-d). Small heads map ``e`` back to each latent, and the
 autoencoders' decoders reconstruct every patch from it; that reconstruction is the training signal.
 
+Every sensor takes the same path, keyed by its name: S1 and S2 are built in, and *companion*
+sensors (any registered sensor matched to the S2 dates, e.g. AgERA5 weather) add one token each.
+S2 is the *anchor*: its dates are the embedding's dates, and every other sensor's input carries
+its days to the anchor date (:class:`SensorInput`). Tokens are in :data:`SENSOR_ORDER` order (S1,
+S2, then the companions in the order the model was given them).
+
 By default the autoencoders are frozen (paper text): only the fusion layers train, so adding a
 sensor means training its autoencoder and a new fusion stage, never touching the S1/S2 models.
-*Companion* sensors (``extra``: any registered sensor matched to the S2 dates, e.g. AgERA5
-weather) add one token each after the S1 and S2 tokens; a model without them has exactly the
-parameters (names and shapes) of the two-sensor model.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,69 +28,98 @@ from torch import nn
 from stembed.config import AEConfig, FusionConfig
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.layers import make_transformer, run_transformer
+from stembed.sensors import CORE_SENSORS
 
-Companion = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-"""A companion sensor's input: patches (B, T, C, H, W), day gaps (B, T-1), and (B,) days to the S2 date."""
+ANCHOR = "s2"
+"""The sensor whose dates define the embedding."""
+PAIRED = "s1"
+"""The paper's pair position: the S1 token sits at day 0 and the anchor's token at the S1-S2 gap (|dt| of S1's input)."""
+BUILT_IN = CORE_SENSORS
+"""The sensors every fusion model has (S1, S2), first in token order; companions follow."""
 
-_V = TypeVar("_V")  # what each companion's entry holds (inputs, or latent and days)
+
+@dataclass(frozen=True)
+class SensorInput:
+    """One sensor's input to the fusion model.
+
+    Attributes:
+        x: patches or windows (B, T, C, H, W).
+        gaps: days between consecutive frames (B, T-1).
+        dt: (B,) or (B, 1) days between this sensor's centre frame and the anchor (S2) date; None for the anchor.
+    """
+
+    x: torch.Tensor
+    gaps: torch.Tensor
+    dt: torch.Tensor | None = None
+
+
+def sensor_order(sensors: Iterable[str]) -> list[str]:
+    """Token order: S1, S2, then the other sensors in the order given."""
+    names = list(sensors)
+    return [*BUILT_IN, *(k for k in names if k not in BUILT_IN)]
 
 
 class FusionModel(nn.Module):
-    """S1 + S2 (+ companion) patches -> fused embedding ``e`` (B, embed_dim), and reconstructions of each.
+    """Every sensor's patches -> fused embedding ``e`` (B, embed_dim), and reconstructions of each.
 
     Args:
-        s1, s2: the stage-1 autoencoders. Unless ``cfg.finetune_autoencoders`` is set, they are
-            frozen in place (``requires_grad=False``) and kept in eval mode whatever ``train()``
-            says, so their dropout is off and their weights cannot change.
+        autoencoders: the stage-1 autoencoders by sensor name; ``s1`` and ``s2`` are required, any other is a
+            companion sensor (tokens in :func:`sensor_order`). Unless ``cfg.finetune_autoencoders`` is set, they
+            are frozen in place (``requires_grad=False``) and kept in eval mode whatever ``train()`` says, so
+            their dropout is off and their weights cannot change.
         cfg: the fusion architecture.
-        extra: companion sensors' autoencoders by sensor key (frozen like S1 and S2), in token order.
     """
 
-    def __init__(
-        self,
-        s1: SensorAutoencoder,
-        s2: SensorAutoencoder,
-        cfg: FusionConfig,
-        extra: Mapping[str, SensorAutoencoder] | None = None,
-    ):
+    def __init__(self, autoencoders: Mapping[str, SensorAutoencoder], cfg: FusionConfig):
         super().__init__()
+        missing = [k for k in BUILT_IN if k not in autoencoders]
+        if missing:
+            raise ValueError(f"a fusion model needs the {missing} autoencoder(s), got {list(autoencoders)}")
+        order = sensor_order(autoencoders)
         self.cfg = cfg
-        self.s1 = s1
-        self.s2 = s2
-        companions = dict(extra or {})  # typed, unlike the ModuleDict's entries
-        self.extra = nn.ModuleDict(companions)
+        self.autoencoders = nn.ModuleDict({k: autoencoders[k] for k in order})
         d = cfg.d_model
-        self.project_s1 = nn.Linear(s1.cfg.latent_dim, d)
-        self.project_s2 = nn.Linear(s2.cfg.latent_dim, d)
-        self.project_extra = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in companions.items()})
-        # row 0: S1 token, row 1: S2 token, rows 2...: companion tokens in ``extra`` order
-        self.type_embedding = nn.Embedding(2 + len(self.extra), d)
-        self.pair_positions = nn.Embedding(cfg.max_pair_gap_days + 1, d)  # days between S1 and S2 dates
-        self.transformer = make_transformer(  # pre-norm, over the 2 sensor tokens
+        # created in the order the two-sensor model always created them, so a seed gives the same weights
+        self.project = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in self._aes()})
+        self.type_embedding = nn.Embedding(len(order), d)  # one row per token, in sensor order
+        self.pair_positions = nn.Embedding(cfg.max_pair_gap_days + 1, d)  # days between a sensor's and S2's dates
+        self.transformer = make_transformer(  # pre-norm, over the sensor tokens
             d, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=True
         )
         self.norm = nn.LayerNorm(d)
         self.to_embedding = nn.Linear(d, cfg.embed_dim)
-        latent_total = s1.cfg.latent_dim + s2.cfg.latent_dim + sum(ae.cfg.latent_dim for ae in companions.values())
+        latent_total = sum(ae.cfg.latent_dim for _, ae in self._aes())
         self.direct = nn.Linear(latent_total, cfg.embed_dim) if cfg.direct_path else None
         self.softplus = nn.Softplus()
-        self.head_s1 = nn.Linear(cfg.embed_dim, s1.cfg.latent_dim)
-        self.head_s2 = nn.Linear(cfg.embed_dim, s2.cfg.latent_dim)
-        self.head_extra = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in companions.items()})
-        for key, ae in [("s1", s1), *companions.items()]:
-            if ae.cfg.variant != s2.cfg.variant:
+        self.heads = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in self._aes()})
+        anchor = self.autoencoders[ANCHOR].cfg.variant
+        for key, ae in self._aes():
+            if ae.cfg.variant != anchor:
                 raise ValueError(
-                    f"the {key} autoencoder is '{ae.cfg.variant}' but S2 is '{s2.cfg.variant}'; train all with the "
-                    "same variant"
+                    f"the {key} autoencoder is '{ae.cfg.variant}' but S2 is '{anchor}'; train all with the same variant"
                 )
         if not cfg.finetune_autoencoders:
-            for ae in self.autoencoders().values():
+            for ae in self.autoencoders.values():
                 ae.requires_grad_(False)
                 ae.eval()
 
-    def autoencoders(self) -> dict[str, SensorAutoencoder]:
-        """Every sensor's autoencoder by sensor key: ``s1``, ``s2``, then the companions."""
-        return {"s1": self.s1, "s2": self.s2, **self.extra}  # type: ignore[dict-item]  # ModuleDict entries type as Module
+    def _aes(self) -> list[tuple[str, SensorAutoencoder]]:
+        return list(self.autoencoders.items())  # type: ignore[arg-type]
+
+    @property
+    def sensors(self) -> tuple[str, ...]:
+        """The sensor names in token order: ``s1``, ``s2``, then the companions."""
+        return tuple(self.autoencoders)
+
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """The companion sensors (every sensor but S1 and S2), in token order."""
+        return tuple(k for k in self.autoencoders if k not in BUILT_IN)
+
+    @property
+    def anchor(self) -> SensorAutoencoder:
+        """The anchor (S2) autoencoder: its geometry (frames, context) is every sensor's."""
+        return self.autoencoders[ANCHOR]  # type: ignore[return-value]
 
     @property
     def frozen(self) -> bool:
@@ -97,15 +130,14 @@ class FusionModel(nn.Module):
         """Like ``nn.Module.train``, but frozen autoencoders always stay in eval mode."""
         super().train(mode)
         if self.frozen:
-            for ae in self.autoencoders().values():
+            for ae in self.autoencoders.values():
                 ae.eval()
         return self
 
     def _fusion_modules(self) -> list[nn.Module]:
         return [
-            self.project_s1, self.project_s2, self.project_extra, self.type_embedding, self.pair_positions,
-            self.transformer, self.norm, self.to_embedding, self.head_s1, self.head_s2, self.head_extra,
-            *([self.direct] if self.direct is not None else []),
+            self.project, self.type_embedding, self.pair_positions, self.transformer, self.norm, self.to_embedding,
+            self.heads, *([self.direct] if self.direct is not None else []),
         ]
 
     def fusion_parameters(self) -> Iterator[nn.Parameter]:
@@ -119,68 +151,57 @@ class FusionModel(nn.Module):
     def parameter_groups(self) -> dict[str, Iterable[nn.Parameter]]:
         """Disjoint named parts, for :func:`stembed.models.count_parameters`."""
         return {
-            **{f"{k}_autoencoder": ae.parameters() for k, ae in self.autoencoders().items()},
+            **{f"{k}_autoencoder": ae.parameters() for k, ae in self.autoencoders.items()},
             "fusion": self.fusion_parameters(),
         }
 
-    def embed(
-        self,
-        x1: torch.Tensor,
-        gaps1: torch.Tensor,
-        x2: torch.Tensor,
-        gaps2: torch.Tensor,
-        dt_centre: torch.Tensor,
-        extra: Mapping[str, Companion] | None = None,
-    ) -> torch.Tensor:
+    def _check_keys(self, given: Iterable[str], what: str, need: Iterable[str] | None = None) -> None:
+        need = list(self.sensors if need is None else need)
+        if set(given) != set(need):
+            raise ValueError(f"this fusion model needs {what} for {need}, got {sorted(given)}")
+
+    def encode(self, inputs: Mapping[str, SensorInput]) -> dict[str, torch.Tensor]:
+        """Every sensor's latent (B, latent_k), by sensor name in token order (no gradient when frozen)."""
+        self._check_keys(inputs, "inputs")
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return {k: ae.encode(inputs[k].x, inputs[k].gaps) for k, ae in self.autoencoders.items()}
+
+    def embed(self, inputs: Mapping[str, SensorInput]) -> torch.Tensor:
         """Fused embedding of each patch.
 
         Args:
-            x1, gaps1: S1 patches (B, T, C1, H, W) and their day gaps (B, T-1).
-            x2, gaps2: S2 patches (B, T, C2, H, W) and their day gaps (B, T-1).
-            dt_centre: (B,) or (B, 1) days between the S1 and S2 dates at the centre frame. Its
-                absolute value is rounded and clamped to [0, max_pair_gap_days] (the rows of the
-                pair-position table); S1 matching keeps it far below that limit in practice.
-            extra: every companion sensor's ``(x, gaps, dt)`` (required when the model has them).
+            inputs: every sensor's :class:`SensorInput`, by sensor name. ``dt`` of each non-anchor sensor:
+                days between its centre frame and the S2 date; its absolute value is rounded and clamped to
+                [0, max_pair_gap_days] (the rows of the pair-position table); matching keeps it far below that
+                limit in practice.
 
         Returns:
             e: (B, embed_dim), >= 0.
         """
-        extra = self._check_extra(extra)
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            z1 = self.s1.encode(x1, gaps1)  # (B, latent_s1)
-            z2 = self.s2.encode(x2, gaps2)  # (B, latent_s2)
-            aes = self.autoencoders()
-            zx = {k: (aes[k].encode(x, g), dt) for k, (x, g, dt) in extra.items()}  # (B, latent_k), (B,)
-        return self.fuse(z1, z2, dt_centre, zx)
+        dt = {k: v.dt for k, v in inputs.items() if k != ANCHOR and v.dt is not None}
+        lacking = [k for k in inputs if k != ANCHOR and k not in dt]
+        if lacking:
+            raise ValueError(f"the inputs of {lacking} need dt, their days to the S2 date")
+        return self.fuse(self.encode(inputs), dt)
 
-    def _check_extra(self, extra: Mapping[str, _V] | None) -> Mapping[str, _V]:
-        extra = extra or {}
-        if list(extra) != list(self.extra):
-            raise ValueError(f"this fusion model needs companion inputs {list(self.extra)}, got {list(extra)}")
-        return extra
+    def fuse(self, z: Mapping[str, torch.Tensor], dt: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The fusion layers alone: every sensor's latent (B, latent_k) + each non-anchor sensor's (B,) days to the
+        S2 date -> e (B, embed_dim).
 
-    def fuse(
-        self,
-        z1: torch.Tensor,
-        z2: torch.Tensor,
-        dt_centre: torch.Tensor,
-        extra: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-    ) -> torch.Tensor:
-        """The fusion layers alone: latents (B, latent_s1), (B, latent_s2) + (B,) days -> e (B, embed_dim).
-
-        ``extra``: each companion's ``(z (B, latent_k), dt (B,))``, dt = days between its frame and the
-        S2 date, which becomes that token's pair position (S1 sits at 0 and S2 at ``dt_centre``).
+        ``dt`` becomes each token's pair position: S1 sits at 0 and S2 at |dt[s1]| (the paper's S1-S2 pair
+        position), each companion at its own |dt|.
         """
-        extra = self._check_extra(extra)
-        B = z1.shape[0]
-        projected = [self.project_s1(z1), self.project_s2(z2)] + [self.project_extra[k](z) for k, (z, _) in extra.items()]
-        tokens = torch.stack(projected, dim=1)  # (B, N, d), N = 2 + companions
+        self._check_keys(z, "latents")
+        self._check_keys(dt, "days to the S2 date", [k for k in self.sensors if k != ANCHOR])
+        order = self.sensors
+        B = z[ANCHOR].shape[0]
+        tokens = torch.stack([self.project[k](z[k]) for k in order], dim=1)  # (B, N, d), N sensors
         tokens = tokens + self.type_embedding.weight  # (N, d) broadcast over the batch
 
         device = self.pair_positions.weight.device
-        zero = torch.zeros(B, device=device)
-        dts = [dt_centre, *(dt for _, dt in extra.values())]
-        pair = torch.stack([zero] + [dt.to(device).reshape(B).float() for dt in dts], dim=1)
+        # the paper's pair position: S1 at day 0, S2 at the S1-S2 gap; a companion at its own gap to the S2 date
+        days = {**dt, PAIRED: torch.zeros(B, device=device), ANCHOR: dt[PAIRED]}
+        pair = torch.stack([days[k].to(device).reshape(B).float() for k in order], dim=1)
         pair = pair.abs()  # (B, N): S1 at 0, S2 at |dt| days, each companion at its |dt| to the S2 date
         pair = pair.round().long().clamp(0, self.cfg.max_pair_gap_days)
         tokens = tokens + self.pair_positions(pair) / math.sqrt(self.cfg.d_model)  # (B, N, d)
@@ -189,50 +210,30 @@ class FusionModel(nn.Module):
         pooled = self.norm(tokens.mean(dim=1))  # (B, d)
         pre = self.to_embedding(pooled)  # (B, embed_dim)
         if self.direct is not None:  # the latents' scale, which the layer norm removed
-            z = torch.cat([z1, z2, *(z for z, _ in extra.values())], dim=1)  # (B, sum of latent sizes)
+            zz = torch.cat([z[k] for k in order], dim=1)  # (B, sum of latent sizes)
             # a broadcast sum, not a matmul: with so small an inner size BLAS rounds a row by its place in the
             # batch, and an embedding must not depend on its batch mates (bit for bit)
-            pre = pre + (z[:, None, :] * self.direct.weight).sum(-1) + self.direct.bias
+            pre = pre + (zz[:, None, :] * self.direct.weight).sum(-1) + self.direct.bias
         return self.softplus(pre)  # (B, embed_dim)
 
-    def decode(
-        self, e: torch.Tensor, gaps1: torch.Tensor, gaps2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Reconstruct both patches from the fused embedding: (B, embed_dim) -> (x1_hat, x2_hat)."""
-        x1_hat = self.s1.decode(self.head_s1(e), gaps1)  # (B, T, C1, H, W)
-        x2_hat = self.s2.decode(self.head_s2(e), gaps2)  # (B, T, C2, H, W)
-        return x1_hat, x2_hat
+    def decode(self, e: torch.Tensor, gaps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Reconstruct the patches of each sensor in ``gaps`` (any subset): (B, embed_dim) + its (B, T-1) day gaps ->
+        (B, T, C_k, H, W), by sensor name."""
+        unknown = [k for k in gaps if k not in self.autoencoders]
+        if unknown:
+            raise ValueError(f"this fusion model has no sensor(s) {unknown}; it has {list(self.sensors)}")
+        return {k: self.autoencoders[k].decode(self.heads[k](e), g) for k, g in gaps.items()}
 
-    def decode_extra(self, e: torch.Tensor, gaps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Reconstruct each companion's patches: (B, embed_dim) + its (B, T-1) gaps -> (B, T, C_k, H, W)."""
-        aes = self.autoencoders()
-        return {k: aes[k].decode(self.head_extra[k](e), gaps[k]) for k in self.extra}
-
-    def forward(
-        self,
-        x1: torch.Tensor,
-        gaps1: torch.Tensor,
-        x2: torch.Tensor,
-        gaps2: torch.Tensor,
-        dt_centre: torch.Tensor,
-        extra: Mapping[str, Companion] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns ``(x1_hat, x2_hat, e)``; see :meth:`embed` for the arguments (companions: :meth:`decode_extra`)."""
-        e = self.embed(x1, gaps1, x2, gaps2, dt_centre, extra)
-        x1_hat, x2_hat = self.decode(e, gaps1, gaps2)
-        return x1_hat, x2_hat, e
+    def forward(self, inputs: Mapping[str, SensorInput]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Returns ``(reconstructions by sensor, e)``; see :meth:`embed`."""
+        e = self.embed(inputs)
+        return self.decode(e, {k: v.gaps for k, v in inputs.items()}), e
 
 
-def build_fusion(
-    s1_model: dict[str, Any],
-    s2_model: dict[str, Any],
-    model: dict[str, Any],
-    extra_models: dict[str, dict[str, Any]] | None = None,
-) -> FusionModel:
-    """A fusion model (untrained autoencoders) from the configs a fusion bundle stores."""
+def build_fusion(models: Mapping[str, dict[str, Any]], model: dict[str, Any]) -> FusionModel:
+    """A fusion model (untrained autoencoders) from the configs a fusion bundle stores: the autoencoders' by sensor
+    name (``models``) and the fusion layers' (``model``)."""
     return FusionModel(
-        SensorAutoencoder(AEConfig.model_validate(s1_model)),
-        SensorAutoencoder(AEConfig.model_validate(s2_model)),
+        {k: SensorAutoencoder(AEConfig.model_validate(v)) for k, v in models.items()},
         FusionConfig.model_validate(model),
-        {k: SensorAutoencoder(AEConfig.model_validate(v)) for k, v in (extra_models or {}).items()},
     )

@@ -57,7 +57,7 @@ class GapFillModel(nn.Module):
         super().__init__()
         self.fusion = fusion.requires_grad_(False).eval()
         filler = copy.deepcopy(fusion)
-        filler.s1, filler.s2, filler.extra = fusion.s1, fusion.s2, fusion.extra  # shared, not copied
+        filler.autoencoders = fusion.autoencoders  # shared, not copied
         filler.requires_grad_(False)
         for p in filler.fusion_parameters():
             p.requires_grad_(True)
@@ -80,7 +80,7 @@ class GapFillModel(nn.Module):
         return {**self.fusion.parameter_groups(), "gap_fill": self.fill_parameters()}
 
 
-_SHARED = ("s1.", "s2.", "extra.")
+_SHARED = ("autoencoders.",)
 
 
 def _drop_shared(module: nn.Module, state: dict[str, Any], prefix: str, local_metadata: Any) -> None:

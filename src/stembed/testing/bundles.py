@@ -34,9 +34,9 @@ def random_fusion_bundle(
     name = "tiny" if tiny else preset
     a1, a2, f = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
     torch.manual_seed(seed)
-    model = FusionModel(SensorAutoencoder(a1), SensorAutoencoder(a2), f)
-    config = {"model": f.model_dump(mode="json"), "s1_model": a1.model_dump(mode="json"),
-              "s2_model": a2.model_dump(mode="json")}
+    model = FusionModel({"s1": SensorAutoencoder(a1), "s2": SensorAutoencoder(a2)}, f)
+    config = {"model": f.model_dump(mode="json"),
+              "models": {"s1": a1.model_dump(mode="json"), "s2": a2.model_dump(mode="json")}}
     sensors = sensors or {"s1": S1, "s2": S2}
     provenance = {"note": f"random weights, seed {seed}"}
     if not gapfill:

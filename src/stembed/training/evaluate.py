@@ -72,14 +72,17 @@ class SplitAccumulator:
 
 @torch.no_grad()
 def evaluate_split(
-    batches: Iterable[dict[str, Tensor]],
-    reconstruct: Callable[[dict[str, Tensor]], dict[str, tuple[Tensor, Tensor, Tensor]]],
+    batches: Iterable[Any],
+    reconstruct: Callable[[Any], dict[str, tuple[Tensor, Tensor, Tensor]]],
 ) -> dict[str, dict[str, Any]]:
-    """Run ``reconstruct`` (batch -> {sensor: (x_hat, x, valid)}) over a split and return metrics per sensor."""
+    """Run ``reconstruct`` (batch -> {sensor: (x_hat, x, valid)}) over a split and return metrics per sensor.
+
+    ``batches``: typed patch batches (:class:`~stembed.data.datasets.SensorPatches` or ``FusionPatches``).
+    """
     acc: dict[str, SplitAccumulator] = {}
     n = 0
     for batch in batches:
         for sensor, (x_hat, x, valid) in reconstruct(batch).items():
             acc.setdefault(sensor, SplitAccumulator()).update(x_hat, x, valid)
-        n += next(iter(batch.values())).shape[0]
+        n += batch.size
     return {sensor: {"n_patches": n, **a.result()} for sensor, a in acc.items()}

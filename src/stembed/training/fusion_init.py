@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Mapping
 import torch
 from torch import Tensor
 
+from stembed.data.datasets import FusionPatches
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import FusionModel
 from stembed.training.modules import fusion_inputs
@@ -73,7 +74,7 @@ def init_linear_fusion(
     """Set the fusion layers to the linear fusion of :func:`linear_fusion` (needs ``cfg.direct_path``).
 
     Args:
-        latents: each sensor's training latents (N, L_k), keys in ``model.autoencoders()`` order.
+        latents: each sensor's training latents (N, L_k), keys in ``model.sensors`` order.
         gaps: each sensor's day gaps (N, T-1) for the same rows (the decoders' positions).
         weights: each sensor's branch weight in the fusion loss.
         metric: each sensor's block of the metric, ``(autoencoder, latents, gaps) -> (L_k, L_k)``; the
@@ -85,10 +86,10 @@ def init_linear_fusion(
     """
     if model.direct is None:
         raise ValueError("a linear fusion start needs the direct path (model.direct_path: true)")
-    keys = list(model.autoencoders())
+    keys = list(model.sensors)
     if list(latents) != keys:
         raise ValueError(f"latents for {keys} needed, got {list(latents)}")
-    aes = model.autoencoders()
+    aes = model.autoencoders
     blocks = [weights[k] * metric(aes[k], latents[k], gaps[k]) for k in keys]
     z = torch.cat([latents[k] for k in keys], dim=1)  # (N, L)
     mean, enc, dec = linear_fusion(z, torch.block_diag(*blocks), model.cfg.embed_dim)
@@ -98,7 +99,7 @@ def init_linear_fusion(
     model.direct.bias.copy_(shift - mean @ enc)
     model.to_embedding.weight.zero_()
     model.to_embedding.bias.zero_()
-    heads = {"s1": model.head_s1, "s2": model.head_s2, **model.head_extra}
+    heads = model.heads
     start = 0
     for k in keys:
         width = latents[k].shape[1]
@@ -113,16 +114,14 @@ def init_linear_fusion(
 
 @torch.no_grad()
 def training_latents(
-    model: FusionModel, batches: Iterable[dict[str, Tensor]]
+    model: FusionModel, batches: Iterable[FusionPatches]
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Every sensor's frozen latents (N, L_k) and day gaps (N, T-1) over patch batches (a training split)."""
-    zs: dict[str, list[Tensor]] = {k: [] for k in model.autoencoders()}
-    gs: dict[str, list[Tensor]] = {k: [] for k in model.autoencoders()}
-    aes = model.autoencoders()
+    zs: dict[str, list[Tensor]] = {k: [] for k in model.sensors}
+    gs: dict[str, list[Tensor]] = {k: [] for k in model.sensors}
     for batch in batches:
-        x1, g1, x2, g2, _, extra = fusion_inputs(batch, model)
-        inputs = {"s1": (x1, g1), "s2": (x2, g2), **{k: (x, g) for k, (x, g, _) in extra.items()}}
-        for k, (x, g) in inputs.items():
-            zs[k].append(aes[k].encode(x, g))
-            gs[k].append(g)
+        inputs = fusion_inputs(batch, model)
+        for k, z in model.encode(inputs).items():
+            zs[k].append(z)
+            gs[k].append(inputs[k].gaps)
     return {k: torch.cat(v) for k, v in zs.items()}, {k: torch.cat(v) for k, v in gs.items()}

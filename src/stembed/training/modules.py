@@ -11,9 +11,10 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
 from stembed.config import AEConfig, DenseTrainingConfig, FusionLossConfig, LossConfig, TrainConfig
+from stembed.data.datasets import FusionPatches, SensorPatches
 from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.fusion import Companion, FusionModel, build_fusion
+from stembed.models.fusion import ANCHOR, FusionModel, SensorInput, build_fusion
 from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
 from stembed.training.dense import (
     autoencoder_step,
@@ -29,21 +30,31 @@ GAP_FILL_MONITOR = "val_embedding_mae"
 
 
 def fusion_inputs(
-    batch: dict[str, Tensor], model: FusionModel, *, hide_s2_centre: bool = False
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, dict[str, Companion]]:
-    """A fusion batch as :meth:`FusionModel.embed` arguments (a dense encoder reads the wider ``*_in`` windows).
+    batch: FusionPatches, model: FusionModel, *, hide_s2_centre: bool = False
+) -> dict[str, SensorInput]:
+    """A fusion batch as :meth:`FusionModel.embed`'s inputs by sensor (a dense encoder reads the wider ``x_in``
+    windows).
 
     ``hide_s2_centre``: hide the S2 centre frame, as for a cloudy date (see :mod:`stembed.models.gapfill`).
     """
-    x2 = batch.get("x2_in")
-    if x2 is None:  # patch encoder: filled patches
-        x2 = hide_centre_filled(batch["x2"], batch["valid2"]) if hide_s2_centre else batch["x2"]
-    elif hide_s2_centre:  # dense encoder: raw windows, filled per pixel inside the encoder
-        x2 = hide_centre_raw(x2)
-    extra = {
-        k: (batch.get(f"x_{k}_in", batch[f"x_{k}"]), batch[f"time_gaps_{k}"], batch[f"dt_{k}"]) for k in model.extra
-    }
-    return batch.get("x1_in", batch["x1"]), batch["time_gaps1"], x2, batch["time_gaps2"], batch["dt_centre"], extra
+    inputs = {}
+    for k in model.sensors:
+        p = batch[k]
+        x = p.encoder_input
+        if k == ANCHOR and hide_s2_centre:
+            # patch encoder: filled patches, refilled without the centre; dense: raw windows, filled in the encoder
+            x = hide_centre_filled(p.x, p.valid) if p.x_in is None else hide_centre_raw(p.x_in)
+        inputs[k] = SensorInput(x, p.gaps, p.dt)
+    return inputs
+
+
+def fusion_targets(batch: FusionPatches, model: FusionModel) -> dict[str, tuple[Tensor, Tensor]]:
+    """Each sensor's patches and validity (B, T, C, P, P) in a fusion batch: what its reconstruction is scored on."""
+    return {k: (batch[k].x, batch[k].valid) for k in model.sensors}
+
+
+Batch = SensorPatches | FusionPatches | dict[str, Tensor]
+"""A training batch: patches of one sensor (stage 1), of every sensor (fusion), or tiles (a dict, dense training)."""
 
 
 def _centre_metrics(names: list[str]) -> nn.ModuleDict:
@@ -132,7 +143,7 @@ class _StageModule(L.LightningModule):
 
     monitor = MONITOR  # what early stopping, the best checkpoint and the plateau schedule follow
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
+    def _step(self, batch: Any, prefix: str) -> Tensor | None:
         raise NotImplementedError
 
     def on_train_epoch_end(self) -> None:
@@ -141,10 +152,10 @@ class _StageModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         _log_centre(self, "val")
 
-    def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         return self._step(batch, "train")
 
-    def validation_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor | None:
+    def validation_step(self, batch: Batch, batch_idx: int) -> Tensor | None:
         return self._step(batch, "val")
 
     def configure_optimizers(self) -> Any:
@@ -184,11 +195,11 @@ class AutoencoderModule(_StageModule):
         _update(self.centre[f"{prefix}_centre_mae"], rec.x_hat[:n], rec.targets.x[:n], rec.targets.valid[:n])
         return rec.parts["loss"]
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
-        if "window" in batch:
+    def _step(self, batch: SensorPatches | dict[str, Tensor], prefix: str) -> Tensor | None:
+        if isinstance(batch, dict):  # tiles
             return self._dense_step(batch, prefix)
-        x, valid = batch["x"], batch["valid"]  # (B, T, C, P, P)
-        x_hat, _ = self.model(batch.get("x_in", x), batch["time_gaps"])  # x_in: a dense encoder's wider window
+        x, valid = batch.x, batch.valid  # (B, T, C, P, P)
+        x_hat, _ = self.model(batch.encoder_input, batch.gaps)  # x_in: a dense encoder's wider window
         parts = reconstruction_loss(x_hat, x, valid, self.loss_cfg)
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
         self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x.shape[0])
@@ -208,29 +219,27 @@ class FusionModule(_StageModule):
 
     def __init__(
         self,
-        s1_model: dict[str, Any],
-        s2_model: dict[str, Any],
+        models: dict[str, dict[str, Any]],
         model: dict[str, Any],
         loss: dict[str, Any],
         train: dict[str, Any],
-        extra_models: dict[str, dict[str, Any]] | None = None,
         dense: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_fusion(s1_model, s2_model, model, extra_models)
+        self.model = build_fusion(models, model)
         self.loss_cfg = FusionLossConfig.model_validate(loss)
         self.train_cfg = TrainConfig.model_validate(train)
         self.dense = DenseTrainingConfig.model_validate(dense) if dense is not None else None
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
-        self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.autoencoders()])
+        self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
 
     def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
         """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
         model, d = self.model, self.dense
         assert d is not None  # only dense training steps here
-        aes = model.autoencoders()
-        T, m = model.s2.cfg.n_frames, model.s2.cfg.context_px
+        aes = model.autoencoders
+        T, m = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
         win = draw_windows(batch, m, d.latents, self.gen)
         if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step
             return _skip_step(self.model)
@@ -247,19 +256,18 @@ class FusionModule(_StageModule):
                 k: ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, windows[k]), win), gaps[k])
                 for k, ae in aes.items()
             }
-        e = model.fuse(z["s1"], z["s2"], dt["s1"], {k: (z[k], dt[k]) for k in model.extra})
-        heads = {"s1": model.head_s1, "s2": model.head_s2, **model.head_extra}
+        e = model.fuse(z, dt)
+        heads = model.heads
         if prefix == "train" and self.global_step < d.latent_warmup_steps:
             # warm start: give back each frozen encoder's latent, standardised per dimension (nothing decoded)
             err = {k: ((heads[k](e) - z[k]) / z[k].std(dim=0).clamp_min(1e-6).detach()) ** 2 for k in aes}
             total = torch.stack([err[k].mean() for k in aes]).mean()
             self.log(f"{prefix}_latent_warmup", total, on_step=False, on_epoch=True, batch_size=e.shape[0])
             return total
-        branch_cfg = {"s1": (self.loss_cfg.s1, self.loss_cfg.s1_weight), "s2": (self.loss_cfg.s2, self.loss_cfg.s2_weight)}
         total = e.new_zeros(())
         logs: dict[str, Tensor] = {}
         for k, ae in aes.items():
-            loss_cfg, weight = branch_cfg.get(k, (self.loss_cfg.extra, self.loss_cfg.extra_weight))
+            loss_cfg, weight = self.loss_cfg.branch(k)
             rec = reconstruct_windows(ae, heads[k](e), gaps[k], windows[k], batch["inside"], win, loss_cfg,
                                       d.render_frames, self.gen)
             total = total + weight * rec.parts["loss"]
@@ -269,18 +277,16 @@ class FusionModule(_StageModule):
         self.log_dict({f"{prefix}_loss": total, **logs}, on_step=False, on_epoch=True, batch_size=e.shape[0])
         return total
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
-        if "window" in batch:
+    def _step(self, batch: FusionPatches | dict[str, Tensor], prefix: str) -> Tensor | None:
+        if isinstance(batch, dict):  # tiles
             return self._dense_step(batch, prefix)
-        x1, v1, x2, v2 = batch["x1"], batch["valid1"], batch["x2"], batch["valid2"]
-        args = fusion_inputs(batch, self.model)
-        x1_hat, x2_hat, e = self.model(*args)
-        extra_hat = self.model.decode_extra(e, {k: batch[f"time_gaps_{k}"] for k in self.model.extra})
-        extra = {k: (extra_hat[k], batch[f"x_{k}"], batch[f"valid_{k}"]) for k in self.model.extra}
-        parts = fusion_loss(x1_hat, x1, v1, x2_hat, x2, v2, self.loss_cfg, extra)
+        targets = fusion_targets(batch, self.model)
+        rec, e = self.model(fusion_inputs(batch, self.model))
+        branches = {k: (rec[k], *targets[k]) for k in self.model.sensors}
+        parts = fusion_loss(branches, self.loss_cfg)
         logs = {f"{prefix}_{k}": v for k, v in parts.items() if torch.isfinite(v)}
-        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=x2.shape[0])
-        for key, (x_hat, x, valid) in {"s1": (x1_hat, x1, v1), "s2": (x2_hat, x2, v2), **extra}.items():
+        self.log_dict(logs, on_step=False, on_epoch=True, batch_size=e.shape[0])
+        for key, (x_hat, x, valid) in branches.items():
             _update(self.centre[f"{prefix}_centre_mae_{key}"], x_hat, x, valid)
         return parts["loss"]
 
@@ -298,16 +304,15 @@ class GapFillModule(_StageModule):
     def __init__(self, fusion: dict[str, Any], train: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = GapFillModel(build_fusion(fusion["s1_model"], fusion["s2_model"], fusion["model"],
-                                               fusion.get("extra_models")))
+        self.model = GapFillModel(build_fusion(fusion["models"], fusion["model"]))
         self.train_cfg = TrainConfig.model_validate(train)
         self.centre = nn.ModuleDict({f"{p}_embedding_mae": MeanMetric() for p in ("train", "val")})
 
-    def _step(self, batch: dict[str, Tensor], prefix: str) -> Tensor:
+    def _step(self, batch: FusionPatches, prefix: str) -> Tensor:
         fusion, filler = self.model.fusion, self.model.filler
         with torch.no_grad():
-            target = fusion.embed(*fusion_inputs(batch, fusion))  # (B, embed_dim)
-        e = filler.embed(*fusion_inputs(batch, filler, hide_s2_centre=True))  # (B, embed_dim)
+            target = fusion.embed(fusion_inputs(batch, fusion))  # (B, embed_dim)
+        e = filler.embed(fusion_inputs(batch, filler, hide_s2_centre=True))  # (B, embed_dim)
         loss = nn.functional.l1_loss(e, target)
         self.log(f"{prefix}_loss", loss, on_step=False, on_epoch=True, batch_size=e.shape[0])
         metric = self.centre[f"{prefix}_embedding_mae"]

@@ -37,7 +37,7 @@ from stembed.config import (
     dump_config,
 )
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
-from stembed.data.datasets import FusionPatchDataset
+from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatches, collate, patch_loader
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
 from stembed.data.tiles import TileDataset, sample_tiles
@@ -48,7 +48,13 @@ from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
 from stembed.training.evaluate import evaluate_split
 from stembed.training.fusion_init import init_linear_fusion, training_latents
-from stembed.training.modules import AutoencoderModule, FusionModule, GapFillModule, fusion_inputs
+from stembed.training.modules import (
+    AutoencoderModule,
+    FusionModule,
+    GapFillModule,
+    fusion_inputs,
+    fusion_targets,
+)
 
 
 @dataclass(frozen=True)
@@ -87,7 +93,7 @@ def tile_dataset(
         )
     ds = data.datasets["train"]
     if isinstance(ds, FusionPatchDataset):  # S2 drives the tiles; S1 and companions are on its dates
-        sites, others = ds.s2, {"s1": ds.s1, **ds.extra}
+        sites, others = ds.sensors[ds.anchor], {k: v for k, v in ds.sensors.items() if k != ds.anchor}
     else:
         sites, others = ds.sites, {}  # type: ignore[attr-defined]  # a per-sensor PatchDataset here
     tiles = sample_tiles([s.days for s in sites], data.regions["train"], sampling, dense.crop_px, dense.subsets, rng)
@@ -102,6 +108,8 @@ def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
             ds, batch_size=getattr(ds, "batch_size", cfg.batch_size), shuffle=name == "train",
             generator=gen if name == "train" else None,
             num_workers=cfg.num_workers, drop_last=False,
+            # typed patch items are stacked by collate; a tile dataset's items are whole batches already
+            **({} if isinstance(ds, TileDataset) else {"collate_fn": collate}),
         )
         for name, ds in data.datasets.items()
     }
@@ -234,7 +242,7 @@ def _fit(module: _Stage, data: SplitData, cfg: TrainConfig, run_dir: Path, resum
 
 def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any) -> dict[str, Any]:
     loaders = {
-        name: DataLoader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
+        name: patch_loader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
     }
     # (the ignore below: torch's Dataset declares no __len__; ours all have one)
     return {name: evaluate_split(loaders[name], reconstruct) for name in SPLITS if len(data.datasets[name])}  # type: ignore[arg-type]
@@ -293,31 +301,33 @@ def train_autoencoder(
     return RunResult(run_dir, bundle, metrics)
 
 
-def _companion_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
-    if set(cfg.extra_bundles) != set(cfg.data.extra_sensors):
+def _stage1_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
+    """Every sensor's stage-1 bundle, in token order: S1, S2, then the companions in data.extra_sensors order."""
+    if set(cfg.companions) != set(cfg.data.extra_sensors):
         raise ConfigError(
-            f"extra_bundles names {sorted(cfg.extra_bundles)} but data.extra_sensors names "
+            f"bundles names companion sensors {sorted(cfg.companions)} but data.extra_sensors names "
             f"{sorted(cfg.data.extra_sensors)}; fix: give one stage-1 bundle per companion sensor, same keys"
         )
     return {
-        k: load_bundle(cfg.extra_bundles[k], expect_kind="autoencoder", expect_sensor=k) for k in cfg.data.extra_sensors
+        k: load_bundle(cfg.bundles[k], expect_kind="autoencoder", expect_sensor=k)
+        for k in ("s1", "s2", *cfg.data.extra_sensors)
     }
 
 
 def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> dict[str, Any]:
     """``init: linear``: fit the linear fusion on the training split's latents (patches: its patch dataset)."""
-    loader = DataLoader(patches, batch_size=max(cfg.train.batch_size, 64), shuffle=False)
+    loader = patch_loader(patches, batch_size=max(cfg.train.batch_size, 64), shuffle=False)
     z, gaps = training_latents(model, loader)
-    weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight, **{k: cfg.loss.extra_weight for k in model.extra}}
+    weights = {k: cfg.loss.branch(k)[1] for k in model.sensors}
     return {"n_latents": int(z["s2"].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
 
 
 def autoencoder_reconstruct(model: SensorAutoencoder, sensor: str) -> Any:
     """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split` (x_in: a dense encoder's wider window)."""
 
-    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x_hat, _ = model(batch.get("x_in", batch["x"]), batch["time_gaps"])
-        return {sensor: (x_hat, batch["x"], batch["valid"])}
+    def reconstruct(batch: SensorPatches) -> dict[str, Any]:
+        x_hat, _ = model(batch.encoder_input, batch.gaps)
+        return {sensor: (x_hat, batch.x, batch.valid)}
 
     return reconstruct
 
@@ -325,14 +335,9 @@ def autoencoder_reconstruct(model: SensorAutoencoder, sensor: str) -> Any:
 def fusion_reconstruct(model: FusionModel) -> Any:
     """batch -> {sensor: (x_hat, x, valid)} for :func:`evaluate_split`."""
 
-    def reconstruct(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-        x1_hat, x2_hat, e = model(*fusion_inputs(batch, model))
-        extra_hat = model.decode_extra(e, {k: batch[f"time_gaps_{k}"] for k in model.extra})
-        return {
-            "s1": (x1_hat, batch["x1"], batch["valid1"]),
-            "s2": (x2_hat, batch["x2"], batch["valid2"]),
-            **{k: (extra_hat[k], batch[f"x_{k}"], batch[f"valid_{k}"]) for k in model.extra},
-        }
+    def reconstruct(batch: FusionPatches) -> dict[str, Any]:
+        rec, _ = model(fusion_inputs(batch, model))
+        return {k: (rec[k], *xv) for k, xv in fusion_targets(batch, model).items()}
 
     return reconstruct
 
@@ -344,46 +349,44 @@ def _monitor(split: dict[str, Any]) -> float:
 
 def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
     """Stage 2: fusion layers on the stage-1 bundles named in ``cfg`` (S1, S2, companions)."""
-    b1 = load_bundle(cfg.s1_bundle, expect_kind="autoencoder", expect_sensor="s1")
-    b2 = load_bundle(cfg.s2_bundle, expect_kind="autoencoder", expect_sensor="s2")
-    bx = _companion_bundles(cfg)
+    stage1 = _stage1_bundles(cfg)
     run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
     cfg_dict = dump_config(cfg)
     _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    a2 = AEConfig.model_validate(b2.config["model"])
-    for key, b in {"S1": b1, **bx}.items():
+    a2 = AEConfig.model_validate(stage1["s2"].config["model"])
+    for key, b in stage1.items():
         a = AEConfig.model_validate(b.config["model"])
         if a.context_px != a2.context_px:
             raise ConfigError(
-                f"the {key} autoencoder ({b.path}) reads {a.input_px} px windows but the S2 one ({cfg.s2_bundle}) "
-                f"reads {a2.input_px} px; fix: train all with the same variant (e.g. all 'tiny-dense')"
+                f"the {key.upper()} autoencoder ({b.path}) reads {a.input_px} px windows but the S2 one "
+                f"({cfg.bundles['s2']}) reads {a2.input_px} px; fix: train all with the same variant (e.g. all "
+                "'tiny-dense')"
             )
     data = build_fusion_data(
-        scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=a2.context_px, extra=tuple(bx)
+        scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=a2.context_px,
+        extra=tuple(cfg.data.extra_sensors),
     )
     fusion_cfg = cfg.resolved_model()
-    extra_models = {k: b.config["model"] for k, b in bx.items()}
+    models = {k: b.config["model"] for k, b in stage1.items()}
     dense = cfg.dense_training
     patch_train = data.datasets["train"]  # the train split's metrics stay per patch
     if dense is not None:
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling("s2"), dense, a2,
                                               np.random.default_rng(cfg.train.seed))
         data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
-    module = FusionModule(b1.config["model"], b2.config["model"], dump_config(fusion_cfg), dump_config(cfg.loss),
-                          dump_config(cfg.train), extra_models, dump_config(dense) if dense is not None else None)
+    module = FusionModule(models, dump_config(fusion_cfg), dump_config(cfg.loss), dump_config(cfg.train),
+                          dump_config(dense) if dense is not None else None)
     model = module.model
-    model.s1.load_state_dict(b1.state_dict)
-    model.s2.load_state_dict(b2.state_dict)
-    for k, b in bx.items():
-        model.extra[k].load_state_dict(b.state_dict)
+    for k, b in stage1.items():
+        model.autoencoders[k].load_state_dict(b.state_dict)
     started = time.perf_counter()
     start: dict[str, Any] = {}
     if cfg.init == "linear" and resume is None:
         start = _linear_start(model, patch_train, cfg)
         start_state = {k: v.clone() for k, v in model.state_dict().items()}
-        val = DataLoader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
+        val = patch_loader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
         start["val"] = evaluate_split(val, fusion_reconstruct(model.eval()))
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
@@ -404,17 +407,12 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
-    config = {"model": dump_config(fusion_cfg), "s1_model": b1.config["model"], "s2_model": b2.config["model"],
-              "stage": cfg_dict}
-    if extra_models:
-        config["extra_models"] = extra_models
+    config = {"model": dump_config(fusion_cfg), "models": models, "stage": cfg_dict}
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
-        sensors={**b1.sensors, **b2.sensors, **{k: v for b in bx.values() for k, v in b.sensors.items()}},
+        sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
         provenance=provenance(
-            [s.site for s in scenes],
-            {"s1_bundle_sha256": file_sha256(cfg.s1_bundle), "s2_bundle_sha256": file_sha256(cfg.s2_bundle),
-             **{f"{k}_bundle_sha256": file_sha256(p) for k, p in cfg.extra_bundles.items()}},
+            [s.site for s in scenes], {f"{k}_bundle_sha256": file_sha256(cfg.bundles[k]) for k in stage1},
         ),
         metrics=metrics,
     )
@@ -429,7 +427,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     """
     fb = load_bundle(cfg.fusion_bundle, expect_kind="fusion")
     fusion_stage = fb.config.get("stage", {})
-    extra = tuple(fb.config.get("extra_models", {}))
+    extra = tuple(k for k in fb.config["models"] if k not in ("s1", "s2"))
     if tuple(cfg.data.extra_sensors) != extra:
         raise ConfigError(
             f"the fusion bundle {cfg.fusion_bundle} uses companion sensors {list(extra)} but data.extra_sensors is "
@@ -445,11 +443,11 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    fusion_config: dict[str, Any] = {k: fb.config[k] for k in ("model", "s1_model", "s2_model", "extra_models") if k in fb.config}
+    fusion_config = {k: fb.config[k] for k in ("model", "models")}
     module = GapFillModule(fusion_config, dump_config(cfg.train))
     module.model.fusion.load_state_dict(fb.state_dict)
     module.model.filler.load_state_dict(fb.state_dict)  # start from the trained fusion layers
-    context_px = module.model.fusion.s2.cfg.context_px
+    context_px = module.model.fusion.anchor.cfg.context_px
     data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=context_px,
                              extra=extra)
     started = time.perf_counter()
@@ -463,10 +461,10 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
         sums = {"gap_fill": 0.0, "zero_shot": 0.0}
         n = 0
         for batch in loader:
-            target = model.fusion.embed(*fusion_inputs(batch, model.fusion))
+            target = model.fusion.embed(fusion_inputs(batch, model.fusion))
             hidden = fusion_inputs(batch, model.fusion, hide_s2_centre=True)
-            sums["gap_fill"] += float((model.filler.embed(*hidden) - target).abs().mean(1).sum())
-            sums["zero_shot"] += float((model.fusion.embed(*hidden) - target).abs().mean(1).sum())
+            sums["gap_fill"] += float((model.filler.embed(hidden) - target).abs().mean(1).sum())
+            sums["zero_shot"] += float((model.fusion.embed(hidden) - target).abs().mean(1).sum())
             n += target.shape[0]
         return {f"{k}_embedding_mae": v / max(n, 1) for k, v in sums.items()} | {"n_patches": n}
 
@@ -474,7 +472,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
         "stage": "gapfill",
         "train_seconds": round(time.perf_counter() - started, 1),
         "splits": {
-            name: errors(DataLoader(ds, batch_size=max(cfg.train.batch_size, 64)))
+            name: errors(patch_loader(ds, batch_size=max(cfg.train.batch_size, 64)))
             for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         },
         "data": data.info,
