@@ -13,8 +13,8 @@ from stembed.config import (
     FusionStageConfig,
     GapFillStageConfig,
     ae_preset,
-    fusion_preset,
     dump_config,
+    fusion_preset,
     load_config,
 )
 

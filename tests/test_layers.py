@@ -5,7 +5,8 @@ package of a lower rank; never sideways (``data`` and ``models`` do not know eac
 ``testing`` helpers (a package) may import anything but the CLI; production code never imports them. The
 layers below the models (``geometry``, ``contract``, ``preprocess``, ``io``, ...) and the ``cube_build``
 orchestration never import torch or Lightning, so reading and writing cubes and stores needs no
-deep-learning stack. ``models`` never import ``io`` or ``data`` although both rank below them. README "Layout" lists the same ranks.
+deep-learning stack. ``models`` never import ``io`` or ``data`` although both rank below them. README
+"Layout" lists the same ranks.
 
 Built-in sensor plugins are loaded by name (``stembed.sensors.BUILTIN_PLUGIN_MODULES``, like entry points),
 not imported by ``sensors``: that lookup is a registry, not an import edge, and is not checked here.

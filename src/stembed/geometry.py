@@ -41,6 +41,7 @@ class GridSpec:
 
     @property
     def crs(self) -> str:
+        """The grid's CRS as ``EPSG:<code>``."""
         return f"EPSG:{self.epsg}"
 
     @property
@@ -58,7 +59,8 @@ class GridSpec:
         tr = pyproj.Transformer.from_crs(self.crs, "EPSG:4326", always_xy=True)
         x0, x1 = self.x_left, self.x_left + self.width_px * self.resolution_m
         y1, y0 = self.y_top, self.y_top - self.height_px * self.resolution_m
-        return tuple(float(v) for v in tr.transform_bounds(x0, y0, x1, y1, densify_pts=21))  # type: ignore[return-value]
+        west, south, east, north = tr.transform_bounds(x0, y0, x1, y1, densify_pts=21)
+        return float(west), float(south), float(east), float(north)
 
     def geobox(self) -> Any:
         """The odc-geo ``GeoBox`` of this grid (odc-geo imported here only)."""
@@ -71,6 +73,7 @@ class GridSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
+        """The grid as plain values, for JSON attributes and provenance."""
         return asdict(self)
 
 
@@ -131,13 +134,16 @@ class DenseKernels(Protocol):
     """What :func:`dense_geometry` reads of an ``AEConfig``."""
 
     @property
-    def multiscale_kernels(self) -> Sequence[int]: ...
+    def multiscale_kernels(self) -> Sequence[int]:
+        """The multiscale block's kernel sizes (the widest sets the level-1 reach)."""
 
     @property
-    def dense_pool_window(self) -> int: ...
+    def dense_pool_window(self) -> int:
+        """The window the dense CBAM channel gate pools over."""
 
     @property
-    def dense_spatial_kernel(self) -> int: ...
+    def dense_spatial_kernel(self) -> int:
+        """The kernel of the dense CBAM spatial gate."""
 
 
 @dataclass(frozen=True)

@@ -33,24 +33,29 @@ from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
 
 def orbit_state(item: Any) -> str:
+    """An S1 item's ``sat:orbit_state`` in lower case (``ascending``/``descending``), ``unknown`` if absent."""
     return str(item.properties.get("sat:orbit_state", "unknown")).lower()
 
 
 def select_orbit(items: list[Any], orbit: str) -> list[Any]:
+    """The S1 items of the ``orbit`` direction (all of them for ``both``)."""
     return items if orbit == "both" else [it for it in items if orbit_state(it) == orbit]
 
 
 def piece_store(stage: Path, piece: Piece, sensor: str) -> Path:
+    """Where one sensor's piece is staged: ``pieces/<START_END>_<sensor>.zarr`` under ``stage``."""
     return stage / "pieces" / f"{piece.name}_{sensor}.zarr"
 
 
 def piece_done(stage: Path, piece: Piece, sensor: str) -> bool:
+    """Whether the piece is staged already (written atomically, so it exists only complete), for a resume."""
     return piece_store(stage, piece, sensor).exists()
 
 
 def build_piece(
     stage: Path, piece: Piece, sensor: str, items: list[Any], request: CubeRequest, session: Any
 ) -> None:
+    """Load, prepare and stage one sensor's piece from its items (signed for the catalog first)."""
     items = sign_items(items, request.catalog)
     if sensor == "s2":
         values, meta = s2_piece(items, request, session, stage)
@@ -67,6 +72,7 @@ def build_piece(
 def s2_piece(
     items: list[Any], request: CubeRequest, session: Any, stage: Path
 ) -> tuple[xr.DataArray, dict[str, Any]]:
+    """One S2 piece: reflectance (BRDF-normalised if asked), cloud-masked, same-day merged, prepared; per-date metadata."""
     mask = request.cloud_mask
     keys = [asset_key(items[0], b) for b in S2.bands] if items else list(S2.bands)
     for it in items[1:]:
@@ -139,6 +145,7 @@ def s2_piece(
 
 
 def s1_piece(items: list[Any], request: CubeRequest) -> tuple[xr.DataArray, dict[str, Any]]:
+    """One S1 piece: linear gamma0 with nodata as NaN, same-day slices merged; with per-date metadata."""
     grid = request.grid
     if not items:
         empty = np.zeros((0, S1.n_bands, grid.height_px, grid.width_px), np.float32)
@@ -161,7 +168,7 @@ def s1_piece(items: list[Any], request: CubeRequest) -> tuple[xr.DataArray, dict
         layers.append(a)
     linear = np.stack(layers, axis=1)
     times = np.array([naive(it.datetime) for it in items], dtype="datetime64[ns]")
-    (linear,), merged_times = merge_same_day([linear], times, np.isfinite(linear).all(axis=1))
+    (linear,), merged_times = merge_same_day([linear], times, np.all(np.isfinite(linear), axis=1))
     day_of = pd.DatetimeIndex(times).normalize()
     dates = []
     for day in pd.DatetimeIndex(merged_times).normalize():
@@ -182,6 +189,7 @@ def s1_piece(items: list[Any], request: CubeRequest) -> tuple[xr.DataArray, dict
 def read_pieces(
     stage: Path, pieces: list[Piece], sensor: str
 ) -> tuple[xr.DataArray | None, list[dict[str, Any]]]:
+    """The staged pieces of one sensor concatenated in time (None if no dates) and their per-date metadata."""
     parts, meta = [], []
     for piece in pieces:
         ds = xr.open_zarr(piece_store(stage, piece, sensor), consolidated=False, chunks=None)

@@ -84,7 +84,7 @@ class FusionPatches:
 
 
 def _stack(items: Sequence[SensorPatches]) -> SensorPatches:
-    values = {}
+    values: dict[str, Any] = {}  # the fields' types differ (a tensor, or None for an absent optional one)
     for f in fields(SensorPatches):
         parts = [getattr(it, f.name) for it in items]
         values[f.name] = None if parts[0] is None else torch.stack(parts)

@@ -204,7 +204,7 @@ def embed_block_dense(
     ``precision``: ``float32`` (exact), or ``bfloat16`` / ``float16`` autocast (CUDA), or ``auto``.
     """
     block = _check_block(model, block)
-    for key, ae in model.autoencoders.items():
+    for key, ae in model.sensor_autoencoders().items():
         if ae.cfg.variant != "dense":
             raise ValueError(f"embed_block_dense needs dense autoencoders; the {key} one is 'patch'")
     n_frames, r = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
@@ -216,7 +216,7 @@ def embed_block_dense(
     amp = autocast_dtype(precision, device)
     c = n_frames // 2
     values = {k: (a.values, a.days) for k, a in block.items()}
-    aes = model.autoencoders
+    aes = model.sensor_autoencoders()
     caches: dict[str, dict[int, torch.Tensor]] = {k: {} for k in values}
 
     def encode(sensor: str, frame: np.ndarray) -> torch.Tensor:

@@ -513,9 +513,11 @@ class ZarrEmbeddingStore:
         return grid
 
     def tiles_done(self) -> np.ndarray:
+        """``(tile_y, tile_x)`` bool: the tiles already marked done (:func:`tiles_done`)."""
         return tiles_done(self.path)
 
     def quantisation(self) -> Quantisation:
+        """The store's dtype, scale and offset (:func:`store_quantisation`), for a resumed run."""
         return store_quantisation(self.path)
 
     def write_tile(
@@ -527,10 +529,13 @@ class ZarrEmbeddingStore:
         error: np.ndarray,
         flag: np.ndarray | None = None,
     ) -> None:
+        """One tile's region of every date and its storage-error stats (:func:`write_region`); not yet done."""
         write_region(self.path, grid, tile, codes, valid, error, flag)
 
     def mark_done(self, tile: tuple[int, int]) -> None:
+        """The tile's last write, its done flag (:func:`mark_tile_done`)."""
         mark_tile_done(self.path, tile)
 
     def finalise(self) -> dict[str, Any]:
+        """Sum the storage error and mark the store complete (:func:`finalise`); the summary."""
         return finalise(self.path)

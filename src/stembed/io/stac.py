@@ -50,6 +50,7 @@ class RetryPolicy:
     backoff_s: float = 1.0
 
     def urllib3_retry(self) -> Any:
+        """This policy as urllib3's ``Retry`` (also on the :data:`RETRY_STATUS` answers), for a requests session."""
         from urllib3.util.retry import Retry
 
         return Retry(
@@ -263,6 +264,7 @@ class Piece:
 
     @property
     def name(self) -> str:
+        """``START_END``, the stem of the piece's staged files."""
         return f"{self.start}_{self.end}"
 
 

@@ -92,19 +92,30 @@ class FusionModel(nn.Module):
         self.direct = nn.Linear(latent_total, cfg.embed_dim) if cfg.direct_path else None
         self.softplus = nn.Softplus()
         self.heads = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in self._aes()})
-        anchor = self.autoencoders[ANCHOR].cfg.variant
+        anchor = self.anchor.cfg.variant
         for key, ae in self._aes():
             if ae.cfg.variant != anchor:
                 raise ValueError(
                     f"the {key} autoencoder is '{ae.cfg.variant}' but S2 is '{anchor}'; train all with the same variant"
                 )
         if not cfg.finetune_autoencoders:
-            for ae in self.autoencoders.values():
+            for _, ae in self._aes():
                 ae.requires_grad_(False)
                 ae.eval()
 
     def _aes(self) -> list[tuple[str, SensorAutoencoder]]:
-        return list(self.autoencoders.items())  # type: ignore[arg-type]
+        return list(self.sensor_autoencoders().items())
+
+    def autoencoder(self, key: str) -> SensorAutoencoder:
+        """Sensor ``key``'s autoencoder, typed: ``nn.ModuleDict`` hands its entries out as plain modules."""
+        ae = self.autoencoders[key]
+        if not isinstance(ae, SensorAutoencoder):  # __init__ fills it with these only; this narrows the type
+            raise TypeError(f"the {key} autoencoder is a {type(ae).__name__}, not a SensorAutoencoder")
+        return ae
+
+    def sensor_autoencoders(self) -> dict[str, SensorAutoencoder]:
+        """The autoencoders by sensor name in token order, typed (see :meth:`autoencoder`)."""
+        return {k: self.autoencoder(k) for k in self.autoencoders}
 
     @property
     def sensors(self) -> tuple[str, ...]:
@@ -119,7 +130,7 @@ class FusionModel(nn.Module):
     @property
     def anchor(self) -> SensorAutoencoder:
         """The anchor (S2) autoencoder: its geometry (frames, context) is every sensor's."""
-        return self.autoencoders[ANCHOR]  # type: ignore[return-value]
+        return self.autoencoder(ANCHOR)
 
     @property
     def frozen(self) -> bool:
@@ -164,7 +175,7 @@ class FusionModel(nn.Module):
         """Every sensor's latent (B, latent_k), by sensor name in token order (no gradient when frozen)."""
         self._check_keys(inputs, "inputs")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            return {k: ae.encode(inputs[k].x, inputs[k].gaps) for k, ae in self.autoencoders.items()}
+            return {k: ae.encode(inputs[k].x, inputs[k].gaps) for k, ae in self._aes()}
 
     def embed(self, inputs: Mapping[str, SensorInput]) -> torch.Tensor:
         """Fused embedding of each patch.
@@ -222,7 +233,7 @@ class FusionModel(nn.Module):
         unknown = [k for k in gaps if k not in self.autoencoders]
         if unknown:
             raise ValueError(f"this fusion model has no sensor(s) {unknown}; it has {list(self.sensors)}")
-        return {k: self.autoencoders[k].decode(self.heads[k](e), g) for k, g in gaps.items()}
+        return {k: self.autoencoder(k).decode(self.heads[k](e), g) for k, g in gaps.items()}
 
     def forward(self, inputs: Mapping[str, SensorInput]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Returns ``(reconstructions by sensor, e)``; see :meth:`embed`."""

@@ -38,12 +38,20 @@ class CloudMask(Protocol):
     and ``stembed cube --cloud-mask mymasks:CloudSen12Mask`` builds it (no arguments).
     """
 
-    assets: tuple[str, ...]
-    needs_reflectance: bool
+    # read-only members: a class attribute (``assets = ()``), a ClassVar or a property all fit
+    @property
+    def assets(self) -> tuple[str, ...]:
+        """The extra item assets :meth:`clear` reads."""
 
-    def clear(self, reflectance: np.ndarray | None, extra: dict[str, np.ndarray]) -> np.ndarray: ...
+    @property
+    def needs_reflectance(self) -> bool:
+        """Whether :meth:`clear` wants the reflectance bands."""
 
-    def describe(self) -> dict[str, Any]: ...
+    def clear(self, reflectance: np.ndarray | None, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """The clear-sky mask (time, y, x) of one piece; True = clear."""
+
+    def describe(self) -> dict[str, Any]:
+        """What this mask is and how it was set up, for the store's provenance."""
 
 
 @dataclass(frozen=True)
@@ -56,15 +64,19 @@ class SCLMask:
 
     @property
     def assets(self) -> tuple[str, ...]:
+        """The SCL asset, the one extra asset this mask reads."""
         return (self.asset,)
 
     def masked_classes(self) -> list[int]:
+        """The SCL classes that are not clear, always including 0 (no data)."""
         return sorted({int(c) for c in self.classes} | {0})
 
     def clear(self, reflectance: np.ndarray | None, extra: dict[str, np.ndarray]) -> np.ndarray:
+        """True where the SCL class is not among :meth:`masked_classes`."""
         return ~np.isin(np.asarray(extra[self.asset]), self.masked_classes())
 
     def describe(self) -> dict[str, Any]:
+        """``kind``, asset and masked classes, for the store's provenance."""
         return {"kind": "scl", "asset": self.asset, "masked_classes": self.masked_classes()}
 
 

@@ -83,7 +83,7 @@ def nbar_c_factor(angles: xr.DataArray) -> xr.DataArray:
 
     sun_zenith = angles.sel(band="Sun", angle="Zenith", drop=True)
     sun_azimuth = angles.sel(band="Sun", angle="Azimuth", drop=True)
-    parts = {}
+    parts: dict[str, xr.DataArray] = {}
     # two calls: the nine bands sen2nbar knows, then B8A under B08's name (its coefficients)
     for bands, coefs in (([b for b in S2.bands if b != "B8A"], None), (["B8A"], ["B08"])):
         view_zenith = angles.sel(band=bands, angle="Zenith", drop=True)
@@ -124,13 +124,13 @@ def c_factor_on_grid(
     src_crs = str(angles.attrs.get("epsg") or item_crs())
     interp = {"method": "linear", "kwargs": {"fill_value": "extrapolate"}}
     if same_crs(src_crs, grid.crs):
-        out = c.interp(x=grid.x, y=grid.y, **interp)  # type: ignore[arg-type]
+        out = c.interp(x=grid.x, y=grid.y, **interp)
     else:
         import pyproj
 
         xx, yy = np.meshgrid(grid.x, grid.y)
         sx, sy = pyproj.Transformer.from_crs(grid.crs, src_crs, always_xy=True).transform(xx, yy)
-        out = c.interp(x=xr.DataArray(sx, dims=(Y, X)), y=xr.DataArray(sy, dims=(Y, X)), **interp)  # type: ignore[arg-type]
+        out = c.interp(x=xr.DataArray(sx, dims=(Y, X)), y=xr.DataArray(sy, dims=(Y, X)), **interp)
     values = out.transpose("band", Y, X).values.astype(np.float64)
     if not np.isfinite(values).all():
         raise CubeBuildError(f"the BRDF c-factor of {item_id} is not finite everywhere; fix: pass --no-brdf")

@@ -89,7 +89,7 @@ def init_linear_fusion(
     keys = list(model.sensors)
     if list(latents) != keys:
         raise ValueError(f"latents for {keys} needed, got {list(latents)}")
-    aes = model.autoencoders
+    aes = model.sensor_autoencoders()
     blocks = [weights[k] * metric(aes[k], latents[k], gaps[k]) for k in keys]
     z = torch.cat([latents[k] for k in keys], dim=1)  # (N, L)
     mean, enc, dec = linear_fusion(z, torch.block_diag(*blocks), model.cfg.embed_dim)

@@ -238,7 +238,7 @@ class FusionModule(_StageModule):
         """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
         model, d = self.model, self.dense
         assert d is not None  # only dense training steps here
-        aes = model.autoencoders
+        aes = model.sensor_autoencoders()
         T, m = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
         win = draw_windows(batch, m, d.latents, self.gen)
         if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step

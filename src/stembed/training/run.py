@@ -109,7 +109,8 @@ def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
             generator=gen if name == "train" else None,
             num_workers=cfg.num_workers, drop_last=False,
             # typed patch items are stacked by collate; a tile dataset's items are whole batches already
-            **({} if isinstance(ds, TileDataset) else {"collate_fn": collate}),
+            # (None: torch's default collate)
+            collate_fn=None if isinstance(ds, TileDataset) else collate,
         )
         for name, ds in data.datasets.items()
     }
