@@ -1,4 +1,8 @@
-"""Bundles written before sensors were keyed (main 123f5ca) still load and give the same numbers, bit for bit.
+"""Bundles written before sensors were keyed (main 123f5ca) still load and give the same numbers.
+
+"The same" is up to float32 rounding (rtol 1e-5): torch's CPU kernels sum in an order that depends on the thread
+count (the fixture was written with one thread; the suite runs with two), which moves the last bit. A weight or a
+key mapped wrongly moves the embedding by far more.
 
 The fixtures in tests/data were written by ``tests/data/make_fixtures_main_123f5ca.py.txt`` run at that commit: a
 tiny fusion bundle with a companion sensor (``toy``), a gap-fill bundle on top of it, and the embeddings (and centre
@@ -18,6 +22,10 @@ from stembed.models.fusion import SensorInput
 
 DATA = Path(__file__).parent / "data"
 SAVED = np.load(DATA / "embeddings_main_123f5ca.npz")
+
+
+def _same(actual, desired) -> None:
+    np.testing.assert_allclose(actual, desired, rtol=1e-5, atol=1e-6)
 
 
 def _inputs(model, B=2, seed=1):
@@ -44,22 +52,22 @@ def _embed(model):
 def test_an_old_fusion_bundle_gives_its_old_embedding_and_reconstructions():
     model = load_bundle(DATA / "fusion_bundle_main_123f5ca.pt", expect_kind="fusion").build_model()
     e, rec = _embed(model)
-    np.testing.assert_array_equal(e, SAVED["fusion_embedding"])
+    _same(e, SAVED["fusion_embedding"])
     assert list(rec) == ["s1", "s2", "toy"]
     for k in ("s1", "s2", "toy"):
-        np.testing.assert_array_equal(rec[k], SAVED[f"fusion_decode_{k}"])
+        _same(rec[k], SAVED[f"fusion_decode_{k}"])
 
 
 def test_an_old_gapfill_bundle_gives_its_old_embeddings():
     model = load_bundle(DATA / "gapfill_bundle_main_123f5ca.pt", expect_kind="gapfill").build_model()
-    np.testing.assert_array_equal(_embed(model.fusion)[0], SAVED["gapfill_fusion_embedding"])
-    np.testing.assert_array_equal(_embed(model.filler)[0], SAVED["gapfill_filler_embedding"])
+    _same(_embed(model.fusion)[0], SAVED["gapfill_fusion_embedding"])
+    _same(_embed(model.filler)[0], SAVED["gapfill_filler_embedding"])
 
 
 @pytest.mark.parametrize("name", ["pretrained:belgium"])
 def test_the_built_in_bundle_gives_its_old_embedding(name):
     model = load_bundle(name, expect_kind="fusion").build_model()
-    np.testing.assert_array_equal(_embed(model)[0], SAVED["belgium_embedding"])
+    _same(_embed(model)[0], SAVED["belgium_embedding"])
 
 
 def test_info_counts_each_sensor_of_an_old_bundle():
