@@ -202,13 +202,7 @@ def error_table(
     base = targets & np.isfinite(truth).all(axis=1)  # (time, y, x)
     t_sel = np.moveaxis(truth, 1, -1)[base]  # (n, feature)
     spread = float(np.mean(np.abs(t_sel - t_sel.mean(axis=0)))) if t_sel.size else np.nan
-    gap_sel = gaps[base]
-    bin_of = np.searchsorted(bins, gap_sel, side="left") - 1  # right-closed: (lo, hi] -> index of lo
-    bin_of = np.where(np.isfinite(gap_sel) & (gap_sel > bins[0]) & (gap_sel <= bins[-1]), bin_of, -1)
-    groups = [(lab, bin_of == i) for i, lab in enumerate(labels)]
-    if np.isnan(gap_sel).any():
-        groups.append((OPEN, np.isnan(gap_sel)))
-    groups.append((ALL, np.ones(gap_sel.shape, dtype=bool)))
+    groups = _gap_groups(gaps[base], bins, labels)
 
     rows = []
     for name, pred in predictions.items():
@@ -217,25 +211,46 @@ def error_table(
             raise GapFillEvalError(
                 f"prediction {name!r} has shape {pred.shape}; it must match truth {truth.shape}"
             )
-        p_sel = np.moveaxis(pred, 1, -1)[base]
-        has = np.isfinite(p_sel).all(axis=1)
-        err = p_sel - t_sel
-        for label, member in groups:
-            use = member & has
-            e = err[use]
-            mae = float(np.abs(e).mean(axis=1).mean()) if e.size else np.nan
-            rows.append(
-                {
-                    "method": name,
-                    "gap_days": label,
-                    "n": int(use.sum()),
-                    "n_missing": int((member & ~has).sum()),
-                    "mae": mae,
-                    "rmse": float(np.sqrt(np.mean(e**2))) if e.size else np.nan,
-                    "rel_mae": mae / spread if spread else np.nan,
-                }
-            )
+        rows += _method_rows(name, np.moveaxis(pred, 1, -1)[base], t_sel, groups, spread)
     return pd.DataFrame(rows, columns=["method", "gap_days", "n", "n_missing", "mae", "rmse", "rel_mae"])
+
+
+def _gap_groups(gap_sel: np.ndarray, bins: np.ndarray, labels: list[str]) -> list[tuple[str, np.ndarray]]:
+    """The rows of :func:`error_table`: (label, member mask over ``gap_sel``) per bin, ``'open'`` if any
+    gap is open, and ``'all'``."""
+    bin_of = np.searchsorted(bins, gap_sel, side="left") - 1  # right-closed: (lo, hi] -> index of lo
+    bin_of = np.where(np.isfinite(gap_sel) & (gap_sel > bins[0]) & (gap_sel <= bins[-1]), bin_of, -1)
+    groups = [(lab, bin_of == i) for i, lab in enumerate(labels)]
+    if np.isnan(gap_sel).any():
+        groups.append((OPEN, np.isnan(gap_sel)))
+    groups.append((ALL, np.ones(gap_sel.shape, dtype=bool)))
+    return groups
+
+
+def _method_rows(
+    name: str, p_sel: np.ndarray, t_sel: np.ndarray, groups: list[tuple[str, np.ndarray]], spread: float
+) -> list[dict[str, object]]:
+    """One method's rows of :func:`error_table`: ``p_sel`` / ``t_sel`` are its ``(n, feature)`` fill and the
+    truth at the counted targets."""
+    has = np.isfinite(p_sel).all(axis=1)
+    err = p_sel - t_sel
+    rows: list[dict[str, object]] = []
+    for label, member in groups:
+        use = member & has
+        e = err[use]
+        mae = float(np.abs(e).mean(axis=1).mean()) if e.size else np.nan
+        rows.append(
+            {
+                "method": name,
+                "gap_days": label,
+                "n": int(use.sum()),
+                "n_missing": int((member & ~has).sum()),
+                "mae": mae,
+                "rmse": float(np.sqrt(np.mean(e**2))) if e.size else np.nan,
+                "rel_mae": mae / spread if spread else np.nan,
+            }
+        )
+    return rows
 
 
 def error_markdown(df: pd.DataFrame) -> str:

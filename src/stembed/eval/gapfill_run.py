@@ -92,11 +92,7 @@ def evaluate_gap_fill(
         GapFillEvalError: the bundle has no gap-fill layers, or no test region is known or given.
     """
     bundle = load_bundle(bundle_path)
-    if bundle.kind != "gapfill":
-        raise GapFillEvalError(
-            f"{bundle_path} is a {bundle.kind} bundle; the experiment needs a gap-fill bundle "
-            "(`stembed train gapfill`)"
-        )
+    _check_gapfill_kind(bundle.kind, bundle_path)
     scene = open_scene(cube, check_values=False)
     check_bundle_for_scene(scene, bundle)
     model = bundle.build_model()
@@ -104,12 +100,7 @@ def evaluate_gap_fill(
         raise TypeError("expected a GapFillModel")
     dev = resolve_device(device)
     model.to(dev)
-    if regions is None:
-        regions = split_regions(bundle.metrics)
-    if not regions:
-        raise GapFillEvalError(
-            f"{bundle_path} records no test blocks and none were given; fix: pass regions=[(rows, cols)]"
-        )
+    regions = _test_regions(regions, bundle.metrics, bundle_path)
     gap = float(bundle.config["fusion"].get("stage", {}).get("data", {}).get("s1_max_gap_days", 6.0))
     r = model.fusion.anchor.cfg.context_px
     max_gap_days = match_gap_days(model.fusion.sensors, gap)
@@ -119,29 +110,21 @@ def evaluate_gap_fill(
     n_runs = 0
     for rows, cols in regions:
         block = read_block(scene, rows, cols, r, max_gap_days)
-        s2, d2 = block["s2"].values, block["s2"].days
+        d2 = block["s2"].days
         truth = embed_any(model.fusion, block, **kw)  # (time, F, h, w)
         observed = np.isfinite(truth).all(axis=1)  # (time, h, w)
         for k in run_lengths:
             for o in range(offsets):
                 hidden = np.zeros(len(d2), bool)
                 hidden[hide_schedule(len(d2), k, offset=o)] = True
-                targets = observed & hidden[:, None, None]
-                known = observed & ~hidden[:, None, None]
-                s2_cut = s2.copy()
-                s2_cut[hidden] = np.nan  # the whole date, halo included, as a cloud would hide it
-                cut = {**block, "s2": SensorArrays(s2_cut, d2)}
-                fill = {"targets": targets, "hide_s2_centre": True, **kw}
-                preds["model_based"].append(embed_any(model.filler, cut, **fill))
-                preds["zero_shot"].append(embed_any(model.fusion, cut, **fill))
-                for method in ("linear", "savgol"):
-                    preds[method].append(interpolate_at(
-                        truth, known, d2, targets, method=method, savgol_window_days=savgol_window_days,
-                        savgol_order=savgol_order,
-                    ))
+                fills, targets, gaps = _hide_and_fill(
+                    model, block, truth, observed, hidden, kw, savgol_window_days, savgol_order
+                )
+                for method, fill in fills.items():
+                    preds[method].append(fill)
                 truths.append(truth)
                 targets_all.append(targets)
-                gaps_all.append(gap_lengths(d2, known))
+                gaps_all.append(gaps)
                 n_runs += 1
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
@@ -154,3 +137,58 @@ def evaluate_gap_fill(
         "savgol": [savgol_window_days, savgol_order], "torch_threads": torch.get_num_threads(),
     }
     return GapFillResult(table, error_markdown(table), info)
+
+
+def _check_gapfill_kind(kind: str, bundle_path: str | Path) -> None:
+    """Refuse a bundle that is not a gap-fill one (it has no filler layers to evaluate)."""
+    if kind != "gapfill":
+        raise GapFillEvalError(
+            f"{bundle_path} is a {kind} bundle; the experiment needs a gap-fill bundle "
+            "(`stembed train gapfill`)"
+        )
+
+
+def _test_regions(
+    regions: list[tuple[slice, slice]] | None, bundle_metrics: dict[str, Any], bundle_path: str | Path
+) -> list[tuple[slice, slice]]:
+    """The regions given, else the bundle's test blocks; none at all is an error (nothing to score)."""
+    if regions is None:
+        regions = split_regions(bundle_metrics)
+    if not regions:
+        raise GapFillEvalError(
+            f"{bundle_path} records no test blocks and none were given; fix: pass regions=[(rows, cols)]"
+        )
+    return regions
+
+
+def _hide_and_fill(
+    model: GapFillModel,
+    block: dict[str, SensorArrays],
+    truth: np.ndarray,
+    observed: np.ndarray,
+    hidden: np.ndarray,
+    kw: dict[str, Any],
+    savgol_window_days: int,
+    savgol_order: int,
+) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """One experiment: hide the S2 dates ``hidden``, fill their observed pixel-dates with each method.
+
+    Returns each method's fill, the targets (observed and hidden) and each pixel-date's gap length.
+    """
+    s2, d2 = block["s2"].values, block["s2"].days
+    targets = observed & hidden[:, None, None]
+    known = observed & ~hidden[:, None, None]
+    s2_cut = s2.copy()
+    s2_cut[hidden] = np.nan  # the whole date, halo included, as a cloud would hide it
+    cut = {**block, "s2": SensorArrays(s2_cut, d2)}
+    fill = {"targets": targets, "hide_s2_centre": True, **kw}
+    fills = {
+        "model_based": embed_any(model.filler, cut, **fill),
+        "zero_shot": embed_any(model.fusion, cut, **fill),
+    }
+    for method in ("linear", "savgol"):
+        fills[method] = interpolate_at(
+            truth, known, d2, targets, method=method, savgol_window_days=savgol_window_days,
+            savgol_order=savgol_order,
+        )
+    return fills, targets, gap_lengths(d2, known)

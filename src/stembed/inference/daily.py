@@ -95,6 +95,31 @@ def fill_daily(
         ``(day, y, x)`` uint8 codes of :data:`FLAG_MEANINGS`, ``(day,)`` int64 day numbers.
     """
     values, flags, days = _check_inputs(values, flags, days)
+    lo, hi = _output_range(days, method, savgol_window_days, savgol_order, first_day, last_day)
+    n_time, n_feat, ny, nx = values.shape
+    out_days = np.arange(lo, hi + 1, dtype=np.int64)
+    out, out_flags = _fill_pixel_blocks(
+        values.reshape(n_time, n_feat, ny * nx),
+        flags.reshape(n_time, ny * nx),
+        days,
+        lo,
+        hi,
+        method,
+        savgol_window_days,
+        savgol_order,
+    )
+    return out.reshape(out_days.size, n_feat, ny, nx), out_flags.reshape(out_days.size, ny, nx), out_days
+
+
+def _output_range(
+    days: np.ndarray,
+    method: str,
+    savgol_window_days: int,
+    savgol_order: int,
+    first_day: int | None,
+    last_day: int | None,
+) -> tuple[int, int]:
+    """Check the fill method and its settings; the output's first and last day (defaults: the input's)."""
     if method not in FILL_METHODS:
         raise DailyError(f"unknown fill method {method!r}; use one of {', '.join(FILL_METHODS)}")
     if method == "savgol":
@@ -103,21 +128,30 @@ def fill_daily(
     hi = int(days[-1]) if last_day is None else int(last_day)
     if hi < lo:
         raise DailyError(f"last_day {hi} is before first_day {lo}; pass last_day >= first_day")
+    return lo, hi
 
-    n_time, n_feat, ny, nx = values.shape
-    out_days = np.arange(lo, hi + 1, dtype=np.int64)
+
+def _fill_pixel_blocks(
+    vals: np.ndarray,
+    flat_flags: np.ndarray,
+    days: np.ndarray,
+    lo: int,
+    hi: int,
+    method: str,
+    savgol_window_days: int,
+    savgol_order: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Days ``lo..hi`` of ``(time, feature, pixel)`` values, filled in blocks of pixels (bounded memory)."""
+    _, n_feat, n_pix = vals.shape
+    n_days = hi - lo + 1
     # savgol needs each pixel's whole span, so it works on a grid covering every input date too
     g_lo, g_hi = (min(lo, int(days[0])), max(hi, int(days[-1]))) if method == "savgol" else (lo, hi)
     grid = np.arange(g_lo, g_hi + 1, dtype=np.int64)
     keep = slice(lo - g_lo, hi - g_lo + 1)
-
-    n_pix = ny * nx
-    vals = values.reshape(n_time, n_feat, n_pix)
-    known = (flags != FLAG_NONE).reshape(n_time, n_pix)
-    flat_flags = flags.reshape(n_time, n_pix)
-    out = np.empty((out_days.size, n_feat, n_pix), dtype=np.float32)
-    out_flags = np.empty((out_days.size, n_pix), dtype=np.uint8)
-    direct = grid.size == out_days.size  # else work on the wider grid and keep the requested days
+    known = flat_flags != FLAG_NONE
+    out = np.empty((n_days, n_feat, n_pix), dtype=np.float32)
+    out_flags = np.empty((n_days, n_pix), dtype=np.uint8)
+    direct = grid.size == n_days  # else work on the wider grid and keep the requested days
 
     block = max(1, _BLOCK_VALUES // (grid.size * max(n_feat, 1)))
     for p0 in range(0, n_pix, block):
@@ -137,7 +171,7 @@ def fill_daily(
         if not direct:
             out[:, :, p] = v[keep]
         out_flags[:, p] = f[keep]
-    return out.reshape(out_days.size, n_feat, ny, nx), out_flags.reshape(out_days.size, ny, nx), out_days
+    return out, out_flags
 
 
 def known_neighbours(known: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -29,6 +29,7 @@ import torch
 
 from stembed.data.datasets import SensorArrays, fill_patch
 from stembed.errors import UserError
+from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import ANCHOR, FusionModel, SensorInput
 
 
@@ -217,52 +218,95 @@ def embed_block_dense(
     c = n_frames // 2
     values = {k: (a.values, a.days) for k, a in block.items()}
     aes = model.sensor_autoencoders()
-    caches: dict[str, dict[int, torch.Tensor]] = {k: {} for k in values}
-
-    def encode(sensor: str, frame: np.ndarray) -> torch.Tensor:
-        ae = aes[sensor]
-        x = torch.from_numpy(np.ascontiguousarray(frame)).to(device)  # (1, C, hp, wp)
-        return ae.frame_tokens(x)[0].reshape(ae.cfg.d_model, h * w).T.contiguous()  # (h*w, d_model): rows per pixel
-
-    def tokens(sensor: str, date: int) -> torch.Tensor:
-        cache = caches[sensor]
-        if date not in cache:
-            cache[date] = encode(sensor, values[sensor][0][date : date + 1])
-        return cache[date]
+    frame_tokens = _FrameTokens(aes, {k: v for k, (v, _) in values.items()}, device, h, w)
 
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        hidden = encode(ANCHOR, np.full_like(s2[:1], np.nan)) if hide_s2_centre else None
+        hidden = frame_tokens.encode(ANCHOR, np.full_like(s2[:1], np.nan)) if hide_s2_centre else None
         for t in range(n_time):
             pix = np.flatnonzero(ok[t])  # flat y*w + x of the windows to embed
             if pix.size == 0:
                 continue
             frames, days2 = window_days(s2_days, t, n_frames)
-            for cache in caches.values():  # later windows never reach back before this one's first frame
-                for d in [d for d in cache if d < frames.min()]:
-                    del cache[d]
-            tok = {k: [tokens(k, int(f)) for f in frames] for k in values}  # n_frames x (h*w, d_model) each
+            # later windows never reach back before this one's first frame
+            frame_tokens.drop_before(int(frames.min()))
+            tok = {k: [frame_tokens.get(k, int(f)) for f in frames] for k in values}  # n_frames x (h*w, d_model) each
             if hidden is not None:
                 tok[ANCHOR][c] = hidden
             days = {k: days2 if k == ANCHOR else _frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
             gaps = {k: torch.from_numpy(np.diff(d).astype(np.float32)).to(device)[None] for k, d in days.items()}
             dt = {k: float(abs(d[c] - days2[c])) for k, d in days.items()}  # days to the S2 date, centre frame
-            for i in range(0, pix.size, batch_size):
-                idx = torch.from_numpy(pix[i : i + batch_size]).to(device)  # (B,)
-                B = idx.numel()
-                z = {
-                    k: aes[k].encoder.latent_from_tokens(
-                        torch.stack([tk.index_select(0, idx) for tk in tok[k]], dim=1),  # (B, n_frames, d_model)
-                        gaps[k].expand(B, -1),
-                    )  # (B, latent_k)
-                    for k in values
-                }
-                dtb = {k: torch.full((B,), v, device=device) for k, v in dt.items() if k != ANCHOR}  # (B,) each
-                e = model.fuse(z, dtb)
-                ys, xs = np.divmod(pix[i : i + batch_size], w)
-                out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
-                if progress is not None:
-                    progress(B)
+            _fuse_date_windows(model, tok, gaps, dt, pix, out, t, w, batch_size, device, progress)
     return out
+
+
+class _FrameTokens:
+    """Per sensor, the frame tokens of each date a window needs, encoded once and kept until no later
+    window reads them (the dense path's saving over encoding every window)."""
+
+    def __init__(
+        self,
+        aes: Mapping[str, SensorAutoencoder],
+        values: Mapping[str, np.ndarray],
+        device: torch.device,
+        h: int,
+        w: int,
+    ) -> None:
+        """``values``: each sensor's ``(time, C, hp, wp)`` block; ``h`` x ``w`` the block without its halo."""
+        self.aes, self.values, self.device, self.h, self.w = aes, values, device, h, w
+        self.caches: dict[str, dict[int, torch.Tensor]] = {k: {} for k in values}
+
+    def encode(self, sensor: str, frame: np.ndarray) -> torch.Tensor:
+        """``(h*w, d_model)`` tokens of a ``(1, C, hp, wp)`` frame: rows per pixel."""
+        ae = self.aes[sensor]
+        x = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device)  # (1, C, hp, wp)
+        return ae.frame_tokens(x)[0].reshape(ae.cfg.d_model, self.h * self.w).T.contiguous()
+
+    def get(self, sensor: str, date: int) -> torch.Tensor:
+        """The tokens of a sensor's date, encoded on first use."""
+        cache = self.caches[sensor]
+        if date not in cache:
+            cache[date] = self.encode(sensor, self.values[sensor][date : date + 1])
+        return cache[date]
+
+    def drop_before(self, first: int) -> None:
+        """Forget every date before ``first`` (no later window reads it)."""
+        for cache in self.caches.values():
+            for d in [d for d in cache if d < first]:
+                del cache[d]
+
+
+def _fuse_date_windows(
+    model: FusionModel,
+    tok: Mapping[str, list[torch.Tensor]],
+    gaps: Mapping[str, torch.Tensor],
+    dt: Mapping[str, float],
+    pix: np.ndarray,
+    out: np.ndarray,
+    t: int,
+    w: int,
+    batch_size: int,
+    device: torch.device,
+    progress: Callable[[int], None] | None,
+) -> None:
+    """Windows ``pix`` (flat ``y*w + x``) of date ``t``, batched through temporal transformer, latent head and
+    fusion into ``out`` (one date's batches, split off :func:`embed_block_dense`)."""
+    aes = model.sensor_autoencoders()
+    for i in range(0, pix.size, batch_size):
+        idx = torch.from_numpy(pix[i : i + batch_size]).to(device)  # (B,)
+        B = idx.numel()
+        z = {
+            k: aes[k].encoder.latent_from_tokens(
+                torch.stack([tk.index_select(0, idx) for tk in tok[k]], dim=1),  # (B, n_frames, d_model)
+                gaps[k].expand(B, -1),
+            )  # (B, latent_k)
+            for k in tok
+        }
+        dtb = {k: torch.full((B,), v, device=device) for k, v in dt.items() if k != ANCHOR}  # (B,) each
+        e = model.fuse(z, dtb)
+        ys, xs = np.divmod(pix[i : i + batch_size], w)
+        out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
+        if progress is not None:
+            progress(B)
 
 
 def embed_any(
