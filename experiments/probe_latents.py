@@ -41,7 +41,7 @@ def crop(scene: Scene, region: str | None) -> Scene:
     (y0, y1), (x0, x1) = (map(int, part.split(":")) for part in region.split(","))
     box = {"y": slice(y0, y1), "x": slice(x0, x1)}
     labels = scene.labels.isel(box) if scene.labels is not None else None
-    return Scene(site=scene.site, s2=scene.s2.isel(box), s1=scene.s1.isel(box), labels=labels)
+    return Scene(site=scene.site, sensors={"s2": scene.s2.isel(box), "s1": scene.s1.isel(box)}, labels=labels)
 
 
 def embed_variants(scene: Scene, bundle_path: Path, device: torch.device) -> dict[str, object]:

@@ -132,8 +132,8 @@ def test_fusion_stage_under_ddp_writes_a_bundle_that_embeds_a_cube(belgian_dir: 
 
     scene = read_worldcereal(belgian_dir)
     crop = {"y": slice(0, 24), "x": slice(0, 24)}  # the smallest cube the 23 px halo reflects in
-    cube = save_scene(Scene(site=scene.site, s2=scene.s2.isel(crop).isel(time=slice(0, 16)), s1=scene.s1.isel(crop)),
-                      tmp_path / "crop.zarr")
+    small = {"s2": scene.s2.isel(crop).isel(time=slice(0, 16)), "s1": scene.s1.isel(crop)}
+    cube = save_scene(Scene(site=scene.site, sensors=small), tmp_path / "crop.zarr")
     res = CliRunner().invoke(app, ["embed", "--cube", str(cube), "--bundle", str(run_dir / "bundle.pt"),
                                    "--out", str(tmp_path / "emb.zarr"), "--quiet"])
     assert res.exit_code == 0, res.output

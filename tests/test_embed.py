@@ -395,7 +395,7 @@ def test_s1_and_s2_on_different_grids_are_refused(files: dict[str, Path], scene:
 
 def test_cube_too_short_in_time_is_refused(files: dict[str, Path]) -> None:
     short = synthetic_scene(seed=3, height_px=12, width_px=12, n_days=60)
-    short = Scene(site=short.site, s2=short.s2.isel(time=slice(0, 5)), s1=short.s1)
+    short = Scene(site=short.site, sensors={"s2": short.s2.isel(time=slice(0, 5)), "s1": short.s1})
     cube = save_scene(short, files["dir"] / "short.zarr")
     out = files["dir"] / "short_out.zarr"
     code, msg = _embed_cli(files, out, cube=cube)
@@ -457,7 +457,7 @@ def test_a_window_without_observations_embeds_as_no_data(
     s2, s1 = scene.s2.copy(deep=True), scene.s1.copy(deep=True)
     s2[:, :, :6, :6] = np.nan
     s1[:, :, 6:, 6:] = np.nan
-    cube = save_scene(Scene(site=scene.site, s2=s2, s1=s1), files["dir"] / "no_data.zarr")
+    cube = save_scene(Scene(site=scene.site, sensors={"s2": s2, "s1": s1}), files["dir"] / "no_data.zarr")
     results = {}
     for tile_px in (EmbedConfig().tile_px, 3):
         out = files["dir"] / f"no_data_{tile_px}.zarr"
@@ -481,7 +481,7 @@ def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene,
         out.attrs = dict(da.attrs)
         return out
 
-    scene = Scene(site=belgian_scene.site, s2=crop(belgian_scene.s2), s1=crop(belgian_scene.s1))
+    scene = Scene(site=belgian_scene.site, sensors={"s2": crop(belgian_scene.s2), "s1": crop(belgian_scene.s1)})
     cube = save_scene(scene, tmp_path / "belgium.zarr")
     bundle = random_fusion_bundle(tmp_path / "fusion.pt", seed=1, tiny=True)
     out = tmp_path / "belgium_emb.zarr"

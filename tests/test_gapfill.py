@@ -195,7 +195,7 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
     assert not (tmp_path / "x.zarr").exists()
     from dataclasses import replace
 
-    with_toy = replace(scene, extra={"toy": toy_sensor_plugin().load(scene, None)})
+    with_toy = replace(scene, sensors={**scene.sensors, "toy": toy_sensor_plugin().load(scene, None)})
     cube = save_scene(with_toy, tmp_path / "toy.zarr")
     assert set(open_scene(cube).extra) == {"toy"}
     embed_cube(cube, res.bundle, tmp_path / "e.zarr", EmbedConfig(workers=1, tile_px=5), progress=False)

@@ -107,6 +107,6 @@ def test_autoencoder_bundle_and_foreign_bands_are_refused(scene: Scene, bundle: 
                 config={"model": ae.cfg.model_dump(mode="json")}, sensors={"s2": S2}, provenance={})
     with pytest.raises(ValueError, match="needs a fusion bundle"):
         embed_reference(scene, load_bundle(tmp_path / "ae.pt"))
-    renamed = Scene(site=scene.site, s2=scene.s2, s1=scene.s1.assign_coords(band=["HH", "HV"]))
+    renamed = Scene(site=scene.site, sensors={"s2": scene.s2, "s1": scene.s1.assign_coords(band=["HH", "HV"])})
     with pytest.raises(ValueError, match=r"s1 cube has bands \['HH', 'HV'\]|HH"):
         embed_reference(renamed, bundle)

@@ -208,7 +208,7 @@ def test_agera5_loader_errors_name_the_file_and_fix(
 def test_agera5_matches_each_s2_date_to_its_utc_day(
     belgian_scene: Scene, belgian_agera5: xr.DataArray
 ) -> None:
-    scene = dataclasses.replace(belgian_scene, extra={"agera5": belgian_agera5})
+    scene = dataclasses.replace(belgian_scene, sensors={**belgian_scene.sensors, "agera5": belgian_agera5})
     m = matched_arrays(scene, "agera5", get_plugin("agera5").match_max_gap_days)
     s2_days = sensor_arrays(scene, "s2").days
     assert m.values.shape == (belgian_scene.s2.sizes["time"], 8, 64, 64)
@@ -223,7 +223,7 @@ def test_agera5_matches_each_s2_date_to_its_utc_day(
 def test_scene_with_agera5_round_trips_through_zarr(
     belgian_scene: Scene, belgian_agera5: xr.DataArray, tmp_path: Path
 ) -> None:
-    scene = dataclasses.replace(belgian_scene, extra={"agera5": belgian_agera5})
+    scene = dataclasses.replace(belgian_scene, sensors={**belgian_scene.sensors, "agera5": belgian_agera5})
     scene.validate()
     path = save_scene(scene, tmp_path / "scene.zarr")
     assert (path / "agera5").is_dir()
@@ -240,7 +240,7 @@ def test_open_scene_without_extras_and_with_an_unregistered_sensor(toy: SensorPl
     del meta["attributes"]["extra_sensors"]  # a store written before companion sensors existed
     (old / "zarr.json").write_text(json.dumps(meta))
     assert open_scene(old).extra == {}
-    scene = dataclasses.replace(plain, extra={"toy": toy.load(plain, None)})
+    scene = dataclasses.replace(plain, sensors={**plain.sensors, "toy": toy.load(plain, None)})
     path = save_scene(scene, tmp_path / "toy.zarr")
     assert open_scene(path).extra["toy"].sizes["band"] == 2
     del sensors.PLUGINS["toy"], sensors.SENSORS["toy"]
@@ -255,11 +255,13 @@ def test_scene_validate_checks_extra_cubes(toy: SensorPlugin) -> None:
         ({"toy": cube.isel(x=slice(0, 8))}, "toy grid is 16x8 px but S2 is 16x16 px"),
         ({"toy": cube.assign_attrs(site="elsewhere")}, "site"),
         ({"nope": cube}, "no sensor of that name is registered"),
-        ({"s1": scene.s1}, "Scene.extra holds a 's1' cube"),
         ({"toy": cube * 3}, "outside the valid range"),
     ]:
         with pytest.raises(CubeError, match=pattern):
-            dataclasses.replace(scene, extra=bad).validate()
+            dataclasses.replace(scene, sensors={**scene.sensors, **bad}).validate()
+    # keyed scenes cannot hold s1 twice; the separate-cubes constructor refuses s1 among the companions
+    with pytest.raises(CubeError, match="Scene.extra holds a 's1' cube"):
+        Scene.from_cubes(scene.site, s2=scene.s2, s1=scene.s1, extra={"s1": scene.s1}).validate()
 
 
 def test_load_scenes_adds_agera5_to_worldcereal_sites(

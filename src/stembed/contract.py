@@ -36,8 +36,9 @@ Optional: an S1 cube put on the S2 dates by :func:`stembed.preprocess.match_s1_t
 A :class:`Scene` pairs an S2 cube on its own (valid) dates with an S1 cube on *its own* dates,
 both normalised and on the same grid (same CRS, same y/x). Matching S1 to the S2 dates happens
 later, in the data pipeline, so the S1 temporal smoothing always runs on the S1 time axis.
-``Scene.extra`` adds companion-sensor cubes the same way: each on its own dates, on the S2 grid,
-keyed by its sensor name (see :class:`stembed.sensors.SensorPlugin`).
+The scene keys its cubes by sensor name (``Scene.sensors``: s2, s1, then companions); ``Scene.extra``
+(the companion-sensor cubes) follow the same rules: each on its own dates, on the S2 grid (see
+:class:`stembed.sensors.SensorPlugin`).
 
 :func:`validate_cube` checks every rule above and names, for each violation, the problem and the
 fix. Stores (zarr) are :mod:`stembed.io.cube`'s; this module holds the rules only, so ``preprocess`` and
@@ -48,8 +49,8 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -467,17 +468,22 @@ def _check_on_s2_grid(cube: xr.DataArray, s2: xr.DataArray, label: str, var: str
         )
 
 
+def _refuse_core_sensor(name: str) -> None:
+    """Refuse s1/s2 among the companion cubes (``Scene.extra``): they are the scene's own cubes."""
+    if name in CORE_SENSORS:
+        raise CubeError(
+            f"Scene.extra holds a {name!r} cube, but s1/s2 are the scene's own cubes; "
+            f"fix: pass it as Scene(site, sensors={{{name!r}: ...}}), keep only companion sensors in extra"
+        )
+
+
 def validate_extra(name: str, cube: xr.DataArray, s2: xr.DataArray, *, check_values: bool = True) -> None:
     """Check a companion-sensor cube: the contract of its registered spec, and the S2 grid and site.
 
     Raises:
         CubeError: the sensor is unknown or reserved, or the cube breaks the contract or sits off the S2 grid.
     """
-    if name in CORE_SENSORS:
-        raise CubeError(
-            f"Scene.extra holds a {name!r} cube, but s1/s2 are the scene's own fields; "
-            "fix: pass it as Scene(s1=...)/Scene(s2=...), keep only companion sensors in extra"
-        )
+    _refuse_core_sensor(name)
     if name not in SENSORS:
         load_builtin_plugins()
     if name not in SENSORS:
@@ -495,31 +501,75 @@ def validate_extra(name: str, cube: xr.DataArray, s2: xr.DataArray, *, check_val
 
 @dataclass(frozen=True, eq=False)
 class Scene:
-    """One site: an S2 cube on its own (valid) dates and an S1 cube on ITS OWN dates, same grid.
+    """One site: its cubes keyed by sensor name, each on its own dates, all on the S2 grid.
 
-    Both cubes are normalised (``eq=False``: scenes compare by identity, as DataArrays have no
+    ``sensors`` holds ``s2`` (the anchor: its valid dates and its grid), ``s1`` (required, on ITS OWN
+    dates) and any companion sensors, kept in that order (s2, s1, then the companions as given).
+    The cubes are normalised (``eq=False``: scenes compare by identity, as DataArrays have no
     single truth value). S1 is deliberately not matched to the S2 dates here: stage-1 training
-    uses each sensor on its own time axis, and fusion matches later (``preprocess.match_s1_to_s2``).
-    ``labels`` (optional) holds per-pixel reference layers on the same y/x grid. ``extra`` (keyword)
-    maps companion-sensor names to their cubes, each on its own dates and on the S2 grid
-    (``data.build.matched_arrays`` puts them on the S2 dates).
+    uses each sensor on its own time axis, and fusion matches later (``preprocess.match_s1_to_s2``);
+    companions are put on the S2 dates by ``data.build.matched_arrays``. ``labels`` (optional) holds
+    per-pixel reference layers on the same y/x grid. The read-only properties ``s2``, ``s1`` and
+    ``extra`` (the companions only) name the cubes; :meth:`from_cubes` takes them as separate arguments.
     """
 
     site: str
-    s2: xr.DataArray
-    s1: xr.DataArray
+    sensors: Mapping[str, xr.DataArray]
     labels: xr.Dataset | None = None
-    extra: dict[str, xr.DataArray] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check that ``sensors`` maps names to cubes with s2 and s1, and fix its order (s2, s1, companions)."""
+        if not isinstance(self.sensors, Mapping):
+            raise CubeError(
+                f"Scene.sensors is a {type(self.sensors).__name__}; fix: pass a dict sensor name -> cube"
+            )
+        missing = [k for k in ("s2", "s1") if k not in self.sensors]
+        if missing:
+            raise CubeError(
+                f"Scene.sensors has no {' or '.join(missing)} cube (it has {sorted(self.sensors)}); "
+                "fix: pass Scene(site, sensors={'s2': s2, 's1': s1, ...})"
+            )
+        ordered = {"s2": self.sensors["s2"], "s1": self.sensors["s1"]}
+        ordered |= {k: v for k, v in self.sensors.items() if k not in CORE_SENSORS}
+        object.__setattr__(self, "sensors", ordered)
+
+    @classmethod
+    def from_cubes(
+        cls,
+        site: str,
+        s2: xr.DataArray,
+        s1: xr.DataArray,
+        labels: xr.Dataset | None = None,
+        extra: Mapping[str, xr.DataArray] | None = None,
+    ) -> Scene:
+        """The scene of separate S2, S1 and companion cubes (the former ``Scene(site, s2, s1, labels, extra)``)."""
+        extra = {} if extra is None else extra
+        if not isinstance(extra, Mapping):
+            raise CubeError(f"Scene.extra is a {type(extra).__name__}; fix: pass a dict sensor name -> cube")
+        for name in extra:
+            _refuse_core_sensor(name)
+        return cls(site=site, sensors={"s2": s2, "s1": s1, **extra}, labels=labels)
+
+    @property
+    def s2(self) -> xr.DataArray:
+        """The S2 cube (the anchor: its dates and grid)."""
+        return self.sensors["s2"]
+
+    @property
+    def s1(self) -> xr.DataArray:
+        """The S1 cube, on its own dates."""
+        return self.sensors["s1"]
+
+    @property
+    def extra(self) -> dict[str, xr.DataArray]:
+        """The companion-sensor cubes (every sensor but s1 and s2), in the scene's order."""
+        return {k: v for k, v in self.sensors.items() if k not in CORE_SENSORS}
 
     def validate(self) -> None:
         """Validate every cube, the shared grid and the labels' grid; raise :class:`CubeError` if broken."""
         validate_cube(self.s2, SENSORS["s2"])
         validate_cube(self.s1, SENSORS["s1"])
         validate_pair(self.s1, self.s2)
-        if not isinstance(self.extra, dict):
-            raise CubeError(
-                f"Scene.extra is a {type(self.extra).__name__}; fix: pass a dict sensor name -> cube"
-            )
         for name, cube in self.extra.items():
             validate_extra(name, cube, self.s2)
         if self.s2.attrs.get("site") != self.site:

@@ -133,7 +133,7 @@ def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: 
 
     out.mkdir(parents=True, exist_ok=True)
     cube = save_scene(
-        Scene(site=scene.site, s2=corner(scene.s2.isel(time=summer)), s1=corner(scene.s1)), out / "scene.zarr"
+        Scene(site=scene.site, sensors={"s2": corner(scene.s2.isel(time=summer)), "s1": corner(scene.s1)}), out / "scene.zarr"
     )
     store = out / "embeddings.zarr"
     embed_cube(cube, run.bundle, store, EmbedConfig(tile_px=max(8, size_px // 2), workers=1))

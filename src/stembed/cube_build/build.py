@@ -284,7 +284,7 @@ def _assemble(
             provenance=prov,
         )
 
-    scene = Scene(site=request.site, s2=cube(s2, "s2", s2_prov), s1=cube(s1, "s1", s1_prov))
+    scene = Scene(site=request.site, sensors={"s2": cube(s2, "s2", s2_prov), "s1": cube(s1, "s1", s1_prov)})
     return scene, {"s2": n_s2, "s1": int(s1.sizes[TIME]), "s2_with_s1": with_s1}
 
 

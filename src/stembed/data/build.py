@@ -39,12 +39,8 @@ class SplitData:
 
 def _scene_cube(scene: Scene, sensor: str) -> xr.DataArray:
     """The scene's cube of ``sensor``: ``s1``, ``s2`` or a companion sensor in ``scene.extra``."""
-    if sensor == "s2":
-        return scene.s2
-    if sensor == "s1":
-        return scene.s1
     try:
-        return scene.extra[sensor]
+        return scene.sensors[sensor]
     except KeyError:
         raise SamplingError(
             f"site {scene.site} has no {sensor!r} cube (it has s1, s2 and "

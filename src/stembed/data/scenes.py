@@ -72,7 +72,7 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
                 raise CubeError(
                     f"no S1 cube given for {p}; set data.source.s1_paths (one S1 zarr per S2 zarr)"
                 )
-            scenes.append(Scene(site=str(s2.attrs.get("site", p)), s2=s2, s1=s1))
+            scenes.append(Scene(site=str(s2.attrs.get("site", p)), sensors={"s2": s2, "s1": s1}))
         folders = [None] * len(scenes)
     else:  # pragma: no cover - the discriminated union makes this unreachable
         raise TypeError(f"unknown data source {type(src).__name__}")
@@ -82,8 +82,8 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
     if plugins:  # a companion a scene store already holds is taken from it
         scenes = [
             dataclasses.replace(
-                s, extra={**{pl.spec.name: pl.load(s, folder) for pl in plugins if pl.spec.name not in s.extra},
-                          **s.extra}
+                s, sensors={**{pl.spec.name: pl.load(s, folder) for pl in plugins if pl.spec.name not in s.sensors},
+                            **s.sensors}
             )
             for s, folder in zip(scenes, folders, strict=True)
         ]

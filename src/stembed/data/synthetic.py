@@ -132,8 +132,10 @@ def synthetic_scene(
     )
     return Scene(
         site=site,
-        s2=cube(s2, "s2", {"raw_dates": len(s2_times), "scl_masked_classes": list(SCL_MASKED_DEFAULT)}),
-        s1=cube(s1, "s1", {"raw_dates": len(s1_times), "orbits": "two 12-day orbits, 5 days apart"}),
+        sensors={
+            "s2": cube(s2, "s2", {"raw_dates": len(s2_times), "scl_masked_classes": list(SCL_MASKED_DEFAULT)}),
+            "s1": cube(s1, "s1", {"raw_dates": len(s1_times), "orbits": "two 12-day orbits, 5 days apart"}),
+        },
         labels=labels,
     )
 

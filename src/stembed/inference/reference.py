@@ -42,16 +42,16 @@ def check_bundle_for_scene(scene: Scene, bundle: Bundle) -> None:
             f"embedding needs a fusion bundle (or a gap-fill bundle); {bundle.path} is {bundle.kind} ({bundle.sensor})"
         )
     fusion_cfg = bundle.config["fusion"] if bundle.kind == "gapfill" else bundle.config
-    cubes = {"s1": scene.s1, "s2": scene.s2}
-    for key in [k for k in fusion_cfg["models"] if k not in cubes]:  # the companion sensors
-        if key not in scene.extra:
+    companions = [k for k in fusion_cfg["models"] if k not in ("s1", "s2")]
+    for key in companions:
+        if key not in scene.sensors:
             raise CubeError(
                 f"the bundle was trained with the companion sensor {key!r} but the scene has "
                 f"{sorted(scene.extra) or 'no companion sensors'}; fix: build the scene with its {key} cube "
                 f"(data.extra_sensors / Scene.extra) or use a bundle trained without it"
             )
-        cubes[key] = scene.extra[key]
-    for key, cube in cubes.items():
+    for key in ("s1", "s2", *companions):
+        cube = scene.sensors[key]
         if tuple(cube["band"].values) != bundle.sensors[key].bands:
             raise CubeError(
                 f"the {key} cube has bands {[str(b) for b in cube['band'].values]} but the bundle was trained on "

@@ -140,10 +140,7 @@ def read_block(
     """
     yi, xi, (y0, y1, x0, x1) = _block_index(scene, rows, cols, halo)
     window = {Y: slice(y0, y1), X: slice(x0, x1)}
-    sub = Scene(
-        site=scene.site, s2=scene.s2.isel(window), s1=scene.s1.isel(window),
-        extra={k: scene.extra[k].isel(window) for k in max_gap_days if k not in ("s1", "s2")},
-    )
+    sub = Scene(site=scene.site, sensors={k: scene.sensors[k].isel(window) for k in ("s2", "s1", *max_gap_days)})
     arrays = {"s2": sensor_arrays(sub, "s2")}
     arrays |= {k: matched_arrays(sub, k, gap) for k, gap in max_gap_days.items() if k != "s2"}
     take = np.ix_(yi - y0, xi - x0)
@@ -331,8 +328,7 @@ def check_cube_values(scene: Scene, path: Path) -> None:
     Raises:
         CubeError: a cube breaks the value contract (every problem of it, one line each).
     """
-    cubes = {"s2": scene.s2, "s1": scene.s1, **scene.extra}
-    for key, cube in cubes.items():
+    for key, cube in scene.sensors.items():
         blocks = cube.chunk({TIME: 1, Y: min(cube.sizes[Y], 1024), X: min(cube.sizes[X], 1024)})
         problems = value_problems(blocks, SENSORS[key])
         if problems:

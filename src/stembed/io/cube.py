@@ -286,7 +286,7 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
         )
     extra = {str(n): _read_cube(path, str(n), legacy) for n in names}
     _warn_legacy(path, legacy, "save_scene(open_scene(old), new)")
-    scene = Scene(site=str(root.attrs.get("site")), s2=s2, s1=s1, labels=labels, extra=extra)
+    scene = Scene(site=str(root.attrs.get("site")), sensors={"s2": s2, "s1": s1, **extra}, labels=labels)
     validate_cube(s2, SENSORS["s2"], check_values=check_values)
     validate_cube(s1, SENSORS["s1"], check_values=check_values)
     validate_pair(s1, s2)

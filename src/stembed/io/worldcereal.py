@@ -119,8 +119,7 @@ def read_worldcereal(
 
     scene = Scene(
         site=site,
-        s2=cube(s2, "s2", s2_prov),
-        s1=cube(s1, "s1", s1_prov),
+        sensors={"s2": cube(s2, "s2", s2_prov), "s1": cube(s1, "s1", s1_prov)},
         labels=_read_labels(label_paths, y, x) if label_paths else None,
     )
     scene.validate()
