@@ -9,6 +9,9 @@ validation block: the centre MAE of the fusion reconstruction, and the blocked p
 autoencoders of the run. Last line: JSON.
 
     .venv/bin/python experiments/fusion_metric.py runs/belgium/fusion_td03 --time-decay 0.3
+    .venv/bin/python experiments/fusion_metric.py runs/belgium/fusion --metrics centre --s1-weights 0.5 0.2 0.05
+    .venv/bin/python experiments/fusion_metric.py runs/belgium/fusion_td03 --metrics patch --space-decay 0.0001 \
+        --time-decay 1.0   # the centre pixel's own 11 dates, equal weights
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from stembed.training.fusion_init import centre_jacobian_metric, init_linear_fus
 from stembed.training.run import fusion_reconstruct
 
 
-def patch_metric(time_decay: float, centre_weight: float):
+def patch_metric(time_decay: float, centre_weight: float, space_decay: float = 0.1):
     """``E[J^T W J]`` over the whole decoded patch, ``W`` the context weights. ``J`` by central differences
     (step 1e-2 of each latent's spread): forward-mode autodiff does not reach through torch's CPU attention."""
 
@@ -56,7 +59,7 @@ def patch_metric(time_decay: float, centre_weight: float):
                     jv = (ae.decode(zb + d, gb).double() - ae.decode(zb - d, gb).double()) / (2 * float(steps[k]))
                     cols.append(jv)  # (B, T, C, H, W): d out / d z_k
                 T, H = cols[0].shape[1], cols[0].shape[3]
-                w = context_weights(T, H, decay=0.1, time_decay=time_decay, centre_weight=centre_weight,
+                w = context_weights(T, H, decay=space_decay, time_decay=time_decay, centre_weight=centre_weight,
                                     normalised=False, dtype=torch.float64)[None, :, None]  # (1, T, 1, H, W)
                 for a in range(L):
                     for b in range(a, L):
@@ -71,9 +74,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--time-decay", type=float, default=0.3)
+    ap.add_argument("--space-decay", type=float, default=0.1,
+                    help="spatial decay of the patch metric (near 0: the centre pixel's own time series)")
     ap.add_argument("--cube", type=Path, default=Path("runs/belgium/scene.zarr"))
     ap.add_argument("--region", default="0:32,32:64", help="the validation block, y0:y1,x0:x1")
     ap.add_argument("--block-px", type=int, default=8)
+    ap.add_argument("--s1-weights", type=float, nargs="+", default=None,
+                    help="S1 branch weights of the metric to try (default: the run's loss.s1_weight); S2 keeps its own")
+    ap.add_argument("--metrics", nargs="+", choices=("centre", "patch"), default=["centre", "patch"])
     a = ap.parse_args()
     torch.manual_seed(0)
     cfg = FusionStageConfig.model_validate(yaml.safe_load((a.run / "config.yaml").read_text()))
@@ -85,7 +93,7 @@ def main() -> None:
     train = list(patch_loader(data.datasets["train"], batch_size=64))
     val = list(patch_loader(data.datasets["val"], batch_size=64))
     z, gaps = training_latents(trained, train)
-    weights = {"s1": cfg.loss.s1_weight, "s2": cfg.loss.s2_weight}
+    s1_weights = a.s1_weights or [cfg.loss.s1_weight]
     centre_w = {"s1": cfg.loss.s1.centre_weight, "s2": cfg.loss.s2.centre_weight}
 
     scene = crop(open_scene(a.cube), a.region)
@@ -95,13 +103,15 @@ def main() -> None:
     block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in (("s2", s2), ("s1", s1))}
     valid = np.isfinite(s2.values).any(axis=1)
 
-    patch = {k: patch_metric(a.time_decay, centre_w[k]) for k in ("s1", "s2")}
-    metrics = {"centre pixel (init: linear)": centre_jacobian_metric,
-               f"patch, time decay {a.time_decay}": lambda ae, zz, gg: patch[ae.cfg.sensor](ae, zz, gg)}
+    patch = {k: patch_metric(a.time_decay, centre_w[k], a.space_decay) for k in ("s1", "s2")}
+    metrics = {"centre": ("centre pixel (init: linear)", centre_jacobian_metric),
+               "patch": (f"patch, time decay {a.time_decay}, space decay {a.space_decay}",
+                         lambda ae, zz, gg: patch[ae.cfg.sensor](ae, zz, gg))}
     rows = []
-    for name, metric in metrics.items():
+    for (name, metric), s1_weight in ((metrics[m], w) for m in a.metrics for w in s1_weights):
         model = copy.deepcopy(trained)
-        init_linear_fusion(model, z, gaps, weights, metric=metric)
+        init_linear_fusion(model, z, gaps, {"s1": s1_weight, "s2": cfg.loss.s2_weight}, metric=metric)
+        name = f"{name}, S1 weight {s1_weight}"
         recon = {k: m["centre_mae"] for k, m in evaluate_split(val, fusion_reconstruct(model)).items()}
         with torch.no_grad():
             values = embed_any(model, block, batch_size=512, device=torch.device("cpu"), precision="float32")
