@@ -236,7 +236,8 @@ class FusionModule(_StageModule):
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
 
     def _dense_step(self, batch: Tiles, prefix: str) -> Tensor | None:
-        """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
+        """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where the anchor's (S2's)
+        centre is observed, and every other sensor is read at the same windows on its matched dates."""
         model, d = self.model, self.dense
         assert d is not None  # only dense training steps here
         aes = model.sensor_autoencoders()
@@ -245,10 +246,12 @@ class FusionModule(_StageModule):
         if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step
             return _skip_step(self.model)
         c = T // 2
+        if batch.anchor_key != ANCHOR:
+            raise ValueError(f"fusion tiles must be anchored on {ANCHOR!r} (the embedding's dates), got {batch.anchor_key!r}")
         windows = {k: batch[k].window for k in aes}
-        gaps, dt = {"s2": win.gaps}, {}
+        gaps, dt = {ANCHOR: win.gaps}, {}
         for k in aes:
-            if k != "s2":
+            if k != ANCHOR:
                 days = torch.gather(batch[k].days[win.b], 1, win.frames)  # (N, T) the sensor's own days
                 s2_days = torch.gather(batch.anchor.days[win.b], 1, win.frames)
                 gaps[k], dt[k] = torch.diff(days, dim=1), (days[:, c] - s2_days[:, c]).abs()
