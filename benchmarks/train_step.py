@@ -26,6 +26,7 @@ import time
 import torch
 
 from stembed.config import LEARNING_FIXES, AEConfig, ae_preset, s2_stage1_loss
+from stembed.data.tiles import Tiles, TileWindow
 from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.runtime import tune_allocator
@@ -57,12 +58,16 @@ def main() -> None:
     valid = torch.ones_like(x, dtype=torch.bool)
     gaps = torch.full((a.batch, T - 1), 5.0)
     D, side = 20, a.crop + 2 * m
-    tile = {
-        "window": torch.rand(1, D, 10, side, side, generator=gen) * 0.4,
-        "days": (torch.arange(D, dtype=torch.float32) * 5)[None],
-        "subsets": torch.stack([torch.randperm(D, generator=gen)[:T].sort().values for _ in range(2)])[None],
-        "inside": torch.ones(1, side, side, dtype=torch.bool),
-    }
+    window = TileWindow(
+        window=torch.rand(1, D, 10, side, side, generator=gen) * 0.4,
+        days=(torch.arange(D, dtype=torch.float32) * 5)[None],
+    )
+    tile = Tiles(
+        sensors={"s2": window},
+        subsets=torch.stack([torch.randperm(D, generator=gen)[:T].sort().values for _ in range(2)])[None],
+        inside=torch.ones(1, side, side, dtype=torch.bool),
+        anchor_key="s2",
+    )
 
     def patch_step() -> int:
         x_hat, _ = model(x_in, gaps)

@@ -9,7 +9,7 @@ import torch
 from stembed.config import LEARNING_FIXES, AEConfig, LossConfig, SamplingConfig, ae_preset, s2_stage1_loss
 from stembed.data.datasets import PatchDataset, SensorArrays, collate
 from stembed.data.sampling import PatchIndex, Region, day_numbers
-from stembed.data.tiles import TileDataset, sample_tiles
+from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
 from stembed.losses import reconstruction_loss, sam_normaliser, sampled_reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.testing import synthetic_scene
@@ -41,8 +41,8 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
     tiles = sample_tiles([s2_site.days], [region], sampling, crop_px=10, subsets=2, rng=np.random.default_rng(1))
     # a crop whose every centre's 15 x 15 patch lies inside the region (7 px from its edges)
     tile = next(t for t in tiles if 7 <= t.y0 and t.y0 + 10 <= 33 and 7 <= t.x0 and t.x0 + 10 <= 33)
-    item = TileDataset([s2_site], [tile], sampling.window_dates, 10, m)[0]
-    batch = {k: v[None] for k, v in item.items()}
+    item = TileDataset({"s2": [s2_site]}, [tile], sampling.window_dates, 10, m)[0]
+    batch = collate_tiles([item])
 
     step = autoencoder_step(ae, batch, loss_cfg, latents=10_000, render_frames=T,  # every window and frame
                             gen=torch.Generator().manual_seed(0))
@@ -112,3 +112,25 @@ def test_frame_sampling_is_unbiased(one_torch_thread, render):
 def test_the_centre_frame_alone_is_refused():
     with pytest.raises(ValueError, match="above 1"):
         draw_render_frames(4, 11, 1, torch.Generator(), torch.device("cpu"))
+
+
+def test_tiles_are_keyed_by_sensor_and_batch_and_move_like_patches(s2_site):
+    """Tile items stack into a batch of the same type, and Lightning's device transfer moves every tensor."""
+    from lightning.pytorch.utilities import move_data_to_device
+
+    region = Region(0, (0, 40), (0, 40))
+    sampling = SamplingConfig(window_dates=14, window_stride=50)
+    tiles = sample_tiles([s2_site.days], [region], sampling, crop_px=10, subsets=2, rng=np.random.default_rng(1))
+    ds = TileDataset({"s2": [s2_site], "s1": [s2_site]}, tiles[:2], sampling.window_dates, 10, 3)
+    batch = collate_tiles([ds[0], ds[1]])
+    assert batch.anchor_key == "s2" and batch.anchor is batch["s2"] and sorted(batch.sensors) == ["s1", "s2"]
+    assert batch["s1"].window.shape == (2, 14, s2_site.values.shape[1], 16, 16)
+    assert batch["s1"].days.shape == (2, 14) and batch.subsets.shape == (2, 2, sampling.n_frames)
+    assert batch.inside.shape == (2, 16, 16) and batch.inside.dtype == torch.bool
+    torch.testing.assert_close(batch["s1"].window[1], ds[1]["s1"].window, rtol=0, atol=0, equal_nan=True)
+    moved = move_data_to_device(batch, torch.device("meta"))
+    assert moved.anchor_key == "s2"
+    assert all(t.device.type == "meta" for w in moved.sensors.values() for t in (w.window, w.days))
+    assert moved.subsets.device.type == "meta" and moved.inside.device.type == "meta"
+    with pytest.raises(ValueError, match="anchor"):
+        TileDataset({"s1": [s2_site]}, tiles[:1], sampling.window_dates, 10, 3)

@@ -16,17 +16,10 @@ from typer.testing import CliRunner
 from stembed.cli import app
 from stembed.eval.pca import pca_maps
 from stembed.io.cube import CubeError, Scene, cube_transform, save_scene
-from stembed.io.embeddings import (
-    EmbeddingStoreError,
-    Quantisation,
-    create_store,
-    finalise,
-    open_embeddings,
-    write_tile,
-)
+from stembed.io.embeddings import EmbeddingStoreError, open_embeddings
 from stembed.io.export import export_geotiffs
 from stembed.io.sample import SampleError, read_points, sample_points, write_table
-from stembed.testing import synthetic_scene
+from stembed.testing import synthetic_scene, write_embedding_store_at
 
 runner = CliRunner()
 CRS = "EPSG:32632"
@@ -48,18 +41,10 @@ def make_store(
     values = np.where(valid[:, None], values, np.nan).astype(np.float32)
     x = transform[0] + transform[1] * (np.arange(w) + 0.5)
     y = transform[3] + transform[5] * (np.arange(h) + 0.5)
-    q = Quantisation.identity(n_f)
-    grid = create_store(
-        path, time=np.asarray(times, "datetime64[ns]"), y=y, x=x, features=FEATURES[:n_f], crs=crs,
-        transform=transform, quant=q, tile_px=8, time_chunk=2, attrs={"fingerprint": "test"},
+    return write_embedding_store_at(
+        path, values, time=np.asarray(times, "datetime64[ns]"), y=y, x=x, crs=crs, transform=transform,
+        valid=valid, tile_px=8, time_chunk=2, attrs={"fingerprint": "test"},
     )
-    for tile in grid.tiles():
-        ys, xs = grid.bounds(*tile)
-        v = values[:, :, ys, xs]
-        codes = q.encode(v)
-        write_tile(path, grid, tile, codes, valid[:, ys, xs], q.error_stats(v, codes))
-    finalise(path)
-    return path
 
 
 def random_values(n_t: int = 3, h: int = 12, w: int = 16, seed: int = 0) -> np.ndarray:

@@ -11,16 +11,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from stembed.io.embeddings import (
-    INT8_FILL,
-    Quantisation,
-    create_store,
-    feature_var,
-    finalise,
-    open_embeddings,
-    write_tile,
-)
+from stembed.io.embeddings import INT8_FILL, Quantisation, feature_var, open_embeddings
 from stembed.io.export import export_netcdf
+from stembed.testing import write_embedding_store_at
 
 FEATURES = [f"E{i}" for i in range(1, 8)]
 TRANSFORM = [400_000.0, 10.0, 0.0, 5_000_160.0, 0.0, -10.0]
@@ -41,16 +34,10 @@ def _store(path: Path, values: np.ndarray, dtype: str) -> tuple[Path, Quantisati
     q = Quantisation.calibrate(dtype, values.transpose(0, 2, 3, 1).reshape(-1, n_f), margin=0.05)
     x = TRANSFORM[0] + 10.0 * (np.arange(w) + 0.5)
     y = TRANSFORM[3] - 10.0 * (np.arange(h) + 0.5)
-    grid = create_store(
-        path, time=pd.date_range("2021-05-01", periods=n_t, freq="10D").values, y=y, x=x, features=FEATURES,
-        crs=CRS, transform=TRANSFORM, quant=q, tile_px=8, time_chunk=2, attrs={"fingerprint": "test"},
+    write_embedding_store_at(
+        path, values, time=pd.date_range("2021-05-01", periods=n_t, freq="10D").values, y=y, x=x, crs=CRS,
+        transform=TRANSFORM, valid=valid, quant=q, tile_px=8, time_chunk=2, attrs={"fingerprint": "test"},
     )
-    for tile in grid.tiles():
-        ys, xs = grid.bounds(*tile)
-        v = values[:, :, ys, xs]
-        codes = q.encode(v)
-        write_tile(path, grid, tile, codes, valid[:, ys, xs], q.error_stats(v, codes))
-    finalise(path)
     return path, q
 
 

@@ -11,6 +11,10 @@ Reads stay inside the crop's split region and are reflected at its edges (the sa
 :func:`stembed.data.datasets.cut_window`), so no pixel of another split is ever an input;
 ``inside`` marks the pixels that really lie in the region, so a reconstruction target never
 counts a reflected pixel. Every random draw comes from the generator passed in.
+
+Items are typed (:class:`Tiles`: a :class:`TileWindow` per sensor, keyed by sensor name, plus the
+frame draws and the inside mask), and :func:`collate_tiles` stacks them into batches of the same type
+(pass it to the ``DataLoader``).
 """
 
 from __future__ import annotations
@@ -82,30 +86,88 @@ def sample_tiles(
     return out
 
 
-class TileDataset(Dataset[dict[str, torch.Tensor]]):
-    """Tiles of one sensor (stage 1) or of S2 with other sensors matched to its dates (fusion).
+@dataclass
+class TileWindow:
+    """One sensor's part of a tile: one item of :class:`TileDataset`, or a batch (a leading axis B on every field).
 
-    Items: ``window`` (D, C, crop + 2m, crop + 2m) raw values, NaN = missing (the dense encoder fills
-    per pixel); ``days`` (D,) float32 days since the tile's first date; ``subsets`` (K, n_frames) long;
-    ``inside`` (crop + 2m, crop + 2m) bool. With ``others`` (sensor key -> arrays on the S2 dates)
-    each other sensor ``k`` adds ``window_k`` and ``days_k`` (its own acquisition days, same origin).
+    Attributes:
+        window: (D, C, Hp, Wp) float32 raw values on the tile's D dates, NaN = missing (the dense encoder
+            fills per pixel); Hp = Wp = crop_px + 2 * margin.
+        days: (D,) float32 the sensor's acquisition day for each tile date, in days since the anchor's
+            first date (the anchor's own dates for the anchor).
+    """
+
+    window: torch.Tensor
+    days: torch.Tensor
+
+
+@dataclass
+class Tiles:
+    """Tiles of every sensor by sensor name, the anchor among them (an item or a batch, like :class:`TileWindow`).
+
+    Attributes:
+        sensors: each sensor's :class:`TileWindow` by sensor name: stage 1 its own sensor alone, fusion the
+            S2 anchor and the other sensors on its dates.
+        subsets: (K, n_frames) long, K draws of sorted indices into the tile's D dates.
+        inside: (Hp, Wp) bool, True where the pixel lies in the tile's split region (not reflected).
+        anchor_key: the sensor whose dates drive the tile and whose observed centre values make the
+            training windows.
+    """
+
+    sensors: dict[str, TileWindow]
+    subsets: torch.Tensor
+    inside: torch.Tensor
+    anchor_key: str
+
+    def __getitem__(self, sensor: str) -> TileWindow:
+        return self.sensors[sensor]
+
+    @property
+    def anchor(self) -> TileWindow:
+        """The anchor sensor's window and days."""
+        return self.sensors[self.anchor_key]
+
+
+def collate_tiles(items: Sequence[Tiles]) -> Tiles:
+    """Stack :class:`TileDataset` items into a batch (pass it to the ``DataLoader``)."""
+    first = items[0]
+    return Tiles(
+        sensors={
+            k: TileWindow(torch.stack([it[k].window for it in items]), torch.stack([it[k].days for it in items]))
+            for k in first.sensors
+        },
+        subsets=torch.stack([it.subsets for it in items]),
+        inside=torch.stack([it.inside for it in items]),
+        anchor_key=first.anchor_key,
+    )
+
+
+class TileDataset(Dataset[Tiles]):
+    """Tiles of one sensor (stage 1) or of S2 with other sensors matched to its dates (fusion); items are
+    :class:`Tiles`, stacked into batches by :func:`collate_tiles`.
+
+    ``sensors``: each sensor's sites by sensor name, the anchor among them (stage 1: its own sensor alone).
+    The anchor's dates drive the tile (its ``days`` count from its first date); every other sensor is
+    already matched to them (one frame per anchor date), its ``days`` its own acquisition days, same origin.
     """
 
     def __init__(
         self,
-        sites: Sequence[SensorArrays],
+        sensors: Mapping[str, Sequence[SensorArrays]],
         tiles: Sequence[TileIndex],
         window_dates: int,
         crop_px: int,
         margin: int,
-        others: Mapping[str, Sequence[SensorArrays]] | None = None,
+        anchor: str = "s2",
         batch_size: int = 1,
     ) -> None:
+        if anchor not in sensors:
+            raise ValueError(f"no {anchor!r} sites among the sensors {list(sensors)}: the anchor's dates drive the tiles")
         self.batch_size = batch_size  # tiles per training batch (the loaders read it)
-        self.sites = list(sites)
+        self.sensors = {k: list(v) for k, v in sensors.items()}
+        self.anchor = anchor
         self.tiles = list(tiles)
         self.window_dates, self.crop_px, self.margin = window_dates, crop_px, margin
-        self.others = {k: list(v) for k, v in (others or {}).items()}
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -116,21 +178,22 @@ class TileDataset(Dataset[dict[str, torch.Tensor]]):
         xi = fold_index(t.x0 - m, t.x0 + n + m, r.x[0], r.x[1])
         return arrays.values[t.t0 : t.t0 + self.window_dates][:, :, yi[:, None], xi[None, :]]
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, i: int) -> Tiles:
         t = self.tiles[i]
         r, m, n = t.region, self.margin, self.crop_px
-        site = self.sites[t.site]
-        origin = site.days[t.t0]
+        origin = self.sensors[self.anchor][t.site].days[t.t0]
         ys, xs = np.arange(t.y0 - m, t.y0 + n + m), np.arange(t.x0 - m, t.x0 + n + m)
         inside = ((ys >= r.y[0]) & (ys < r.y[1]))[:, None] & ((xs >= r.x[0]) & (xs < r.x[1]))[None, :]
-        item = {
-            "window": torch.from_numpy(np.ascontiguousarray(self._read(site, t), dtype=np.float32)),
-            "days": torch.from_numpy((site.days[t.t0 : t.t0 + self.window_dates] - origin).astype(np.float32)),
-            "subsets": torch.tensor(t.subsets, dtype=torch.long),
-            "inside": torch.from_numpy(inside),
-        }
-        for k, arrays in self.others.items():
-            sx = arrays[t.site]
-            item[f"window_{k}"] = torch.from_numpy(np.ascontiguousarray(self._read(sx, t), dtype=np.float32))
-            item[f"days_{k}"] = torch.from_numpy((sx.days[t.t0 : t.t0 + self.window_dates] - origin).astype(np.float32))
-        return item
+        windows = {}
+        for k, sites in self.sensors.items():
+            site = sites[t.site]
+            windows[k] = TileWindow(
+                window=torch.from_numpy(np.ascontiguousarray(self._read(site, t), dtype=np.float32)),
+                days=torch.from_numpy((site.days[t.t0 : t.t0 + self.window_dates] - origin).astype(np.float32)),
+            )
+        return Tiles(
+            sensors=windows,
+            subsets=torch.tensor(t.subsets, dtype=torch.long),
+            inside=torch.from_numpy(inside),
+            anchor_key=self.anchor,
+        )

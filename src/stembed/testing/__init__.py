@@ -16,7 +16,7 @@ from stembed.data.synthetic import LAND_COVER, synthetic_scene
 from stembed.testing.bundles import random_fusion_bundle
 from stembed.testing.sensors import TOY_SENSOR, toy_sensor_plugin
 from stembed.testing.stac import S2_ASSETS_10M, S2_ASSETS_20M, StacTestServer, worldcereal_stac_catalog
-from stembed.testing.stores import write_embedding_store
+from stembed.testing.stores import write_embedding_store, write_embedding_store_at
 
 __all__ = [
     "LAND_COVER",
@@ -29,4 +29,5 @@ __all__ = [
     "toy_sensor_plugin",
     "worldcereal_stac_catalog",
     "write_embedding_store",
+    "write_embedding_store_at",
 ]

@@ -1,6 +1,6 @@
 """Dense training: the dense encoder trained the way it infers, many centre pixel-dates per encoder pass.
 
-A tile batch (:class:`stembed.data.tiles.TileDataset`) goes through the frame CNN once, giving every
+A tile batch (:class:`stembed.data.tiles.Tiles`) goes through the frame CNN once, giving every
 centre pixel's token on every date of the tile. Every (frame draw, pixel) pair whose centre value is
 observed is a training window; ``latents`` of them are drawn uniformly per step (the per-patch
 sampler's population, at stride 1), their tokens gathered, and each is encoded to a latent and
@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from stembed.config import LossConfig
+from stembed.data.tiles import Tiles
 from stembed.losses import context_weight_factors, sampled_reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 
@@ -38,15 +39,16 @@ class Windows:
     gaps: Tensor
 
 
-def draw_windows(batch: dict[str, Tensor], margin: int, n_latents: int, gen: torch.Generator) -> Windows:
-    """Draw up to ``n_latents`` windows uniformly among those whose S2/sensor centre value is observed."""
-    win, subsets = batch["window"], batch["subsets"]  # (Bt, D, C, Hp, Wp), (Bt, K, T)
+def draw_windows(batch: Tiles, margin: int, n_latents: int, gen: torch.Generator) -> Windows:
+    """Draw up to ``n_latents`` windows uniformly among those whose anchor centre value is observed (S2 in
+    fusion, the stage's own sensor in stage 1)."""
+    win, subsets = batch.anchor.window, batch.subsets  # (Bt, D, C, Hp, Wp), (Bt, K, T)
     Bt, D, _, Hp, Wp = win.shape
     h, w = Hp - 2 * margin, Wp - 2 * margin
     T = subsets.shape[-1]
     centre = win[:, :, :, margin : margin + h, margin : margin + w]  # (Bt, D, C, h, w)
     ok = torch.isfinite(centre).any(dim=2).reshape(Bt, D, h * w)  # (Bt, D, h*w)
-    ok = ok & batch["inside"][:, margin : margin + h, margin : margin + w].reshape(Bt, 1, h * w)
+    ok = ok & batch.inside[:, margin : margin + h, margin : margin + w].reshape(Bt, 1, h * w)
     centre_frame = subsets[:, :, T // 2]  # (Bt, K)
     ok_k = torch.gather(ok, 1, centre_frame[..., None].expand(-1, -1, h * w))  # (Bt, K, h*w)
     cand = ok_k.nonzero()  # (M, 3): b, k, p
@@ -54,7 +56,7 @@ def draw_windows(batch: dict[str, Tensor], margin: int, n_latents: int, gen: tor
         cand = cand[torch.randperm(cand.shape[0], generator=gen)[:n_latents].to(cand.device)]
     b, k, p = cand.unbind(1)
     frames = subsets[b, k]  # (N, T)
-    days = torch.gather(batch["days"][b], 1, frames)  # (N, T)
+    days = torch.gather(batch.anchor.days[b], 1, frames)  # (N, T)
     return Windows(b, k, p, frames, torch.diff(days, dim=1))
 
 
@@ -235,13 +237,13 @@ class DenseStep:
 
 
 def autoencoder_step(
-    ae: SensorAutoencoder, batch: dict[str, Tensor], loss: LossConfig, latents: int, render_frames: float,
+    ae: SensorAutoencoder, batch: Tiles, loss: LossConfig, latents: int, render_frames: float,
     gen: torch.Generator,
 ) -> DenseStep | None:
     """Draw windows from a tile batch, encode, render and score them; None when no centre value is observed."""
     win = draw_windows(batch, ae.cfg.context_px, latents, gen)
     if win.b.numel() == 0:
         return None
-    z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, batch["window"]), win), win.gaps)
-    return DenseStep(win, reconstruct_windows(ae, z, win.gaps, batch["window"], batch["inside"], win, loss,
-                                              render_frames, gen))
+    window = batch.anchor.window
+    z = ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, window), win), win.gaps)
+    return DenseStep(win, reconstruct_windows(ae, z, win.gaps, window, batch.inside, win, loss, render_frames, gen))

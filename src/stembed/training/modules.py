@@ -12,6 +12,7 @@ from torchmetrics import MeanMetric
 
 from stembed.config import AEConfig, DenseTrainingConfig, FusionLossConfig, LossConfig, TrainConfig
 from stembed.data.datasets import FusionPatches, SensorPatches
+from stembed.data.tiles import Tiles
 from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import ANCHOR, FusionModel, SensorInput, build_fusion
@@ -53,8 +54,8 @@ def fusion_targets(batch: FusionPatches, model: FusionModel) -> dict[str, tuple[
     return {k: (batch[k].x, batch[k].valid) for k in model.sensors}
 
 
-Batch = SensorPatches | FusionPatches | dict[str, Tensor]
-"""A training batch: patches of one sensor (stage 1), of every sensor (fusion), or tiles (a dict, dense training)."""
+Batch = SensorPatches | FusionPatches | Tiles
+"""A training batch: patches of one sensor (stage 1), of every sensor (fusion), or tiles (dense training)."""
 
 
 def _centre_metrics(names: list[str]) -> nn.ModuleDict:
@@ -183,7 +184,7 @@ class AutoencoderModule(_StageModule):
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics(["centre_mae"])
 
-    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
+    def _dense_step(self, batch: Tiles, prefix: str) -> Tensor | None:
         d = self.dense
         assert d is not None  # only dense training steps here
         step = autoencoder_step(self.model, batch, self.loss_cfg, d.latents, d.render_frames, self.gen)
@@ -195,8 +196,8 @@ class AutoencoderModule(_StageModule):
         _update(self.centre[f"{prefix}_centre_mae"], rec.x_hat[:n], rec.targets.x[:n], rec.targets.valid[:n])
         return rec.parts["loss"]
 
-    def _step(self, batch: SensorPatches | dict[str, Tensor], prefix: str) -> Tensor | None:
-        if isinstance(batch, dict):  # tiles
+    def _step(self, batch: SensorPatches | Tiles, prefix: str) -> Tensor | None:
+        if isinstance(batch, Tiles):
             return self._dense_step(batch, prefix)
         x, valid = batch.x, batch.valid  # (B, T, C, P, P)
         x_hat, _ = self.model(batch.encoder_input, batch.gaps)  # x_in: a dense encoder's wider window
@@ -234,8 +235,9 @@ class FusionModule(_StageModule):
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
 
-    def _dense_step(self, batch: dict[str, Tensor], prefix: str) -> Tensor | None:
-        """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where S2's centre is observed."""
+    def _dense_step(self, batch: Tiles, prefix: str) -> Tensor | None:
+        """Tiles: every sensor's frame CNN runs once over the tile; windows are drawn where the anchor's (S2's)
+        centre is observed, and every other sensor is read at the same windows on its matched dates."""
         model, d = self.model, self.dense
         assert d is not None  # only dense training steps here
         aes = model.sensor_autoencoders()
@@ -244,12 +246,14 @@ class FusionModule(_StageModule):
         if win.b.numel() == 0:  # no observed S2 centre in these tiles: skip the step
             return _skip_step(self.model)
         c = T // 2
-        windows = {k: batch["window" if k == "s2" else f"window_{k}"] for k in aes}
-        gaps, dt = {"s2": win.gaps}, {}
+        if batch.anchor_key != ANCHOR:
+            raise ValueError(f"fusion tiles must be anchored on {ANCHOR!r} (the embedding's dates), got {batch.anchor_key!r}")
+        windows = {k: batch[k].window for k in aes}
+        gaps, dt = {ANCHOR: win.gaps}, {}
         for k in aes:
-            if k != "s2":
-                days = torch.gather(batch[f"days_{k}"][win.b], 1, win.frames)  # (N, T) the sensor's own days
-                s2_days = torch.gather(batch["days"][win.b], 1, win.frames)
+            if k != ANCHOR:
+                days = torch.gather(batch[k].days[win.b], 1, win.frames)  # (N, T) the sensor's own days
+                s2_days = torch.gather(batch.anchor.days[win.b], 1, win.frames)
                 gaps[k], dt[k] = torch.diff(days, dim=1), (days[:, c] - s2_days[:, c]).abs()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not model.frozen):
             z = {
@@ -268,7 +272,7 @@ class FusionModule(_StageModule):
         logs: dict[str, Tensor] = {}
         for k, ae in aes.items():
             loss_cfg, weight = self.loss_cfg.branch(k)
-            rec = reconstruct_windows(ae, heads[k](e), gaps[k], windows[k], batch["inside"], win, loss_cfg,
+            rec = reconstruct_windows(ae, heads[k](e), gaps[k], windows[k], batch.inside, win, loss_cfg,
                                       d.render_frames, self.gen)
             total = total + weight * rec.parts["loss"]
             logs |= {f"{prefix}_{k}/{name}": v for name, v in rec.parts.items() if torch.isfinite(v)}
@@ -277,8 +281,8 @@ class FusionModule(_StageModule):
         self.log_dict({f"{prefix}_loss": total, **logs}, on_step=False, on_epoch=True, batch_size=e.shape[0])
         return total
 
-    def _step(self, batch: FusionPatches | dict[str, Tensor], prefix: str) -> Tensor | None:
-        if isinstance(batch, dict):  # tiles
+    def _step(self, batch: FusionPatches | Tiles, prefix: str) -> Tensor | None:
+        if isinstance(batch, Tiles):
             return self._dense_step(batch, prefix)
         targets = fusion_targets(batch, self.model)
         rec, e = self.model(fusion_inputs(batch, self.model))

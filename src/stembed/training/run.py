@@ -40,7 +40,7 @@ from stembed.data.build import SplitData, band_stats, build_fusion_data, build_s
 from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatches, collate, patch_loader
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
-from stembed.data.tiles import TileDataset, sample_tiles
+from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import FusionModel
@@ -93,11 +93,13 @@ def tile_dataset(
         )
     ds = data.datasets["train"]
     if isinstance(ds, FusionPatchDataset):  # S2 drives the tiles; S1 and companions are on its dates
-        sites, others = ds.sensors[ds.anchor], {k: v for k, v in ds.sensors.items() if k != ds.anchor}
-    else:
-        sites, others = ds.sites, {}  # type: ignore[attr-defined]  # a per-sensor PatchDataset here
-    tiles = sample_tiles([s.days for s in sites], data.regions["train"], sampling, dense.crop_px, dense.subsets, rng)
-    return TileDataset(sites, tiles, sampling.window_dates, dense.crop_px, model.context_px, others,
+        sensors, anchor = ds.sensors, ds.anchor
+    else:  # stage 1: the model's own sensor alone
+        sites = ds.sites  # type: ignore[attr-defined]  # a per-sensor PatchDataset here
+        sensors, anchor = {model.sensor: sites}, model.sensor
+    days = [s.days for s in sensors[anchor]]
+    tiles = sample_tiles(days, data.regions["train"], sampling, dense.crop_px, dense.subsets, rng)
+    return TileDataset(sensors, tiles, sampling.window_dates, dense.crop_px, model.context_px, anchor=anchor,
                        batch_size=dense.tiles_per_batch)
 
 
@@ -108,9 +110,8 @@ def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
             ds, batch_size=getattr(ds, "batch_size", cfg.batch_size), shuffle=name == "train",
             generator=gen if name == "train" else None,
             num_workers=cfg.num_workers, drop_last=False,
-            # typed patch items are stacked by collate; a tile dataset's items are whole batches already
-            # (None: torch's default collate)
-            collate_fn=None if isinstance(ds, TileDataset) else collate,
+            # typed items are stacked into batches of their type
+            collate_fn=collate_tiles if isinstance(ds, TileDataset) else collate,
         )
         for name, ds in data.datasets.items()
     }
