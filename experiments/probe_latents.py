@@ -11,6 +11,9 @@ the test block; ``--block-px`` then sets the probe's CV blocks. Last line: JSON.
 
     .venv/bin/python experiments/probe_latents.py --cube runs/belgium/scene.zarr \
         --bundle runs/belgium/fusion/bundle.pt [--region 0:32,32:64 --block-px 8]
+
+``--joint-pca 7 --no-latents`` probes only PCA-7 of the date's own S2 + S1 bands: the best a context-free
+7-d embedding that reconstructs both sensors' centre pixels could keep.
 """
 
 from __future__ import annotations
@@ -71,6 +74,25 @@ def embed_variants(scene: Scene, bundle_path: Path, device: torch.device) -> dic
     return out
 
 
+def joint_band_pca(scene: Scene, bundle_path: Path, k: int) -> object:
+    """PCA-k of the date's own raw S2 bands and matched S1 bands (cube units), as an embedding Dataset.
+
+    What a 7-d embedding that reconstructed the centre pixel perfectly, with no context at all, would keep.
+    Fitted on every observed pixel-date of the region (unsupervised; the probe's own PCA of the S2 bands is
+    fitted per fold); S1 gaps take the band mean.
+    """
+    from sklearn.decomposition import PCA
+
+    bundle = load_bundle(bundle_path, expect_kind="fusion")
+    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
+    valid = np.isfinite(s2.values).any(axis=1)  # (T, H, W)
+    both = np.concatenate([s2.values, s1.values], axis=1).transpose(0, 2, 3, 1)[valid]  # (N, C2 + C1)
+    both = np.where(np.isfinite(both), both, np.nanmean(both, axis=0))
+    values = np.full((*valid.shape, k), np.nan, dtype=np.float32)
+    values[valid] = PCA(n_components=k, random_state=0).fit_transform(both)
+    return embedding_dataset(values.transpose(0, 3, 1, 2), valid, scene, bundle)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cube", type=Path, required=True)
@@ -78,11 +100,16 @@ def main() -> None:
     ap.add_argument("--region", default=None, help="y0:y1,x0:x1 (pixels); default: the whole scene")
     ap.add_argument("--block-px", type=int, default=16)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--joint-pca", type=int, default=None, metavar="K",
+                    help="also probe PCA-K of the date's raw S2 + S1 bands (the first bundle's S1 matching)")
+    ap.add_argument("--no-latents", action="store_true", help="probe only what --joint-pca adds, not the bundles")
     a = ap.parse_args()
     torch.manual_seed(0)
     scene = crop(open_scene(a.cube), a.region)
     v = {}
-    for i, path in enumerate(a.bundle):
+    if a.joint_pca:
+        v[f"pca{a.joint_pca}_s2_s1_bands"] = joint_band_pca(scene, a.bundle[0], a.joint_pca)
+    for i, path in enumerate([] if a.no_latents else a.bundle):
         tag = "" if len(a.bundle) == 1 else f"#{i + 1} "
         v.update({f"{tag}{k}": ds for k, ds in embed_variants(scene, path, resolve_device(a.device)).items()})
     rows = []
