@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sklearn.decomposition import PCA
 
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays
@@ -81,8 +82,6 @@ def joint_band_pca(scene: Scene, bundle_path: Path, k: int) -> object:
     Fitted on every observed pixel-date of the region (unsupervised; the probe's own PCA of the S2 bands is
     fitted per fold); S1 gaps take the band mean.
     """
-    from sklearn.decomposition import PCA
-
     bundle = load_bundle(bundle_path, expect_kind="fusion")
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
     valid = np.isfinite(s2.values).any(axis=1)  # (T, H, W)
@@ -104,10 +103,14 @@ def main() -> None:
                     help="also probe PCA-K of the date's raw S2 + S1 bands (the first bundle's S1 matching)")
     ap.add_argument("--no-latents", action="store_true", help="probe only what --joint-pca adds, not the bundles")
     a = ap.parse_args()
+    if a.joint_pca is not None and not 1 <= a.joint_pca <= 12:
+        ap.error(f"--joint-pca takes 1 to 12 components (10 S2 + 2 S1 bands), got {a.joint_pca}")
+    if a.no_latents and not a.joint_pca:
+        ap.error("--no-latents leaves nothing to probe without --joint-pca K; add it, or drop --no-latents")
     torch.manual_seed(0)
     scene = crop(open_scene(a.cube), a.region)
     v = {}
-    if a.joint_pca:
+    if a.joint_pca is not None:
         v[f"pca{a.joint_pca}_s2_s1_bands"] = joint_band_pca(scene, a.bundle[0], a.joint_pca)
     for i, path in enumerate([] if a.no_latents else a.bundle):
         tag = "" if len(a.bundle) == 1 else f"#{i + 1} "

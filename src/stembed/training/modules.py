@@ -250,11 +250,11 @@ class FusionModule(_StageModule):
             raise ValueError(f"fusion tiles must be anchored on {ANCHOR!r} (the embedding's dates), got {batch.anchor_key!r}")
         windows = {k: batch[k].window for k in aes}
         gaps, dt = {ANCHOR: win.gaps}, {}
+        anchor_days = torch.gather(batch.anchor.days[win.b], 1, win.frames)  # (N, T) the S2 dates
         for k in aes:
             if k != ANCHOR:
                 days = torch.gather(batch[k].days[win.b], 1, win.frames)  # (N, T) the sensor's own days
-                s2_days = torch.gather(batch.anchor.days[win.b], 1, win.frames)
-                gaps[k], dt[k] = torch.diff(days, dim=1), (days[:, c] - s2_days[:, c]).abs()
+                gaps[k], dt[k] = torch.diff(days, dim=1), (days[:, c] - anchor_days[:, c]).abs()
         with torch.set_grad_enabled(torch.is_grad_enabled() and not model.frozen):
             z = {
                 k: ae.encoder.latent_from_tokens(gather_tokens(window_tokens(ae, windows[k]), win), gaps[k])
