@@ -3,7 +3,8 @@
 For each run folder (stage 1 or fusion) it rebuilds the run's data exactly (its config.yaml, its
 seed, so the same patches) and prints, per split and sensor, the centre-pixel MAE of the model (from
 the run's metrics.json), of the two trivial baselines (patch mean, temporal neighbours) and of PCA-k
-of the centre spectrum fitted on the *training* split's centre values: k = the latent size for an
+of the centre spectrum fitted on the *training* split's centre values (`stembed.training.evaluate.PCABaseline`,
+which runs since this script was written also write into their metrics.json): k = the latent size for an
 autoencoder (9 for S2, 2 for S1), and for fusion PCA-7 of the joint [S2 | S1] centre vector (what a
 linear 7-d embedding could keep of both). Last line: one JSON object.
 
@@ -24,6 +25,7 @@ from stembed.data.build import build_fusion_data, build_sensor_data
 from stembed.data.datasets import FusionPatches
 from stembed.data.scenes import load_scenes
 from stembed.models.bundle import load_bundle
+from stembed.training.evaluate import PCABaseline
 
 
 def centres(ds, sensors: list[str]) -> dict[str, np.ndarray]:
@@ -37,18 +39,6 @@ def centres(ds, sensors: list[str]) -> dict[str, np.ndarray]:
             t, c = x.shape[0] // 2, x.shape[-1] // 2
             out[s].append(np.where(v[t, :, c, c], x[t, :, c, c], np.nan))
     return {s: np.stack(v) for s, v in out.items()}
-
-
-def pca_mae(train: np.ndarray, test: np.ndarray, k: int, widths: list[int]) -> list[float]:
-    """Fit PCA-k on fully observed training rows; MAE per block of columns (sensor) on fully observed test rows."""
-    a = train[np.isfinite(train).all(1)]
-    b = test[np.isfinite(test).all(1)]
-    mu = a.mean(0)
-    _, _, vt = np.linalg.svd(a - mu, full_matrices=False)
-    rec = (b - mu) @ vt[:k].T @ vt[:k] + mu
-    err = np.abs(rec - b)
-    edges = np.cumsum([0, *widths])
-    return [float(err[:, edges[i] : edges[i + 1]].mean()) for i in range(len(widths))]
 
 
 def run_table(run: Path) -> dict:
@@ -68,12 +58,9 @@ def run_table(run: Path) -> dict:
         keys = [cfg.sensor]
         k = model.latent_dim
     per = {name: centres(data.datasets[name], keys) for name in ("train", "test")}
-    sensors = list(keys)
-    joint = {name: np.concatenate([per[name][s] for s in sensors], axis=1) for name in per}
-    widths = [per["train"][s].shape[1] for s in sensors]
-    pca = pca_mae(joint["train"], joint["test"], k, widths)
+    pca = PCABaseline.fit(per["train"], k).centre_mae(per["test"])
     rows = {}
-    for s, p in zip(sensors, pca, strict=True):
+    for s, p in pca.items():
         m = metrics["splits"]["test"][s]
         rows[s] = {
             "model": m["centre_mae"],

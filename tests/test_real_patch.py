@@ -32,5 +32,6 @@ def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(share
     for split in ("train", "val", "test"):
         m = run.metrics["splits"][split]["s2"]
         assert m["n_patches"] > 100
-        for key in ("centre_mae", "baseline_patch_mean_centre_mae", "baseline_temporal_neighbours_centre_mae"):
+        for key in ("centre_mae", "baseline_patch_mean_centre_mae", "baseline_temporal_neighbours_centre_mae",
+                    "baseline_pca_centre_mae"):
             assert math.isfinite(m[key]) and 0 < m[key] < 1, (split, key, m[key])

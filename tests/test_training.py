@@ -34,8 +34,10 @@ def test_demo_leaves_three_bundles_and_metrics(demo_runs: dict[str, RunResult]) 
                 m = metrics["splits"][split][sensor]
                 assert m["n_patches"] > 0
                 for key in ("centre_mae", "centre_sam", "ssim", "baseline_patch_mean_centre_mae",
-                            "baseline_temporal_neighbours_centre_mae"):
+                            "baseline_temporal_neighbours_centre_mae", "baseline_pca_centre_mae"):
                     assert m[key] is not None and m[key] >= 0, (stage, split, sensor, key)
+        size = 7 if stage == "fusion" else {"s1": 2, "s2": 9}[stage]
+        assert metrics["baseline_pca"]["k"] == size and metrics["baseline_pca"]["fitted_on"] == "train"
         assert (run.run_dir / "config.yaml").is_file()
         assert (run.run_dir / "logs" / "version_0" / "metrics.csv").is_file()
         assert (run.run_dir / "checkpoints" / "last.ckpt").is_file()

@@ -152,22 +152,19 @@ def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: 
 
 
 def print_summary(runs: dict[str, RunResult]) -> None:
-    """Centre-pixel MAE on the held-out test sites against the two trivial baselines."""
+    """Centre-pixel MAE on the held-out test sites against the two trivial baselines and PCA of the model's size."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="stembed demo: centre-pixel MAE on held-out test sites")
-    for col in (
-        "stage",
-        "sensor",
-        "model",
-        "patch mean",
-        "temporal neighbours",
-        "centre SAM (rad)",
-        "bundle",
-    ):
+    table = Table(
+        title="stembed demo: centre-pixel MAE on held-out test sites",
+        caption="PCA-k: the linear model of the same size (k = latent or embedding size), fitted on the training "
+        "sites' centre pixels",
+    )
+    for col in ("stage", "sensor", "model", "patch mean", "temporal neighbours", "PCA-k", "k", "centre SAM (rad)"):
         table.add_column(col)
     for stage, run in runs.items():
+        k = run.metrics.get("baseline_pca", {}).get("k")
         for sensor, m in run.metrics["splits"].get("test", {}).items():
             table.add_row(
                 stage,
@@ -175,10 +172,14 @@ def print_summary(runs: dict[str, RunResult]) -> None:
                 _fmt(m.get("centre_mae")),
                 _fmt(m.get("baseline_patch_mean_centre_mae")),
                 _fmt(m.get("baseline_temporal_neighbours_centre_mae")),
+                _fmt(m.get("baseline_pca_centre_mae")),
+                str(k),
                 _fmt(m.get("centre_sam")),
-                str(run.bundle),
             )
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for stage, run in runs.items():
+        console.print(f"{stage} bundle: {run.bundle}")
 
 
 def _fmt(v: float | None) -> str:

@@ -46,7 +46,7 @@ from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
-from stembed.training.evaluate import evaluate_split
+from stembed.training.evaluate import evaluate_split, with_pca_baseline
 from stembed.training.fusion_init import init_linear_fusion, training_latents
 from stembed.training.modules import (
     AutoencoderModule,
@@ -242,12 +242,19 @@ def _fit(module: _Stage, data: SplitData, cfg: TrainConfig, run_dir: Path, resum
     return module.cpu().eval()
 
 
-def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any) -> dict[str, Any]:
+def _split_metrics(data: SplitData, cfg: TrainConfig, reconstruct: Any, k: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every split's metrics with the PCA-``k`` baseline fitted on the train split (k: the model's size), and
+    what that baseline was."""
     loaders = {
         name: patch_loader(ds, batch_size=max(cfg.batch_size, 64), shuffle=False) for name, ds in data.datasets.items()
     }
-    # (the ignore below: torch's Dataset declares no __len__; ours all have one)
-    return {name: evaluate_split(loaders[name], reconstruct) for name in SPLITS if len(data.datasets[name])}  # type: ignore[arg-type]
+    centres: dict[str, dict[str, np.ndarray]] = {}
+    splits = {
+        name: evaluate_split(loaders[name], reconstruct, centres.setdefault(name, {}))
+        for name in SPLITS
+        if len(data.datasets[name])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
+    }
+    return splits, with_pca_baseline(splits, centres, k)
 
 
 def _write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
@@ -285,11 +292,12 @@ def train_autoencoder(
     model = fitted.model
     data.datasets["train"] = patch_train
 
-    reconstruct = autoencoder_reconstruct(model, cfg.sensor)
+    splits, pca = _split_metrics(data, cfg.train, autoencoder_reconstruct(model, cfg.sensor), model_cfg.latent_dim)
     metrics = {
         "stage": f"ae-{cfg.sensor}",
         "train_seconds": round(time.perf_counter() - started, 1),
-        "splits": _split_metrics(data, cfg.train, reconstruct),
+        "splits": splits,
+        "baseline_pca": pca,
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
@@ -395,17 +403,19 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         return _follower_result(run_dir)
     model = fitted.model
     data.datasets["train"] = patch_train
-    splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
+    size = fusion_cfg.embed_dim
+    splits, pca = _split_metrics(data, cfg.train, fusion_reconstruct(model), size)
     if start and _monitor(start["val"]) < _monitor(splits["val"]):
         # chosen on validation: training did not improve on the linear start there, so the start is the model
         model.load_state_dict(start_state)
-        splits = _split_metrics(data, cfg.train, fusion_reconstruct(model))
+        splits, pca = _split_metrics(data, cfg.train, fusion_reconstruct(model), size)
         start["kept"] = True
     metrics = {
         "stage": "fusion",
         "train_seconds": round(time.perf_counter() - started, 1),
         **({"linear_start": start} if start else {}),
         "splits": splits,
+        "baseline_pca": pca,
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
