@@ -95,6 +95,15 @@ def mlp_embedding(parts: list[np.ndarray], weights: list[float], k: int, seed: i
         return enc(x).numpy()
 
 
+def linear_recon_mae(emb: np.ndarray, target: np.ndarray) -> float:
+    """MAE of the best affine map from ``emb`` (N, k) to the observed values of ``target`` (N, C), in cube units:
+    how well a linear decoder could rebuild the date's bands from the candidate (fitted on the same rows)."""
+    ok = np.isfinite(target).all(axis=1)
+    a = np.concatenate([emb[ok], np.ones((ok.sum(), 1))], axis=1)
+    coef = np.linalg.lstsq(a, target[ok], rcond=None)[0]
+    return float(np.abs(a @ coef - target[ok]).mean())
+
+
 def main() -> None:
     """Parse the splits, build the parts once, probe every candidate, print the table."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -144,6 +153,9 @@ def main() -> None:
     rows = []
     for n, (name, make) in enumerate(candidates.items()):
         emb = make()
+        recon = {part: linear_recon_mae(emb, x) for part, x in (("s2", date), ("s1", radar))}
+        print(f"{name}: date's S2 / S1 rebuilt linearly from it, MAE {recon['s2']:.4f} / {recon['s1']:.4f}",
+              flush=True)
         values = np.full((*valid.shape, emb.shape[1]), np.nan, dtype=np.float32)
         values[valid] = emb
         ds = embedding_dataset(values.transpose(0, 3, 1, 2), valid, scene, bundle)

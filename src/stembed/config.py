@@ -417,6 +417,9 @@ class AEStageConfig(_Frozen):
     loss: LossConfig | None = None  # None: MAE only for S1, the hybrid loss for S2
     train: TrainConfig = Field(default_factory=TrainConfig)
     standardise_inputs: bool = True  # fill model.input_mean/std from the training split (see AEConfig)
+    # centre_pca: start the centre path at PCA of the training centre spectra (stembed.training.centre_init)
+    init: Literal["random", "centre_pca"] = "random"
+    init_scale: float = Field(30.0, gt=0)  # centre_pca: the scores' share of the token stream (centre_init.SCALE)
     dense_training: DenseTrainingConfig | None = None  # train a dense model on tiles (None: per patch)
     out_dir: str = "runs"
 
@@ -433,6 +436,13 @@ class AEStageConfig(_Frozen):
         if self.model is not None and self.model.sensor != self.sensor:
             raise ValueError(f"model.sensor={self.model.sensor!r} but stage sensor={self.sensor!r}")
         _check_preset(self.preset)
+        if self.init == "centre_pca":
+            m = self.resolved_model()
+            if not m.centre_path or m.latent_activation != "identity":
+                raise ValueError(
+                    "init: centre_pca starts the centre path at PCA scores, so it needs centre_path: true and "
+                    "latent_activation: identity (the small and tiny presets); fix: use such a preset or init: random"
+                )
         return self
 
     def resolved_model(self) -> AEConfig:

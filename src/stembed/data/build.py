@@ -133,6 +133,18 @@ def band_stats(data: SplitData) -> tuple[tuple[float, ...], tuple[float, ...]]:
     return tuple(float(m) for m in mean), tuple(float(x) for x in std)
 
 
+def train_spectra(data: SplitData) -> np.ndarray:
+    """Every fully observed pixel-date's spectrum (N, C) in the training split's regions: each is the centre
+    pixel of some training window (for ``init: centre_pca``)."""
+    sites = data.datasets["train"].sites  # type: ignore[attr-defined]  # the train split's PatchDataset
+    out = []
+    for g in data.regions["train"]:
+        v = sites[g.site].values[:, :, g.y[0] : g.y[1], g.x[0] : g.x[1]]  # (time, band, y, x)
+        rows = v.transpose(0, 2, 3, 1).reshape(-1, v.shape[1])
+        out.append(rows[np.isfinite(rows).all(axis=1)])
+    return np.concatenate(out).astype(np.float64)
+
+
 def build_sensor_data(
     scenes: list[Scene], sensor: str, cfg: DataConfig, rng: np.random.Generator, context_px: int | None = None
 ) -> SplitData:

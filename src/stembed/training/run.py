@@ -36,7 +36,7 @@ from stembed.config import (
     TrainConfig,
     dump_config,
 )
-from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data
+from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data, train_spectra
 from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatches, collate, patch_loader
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
@@ -46,6 +46,7 @@ from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
+from stembed.training.centre_init import init_centre_pca
 from stembed.training.evaluate import evaluate_split, with_pca_baseline
 from stembed.training.fusion_init import init_linear_fusion, training_latents
 from stembed.training.modules import (
@@ -277,6 +278,7 @@ def train_autoencoder(
     if cfg.standardise_inputs and model_cfg.input_mean is None:
         mean, std = band_stats(data)
         model_cfg = AEConfig.model_validate({**model_cfg.model_dump(), "input_mean": mean, "input_std": std})
+    spectra = train_spectra(data) if cfg.init == "centre_pca" and resume is None else None
     dense = cfg.dense_training
     patch_train = data.datasets["train"]  # the train split's metrics stay per patch
     if dense is not None:
@@ -285,6 +287,9 @@ def train_autoencoder(
         data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
     module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train),
                                dump_config(dense) if dense is not None else None)
+    start: dict[str, Any] = {}
+    if spectra is not None:
+        start = init_centre_pca(module.model, spectra, cfg.init_scale)
     started = time.perf_counter()
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
@@ -296,6 +301,7 @@ def train_autoencoder(
     metrics = {
         "stage": f"ae-{cfg.sensor}",
         "train_seconds": round(time.perf_counter() - started, 1),
+        **({"centre_pca_start": start} if start else {}),
         "splits": splits,
         "baseline_pca": pca,
         "data": data.info,
