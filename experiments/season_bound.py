@@ -9,6 +9,9 @@ question without training anything: split the seven numbers between
 - ``season``: PCA of the pixel's 11 scene dates centred on this one (10 bands each, 110 values; cloudy
   dates linearly interpolated along the pixel's own series, series ends clamped: the window the models see),
 
+or (``--joint W``) PCA-7 of the date's S2 bands beside ``W`` times its S1 bands, which turns the S1 share
+continuously (W = 1 is `probe_latents.py --joint-pca 7`),
+
 and probe each split exactly like `stembed eval probe` (same pixel-dates, folds and models). Every PCA
 is fitted, unsupervised, on the whole region (as the joint bound). If no split beats PCA-7 of the S2
 bands, no 7-d embedding built linearly from these parts can; if one does, an objective that asks for those
@@ -115,9 +118,14 @@ def main() -> None:
                     help="components given to the date's S2 bands, its S1 bands and its season, e.g. 4,2,1")
     ap.add_argument("--mlp", action="append", default=[], metavar="WD,W1,WS",
                     help="a 7-d MLP autoencoder of the three parts with these loss weights, e.g. 1,0.5,0.5")
+    ap.add_argument("--joint", action="append", type=float, default=[], metavar="W",
+                    help="PCA-7 of the date's S2 bands beside W times its S1 bands (cube units): W trades S1 for S2")
+    ap.add_argument("--recon-only", action="store_true", help="print each candidate's linear rebuild, skip the probes")
     a = ap.parse_args()
-    if not a.split and not a.mlp:
-        ap.error("nothing to probe: give at least one --split DATE,S1,SEASON or --mlp WD,W1,WS")
+    if not a.split and not a.mlp and not a.joint:
+        ap.error("nothing to probe: give at least one --split DATE,S1,SEASON, --joint W or --mlp WD,W1,WS")
+    if any(w <= 0 for w in a.joint):
+        ap.error(f"--joint takes a positive S1 weight, got {a.joint}")
     mlps = []
     for s in a.mlp:
         try:
@@ -148,6 +156,8 @@ def main() -> None:
 
     candidates = {f"date{kd}+s1_{k1}+season{ks}": lambda kd=kd, k1=k1, ks=ks: np.concatenate(
         [pca(x, k) for x, k in ((date, kd), (radar, k1), (season, ks)) if k > 0], axis=1) for kd, k1, ks in splits}
+    candidates |= {f"joint7,s1x{w:g}": lambda w=w: pca(np.concatenate([date, w * radar], axis=1), 7)
+                   for w in a.joint}
     candidates |= {"mlp" + ",".join(f"{w:g}" for w in wts): lambda wts=wts: mlp_embedding(
         [date, radar, season], wts, k=7, seed=0) for wts in mlps}
     rows = []
@@ -156,6 +166,8 @@ def main() -> None:
         recon = {part: linear_recon_mae(emb, x) for part, x in (("s2", date), ("s1", radar))}
         print(f"{name}: date's S2 / S1 rebuilt linearly from it, MAE {recon['s2']:.4f} / {recon['s1']:.4f}",
               flush=True)
+        if a.recon_only:
+            continue
         values = np.full((*valid.shape, emb.shape[1]), np.nan, dtype=np.float32)
         values[valid] = emb
         ds = embedding_dataset(values.transpose(0, 3, 1, 2), valid, scene, bundle)

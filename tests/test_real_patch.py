@@ -35,3 +35,20 @@ def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(share
         for key in ("centre_mae", "baseline_patch_mean_centre_mae", "baseline_temporal_neighbours_centre_mae",
                     "baseline_pca_centre_mae"):
             assert math.isfinite(m[key]) and 0 < m[key] < 1, (split, key, m[key])
+
+
+@pytest.mark.slow
+def test_centre_pca_start_reconstructs_real_centre_pixels_after_four_steps(shared_data: Path, tmp_path: Path) -> None:
+    folder = shared_data / "00002806639B424A"
+    cfg = load_config(AEStageConfig, CONFIG, [
+        f"data.source.paths=[{folder}]", f"out_dir={tmp_path}", "train.progress_bar=false", "train.max_epochs=1",
+        "train.limit_train_batches=4", "train.val_every_n_epochs=1", "data.sampling.spatial_stride=4",
+        "init=centre_pca",
+    ])
+    run = train_autoencoder(cfg, run_dir=tmp_path / "run")
+    start = run.metrics["centre_pca_start"]
+    assert start["k"] == 9 and start["n_spectra"] > 10_000 and start["pca_centre_mae"] < 0.002
+    for split in ("val", "test"):
+        m = run.metrics["splits"][split]["s2"]
+        # a random start after four steps is no better than the patch mean (README "Models that learn")
+        assert m["centre_mae"] < 0.2 * m["baseline_patch_mean_centre_mae"], (split, m)
