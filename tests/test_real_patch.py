@@ -18,14 +18,18 @@ from stembed.training.run import train_autoencoder
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "belgium_s2.yaml"
 
 
+def _short_config(shared_data: Path, tmp_path: Path, *extra: str) -> AEStageConfig:
+    """The Belgian S2 config cut to 4 training batches of one epoch."""
+    folder = shared_data / "00002806639B424A"
+    return load_config(AEStageConfig, CONFIG, [
+        f"data.source.paths=[{folder}]", f"out_dir={tmp_path}", "train.progress_bar=false", "train.max_epochs=1",
+        "train.limit_train_batches=4", "train.val_every_n_epochs=1", "data.sampling.spatial_stride=4", *extra,
+    ])
+
+
 @pytest.mark.slow
 def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(shared_data: Path, tmp_path: Path) -> None:
-    folder = shared_data / "00002806639B424A"
-    cfg = load_config(AEStageConfig, CONFIG, [
-        f"data.source.paths=[{folder}]", f"out_dir={tmp_path}", "train.progress_bar=false", "train.max_epochs=1",
-        "train.limit_train_batches=4", "train.val_every_n_epochs=1", "data.sampling.spatial_stride=4",
-    ])
-    run = train_autoencoder(cfg, run_dir=tmp_path / "run")
+    run = train_autoencoder(_short_config(shared_data, tmp_path), run_dir=tmp_path / "run")
     groups = {k: v["groups"] for k, v in run.metrics["data"]["splits"].items()}
     boxes = [(g["y"][0], g["x"][0]) for k in ("train", "val", "test") for g in groups[k]]
     assert len(boxes) == len(set(boxes)) == 4  # four disjoint 32 x 32 blocks, each in one split
@@ -39,13 +43,7 @@ def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(share
 
 @pytest.mark.slow
 def test_centre_pca_start_reconstructs_real_centre_pixels_after_four_steps(shared_data: Path, tmp_path: Path) -> None:
-    folder = shared_data / "00002806639B424A"
-    cfg = load_config(AEStageConfig, CONFIG, [
-        f"data.source.paths=[{folder}]", f"out_dir={tmp_path}", "train.progress_bar=false", "train.max_epochs=1",
-        "train.limit_train_batches=4", "train.val_every_n_epochs=1", "data.sampling.spatial_stride=4",
-        "init=centre_pca",
-    ])
-    run = train_autoencoder(cfg, run_dir=tmp_path / "run")
+    run = train_autoencoder(_short_config(shared_data, tmp_path, "init=centre_pca"), run_dir=tmp_path / "run")
     start = run.metrics["centre_pca_start"]
     assert start["k"] == 9 and start["n_spectra"] > 10_000 and start["pca_centre_mae"] < 0.002
     for split in ("val", "test"):
