@@ -40,13 +40,13 @@ def main() -> None:
     mean, std = band_stats(data)
     m = AEConfig.model_validate({**m.model_dump(), "input_mean": mean, "input_std": std})
     spectra = train_spectra(data)
+    val = patch_loader(data.datasets["val"], batch_size=64, shuffle=False)
     rows = []
     for scale in [None, *a.scales]:
         torch.manual_seed(cfg.train.seed)
         model = SensorAutoencoder(m).eval()
         if scale is not None:
             init_centre_pca(model, spectra, scale)
-        val = patch_loader(data.datasets["val"], batch_size=64, shuffle=False)
         r = evaluate_split(val, autoencoder_reconstruct(model, cfg.sensor))[cfg.sensor]
         rows.append({"start": "random" if scale is None else f"centre_pca, scale {scale:g}",
                      "val_centre_mae": round(r["centre_mae"], 4),
