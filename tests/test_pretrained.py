@@ -31,6 +31,7 @@ def test_info_lists_and_describes_the_built_in_bundles():
     card = runner.invoke(app, ["info", "pretrained:belgium"])
     assert card.exit_code == 0, card.output
     assert "Not fit for" in card.output and "test block" in card.output
+    assert "pretrained:belgium: fusion" in card.output  # the title, not rich's :belgium: emoji
     unknown = runner.invoke(app, ["info", "pretrained:mars"])
     assert unknown.exit_code == 2 and "pretrained:belgium" in unknown.output
 

@@ -75,7 +75,7 @@ def render(report: dict[str, Any], out: TextIO) -> None:
     from rich.markdown import Markdown
     from rich.table import Table
 
-    console = Console(file=out)
+    console = Console(file=out, emoji=False, markup=False)  # bundle names like pretrained:belgium are not emoji codes
     if "builtin_bundles" in report:
         table = Table(title="built-in pretrained bundles")
         for col in ("bundle", "size", "summary"):
