@@ -75,11 +75,20 @@ def test_eval_commands_write_their_tables(inputs: dict[str, Path]) -> None:
             "8",
             "--samples",
             "1500",
+            "--region",
+            "0:32,0:24",
+            "--features",
+            "3",
+            "--features",
+            "7",
         ],
     )
     assert r.exit_code == 0, r.output
     summary = pd.read_csv(out / "probe_land_cover_summary.csv")
-    assert {"embedding", "raw_bands"} <= set(summary["feature_set"])
+    assert {"embedding3", "embedding7", "date_s2", "date_s2_pca3", "date_s2s1_pca7", "window_pca7", "season_raw"} <= set(
+        summary["feature_set"]
+    )
+    assert "in region 0:32,0:24" in r.output and "Feature sets were renamed" in r.output
     r = runner.invoke(
         app,
         [
@@ -104,6 +113,28 @@ def test_eval_commands_write_their_tables(inputs: dict[str, Path]) -> None:
     )
     assert r.exit_code == 0, r.output
     assert (out / "gpp_metrics.csv").is_file() and (out / "gpp_embedding.png").is_file()
+
+
+def test_eval_probe_passes_region_prefixes_and_the_scenes_s1(
+    inputs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from stembed.eval import probe
+
+    seen: dict[str, object] = {}
+
+    def fake(embeddings: object, s2: object, labels: object, **kw: object) -> None:
+        seen.update(kw)
+        raise probe.ProbeError("stopped by the test")
+
+    monkeypatch.setattr(probe, "probe_table", fake)
+    r = runner.invoke(app, ["eval", "probe", "--embeddings", str(inputs["emb"]), "--cube", str(inputs["cube"]),
+                            "--label", "land_cover", "--out", str(inputs["dir"] / "p"), "--region", "16:32,0:16", "--jobs", "2",
+                            "--features", "7", "--features", "3"])
+    assert r.exit_code == 2 and "stopped by the test" in r.output
+    assert seen["region"] == (16, 32, 0, 16) and seen["features"] == [7, 3] and seen["label"] == "land_cover"
+    assert seen["n_jobs"] == 2
+    s1 = seen["s1"]
+    assert getattr(s1, "dims", None) == ("time", "band", "y", "x") and list(s1["band"].values) == ["VV", "VH"]
 
 
 def test_gpp_needs_a_tower_or_the_whole_cube_and_a_tower_inside(inputs: dict[str, Path]) -> None:

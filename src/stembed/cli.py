@@ -875,23 +875,34 @@ def eval_probe(
     folds: Annotated[int, typer.Option("--folds", help="Cross-validation folds.")] = 4,
     samples: Annotated[int, typer.Option("--samples", help="Pixel-dates sampled.")] = 20000,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    features: Annotated[
+        list[int] | None,
+        typer.Option("--features", metavar="K", help="Probe the embedding's first K features and K-sized baselines "
+                     "(repeatable; default: the store's nested prefixes, else all features)."),
+    ] = None,
+    region: Annotated[
+        str | None,
+        typer.Option("--region", metavar="Y0:Y1,X0:X1", help="Probe only this pixel box of the store's grid "
+                     "(ends excluded), e.g. a held-out block 32:64,32:64."),
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", help="Random-forest threads (-1: all cores).")] = 1,
 ) -> None:
-    """Logistic regression and random forest on embeddings vs raw bands vs PCA of raw bands (blocked CV)."""
-    from stembed.eval.probe import probe_table
+    """Logistic regression and random forest on embedding prefixes vs same-size baselines (the date's S2 and S1
+    bands, the model's window, the pixel's season), spatially blocked CV."""
+    from stembed.eval.probe import ProbeError, parse_region, probe_table
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
+        box = None if region is None else parse_region(region)
         check_output_folder(out)
         scene = open_scene(cube, check_values=False)
         if scene.labels is None:
-            from stembed.eval.probe import ProbeError
-
             raise ProbeError(f"the scene {cube} has no label layers; fix: build it with labels (save_scene)")
-        return probe_table(open_embeddings(embeddings), scene.s2, scene.labels, label=label,
-                           nodata=tuple(nodata or (0,)), block_px=block_px, n_folds=folds, max_samples=samples,
-                           seed=seed)
+        return probe_table(open_embeddings(embeddings), scene.s2, scene.labels, label=label, s1=scene.s1,
+                           features=features, region=box, nodata=tuple(nodata or (0,)), block_px=block_px,
+                           n_folds=folds, max_samples=samples, seed=seed, n_jobs=jobs)
 
     res = _run(go)
     res.save(out)

@@ -1,10 +1,22 @@
-"""Linear and random-forest probes: do the embeddings separate the reference labels better than raw S2?
+"""Linear and random-forest probes: do the embeddings separate the reference labels better than same-size baselines?
 
 For one labelled scene (e.g. a WorldCereal patch with ``LC``/``CT`` codes) every pixel-date that has an
-embedding, all 10 S2 bands and a label is a sample, described three ways: the embedding, the 10 raw
-bands, and a PCA of the raw bands to as many components as the embedding has features (so "the
-embedding wins" cannot just mean "fewer, decorrelated inputs"). Logistic regression and a random forest
-are scored on each with spatially blocked cross-validation, next to a majority-class baseline.
+embedding, all 10 S2 bands and a label is a sample. Each sample is described by the embedding's first k
+features (``embedding<k>``, one per requested prefix k) and by baselines of the same size that see what the
+model sees (:data:`FEATURE_SETS`):
+
+- ``date_s2``, ``date_s2_pca<k>``: the date's 10 S2 bands, and PCA-k of them;
+- ``date_s2s1_pca<k>``: PCA-k of those bands and the VV, VH of the nearest S1 date, each standardised: the
+  context-free bound of a fused embedding;
+- ``window_pca<k>``: PCA-k of the pixel's S2 bands over the model's window around the date (the store's
+  ``window`` attribute, else the paper's 11 consecutive dates); ``window11_pca<k>`` adds the paper's window
+  when the store has another one;
+- ``season_raw``, ``season_pca<k>``: the pixel's monthly mean S2 series over the whole period (the same for
+  every date of a pixel: an upper reference, not a per-date feature).
+
+Logistic regression and a random forest are scored on each with spatially blocked cross-validation, next to
+a majority-class baseline. So "the embedding wins" cannot just mean "fewer, decorrelated inputs" or "it saw
+other dates".
 
 Why blocked: neighbouring pixels (and all dates of one pixel) share a parcel, so a random split leaks
 the parcel into the test set and rewards memorising it. Samples are grouped into ``block_px`` x
@@ -13,11 +25,13 @@ trained and tested, so classes must span >= 2 blocks (and ``min_class_pixels`` p
 
 Every choice that could favour one feature set is shared: one set of pixel-dates, one subsample, one
 fold assignment; PCA and feature scaling are fitted inside each training fold (sklearn pipelines).
-The arrays are loaded into memory: this is meant for labelled patches, not whole embedding stores.
+The arrays are loaded into memory: this is meant for labelled patches, not whole embedding stores
+(``region`` probes one box of a larger one).
 """
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +41,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import xarray as xr
+from pydantic import ValidationError
 from sklearn.decomposition import PCA
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.linear_model import LogisticRegression
@@ -35,18 +50,30 @@ from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from stembed.config import WindowConfig
+from stembed.data.sampling import day_numbers
+from stembed.data.windows import NONE, window_dates
 from stembed.errors import UserError
 from stembed.io.embeddings import grid_mismatch
-from stembed.sensors import S2
+from stembed.sensors import S1, S2
 from stembed.types import BAND, FEATURE, TIME, X, Y
 
-FEATURE_SETS = ("embedding", "raw_bands", "raw_pca")  # raw_pca is named raw_pca<k> in the results
+FEATURE_SETS = (
+    "embedding<k>", "date_s2_pca<k>", "date_s2s1_pca<k>", "window_pca<k>", "window11_pca<k>", "season_pca<k>",
+    "date_s2", "season_raw",
+)
+"""The feature sets, ``<k>`` = each requested embedding prefix; summary rows come in this order (per k first)."""
+RENAMED = {"raw_bands": "date_s2", "raw_pca<k>": "date_s2_pca<k>", "embedding": "embedding<k>"}
+"""Names of older probe outputs -> today's (the markdown says so, for reading old and new side by side)."""
 MODELS = ("logistic_regression", "random_forest")
 BASELINE = ("none", "majority_class")  # (feature_set, model) of the chance-level row
 MIN_CLASS_BLOCKS = 2  # a class in one block cannot appear in both a training and a test fold
 TABLE_COLUMNS = ("feature_set", "model", "fold", "macro_f1", "accuracy", "n_train", "n_test")
+PAPER_WINDOW_DATES = 11  # the paper's window: 11 consecutive dates centred on the date
 _TIME_TOL = pd.Timedelta(seconds=60)  # embedding and S2 times agree within this
 _LR_MAX_ITER = 5000
+_FILL_CHUNK_PX = 1024
+_REGION_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*,\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
 class ProbeError(UserError):
@@ -61,12 +88,13 @@ class ProbeResult:
         table: one row per feature set, model and fold, plus a ``fold == "mean"`` row per pair
             (columns :data:`TABLE_COLUMNS`; ``fold`` is a string: ``"0"``, ``"1"``, ..., ``"mean"``).
         summary: one row per feature set and model: mean and std (over folds, ddof=1) of macro-F1
-            and accuracy, and the number of input features.
+            and accuracy, ``n_features`` (what the classifier sees: PCA components or columns) and
+            ``n_columns`` (the set's columns before any PCA).
         meta: the run's facts: classes kept and dropped (with pixel, pixel-date and block counts and
-            the reason), sample counts, blocks, CV scheme, seeds and parameters.
+            the reason), sample counts, blocks, CV scheme, how each baseline was built, seeds and parameters.
         samples: the pixel-dates used, one row each: positions ``it``, ``iy``, ``ix`` in the embedding
-            store, ``label``, ``block`` and ``fold`` (the fold it is tested in). Identical for every
-            feature set and model.
+            store (not the region), ``label``, ``block`` and ``fold`` (the fold it is tested in). Identical
+            for every feature set and model.
     """
 
     table: pd.DataFrame
@@ -90,13 +118,63 @@ class ProbeResult:
         return out / f"probe_{label}_summary.csv"
 
 
+@dataclass(frozen=True)
+class FeatureSet:
+    """One feature set's matrix and how its pipeline reduces it (fitted per training fold).
+
+    Attributes:
+        name: e.g. ``"date_s2s1_pca7"``.
+        x: ``(n_samples, n_columns)`` float32, one row per sample.
+        n_pca: PCA components fitted inside the pipeline, None for no PCA.
+        scale: standardise every column before the PCA (columns in different units).
+    """
+
+    name: str
+    x: np.ndarray
+    n_pca: int | None = None
+    scale: bool = False
+
+    @property
+    def n_features(self) -> int:
+        """What the classifier sees: the PCA components, else the columns."""
+        return self.x.shape[1] if self.n_pca is None else self.n_pca
+
+
+@dataclass(frozen=True)
+class ProbeFeatures:
+    """Every feature set of a list of pixel-dates (:func:`probe_features`).
+
+    Attributes:
+        samples: one row per pixel-date: ``it``, ``iy``, ``ix`` (positions in the embedding store), ``label``.
+        sets: feature sets by name, rows in ``samples`` order, in :data:`FEATURE_SETS` order.
+        meta: how each baseline was built (window source, fills, months, S1 matching).
+        skipped: baselines that could not be built, with the reason.
+    """
+
+    samples: pd.DataFrame
+    sets: dict[str, FeatureSet]
+    meta: dict[str, Any]
+    skipped: dict[str, str]
+
+
 # ----------------------------------------------------------------------------- inputs
 @dataclass(frozen=True)
 class _Arrays:
-    embedding: np.ndarray  # (time, feature, y, x) float32
-    raw: np.ndarray  # (time, band, y, x) float32, S2 band order
+    embedding: np.ndarray  # (time, feature, y, x) float32, the store's dates
+    s2: np.ndarray  # (s2 time, band, y, x) float32, the S2 cube's whole series, S2 band order
+    s2_days: np.ndarray  # (s2 time,) int64 day numbers
+    s2_times: np.ndarray  # (s2 time,) datetime64[ns]
+    pos: np.ndarray  # (time,) position of each store date in the S2 series
     label: np.ndarray  # (y, x)
     mask: np.ndarray  # (time, y, x) bool: the usable pixel-dates
+    s1: np.ndarray | None  # (s1 time, band, y, x) float32 VV, VH on the S1 cube's own dates
+    s1_times: np.ndarray | None  # (s1 time,) datetime64[ns]
+    origin: tuple[int, int]  # (y0, x0) of the region in the store's grid
+
+    @property
+    def date_s2(self) -> np.ndarray:
+        """``(time, band, y, x)``: the S2 bands on the store's dates."""
+        return self.s2[self.pos]
 
 
 def _nodata_values(nodata: float | Sequence[float] | None) -> list[float]:
@@ -127,8 +205,46 @@ def _s2_positions(s2: xr.DataArray, times: np.ndarray) -> np.ndarray:
     return pos
 
 
+def parse_region(text: str) -> tuple[int, int, int, int]:
+    """``"y0:y1,x0:x1"`` (pixel rows and columns of the store's grid, ends excluded) -> ``(y0, y1, x0, x1)``.
+
+    Raises:
+        ProbeError: the text is not of that form.
+    """
+    m = _REGION_RE.match(text)
+    if m is None:
+        raise ProbeError(
+            f"region {text!r} is not y0:y1,x0:x1; fix: give pixel rows and columns of the store's grid, "
+            "e.g. --region 32:64,32:64"
+        )
+    y0, y1, x0, x1 = (int(v) for v in m.groups())
+    return y0, y1, x0, x1
+
+
+def _check_region(region: Sequence[int] | None, height: int, width: int) -> tuple[int, int, int, int]:
+    """The box to probe, whole grid for None; refuses an empty or out-of-grid box."""
+    if region is None:
+        return 0, height, 0, width
+    if len(region) != 4 or not all(isinstance(v, int | np.integer) for v in region):
+        raise ProbeError(f"region must be 4 integers (y0, y1, x0, x1), got {region!r}")
+    y0, y1, x0, x1 = (int(v) for v in region)
+    if not (0 <= y0 < y1 <= height and 0 <= x0 < x1 <= width):
+        raise ProbeError(
+            f"region {y0}:{y1},{x0}:{x1} is empty or outside the store's grid of {height} x {width} px; fix: "
+            f"give 0 <= y0 < y1 <= {height} and 0 <= x0 < x1 <= {width}"
+        )
+    return y0, y1, x0, x1
+
+
 def _load(
-    embeddings: xr.Dataset, s2: xr.DataArray, labels: xr.Dataset, label: str, nodata: list[float]
+    embeddings: xr.Dataset,
+    s2: xr.DataArray,
+    labels: xr.Dataset,
+    label: str,
+    nodata: list[float],
+    *,
+    s1: xr.DataArray | None = None,
+    region: Sequence[int] | None = None,
 ) -> _Arrays:
     if label not in labels.data_vars:
         raise ProbeError(
@@ -145,24 +261,42 @@ def _load(
         raise ProbeError(f"the S2 cube lacks band(s) {missing}; fix: pass the scene's S2 cube (scene.s2)")
     _check_grid("S2 cube", s2, embeddings)
     _check_grid("labels", labels, embeddings)
+    if s1 is not None:
+        missing = [b for b in S1.bands if b not in s1[BAND].values] if BAND in s1.dims else list(S1.bands)
+        if missing:
+            raise ProbeError(f"the S1 cube lacks band(s) {missing}; fix: pass the scene's S1 cube (scene.s1)")
+        _check_grid("S1 cube", s1, embeddings)
     lab_da = labels[label]
     if set(lab_da.dims) != {Y, X}:
         raise ProbeError(f"label {label!r} has dims {tuple(lab_da.dims)}; a probe needs one label per pixel (y, x)")
+    s2_times = np.asarray(s2[TIME].values, dtype="datetime64[ns]")
+    if (np.diff(s2_times) <= np.timedelta64(0)).any():
+        raise ProbeError("the S2 cube's dates are not increasing; fix: pass the cube sorted by time (sortby('time'))")
 
-    emb_da = embeddings["embedding"].transpose(TIME, FEATURE, Y, X)
+    y0, y1, x0, x1 = _check_region(region, embeddings.sizes[Y], embeddings.sizes[X])
+    box = {Y: slice(y0, y1), X: slice(x0, x1)}
+    emb_da = embeddings["embedding"].isel(box).transpose(TIME, FEATURE, Y, X)
     pos = _s2_positions(s2, emb_da[TIME].values)
     emb = np.asarray(emb_da.values, dtype=np.float32)
-    raw = np.asarray(s2.sel({BAND: list(S2.bands)}).transpose(TIME, BAND, Y, X).values[pos], dtype=np.float32)
-    lab = np.asarray(lab_da.transpose(Y, X).values)
+    s2_all = np.asarray(s2.isel(box).sel({BAND: list(S2.bands)}).transpose(TIME, BAND, Y, X).values, dtype=np.float32)
+    lab = np.asarray(lab_da.isel(box).transpose(Y, X).values)
 
-    mask = np.isfinite(emb).all(axis=1) & np.isfinite(raw).all(axis=1)
+    mask = np.isfinite(emb).all(axis=1) & np.isfinite(s2_all[pos]).all(axis=1)
     if "valid" in embeddings.data_vars:
-        mask &= np.asarray(embeddings["valid"].transpose(TIME, Y, X).values, dtype=bool)
+        mask &= np.asarray(embeddings["valid"].isel(box).transpose(TIME, Y, X).values, dtype=bool)
     has_label = ~np.isin(lab, nodata)
     if np.issubdtype(lab.dtype, np.floating):
         has_label &= np.isfinite(lab)
     mask &= has_label[None]
-    return _Arrays(embedding=emb, raw=raw, label=lab, mask=mask)
+    s1_all = s1_times = None
+    if s1 is not None:
+        s1_all = np.asarray(s1.isel(box).sel({BAND: list(S1.bands)}).transpose(TIME, BAND, Y, X).values,
+                            dtype=np.float32)
+        s1_times = np.asarray(s1[TIME].values, dtype="datetime64[ns]")
+    return _Arrays(
+        embedding=emb, s2=s2_all, s2_days=day_numbers(s2_times), s2_times=s2_times, pos=pos, label=lab, mask=mask,
+        s1=s1_all, s1_times=s1_times, origin=(y0, x0),
+    )
 
 
 def pixel_date_mask(
@@ -186,6 +320,278 @@ def pixel_date_mask(
         a.mask, dims=(TIME, Y, X),
         coords={TIME: embeddings[TIME].values, Y: embeddings[Y].values, X: embeddings[X].values},
     )
+
+
+def _prefixes(embeddings: xr.Dataset, features: Sequence[int] | None, n_features: int) -> list[int]:
+    """The embedding prefixes to probe: ``features``, else the store's ``nested`` attribute, else all features."""
+    source = "features"
+    if features is None:
+        nested = embeddings.attrs.get("nested")
+        is_ints = isinstance(nested, list | tuple) and all(
+            isinstance(k, int | np.integer) and not isinstance(k, bool) for k in nested
+        )
+        if is_ints and nested:
+            features, source = list(nested), "the store's 'nested' attribute"
+        else:
+            return [n_features]
+    ks = []
+    for k in features:
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or not 1 <= k <= n_features:
+            raise ProbeError(
+                f"embedding prefix {k!r} (from {source}) is not between 1 and {n_features}, the store's number of "
+                f"features; fix: ask for prefixes k with 1 <= k <= {n_features} (--features K)"
+            )
+        if int(k) not in ks:
+            ks.append(int(k))
+    if not ks:
+        raise ProbeError(f"no embedding prefix asked for; fix: give features= with values in 1..{n_features}")
+    return ks
+
+
+def _store_window(embeddings: xr.Dataset) -> WindowConfig | None:
+    """The model's context window from the store's ``window`` attribute; None: the paper's 11 consecutive dates."""
+    raw = embeddings.attrs.get("window")
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ProbeError(
+            f"the store's 'window' attribute is a {type(raw).__name__}, not a dict of WindowConfig fields; fix: "
+            "write the store with a current stembed, or delete the attribute if the model used the paper's window"
+        )
+    try:
+        return WindowConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ProbeError(
+            f"the store's 'window' attribute {raw} is not a valid WindowConfig ({e.errors()[0]['msg']}); fix: "
+            "write the store with the stembed that trained its model"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- baselines
+def fill_linear(values: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Fill the NaN of each series along the last axis linearly between its finite values, flat beyond them.
+
+    ``values`` ``(..., n)``, ``x`` ``(n,)`` increasing: the same as ``np.interp(x, x[ok], v[ok])`` for every
+    series ``v`` (``ok`` its finite entries), vectorised. A series with no finite value stays NaN.
+    """
+    v = np.asarray(values)
+    x = np.asarray(x, dtype=np.float64)
+    n = v.shape[-1]
+    ok = np.isfinite(v)
+    idx = np.arange(n)
+    prev = np.maximum.accumulate(np.where(ok, idx, -1), axis=-1)  # last finite index at or before each entry
+    nxt = np.flip(np.minimum.accumulate(np.flip(np.where(ok, idx, n), -1), axis=-1), -1)  # first at or after
+    lo = np.clip(np.where(prev >= 0, prev, nxt), 0, n - 1)  # before the first finite value: flat
+    hi = np.clip(np.where(nxt < n, nxt, prev), 0, n - 1)  # after the last: flat
+    v_lo, v_hi = np.take_along_axis(v, lo, -1), np.take_along_axis(v, hi, -1)
+    x_lo, x_hi = x[lo], x[hi]
+    span = np.where(x_hi > x_lo, x_hi - x_lo, 1.0)
+    w = np.where(x_hi > x_lo, (x - x_lo) / span, 0.0)
+    return np.where(ok, v, v_lo + w * (v_hi - v_lo)).astype(v.dtype, copy=False)
+
+
+def paper_window(n_dates: int, t: np.ndarray, n_frames: int = PAPER_WINDOW_DATES) -> np.ndarray:
+    """``(N, n_frames)`` date indices of the consecutive window centred on each date ``t`` ``(N,)``.
+
+    Reflected at the series ends like :func:`stembed.inference.engine.window_days` (frame -k is date k), so
+    the date is always the centre frame; needs ``n_dates > n_frames // 2``.
+    """
+    half = n_frames // 2
+    if n_dates <= half:
+        raise ProbeError(f"a window of {n_frames} consecutive dates needs >= {half + 1} dates, the series has {n_dates}")
+    o = np.asarray(t, dtype=np.int64)[:, None] + np.arange(-half, half + 1)[None]  # (N, n_frames)
+    o = np.where(o < 0, -o, o)
+    return np.where(o > n_dates - 1, 2 * (n_dates - 1) - o, o)
+
+
+def monthly_series(series: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, pd.PeriodIndex]:
+    """Calendar-month means of ``series`` ``(..., time)`` from the month of the first date to that of the last.
+
+    Each month is the mean of the series' finite values in it; a month without one is filled linearly between
+    the observed months (flat beyond the first and last). Returns ``(..., month)`` and the months.
+    """
+    stamps = pd.DatetimeIndex(times)
+    mon = np.asarray(stamps.year * 12 + stamps.month - 1, dtype=np.int64)
+    m = mon - mon.min()
+    n_months = int(m.max()) + 1
+    onehot = (m[:, None] == np.arange(n_months)[None]).astype(np.float64)  # (time, month)
+    ok = np.isfinite(series)
+    sums = np.where(ok, series, 0.0).astype(np.float64) @ onehot  # (..., month)
+    counts = ok.astype(np.float64) @ onehot
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts > 0, sums / counts, np.nan)
+    months = pd.period_range(stamps.min(), stamps.max(), freq="M")
+    return fill_linear(means, np.arange(n_months)).astype(np.float32), months
+
+
+def _match_s1(
+    s1: np.ndarray, s1_times: np.ndarray, s2_times: np.ndarray, ts: np.ndarray, inv: np.ndarray, uy: np.ndarray,
+    ux: np.ndarray,
+) -> tuple[np.ndarray | None, dict[str, Any]]:
+    """``(N, 2)`` VV, VH of each row's pixel at the S1 date nearest its S2 date ``s2_times[ts]``, per band: where
+    the pixel's band is not finite there, its nearest date where it is (ties: the earlier date). None (and
+    the reason) when a band has no finite value at all."""
+    if s1_times.size == 0:
+        return None, {"reason": "the S1 cube has no dates"}
+    order = np.argsort(s1_times, kind="stable")
+    s1, t1 = s1[order], s1_times[order]
+    s1p = s1[:, :, uy, ux]  # (T1, band, P)
+    gap = np.abs((s2_times[:, None] - t1[None, :]) / np.timedelta64(1, "D"))  # (T2, T1) days
+    d = gap[ts]  # (N, T1)
+    nearest = np.argmin(d, axis=1)
+    rows = np.arange(ts.size)
+    out = np.full((ts.size, len(S1.bands)), np.nan, dtype=np.float32)
+    used_gap = np.full((ts.size, len(S1.bands)), np.nan)
+    moved = np.zeros(ts.size, dtype=bool)
+    filled: dict[str, int] = {}
+    for b, name in enumerate(S1.bands):
+        finite = np.isfinite(s1p[:, b, :]).T  # (P, T1)
+        db = np.where(finite[inv], d, np.inf)
+        pick = np.argmin(db, axis=1)
+        ok = np.isfinite(db[rows, pick])
+        out[ok, b] = s1p[pick[ok], b, inv[ok]]
+        used_gap[ok, b] = db[rows[ok], pick[ok]]
+        moved |= ok & (pick != nearest)
+        if not ok.all():
+            everywhere = s1[:, b][np.isfinite(s1[:, b])]
+            if everywhere.size == 0:
+                return None, {"reason": f"the S1 cube has no finite {name} value in the probed region"}
+            out[~ok, b] = np.median(everywhere)
+            filled[name] = int((~ok).sum())
+    info = {
+        "rule": "per band, the S1 date nearest the S2 date (no tolerance); where the pixel's band is not finite "
+        "there, its nearest date where it is (ties: the earlier date)",
+        "gap_days_median": float(np.nanmedian(used_gap)) if np.isfinite(used_gap).any() else None,
+        "gap_days_max": float(np.nanmax(used_gap)) if np.isfinite(used_gap).any() else None,
+        "rows_not_on_nearest_date": int(moved.sum()),
+        "rows_without_s1_filled_with_band_median": filled,
+    }
+    return out, info
+
+
+def _build_features(
+    a: _Arrays, it: np.ndarray, iy: np.ndarray, ix: np.ndarray, prefixes: Sequence[int], window: WindowConfig | None
+) -> tuple[dict[str, FeatureSet], dict[str, Any], dict[str, str]]:
+    """Every feature set of the rows ``it, iy, ix`` (store dates, region pixels); their meta; the sets skipped."""
+    width = a.label.shape[1]
+    ts = a.pos[it]  # (N,) the rows' dates in the S2 series
+    upix, inv = np.unique(iy * width + ix, return_inverse=True)
+    uy, ux = np.divmod(upix, width)
+    series = np.moveaxis(a.s2[:, :, uy, ux], -1, 0)  # (P, T2, band): each row pixel's whole S2 series
+    own = a.s2[ts, :, iy, ix]  # (N, band)
+    n_bands = own.shape[1]
+    meta: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+
+    date_s2s1 = None
+    if a.s1 is None or a.s1_times is None:
+        skipped["date_s2s1_pca<k>"] = "no S1 cube given (s1=None)"
+    else:
+        s1_rows, meta["date_s2s1"] = _match_s1(a.s1, a.s1_times, a.s2_times, ts, inv, uy, ux)
+        if s1_rows is None:
+            skipped["date_s2s1_pca<k>"] = meta.pop("date_s2s1")["reason"]
+        else:
+            date_s2s1 = np.concatenate([own, s1_rows], axis=1)
+            meta["date_s2s1"] = {
+                "columns": f"the date's {n_bands} S2 bands, then {', '.join(S1.bands)}",
+                "scaling": "StandardScaler on each column, then PCA (fitted per training fold); S1 cube values "
+                "are (dB + 30) / 35, so standardised they equal standardised dB",
+                **meta["date_s2s1"],
+            }
+
+    n_time = series.shape[1]
+    filled = None
+    consecutive = None
+    if n_time > PAPER_WINDOW_DATES // 2:
+        filled = np.empty_like(series)  # (P, T2, band), in chunks of pixels: fill_linear's index arrays are big
+        for chunk in np.array_split(np.arange(series.shape[0]), max(1, series.shape[0] // _FILL_CHUNK_PX)):
+            filled[chunk] = np.moveaxis(fill_linear(np.moveaxis(series[chunk], 1, -1), a.s2_days), -1, 1)
+        frames = paper_window(n_time, ts)  # (N, 11)
+        consecutive = filled[inv[:, None], frames].reshape(ts.size, -1)  # (N, 11 * band), frame-major
+    paper_note = (
+        f"the paper's window: {PAPER_WINDOW_DATES} consecutive S2 dates centred on the date (the date's own bands "
+        "are the centre frame), reflected at the series ends like inference.engine.window_days; cloudy "
+        "(non-finite) values filled by linear interpolation in time along the pixel's own series (per band, "
+        "np.interp over its finite dates, flat beyond the ends)"
+    )
+    too_short = (f"the S2 series has {n_time} dates; {PAPER_WINDOW_DATES} consecutive dates reflected at the ends "
+                 f"need >= {PAPER_WINDOW_DATES // 2 + 1}")
+    window_x = window11_x = None
+    if window is None:
+        window_x = consecutive
+        if consecutive is None:
+            skipped["window_pca<k>"] = too_short
+        else:
+            meta["window"] = {"source": "paper (the store has no 'window' attribute)", "rule": paper_note,
+                              "values_filled": int((~np.isfinite(series)).sum())}
+    else:
+        observed = np.isfinite(series).all(axis=2)[inv]  # (N, T2): the pixel has all bands on the date
+        idx = window_dates(window, a.s2_days, observed, ts)  # (N, dates)
+        empty = idx == NONE
+        ctx = series[inv[:, None], np.where(empty, 0, idx)]  # (N, dates, band)
+        ctx = np.where(empty[..., None], own[:, None, :], ctx)
+        window_x = np.concatenate([own, ctx.reshape(ts.size, -1)], axis=1)
+        meta["window"] = {
+            "source": "the store's 'window' attribute",
+            "config": window.model_dump(mode="json"),
+            "rule": f"the date's own {n_bands} bands, then those of the {window.dates} dates "
+            "data.windows.window_dates picks (observed = all 10 S2 bands finite); a slot without a date (-1) "
+            "holds the date's own bands",
+            "empty_slots": int(empty.sum()),
+        }
+        window11_x = consecutive
+        if consecutive is None:
+            skipped["window11_pca<k>"] = too_short
+        else:
+            meta["window11"] = {"rule": paper_note, "values_filled": int((~np.isfinite(series)).sum())}
+
+    months_x, months = monthly_series(np.moveaxis(series, 1, -1), a.s2_times)  # (P, band, month)
+    season_x = np.moveaxis(months_x, 1, 2).reshape(months_x.shape[0], -1)[inv]  # (N, month * band), month-major
+    meta["season"] = {
+        "months": [str(m) for m in months],
+        "rule": "the pixel's whole S2 series as calendar-month means per band (finite values of the month), from "
+        "the month of the cube's first S2 date to that of its last; months without an observation filled "
+        "linearly between the observed months (flat beyond the ends); the same for every date of a pixel: an "
+        "upper reference, not a per-date feature",
+    }
+
+    sets: dict[str, FeatureSet] = {}
+    for k in prefixes:
+        sets[f"embedding{k}"] = FeatureSet(f"embedding{k}", a.embedding[it, :k, iy, ix])
+        bases = {"date_s2_pca": (own, False), "date_s2s1_pca": (date_s2s1, True), "window_pca": (window_x, False),
+                 "window11_pca": (window11_x, False), "season_pca": (season_x, False)}
+        for base, (x, scale) in bases.items():
+            if x is not None:
+                sets[f"{base}{k}"] = FeatureSet(f"{base}{k}", x, n_pca=min(k, x.shape[1]), scale=scale)
+    sets["date_s2"] = FeatureSet("date_s2", own)
+    sets["season_raw"] = FeatureSet("season_raw", season_x)
+    return sets, meta, skipped
+
+
+def probe_features(
+    embeddings: xr.Dataset,
+    s2: xr.DataArray,
+    labels: xr.Dataset,
+    *,
+    label: str,
+    s1: xr.DataArray | None = None,
+    features: Sequence[int] | None = None,
+    region: Sequence[int] | None = None,
+    nodata: float | Sequence[float] | None = 0,
+) -> ProbeFeatures:
+    """Every feature set of every usable pixel-date (:func:`pixel_date_mask`), as :func:`probe_table` builds them.
+
+    For inspecting the baselines; the arguments are :func:`probe_table`'s. Rows are in (time, y, x) order.
+
+    Raises:
+        ProbeError: as :func:`probe_table`.
+    """
+    a = _load(embeddings, s2, labels, label, _nodata_values(nodata), s1=s1, region=region)
+    prefixes = _prefixes(embeddings, features, a.embedding.shape[1])
+    it, iy, ix = np.nonzero(a.mask)
+    sets, meta, skipped = _build_features(a, it, iy, ix, prefixes, _store_window(embeddings))
+    samples = pd.DataFrame({"it": it, "iy": iy + a.origin[0], "ix": ix + a.origin[1], "label": a.label[iy, ix]})
+    return ProbeFeatures(samples=samples, sets=sets, meta=meta, skipped=skipped)
 
 
 # ----------------------------------------------------------------------------- folds
@@ -241,9 +647,11 @@ def spatial_folds(
 
 
 # ----------------------------------------------------------------------------- models
-def _pipeline(feature_set: str, model: str, *, n_pca: int, seed: int, n_estimators: int, n_jobs: int) -> Pipeline:
-    """The estimator for one cell; PCA and scaling sit inside it, so they are fitted on training rows only."""
-    steps: list[Any] = [PCA(n_components=n_pca)] if feature_set == "raw_pca" else []
+def _pipeline(fs: FeatureSet, model: str, *, seed: int, n_estimators: int, n_jobs: int) -> Pipeline:
+    """The estimator for one cell; scaling and PCA sit inside it, so they are fitted on training rows only."""
+    steps: list[Any] = [StandardScaler()] if fs.scale else []
+    if fs.n_pca is not None:
+        steps.append(PCA(n_components=fs.n_pca, random_state=seed))
     if model == "logistic_regression":
         steps += [StandardScaler(), LogisticRegression(max_iter=_LR_MAX_ITER)]
     elif model == "random_forest":
@@ -272,6 +680,9 @@ def probe_table(
     labels: xr.Dataset,
     *,
     label: str,
+    s1: xr.DataArray | None = None,
+    features: Sequence[int] | None = None,
+    region: Sequence[int] | None = None,
     block_px: int = 16,
     n_folds: int = 4,
     max_samples: int = 20000,
@@ -281,62 +692,66 @@ def probe_table(
     n_estimators: int = 200,
     n_jobs: int = 1,
 ) -> ProbeResult:
-    """Score embedding vs raw bands vs PCA of raw bands on one label, with spatially blocked CV.
+    """Score embedding prefixes against same-size baselines (:data:`FEATURE_SETS`) on one label, blocked CV.
 
     Args:
-        embeddings: an embedding store (:func:`stembed.io.embeddings.open_embeddings`).
+        embeddings: an embedding store (:func:`stembed.io.embeddings.open_embeddings`); its ``window``
+            attribute (a :class:`~stembed.config.WindowConfig` dict) names the model's window, absent = the
+            paper's 11 consecutive dates; its ``nested`` attribute the default prefixes.
         s2: the S2 cube ``(time, band, y, x)`` of the same scene (``scene.s2``): same grid, and an
-            acquisition at every embedding date.
+            acquisition at every embedding date. Window and season baselines read its whole series.
         labels: per-pixel labels on the same grid (``scene.labels``).
         label: the label variable, e.g. ``"LC"`` or ``"CT"`` for WorldCereal.
+        s1: the S1 cube ``(time, band, y, x)`` on its own dates (``scene.s1``), for ``date_s2s1_pca<k>``;
+            None leaves that baseline out (listed in ``meta["skipped"]``).
+        features: embedding prefixes k to probe (``embedding<k>`` and every ``*_pca<k>`` baseline per k);
+            None: the store's ``nested`` prefixes if it has them, else all its features.
+        region: ``(y0, y1, x0, x1)`` pixel box of the store's grid to probe (ends excluded), e.g. a held-out
+            block; spatial blocks are counted from its corner. None: the whole grid.
         block_px: side of the square spatial blocks that go to one fold whole.
         n_folds: cross-validation folds.
         max_samples: pixel-dates kept after class filtering, drawn uniformly with ``seed`` before the
             folds are assigned (so every feature set and model sees the same ones).
         min_class_pixels: a class needs this many pixels (distinct y/x, not pixel-dates) with a usable
             date, and pixels in >= 2 blocks, or it is dropped (listed in ``meta``).
-        seed: the only source of randomness: the subsample, the fold shuffle and the forest all use it.
+        seed: the only source of randomness: the subsample, the fold shuffle, PCA and the forest all use it.
         nodata: label value(s) that mean "no label"; for WorldCereal ``LC`` pass ``(0, 99)`` to drop
             99 = unknown too.
         n_estimators, n_jobs: random-forest size and threads.
 
     Returns:
         A :class:`ProbeResult`; the majority-class baseline has ``feature_set="none"``,
-        ``model="majority_class"``; the PCA feature set is named ``raw_pca<k>``, k = embedding features.
+        ``model="majority_class"``.
 
     Raises:
-        ProbeError: missing label or bands, different grids or dates, fewer than 2 classes left,
-            or too few blocks for ``n_folds``.
+        ProbeError: missing label or bands, different grids or dates, a prefix outside 1..n_features, a bad
+            region, fewer than 2 classes left, or too few blocks for ``n_folds``.
 
     (Long by this docstring and the ``meta`` record it returns; the steps are :func:`_classes`,
-    :func:`_subsample`, :func:`_cross_validate` and :func:`_tables`.)
+    :func:`_subsample`, :func:`_build_features`, :func:`_cross_validate` and :func:`_tables`.)
     """
     if max_samples < n_folds:
         raise ProbeError(f"max_samples must be >= n_folds ({n_folds}), got {max_samples}")
     nodata_values = _nodata_values(nodata)
-    a = _load(embeddings, s2, labels, label, nodata_values)
+    a = _load(embeddings, s2, labels, label, nodata_values, s1=s1, region=region)
     height, width = a.label.shape
     n_features = a.embedding.shape[1]
-    n_pca = min(n_features, a.raw.shape[1])
-    pca_name = f"raw_pca{n_pca}"
+    prefixes = _prefixes(embeddings, features, n_features)
+    window = _store_window(embeddings)
     kept, dropped = _classes(a, label, block_px=block_px, min_class_pixels=min_class_pixels)
 
     # one sample for all: drop small classes, subsample uniformly, then assign folds
     it, iy, ix, y_all, n_eligible = _subsample(a, kept, max_samples, np.random.default_rng(seed))
     blocks = spatial_blocks(iy, ix, width_px=width, block_px=block_px)
     fold, cv_name = spatial_folds(y_all, blocks, n_folds=n_folds, seed=seed)
-    features = {
-        "embedding": a.embedding[it, :, iy, ix],
-        "raw_bands": a.raw[it, :, iy, ix],
-        "raw_pca": a.raw[it, :, iy, ix],
-    }
-    assert all(f.shape[0] == y_all.size for f in features.values())  # one row set for every feature set
-    folds = _cross_validate(features, y_all, fold, n_folds=n_folds, n_pca=n_pca, seed=seed,
-                            n_estimators=n_estimators, n_jobs=n_jobs)
-    table, summary = _tables(folds, {BASELINE[0]: 0, "embedding": n_features, "raw_bands": a.raw.shape[1],
-                                     pca_name: n_pca}, n_folds)
+    sets, built, skipped = _build_features(a, it, iy, ix, prefixes, window)
+    folds = _cross_validate(sets, y_all, fold, n_folds=n_folds, seed=seed, n_estimators=n_estimators,
+                            n_jobs=n_jobs)
+    sizes = {BASELINE[0]: (0, 0)} | {name: (fs.n_features, fs.x.shape[1]) for name, fs in sets.items()}
+    table, summary = _tables(folds, sizes, n_folds)
 
-    samples = pd.DataFrame({"it": it, "iy": iy, "ix": ix, "label": y_all, "block": blocks, "fold": fold})
+    y0, x0 = a.origin
+    samples = pd.DataFrame({"it": it, "iy": iy + y0, "ix": ix + x0, "label": y_all, "block": blocks, "fold": fold})
     meta = {
         "label": label,
         "nodata": [_py(v) for v in nodata_values],
@@ -353,12 +768,23 @@ def probe_table(
         "n_pixels": int(np.unique(iy * width + ix).size),
         "n_blocks": int(np.unique(blocks).size),
         "grid_px": [height, width],
+        "region": None if region is None else [y0, y0 + height, x0, x0 + width],
         "block_px": block_px,
         "n_folds": n_folds,
         "cv": cv_name,
         "fold_sizes": {str(k): int((fold == k).sum()) for k in range(n_folds)},
-        "feature_sets": {"embedding": n_features, "raw_bands": a.raw.shape[1], pca_name: n_pca},
-        "pca": f"PCA({n_pca}) of the raw reflectances, fitted on each training fold only",
+        "prefixes": prefixes,
+        "feature_sets": {name: {"n_features": fs.n_features, "n_columns": int(fs.x.shape[1]),
+                                "pca": fs.n_pca, "standardised": fs.scale} for name, fs in sets.items()},
+        "skipped": skipped,
+        "renamed": RENAMED,
+        "baselines": {
+            "embedding<k>": "the first k features of the store's embedding",
+            "date_s2": "the date's 10 S2 bands (reflectance)",
+            "pca": "PCA(k) fitted on each training fold only, k capped at the set's columns; on the raw "
+            "reflectances except date_s2s1 (StandardScaler first)",
+            **built,
+        },
         "models": {
             "logistic_regression": f"StandardScaler + LogisticRegression(max_iter={_LR_MAX_ITER})",
             "random_forest": f"RandomForestClassifier(n_estimators={n_estimators}, random_state={seed})",
@@ -437,11 +863,10 @@ def _subsample(
 
 
 def _cross_validate(
-    features: dict[str, np.ndarray], y_all: np.ndarray, fold: np.ndarray, *, n_folds: int, n_pca: int, seed: int,
+    sets: dict[str, FeatureSet], y_all: np.ndarray, fold: np.ndarray, *, n_folds: int, seed: int,
     n_estimators: int, n_jobs: int,
 ) -> pd.DataFrame:
     """One row per fold, feature set and model (plus the majority-class baseline): columns :data:`TABLE_COLUMNS`."""
-    pca_name = f"raw_pca{n_pca}"
     rows = []
     for k in range(n_folds):
         train, test = fold != k, fold == k
@@ -451,20 +876,21 @@ def _cross_validate(
         majority = values[np.argmax(counts)]
         rows.append({"feature_set": BASELINE[0], "model": BASELINE[1], "fold": str(k),
                      **_scores(y_test, np.full(y_test.shape, majority)), **n})
-        for fs, x in features.items():
+        for name, fs in sets.items():
             for model in MODELS:
-                est = _pipeline(fs, model, n_pca=n_pca, seed=seed, n_estimators=n_estimators,
-                                n_jobs=n_jobs)
-                est.fit(x[train], y_train)
-                rows.append({"feature_set": pca_name if fs == "raw_pca" else fs, "model": model,
-                             "fold": str(k), **_scores(y_test, est.predict(x[test])), **n})
+                est = _pipeline(fs, model, seed=seed, n_estimators=n_estimators, n_jobs=n_jobs)
+                est.fit(fs.x[train], y_train)
+                rows.append({"feature_set": name, "model": model, "fold": str(k),
+                             **_scores(y_test, est.predict(fs.x[test])), **n})
     return pd.DataFrame(rows, columns=list(TABLE_COLUMNS))
 
 
-def _tables(folds: pd.DataFrame, n_inputs: dict[str, int], n_folds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _tables(
+    folds: pd.DataFrame, sizes: dict[str, tuple[int, int]], n_folds: int
+) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The fold table with a ``mean`` row per feature set and model, and the summary (mean and std over
-    folds, input features per set) in the order of ``n_inputs``."""
-    order = list(n_inputs)
+    folds, ``n_features`` and ``n_columns`` per set from ``sizes``) in the order of ``sizes``."""
+    order = list(sizes)
     g = folds.groupby(["feature_set", "model"], sort=False)
     metrics = ["macro_f1", "accuracy", "n_train", "n_test"]
     means = g[metrics].mean().reset_index().assign(fold="mean")
@@ -474,7 +900,8 @@ def _tables(folds: pd.DataFrame, n_inputs: dict[str, int], n_folds: int) -> tupl
             lambda d: d.set_axis([f"{m}_{s}" for m, s in d.columns], axis=1)
         ).reset_index()
     )
-    summary["n_features"] = summary["feature_set"].map(n_inputs)
+    summary["n_features"] = summary["feature_set"].map(lambda s: sizes[s][0])
+    summary["n_columns"] = summary["feature_set"].map(lambda s: sizes[s][1])
     summary["n_folds"] = n_folds
     summary = summary.sort_values("feature_set", key=lambda s: s.map(order.index), kind="stable")
     summary = summary.reset_index(drop=True)
@@ -484,18 +911,32 @@ def _tables(folds: pd.DataFrame, n_inputs: dict[str, int], n_folds: int) -> tupl
 def probe_markdown(result: ProbeResult) -> str:
     """Markdown summary for a report: mean ± std over folds per feature set and model, then the classes."""
     m = result.meta
+    region = m.get("region")
+    where = f" in region {region[0]}:{region[1]},{region[2]}:{region[3]}" if region else ""
+    renamed = ", ".join(f"`{old}` -> `{new}`" for old, new in m.get("renamed", RENAMED).items())
     lines = [
-        f"Probe of `{m['label']}`: {m['n_pixel_dates']} pixel-dates ({m['n_pixels']} pixels, {m['n_blocks']} "
+        f"Probe of `{m['label']}`{where}: {m['n_pixel_dates']} pixel-dates ({m['n_pixels']} pixels, {m['n_blocks']} "
         f"blocks of {m['block_px']} px), {m['n_folds']}-fold spatially blocked CV ({m['cv']}).",
         "",
-        "| features | model | macro-F1 | accuracy |",
+        "| features (inputs) | model | macro-F1 | accuracy |",
         "|---|---|---|---|",
     ]
     for r in result.summary.itertuples(index=False):
+        cols = getattr(r, "n_columns", r.n_features)
+        inputs = f"{r.n_features}" if cols == r.n_features else f"{r.n_features} of {cols}"
         lines.append(
-            f"| {r.feature_set} ({r.n_features}) | {r.model} | {r.macro_f1_mean:.3f} ± {r.macro_f1_std:.3f} | "
+            f"| {r.feature_set} ({inputs}) | {r.model} | {r.macro_f1_mean:.3f} ± {r.macro_f1_std:.3f} | "
             f"{r.accuracy_mean:.3f} ± {r.accuracy_std:.3f} |"
         )
+    lines += [
+        "",
+        "(n of m): PCA-n of m columns, fitted per training fold. `embedding<k>`: the embedding's first k "
+        "features; `date_*`: the date alone; `window*`: the model's window of dates; `season*`: the pixel's "
+        "monthly series (an upper reference, the same for every date).",
+        f"Feature sets were renamed ({renamed}), so older probe outputs can be read side by side.",
+    ]
+    if m.get("skipped"):
+        lines.append("Not built: " + "; ".join(f"`{k}` ({v})" for k, v in m["skipped"].items()) + ".")
     kept = ", ".join(f"{c} ({v['pixels']} px)" for c, v in m["classes_kept"].items())
     lines += ["", f"Classes kept: {kept}."]
     if m["classes_dropped"]:

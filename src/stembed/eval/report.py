@@ -125,6 +125,7 @@ def _embedding_sections(inputs: ReportInputs, out: Path) -> list[str]:
             scene.s2,
             scene.labels,
             label=label,
+            s1=scene.s1,
             nodata=NODATA.get(label, 0),
             max_samples=inputs.probe_samples,
             seed=inputs.seed,
