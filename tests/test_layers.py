@@ -29,10 +29,11 @@ RANK = {
     "preprocess": 4,
     "io": 5,
     "data": 6, "models": 6, "losses": 6,
-    "training": 7, "inference": 7,
-    "eval": 8, "cube_build": 8,
-    "describe": 9, "demo": 9,
-    "cli": 10,
+    "inference": 7,
+    "training": 8, "cube_build": 8,
+    "eval": 9,
+    "describe": 10, "demo": 10,
+    "cli": 11,
 }
 NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster",
             "contract", "preprocess", "io", "cube_build"}

@@ -13,7 +13,7 @@ from stembed.config import ae_preset
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import cut_patch, fill_patch
 from stembed.data.sampling import PatchIndex
-from stembed.inference.engine import window_days
+from stembed.data.windows import window_days
 from stembed.inference.reference import embed_reference
 from stembed.io.cube import Scene
 from stembed.models.autoencoder import SensorAutoencoder

@@ -110,6 +110,27 @@ class AEConfig(_Frozen):
         return self.token_channels * 16
 
 
+class WindowConfig(_Frozen):
+    """The dates a context fusion reads around the date it embeds (:mod:`stembed.data.windows`).
+
+    Besides the date itself, ``dates`` of the pixel's observed dates, matched one by one to target offsets
+    spread over +-``span_days``: half before the date and half after, at ``span_days * u**density`` for u
+    evenly spaced in (0, 1] (``density`` > 1 puts more of them near the date). Each target takes the nearest
+    observed date not yet taken, so a window follows the pixel's clear dates, shifts inward at the ends of
+    the series and never holds a cloudy date. The paper's window is 11 consecutive dates (stage 1's).
+    """
+
+    dates: int = Field(16, ge=2)
+    span_days: float = Field(180.0, gt=0.0)
+    density: float = Field(1.5, ge=1.0)
+
+    @model_validator(mode="after")
+    def _check(self) -> WindowConfig:
+        if self.dates % 2:
+            raise ValueError(f"window.dates must be even (half before the date, half after), got {self.dates}")
+        return self
+
+
 class FusionConfig(_Frozen):
     """Fusion layers on top of two frozen stage-1 autoencoders (spec §3.2)."""
 
@@ -124,6 +145,43 @@ class FusionConfig(_Frozen):
     # the latents also reach the embedding through one linear map beside the transformer, whose pooled output
     # is layer-normalised (scale removed); the paper: transformer path only (README "Deviations")
     direct_path: bool = False
+    # nested embeddings: the loss is applied to each prefix, so the first nested[0] features are a complete
+    # embedding of their own (e.g. [7, 16]: the paper's 7 and a richer 16); the last must be embed_dim
+    nested: tuple[int, ...] | None = None
+    # a context fusion (stembed.models.context): the latents of a window of the pixel's dates around the
+    # date, not the date's alone; None: the paper's fusion of one date
+    window: WindowConfig | None = None
+    season_hidden: int = Field(64, ge=1)  # context fusion: width of the decoder of the window's other dates
+
+    @model_validator(mode="before")
+    @classmethod
+    def _embedding_dim(cls, data: Any) -> Any:
+        """``embedding_dim`` is another name for ``embed_dim`` (the one bundles store)."""
+        if isinstance(data, dict) and "embedding_dim" in data:
+            data = dict(data)
+            value = data.pop("embedding_dim")
+            if "embed_dim" in data and data["embed_dim"] != value:
+                raise ValueError(f"embedding_dim={value} and embed_dim={data['embed_dim']} disagree; give one")
+            data["embed_dim"] = value
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> FusionConfig:
+        if self.nested is not None:
+            n = list(self.nested)
+            if not n or n != sorted(set(n)) or n[0] < 1 or n[-1] != self.embed_dim:
+                raise ValueError(
+                    f"nested must be increasing sizes ending at embed_dim={self.embed_dim} (e.g. [7, "
+                    f"{self.embed_dim}]), got {n}"
+                )
+        if self.window is not None and not self.direct_path:
+            raise ValueError("a context fusion (window) needs direct_path: true (the date's own latents)")
+        return self
+
+    @property
+    def prefixes(self) -> tuple[int, ...]:
+        """The embedding sizes the loss applies to: ``nested``, or the whole embedding alone."""
+        return tuple(self.nested) if self.nested is not None else (self.embed_dim,)
 
 
 LEARNING_FIXES: dict[str, Any] = {
@@ -324,6 +382,27 @@ def s2_stage1_loss() -> LossConfig:
     return LossConfig(mae=0.25, ssim=0.03, sam=0.72)
 
 
+class ContextLossConfig(_Frozen):
+    """A context fusion's terms beside each branch's reconstruction of the date (a weight of 0 turns one off).
+
+    ``season``: the centre pixel's bands on the window's other dates, decoded from the embedding and its day
+    offset (every sensor, MAE in cube units, each sensor at its branch weight). ``hide_date``: the share of
+    samples whose date's own S2 latent is hidden, as a cloud hides it (the date is then rebuilt from its window:
+    masked time-series pretraining); ``hide_run`` of those also hide the pixel's dates within +-``run_days``
+    before the window is drawn (a cloudy spell). ``agreement``: a VICReg term between the embeddings of two views
+    of the window (each keeps a random ``view_keep`` share of its dates) on ``agreement_features``
+    ([start, stop), default: the features past the first nested prefix).
+    """
+
+    season: float = Field(1.0, ge=0.0)
+    hide_date: float = Field(0.25, ge=0.0, le=1.0)
+    hide_run: float = Field(0.5, ge=0.0, le=1.0)
+    run_days: float = Field(20.0, ge=0.0)
+    agreement: float = Field(0.0, ge=0.0)
+    agreement_features: tuple[int, int] | None = None
+    view_keep: float = Field(0.6, gt=0.0, le=1.0)
+
+
 class FusionLossConfig(_Frozen):
     """Fusion objective (paper eq. 6-8): weighted sum of the S1 and S2 branch losses."""
 
@@ -333,6 +412,7 @@ class FusionLossConfig(_Frozen):
     s2_weight: float = 0.5
     extra: LossConfig = Field(default_factory=LossConfig)  # each companion sensor's branch (MAE)
     extra_weight: float = 0.5  # the weight of each companion branch, like S1's and S2's
+    context: ContextLossConfig = Field(default_factory=ContextLossConfig)  # context fusion only (model.window)
 
     def branch(self, sensor: str) -> tuple[LossConfig, float]:
         """The loss and weight of ``sensor``'s branch: S1's and S2's own, a companion sensor's ``extra``."""

@@ -358,3 +358,36 @@ __all__ = [
     "ssim_map",
     "weighted_masked_mae",
 ]
+
+
+# ----------------------------------------------------------------------------- context fusion terms
+def masked_mae(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean |pred - target| over the finite entries of ``target`` (NaN = no value); 0 when there are none."""
+    ok = torch.isfinite(target)
+    err = torch.where(ok, pred - torch.nan_to_num(target), torch.zeros_like(pred)).abs()
+    return err.sum() / ok.sum().clamp_min(1)
+
+
+def vicreg(
+    a: torch.Tensor, b: torch.Tensor, *, invariance: float = 1.0, variance: float = 1.0, covariance: float = 0.04,
+    eps: float = 1e-4,
+) -> dict[str, torch.Tensor]:
+    """VICReg (Bardes et al. 2022) between two views' embeddings (B, D): their mean squared difference, a hinge
+    keeping each feature's standard deviation over the batch >= 1 (so agreeing on a constant is not free), and
+    the squared off-diagonal covariances (so the features do not copy each other). The weights keep the paper's
+    25 : 25 : 1 proportions."""
+    def spread(x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(1.0 - torch.sqrt(x.var(dim=0) + eps)).mean()
+
+    def off_diagonal(x: torch.Tensor) -> torch.Tensor:
+        x = x - x.mean(dim=0)
+        c = (x.T @ x) / max(x.shape[0] - 1, 1)  # (D, D)
+        return (c - torch.diag(torch.diag(c))).pow(2).sum() / x.shape[1]
+
+    parts = {
+        "invariance": torch.nn.functional.mse_loss(a, b),
+        "variance": (spread(a) + spread(b)) / 2,
+        "covariance": (off_diagonal(a) + off_diagonal(b)) / 2,
+    }
+    parts["loss"] = invariance * parts["invariance"] + variance * parts["variance"] + covariance * parts["covariance"]
+    return parts

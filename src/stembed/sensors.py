@@ -106,6 +106,8 @@ SENSORS: dict[str, SensorSpec] = {"s1": S1, "s2": S2}
 """Every registered sensor's spec by key: ``s1``, ``s2`` and the registered companion sensors."""
 
 CORE_SENSORS = ("s1", "s2")
+ANCHOR = "s2"
+"""The sensor whose dates are the embedding's dates (every other sensor is matched to them)."""
 BUILTIN_PLUGIN_MODULES = ("stembed.io.agera5",)
 """Modules that register the built-in companion sensors when imported."""
 _RESERVED_NAMES = ("labels",)  # other groups of a scene store (stembed.io.cube.save_scene)

@@ -13,7 +13,7 @@ from stembed.io.stac import PLANETARY_COMPUTER, S1_COLLECTION, S2_COLLECTION, Re
 from stembed.preprocess import CloudMask, SCLMask
 
 MIN_DATES_DEFAULT = 6
-"""S2 dates a cube needs for one 11-frame window reflected at the ends (``inference.engine.min_dates(11)``)."""
+"""S2 dates a cube needs for one 11-frame window reflected at the ends (``data.windows.min_dates(11)``)."""
 ORBITS = ("auto", "ascending", "descending", "both")
 """The values of ``--s1-orbit``."""
 

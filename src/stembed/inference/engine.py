@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from stembed.data.datasets import SensorArrays, fill_patch
+from stembed.data.windows import frame_days, window_dates, window_days
 from stembed.errors import UserError
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.fusion import ANCHOR, FusionModel, SensorInput
+from stembed.models.context import ContextFusionModel
+from stembed.models.fusion import ANCHOR, FusionBase, FusionModel, SensorInput
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
@@ -46,39 +48,6 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
     return device
 
 
-def min_dates(n_frames: int) -> int:
-    """Dates a cube needs so that every date's window can be reflected at the ends of the series."""
-    return n_frames // 2 + 1
-
-
-def window_days(days: np.ndarray, t: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frame date indices and frame day numbers of the window centred on date ``t``.
-
-    Past either end of the series the dates are *reflected*: frame ``-k`` is date ``k``, placed
-    ``day_k - day_0`` days before the first date (and likewise after the last), so the target date
-    always sits on the centre frame, where the model was trained to describe it.
-    """
-    n = len(days)
-    half = n_frames // 2
-    if n < min_dates(n_frames):
-        raise ValueError(
-            f"a window of {n_frames} frames needs at least {min_dates(n_frames)} dates to reflect at the ends; "
-            f"the cube has {n}: use a longer period"
-        )
-    idx, frame_days = [], []
-    for o in range(t - half, t + half + 1):
-        if o < 0:
-            i, d = -o, days[0] - (days[-o] - days[0])
-        elif o > n - 1:
-            i = 2 * (n - 1) - o
-            d = days[-1] + (days[-1] - days[i])
-        else:
-            i, d = o, days[o]
-        idx.append(i)
-        frame_days.append(d)
-    return np.asarray(idx), np.asarray(frame_days, dtype=np.int64)
-
-
 def centre_valid(s2_block: np.ndarray, halo: int) -> np.ndarray:
     """``(time, y, x)``: the S2 centre pixel has at least one observed band (the training filter)."""
     core = s2_block[:, :, halo : s2_block.shape[2] - halo, halo : s2_block.shape[3] - halo]
@@ -88,11 +57,6 @@ def centre_valid(s2_block: np.ndarray, halo: int) -> np.ndarray:
 Block = Mapping[str, SensorArrays]
 """A block of every sensor by name: ``values`` ``(time, band, h + 2r, w + 2r)`` on the S2 dates (NaN where no date of
 the sensor was close enough) and ``days`` ``(time,)``: the S2 day numbers for ``s2``, each other sensor's matched days."""
-
-
-def _frame_days(days2: np.ndarray, s2_days: np.ndarray, frames: np.ndarray, days: np.ndarray) -> np.ndarray:
-    """A matched sensor's day of each window frame, moved like the S2 day when the frame is reflected."""
-    return days[frames] + (days2 - s2_days[frames])
 
 
 @torch.no_grad()
@@ -136,7 +100,7 @@ def embed_block(
     windows = [window_days(s2_days, t, n_frames) for t in range(n_time)]
     frames = np.stack([f for f, _ in windows])  # (time, n_frames) date index of each frame
     days2 = np.stack([d for _, d in windows])  # (time, n_frames) day number of each S2 frame
-    days = {k: days2 if k == ANCHOR else _frame_days(days2, s2_days, frames, a.days) for k, a in block.items()}
+    days = {k: days2 if k == ANCHOR else frame_days(days2, s2_days, frames, a.days) for k, a in block.items()}
 
     def view(a: np.ndarray) -> np.ndarray:
         return np.lib.stride_tricks.sliding_window_view(a, (p, p), axis=(2, 3))  # (T, C, h, w, p, p)
@@ -232,7 +196,7 @@ def embed_block_dense(
             tok = {k: [frame_tokens.get(k, int(f)) for f in frames] for k in values}  # n_frames x (h*w, d_model) each
             if hidden is not None:
                 tok[ANCHOR][c] = hidden
-            days = {k: days2 if k == ANCHOR else _frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
+            days = {k: days2 if k == ANCHOR else frame_days(days2, s2_days, frames, d) for k, (_, d) in values.items()}
             gaps = {k: torch.from_numpy(np.diff(d).astype(np.float32)).to(device)[None] for k, d in days.items()}
             dt = {k: float(abs(d[c] - days2[c])) for k, d in days.items()}  # days to the S2 date, centre frame
             _fuse_date_windows(model, tok, gaps, dt, pix, out, t, w, batch_size, device, progress)
@@ -309,8 +273,170 @@ def _fuse_date_windows(
             progress(B)
 
 
+@torch.no_grad()
+def block_latents(
+    model: FusionBase,
+    block: Block,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "float32",
+    hide: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Every sensor's frozen stage-1 latent of every pixel-date of a block's core (dense encoders).
+
+    Each date's frame is encoded once (:class:`_FrameTokens`) and every pixel's window of that date (11
+    consecutive dates, reflected at the series' ends, as stage 1 was trained) runs the temporal transformer and
+    latent head; a context fusion then reads these latents for every window that holds the date.
+
+    ``hide``: ``(time,)`` bool, S2 dates whose frames are hidden (all NaN) from every window, as if clouded.
+
+    Returns ``(time, latent_k, h, w)`` float32 per sensor (also for dates whose centre is not observed: the
+    caller decides which it reads).
+    """
+    _check_dense(model)
+    n_frames, r = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
+    s2, s2_days = block[ANCHOR].values, block[ANCHOR].days
+    if hide is not None and hide.any():
+        s2 = s2.copy()
+        s2[hide] = np.nan
+    n_time, _, hp, wp = s2.shape
+    h, w = hp - 2 * r, wp - 2 * r
+    values = {k: (s2 if k == ANCHOR else a.values, a.days) for k, a in block.items()}
+    aes = model.sensor_autoencoders()
+    out = {k: np.empty((n_time, ae.cfg.latent_dim, h, w), dtype=np.float32) for k, ae in aes.items()}
+    frame_tokens = _FrameTokens(aes, {k: v for k, (v, _) in values.items()}, device, h, w)
+    amp = autocast_dtype(precision, device)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for t in range(n_time):
+            frames, days2 = window_days(s2_days, t, n_frames)
+            frame_tokens.drop_before(int(frames.min()))
+            for k, (_, d) in values.items():
+                days = days2 if k == ANCHOR else frame_days(days2, s2_days, frames, d)
+                gaps = torch.from_numpy(np.diff(days).astype(np.float32)).to(device)[None]  # (1, T-1)
+                tok = torch.stack([frame_tokens.get(k, int(f)) for f in frames], dim=1)  # (h*w, T, d_model)
+                zs = [aes[k].encoder.latent_from_tokens(tok[i : i + batch_size], gaps.expand(
+                    min(batch_size, h * w - i), -1)) for i in range(0, h * w, batch_size)]
+                out[k][t] = torch.cat(zs).float().T.reshape(-1, h, w).cpu().numpy()  # (L, h, w)
+    return out
+
+
+def sensor_present(block: Block, halo: int) -> dict[str, np.ndarray]:
+    """``(time, h, w)`` per sensor: its centre pixel has a finite band on that S2 date (S2: observed; others: a
+    matched date close enough)."""
+    return {k: centre_valid(a.values, halo) for k, a in block.items()}
+
+
+@torch.no_grad()
+def embed_block_context(
+    model: ContextFusionModel,
+    block: Block,
+    *,
+    batch_size: int,
+    device: torch.device,
+    precision: str = "float32",
+    targets: np.ndarray | None = None,
+    hide_s2_centre: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Embed every pixel-date of a block with a context fusion: each date from its own latents and those of its
+    window of the pixel's other observed dates (:mod:`stembed.data.windows`).
+
+    ``targets`` (time, h, w): which pixel-dates to embed (default: those whose S2 centre is observed).
+    ``hide_s2_centre``: embed each target with its date's own S2 hidden (a cloudy date: what the model was
+    trained on for a share of its samples); its S1 and companions stay, and its window is unchanged.
+
+    Returns ``(time, embed_dim, h, w)`` float32, NaN where not a target.
+    """
+    block = _check_block(model, block)
+    window = model.cfg.window
+    if window is None:  # pragma: no cover - a ContextFusionModel always has one
+        raise TypeError("embed_block_context needs a context fusion model")
+    r = model.anchor.cfg.context_px
+    s2_days = block[ANCHOR].days
+    present = sensor_present(block, r)
+    observed = present[ANCHOR]  # (time, h, w)
+    n_time, h, w = observed.shape
+    out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
+    todo = observed if targets is None else targets
+    if not todo.any():
+        return out
+    z = block_latents(model, block, batch_size=max(batch_size, 256), device=device, precision=precision)
+    flat = {k: v.reshape(n_time, v.shape[1], h * w) for k, v in z.items()}  # (time, L, h*w)
+    pres = {k: v.reshape(n_time, h * w) for k, v in present.items()}
+    obs_by_pixel = observed.reshape(n_time, h * w).T  # (h*w, time)
+    amp = autocast_dtype(precision, device)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for t in range(n_time):
+            pix = np.flatnonzero(todo[t].reshape(-1))
+            for i in range(0, pix.size, batch_size):
+                p = pix[i : i + batch_size]
+                dates = window_dates(window, s2_days, obs_by_pixel[p], np.full(p.size, t))  # (B, K)
+                slots = np.concatenate([np.full((p.size, 1), t), dates], axis=1)  # (B, S), -1: empty
+                inputs = context_inputs(flat, pres, {k: a.days for k, a in block.items()}, slots, p,
+                                        hide_date=hide_s2_centre)
+                e = model.fuse(*(_to(x, device) for x in inputs))
+                ys, xs = np.divmod(p, w)
+                out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
+                if progress is not None:
+                    progress(p.size)
+    return out
+
+
+def context_inputs(
+    latents: Mapping[str, np.ndarray],
+    present: Mapping[str, np.ndarray],
+    days: Mapping[str, np.ndarray],
+    slots: np.ndarray,
+    pixels: np.ndarray,
+    *,
+    hide_date: bool | np.ndarray = False,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    """A context fusion's inputs for windows of one tile, gathered from its per-pixel-date arrays.
+
+    Args:
+        latents: per sensor ``(time, L, P)`` latents of the tile's P pixels.
+        present: per sensor ``(time, P)`` bool, the sensor has a value at that pixel-date.
+        days: per sensor ``(time,)`` day numbers (S2's own; another sensor's matched acquisition days).
+        slots: ``(B, S)`` date indices, slot 0 the embedded date, -1 an empty slot.
+        pixels: ``(B,)`` pixel index of each window.
+        hide_date: hide the embedded date's own S2 (all windows, or a ``(B,)`` mask).
+
+    Returns ``(z, present, dt, offset)`` as :meth:`ContextFusionModel.fuse` takes them (numpy).
+    """
+    empty = slots < 0
+    idx = np.where(empty, 0, slots)  # (B, S)
+    col = pixels[:, None]
+    s2_days = days[ANCHOR]
+    z, pres, dt = {}, {}, {}
+    for k, lat in latents.items():
+        z[k] = lat[idx, :, col]  # (B, S, L): numpy puts the broadcast fancy indices first
+        pk = present[k][idx, col] & ~empty
+        if k == ANCHOR:
+            pk[:, 0] &= ~np.asarray(hide_date, dtype=bool)
+        else:
+            dt[k] = (days[k][idx] - s2_days[idx]).astype(np.float32)
+        pres[k] = pk
+    offset = (s2_days[idx] - s2_days[slots[:, :1]]).astype(np.float32)  # (B, S) days from the date
+    offset[empty] = 0.0
+    return z, pres, dt, offset
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    """numpy arrays (alone or in a dict) -> tensors on ``device``."""
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return torch.from_numpy(np.ascontiguousarray(x)).to(device)
+
+
+def _check_dense(model: FusionBase) -> None:
+    for key, ae in model.sensor_autoencoders().items():
+        if ae.cfg.variant != "dense":
+            raise ValueError(f"a context fusion needs dense autoencoders; the {key} one is 'patch'")
+
+
 def embed_any(
-    model: FusionModel,
+    model: FusionBase,
     block: Block,
     *,
     batch_size: int,
@@ -320,8 +446,13 @@ def embed_any(
     hide_s2_centre: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> np.ndarray:
-    """:func:`embed_block_dense` for a dense model, else :func:`embed_block` (float32 only)."""
+    """:func:`embed_block_context` for a context fusion, :func:`embed_block_dense` for a dense model, else
+    :func:`embed_block` (float32 only)."""
     kw: dict[str, Any] = {"targets": targets, "hide_s2_centre": hide_s2_centre, "progress": progress}
+    if isinstance(model, ContextFusionModel):
+        return embed_block_context(model, block, batch_size=batch_size, device=device, precision=precision, **kw)
+    if not isinstance(model, FusionModel):  # pragma: no cover - the two kinds of fusion
+        raise TypeError(f"expected a fusion model, got {type(model).__name__}")
     if model.anchor.cfg.variant == "dense":
         return embed_block_dense(model, block, batch_size=batch_size, device=device, precision=precision, **kw)
     if precision in ("bfloat16", "float16"):
@@ -329,7 +460,7 @@ def embed_any(
     return embed_block(model, block, batch_size=batch_size, device=device, **kw)
 
 
-def _check_block(model: FusionModel, block: Block) -> dict[str, SensorArrays]:
+def _check_block(model: FusionBase, block: Block) -> dict[str, SensorArrays]:
     """The block's arrays of the model's sensors (in token order); a sensor the model needs and the block lacks
     is an error."""
     missing = [k for k in model.sensors if k not in block]

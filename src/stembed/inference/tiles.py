@@ -36,6 +36,7 @@ from stembed.contract import CubeError, Scene, cube_transform, value_problems
 from stembed.data.build import match_gap_days, matched_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays, fold_index
 from stembed.data.sampling import day_numbers
+from stembed.data.windows import min_dates
 from stembed.inference.daily import (
     FLAG_MEANINGS,
     FLAG_MODEL,
@@ -45,7 +46,7 @@ from stembed.inference.daily import (
     daily_dates,
     fill_daily,
 )
-from stembed.inference.engine import embed_any, min_dates, resolve_device
+from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
 from stembed.io import embeddings as store
 from stembed.io.cube import open_scene

@@ -44,7 +44,7 @@ class Bundle:
     def build_model(self) -> nn.Module:
         """Rebuild the model from the stored config and load the weights (strict); eval mode."""
         from stembed.models.autoencoder import SensorAutoencoder
-        from stembed.models.fusion import BUILT_IN, build_fusion
+        from stembed.models.fusion import BUILT_IN, build_fusion, paper_fusion
         from stembed.models.gapfill import GapFillModel
 
         model: nn.Module
@@ -59,7 +59,7 @@ class Bundle:
                         raise KeyError(f"models.{key}")
                 model = build_fusion(models, fusion_cfg["model"])
                 if self.kind == "gapfill":
-                    model = GapFillModel(model)
+                    model = GapFillModel(paper_fusion(model, "a gap-fill bundle"))
         except (KeyError, ValidationError) as e:  # a config that does not describe a model
             what = (
                 f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"

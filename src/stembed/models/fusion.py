@@ -28,10 +28,9 @@ from torch import nn
 from stembed.config import AEConfig, FusionConfig
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.layers import make_transformer, run_transformer
+from stembed.sensors import ANCHOR as ANCHOR  # re-exported: the models name it here
 from stembed.sensors import CORE_SENSORS
 
-ANCHOR = "s2"
-"""The sensor whose dates define the embedding."""
 PAIRED = "s1"
 """The paper's pair position: the S1 token sits at day 0 and the anchor's token at the S1-S2 gap (|dt| of S1's input)."""
 BUILT_IN = CORE_SENSORS
@@ -59,8 +58,12 @@ def sensor_order(sensors: Iterable[str]) -> list[str]:
     return [*BUILT_IN, *(k for k in names if k not in BUILT_IN)]
 
 
-class FusionModel(nn.Module):
-    """Every sensor's patches -> fused embedding ``e`` (B, embed_dim), and reconstructions of each.
+class FusionBase(nn.Module):
+    """The sensors' frozen autoencoders, by sensor name in token order, and what every fusion model does with them.
+
+    Subclasses add the fusion layers (:meth:`_fusion_modules`): :class:`FusionModel` (the paper's: the sensors'
+    latents of one date) and :class:`stembed.models.context.ContextFusionModel` (the latents of a window of the
+    pixel's dates around it).
 
     Args:
         autoencoders: the stage-1 autoencoders by sensor name; ``s1`` and ``s2`` are required, any other is a
@@ -70,35 +73,26 @@ class FusionModel(nn.Module):
         cfg: the fusion architecture.
     """
 
+    heads: nn.ModuleDict  # sensor -> the map from the whole embedding to its latent (set by each subclass)
+    prefix_heads: nn.ModuleDict  # str(n) -> sensor -> the same from a nested prefix of n features
+
     def __init__(self, autoencoders: Mapping[str, SensorAutoencoder], cfg: FusionConfig):
         super().__init__()
         missing = [k for k in BUILT_IN if k not in autoencoders]
         if missing:
             raise ValueError(f"a fusion model needs the {missing} autoencoder(s), got {list(autoencoders)}")
-        order = sensor_order(autoencoders)
         self.cfg = cfg
-        self.autoencoders = nn.ModuleDict({k: autoencoders[k] for k in order})
-        d = cfg.d_model
-        # created in the order the two-sensor model always created them, so a seed gives the same weights
-        self.project = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in self._aes()})
-        self.type_embedding = nn.Embedding(len(order), d)  # one row per token, in sensor order
-        self.pair_positions = nn.Embedding(cfg.max_pair_gap_days + 1, d)  # days between a sensor's and S2's dates
-        self.transformer = make_transformer(  # pre-norm, over the sensor tokens
-            d, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=True
-        )
-        self.norm = nn.LayerNorm(d)
-        self.to_embedding = nn.Linear(d, cfg.embed_dim)
-        latent_total = sum(ae.cfg.latent_dim for _, ae in self._aes())
-        self.direct = nn.Linear(latent_total, cfg.embed_dim) if cfg.direct_path else None
-        self.softplus = nn.Softplus()
-        self.heads = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in self._aes()})
+        self.autoencoders = nn.ModuleDict({k: autoencoders[k] for k in sensor_order(autoencoders)})
+
+    def _finish(self) -> None:
+        """Check the variants and freeze the autoencoders; subclasses call it once their layers exist."""
         anchor = self.anchor.cfg.variant
         for key, ae in self._aes():
             if ae.cfg.variant != anchor:
                 raise ValueError(
                     f"the {key} autoencoder is '{ae.cfg.variant}' but S2 is '{anchor}'; train all with the same variant"
                 )
-        if not cfg.finetune_autoencoders:
+        if not self.cfg.finetune_autoencoders:
             for _, ae in self._aes():
                 ae.requires_grad_(False)
                 ae.eval()
@@ -137,7 +131,12 @@ class FusionModel(nn.Module):
         """True when the autoencoders are frozen (the default)."""
         return not self.cfg.finetune_autoencoders
 
-    def train(self, mode: bool = True) -> FusionModel:
+    @property
+    def prefixes(self) -> tuple[int, ...]:
+        """The embedding sizes the loss is applied to: ``cfg.nested``, or the whole embedding alone."""
+        return self.cfg.prefixes
+
+    def train(self, mode: bool = True) -> FusionBase:
         """Like ``nn.Module.train``, but frozen autoencoders always stay in eval mode."""
         super().train(mode)
         if self.frozen:
@@ -146,10 +145,17 @@ class FusionModel(nn.Module):
         return self
 
     def _fusion_modules(self) -> list[nn.Module]:
-        return [
-            self.project, self.type_embedding, self.pair_positions, self.transformer, self.norm, self.to_embedding,
-            self.heads, *([self.direct] if self.direct is not None else []),
-        ]
+        raise NotImplementedError
+
+    def head(self, sensor: str, n: int) -> nn.Module:
+        """The map from an ``n``-feature embedding (the whole one or a nested prefix) to ``sensor``'s latent."""
+        if n == self.cfg.embed_dim:
+            return self.heads[sensor]
+        if str(n) not in self.prefix_heads:
+            raise ValueError(f"this model decodes {list(self.prefixes)} features, not {n}")
+        heads = self.prefix_heads[str(n)]
+        assert isinstance(heads, nn.ModuleDict)  # built so in __init__; this narrows the type
+        return heads[sensor]
 
     def fusion_parameters(self) -> Iterator[nn.Parameter]:
         """The fusion layers' parameters only (what trains when the autoencoders are frozen).
@@ -166,16 +172,54 @@ class FusionModel(nn.Module):
             "fusion": self.fusion_parameters(),
         }
 
-    def _check_keys(self, given: Iterable[str], what: str, need: Iterable[str] | None = None) -> None:
-        need = list(self.sensors if need is None else need)
-        if set(given) != set(need):
-            raise ValueError(f"this fusion model needs {what} for {need}, got {sorted(given)}")
-
     def encode(self, inputs: Mapping[str, SensorInput]) -> dict[str, torch.Tensor]:
         """Every sensor's latent (B, latent_k), by sensor name in token order (no gradient when frozen)."""
         self._check_keys(inputs, "inputs")
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return {k: ae.encode(inputs[k].x, inputs[k].gaps) for k, ae in self._aes()}
+
+    def _check_keys(self, given: Iterable[str], what: str, need: Iterable[str] | None = None) -> None:
+        need = list(self.sensors if need is None else need)
+        if set(given) != set(need):
+            raise ValueError(f"this fusion model needs {what} for {need}, got {sorted(given)}")
+
+
+class FusionModel(FusionBase):
+    """Every sensor's patches -> fused embedding ``e`` (B, embed_dim), and reconstructions of each (the paper's
+    fusion: the latents of one date, one token per sensor).
+
+    Args: as :class:`FusionBase`.
+    """
+
+    def __init__(self, autoencoders: Mapping[str, SensorAutoencoder], cfg: FusionConfig):
+        super().__init__(autoencoders, cfg)
+        order = self.sensors
+        d = cfg.d_model
+        # created in the order the two-sensor model always created them, so a seed gives the same weights
+        self.project = nn.ModuleDict({k: nn.Linear(ae.cfg.latent_dim, d) for k, ae in self._aes()})
+        self.type_embedding = nn.Embedding(len(order), d)  # one row per token, in sensor order
+        self.pair_positions = nn.Embedding(cfg.max_pair_gap_days + 1, d)  # days between a sensor's and S2's dates
+        self.transformer = make_transformer(  # pre-norm, over the sensor tokens
+            d, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=True
+        )
+        self.norm = nn.LayerNorm(d)
+        self.to_embedding = nn.Linear(d, cfg.embed_dim)
+        latent_total = sum(ae.cfg.latent_dim for _, ae in self._aes())
+        self.direct = nn.Linear(latent_total, cfg.embed_dim) if cfg.direct_path else None
+        self.softplus = nn.Softplus()
+        self.heads = nn.ModuleDict({k: nn.Linear(cfg.embed_dim, ae.cfg.latent_dim) for k, ae in self._aes()})
+        # nested embeddings: each shorter prefix gets heads of its own (the whole embedding uses ``heads``)
+        self.prefix_heads = nn.ModuleDict({
+            str(n): nn.ModuleDict({k: nn.Linear(n, ae.cfg.latent_dim) for k, ae in self._aes()})
+            for n in cfg.prefixes[:-1]
+        })
+        self._finish()
+
+    def _fusion_modules(self) -> list[nn.Module]:
+        return [
+            self.project, self.type_embedding, self.pair_positions, self.transformer, self.norm, self.to_embedding,
+            self.heads, self.prefix_heads, *([self.direct] if self.direct is not None else []),
+        ]
 
     def embed(self, inputs: Mapping[str, SensorInput]) -> torch.Tensor:
         """Fused embedding of each patch.
@@ -228,12 +272,12 @@ class FusionModel(nn.Module):
         return self.softplus(pre)  # (B, embed_dim)
 
     def decode(self, e: torch.Tensor, gaps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Reconstruct the patches of each sensor in ``gaps`` (any subset): (B, embed_dim) + its (B, T-1) day gaps ->
-        (B, T, C_k, H, W), by sensor name."""
+        """Reconstruct the patches of each sensor in ``gaps`` (any subset): (B, n) + its (B, T-1) day gaps ->
+        (B, T, C_k, H, W), by sensor name; ``n`` is the embedding's size or one of its nested prefixes."""
         unknown = [k for k in gaps if k not in self.autoencoders]
         if unknown:
             raise ValueError(f"this fusion model has no sensor(s) {unknown}; it has {list(self.sensors)}")
-        return {k: self.autoencoder(k).decode(self.heads[k](e), g) for k, g in gaps.items()}
+        return {k: self.autoencoder(k).decode(self.head(k, e.shape[1])(e), g) for k, g in gaps.items()}
 
     def forward(self, inputs: Mapping[str, SensorInput]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Returns ``(reconstructions by sensor, e)``; see :meth:`embed`."""
@@ -241,10 +285,20 @@ class FusionModel(nn.Module):
         return self.decode(e, {k: v.gaps for k, v in inputs.items()}), e
 
 
-def build_fusion(models: Mapping[str, dict[str, Any]], model: dict[str, Any]) -> FusionModel:
+def build_fusion(models: Mapping[str, dict[str, Any]], model: dict[str, Any]) -> FusionBase:
     """A fusion model (untrained autoencoders) from the configs a fusion bundle stores: the autoencoders' by sensor
-    name (``models``) and the fusion layers' (``model``)."""
-    return FusionModel(
-        {k: SensorAutoencoder(AEConfig.model_validate(v)) for k, v in models.items()},
-        FusionConfig.model_validate(model),
-    )
+    name (``models``) and the fusion layers' (``model``): the paper's :class:`FusionModel`, or with a ``window``
+    the :class:`~stembed.models.context.ContextFusionModel`."""
+    from stembed.models.context import ContextFusionModel
+
+    cfg = FusionConfig.model_validate(model)
+    aes = {k: SensorAutoencoder(AEConfig.model_validate(v)) for k, v in models.items()}
+    return ContextFusionModel(aes, cfg) if cfg.window is not None else FusionModel(aes, cfg)
+
+
+def paper_fusion(model: FusionBase, what: str) -> FusionModel:
+    """``model`` if it is the paper's fusion of one date; ``what`` needs one (a context fusion has no per-date
+    patches to hide or fuse)."""
+    if not isinstance(model, FusionModel):
+        raise ValueError(f"{what} needs the paper's fusion of one date, not a context fusion (model.window set)")
+    return model

@@ -223,22 +223,31 @@ def make_transformer(
     return nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
 
-def run_transformer(transformer: nn.TransformerEncoder, x: torch.Tensor) -> torch.Tensor:
+def run_transformer(
+    transformer: nn.TransformerEncoder, x: torch.Tensor, padding_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """``transformer(x)`` for (B, T, d) input; in eval mode without grad, the same arithmetic with 2-D matmuls.
 
     nn.MultiheadAttention transposes batch-first input and projects it through batched matmuls plus
     copies; on CPU those took over half of a dense embedding run. Here each projection is one
     (B*T, d) matmul and attention is ``scaled_dot_product_attention`` (what the module calls too), so
-    results agree to float rounding (tested against the module).
+    results agree to float rounding (tested against the module). ``padding_mask`` (B, T): True where a
+    token must not be attended to (every row needs one that may).
     """
     if transformer.training or torch.is_grad_enabled():
-        return transformer(x)
+        if padding_mask is None:
+            return transformer(x)
+        # a float mask: the boolean one takes torch's nested-tensor fast path in eval mode, which gives padded
+        # rows other values (and a warning); -inf on the keys is the same attention
+        mask = torch.zeros(padding_mask.shape, dtype=x.dtype, device=x.device).masked_fill(padding_mask, -math.inf)
+        return transformer(x, src_key_padding_mask=mask)
+    keep = None if padding_mask is None else ~padding_mask[:, None, None, :]  # (B, 1, 1, T): may be attended to
     for layer in transformer.layers:
-        x = _encoder_layer_eval(layer, x)
+        x = _encoder_layer_eval(layer, x, keep)
     return x if transformer.norm is None else transformer.norm(x)
 
 
-def _encoder_layer_eval(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> torch.Tensor:
+def _encoder_layer_eval(layer: nn.TransformerEncoderLayer, x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     B, T, d = x.shape
     attn = layer.self_attn
     heads = attn.num_heads
@@ -246,7 +255,7 @@ def _encoder_layer_eval(layer: nn.TransformerEncoderLayer, x: torch.Tensor) -> t
     def self_attention(h: torch.Tensor) -> torch.Tensor:
         qkv = nn.functional.linear(h.reshape(B * T, d), attn.in_proj_weight, attn.in_proj_bias)  # (B*T, 3d)
         q, k, v = qkv.reshape(B, T, 3, heads, d // heads).permute(2, 0, 3, 1, 4)  # each (B, heads, T, d/heads)
-        o = nn.functional.scaled_dot_product_attention(q, k, v)  # (B, heads, T, d/heads)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)  # (B, heads, T, d/heads)
         o = nn.functional.linear(o.transpose(1, 2).reshape(B * T, d), attn.out_proj.weight, attn.out_proj.bias)
         return o.reshape(B, T, d)
 

@@ -15,7 +15,7 @@ from stembed.data.datasets import FusionPatches, SensorPatches
 from stembed.data.tiles import Tiles
 from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.fusion import ANCHOR, FusionModel, SensorInput, build_fusion
+from stembed.models.fusion import ANCHOR, FusionModel, SensorInput, build_fusion, paper_fusion
 from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
 from stembed.training.dense import (
     autoencoder_step,
@@ -28,6 +28,7 @@ from stembed.training.evaluate import centre_abs_error
 
 MONITOR = "val_centre_mae"
 GAP_FILL_MONITOR = "val_embedding_mae"
+GAP_FILL_NEEDS = "gap-fill layers (a context fusion embeds cloudy dates itself, from its window)"
 
 
 def fusion_inputs(
@@ -228,7 +229,7 @@ class FusionModule(_StageModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = build_fusion(models, model)
+        self.model = paper_fusion(build_fusion(models, model), "FusionModule (a context fusion: ContextFusionModule)")
         self.loss_cfg = FusionLossConfig.model_validate(loss)
         self.train_cfg = TrainConfig.model_validate(train)
         self.dense = DenseTrainingConfig.model_validate(dense) if dense is not None else None
@@ -308,7 +309,7 @@ class GapFillModule(_StageModule):
     def __init__(self, fusion: dict[str, Any], train: dict[str, Any]) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.model = GapFillModel(build_fusion(fusion["models"], fusion["model"]))
+        self.model = GapFillModel(paper_fusion(build_fusion(fusion["models"], fusion["model"]), GAP_FILL_NEEDS))
         self.train_cfg = TrainConfig.model_validate(train)
         self.centre = nn.ModuleDict({f"{p}_embedding_mae": MeanMetric() for p in ("train", "val")})
 

@@ -37,16 +37,18 @@ from stembed.config import (
     dump_config,
 )
 from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data, train_spectra
+from stembed.data.context import ContextBatches, context_crops
 from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatches, collate, patch_loader
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
 from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import ANCHOR, FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
 from stembed.training.centre_init import init_centre_pca
+from stembed.training.context import ContextFusionModule, evaluate_context, latent_stats, split_latents
 from stembed.training.evaluate import evaluate_split, with_pca_baseline
 from stembed.training.fusion_init import init_linear_fusion, training_latents
 from stembed.training.modules import (
@@ -104,18 +106,26 @@ def tile_dataset(
                        batch_size=dense.tiles_per_batch)
 
 
+def _as_is(batch: Any) -> Any:
+    """A context dataset yields whole batches: nothing to stack."""
+    return batch
+
+
 def _loaders(data: SplitData, cfg: TrainConfig) -> dict[str, DataLoader[Any]]:
     gen = torch.Generator().manual_seed(cfg.seed)  # shuffling order comes from the config seed
-    return {
-        name: DataLoader(
+    out: dict[str, DataLoader[Any]] = {}
+    for name, ds in data.datasets.items():
+        if isinstance(ds, ContextBatches):  # draws its own batches, seeded (see stembed.data.context)
+            out[name] = DataLoader(ds, batch_size=None, num_workers=0, collate_fn=_as_is)
+            continue
+        out[name] = DataLoader(
             ds, batch_size=getattr(ds, "batch_size", cfg.batch_size), shuffle=name == "train",
             generator=gen if name == "train" else None,
             num_workers=cfg.num_workers, drop_last=False,
             # typed items are stacked into batches of their type
             collate_fn=collate_tiles if isinstance(ds, TileDataset) else collate,
         )
-        for name, ds in data.datasets.items()
-    }
+    return out
 
 
 # set by Lightning's DDP launcher (LOCAL_RANK, NODE_RANK), torchrun (RANK, GROUP_RANK) or srun (SLURM_PROCID)
@@ -213,7 +223,7 @@ def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | Non
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
-_Stage = TypeVar("_Stage", AutoencoderModule, FusionModule, GapFillModule)
+_Stage = TypeVar("_Stage", AutoencoderModule, FusionModule, GapFillModule, ContextFusionModule)
 
 
 def _fit(module: _Stage, data: SplitData, cfg: TrainConfig, run_dir: Path, resume: Path | None) -> _Stage | None:
@@ -386,6 +396,8 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     )
     fusion_cfg = cfg.resolved_model()
     models = {k: b.config["model"] for k, b in stage1.items()}
+    if fusion_cfg.window is not None:
+        return _train_context(cfg, stage1, scenes, data, run_dir, resume)
     dense = cfg.dense_training
     patch_train = data.datasets["train"]  # the train split's metrics stay per patch
     if dense is not None:
@@ -426,6 +438,72 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     }
     _write_metrics(run_dir, metrics)
     config = {"model": dump_config(fusion_cfg), "models": models, "stage": cfg_dict}
+    bundle = save_bundle(
+        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
+        sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
+        provenance=provenance(
+            [s.site for s in scenes], {f"{k}_bundle_sha256": file_sha256(cfg.bundles[k]) for k in stage1},
+        ),
+        metrics=metrics,
+    )
+    return RunResult(run_dir, bundle, metrics)
+
+
+VAL_WINDOWS = 4096
+"""Windows of the validation block scored at every validation (the same ones each time)."""
+
+
+def _train_context(
+    cfg: FusionStageConfig, stage1: dict[str, Bundle], scenes: list[Any], data: SplitData, run_dir: Path,
+    resume: Path | None,
+) -> RunResult:
+    """Stage 2 with a window (:mod:`stembed.training.context`): the frozen latents of every pixel-date of each split
+    once, then the fusion layers on windows of them; metrics beside the trivial and PCA-k baselines."""
+    fusion_cfg = cfg.resolved_model()
+    dense = cfg.dense_training or DenseTrainingConfig()
+    models = {k: b.config["model"] for k, b in stage1.items()}
+    module = ContextFusionModule(models, dump_config(fusion_cfg), dump_config(cfg.loss), dump_config(cfg.train),
+                                 dump_config(dense))
+    model = module.model
+    for k, b in stage1.items():
+        model.autoencoders[k].load_state_dict(b.state_dict)
+    sensors = data.datasets["train"].sensors  # type: ignore[attr-defined]  # the fusion split's FusionPatchDataset
+    started = time.perf_counter()
+    splits = {}
+    for name in SPLITS:
+        if data.regions[name]:
+            crops = context_crops(sensors, data.regions[name], dense.crop_px, model.anchor.cfg.context_px)
+            splits[name] = (crops, split_latents(model, crops))
+    latent_seconds = round(time.perf_counter() - started, 1)
+    if resume is None:  # a resumed run restores them from its checkpoint
+        mean, std = latent_stats(splits["train"][1], model.sensors)
+        model.latent_mean.copy_(mean)
+        model.latent_std.copy_(std)
+    window, n_frames, B = fusion_cfg.window, model.anchor.cfg.n_frames, cfg.train.batch_size
+    assert window is not None  # the caller's branch
+    train = ContextBatches(*splits["train"], window, cfg.loss.context, n_frames, batch_size=B,
+                           batches=max(1, int(np.ceil(splits["train"][1].present[ANCHOR].sum() / B))),
+                           seed=cfg.train.seed, train=True)
+    val = ContextBatches(*splits["val"], window, cfg.loss.context, n_frames, batch_size=B,
+                         batches=max(1, VAL_WINDOWS // B), seed=cfg.train.seed, train=False)
+    fit_data = SplitData({"train": train, "val": val}, data.patches, data.regions, data.info)
+    fitted = _fit(module, fit_data, cfg.train, run_dir, resume)
+    if fitted is None:
+        return _follower_result(run_dir)
+    model = fitted.model
+    train_seconds = round(time.perf_counter() - started, 1)
+    split_metrics, pca = evaluate_context(model, splits, seed=cfg.train.seed)
+    metrics = {
+        "stage": "fusion",
+        "context": {"window": dump_config(window), "prefixes": list(model.prefixes),
+                    "latent_seconds": latent_seconds, "train_windows_per_epoch": len(train) * B},
+        "train_seconds": train_seconds,
+        "splits": split_metrics,
+        "baseline_pca": pca,
+        "data": data.info,
+    }
+    _write_metrics(run_dir, metrics)
+    config = {"model": dump_config(fusion_cfg), "models": models, "stage": dump_config(cfg)}
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
         sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},

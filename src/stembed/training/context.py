@@ -1,0 +1,268 @@
+"""Stage 2 with context: the fusion layers of :class:`~stembed.models.context.ContextFusionModel`, trained on the
+frozen stage-1 latents of every pixel-date of each split (computed once: :func:`split_latents`), and the
+metrics of a trained one beside the baselines every run shows.
+
+The objective, per nested prefix of the embedding (``cfg.prefixes``, equal weights), is
+
+* the date's reconstruction: the paper's context-weighted loss of each sensor's patch on the date's stage-1
+  window, decoded by the frozen autoencoders from the prefix (the centre frame plus sampled others,
+  :func:`stembed.training.dense.reconstruct_windows`; a sample whose own S2 is hidden is rebuilt from its
+  window alone);
+* ``context.season`` x the centre pixel's bands on the window's dates, decoded from the prefix and each date's
+  day offset (every sensor, MAE in cube units, each at its branch weight);
+
+plus ``context.agreement`` x VICReg between the embeddings of two views of the window on a slice of the
+features. Each term's share is a config value, so the ablation table (README "Context that counts") is a set
+of ``--set`` overrides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from stembed.config import DenseTrainingConfig, FusionLossConfig, TrainConfig
+from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, SplitLatents
+from stembed.inference.engine import block_latents, sensor_present
+from stembed.losses import masked_mae, vicreg
+from stembed.models.autoencoder import SensorAutoencoder
+from stembed.models.context import ContextFusionModel
+from stembed.models.fusion import ANCHOR, build_fusion
+from stembed.training.dense import Windows, reconstruct_windows
+from stembed.training.evaluate import PCABaseline, baselines
+from stembed.training.modules import _centre_metrics, _StageModule, _update
+
+
+# ----------------------------------------------------------------------------- latents, once
+@torch.no_grad()
+def split_latents(model: ContextFusionModel, crops: ContextCrops, *, batch_size: int = 1024) -> SplitLatents:
+    """Every sensor's frozen latent and presence at every pixel-date of a split's crops (padded dates absent)."""
+    R, T = crops.days[ANCHOR].shape
+    P = crops.crop_px**2
+    z = {k: np.zeros((R, T, ae.cfg.latent_dim, P), dtype=np.float32) for k, ae in model.sensor_autoencoders().items()}
+    present = {k: np.zeros((R, T, P), dtype=bool) for k in z}
+    device = next(model.parameters()).device
+    for r in range(R):
+        block = crops.block(r)
+        n = int(crops.n_time[r])
+        for k, v in block_latents(model, block, batch_size=batch_size, device=device).items():
+            z[k][r, :n] = v.reshape(n, v.shape[1], P)
+        for k, v in sensor_present(block, crops.margin).items():
+            present[k][r, :n] = v.reshape(n, P)
+    return SplitLatents(z, present)
+
+
+def latent_stats(latents: SplitLatents, sensors: tuple[str, ...]) -> tuple[Tensor, Tensor]:
+    """Mean and standard deviation of each latent dimension over the observed S2 pixel-dates (the concatenated
+    latents in token order), to standardise the fusion's inputs."""
+    seen = latents.present[ANCHOR]  # (R, T, P)
+    cols = []
+    for k in sensors:
+        z = np.moveaxis(latents.z[k], 2, -1)[seen]  # (N, L)
+        cols.append(z)
+    x = np.concatenate(cols, axis=1).astype(np.float64)
+    return torch.tensor(x.mean(0), dtype=torch.float32), torch.tensor(np.maximum(x.std(0), 1e-6), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- the objective
+def _windows(batch: ContextBatch, repeat: int) -> Windows:
+    """The batch's date windows as dense training's :class:`Windows` (one per sample), ``repeat`` times over."""
+    b = batch.crop.repeat(repeat)
+    return Windows(b, torch.zeros_like(b), batch.pixel.repeat(repeat), batch.frames.repeat(repeat, 1),
+                   batch.gaps[ANCHOR].repeat(repeat, 1))
+
+
+def context_loss(
+    model: ContextFusionModel, batch: ContextBatch, loss: FusionLossConfig, render_frames: float, gen: torch.Generator,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor, Tensor]]]:
+    """The objective of one batch (module docstring): ``(total, logged parts, centre)``, where ``centre`` holds
+    each sensor's (x_hat, x, valid) of the first prefix's centre frames on the samples whose date was visible."""
+    terms, prefixes = loss.context, model.prefixes
+    e = model.fuse(batch.z, batch.present, batch.dt, batch.offset)  # (B, E)
+    B, nP = e.shape[0], len(prefixes)
+    heads = [model.decode_latents(e[:, :n]) for n in prefixes]  # per prefix: sensor -> (B, L_k)
+    win = _windows(batch, nP)
+    total = e.new_zeros(())
+    logs: dict[str, Tensor] = {}
+    centre: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
+    seen = ~batch.hidden
+    for k, ae in model.sensor_autoencoders().items():
+        cfg, weight = loss.branch(k)
+        z = torch.cat([h[k] for h in heads])  # (nP*B, L): every prefix decoded in one pass (equal weights)
+        rec = reconstruct_windows(ae, z, batch.gaps[k].repeat(nP, 1), batch.crops.values[k], batch.crops.inside, win,
+                                  cfg, render_frames, gen)
+        total = total + weight * rec.parts["loss"]
+        logs |= {f"{k}/{name}": v for name, v in rec.parts.items() if torch.isfinite(v)}
+        centre[k] = (rec.x_hat[:B][seen], rec.targets.x[:B][seen], rec.targets.valid[:B][seen])
+    if terms.season:
+        season = e.new_zeros(())
+        for n in prefixes:
+            values = model.season_values(e[:, :n], batch.offset[:, 1:])  # sensor -> (B, K, C)
+            season = season + sum(loss.branch(k)[1] * masked_mae(values[k], batch.season[k]) for k in values)
+        season = season / nP
+        logs["season_mae"] = season
+        total = total + terms.season * season
+    if terms.agreement and batch.present_b is not None:
+        lo, hi = agreement_slice(model, terms.agreement_features)
+        e_b = model.fuse(batch.z, batch.present_b, batch.dt, batch.offset)
+        parts = vicreg(e[:, lo:hi], e_b[:, lo:hi])
+        logs |= {f"agreement/{name}": v for name, v in parts.items()}
+        total = total + terms.agreement * parts["loss"]
+    logs["loss"] = total
+    return total, logs, centre
+
+
+def agreement_slice(model: ContextFusionModel, features: tuple[int, int] | None) -> tuple[int, int]:
+    """The features the agreement term applies to: ``features``, or those past the first nested prefix (all
+    features without nesting)."""
+    E, prefixes = model.cfg.embed_dim, model.prefixes
+    lo, hi = features if features is not None else ((prefixes[0], E) if len(prefixes) > 1 else (0, E))
+    if not 0 <= lo < hi <= E:
+        raise ValueError(f"agreement_features must be [start, stop) within the {E} features, got {(lo, hi)}")
+    return lo, hi
+
+
+class ContextFusionModule(_StageModule):
+    """Stage 2 with context (module docstring); the autoencoders' weights are loaded by the caller, and the
+    training batches come from :class:`~stembed.data.context.ContextBatches`."""
+
+    monitor = "val_loss"
+    model: ContextFusionModel
+
+    def __init__(
+        self,
+        models: dict[str, dict[str, Any]],
+        model: dict[str, Any],
+        loss: dict[str, Any],
+        train: dict[str, Any],
+        dense: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        fusion = build_fusion(models, model)
+        if not isinstance(fusion, ContextFusionModel):
+            raise ValueError("ContextFusionModule needs a fusion config with a window")
+        self.model = fusion
+        self.loss_cfg = FusionLossConfig.model_validate(loss)
+        self.train_cfg = TrainConfig.model_validate(train)
+        self.render_frames = DenseTrainingConfig.model_validate(dense or {}).render_frames
+        self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # frames rendered per window
+        self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
+
+    def _step(self, batch: ContextBatch, prefix: str) -> Tensor:
+        total, logs, centre = context_loss(self.model, batch, self.loss_cfg, self.render_frames, self.gen)
+        self.log_dict({f"{prefix}_{k}": v for k, v in logs.items()}, on_step=False, on_epoch=True,
+                      batch_size=batch.size, prog_bar=False)
+        for k, (x_hat, x, valid) in centre.items():
+            _update(self.centre[f"{prefix}_centre_mae_{k}"], x_hat, x, valid)
+        return total
+
+
+# ----------------------------------------------------------------------------- metrics of a trained model
+def centre_decode(ae: SensorAutoencoder, z: Tensor, gaps: Tensor) -> Tensor:
+    """Latents (B, L) + the date's window gaps (B, T-1) -> the decoded centre pixel of the centre frame (B, C), cube
+    units (only that frame is rendered)."""
+    tokens = ae.decoder.tokens(z, gaps)  # (B, T, d_model)
+    x = ae.decoder.render(tokens[:, tokens.shape[1] // 2])  # (B, C, P, P), model units
+    c = x.shape[-1] // 2
+    return x[:, :, c, c] * ae.input_std.reshape(-1) + ae.input_mean.reshape(-1)
+
+
+def _patches(crops: ContextCrops, sensor: str, batch: ContextBatch, patch_px: int) -> Tensor:
+    """Each sample's raw (B, T, C, P, P) patch on its stage-1 window, NaN missing."""
+    c, m, r = crops.crop_px, crops.margin, patch_px // 2
+    py, px = batch.pixel // c + m, batch.pixel % c + m
+    off = torch.arange(-r, r + 1)
+    yy = (py[:, None] + off)[:, None, :, None]  # (B, 1, P, 1)
+    xx = (px[:, None] + off)[:, None, None, :]  # (B, 1, 1, P)
+    v = crops.values[sensor][batch.crop[:, None, None, None], batch.frames[:, :, None, None], :, yy, xx]
+    return v.permute(0, 1, 4, 2, 3)  # (B, T, P, P, C) -> (B, T, C, P, P)
+
+
+@torch.no_grad()
+def evaluate_context(
+    model: ContextFusionModel,
+    splits: Mapping[str, tuple[ContextCrops, SplitLatents]],
+    *,
+    max_samples: int = 20000,
+    batch_size: int = 1024,
+    seed: int = 0,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every split's centre-pixel MAE per sensor and nested prefix, and its season decoder's; beside the trivial
+    baselines (patch mean, temporal neighbours; the date's own bands for the season) and PCA-k of the train split's
+    centre values (k per prefix). Returns ``(splits, pca)``.
+
+    At most ``max_samples`` observed pixel-dates per split (a seeded uniform draw), deterministic windows.
+    """
+    model = model.eval()
+    aes = model.sensor_autoencoders()
+    out: dict[str, Any] = {}
+    centres: dict[str, dict[str, np.ndarray]] = {}
+    patch_px = model.anchor.cfg.patch_px
+    for name, (crops, latents) in splits.items():
+        terms = FusionLossConfig().context.model_copy(update={"hide_date": 0.0, "agreement": 0.0})
+        data = ContextBatches(crops, latents, model.cfg.window, terms,  # type: ignore[arg-type]  # set for a context model
+                              model.anchor.cfg.n_frames, batch_size=batch_size, batches=1, seed=seed, train=False)
+        n = data.pool[0].size
+        order = np.random.default_rng(seed).permutation(n)[:max_samples]
+        acc = _Accumulator()
+        rows: dict[str, list[np.ndarray]] = {k: [] for k in aes}
+        for i in range(0, order.size, batch_size):
+            batch = data.sample(order[i : i + batch_size])  # the window's own targets, the date visible
+            e = model.fuse(batch.z, batch.present, batch.dt, batch.offset)
+            patches = {k: _patches(crops, k, batch, patch_px) for k in aes}  # (B, T, C, P, P) each
+            for k, ae in aes.items():
+                x = patches[k]
+                t, c = x.shape[1] // 2, x.shape[-1] // 2
+                target = x[:, t, :, c, c]  # (B, C)
+                for n_f in model.prefixes:
+                    z = model.head(k, n_f)(e[:, :n_f])
+                    acc.add(k, f"centre_mae_{n_f}", centre_decode(ae, z, batch.gaps[k]), target)
+                    season = model.season_values(e[:, :n_f], batch.offset[:, 1:])[k]
+                    acc.add(k, f"season_mae_{n_f}", season, batch.season[k])
+                for b_name, pred in baselines(torch.nan_to_num(x), torch.isfinite(x)).items():
+                    acc.add(k, f"baseline_{b_name}_centre_mae", pred, target)
+                # the season decoder's trivial baseline: the date's own bands on every date of its window
+                acc.add(k, "baseline_date_season_mae", target[:, None, :].expand_as(batch.season[k]), batch.season[k])
+                rows[k].append(target.double().numpy())
+        out[name] = {k: {"n_pixel_dates": int(order.size), **acc.result(k)} for k in aes}
+        centres[name] = {k: np.concatenate(v) for k, v in rows.items()}
+    pca: dict[str, Any] = {}
+    if "train" in centres:
+        for n_f in model.prefixes:
+            try:
+                fitted = PCABaseline.fit(centres["train"], n_f)
+            except ValueError as err:
+                pca[str(n_f)] = {"skipped": str(err)}
+                continue
+            for name, rows_ in centres.items():
+                for k, mae in fitted.centre_mae(rows_).items():
+                    out[name][k][f"baseline_pca{n_f}_centre_mae"] = mae
+            pca[str(n_f)] = {"k": n_f, "fitted_on": "train", "n_rows": fitted.n_fitted, "sensors": list(fitted.widths)}
+    return out, pca
+
+
+class _Accumulator:
+    """Sums and counts of absolute errors over observed values, per sensor and metric."""
+
+    def __init__(self) -> None:
+        self.sums: dict[tuple[str, str], float] = {}
+        self.counts: dict[tuple[str, str], float] = {}
+
+    def _add(self, key: tuple[str, str], err: Tensor) -> None:
+        ok = torch.isfinite(err)
+        self.sums[key] = self.sums.get(key, 0.0) + float(err[ok].sum())
+        self.counts[key] = self.counts.get(key, 0.0) + float(ok.sum())
+
+    def add(self, sensor: str, metric: str, pred: Tensor, target: Tensor) -> None:
+        """|pred - target| over the finite targets (any shape: (B, C) centres, (B, K, C) window values)."""
+        self._add((sensor, metric), (pred - target).abs())
+
+    def result(self, sensor: str) -> dict[str, float | None]:
+        """Every metric of a sensor: its mean (None where nothing was observed)."""
+        return {m: (self.sums[(s, m)] / self.counts[(s, m)] if self.counts[(s, m)] else None)
+                for (s, m) in self.sums if s == sensor}
