@@ -256,6 +256,8 @@ CASES: list[Case] = [
     Case("embed-config-yaml", lambda w, s: _embed(w, s, "--config", str(w / "bad.yaml")), "not valid YAML"),
     Case("embed-parent-is-file", lambda w, s: _embed(w, s, out="out/e.zarr"), "is a file, not a folder",
          setup=_plain_file),
+    Case("embed-features-not-nested", lambda w, s: _embed(w, s, "--features", "3"), "complete embeddings of [7]"),
+    Case("embed-features-zero", lambda w, s: _embed(w, s, "--features", "0"), "features"),
     # --- sample
     Case("sample-out-exists",
          lambda w, s: _sample(w, w / "table.csv"), "already exists"),
@@ -271,6 +273,8 @@ CASES: list[Case] = [
          lambda w, s: _sample(w, s / "t.csv", embeddings="nope.zarr"), "no embedding store"),
     Case("sample-embeddings-is-scene",
          lambda w, s: _sample(w, s / "t.csv", embeddings="scene.zarr"), "not a stembed embedding store"),
+    Case("sample-features-not-nested",
+         lambda w, s: [*_sample(w, s / "t.csv"), "--features", "4"], "complete embeddings of [7] features"),
     # --- export
     Case("export-out-plain-file",
          lambda w, s: ["export", "--embeddings", str(w / "emb.zarr"), "--out", str(w / "notes.txt")],
@@ -278,6 +282,9 @@ CASES: list[Case] = [
     Case("export-embeddings-is-scene",
          lambda w, s: ["export", "--embeddings", str(w / "scene.zarr"), "--out", str(s / "tifs")],
          "not a stembed embedding store"),
+    Case("export-features-not-nested",
+         lambda w, s: ["export", "--embeddings", str(w / "emb.zarr"), "--out", str(s / "tifs"), "--features", "2"],
+         "--features 7"),
     # --- pca
     Case("pca-out-plain-file",
          lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "scene.zarr"), "--out",
@@ -285,6 +292,9 @@ CASES: list[Case] = [
     Case("pca-cube-missing",
          lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "nope.zarr"), "--out",
                        str(s / "pca")], "no scene store"),
+    Case("pca-features-not-nested",
+         lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "scene.zarr"), "--out",
+                       str(s / "pca"), "--features", "5"], "holds complete embeddings of [7] features"),
     # --- eval
     Case("recon-corrupt-metrics",
          lambda w, s: ["eval", "recon", str(w / "corrupt_run"), "--out", str(s / "ev")], "not readable JSON"),

@@ -403,9 +403,14 @@ def embed(
             "--daily",
             metavar="",
             help="Write every day from the first to the last S2 date, with a flag per value: observed, model_based "
-            "(cloudy dates, gap-fill bundles), linear or savgol (--set daily_fill=savgol).",
+            "(cloudy dates: gap-fill bundles and context fusions), linear or savgol (--set daily_fill=savgol).",
         ),
     ] = False,
+    features: Annotated[
+        int | None,
+        typer.Option("--features", metavar="K", help="Write only the first K features: one of a nested bundle's "
+                     "prefixes (`stembed info BUNDLE` lists them); default all."),
+    ] = None,
 ) -> None:
     """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
     from stembed.config import ConfigError, EmbedConfig, load_config
@@ -422,6 +427,8 @@ def embed(
             overrides.append(f"dtype={dtype.value}")
         if daily:
             overrides.append("daily=true")
+        if features is not None:
+            overrides.append(f"features={features}")
         cfg = load_config(EmbedConfig, config, overrides)
         return embed_cube(
             cube, bundle, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler, progress=not quiet
@@ -687,6 +694,11 @@ DatesOpt = Annotated[
     list[str] | None,
     typer.Option("--dates", metavar="YYYY-MM-DD", help="ISO date to use, e.g. 2021-06-03 (repeatable)."),
 ]
+FeaturesOpt = Annotated[
+    int | None,
+    typer.Option("--features", metavar="K", help="Use only the first K features: one of the store's nested sizes "
+                 "(`stembed info BUNDLE`; default all)."),
+]
 
 
 @app.command()
@@ -697,6 +709,7 @@ def pca(
     dates: DatesOpt = None,
     samples: Annotated[int, typer.Option("--samples", help="Pixel-dates sampled to fit the PCA.")] = 100_000,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the sample.")] = 0,
+    features: FeaturesOpt = None,
 ) -> None:
     """Map PCA components 1-3 of the embeddings to RGB, beside the S2 true colour (default: 4 best dates)."""
     from stembed.eval.pca import pca_maps
@@ -707,7 +720,8 @@ def pca(
     def go() -> Any:
         check_output_folder(out)
         return pca_maps(
-            open_embeddings(embeddings), open_scene(cube, check_values=False).s2, dates=dates, out_dir=out,
+            open_embeddings(embeddings, features=features), open_scene(cube, check_values=False).s2, dates=dates,
+            out_dir=out,
             n_samples=samples, seed=seed,
         )
 
@@ -724,6 +738,7 @@ def sample(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", metavar="", help="Replace an existing table.")
     ] = False,
+    features: FeaturesOpt = None,
 ) -> None:
     """Sample the embeddings at points: one row per point and date (window mean over valid pixels)."""
     from stembed.io.embeddings import open_embeddings
@@ -733,7 +748,8 @@ def sample(
     def go() -> Path:
         with lock_output(out, command="sample"):
             check_file_output(out, overwrite=overwrite, what="table")
-            table = sample_points(open_embeddings(embeddings), read_points(points), window_px=window_px)
+            table = sample_points(open_embeddings(embeddings, features=features), read_points(points),
+                                  window_px=window_px)
             return write_table(table, out)
 
     path = _run(go)
@@ -756,13 +772,15 @@ def export(
     dates: DatesOpt = None,
     fmt: Annotated[
         ExportFormat,
-        typer.Option("--format", help="geotiff (7-band file per date) or netcdf (one CF file, GDAL/QGIS)."),
+        typer.Option("--format", help="geotiff (a file per date, a band per feature) or netcdf (one CF file, "
+                     "GDAL/QGIS)."),
     ] = ExportFormat.geotiff,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", metavar="", help="Replace existing output files.")
     ] = False,
+    features: FeaturesOpt = None,
 ) -> None:
-    """Write the embeddings for GIS tools: a 7-band float32 GeoTIFF per date, or one CF netCDF file."""
+    """Write the embeddings for GIS tools: a float32 GeoTIFF per date (a band per feature), or one CF netCDF file."""
     from stembed.io.embeddings import open_embeddings
     from stembed.io.export import export_geotiffs, export_netcdf
     from stembed.io.outputs import check_file_output, check_output_folder, lock_output
@@ -772,7 +790,8 @@ def export(
         def go_nc() -> Path:
             with lock_output(out, command="export"):
                 check_file_output(out, overwrite=overwrite, what="netCDF file")
-                return export_netcdf(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+                return export_netcdf(open_embeddings(embeddings, features=features), out, dates=dates,
+                                     overwrite=overwrite)
 
         typer.echo(f"netCDF: {_run(go_nc)}")
         return
@@ -780,7 +799,8 @@ def export(
     def go() -> Any:
         with lock_output(out, command="export"):
             check_output_folder(out)
-            return export_geotiffs(open_embeddings(embeddings), out, dates=dates, overwrite=overwrite)
+            return export_geotiffs(open_embeddings(embeddings, features=features), out, dates=dates,
+                                   overwrite=overwrite)
 
     files = _run_into(out, go)
     typer.echo(f"{len(files)} GeoTIFF(s) in {out}")

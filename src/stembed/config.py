@@ -637,7 +637,9 @@ class EmbedConfig(_Frozen):
     daily_fill: Literal["linear", "savgol"] = "linear"  # how days without a value are filled
     savgol_window_days: int = Field(31, ge=3)
     savgol_order: int = Field(2, ge=0)
-    model_fill: bool = True  # cloudy S2 dates from the bundle's gap-fill layers (gapfill bundles only)
+    model_fill: bool = True  # cloudy S2 dates from the bundle's gap-fill layers, or a context fusion's own window
+    # write the first that many features: one of a nested bundle's prefixes (None: all of them)
+    features: int | None = Field(None, ge=1)
 
 
 StageConfig = AEStageConfig | FusionStageConfig | GapFillStageConfig

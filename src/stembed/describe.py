@@ -8,11 +8,12 @@ from typing import Any, TextIO
 from stembed.config import PRESETS, ConfigError, ae_preset, dump_config, fusion_preset
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import FusionBase, FusionModel
+from stembed.models.gapfill import GapFillModel
 from stembed.models.layers import count_parameters
 
 
-def _fusion_counts(model: FusionModel) -> dict[str, int]:
+def _fusion_counts(model: FusionBase) -> dict[str, int]:
     counts = count_parameters(model)  # one "<sensor>_autoencoder" part per sensor (FusionModel.parameter_groups)
     counts.setdefault("total", sum(p.numel() for p in model.parameters()))
     # S1's, S2's and every companion sensor's autoencoder are stage-1 parts, not fusion layers
@@ -55,11 +56,13 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
 
     b = load_bundle(path)
     model = b.build_model()
-    counts = _fusion_counts(model) if isinstance(model, FusionModel) else count_parameters(model)
+    fusion = model.fusion if isinstance(model, GapFillModel) else model  # a gap-fill bundle: its observed dates
+    counts = _fusion_counts(model) if isinstance(model, FusionBase) else count_parameters(model)
     return {
         "bundle": str(path),
         "kind": b.kind,
         "sensor": b.sensor,
+        **(_embedding(fusion) if isinstance(fusion, FusionBase) else {}),
         "bands": {k: list(v.bands) for k, v in b.sensors.items()},
         "normalisation": {k: v.normalisation for k, v in b.sensors.items()},
         "parameters": counts,
@@ -67,6 +70,20 @@ def describe_bundle(path: str | Path) -> dict[str, Any]:
         "provenance": b.provenance,
         **({"model_card": model_card(str(path)[len(PREFIX):])} if is_pretrained(path) else {}),
     }
+
+
+def _embedding(model: FusionBase) -> dict[str, Any]:
+    """What a fusion bundle's embedding is: its features, the nested prefixes that are complete embeddings of
+    their own, and which dates each one reads around its date."""
+    window = model.cfg.window
+    return {"embedding": {
+        "features": model.cfg.embed_dim,
+        "nested": list(model.prefixes),
+        "window": "the date's own stage-1 latents (each from 11 consecutive dates; the paper's fusion)"
+        if window is None else
+        f"the date and {window.dates} of the pixel's other observed dates within +-{window.span_days:g} days "
+        f"(density {window.density:g}; context fusion)",
+    }}
 
 
 def render(report: dict[str, Any], out: TextIO) -> None:
@@ -99,6 +116,10 @@ def render(report: dict[str, Any], out: TextIO) -> None:
         console.print(table)
         if "config" in part and "preset" in report:
             console.print(part["config"])
+    if "embedding" in report:
+        e = report["embedding"]
+        console.print(f"embedding: {e['features']} features; complete embeddings of {e['nested']} features "
+                      f"(stembed embed --features K); reads {e['window']}")
     if "provenance" in report:
         console.print({"bands": report["bands"], "provenance": report["provenance"]})
     if "model_card" in report:

@@ -691,6 +691,7 @@ def probe_table(
     nodata: float | Sequence[float] | None = 0,
     n_estimators: int = 200,
     n_jobs: int = 1,
+    only: Sequence[str] | None = None,
 ) -> ProbeResult:
     """Score embedding prefixes against same-size baselines (:data:`FEATURE_SETS`) on one label, blocked CV.
 
@@ -718,6 +719,8 @@ def probe_table(
         nodata: label value(s) that mean "no label"; for WorldCereal ``LC`` pass ``(0, 99)`` to drop
             99 = unknown too.
         n_estimators, n_jobs: random-forest size and threads.
+        only: score only these feature sets (e.g. ``["embedding7", "embedding16"]`` when the baselines of the
+            same pixel-dates and folds were already scored); None: all of them.
 
     Returns:
         A :class:`ProbeResult`; the majority-class baseline has ``feature_set="none"``,
@@ -745,6 +748,11 @@ def probe_table(
     blocks = spatial_blocks(iy, ix, width_px=width, block_px=block_px)
     fold, cv_name = spatial_folds(y_all, blocks, n_folds=n_folds, seed=seed)
     sets, built, skipped = _build_features(a, it, iy, ix, prefixes, window)
+    if only is not None:
+        unknown = sorted(set(only) - set(sets))
+        if unknown:
+            raise ProbeError(f"no feature set(s) {unknown} here; this probe builds {list(sets)}")
+        sets = {name: fs for name, fs in sets.items() if name in only}
     folds = _cross_validate(sets, y_all, fold, n_folds=n_folds, seed=seed, n_estimators=n_estimators,
                             n_jobs=n_jobs)
     sizes = {BASELINE[0]: (0, 0)} | {name: (fs.n_features, fs.x.shape[1]) for name, fs in sets.items()}

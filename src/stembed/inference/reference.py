@@ -25,9 +25,10 @@ import xarray as xr
 from stembed.contract import CubeError, Scene, cube_transform
 from stembed.data.build import match_gap_days, matched_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays
-from stembed.inference.engine import embed_block, resolve_device
+from stembed.inference.engine import embed_block, embed_block_context, resolve_device
 from stembed.models.bundle import Bundle, BundleError
-from stembed.models.fusion import FusionModel
+from stembed.models.context import ContextFusionModel
+from stembed.models.fusion import FusionBase, paper_fusion
 from stembed.models.gapfill import GapFillModel
 from stembed.types import FEATURE, TIME, X, Y
 
@@ -67,7 +68,8 @@ def embed_reference(
     batch_size: int = 256,
     device: str | torch.device | None = None,
 ) -> xr.Dataset:
-    """Embed every pixel and S2 date of ``scene`` with the fusion ``bundle``, one patch at a time.
+    """Embed every pixel and S2 date of ``scene`` with the fusion ``bundle``, one patch at a time (a context
+    fusion: the whole cube as one block, no tiling).
 
     Returns a Dataset with ``embedding`` ``(time, feature, y, x)`` float32 (NaN where not valid) and
     ``valid`` ``(time, y, x)`` bool, on the S2 cube's grid and dates, with its CRS and transform.
@@ -77,8 +79,8 @@ def embed_reference(
     model = bundle.build_model()
     if isinstance(model, GapFillModel):  # observed dates: its fusion model
         model = model.fusion
-    if not isinstance(model, FusionModel):  # pragma: no cover - kind checked above
-        raise TypeError("expected a FusionModel")
+    if not isinstance(model, FusionBase):  # pragma: no cover - kind checked above
+        raise TypeError("expected a fusion model")
     dev = resolve_device(device)
     model.to(dev)
     arrays = {"s2": sensor_arrays(scene, "s2")}
@@ -86,7 +88,10 @@ def embed_reference(
     r = model.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
     block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in arrays.items()}
-    out = embed_block(model, block, batch_size=batch_size, device=dev)
+    if isinstance(model, ContextFusionModel):
+        out = embed_block_context(model, block, batch_size=batch_size, device=dev)
+    else:
+        out = embed_block(paper_fusion(model, "the per-patch reference"), block, batch_size=batch_size, device=dev)
     return embedding_dataset(out, np.isfinite(arrays["s2"].values).any(axis=1), scene, bundle)
 
 
@@ -108,4 +113,9 @@ def embedding_dataset(values: np.ndarray, valid: np.ndarray, scene: Scene, bundl
         "bundle": str(bundle.path) if bundle.path else "",
         "method": "per-patch reference (stembed.inference.reference)",
     })
+    model = bundle.config.get("fusion", bundle.config).get("model", {})
+    if model.get("window") is not None:  # as an embedding store records it (the probe's window baseline reads it)
+        ds.attrs["window"] = model["window"]
+    if model.get("nested") is not None:
+        ds.attrs["nested"] = [n for n in model["nested"] if n <= values.shape[1]]
     return ds

@@ -59,7 +59,8 @@ from stembed.io.outputs import (
 )
 from stembed.io.sinks import EmbeddingSink
 from stembed.models.bundle import Bundle, load_bundle
-from stembed.models.fusion import FusionModel
+from stembed.models.context import ContextFusionModel
+from stembed.models.fusion import FusionBase
 from stembed.models.gapfill import GapFillModel
 from stembed.pretrained import resolve_bundle
 from stembed.repro import file_sha256, provenance
@@ -101,6 +102,7 @@ class TileJob:
     companion_specs: tuple[SensorSpec, ...] = ()  # the companion sensors' specs, from the bundle
     daily: DailyJob | None = None
     progress_topic: str | None = None  # dask event topic the worker reports embedded pixel-dates to
+    features: int | None = None  # write the first that many features (a nested prefix); None: all
 
 
 @dataclass(frozen=True)
@@ -157,29 +159,32 @@ def read_block(
 
 
 def embed_tile(
-    model: FusionModel | GapFillModel,
+    model: FusionBase | GapFillModel,
     block: Mapping[str, SensorArrays],
     *,
     batch_size: int,
     device: torch.device,
     precision: str,
     daily: DailyJob | None,
+    features: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A block's embeddings ``(time, feature, h, w)`` on the S2 dates, or with ``daily`` on every day
-    from ``first_day`` to ``last_day`` together with their flags ``(day, h, w)``.
+    from ``first_day`` to ``last_day`` together with their flags ``(day, h, w)``; ``features``: only the first
+    that many (a nested prefix).
 
     ``progress`` is called with the number of pixel-dates of each batch of the per-date pass."""
     fusion = model.fusion if isinstance(model, GapFillModel) else model
     kw: dict[str, Any] = {"batch_size": batch_size, "device": device, "precision": precision}
-    values = embed_any(fusion, block, progress=progress, **kw)
+    values = embed_any(fusion, block, progress=progress, **kw)[:, :features]
     if daily is None:
         return values, None
     observed = np.isfinite(values).all(axis=1)  # (time, h, w)
     flags = np.where(observed, FLAG_OBSERVED, FLAG_NONE).astype(np.uint8)
-    if daily.model_fill and isinstance(model, GapFillModel):
+    filler = model.filler if isinstance(model, GapFillModel) else model if isinstance(model, ContextFusionModel) else None
+    if daily.model_fill and filler is not None:
         cloudy = ~observed
-        filled = embed_any(model.filler, block, targets=cloudy, hide_s2_centre=True, **kw)
+        filled = embed_any(filler, block, targets=cloudy, hide_s2_centre=True, **kw)[:, :features]
         got = cloudy & np.isfinite(filled).all(axis=1)
         values = np.where(got[:, None], filled, values)
         flags[got] = FLAG_MODEL
@@ -191,11 +196,11 @@ def embed_tile(
 
 
 # ----------------------------------------------------------------------------- worker side
-_MODELS: dict[tuple[str, str, str], FusionModel | GapFillModel] = {}
+_MODELS: dict[tuple[str, str, str], FusionBase | GapFillModel] = {}
 _SCENES: dict[tuple[str, str], Scene] = {}
 
 
-def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel | GapFillModel:
+def _worker_model(path: str, sha256: str, device: torch.device) -> FusionBase | GapFillModel:
     key = (path, sha256, str(device))
     if key not in _MODELS:
         if file_sha256(path) != sha256:
@@ -204,8 +209,8 @@ def _worker_model(path: str, sha256: str, device: torch.device) -> FusionModel |
                 "again with --overwrite"
             )
         model = load_bundle(path, expect_kind=("fusion", "gapfill")).build_model()
-        if not isinstance(model, (FusionModel, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
-            raise TypeError("expected a FusionModel or GapFillModel")
+        if not isinstance(model, (FusionBase, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
+            raise TypeError("expected a fusion or gap-fill model")
         _MODELS[key] = model.to(device).eval()
     return _MODELS[key]
 
@@ -232,7 +237,7 @@ def run_tile(job: TileJob) -> tuple[int, int]:
     block = read_block(_SCENES[key], rows, cols, halo, dict(job.max_gap_days))
     values, flags = embed_tile(
         model, block, batch_size=job.batch_size, device=device, precision=job.precision,
-        daily=job.daily,
+        daily=job.daily, features=job.features,
         progress=None if job.progress_topic is None else _Reporter(job.progress_topic, job.tile),
     )
     codes = job.quant.encode(values)
@@ -298,7 +303,7 @@ def _n_px(grid: store.TileGrid, tile: tuple[int, int]) -> int:
     return (rows.stop - rows.start) * (cols.stop - cols.start)
 
 
-def _fusion(model: FusionModel | GapFillModel) -> FusionModel:
+def _fusion(model: FusionBase | GapFillModel) -> FusionBase:
     return model.fusion if isinstance(model, GapFillModel) else model
 
 
@@ -342,10 +347,10 @@ def _trained_gap_days(bundle: Bundle) -> float:
 
 
 def _calibrate(
-    model: FusionModel, scene: Scene, cfg: EmbedConfig, max_gap_days: dict[str, float], device: torch.device,
+    model: FusionBase, scene: Scene, cfg: EmbedConfig, max_gap_days: dict[str, float], device: torch.device,
 ) -> store.Quantisation:
     """float16/int8 scale and offset from embeddings of random 4x4 blocks (all dates), seeded."""
-    n_features = model.cfg.embed_dim
+    n_features = cfg.features or model.cfg.embed_dim
     if cfg.dtype == "float32":
         return store.Quantisation.identity(n_features)
     rng = np.random.default_rng(cfg.seed)
@@ -358,7 +363,7 @@ def _calibrate(
         y0, x0 = int(rng.integers(0, max(1, height - b + 1))), int(rng.integers(0, max(1, width - b + 1)))
         rows, cols = slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width))
         block = read_block(scene, rows, cols, r, max_gap_days)
-        e = embed_any(model, block, batch_size=cfg.batch_size, device=device, precision=cfg.precision)
+        e = embed_any(model, block, batch_size=cfg.batch_size, device=device, precision=cfg.precision)[:, :n_features]
         e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
         e = e[np.isfinite(e).all(axis=1)]
         samples.append(e)
@@ -405,7 +410,7 @@ class EmbedPlan:
     bundle: Bundle
     bundle_sha256: str
     scene: Scene
-    model: FusionModel
+    model: FusionBase
     cfg: EmbedConfig
     max_gap_days: dict[str, float]  # every sensor but the S2 anchor -> its matching tolerance (read_block)
     daily: DailyJob | None
@@ -430,13 +435,14 @@ def plan_embedding(cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, 
     scene = open_scene(cube, check_values=False)
     check_bundle_for_scene(scene, bundle)
     full_model = bundle.build_model()
-    if not isinstance(full_model, (FusionModel, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
-        raise TypeError("expected a FusionModel or GapFillModel")
+    if not isinstance(full_model, (FusionBase, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
+        raise TypeError("expected a fusion or gap-fill model")
     model = _fusion(full_model)
     _check_fits(cube, bundle_path, scene, model, cfg)
     gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
     max_gap_days = match_gap_days(model.sensors, gap_days)
-    daily, notes = _daily_job(scene, bundle_path, cfg, with_gapfill=isinstance(full_model, GapFillModel))
+    daily, notes = _daily_job(scene, bundle_path, cfg,
+                              with_gapfill=isinstance(full_model, (GapFillModel, ContextFusionModel)))
     bundle_sha = file_sha256(bundle_path)
     # torch threads per worker: a dense model's sums round differently with another thread count, so a
     # resume must use the same (the worker count matters only through it: --workers splits the cores)
@@ -456,14 +462,32 @@ def plan_embedding(cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, 
         "calibration": [cfg.calibration_samples, cfg.calibration_margin, cfg.seed],
         "daily": None if daily is None else asdict(daily),
         "threads_per_worker": threads,
+        "features": n_features(model, cfg),
     }
     return EmbedPlan(cube=cube, bundle_path=bundle_path, bundle=bundle, bundle_sha256=bundle_sha, scene=scene,
                      model=model, cfg=cfg, max_gap_days=max_gap_days, daily=daily, threads=threads,
                      fingerprint=fingerprint, notes=notes)
 
 
-def _check_fits(cube: Path, bundle_path: Path, scene: Scene, model: FusionModel, cfg: EmbedConfig) -> None:
+def n_features(model: FusionBase, cfg: EmbedConfig) -> int:
+    """The features a run writes: ``cfg.features`` (a nested prefix of the model's) or all of them.
+
+    Raises:
+        EmbedError: ``cfg.features`` is not one of the sizes the model was trained to give whole.
+    """
+    if cfg.features is None:
+        return model.cfg.embed_dim
+    if cfg.features not in model.prefixes:
+        raise EmbedError(
+            f"--features {cfg.features}: this bundle gives complete embeddings of {list(model.prefixes)} features "
+            f"(its nested prefixes); fix: pass one of those, or leave --features out for all {model.cfg.embed_dim}"
+        )
+    return cfg.features
+
+
+def _check_fits(cube: Path, bundle_path: Path, scene: Scene, model: FusionBase, cfg: EmbedConfig) -> None:
     """Refuse a precision the encoder cannot run, and a cube too short or too small for the model's window."""
+    n_features(model, cfg)
     n_frames, input_px = model.anchor.cfg.n_frames, model.anchor.cfg.input_px
     n_time, height, width = scene.s2.sizes[TIME], scene.s2.sizes[Y], scene.s2.sizes[X]
     if cfg.precision in ("bfloat16", "float16") and model.anchor.cfg.variant != "dense":
@@ -566,20 +590,32 @@ def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
             f"space: windows of border pixels read the cube reflected by {model.anchor.cfg.context_px} pixels "
             "(context_px)"
         ),
-        "method": "dense (each frame encoded once per tile)" if model.anchor.cfg.variant == "dense" else "per patch",
+        "method": _method(model),
         "companion_sensors": list(model.companions),
+        # which dates each embedding read around its date (None: the paper's 11 consecutive dates), and the
+        # sizes that are complete embeddings of their own (the probe's baselines and `stembed info` read both)
+        "window": None if model.cfg.window is None else dump_config(model.cfg.window),
+        "nested": [n for n in model.prefixes if n <= n_features(model, plan.cfg)],
     }
     if daily is not None:
         attrs["daily"] = {
             **asdict(daily),
             "flags": "see the flag variable: " + ", ".join(f"{i} {m}" for i, m in enumerate(FLAG_MEANINGS)),
             "model_based": (
-                "cloudy S2 dates embedded by the bundle's gap-fill layers with the S2 centre frame hidden "
-                "(stembed.models.gapfill)" if daily.model_fill else "off"
+                ("cloudy S2 dates embedded by the context fusion from the date's S1 and its window, the date's own "
+                 "S2 hidden (stembed.models.context)" if isinstance(model, ContextFusionModel) else
+                 "cloudy S2 dates embedded by the bundle's gap-fill layers with the S2 centre frame hidden "
+                 "(stembed.models.gapfill)") if daily.model_fill else "off"
             ),
             "notes": list(plan.notes),
         }
     return attrs
+
+
+def _method(model: FusionBase) -> str:
+    if isinstance(model, ContextFusionModel):
+        return "context (every pixel-date's stage-1 latents once per tile, each date fused with its window's)"
+    return "dense (each frame encoded once per tile)" if model.anchor.cfg.variant == "dense" else "per patch"
 
 
 def _create_store(plan: EmbedPlan, out: Path, sink: EmbeddingSink, quant: store.Quantisation) -> None:
@@ -591,7 +627,7 @@ def _create_store(plan: EmbedPlan, out: Path, sink: EmbeddingSink, quant: store.
     times = s2[TIME].values if daily is None else daily_dates(np.arange(daily.first_day, daily.last_day + 1))
     sink.create(
         time=times, y=s2[Y].values, x=s2[X].values,
-        features=[f"E{i + 1}" for i in range(plan.model.cfg.embed_dim)], crs=str(s2.attrs["crs"]),
+        features=[f"E{i + 1}" for i in range(n_features(plan.model, plan.cfg))], crs=str(s2.attrs["crs"]),
         transform=list(cube_transform(s2)), quant=quant, tile_px=plan.cfg.tile_px,
         time_chunk=plan.cfg.time_chunk, attrs=_store_attrs(plan),
         flag_meanings=None if daily is None else FLAG_MEANINGS,
@@ -608,7 +644,7 @@ def _tile_jobs(plan: EmbedPlan, sink: EmbeddingSink, todo: list[tuple[int, int]]
             grid=plan.grid, tile=t, quant=quant, max_gap_days=tuple(plan.max_gap_days.items()),
             batch_size=cfg.batch_size, device=cfg.device, threads=plan.threads, precision=cfg.precision,
             companion_specs=tuple(plan.bundle.sensors[k] for k in plan.model.companions), daily=plan.daily,
-            progress_topic=topic,
+            progress_topic=topic, features=n_features(plan.model, cfg),
         )
         for t in todo
     ]

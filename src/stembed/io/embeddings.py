@@ -453,14 +453,16 @@ def grid_mismatch(embeddings: xr.Dataset, obj: xr.Dataset | xr.DataArray, name: 
     return None
 
 
-def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.Dataset:
+def open_embeddings(path: str | Path, *, allow_incomplete: bool = False, features: int | None = None) -> xr.Dataset:
     """Open an embedding store lazily (dask), with ``embedding`` decoded to float32 (NaN = missing).
 
     Returns a Dataset with ``embedding`` ``(time, feature, y, x)``, ``valid`` ``(time, y, x)`` and
-    ``spatial_ref``; the store's attributes are on the Dataset.
+    ``spatial_ref``; the store's attributes are on the Dataset. ``features``: only the first that many, one of
+    the sizes the store records as complete embeddings (its ``nested`` attribute; a store without one: all).
 
     Raises:
-        EmbeddingStoreError: not an embedding store, or an unfinished one (unless ``allow_incomplete``).
+        EmbeddingStoreError: not an embedding store, an unfinished one (unless ``allow_incomplete``), or a
+            ``features`` that is not a complete embedding of it.
     """
     path = Path(path)
     attrs = read_attrs(path)
@@ -470,10 +472,10 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.D
             "fix: finish it with `stembed embed ... --resume`"
         )
     ds = xr.open_zarr(path, consolidated=False)
-    features = [str(f) for f in attrs.get("features", [])]
-    per_feature = [feature_var(f) for f in features]
+    names = [str(f) for f in attrs.get("features", [])]
+    per_feature = [feature_var(f) for f in names]
     if "embedding" not in ds and all(v in ds for v in per_feature):  # float16/int8, CF-decoded by xarray
-        emb = xr.concat([ds[v] for v in per_feature], dim=FEATURE).assign_coords({FEATURE: features})
+        emb = xr.concat([ds[v] for v in per_feature], dim=FEATURE).assign_coords({FEATURE: names})
         emb = emb.astype(np.float32).transpose(TIME, FEATURE, Y, X)
         ds = ds.drop_vars(per_feature)
     elif "embedding" in ds:
@@ -491,6 +493,31 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False) -> xr.D
     out = ds.drop_vars([v for v in _BOOKKEEPING if v in ds.variables]).assign(embedding=emb)
     out = out.assign_coords({FEATURE: [str(f) for f in out[FEATURE].values]})
     out.attrs = attrs
+    return out if features is None else prefix(out, features, path)
+
+
+def nested_sizes(ds: xr.Dataset) -> list[int]:
+    """The embedding sizes a store (or an opened one) holds as complete embeddings: its ``nested`` prefixes, or all
+    of its features for a store written before nesting."""
+    n = int(ds.sizes[FEATURE])
+    nested = ds.attrs.get("nested")
+    return [int(k) for k in nested if int(k) <= n] if nested else [n]
+
+
+def prefix(ds: xr.Dataset, features: int, name: str | Path = "the store") -> xr.Dataset:
+    """An opened store reduced to its first ``features`` features (a nested prefix); its ``nested`` attribute too.
+
+    Raises:
+        EmbeddingStoreError: ``features`` is not one of :func:`nested_sizes`.
+    """
+    sizes = nested_sizes(ds)
+    if features not in sizes:
+        raise EmbeddingStoreError(
+            f"{name} holds complete embeddings of {sizes} features, not {features}; fix: pass --features "
+            f"{' or '.join(map(str, sizes))}"
+        )
+    out = ds.isel({FEATURE: slice(0, features)})
+    out.attrs = {**ds.attrs, "nested": [k for k in sizes if k <= features]}
     return out
 
 

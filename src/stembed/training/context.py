@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from stembed.config import DenseTrainingConfig, FusionLossConfig, TrainConfig
 from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, SplitLatents
@@ -32,8 +32,9 @@ from stembed.losses import masked_mae, vicreg
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import ANCHOR, build_fusion
-from stembed.training.dense import Windows, reconstruct_windows
+from stembed.training.dense import PatchStats, Windows, patch_stats, reconstruct_windows
 from stembed.training.evaluate import PCABaseline, baselines
+from stembed.training.fusion_init import centre_jacobian_metric, linear_fusion
 from stembed.training.modules import _centre_metrics, _StageModule, _update
 
 
@@ -68,6 +69,43 @@ def latent_stats(latents: SplitLatents, sensors: tuple[str, ...]) -> tuple[Tenso
     return torch.tensor(x.mean(0), dtype=torch.float32), torch.tensor(np.maximum(x.std(0), 1e-6), dtype=torch.float32)
 
 
+@torch.no_grad()
+def init_linear_context(model: ContextFusionModel, data: ContextBatches, weights: Mapping[str, float],
+                        n: int = 4096, seed: int = 0) -> dict[str, Any]:
+    """``init: linear`` for a context fusion: its first nested prefix starts as the best linear fusion of the
+    date's own latents in the frozen decoders' metric (:func:`stembed.training.fusion_init.linear_fusion`), through
+    the direct path and that prefix's heads (the whole embedding's heads read those features the same way and
+    the rest at zero); the transformer path of those features starts at zero, the other features as built.
+
+    Needs ``latent_mean``/``latent_std`` set: the direct path reads standardised latents.
+    """
+    pick = np.random.default_rng(seed).permutation(data.pool[0].size)[:n]
+    batch = data.sample(pick)
+    keys = list(model.sensors)
+    aes = model.sensor_autoencoders()
+    z = {k: batch.z[k][:, 0] for k in keys}  # (N, L_k) the date's own latents
+    blocks = [weights[k] * centre_jacobian_metric(aes[k], z[k], batch.gaps[k]) for k in keys]
+    k0 = model.prefixes[0]
+    mean, enc, dec = linear_fusion(torch.cat([z[k] for k in keys], dim=1), torch.block_diag(*blocks), k0)
+    mu, sd = model.latent_mean, model.latent_std  # (L,)
+    model.direct.weight[:k0] = (sd[:, None] * enc).T  # scores = (z - mean) @ enc, z = zs * sd + mu
+    model.direct.bias[:k0] = (mu - mean) @ enc
+    model.to_embedding.weight[:k0] = 0.0
+    model.to_embedding.bias[:k0] = 0.0
+    start = 0
+    for k in keys:
+        width = z[k].shape[1]
+        part = dec[:, start : start + width]  # (k0, L_k)
+        for size in model.prefixes:
+            head = model.head(k, size)
+            assert isinstance(head, nn.Linear)  # the heads are linear maps
+            head.weight.zero_()
+            head.weight[:, :k0] = part.T
+            head.bias.copy_(mean[start : start + width])
+        start += width
+    return {"n_latents": int(pick.size), "prefix": k0}
+
+
 # ----------------------------------------------------------------------------- the objective
 def _windows(batch: ContextBatch, repeat: int) -> Windows:
     """The batch's date windows as dense training's :class:`Windows` (one per sample), ``repeat`` times over."""
@@ -78,9 +116,11 @@ def _windows(batch: ContextBatch, repeat: int) -> Windows:
 
 def context_loss(
     model: ContextFusionModel, batch: ContextBatch, loss: FusionLossConfig, render_frames: float, gen: torch.Generator,
+    stats: Mapping[str, PatchStats] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor], dict[str, tuple[Tensor, Tensor, Tensor]]]:
     """The objective of one batch (module docstring): ``(total, logged parts, centre)``, where ``centre`` holds
-    each sensor's (x_hat, x, valid) of the first prefix's centre frames on the samples whose date was visible."""
+    each sensor's (x_hat, x, valid) of the first prefix's centre frames on the samples whose date was visible.
+    ``stats``: each sensor's :class:`~stembed.training.dense.PatchStats` of the batch's crops, if known."""
     terms, prefixes = loss.context, model.prefixes
     e = model.fuse(batch.z, batch.present, batch.dt, batch.offset)  # (B, E)
     B, nP = e.shape[0], len(prefixes)
@@ -94,7 +134,7 @@ def context_loss(
         cfg, weight = loss.branch(k)
         z = torch.cat([h[k] for h in heads])  # (nP*B, L): every prefix decoded in one pass (equal weights)
         rec = reconstruct_windows(ae, z, batch.gaps[k].repeat(nP, 1), batch.crops.values[k], batch.crops.inside, win,
-                                  cfg, render_frames, gen)
+                                  cfg, render_frames, gen, None if stats is None else stats[k])
         total = total + weight * rec.parts["loss"]
         logs |= {f"{k}/{name}": v for name, v in rec.parts.items() if torch.isfinite(v)}
         centre[k] = (rec.x_hat[:B][seen], rec.targets.x[:B][seen], rec.targets.valid[:B][seen])
@@ -132,6 +172,7 @@ class ContextFusionModule(_StageModule):
 
     monitor = "val_loss"
     model: ContextFusionModel
+    _patch_stats: dict[tuple[int, ...], dict[str, PatchStats]]  # per crops (see _stats)
 
     def __init__(
         self,
@@ -153,8 +194,18 @@ class ContextFusionModule(_StageModule):
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # frames rendered per window
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
 
+    def _stats(self, crops: ContextCrops) -> dict[str, PatchStats]:
+        """The crops' patch statistics, computed on their first step (the crops are the same every step; a batch
+        carries them by reference, so their storage identifies them)."""
+        key = tuple(v.data_ptr() for v in crops.values.values())
+        if key not in self._patch_stats:
+            m, p = crops.margin, self.model.anchor.cfg.patch_px
+            self._patch_stats[key] = {k: patch_stats(v, crops.inside, m, p) for k, v in crops.values.items()}
+        return self._patch_stats[key]
+
     def _step(self, batch: ContextBatch, prefix: str) -> Tensor:
-        total, logs, centre = context_loss(self.model, batch, self.loss_cfg, self.render_frames, self.gen)
+        total, logs, centre = context_loss(self.model, batch, self.loss_cfg, self.render_frames, self.gen,
+                                           self._stats(batch.crops))
         self.log_dict({f"{prefix}_{k}": v for k, v in logs.items()}, on_step=False, on_epoch=True,
                       batch_size=batch.size, prog_bar=False)
         for k, (x_hat, x, valid) in centre.items():

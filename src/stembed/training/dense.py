@@ -156,17 +156,38 @@ def _patch_area(window: Tensor, inside: Tensor, margin: int, patch_px: int) -> _
     return _PatchArea(part, ok, h, r)
 
 
+@dataclass(frozen=True)
+class PatchStats:
+    """What :func:`gather_targets` reads from a tile batch beyond the rendered frames: the covered area and the
+    box sums of every centre pixel's patch on every date ``(Bt, D, 2C, h, w)`` (values, then counts). A
+    context fusion trains on the same crops every step, so it computes them once (:func:`patch_stats`)."""
+
+    area: _PatchArea
+    per_date: Tensor
+
+
+def patch_stats(window: Tensor, inside: Tensor, margin: int, patch_px: int) -> PatchStats:
+    """:class:`PatchStats` of a tile batch ``window`` (Bt, D, C, Hp, Wp) and its ``inside`` mask."""
+    area = _patch_area(window, inside, margin, patch_px)
+    part, ok = area.part, area.ok
+    per_date = _box_sums(torch.cat([torch.where(ok, part, torch.zeros_like(part)), ok.to(part.dtype)], dim=2),
+                         patch_px)  # (Bt, D, 2C, h, w)
+    return PatchStats(area, per_date)
+
+
 def gather_targets(
-    window: Tensor, inside: Tensor, win: Windows, plan: RenderPlan, margin: int, patch_px: int, loss: LossConfig
+    window: Tensor, inside: Tensor, win: Windows, plan: RenderPlan, margin: int, patch_px: int, loss: LossConfig,
+    stats: PatchStats | None = None,
 ) -> Targets:
     """The reconstruction targets of each rendered pair: its window's 15 x 15 patch on that frame.
 
     A pixel outside the tile's split region (a reflected one) is never a target (``valid`` False). The
     statistics that need every frame of a patch (its band means, the SAM normaliser) come from box sums
-    over the tile, so only the rendered frames are gathered.
+    over the tile (``stats``, computed here when not given), so only the rendered frames are gathered.
     """
     C = window.shape[2]
-    area = _patch_area(window, inside, margin, patch_px)
+    stats = stats if stats is not None else patch_stats(window, inside, margin, patch_px)
+    area = stats.area
     part, ok, h = area.part, area.ok, area.h
     b, p = win.b[plan.latent], win.p[plan.latent]  # (M,) each pair's tile and centre pixel
     py, px = p // h, p % h
@@ -177,9 +198,7 @@ def gather_targets(
     x = views[b[:, None], frame, :, py[:, None], px[:, None]]  # (M, 1, C, P, P)
     valid = ok_views[b[:, None], frame, :, py[:, None], px[:, None]]
 
-    per_date = _box_sums(torch.cat([torch.where(ok, part, torch.zeros_like(part)), ok.to(part.dtype)], dim=2),
-                         patch_px)  # (Bt, D, 2C, h, w)
-    at = per_date[b[:, None], frames, :, py[:, None], px[:, None]].sum(dim=1)  # (M, 2C) over the T frames
+    at = stats.per_date[b[:, None], frames, :, py[:, None], px[:, None]].sum(dim=1)  # (M, 2C) over the T frames
     sums, counts = at[:, :C], at[:, C:]
     means = torch.where(counts > 0, sums / counts.clamp_min(1), torch.zeros_like(sums))  # (M, C)
     x = torch.where(valid, x, means[:, None, :, None, None])
@@ -213,14 +232,15 @@ class Reconstruction:
 
 def reconstruct_windows(
     ae: SensorAutoencoder, z: Tensor, gaps: Tensor, window: Tensor, inside: Tensor, win: Windows,
-    loss: LossConfig, render_frames: float, gen: torch.Generator,
+    loss: LossConfig, render_frames: float, gen: torch.Generator, stats: PatchStats | None = None,
 ) -> Reconstruction:
     """Decode the latents ``z`` (N, L) of windows ``win`` on a drawn subset of frames and score them against the
-    tile ``window`` of ``ae``'s sensor (stage 1, and each branch of fusion)."""
+    tile ``window`` of ``ae``'s sensor (stage 1, and each branch of fusion); ``stats``: the tile's precomputed
+    :class:`PatchStats`, if any."""
     cfg, T, n = ae.cfg, ae.cfg.n_frames, z.shape[0]
     plan = draw_render_frames(n, T, render_frames, gen, z.device)
     x_hat = render(ae, z, gaps, plan)  # (M, 1, C, P, P), the N centre frames first
-    tg = gather_targets(window, inside, win, plan, cfg.context_px, cfg.patch_px, loss)
+    tg = gather_targets(window, inside, win, plan, cfg.context_px, cfg.patch_px, loss, stats)
     parts = sampled_reconstruction_loss(
         x_hat, tg.x, tg.valid, loss, frames=plan.frame[:, None], scale=plan.scale[:, None], sam_total=tg.sam_total,
         n_frames=T, n_patches=n,

@@ -48,7 +48,13 @@ from stembed.models.fusion import ANCHOR, FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
 from stembed.training.centre_init import init_centre_pca
-from stembed.training.context import ContextFusionModule, evaluate_context, latent_stats, split_latents
+from stembed.training.context import (
+    ContextFusionModule,
+    evaluate_context,
+    init_linear_context,
+    latent_stats,
+    split_latents,
+)
 from stembed.training.evaluate import evaluate_split, with_pca_baseline
 from stembed.training.fusion_init import init_linear_fusion, training_latents
 from stembed.training.modules import (
@@ -486,6 +492,10 @@ def _train_context(
                            seed=cfg.train.seed, train=True)
     val = ContextBatches(*splits["val"], window, cfg.loss.context, n_frames, batch_size=B,
                          batches=max(1, VAL_WINDOWS // B), seed=cfg.train.seed, train=False)
+    start: dict[str, Any] = {}
+    if cfg.init == "linear" and resume is None:
+        start = init_linear_context(model, train, {k: cfg.loss.branch(k)[1] for k in model.sensors},
+                                    seed=cfg.train.seed)
     fit_data = SplitData({"train": train, "val": val}, data.patches, data.regions, data.info)
     fitted = _fit(module, fit_data, cfg.train, run_dir, resume)
     if fitted is None:
@@ -498,6 +508,7 @@ def _train_context(
         "context": {"window": dump_config(window), "prefixes": list(model.prefixes),
                     "latent_seconds": latent_seconds, "train_windows_per_epoch": len(train) * B},
         "train_seconds": train_seconds,
+        **({"linear_start": start} if start else {}),
         "splits": split_metrics,
         "baseline_pca": pca,
         "data": data.info,
