@@ -162,7 +162,8 @@ def context_run(tmp_path_factory: pytest.TempPathFactory) -> RunResult:
         "bundles": {k: str(out / k / "bundle.pt") for k in ("s1", "s2")}, "model": model.model_dump(),
         "data": DATA.model_dump(), "dense_training": DENSE.model_dump(), "init": "linear",
         "loss": {"context": {"agreement": 0.5, "hide_date": 0.5}},
-        "train": TRAIN.model_copy(update={"limit_train_batches": 3}).model_dump(),
+        "train": TRAIN.model_copy(update={"limit_train_batches": 3, "val_windows": 64,
+                                          "metric_samples": 500}).model_dump(),
     })
     return train_fusion(cfg, run_dir=out / "context")
 
@@ -238,3 +239,21 @@ def test_daily_cloudy_dates_come_from_the_context_model(context_run: RunResult, 
     days = (scene.s2.time.values.astype("datetime64[D]") - ds.time.values[0].astype("datetime64[D]")).astype(int)
     assert (flags[days][cloudy] == FLAG_MODEL).all() and (flags[days][~cloudy] == FLAG_OBSERVED).all()
     assert np.isfinite(ds.embedding.values[days][:, 0][cloudy]).all()
+
+
+@pytest.mark.slow
+def test_the_gap_fill_experiment_takes_a_context_bundle(context_run: RunResult, tmp_path: Path) -> None:
+    from stembed.eval.gapfill import hide_schedule
+    from stembed.eval.gapfill_run import evaluate_gap_fill
+    from stembed.io.cube import save_scene
+    from stembed.testing import synthetic_scene
+
+    scene = synthetic_scene(seed=7, height_px=24, width_px=24, n_days=300)
+    cube = save_scene(scene, tmp_path / "scene.zarr")
+    region = (slice(2, 14), slice(3, 15))
+    res = evaluate_gap_fill(cube, context_run.bundle, run_lengths=(1, 3), offsets=1, regions=[region])
+    rows = res.table[res.table["gap_days"] == "all"].set_index("method")
+    assert set(rows.index) == {"model_based", "linear", "savgol"}  # no zero_shot: the model was trained for it
+    observed = np.isfinite(scene.s2.values[:, :, region[0], region[1]]).any(axis=1)
+    expected = sum(int(observed[hide_schedule(observed.shape[0], k)].sum()) for k in (1, 3))
+    assert rows.loc["model_based", "n"] == expected and rows.loc["model_based", "n_missing"] == 0

@@ -444,6 +444,10 @@ class TrainConfig(_Frozen):
     limit_train_batches: float | int = Field(1.0, gt=0)  # a share (float <= 1) or a number of batches (int)
     max_minutes: float | None = Field(None, gt=0)  # stop after this much training time (the best checkpoint is kept)
     val_every_n_epochs: int = Field(1, ge=1)  # validate (early stopping, plateau, best checkpoint) every n epochs
+    # a context fusion: windows of the val split scored at every validation (the same ones each time), and
+    # pixel-dates per split in the run's final metrics (seeded draws)
+    val_windows: int = Field(4096, ge=1)
+    metric_samples: int = Field(20000, ge=1)
     progress_bar: bool = True
     # scale-out (README "Training on several GPUs or nodes"): processes per node (GPUs, or CPU processes),
     # nodes, how Lightning joins them, and the training arithmetic. batch_size and limit_train_batches are per

@@ -6,8 +6,11 @@ dates are then hidden, as a cloud would hide them, in runs of 1, 2, 4, ... conse
 and each hidden pixel-date is filled by
 
 - ``model_based``: the gap-fill bundle's filler layers, S2 centre frame hidden, on the cube with the
-  hidden dates removed (so a run's other hidden dates are missing from its window too);
-- ``zero_shot``: the fusion model itself run the same way, untrained for it (what the training buys);
+  hidden dates removed (so a run's other hidden dates are missing from its window too); for a context
+  fusion bundle the context model itself, the date's own S2 hidden (it was trained for that: its window
+  then holds only the dates still observed);
+- ``zero_shot`` (gap-fill bundles only): the fusion model itself run the same way, untrained for it (what the
+  training buys);
 - ``linear`` and ``savgol``: :func:`stembed.inference.daily.fill_daily` over the pixel's remaining
   observed dates.
 
@@ -42,6 +45,7 @@ from stembed.inference.reference import check_bundle_for_scene
 from stembed.inference.tiles import read_block
 from stembed.io.cube import open_scene
 from stembed.models.bundle import load_bundle
+from stembed.models.context import ContextFusionModel
 from stembed.models.gapfill import GapFillModel
 
 METHODS = ("model_based", "zero_shot", "linear", "savgol")
@@ -84,34 +88,34 @@ def evaluate_gap_fill(
     savgol_window_days: int = 31,
     savgol_order: int = 2,
 ) -> GapFillResult:
-    """Run the experiment (module docstring) on the scene store ``cube`` with a gap-fill bundle.
+    """Run the experiment (module docstring) on the scene store ``cube`` with a gap-fill or context fusion bundle.
 
     ``offsets`` schedules per run length (offset 0, 1, ...): more offsets hide more of the dates.
 
     Raises:
-        GapFillEvalError: the bundle has no gap-fill layers, or no test region is known or given.
+        GapFillEvalError: the bundle cannot embed a hidden date, or no test region is known or given.
     """
     bundle = load_bundle(bundle_path)
-    _check_gapfill_kind(bundle.kind, bundle_path)
+    model = _filling_model(bundle.build_model(), bundle.kind, bundle_path)
+    fusion = model.fusion if isinstance(model, GapFillModel) else model
     scene = open_scene(cube, check_values=False)
     check_bundle_for_scene(scene, bundle)
-    model = bundle.build_model()
-    if not isinstance(model, GapFillModel):  # pragma: no cover - kind checked above
-        raise TypeError("expected a GapFillModel")
     dev = resolve_device(device)
     model.to(dev)
     regions = _test_regions(regions, bundle.metrics, bundle_path)
-    gap = float(bundle.config["fusion"].get("stage", {}).get("data", {}).get("s1_max_gap_days", 6.0))
-    r = model.fusion.anchor.cfg.context_px
-    max_gap_days = match_gap_days(model.fusion.sensors, gap)
+    stage = bundle.config.get("fusion", bundle.config).get("stage", {})
+    gap = float(stage.get("data", {}).get("s1_max_gap_days", 6.0))
+    r = fusion.anchor.cfg.context_px
+    max_gap_days = match_gap_days(fusion.sensors, gap)
     kw: dict[str, Any] = {"batch_size": batch_size, "device": dev, "precision": "float32"}
-    preds: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    methods = METHODS if isinstance(model, GapFillModel) else tuple(m for m in METHODS if m != "zero_shot")
+    preds: dict[str, list[np.ndarray]] = {m: [] for m in methods}
     truths, targets_all, gaps_all = [], [], []
     n_runs = 0
     for rows, cols in regions:
         block = read_block(scene, rows, cols, r, max_gap_days)
         d2 = block["s2"].days
-        truth = embed_any(model.fusion, block, **kw)  # (time, F, h, w)
+        truth = embed_any(fusion, block, **kw)  # (time, F, h, w)
         observed = np.isfinite(truth).all(axis=1)  # (time, h, w)
         for k in run_lengths:
             for o in range(offsets):
@@ -139,13 +143,14 @@ def evaluate_gap_fill(
     return GapFillResult(table, error_markdown(table), info)
 
 
-def _check_gapfill_kind(kind: str, bundle_path: str | Path) -> None:
-    """Refuse a bundle that is not a gap-fill one (it has no filler layers to evaluate)."""
-    if kind != "gapfill":
+def _filling_model(model: Any, kind: str, bundle_path: str | Path) -> GapFillModel | ContextFusionModel:
+    """The bundle's model if it can embed a hidden date (gap-fill layers, or a context fusion); else an error."""
+    if not isinstance(model, (GapFillModel, ContextFusionModel)):
         raise GapFillEvalError(
-            f"{bundle_path} is a {kind} bundle; the experiment needs a gap-fill bundle "
-            "(`stembed train gapfill`)"
+            f"{bundle_path} is a {kind} bundle of the paper's fusion; the experiment needs a gap-fill bundle "
+            "(`stembed train gapfill`) or a context fusion bundle (model.window)"
         )
+    return model
 
 
 def _test_regions(
@@ -162,7 +167,7 @@ def _test_regions(
 
 
 def _hide_and_fill(
-    model: GapFillModel,
+    model: GapFillModel | ContextFusionModel,
     block: dict[str, SensorArrays],
     truth: np.ndarray,
     observed: np.ndarray,
@@ -182,10 +187,10 @@ def _hide_and_fill(
     s2_cut[hidden] = np.nan  # the whole date, halo included, as a cloud would hide it
     cut = {**block, "s2": SensorArrays(s2_cut, d2)}
     fill = {"targets": targets, "hide_s2_centre": True, **kw}
-    fills = {
-        "model_based": embed_any(model.filler, cut, **fill),
-        "zero_shot": embed_any(model.fusion, cut, **fill),
-    }
+    if isinstance(model, GapFillModel):
+        fills = {"model_based": embed_any(model.filler, cut, **fill), "zero_shot": embed_any(model.fusion, cut, **fill)}
+    else:  # a context fusion embeds a hidden date from its S1 and its window itself
+        fills = {"model_based": embed_any(model, cut, **fill)}
     for method in ("linear", "savgol"):
         fills[method] = interpolate_at(
             truth, known, d2, targets, method=method, savgol_window_days=savgol_window_days,

@@ -193,6 +193,7 @@ class ContextFusionModule(_StageModule):
         self.render_frames = DenseTrainingConfig.model_validate(dense or {}).render_frames
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # frames rendered per window
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
+        self._patch_stats = {}
 
     def _stats(self, crops: ContextCrops) -> dict[str, PatchStats]:
         """The crops' patch statistics, computed on their first step (the crops are the same every step; a batch

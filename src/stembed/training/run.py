@@ -455,10 +455,6 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     return RunResult(run_dir, bundle, metrics)
 
 
-VAL_WINDOWS = 4096
-"""Windows of the validation block scored at every validation (the same ones each time)."""
-
-
 def _train_context(
     cfg: FusionStageConfig, stage1: dict[str, Bundle], scenes: list[Any], data: SplitData, run_dir: Path,
     resume: Path | None,
@@ -491,7 +487,7 @@ def _train_context(
                            batches=max(1, int(np.ceil(splits["train"][1].present[ANCHOR].sum() / B))),
                            seed=cfg.train.seed, train=True)
     val = ContextBatches(*splits["val"], window, cfg.loss.context, n_frames, batch_size=B,
-                         batches=max(1, VAL_WINDOWS // B), seed=cfg.train.seed, train=False)
+                         batches=max(1, -(-cfg.train.val_windows // B)), seed=cfg.train.seed, train=False)
     start: dict[str, Any] = {}
     if cfg.init == "linear" and resume is None:
         start = init_linear_context(model, train, {k: cfg.loss.branch(k)[1] for k in model.sensors},
@@ -502,7 +498,7 @@ def _train_context(
         return _follower_result(run_dir)
     model = fitted.model
     train_seconds = round(time.perf_counter() - started, 1)
-    split_metrics, pca = evaluate_context(model, splits, seed=cfg.train.seed)
+    split_metrics, pca = evaluate_context(model, splits, max_samples=cfg.train.metric_samples, seed=cfg.train.seed)
     metrics = {
         "stage": "fusion",
         "context": {"window": dump_config(window), "prefixes": list(model.prefixes),
