@@ -33,7 +33,8 @@ RANK = {
     "training": 8, "cube_build": 8,
     "eval": 9,
     "describe": 10, "demo": 10,
-    "cli": 11,
+    "api": 11,
+    "cli": 12,
 }
 NO_TORCH = {"errors", "types", "sensors", "geometry", "config", "repro", "runtime", "pretrained", "cluster",
             "contract", "preprocess", "io", "cube_build"}
