@@ -121,7 +121,9 @@ def embed(
         out: None embeds in memory (small areas: the result must fit in RAM); a path writes an embedding store
             there, tile by tile on dask, as ``stembed embed --out`` does (``scene`` must then be a store path).
         config: a YAML ``EmbedConfig`` file, as ``stembed embed --config``.
-        resume, overwrite, scheduler: as ``stembed embed --resume``, ``--overwrite``, ``--scheduler`` (with ``out``).
+        resume: finish an interrupted store (``stembed embed --resume``; with ``out``).
+        overwrite: replace a store stembed wrote (``--overwrite``; with ``out``).
+        scheduler: the address of a running dask scheduler (``--scheduler``; with ``out``).
         progress: show a progress bar.
         **settings: ``EmbedConfig`` fields, as ``stembed embed --set KEY=VALUE`` (``tile_px=32``,
             ``batch_size=64``, ``daily=True``, ``features=3``, ``workers=2``, ...); they win over ``config``.
