@@ -1,7 +1,7 @@
 """Scale-out training (issue 15, item 6): DDP over CPU processes (gloo) on the real Belgian patch.
 
 Only CPU DDP is exercised here (two processes on one machine). Multi-GPU (NCCL, bf16-mixed on CUDA) and
-multi-node runs go through the same Lightning strategy but are not tested (README "Training on several
+multi-node runs go through the same Lightning strategy but are not tested (docs/guide/scale-out.md "Training on several
 GPUs or nodes").
 """
 

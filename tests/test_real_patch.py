@@ -1,6 +1,6 @@
 """Training on the real Belgian WorldCereal patch, end to end (short: the full run is configs/belgium_s2.yaml).
 
-The acceptance figures come from the full config (README "Models that learn"); here the same path
+The acceptance figures come from the full config (docs/results/models-that-learn.md); here the same path
 (dense training on tiles) runs for a few batches to prove it works on real data and that the block
 split keeps val/test pixels out of training.
 """
@@ -48,5 +48,5 @@ def test_centre_pca_start_reconstructs_real_centre_pixels_after_four_steps(share
     assert start["k"] == 9 and start["n_spectra"] > 10_000 and start["pca_centre_mae"] < 0.002
     for split in ("val", "test"):
         m = run.metrics["splits"][split]["s2"]
-        # a random start after four steps is no better than the patch mean (README "Models that learn")
+        # a random start after four steps is no better than the patch mean (docs/results/models-that-learn.md)
         assert m["centre_mae"] < 0.2 * m["baseline_patch_mean_centre_mae"], (split, m)
