@@ -126,7 +126,7 @@ def test_the_cli_checks_and_messages(scene: Scene, files: dict[str, Path]) -> No
     ids=["no-s1", "dims", "not-a-scene", "scene-with-out", "resume-in-memory", "dtype-in-memory",
          "unknown-setting", "features", "unknown-pretrained"],
 )
-def test_bad_input_is_one_clear_error(scene: Scene, files: dict[str, Path], call, error, match) -> None:  # noqa: ANN001
+def test_bad_input_is_one_clear_error(scene: Scene, files: dict[str, Path], call, error, match) -> None:
     with pytest.raises(error, match=match):
         call(scene, files["bundle"])
 
