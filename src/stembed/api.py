@@ -136,6 +136,7 @@ def embed(
     Raises:
         BundleError, CubeError, ConfigError, EmbedError: the bundle, the scene or a setting is unusable; the
             message names the problem and the fix, as the command line's does.
+        UserError: a store setting (``resume``, ``dtype``, ...) without ``out``, or ``out`` with a scene in memory.
         FileExistsError, EmbeddingStoreError, OutputError: ``out`` is taken (with ``out`` only).
     """
     bundle_path = _bundle_path(bundle)
@@ -207,7 +208,7 @@ def embed_settings(
     from stembed.config import EmbedConfig, load_config
 
     # JSON is YAML: each value parses back to itself (True -> true, None -> null, "savgol" -> 'savgol')
-    given = [f"{key}={json.dumps(value)}" for key, value in (settings or {}).items()]
+    given = [f"{key}={json.dumps(value, default=str)}" for key, value in (settings or {}).items()]
     return load_config(EmbedConfig, config, [*overrides, *given])
 
 
