@@ -413,25 +413,16 @@ def embed(
     ] = None,
 ) -> None:
     """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
-    from stembed.config import ConfigError, EmbedConfig, load_config
-    from stembed.inference.tiles import embed_cube
+    from stembed.api import embed_store
     from stembed.runtime import tune_allocator
 
     def go() -> Any:
-        if workers is not None and scheduler is not None:
-            raise ConfigError("--workers starts a local cluster and --scheduler uses a running one; pass one")
-        overrides = list(set_ or [])
-        if workers is not None:
-            overrides.append(f"workers={workers}")
-        if dtype is not None:
-            overrides.append(f"dtype={dtype.value}")
-        if daily:
-            overrides.append("daily=true")
-        if features is not None:
-            overrides.append(f"features={features}")
-        cfg = load_config(EmbedConfig, config, overrides)
-        return embed_cube(
-            cube, bundle, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler, progress=not quiet
+        # the options given win over --set (and --set over --config), as in the Python API's keyword settings
+        given = {"workers": workers, "dtype": None if dtype is None else dtype.value, "daily": daily or None,
+                 "features": features}
+        return embed_store(
+            cube, bundle, out, config=config, overrides=set_ or [], resume=resume, overwrite=overwrite,
+            scheduler=scheduler, progress=not quiet, **{k: v for k, v in given.items() if v is not None},
         )
 
     tune_allocator()

@@ -424,15 +424,21 @@ class EmbedPlan:
         return store.TileGrid(self.scene.s2.sizes[Y], self.scene.s2.sizes[X], self.cfg.tile_px)
 
 
-def plan_embedding(cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, *, scheduler: str | None) -> EmbedPlan:
+def plan_embedding(
+    cube: str | Path, bundle_path: str | Path, cfg: EmbedConfig, *, scheduler: str | None, scene: Scene | None = None,
+) -> EmbedPlan:
     """Load and check the bundle and the cube's structure, and decide what the run computes (no writes).
+
+    ``scene``: an in-memory scene, already checked for structure (:func:`stembed.api.embed`), used instead of
+    opening ``cube``, which then only names it in messages.
 
     Raises:
         BundleError, CubeError, EmbedError: the bundle or the cube is unusable, or a setting does not fit it.
     """
     cube, bundle_path = Path(cube), resolve_bundle(bundle_path)
     bundle = load_bundle(bundle_path, expect_kind=("fusion", "gapfill"))
-    scene = open_scene(cube, check_values=False)
+    if scene is None:
+        scene = open_scene(cube, check_values=False)
     check_bundle_for_scene(scene, bundle)
     full_model = bundle.build_model()
     if not isinstance(full_model, (FusionBase, GapFillModel)):  # pragma: no cover - kind checked by load_bundle
