@@ -152,6 +152,10 @@ class FusionConfig(_Frozen):
     # date, not the date's alone; None: the paper's fusion of one date
     window: WindowConfig | None = None
     season_hidden: int = Field(64, ge=1)  # context fusion: width of the decoder of the window's other dates
+    # context fusion: every date (and the season decoder's target dates) also gets its place in the calendar year
+    # (sines and cosines of the day number over 365.25 and 182.6 days), so the embedding can hold the pixel's season
+    # without the date's own position in it; off: only the day offsets between the dates (the paper's relative time)
+    calendar: bool = False
 
     @model_validator(mode="before")
     @classmethod
@@ -401,6 +405,13 @@ class ContextLossConfig(_Frozen):
     agreement: float = Field(0.0, ge=0.0)
     agreement_features: tuple[int, int] | None = None
     view_keep: float = Field(0.6, gt=0.0, le=1.0)
+    # 0: both views embed the same date; > 0: the second view embeds another observed date of the pixel within
+    # +-agreement_days (its own window), so the agreed features describe the pixel's season, not the date
+    agreement_days: float = Field(0.0, ge=0.0)
+    # per nested prefix: the weight of its date reconstruction and of its season decoding (None: 1 each); each
+    # term is the weighted mean over the prefixes
+    date_weights: tuple[float, ...] | None = None
+    season_weights: tuple[float, ...] | None = None
 
 
 class FusionLossConfig(_Frozen):

@@ -117,14 +117,27 @@ class SplitLatents:
 
 
 @dataclass
+class ContextView:
+    """The fusion's inputs of B windows (:meth:`ContextFusionModel.fuse`), S = 1 + K slots: latents ``z`` and
+    ``present`` per sensor (B, S, L_k) and (B, S), ``dt`` per non-anchor sensor (B, S), ``offset`` (B, S) and
+    ``day`` (B, S) the slots' day numbers."""
+
+    z: dict[str, torch.Tensor]
+    present: dict[str, torch.Tensor]
+    dt: dict[str, torch.Tensor]
+    offset: torch.Tensor
+    day: torch.Tensor
+
+
+@dataclass
 class ContextBatch:
     """B windows of a context fusion, with what their losses need.
 
     Attributes:
-        z, present, dt, offset: the fusion's inputs (:meth:`ContextFusionModel.fuse`), S = 1 + K slots.
-        present_b: per sensor ``(B, S)``, the second view of the window (agreement term), else None.
+        inputs: the fusion's inputs (:class:`ContextView`); slot 0 is the embedded date.
+        view_b: the second view of each window (the agreement term), else None.
         season: per sensor ``(B, K, C)`` the centre pixel's values on the window's dates (NaN missing), the
-            targets of the season decoder, whose offsets are ``offset[:, 1:]``.
+            targets of the season decoder, whose offsets are ``inputs.offset[:, 1:]``.
         crop, pixel: ``(B,)`` crop index and flat centre pixel of each window (its date reconstruction's patch).
         frames: ``(B, n_frames)`` the date's stage-1 window (date indices) and ``gaps`` per sensor
             ``(B, n_frames - 1)`` the day gaps the frozen decoders are given.
@@ -132,11 +145,8 @@ class ContextBatch:
         crops: the split's crops the targets are read from.
     """
 
-    z: dict[str, torch.Tensor]
-    present: dict[str, torch.Tensor]
-    dt: dict[str, torch.Tensor]
-    offset: torch.Tensor
-    present_b: dict[str, torch.Tensor] | None
+    inputs: ContextView
+    view_b: ContextView | None
     season: dict[str, torch.Tensor]
     crop: torch.Tensor
     pixel: torch.Tensor
@@ -148,7 +158,7 @@ class ContextBatch:
     @property
     def size(self) -> int:
         """Windows in the batch."""
-        return int(self.offset.shape[0])
+        return int(self.crop.shape[0])
 
 
 class ContextBatches(IterableDataset[ContextBatch]):
@@ -209,37 +219,31 @@ class ContextBatches(IterableDataset[ContextBatch]):
         """The windows of pool entries ``pick``: ``hidden`` hides the date's own S2 (all, or a ``(B,)`` mask);
         ``rng`` jitters the window's targets and draws the two views (None: the window's own targets, one view);
         ``spells`` draws which hidden dates also lose their neighbours within ``run_days`` (None: none do)."""
-        terms, anchor = self.terms, ANCHOR
+        terms = self.terms
         r, t, p = (a[pick] for a in self.pool)
         B = r.size
         hidden = np.broadcast_to(np.asarray(hidden, dtype=bool), (B,)).copy()
-        days = self.crops.days[anchor][r]  # (B, T)
-        observed = self.latents.present[anchor][r, :, p].copy()  # (B, T)
+        days = self.crops.days[ANCHOR][r]  # (B, T)
+        observed = self.latents.present[ANCHOR][r, :, p].copy()  # (B, T)
         if spells is not None:  # a cloudy spell: the dates near the date are gone before the window is drawn
             spell = hidden & (spells.random(B) < terms.hide_run)
             near = np.abs(days - days[np.arange(B), t][:, None]) <= terms.run_days
             observed[spell] &= ~near[spell]
         dates = window_dates(self.window, days, observed, t, rng)  # (B, K)
         slots = np.concatenate([t[:, None], dates], axis=1)  # (B, S)
+        inputs = self._inputs(r, t, p, slots, hidden)
+        view_b = None
+        if terms.agreement > 0 and rng is not None:
+            inputs = _keep(inputs, rng.random(dates.shape) < terms.view_keep)  # each view keeps its own share
+            if terms.agreement_days > 0:  # another date of the pixel, with its own window
+                t_b = self._other_date(r, t, p, days, rng)
+                dates = window_dates(self.window, days, self.latents.present[ANCHOR][r, :, p], t_b, rng)
+                view_b = self._inputs(r, t_b, p, np.concatenate([t_b[:, None], dates], axis=1), hidden & (t_b == t))
+            else:
+                view_b = self._inputs(r, t, p, slots, hidden)
+            view_b = _keep(view_b, rng.random(dates.shape) < terms.view_keep)
         empty = slots == NONE
         idx = np.where(empty, 0, slots)
-        z, present, dt = {}, {}, {}
-        for k, lat in self.latents.z.items():
-            z[k] = torch.from_numpy(lat[r[:, None], idx, :, p[:, None]])  # (B, S, L)
-            pk = self.latents.present[k][r[:, None], idx, p[:, None]] & ~empty  # (B, S)
-            if k == anchor:
-                pk[:, 0] = ~hidden
-            else:
-                dt[k] = torch.from_numpy((self.crops.days[k][r[:, None], idx] - days[np.arange(B)[:, None], idx])
-                                         .astype(np.float32))
-            present[k] = pk
-        offset = np.where(empty, 0.0, days[np.arange(B)[:, None], idx] - days[np.arange(B), t][:, None])
-        present_b = None
-        if terms.agreement > 0 and rng is not None:
-            keep_a = rng.random(dates.shape) < terms.view_keep  # (B, K) each view keeps its own share
-            keep_b = rng.random(dates.shape) < terms.view_keep
-            present_b = {k: torch.from_numpy(_view(v, keep_b)) for k, v in present.items()}
-            present = {k: _view(v, keep_a) for k, v in present.items()}
         m, c = self.crops.margin, self.crops.crop_px
         py, px = p // c + m, p % c + m
         season = {
@@ -248,11 +252,8 @@ class ContextBatches(IterableDataset[ContextBatch]):
             for k, v in self.crops.values.items()
         }  # (B, K, C)
         return ContextBatch(
-            z=z,
-            present={k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in present.items()},
-            dt=dt,
-            offset=torch.from_numpy(offset.astype(np.float32)),
-            present_b=present_b,
+            inputs=inputs,
+            view_b=view_b,
             season=season,
             crop=torch.from_numpy(r),
             pixel=torch.from_numpy(p),
@@ -262,12 +263,48 @@ class ContextBatches(IterableDataset[ContextBatch]):
             crops=self.crops,
         )
 
+    def _inputs(self, r: np.ndarray, t: np.ndarray, p: np.ndarray, slots: np.ndarray, hidden: np.ndarray) -> ContextView:
+        """The fusion's inputs of windows ``slots`` (B, S) at crop ``r``, pixel ``p``; slot 0 (date ``t``) has its own
+        S2 hidden where ``hidden``."""
+        B = r.size
+        rows = np.arange(B)[:, None]
+        empty = slots == NONE
+        idx = np.where(empty, 0, slots)
+        days = self.crops.days[ANCHOR][r]  # (B, T)
+        z, present, dt = {}, {}, {}
+        for k, lat in self.latents.z.items():
+            z[k] = torch.from_numpy(lat[r[:, None], idx, :, p[:, None]])  # (B, S, L)
+            pk = self.latents.present[k][r[:, None], idx, p[:, None]] & ~empty  # (B, S)
+            if k == ANCHOR:
+                pk[:, 0] &= ~hidden
+            else:
+                dt[k] = torch.from_numpy((self.crops.days[k][r[:, None], idx] - days[rows, idx]).astype(np.float32))
+            present[k] = torch.from_numpy(np.ascontiguousarray(pk))
+        offset = np.where(empty, 0.0, days[rows, idx] - days[np.arange(B), t][:, None])
+        day = np.where(empty, days[np.arange(B), t][:, None], days[rows, idx])
+        return ContextView(z, present, dt, torch.from_numpy(offset.astype(np.float32)),
+                           torch.from_numpy(day.astype(np.float32)))
 
-def _view(present: np.ndarray, keep: np.ndarray) -> np.ndarray:
-    """A view of the window: slot 0 (the date) as it was, each window slot kept where ``keep`` (B, K)."""
-    out = present.copy()
-    out[:, 1:] &= keep
-    return out
+    def _other_date(
+        self, r: np.ndarray, t: np.ndarray, p: np.ndarray, days: np.ndarray, rng: np.random.Generator
+    ) -> np.ndarray:
+        """Another observed date of each sample's pixel within +-``agreement_days`` (the date itself if none)."""
+        B = r.size
+        observed = self.latents.present[ANCHOR][r, :, p]  # (B, T)
+        near = observed & (np.abs(days - days[np.arange(B), t][:, None]) <= self.terms.agreement_days)
+        near[np.arange(B), t] = False
+        pick = np.where(near, rng.random(near.shape), -1.0).argmax(axis=1)
+        return np.where(near.any(axis=1), pick, t)
+
+
+def _keep(view: ContextView, keep: np.ndarray) -> ContextView:
+    """A view of the windows: slot 0 (the date) as it was, each window slot kept where ``keep`` (B, K)."""
+    present = {}
+    for k, v in view.present.items():
+        v = v.clone()
+        v[:, 1:] &= torch.from_numpy(keep)
+        present[k] = v
+    return ContextView(view.z, present, view.dt, view.offset, view.day)
 
 
 def _stage1_frames(crops: ContextCrops, n_frames: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:

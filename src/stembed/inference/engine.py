@@ -391,7 +391,7 @@ def context_inputs(
     pixels: np.ndarray,
     *,
     hide_date: bool | np.ndarray = False,
-) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """A context fusion's inputs for windows of one tile, gathered from its per-pixel-date arrays.
 
     Args:
@@ -402,7 +402,7 @@ def context_inputs(
         pixels: ``(B,)`` pixel index of each window.
         hide_date: hide the embedded date's own S2 (all windows, or a ``(B,)`` mask).
 
-    Returns ``(z, present, dt, offset)`` as :meth:`ContextFusionModel.fuse` takes them (numpy).
+    Returns ``(z, present, dt, offset, day)`` as :meth:`ContextFusionModel.fuse` takes them (numpy).
     """
     empty = slots < 0
     idx = np.where(empty, 0, slots)  # (B, S)
@@ -417,9 +417,10 @@ def context_inputs(
         else:
             dt[k] = (days[k][idx] - s2_days[idx]).astype(np.float32)
         pres[k] = pk
+    day = np.where(empty, s2_days[slots[:, :1]], s2_days[idx]).astype(np.float32)  # (B, S) day numbers
     offset = (s2_days[idx] - s2_days[slots[:, :1]]).astype(np.float32)  # (B, S) days from the date
     offset[empty] = 0.0
-    return z, pres, dt, offset
+    return z, pres, dt, offset, day
 
 
 def _to(x: Any, device: torch.device) -> Any:

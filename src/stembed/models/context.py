@@ -10,7 +10,8 @@ by every window that holds it; adding a sensor still means a new autoencoder and
 Shapes: a batch of B pixel-dates, each with S = 1 + K slots: slot 0 is the date itself, slots 1..K its
 window's dates. Per sensor k: latents ``z[k]`` (B, S, L_k) and ``present[k]`` (B, S) (the value exists; a
 hidden date or an empty slot is False), and for every non-anchor sensor ``dt[k]`` (B, S): days between its
-date and the S2 date. ``offset`` (B, S): days from the embedded date (0 for slot 0).
+date and the S2 date. ``offset`` (B, S): days from the embedded date (0 for slot 0); with ``cfg.calendar``
+also ``day`` (B, S): each slot's day number (days since 1970), placed in the calendar year.
 
 Layers: each slot's latents (with presence flags and |dt|) -> one token, plus a Fourier encoding of its day
 offset and a slot type; a learned query token attends over the slots (pre-norm transformer, padding masked)
@@ -37,15 +38,17 @@ from stembed.models.layers import make_transformer, run_transformer
 
 PERIODS_DAYS = (8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0)
 """Periods of the Fourier encoding of a day offset: a week to beyond a year."""
+YEAR_DAYS = (365.25, 182.625)
+"""Periods of the calendar encoding of a day number (``cfg.calendar``): the year and its half."""
 DT_SCALE_DAYS = 30.0
 """|dt| of a non-anchor sensor enters its token divided by this."""
 
 
-def fourier_days(offset: torch.Tensor) -> torch.Tensor:
-    """(...,) day offsets -> (..., 2 * len(PERIODS_DAYS)) sines and cosines."""
-    periods = torch.tensor(PERIODS_DAYS, dtype=offset.dtype, device=offset.device)
-    phase = 2 * math.pi * offset[..., None] / periods  # (..., P)
-    return torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1)
+def fourier_days(offset: torch.Tensor, periods: tuple[float, ...] = PERIODS_DAYS) -> torch.Tensor:
+    """(...,) days -> (..., 2 * len(periods)) sines and cosines."""
+    p = torch.tensor(periods, dtype=torch.float64, device=offset.device)
+    phase = 2 * math.pi * torch.remainder(offset[..., None].double(), p) / p  # (..., P), exact for large day numbers
+    return torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1).to(offset.dtype)
 
 
 class ContextFusionModel(FusionBase):
@@ -66,6 +69,7 @@ class ContextFusionModel(FusionBase):
         total = sum(widths)
         self.token_in = nn.Linear(total + 2 * len(aes), d)  # latents, a present flag and |dt| per sensor
         self.time_in = nn.Linear(2 * len(PERIODS_DAYS), d)
+        self.calendar_in = nn.Linear(2 * len(YEAR_DAYS), d) if cfg.calendar else None
         self.slot = nn.Embedding(3, d)  # 0: the query, 1: the date itself, 2: a window date
         self.query = nn.Parameter(torch.zeros(d))
         self.transformer = make_transformer(d, cfg.n_heads, cfg.d_ff, cfg.n_layers, cfg.dropout, norm_first=True)
@@ -78,10 +82,9 @@ class ContextFusionModel(FusionBase):
         })
         bands = sum(ae.cfg.in_channels for _, ae in aes)
         h = cfg.season_hidden
+        times = 2 * len(PERIODS_DAYS) + (2 * len(YEAR_DAYS) if cfg.calendar else 0)
         self.season = nn.ModuleDict({
-            str(n): nn.Sequential(
-                nn.Linear(n + 2 * len(PERIODS_DAYS), h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, bands)
-            )
+            str(n): nn.Sequential(nn.Linear(n + times, h), nn.GELU(), nn.Linear(h, h), nn.GELU(), nn.Linear(h, bands))
             for n in cfg.prefixes
         })
         self.register_buffer("latent_mean", torch.zeros(total))
@@ -90,7 +93,7 @@ class ContextFusionModel(FusionBase):
 
     def _fusion_modules(self) -> list[nn.Module]:
         return [self.token_in, self.time_in, self.slot, self.transformer, self.norm, self.to_embedding, self.direct,
-                self.heads, self.prefix_heads, self.season]
+                self.heads, self.prefix_heads, self.season, *([self.calendar_in] if self.calendar_in is not None else [])]
 
     def fusion_parameters(self):  # type: ignore[no-untyped-def]  # the base's, plus the query vector
         """The fusion layers' parameters (what trains when the autoencoders are frozen)."""
@@ -108,8 +111,10 @@ class ContextFusionModel(FusionBase):
         present: Mapping[str, torch.Tensor],
         dt: Mapping[str, torch.Tensor],
         offset: torch.Tensor,
+        day: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Slots' latents (see the module docstring) -> e (B, embed_dim)."""
+        """Slots' latents (see the module docstring) -> e (B, embed_dim); ``day`` (B, S): each slot's day number,
+        needed with ``cfg.calendar``."""
         self._check_keys(z, "latents")
         order = self.sensors
         B, S = offset.shape
@@ -132,8 +137,13 @@ class ContextFusionModel(FusionBase):
         kind = torch.full((S,), 2, dtype=torch.long, device=offset.device)
         kind[0] = 1
         tokens = tokens + self.slot(kind)  # (S, d) broadcast
-        q = self.query + self.time_in(fourier_days(offset.new_zeros(1)))[0] + self.slot.weight[0]  # (d,)
-        seq = torch.cat([q.expand(B, 1, -1), tokens], dim=1)  # (B, 1 + S, d)
+        q = (self.query + self.time_in(fourier_days(offset.new_zeros(1)))[0] + self.slot.weight[0]).expand(B, 1, -1)
+        if self.calendar_in is not None:
+            if day is None:
+                raise ValueError("this context fusion places dates in the calendar year: pass day (B, S)")
+            cal = self.calendar_in(fourier_days(day, YEAR_DAYS))  # (B, S, d)
+            tokens, q = tokens + cal, q + cal[:, :1]  # the query sits on the date
+        seq = torch.cat([q, tokens], dim=1)  # (B, 1 + S, d)
         any_present = torch.stack([present[k] for k in order], dim=0).any(dim=0)  # (B, S)
         pad = torch.cat([torch.zeros(B, 1, dtype=torch.bool, device=offset.device), ~any_present], dim=1)
         out = run_transformer(self.transformer, seq, padding_mask=pad)  # (B, 1 + S, d), attention over the slots
@@ -143,14 +153,21 @@ class ContextFusionModel(FusionBase):
         # and an embedding must not depend on its batch mates (bit for bit)
         return e + (date[:, None, :] * self.direct.weight).sum(-1) + self.direct.bias
 
-    def season_values(self, e: torch.Tensor, offset: torch.Tensor) -> dict[str, torch.Tensor]:
-        """(B, n) embeddings (whole or a nested prefix) + (B, S) day offsets -> the centre pixel's bands at each
-        offset, by sensor: (B, S, C_k) in cube units."""
+    def season_values(
+        self, e: torch.Tensor, offset: torch.Tensor, day: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """(B, n) embeddings (whole or a nested prefix) + (B, S) day offsets (and with ``cfg.calendar`` the (B, S)
+        day numbers) -> the centre pixel's bands at each offset, by sensor: (B, S, C_k) in cube units."""
         n = e.shape[1]
         if str(n) not in self.season:
             raise ValueError(f"this model decodes {list(self.prefixes)} features, not {n}")
         S = offset.shape[1]
-        x = torch.cat([e[:, None, :].expand(-1, S, -1), fourier_days(offset)], dim=-1)  # (B, S, n + F)
+        times = [fourier_days(offset)]
+        if self.calendar_in is not None:
+            if day is None:
+                raise ValueError("this context fusion places dates in the calendar year: pass day (B, S)")
+            times.append(fourier_days(day, YEAR_DAYS))
+        x = torch.cat([e[:, None, :].expand(-1, S, -1), *times], dim=-1)  # (B, S, n + F)
         out = self.season[str(n)](x)  # (B, S, sum of bands), standardised
         values, start = {}, 0
         for k, ae in self._aes():

@@ -26,14 +26,14 @@ import torch
 from torch import Tensor, nn
 
 from stembed.config import DenseTrainingConfig, FusionLossConfig, TrainConfig
-from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, SplitLatents
+from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, ContextView, SplitLatents
 from stembed.inference.engine import block_latents, sensor_present
 from stembed.losses import masked_mae, vicreg
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import ANCHOR, build_fusion
 from stembed.training.dense import PatchStats, Windows, patch_stats, reconstruct_windows
-from stembed.training.evaluate import PCABaseline, baselines
+from stembed.training.evaluate import PCABaseline
 from stembed.training.fusion_init import centre_jacobian_metric, linear_fusion
 from stembed.training.modules import _centre_metrics, _StageModule, _update
 
@@ -83,7 +83,7 @@ def init_linear_context(model: ContextFusionModel, data: ContextBatches, weights
     batch = data.sample(pick)
     keys = list(model.sensors)
     aes = model.sensor_autoencoders()
-    z = {k: batch.z[k][:, 0] for k in keys}  # (N, L_k) the date's own latents
+    z = {k: batch.inputs.z[k][:, 0] for k in keys}  # (N, L_k) the date's own latents
     blocks = [weights[k] * centre_jacobian_metric(aes[k], z[k], batch.gaps[k]) for k in keys]
     k0 = model.prefixes[0]
     mean, enc, dec = linear_fusion(torch.cat([z[k] for k in keys], dim=1), torch.block_diag(*blocks), k0)
@@ -114,6 +114,18 @@ def _windows(batch: ContextBatch, repeat: int) -> Windows:
                    batch.gaps[ANCHOR].repeat(repeat, 1))
 
 
+def _fuse(model: ContextFusionModel, view: ContextView) -> Tensor:
+    return model.fuse(view.z, view.present, view.dt, view.offset, view.day)
+
+
+def prefix_weights(weights: tuple[float, ...] | None, prefixes: tuple[int, ...], name: str) -> list[float]:
+    """Each nested prefix's weight of a term (``weights``, or 1 each), normalised to sum 1."""
+    w = list(weights) if weights is not None else [1.0] * len(prefixes)
+    if len(w) != len(prefixes) or min(w) < 0 or sum(w) <= 0:
+        raise ValueError(f"loss.context.{name} needs one weight >= 0 per nested prefix {list(prefixes)}, got {w}")
+    return [x / sum(w) for x in w]
+
+
 def context_loss(
     model: ContextFusionModel, batch: ContextBatch, loss: FusionLossConfig, render_frames: float, gen: torch.Generator,
     stats: Mapping[str, PatchStats] | None = None,
@@ -122,34 +134,37 @@ def context_loss(
     each sensor's (x_hat, x, valid) of the first prefix's centre frames on the samples whose date was visible.
     ``stats``: each sensor's :class:`~stembed.training.dense.PatchStats` of the batch's crops, if known."""
     terms, prefixes = loss.context, model.prefixes
-    e = model.fuse(batch.z, batch.present, batch.dt, batch.offset)  # (B, E)
-    B, nP = e.shape[0], len(prefixes)
-    heads = [model.decode_latents(e[:, :n]) for n in prefixes]  # per prefix: sensor -> (B, L_k)
-    win = _windows(batch, nP)
+    e = _fuse(model, batch.inputs)  # (B, E)
+    offset, day = batch.inputs.offset[:, 1:], batch.inputs.day[:, 1:]  # (B, K) the window's dates
+    win = _windows(batch, 1)
     total = e.new_zeros(())
     logs: dict[str, Tensor] = {}
     centre: dict[str, tuple[Tensor, Tensor, Tensor]] = {}
     seen = ~batch.hidden
-    for k, ae in model.sensor_autoencoders().items():
-        cfg, weight = loss.branch(k)
-        z = torch.cat([h[k] for h in heads])  # (nP*B, L): every prefix decoded in one pass (equal weights)
-        rec = reconstruct_windows(ae, z, batch.gaps[k].repeat(nP, 1), batch.crops.values[k], batch.crops.inside, win,
-                                  cfg, render_frames, gen, None if stats is None else stats[k])
-        total = total + weight * rec.parts["loss"]
-        logs |= {f"{k}/{name}": v for name, v in rec.parts.items() if torch.isfinite(v)}
-        centre[k] = (rec.x_hat[:B][seen], rec.targets.x[:B][seen], rec.targets.valid[:B][seen])
+    date_w = prefix_weights(terms.date_weights, prefixes, "date_weights")
+    season_w = prefix_weights(terms.season_weights, prefixes, "season_weights")
+    season = e.new_zeros(())
+    for i, n in enumerate(prefixes):
+        z = model.decode_latents(e[:, :n])  # sensor -> (B, L_k)
+        for k, ae in model.sensor_autoencoders().items():
+            cfg, weight = loss.branch(k)
+            rec = reconstruct_windows(ae, z[k], batch.gaps[k], batch.crops.values[k], batch.crops.inside, win, cfg,
+                                      render_frames, gen, None if stats is None else stats[k])
+            total = total + date_w[i] * weight * rec.parts["loss"]
+            logs |= {f"{k}/{name}_{n}": v for name, v in rec.parts.items() if torch.isfinite(v)}
+            if i == 0:
+                centre[k] = (rec.x_hat[: e.shape[0]][seen], rec.targets.x[: e.shape[0]][seen],
+                             rec.targets.valid[: e.shape[0]][seen])
+        if terms.season:
+            values = model.season_values(e[:, :n], offset, day)  # sensor -> (B, K, C)
+            part = torch.stack([loss.branch(k)[1] * masked_mae(values[k], batch.season[k]) for k in values]).sum()
+            logs[f"season_mae_{n}"] = part
+            season = season + season_w[i] * part
     if terms.season:
-        season = e.new_zeros(())
-        for n in prefixes:
-            values = model.season_values(e[:, :n], batch.offset[:, 1:])  # sensor -> (B, K, C)
-            season = season + sum(loss.branch(k)[1] * masked_mae(values[k], batch.season[k]) for k in values)
-        season = season / nP
-        logs["season_mae"] = season
         total = total + terms.season * season
-    if terms.agreement and batch.present_b is not None:
+    if terms.agreement and batch.view_b is not None:
         lo, hi = agreement_slice(model, terms.agreement_features)
-        e_b = model.fuse(batch.z, batch.present_b, batch.dt, batch.offset)
-        parts = vicreg(e[:, lo:hi], e_b[:, lo:hi])
+        parts = vicreg(e[:, lo:hi], _fuse(model, batch.view_b)[:, lo:hi])
         logs |= {f"agreement/{name}": v for name, v in parts.items()}
         total = total + terms.agreement * parts["loss"]
     logs["loss"] = total
@@ -224,15 +239,28 @@ def centre_decode(ae: SensorAutoencoder, z: Tensor, gaps: Tensor) -> Tensor:
     return x[:, :, c, c] * ae.input_std.reshape(-1) + ae.input_mean.reshape(-1)
 
 
-def _patches(crops: ContextCrops, sensor: str, batch: ContextBatch, patch_px: int) -> Tensor:
-    """Each sample's raw (B, T, C, P, P) patch on its stage-1 window, NaN missing."""
-    c, m, r = crops.crop_px, crops.margin, patch_px // 2
+def _centre_values(crops: ContextCrops, sensor: str, batch: ContextBatch) -> Tensor:
+    """Each sample's centre pixel on every frame of its stage-1 window: (B, T, C), NaN missing."""
+    c, m = crops.crop_px, crops.margin
     py, px = batch.pixel // c + m, batch.pixel % c + m
-    off = torch.arange(-r, r + 1)
-    yy = (py[:, None] + off)[:, None, :, None]  # (B, 1, P, 1)
-    xx = (px[:, None] + off)[:, None, None, :]  # (B, 1, 1, P)
-    v = crops.values[sensor][batch.crop[:, None, None, None], batch.frames[:, :, None, None], :, yy, xx]
-    return v.permute(0, 1, 4, 2, 3)  # (B, T, P, P, C) -> (B, T, C, P, P)
+    v = crops.values[sensor][batch.crop[:, None], batch.frames, :, py[:, None], px[:, None]]  # (B, T, C)
+    return v
+
+
+def _trivial(crops: ContextCrops, stats: PatchStats, batch: ContextBatch, sensor: str) -> dict[str, Tensor]:
+    """The trivial centre predictions (B, C) of :func:`stembed.training.evaluate.baselines` without gathering the
+    patches: each band's mean over the window's observed patch values inside the split region (box sums), and the
+    mean of the centre pixel on the two neighbouring frames (the patch mean where neither is observed)."""
+    at = stats.per_date[batch.crop[:, None], batch.frames, :, (batch.pixel // crops.crop_px)[:, None],
+                        (batch.pixel % crops.crop_px)[:, None]].sum(dim=1)  # (B, 2C)
+    C = at.shape[1] // 2
+    patch_mean = at[:, :C] / at[:, C:].clamp_min(1)
+    centre = _centre_values(crops, sensor, batch)  # (B, T, C)
+    t = centre.shape[1] // 2
+    nb = centre[:, [t - 1, t + 1]]  # (B, 2, C)
+    n = torch.isfinite(nb).sum(dim=1)
+    neighbours = torch.where(n > 0, torch.nan_to_num(nb).sum(dim=1) / n.clamp_min(1), patch_mean)
+    return {"patch_mean": patch_mean, "temporal_neighbours": neighbours}
 
 
 @torch.no_grad()
@@ -263,20 +291,19 @@ def evaluate_context(
         order = np.random.default_rng(seed).permutation(n)[:max_samples]
         acc = _Accumulator()
         rows: dict[str, list[np.ndarray]] = {k: [] for k in aes}
+        stats = {k: patch_stats(v, crops.inside, crops.margin, patch_px) for k, v in crops.values.items()}
         for i in range(0, order.size, batch_size):
             batch = data.sample(order[i : i + batch_size])  # the window's own targets, the date visible
-            e = model.fuse(batch.z, batch.present, batch.dt, batch.offset)
-            patches = {k: _patches(crops, k, batch, patch_px) for k in aes}  # (B, T, C, P, P) each
+            e = _fuse(model, batch.inputs)
             for k, ae in aes.items():
-                x = patches[k]
-                t, c = x.shape[1] // 2, x.shape[-1] // 2
-                target = x[:, t, :, c, c]  # (B, C)
+                centre = _centre_values(crops, k, batch)  # (B, T, C)
+                target = centre[:, centre.shape[1] // 2]  # (B, C): the date's own centre pixel
                 for n_f in model.prefixes:
                     z = model.head(k, n_f)(e[:, :n_f])
                     acc.add(k, f"centre_mae_{n_f}", centre_decode(ae, z, batch.gaps[k]), target)
-                    season = model.season_values(e[:, :n_f], batch.offset[:, 1:])[k]
+                    season = model.season_values(e[:, :n_f], batch.inputs.offset[:, 1:], batch.inputs.day[:, 1:])[k]
                     acc.add(k, f"season_mae_{n_f}", season, batch.season[k])
-                for b_name, pred in baselines(torch.nan_to_num(x), torch.isfinite(x)).items():
+                for b_name, pred in _trivial(crops, stats[k], batch, k).items():
                     acc.add(k, f"baseline_{b_name}_centre_mae", pred, target)
                 # the season decoder's trivial baseline: the date's own bands on every date of its window
                 acc.add(k, "baseline_date_season_mae", target[:, None, :].expand_as(batch.season[k]), batch.season[k])
