@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -257,3 +258,28 @@ def test_the_gap_fill_experiment_takes_a_context_bundle(context_run: RunResult, 
     observed = np.isfinite(scene.s2.values[:, :, region[0], region[1]]).any(axis=1)
     expected = sum(int(observed[hide_schedule(observed.shape[0], k)].sum()) for k in (1, 3))
     assert rows.loc["model_based", "n"] == expected and rows.loc["model_based", "n_missing"] == 0
+
+
+@pytest.mark.slow
+def test_eval_recon_scores_a_context_run_and_its_bundle_on_a_new_store_per_prefix(
+    context_run: RunResult, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from stembed.cli import app
+    from stembed.io.cube import save_scene
+    from stembed.testing import synthetic_scene
+
+    cube = save_scene(synthetic_scene(seed=8, height_px=24, width_px=24, n_days=150), tmp_path / "new.zarr")
+    runner = CliRunner()
+    for args in ([str(context_run.run_dir)], ["--bundle", str(context_run.bundle), "--cube", str(cube)]):
+        out = tmp_path / f"recon{len(args)}"
+        res = runner.invoke(app, ["eval", "recon", *args, "--out", str(out)])
+        assert res.exit_code == 0, res.output
+        table = pd.read_csv(out / "recon.csv")
+        test = table[table["split"] == "test"].set_index(["stage", "sensor"])
+        for n in (3, 6):
+            for k in ("s1", "s2"):
+                row = test.loc[(f"fusion ({n} features)", k)]
+                assert row["centre_mae"] > 0 and row["baseline_patch_mean_centre_mae"] > 0, (args, n, k)
+        assert "| fusion (3 features) | s2 |" in res.output

@@ -923,7 +923,9 @@ def eval_probe(
 @eval_app.command("gapfill")
 def eval_gapfill(
     cube: CubeOpt,
-    bundle: Annotated[Path, typer.Option("--bundle", help="Gap-fill bundle.pt (`stembed train gapfill`).")],
+    bundle: Annotated[Path, typer.Option(
+        "--bundle", help="Gap-fill bundle.pt (`stembed train gapfill`), or a context fusion bundle (it embeds a "
+        "hidden date from its window).")],
     out: OutDirOpt,
     run_length: Annotated[
         list[int] | None,

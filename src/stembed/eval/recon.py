@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -65,17 +66,21 @@ def recon_table(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
             raise ReconError(
                 f"{path}: 'splits' is not split -> sensor -> metrics; fix: re-run the stage to completion"
             )
+        prefixes = (metrics.get("context") or {}).get("prefixes")  # a context fusion: a row per nested prefix
         for split, sensors in splits.items():
             for sensor, m in sensors.items():
-                rows.append(
-                    {
-                        "run": str(run),
-                        "stage": metrics.get("stage"),
-                        "split": split,
-                        "sensor": sensor,
-                        **{k: m.get(k) for k in COLUMNS[4:]},
-                    }
-                )
+                for n in prefixes or [None]:
+                    rows.append(
+                        {
+                            "run": str(run),
+                            "stage": metrics.get("stage") if n is None else f"{metrics.get('stage')} ({n} features)",
+                            "split": split,
+                            "sensor": sensor,
+                            **{k: m.get(k) for k in COLUMNS[4:]},
+                            **({} if n is None else {"n_patches": m.get("n_pixel_dates"),
+                                                     "centre_mae": m.get(f"centre_mae_{n}")}),
+                        }
+                    )
     return pd.DataFrame(rows, columns=list(COLUMNS))
 
 
@@ -109,8 +114,13 @@ def recon_markdown(table: pd.DataFrame, split: str = "test") -> str:
     ]
     for r in t.itertuples(index=False):
         lines.append(
-            f"| {Path(r.run).name} | {r.stage} | {r.sensor} | {r.n_patches} | {r.centre_mae:.4f} | "
-            f"{r.baseline_patch_mean_centre_mae:.4f} | {r.baseline_temporal_neighbours_centre_mae:.4f} | "
-            f"{r.centre_sam:.4f} | {r.ssim:.3f} |"
+            f"| {Path(r.run).name} | {r.stage} | {r.sensor} | {r.n_patches} | {_num(r.centre_mae, 4)} | "
+            f"{_num(r.baseline_patch_mean_centre_mae, 4)} | {_num(r.baseline_temporal_neighbours_centre_mae, 4)} | "
+            f"{_num(r.centre_sam, 4)} | {_num(r.ssim, 3)} |"
         )
     return "\n".join(lines)
+
+
+def _num(x: Any, digits: int) -> str:
+    """A figure, or "—" where it was not measured (a context fusion has no SAM or SSIM)."""
+    return "—" if x is None or pd.isna(x) else f"{x:.{digits}f}"

@@ -10,19 +10,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from stembed.config import DataConfig, SamplingConfig, SceneSource, SplitConfig
+from stembed.config import DataConfig, DenseTrainingConfig, SamplingConfig, SceneSource, SplitConfig
 from stembed.data.build import build_fusion_data, build_sensor_data
+from stembed.data.context import context_crops
 from stembed.data.datasets import patch_loader
 from stembed.data.scenes import load_scenes
 from stembed.eval.recon import COLUMNS, ReconError
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
+from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import FusionModel
 from stembed.pretrained import resolve_bundle
+from stembed.training.context import evaluate_context, split_latents
 from stembed.training.evaluate import evaluate_split
 from stembed.training.run import autoencoder_reconstruct, fusion_reconstruct
 
@@ -56,6 +60,13 @@ def bundle_recon(
     scenes = load_scenes(data)
     model = b.build_model().eval()
     rng = np.random.default_rng(0)
+    run = f"{bundle} on {', '.join(s.site for s in scenes)}"
+    if isinstance(model, ContextFusionModel):
+        split = build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px,
+                                  extra=model.companions)
+        dense = DenseTrainingConfig.model_validate(stage.get("dense_training") or {})
+        return _context_rows(run, model, split.datasets["test"].sensors,  # type: ignore[attr-defined]
+                             split.regions["test"], dense.crop_px)
     if isinstance(model, FusionModel):  # b.kind == "fusion"
         split = build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px,
                                   extra=model.companions)
@@ -66,9 +77,20 @@ def bundle_recon(
         reconstruct = autoencoder_reconstruct(model, str(b.sensor))
 
     metrics = evaluate_split(patch_loader(split.datasets["test"], batch_size=batch_size), reconstruct)
+    rows = [{"run": run, "stage": b.kind, "split": "test", "sensor": sensor, **m} for sensor, m in metrics.items()]
+    return pd.DataFrame(rows, columns=list(COLUMNS))
+
+
+def _context_rows(run: str, model: ContextFusionModel, sensors: Any, regions: Any, crop_px: int) -> pd.DataFrame:
+    """A context fusion scored as it was in training (:func:`stembed.training.context.evaluate_context`: every
+    pixel-date of the stores, its window drawn from the store's own dates): one row per sensor and nested prefix;
+    SAM and SSIM are not measured for it (it rebuilds the centre pixel, not the patch)."""
+    crops = context_crops(sensors, regions, crop_px, model.anchor.cfg.context_px)
+    metrics, _ = evaluate_context(model.eval(), {"test": (crops, split_latents(model, crops))})
     rows = [
-        {"run": f"{bundle} on {', '.join(s.site for s in scenes)}", "stage": b.kind, "split": "test",
-         "sensor": sensor, **m}
-        for sensor, m in metrics.items()
+        {"run": run, "stage": f"fusion ({n} features)", "split": "test", "sensor": sensor,
+         "n_patches": m["n_pixel_dates"], "centre_mae": m[f"centre_mae_{n}"],
+         **{k: m.get(k) for k in ("baseline_patch_mean_centre_mae", "baseline_temporal_neighbours_centre_mae")}}
+        for sensor, m in metrics["test"].items() for n in model.prefixes
     ]
     return pd.DataFrame(rows, columns=list(COLUMNS))
