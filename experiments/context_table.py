@@ -1,4 +1,4 @@
-"""The ablation table of README "Context that counts": context fusions trained with one term on or off, each probed
+"""The ablation table of docs/results/context.md: context fusions trained with one term on or off, each probed
 on the validation block beside the same-size baselines, with its reconstruction of the date.
 
 For every ``NAME=RUN_DIR`` (a finished `stembed train fusion` run of a context fusion), the scene is embedded once

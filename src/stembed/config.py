@@ -67,7 +67,7 @@ class AEConfig(_Frozen):
     variant: Literal["patch", "dense"] = "patch"
     dense_pool_window: int = 3  # dense CBAM channel gate: max/mean pooled over this window (per level)
     dense_spatial_kernel: int = 3  # dense CBAM spatial gate kernel (the paper's 7 would widen the context)
-    # Deviations that make the model learn (experiments/learning.py measures each; README "Deviations").
+    # Deviations that make the model learn (experiments/learning.py measures each; docs/deviations.md).
     # Defaults are the paper's, so every bundle written before them rebuilds unchanged.
     centre_path: bool = False  # the centre pixel's spectrum reaches the tokens, the latent and the output directly
     temporal_norm_first: bool = False  # pre-norm temporal transformer (the paper: post-norm)
@@ -143,7 +143,7 @@ class FusionConfig(_Frozen):
     max_pair_gap_days: int = 350  # rows of the S1-S2 date-gap embedding = max_pair_gap_days + 1
     finetune_autoencoders: bool = False  # paper text: frozen; the authors' scripts fine-tune (off here)
     # the latents also reach the embedding through one linear map beside the transformer, whose pooled output
-    # is layer-normalised (scale removed); the paper: transformer path only (README "Deviations")
+    # is layer-normalised (scale removed); the paper: transformer path only (docs/deviations.md)
     direct_path: bool = False
     # nested embeddings: the loss is applied to each prefix, so the first nested[0] features are a complete
     # embedding of their own (e.g. [7, 16]: the paper's 7 and a richer 16); the last must be embed_dim
@@ -197,7 +197,7 @@ LEARNING_FIXES: dict[str, Any] = {
     "dec_dropout2d": 0.0,
 }
 """What the ``small`` and ``tiny`` presets change against the paper's design so that they learn (measured one at a
-time in ``experiments/learning.py``; README "Deviations"). The ``paper`` and ``dense`` presets keep the paper's."""
+time in ``experiments/learning.py``; docs/deviations.md). The ``paper`` and ``dense`` presets keep the paper's."""
 
 
 def ae_preset(name: str, sensor: str) -> AEConfig:
@@ -373,7 +373,7 @@ class LossConfig(_Frozen):
 
     decay: float = 0.1
     # the temporal factor's decay per frame (None: decay, the paper's one decay for space and time); a slower
-    # one asks the latent for more of the season around its date (README "Models that learn", the probe)
+    # one asks the latent for more of the season around its date (docs/results/models-that-learn.md, the probe)
     time_decay: float | None = Field(None, gt=0.0, le=1.0)
     centre_weight: float = 1.0
     mae: float = 1.0
@@ -460,7 +460,7 @@ class TrainConfig(_Frozen):
     val_windows: int = Field(4096, ge=1)
     metric_samples: int = Field(20000, ge=1)
     progress_bar: bool = True
-    # scale-out (README "Training on several GPUs or nodes"): processes per node (GPUs, or CPU processes),
+    # scale-out (docs/guide/scale-out.md): processes per node (GPUs, or CPU processes),
     # nodes, how Lightning joins them, and the training arithmetic. batch_size and limit_train_batches are per
     # process, so the global batch is batch_size * devices * num_nodes. Bundles always hold float32 weights.
     devices: int | Literal["auto"] = 1  # "auto": every GPU torch sees (one process on CPU)

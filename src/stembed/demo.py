@@ -59,7 +59,7 @@ def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[st
     )
     # one frame-CNN pass per 32 px tile trains 256 centre pixel-dates (stembed.training.dense)
     dense = DenseTrainingConfig(crop_px=32, subsets=2, latents=256, render_frames=2)
-    # MAE only, as in configs/belgium_*.yaml: the paper's SAM-heavy S2 loss held training back (README "Deviations")
+    # MAE only, as in configs/belgium_*.yaml: the paper's SAM-heavy S2 loss held training back (docs/deviations.md)
     mae = LossConfig(mae=1.0)
     fusion_loss = FusionLossConfig(s1=LossConfig(mae=1.0, centre_weight=1.5), s2=LossConfig(mae=1.0, centre_weight=1.75))
     return {

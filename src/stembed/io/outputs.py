@@ -1,7 +1,7 @@
 """One place decides whether a command may write an output path, and what ``--overwrite`` may delete.
 
 Every command checks its output here before it computes or writes anything, so a refused output
-leaves nothing behind. The rules (the README's "Guarantees"):
+leaves nothing behind. The rules (docs/guide/cli.md, "Guarantees"):
 
 - a path that does not exist is fine if its nearest existing parent is a writable folder;
 - an existing path is refused unless ``overwrite`` is set, and even then only our own kind of output

@@ -1,7 +1,7 @@
 """A closed-form start for a stage-1 autoencoder's centre path: PCA of the training centre spectra.
 
 Trained from a random start, the Belgian S2 autoencoder's 9-d latent keeps the centre spectrum with
-validation MAE 0.0044 where PCA-9 of the spectrum keeps it with 0.0009 (README "Models that learn"),
+validation MAE 0.0044 where PCA-9 of the spectrum keeps it with 0.0009 (docs/results/models-that-learn.md),
 and a 7-d fusion of that latent then holds less of the date's spectrum than PCA-7 of the bands. This
 start writes PCA-``latent_dim`` of the standardised centre spectra into the centre path
 (``AEConfig.centre_path``), so before any step the latent *is* the centre spectrum's principal scores

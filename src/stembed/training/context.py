@@ -2,7 +2,8 @@
 frozen stage-1 latents of every pixel-date of each split (computed once: :func:`split_latents`), and the
 metrics of a trained one beside the baselines every run shows.
 
-The objective, per nested prefix of the embedding (``cfg.prefixes``, equal weights), is
+The objective, per nested prefix of the embedding (``cfg.prefixes``; the two terms below weigh on each prefix as
+``context.date_weights`` and ``context.season_weights`` say, equally by default), is
 
 * the date's reconstruction: the paper's context-weighted loss of each sensor's patch on the date's stage-1
   window, decoded by the frozen autoencoders from the prefix (the centre frame plus sampled others,
@@ -11,9 +12,11 @@ The objective, per nested prefix of the embedding (``cfg.prefixes``, equal weigh
 * ``context.season`` x the centre pixel's bands on the window's dates, decoded from the prefix and each date's
   day offset (every sensor, MAE in cube units, each at its branch weight);
 
-plus ``context.agreement`` x VICReg between the embeddings of two views of the window on a slice of the
-features. Each term's share is a config value, so the ablation table (README "Context that counts") is a set
-of ``--set`` overrides.
+plus ``context.agreement`` x VICReg between the embeddings of two views on a slice of the features (by default
+those past the first prefix): two random subsets of one date's window, or, with ``context.agreement_days``, the
+windows of two dates of the pixel at most that many days apart, so that slice describes the season, not the date.
+Each term's share is a config value, so the ablation table (docs/results/context.md) is a set of ``--set``
+overrides.
 """
 
 from __future__ import annotations
