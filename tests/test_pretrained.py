@@ -16,12 +16,13 @@ from stembed.testing import synthetic_scene
 
 
 def test_belgium_is_built_in_small_and_a_fusion_bundle():
-    assert "belgium" in builtin_names()
+    assert {"belgium", "belgium-v1"} <= set(builtin_names())
     path = resolve_bundle("pretrained:belgium")
     assert path.is_file() and path.stat().st_size <= 5 * 1024 * 1024
     b = load_bundle("pretrained:belgium", expect_kind="fusion")
     assert list(b.sensors["s2"].bands) == ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
     assert b.config["models"]["s2"]["variant"] == "dense"
+    assert b.config["model"]["nested"] == [7, 16]  # the context fusion: a 7-d prefix of a 16-d embedding
 
 
 def test_info_lists_and_describes_the_built_in_bundles():
@@ -48,4 +49,7 @@ def test_a_new_scene_embeds_with_the_pretrained_bundle_and_no_training(tmp_path)
     embed_cube(tmp_path / "scene.zarr", "pretrained:belgium", tmp_path / "emb.zarr", EmbedConfig(tile_px=30),
                progress=False)
     ds = open_embeddings(tmp_path / "emb.zarr")
-    assert bool(ds["valid"].any()) and ds["embedding"].sizes["feature"] == 7
+    assert bool(ds["valid"].any()) and ds["embedding"].sizes["feature"] == 16
+    assert ds.attrs["nested"] == [7, 16]
+    first7 = open_embeddings(tmp_path / "emb.zarr", features=7)
+    assert first7["embedding"].sizes["feature"] == 7 and first7.attrs["nested"] == [7]
