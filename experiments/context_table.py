@@ -83,7 +83,7 @@ def main() -> None:
             rows[key] = {**cells, **(recon(Path(run), args.split) if fs.startswith("embedding") else {})}
         print(f"probed {name}", flush=True)
     cols = ["LC LR", "LC RF", "CT LR", "CT RF"]
-    print("| features | " + " | ".join(cols) + " | recon (val) |")
+    print("| features | " + " | ".join(cols) + f" | recon ({args.split}) |")
     print("|---|" + "---:|" * len(cols) + "---|")
     for key, cells in rows.items():
         rec = ", ".join(f"{k} {v}" for k, v in cells.items() if k not in cols)
