@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from typer.testing import CliRunner
 
 from stembed.cli import app
@@ -46,6 +47,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     values = np.random.default_rng(0).normal(size=(n_t, 7, h, wd)).astype(np.float32)
     write_embedding_store(w / "emb.zarr", s2, values, valid=np.ones((n_t, h, wd), bool), tile_px=8, time_chunk=4,
                           attrs={"fingerprint": "test"})
+    save_scene(scene, w / "nan_scene.zarr")  # then its S2 all missing (a store edited, or a masking gone wrong)
+    zarr.open_array(w / "nan_scene.zarr" / "s2" / "s2", mode="r+")[...] = np.nan
+    random_fusion_bundle(w / "fusion_b.pt", tiny=True, seed=1)
+    made = runner.invoke(app, ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "fusion.pt"), "--out",
+                               str(w / "made.zarr"), "--quiet"])
+    assert made.exit_code == 0, made.output
     x0, y0 = float(s2["x"].values[8]), float(s2["y"].values[8])
     (w / "points.csv").write_text(f"id,x,y\na,{x0},{y0}\n")
     (w / "table.csv").write_text("someone's table\n")
@@ -95,11 +102,17 @@ class Case:
     expect: str  # a piece of the message that names the problem
     setup: Callable[[Path], None] | None = None  # prepares scratch (e.g. a foreign folder at --out)
     xfail: str | None = None  # a known gap: why it still fails (strict, so a fix is noticed)
+    forbid: str | None = None  # a piece the message must not hold (e.g. a setting that does not differ)
 
 
 def _foreign_folder(scratch: Path, name: str = "out") -> None:
     (scratch / name).mkdir()
     (scratch / name / "precious.txt").write_text("not stembed's\n")
+
+
+def _own_config(scratch: Path, name: str = "out") -> None:
+    (scratch / name).mkdir()
+    (scratch / name / "config.yaml").write_text("train:\n  lr: 0.001\n")
 
 
 def _plain_file(scratch: Path, name: str = "out") -> None:
@@ -181,6 +194,8 @@ CASES: list[Case] = [
          "not a stembed run's", setup=_foreign_folder),
     Case("train-run-dir-file", lambda w, s: ["train", "s2", "--run-dir", str(s / "out")], "is a file",
          setup=_plain_file),
+    Case("train-run-dir-holds-own-config", lambda w, s: ["train", "s2", "--run-dir", str(s / "out")],
+         "holds a config.yaml that `stembed train` did not write", setup=_own_config),
     Case("train-resume-bundle", lambda w, s: ["train", "s2", "--resume", str(w / "fusion.pt")], "a bundle"),
     Case("train-resume-missing", lambda w, s: ["train", "s2", "--resume", str(w / "last.ckpt")],
          "does not exist"),
@@ -247,6 +262,10 @@ CASES: list[Case] = [
          setup=_plain_file),
     Case("embed-out-exists", lambda w, s: [*_embed(w, s)[:-2], str(w / "emb.zarr"), "--quiet"],
          "already exists"),
+    Case("embed-resume-another-bundle",
+         lambda w, s: ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "fusion_b.pt"), "--out",
+                       str(w / "made.zarr"), "--resume", "--quiet"],
+         "(bundle_sha256: the same bundle file)", forbid="threads_per_worker"),
     Case("embed-resume-and-overwrite", lambda w, s: _embed(w, s, "--resume", "--overwrite"), "contradict"),
     Case("embed-workers-and-scheduler",
          lambda w, s: _embed(w, s, "--workers", "2", "--scheduler", "tcp://127.0.0.1:9"), "pass one"),
@@ -292,6 +311,9 @@ CASES: list[Case] = [
     Case("pca-cube-missing",
          lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "nope.zarr"), "--out",
                        str(s / "pca")], "no scene store"),
+    Case("pca-s2-all-missing",
+         lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "nan_scene.zarr"), "--out",
+                       str(s / "pca")], "has no observed B04/B03/B02 pixel on"),
     Case("pca-features-not-nested",
          lambda w, s: ["pca", "--embeddings", str(w / "emb.zarr"), "--cube", str(w / "scene.zarr"), "--out",
                        str(s / "pca"), "--features", "5"], "holds complete embeddings of [7] features"),
@@ -394,6 +416,7 @@ def test_bad_input_exits_2_with_one_line_and_changes_nothing(case: Case, world: 
     assert res.exit_code == 2, f"exit {res.exit_code}: {out}\n{res.exception!r}"
     assert "Traceback" not in out, out
     assert case.expect in out, out
+    assert case.forbid is None or case.forbid not in out, out
     if "error:" in out:  # ours (typer's own usage errors draw a box): exactly one line
         assert len([ln for ln in out.splitlines() if ln.strip()]) == 1, out
     after = {"world": _snapshot(world), "scratch": _snapshot(scratch)}

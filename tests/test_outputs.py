@@ -9,6 +9,7 @@ import pytest
 from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, staging_dir
 from stembed.io.cube import CubeError, save_scene
 from stembed.io.outputs import (
+    RUN_CONFIG_HEADER,
     OutputError,
     check_file_output,
     check_output_folder,
@@ -93,8 +94,13 @@ def test_run_dir_must_be_new_empty_or_a_runs_own(tmp_path: Path) -> None:
     run.mkdir()
     check_run_dir(run)
     (run / "config.yaml").write_text("a: 1\n")
+    with pytest.raises(OutputError, match="config.yaml that `stembed train` did not write"):
+        check_run_dir(run)  # a user's own config alone: a run would replace it
+    (run / "config.yaml").write_text(f"{RUN_CONFIG_HEADER}\na: 1\n")
+    check_run_dir(run)  # a run killed after writing its config: rerunning into it finishes it
+    (run / "config.yaml").write_text("a: 1\n")
     (run / "checkpoints").mkdir()
-    check_run_dir(run)  # a run's own files: rerunning into it is allowed (training refuses a finished one)
+    check_run_dir(run)  # a run's own files (one from before the header): rerunning into it is allowed
     (run / "notes.txt").write_text("mine\n")
     with pytest.raises(OutputError, match=r"not a stembed run's \(notes.txt\)"):
         check_run_dir(run)

@@ -60,6 +60,19 @@ def _s2_time_index(s2: xr.DataArray, times: np.ndarray) -> list[int]:
     return [int(p) for p in pos]
 
 
+def _check_true_colour(s2: xr.DataArray, s2_pos: list[int], times: np.ndarray) -> None:
+    """Refuse dates whose S2 has no pixel with all of B04/B03/B02, before anything is drawn: a blank true
+    colour beside a PCA map means the S2 cube is not the one the embeddings were made from."""
+    rgb = s2.isel({TIME: s2_pos}).sel({BAND: list(_TRUE_COLOUR)})
+    observed = np.asarray(rgb.notnull().all(BAND).any((Y, X)).values)
+    if not observed.all():
+        empty = ", ".join(f"{pd.Timestamp(t):%Y-%m-%d}" for t in times[~observed])
+        raise CubeError(
+            f"the S2 cube has no observed B04/B03/B02 pixel on {empty}, so its true colour would be blank; fix: "
+            "pass the scene store (--cube) the embeddings were made from"
+        )
+
+
 def _draw_sample(
     embeddings: xr.Dataset, counts: np.ndarray, n_samples: int, rng: np.random.Generator
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +187,7 @@ def pca_maps(
     counts = np.asarray(embeddings["valid"].sum(dim=(Y, X)).values, np.int64)
     chosen = _chosen_dates(times, counts, dates)
     s2_pos = _s2_time_index(s2, times[chosen])
+    _check_true_colour(s2, s2_pos, times[chosen])
     pca, sample, sample_t, lo, hi = _fit_pca(embeddings, counts, int(n_samples), seed)
     ratio = pca.explained_variance_ratio_
 

@@ -748,14 +748,28 @@ def _embed_cube(
     return EmbedResult(out, written, n_tiles - written, summary, time.perf_counter() - t_start, plan.notes)
 
 
+# How to get back to a stored setting, for the settings a user cannot simply pass with --set NAME=VALUE
+_RESUME_HINTS = {
+    "bundle_sha256": "the same bundle file",
+    "cube_fingerprint": "the same --cube store",
+    "format": "the stembed version that wrote it",
+    "threads_per_worker": "the same --workers on the same machine, or --set threads_per_worker=N",
+    "calibration": "--set calibration_samples=, calibration_margin= and seed= as stored",
+    "daily": "the same daily settings (--daily and its --set options)",
+    "features": "the same --features",
+}
+
+
 def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
-    diffs = [
-        f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in wanted if stored.get(k) != wanted[k]
-    ]
-    if diffs:
+    """Refuse a --resume whose settings differ from the store's, naming each setting that differs and how to
+    get back to it."""
+    differ = [k for k in wanted if stored.get(k) != wanted[k]]
+    if differ:
+        diffs = [f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in differ]
+        hints = [f"{k}: {_RESUME_HINTS.get(k, f'--set {k}=<stored value>')}" for k in differ]
         raise store.EmbeddingStoreError(
-            f"{out} was written by a different run, so --resume cannot continue it:\n- "
-            + "\n- ".join(diffs)
-            + "\nfix: rerun with the settings it was made with (threads_per_worker: the same --workers on "
-            "the same machine, or --set threads_per_worker=N), or pass --overwrite to replace it"
+            f"{out} was written by a different run, so --resume cannot continue it ("
+            + "; ".join(diffs)
+            + "); fix: rerun with the settings it was made with (" + "; ".join(hints) + "), or pass --overwrite "
+            "to replace it"
         )

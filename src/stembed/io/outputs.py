@@ -41,6 +41,9 @@ _NAMES: dict[str, str] = {
 }
 # what a `stembed train` run folder may hold (training.run writes these)
 RUN_DIR_ENTRIES = frozenset({"config.yaml", "checkpoints", "logs", "metrics.json", "bundle.pt"})
+# The first line of the config.yaml that `stembed train` writes into its run folder: a config.yaml without it
+# (and without a run's other files) is a user's own, which a run must not replace.
+RUN_CONFIG_HEADER = "# stembed run config: the resolved stage config of this run folder (written by `stembed train`)"
 
 
 class OutputError(UserError):
@@ -158,6 +161,15 @@ def check_output_folder(path: str | Path, *, option: str = "--out") -> None:
     check_writable_parent(path, option=option)
 
 
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a config.yaml that `stembed train` wrote (its first line is the run header)."""
+    try:
+        with path.open(encoding="utf-8") as f:
+            return f.readline().rstrip("\n") == RUN_CONFIG_HEADER
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def check_run_dir(path: str | Path, *, option: str = "--run-dir") -> None:
     """Refuse a run folder that holds anything but a stembed run's files (its config.yaml would be replaced).
 
@@ -168,7 +180,13 @@ def check_run_dir(path: str | Path, *, option: str = "--run-dir") -> None:
     check_output_folder(path, option=option)
     if not path.exists():
         return
-    foreign = sorted(p.name for p in path.iterdir() if p.name not in RUN_DIR_ENTRIES)
+    entries = {p.name for p in path.iterdir()}
+    foreign = sorted(entries - RUN_DIR_ENTRIES)
+    if entries == {"config.yaml"} and not _is_run_config(path / "config.yaml"):
+        raise OutputError(
+            f"{option} {path} holds a config.yaml that `stembed train` did not write, and a run would replace "
+            f"it; fix: pass it with --config {path / 'config.yaml'} and choose a new or empty {option}"
+        )
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(

@@ -42,6 +42,7 @@ from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatch
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
 from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
+from stembed.io.outputs import RUN_CONFIG_HEADER
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
 from stembed.models.fusion import ANCHOR, FusionModel
@@ -226,7 +227,7 @@ def _prepare_run_dir(run_dir: Path, cfg_dict: dict[str, Any], resume: Path | Non
             f"--resume {run_dir / 'checkpoints' / 'last.ckpt'}"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg_dict, sort_keys=False))
+    (run_dir / "config.yaml").write_text(RUN_CONFIG_HEADER + "\n" + yaml.safe_dump(cfg_dict, sort_keys=False))
 
 
 _Stage = TypeVar("_Stage", AutoencoderModule, FusionModule, GapFillModule, ContextFusionModule)
