@@ -20,6 +20,8 @@ import zarr
 from typer.testing import CliRunner
 
 from stembed.cli import app
+from stembed.config import EmbedConfig
+from stembed.inference.tiles import plan_embedding
 from stembed.io.cube import save_scene
 from stembed.testing import random_fusion_bundle, synthetic_scene, write_embedding_store
 
@@ -42,17 +44,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     raw = torch.load(w / "fusion.pt", weights_only=True)
     del raw["config"]["models"]["s2"]
     torch.save(raw, w / "no_model_config.pt")
+    save_scene(scene, w / "nan_scene.zarr")  # then its S2 all missing (a store edited, or a masking gone wrong)
+    zarr.open_array(w / "nan_scene.zarr" / "s2" / "s2", mode="r+")[...] = np.nan
+    random_fusion_bundle(w / "fusion_b.pt", tiny=True, seed=1)
     s2 = scene.s2
     n_t, h, wd = s2.sizes["time"], s2.sizes["y"], s2.sizes["x"]
     values = np.random.default_rng(0).normal(size=(n_t, 7, h, wd)).astype(np.float32)
     write_embedding_store(w / "emb.zarr", s2, values, valid=np.ones((n_t, h, wd), bool), tile_px=8, time_chunk=4,
                           attrs={"fingerprint": "test"})
-    save_scene(scene, w / "nan_scene.zarr")  # then its S2 all missing (a store edited, or a masking gone wrong)
-    zarr.open_array(w / "nan_scene.zarr" / "s2" / "s2", mode="r+")[...] = np.nan
-    random_fusion_bundle(w / "fusion_b.pt", tiny=True, seed=1)
-    made = runner.invoke(app, ["embed", "--cube", str(w / "scene.zarr"), "--bundle", str(w / "fusion.pt"), "--out",
-                               str(w / "made.zarr"), "--quiet"])
-    assert made.exit_code == 0, made.output
+    plan = plan_embedding(w / "scene.zarr", w / "fusion.pt", EmbedConfig(), scheduler=None)  # as `embed` records
+    write_embedding_store(w / "made.zarr", s2, values, valid=np.ones((n_t, h, wd), bool), tile_px=8, time_chunk=4,
+                          attrs={"fingerprint": plan.fingerprint})
     x0, y0 = float(s2["x"].values[8]), float(s2["y"].values[8])
     (w / "points.csv").write_text(f"id,x,y\na,{x0},{y0}\n")
     (w / "table.csv").write_text("someone's table\n")

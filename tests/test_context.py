@@ -203,7 +203,7 @@ def test_tiled_embedding_equals_the_whole_cube_and_prefixes_are_the_first_featur
     from stembed.testing import synthetic_scene
 
     cube = tmp_path / "scene.zarr"
-    save_scene(synthetic_scene(seed=3, height_px=40, width_px=40, n_days=300), cube)
+    save_scene(synthetic_scene(seed=3, height_px=32, width_px=32, n_days=200), cube)  # 4 tiles of 16 px
     full = embed_cube(cube, context_run.bundle, tmp_path / "e.zarr", EmbedConfig(tile_px=16), progress=False)
     short = embed_cube(cube, context_run.bundle, tmp_path / "e3.zarr", EmbedConfig(tile_px=16, features=3),
                        progress=False)

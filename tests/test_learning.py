@@ -31,7 +31,7 @@ def test_tiny_s2_autoencoder_memorises_32_real_patches(belgian_scene, one_torch_
     model = SensorAutoencoder(AEConfig(**{**ae_preset("tiny", "s2").model_dump(), "input_mean": mean,
                                           "input_std": std}))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.5e-4)
-    for _ in range(300):
+    for _ in range(150):  # 0.0032 at 150 steps, 0.0036 at 200 (lr 1e-3, one thread)
         x_hat, _ = model(x, gaps)
         loss = reconstruction_loss(x_hat, x, valid, LossConfig())["loss"]
         opt.zero_grad()
@@ -44,4 +44,4 @@ def test_tiny_s2_autoencoder_memorises_32_real_patches(belgian_scene, one_torch_
         b, _ = centre_abs_error(baselines(x, valid)["patch_mean"], x, valid)
     mae, patch_mean = float(s / c), float(b / c)
     assert patch_mean > 0.04  # the task is not trivial: copying the patch mean is 10x off
-    assert mae <= 0.005, f"centre MAE {mae:.4f} after 300 steps (patch mean {patch_mean:.4f})"
+    assert mae <= 0.005, f"centre MAE {mae:.4f} after 150 steps (patch mean {patch_mean:.4f})"

@@ -19,7 +19,8 @@ from stembed.training.run import RunResult, train_autoencoder
 
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
-    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=24)
+    # the demo's flow on smaller sites, with fewer steps (the demo itself trains 4 epochs on 48 px sites)
+    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=24, site_px=32, limit_train_batches=4)
 
 
 @pytest.mark.slow
@@ -129,9 +130,7 @@ def test_save_bundle_is_atomic(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_resume_continues_from_last_checkpoint(tmp_path: Path) -> None:
-    cfg = demo_configs(tmp_path, max_epochs=1)["s2"]
-    cfg = AEStageConfig.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "max_epochs": 1,
-                                                                       "limit_train_batches": 3}})
+    cfg = demo_configs(tmp_path, max_epochs=1, site_px=32, limit_train_batches=3)["s2"]
     first = train_autoencoder(cfg, run_dir=tmp_path / "run")
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         train_autoencoder(cfg, run_dir=tmp_path / "run")

@@ -32,9 +32,13 @@ PRESET = "tiny-dense"
 EMBED_PERIOD = ("2020-05-01", "2020-09-01")
 
 
-def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[str, Any]:
-    """The three stage configs of the demo (also used by the end-to-end tests with fewer epochs)."""
-    source = SyntheticSource(n_sites=n_sites, height_px=48, width_px=48, n_days=365, seed=0)
+def demo_configs(
+    out: Path, *, max_epochs: int = 4, n_sites: int = 4, site_px: int = EMBED_PX,
+    limit_train_batches: float | int = 1.0,
+) -> dict[str, Any]:
+    """The three stage configs of the demo. The end-to-end tests take smaller sites and fewer epochs and
+    batches (``site_px``, ``max_epochs``, ``limit_train_batches``): they check the flow, not the figures."""
+    source = SyntheticSource(n_sites=n_sites, height_px=site_px, width_px=site_px, n_days=365, seed=0)
     split = SplitConfig(by="site", fractions=(0.5, 0.25, 0.25), seed=0)
     # Denser sampling than the paper's strides: a demo has 4 small sites, not 500 cubes.
     s2_data = DataConfig(
@@ -56,6 +60,7 @@ def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[st
         early_stop_patience=4,
         min_lr=1e-5,
         seed=0,
+        limit_train_batches=limit_train_batches,
     )
     # one frame-CNN pass per 32 px tile trains 256 centre pixel-dates (stembed.training.dense)
     dense = DenseTrainingConfig(crop_px=32, subsets=2, latents=256, render_frames=2)
@@ -83,10 +88,12 @@ def demo_configs(out: Path, *, max_epochs: int = 4, n_sites: int = 4) -> dict[st
 
 
 def run_demo(
-    out: Path, *, overwrite: bool = False, max_epochs: int = 4, embed_px: int = EMBED_PX
+    out: Path, *, overwrite: bool = False, max_epochs: int = 4, embed_px: int = EMBED_PX, site_px: int = EMBED_PX,
+    limit_train_batches: float | int = 1.0,
 ) -> dict[str, RunResult]:
     """Train S1, S2, then fusion into ``out/{s1,s2,fusion}``, print a summary, embed and map the test site
-    into ``out/embed``; return the training runs."""
+    into ``out/embed``; return the training runs. The keywords after ``overwrite`` shrink it for tests
+    (:func:`demo_configs`)."""
     out = Path(out)
     existing = [out / s for s in STAGES if (out / s).exists()]
     if existing and not overwrite:
@@ -96,7 +103,7 @@ def run_demo(
         )
     for p in existing:
         shutil.rmtree(p)
-    cfgs = demo_configs(out, max_epochs=max_epochs)
+    cfgs = demo_configs(out, max_epochs=max_epochs, site_px=site_px, limit_train_batches=limit_train_batches)
     runs: dict[str, RunResult] = {}
     runs["s1"] = train_autoencoder(cfgs["s1"], run_dir=out / "s1")
     runs["s2"] = train_autoencoder(cfgs["s2"], run_dir=out / "s2")

@@ -337,6 +337,15 @@ class SensorAutoencoder(nn.Module):
         """(B, latent_dim), (B, T-1) -> x_hat (B, T, C, H, W) in cube units."""
         return self.decoder(z, time_gaps) * self.input_std + self.input_mean
 
+    def decode_centre(self, z: torch.Tensor, time_gaps: torch.Tensor) -> torch.Tensor:
+        """(B, latent_dim), (B, T-1) -> the centre date's centre pixel (B, C) in cube units: ``decode``'s
+        ``[:, T // 2, :, c, c]``, rendering that one frame (frames render independently) instead of all T."""
+        cfg = self.cfg
+        tokens = self.decoder.tokens(z, time_gaps)  # (B, T, d_model)
+        frame = self.decoder.render(tokens[:, cfg.n_frames // 2])  # (B, C, H, W)
+        c = cfg.patch_px // 2
+        return frame[:, :, c, c] * self.input_std.reshape(-1) + self.input_mean.reshape(-1)  # (B, C)
+
     def forward(self, x: torch.Tensor, time_gaps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruct a patch batch; returns ``(x_hat, z)``."""
         z = self.encode(x, time_gaps)

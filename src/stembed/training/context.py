@@ -32,7 +32,6 @@ from stembed.config import DenseTrainingConfig, FusionLossConfig, TrainConfig
 from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, ContextView, SplitLatents
 from stembed.inference.engine import block_latents, sensor_present
 from stembed.losses import masked_mae, vicreg
-from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import ANCHOR, build_fusion
 from stembed.training.dense import PatchStats, Windows, patch_stats, reconstruct_windows
@@ -233,15 +232,6 @@ class ContextFusionModule(_StageModule):
 
 
 # ----------------------------------------------------------------------------- metrics of a trained model
-def centre_decode(ae: SensorAutoencoder, z: Tensor, gaps: Tensor) -> Tensor:
-    """Latents (B, L) + the date's window gaps (B, T-1) -> the decoded centre pixel of the centre frame (B, C), cube
-    units (only that frame is rendered)."""
-    tokens = ae.decoder.tokens(z, gaps)  # (B, T, d_model)
-    x = ae.decoder.render(tokens[:, tokens.shape[1] // 2])  # (B, C, P, P), model units
-    c = x.shape[-1] // 2
-    return x[:, :, c, c] * ae.input_std.reshape(-1) + ae.input_mean.reshape(-1)
-
-
 def _centre_values(crops: ContextCrops, sensor: str, batch: ContextBatch) -> Tensor:
     """Each sample's centre pixel on every frame of its stage-1 window: (B, T, C), NaN missing."""
     c, m = crops.crop_px, crops.margin
@@ -303,7 +293,7 @@ def evaluate_context(
                 target = centre[:, centre.shape[1] // 2]  # (B, C): the date's own centre pixel
                 for n_f in model.prefixes:
                     z = model.head(k, n_f)(e[:, :n_f])
-                    acc.add(k, f"centre_mae_{n_f}", centre_decode(ae, z, batch.gaps[k]), target)
+                    acc.add(k, f"centre_mae_{n_f}", ae.decode_centre(z, batch.gaps[k]), target)
                     season = model.season_values(e[:, :n_f], batch.inputs.offset[:, 1:], batch.inputs.day[:, 1:])[k]
                     acc.add(k, f"season_mae_{n_f}", season, batch.season[k])
                 for b_name, pred in _trivial(crops, stats[k], batch, k).items():

@@ -36,9 +36,7 @@ def centre_jacobian_metric(ae: SensorAutoencoder, z: Tensor, gaps: Tensor) -> Te
     rows = []
     with torch.enable_grad():
         zz = z.detach().clone().requires_grad_(True)
-        out = ae.decode(zz, gaps)  # (N, T, C, H, W)
-        t, c = out.shape[1] // 2, out.shape[-1] // 2
-        centre = out[:, t, :, c, c]  # (N, C)
+        centre = ae.decode_centre(zz, gaps)  # (N, C)
         for band in range(centre.shape[1]):
             (g,) = torch.autograd.grad(centre[:, band].sum(), zz, retain_graph=band + 1 < centre.shape[1])
             rows.append(g)  # (N, L): d centre[:, band] / d z
