@@ -5,49 +5,60 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-TEST_STAMP := $(VENV)/.installed-test
-DOCS_STAMP := $(VENV)/.installed-docs
+DEV_STAMP := $(VENV)/.installed-dev
 DEMO_OUT ?= demo_out
+UV_VERSION := 0.13.10
+# Installs come from the lock files in requirements/ (exact versions, resolved once by `make lock`) through uv, which
+# installs them in seconds where pip resolves for minutes. torch is named on the same command line, not locked: the
+# pin gives the CPU build here and the normal (CUDA) build on a GPU machine.
+UV_INSTALL := $(VENV)/bin/uv pip install --quiet --python $(PY)
+# uv does not read pip's configuration: pass on where pip finds local wheels (the CPU torch on this machine kind),
+# or uv would fetch the registry's CUDA build.
+PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
+ifneq ($(strip $(PIP_FIND_LINKS)),)
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+endif
 
-.PHONY: demo test lint check docs install clean
+.PHONY: demo test lint check docs install lock clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "uv==$(UV_VERSION)"
 
-# torch==2.13.0 is named on the same command line as everything that depends on it, so pip never
-# resolves a newer (CUDA) build.
-$(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install --quiet "torch==2.13.0" -e .
+$(STAMP): pyproject.toml requirements/run.lock | $(PY)
+	$(UV_INSTALL) -r requirements/run.lock "torch==2.13.0" -e .
 	touch $@
 
-$(TEST_STAMP): pyproject.toml $(STAMP)
-	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[test]"
+# the test and docs extras (one lock: `make test`, `make lint` and `make docs` share the environment)
+$(DEV_STAMP): pyproject.toml requirements/dev.lock $(STAMP)
+	$(UV_INSTALL) -r requirements/dev.lock "torch==2.13.0" -e ".[test,docs]"
 	touch $@
 
-$(DOCS_STAMP): pyproject.toml $(STAMP)
-	$(PY) -m pip install --quiet "torch==2.13.0" -e ".[docs]"
-	touch $@
+# Re-resolve the locks after changing pyproject.toml's dependencies (tests/test_lock.py checks they cover it).
+lock: | $(PY)
+	$(VENV)/bin/uv pip compile --quiet --python $(PY) --no-emit-package torch pyproject.toml -o requirements/run.lock
+	$(VENV)/bin/uv pip compile --quiet --python $(PY) --no-emit-package torch --extra test --extra docs \
+		pyproject.toml -o requirements/dev.lock
 
 install: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/stembed demo --out $(DEMO_OUT)
 
-test: $(TEST_STAMP)
-	$(PY) -m pytest -q
+test: $(DEV_STAMP)
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 # ruff and mypy read their settings from pyproject.toml (mypy: files = src/stembed)
-lint: $(TEST_STAMP)
+lint: $(DEV_STAMP)
 	$(PY) -m ruff check src tests
 	$(PY) -m mypy
 
 check: lint
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow"
 
 # --strict: a broken link or anchor, an API object without a docstring, a missing model card fails the build.
 # NO_MKDOCS_2_WARNING silences Material's notice about its own future (not a warning about these pages).
-docs: $(DOCS_STAMP)
+docs: $(DEV_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 clean:

@@ -19,6 +19,16 @@ from stembed.testing import synthetic_scene
 BELGIAN_SITE = "00002806639B424A"
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), each worker takes its share of the cores for torch:
+    the workers' default thread counts would add up to several threads per core."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(workers)))
+
+
 def require_shared(path: Path) -> Path:
     """Return ``path`` if it exists; otherwise skip, or fail when STEMBED_REQUIRE_SHARED_DATA=1."""
     if path.exists():
