@@ -18,7 +18,8 @@ seeded synthetic cubes (:func:`stembed.testing.synthetic_scene`):
 3. **end to end**: ``stembed embed`` (:func:`stembed.inference.tiles.embed_cube`, one worker,
    ``--tile-px`` tiles) on cubes of ``--size`` and 4 x ``--size`` px (area x16; or ``--e2e-sizes``), each in a fresh
    subprocess whose process tree's RSS is sampled every ~50 ms (peak, MiB; an upper bound, as shared
-   pages count once per process). Its seconds include the LocalCluster start and the worker's imports.
+   pages count once per process). One worker runs the tiles in that process (no LocalCluster: see
+   ``benchmarks/embed_in_process.py``); its seconds include the imports.
 
     .venv/bin/python benchmarks/embed.py [--preset dense] [--tile-px 64] [--size 64] [--days 40]
         [--ref-px 2] [--batch-size 1024] [--precision float32] [--device auto|cpu|cuda]

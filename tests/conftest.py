@@ -7,6 +7,7 @@ Real-data tests skip if ``../shared/data`` (or ``$STEMBED_SHARED_DATA``) is miss
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +18,14 @@ from stembed.io.worldcereal import read_worldcereal, shared_data_dir
 from stembed.testing import synthetic_scene
 
 BELGIAN_SITE = "00002806639B424A"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The test files with the most slow tests first: ``--dist loadfile`` hands files to the workers in this order,
+    so the long files start early and the short ones fill the gaps at the end. The sort is stable: each file's
+    tests keep their order (some build on the one before)."""
+    slow = Counter(item.path for item in items if item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow[item.path])
 
 
 def pytest_configure(config: pytest.Config) -> None:

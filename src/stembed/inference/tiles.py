@@ -1,4 +1,5 @@
-"""``stembed embed``: every pixel and date of a scene store, tile by tile, on dask.distributed.
+"""``stembed embed``: every pixel and date of a scene store, tile by tile, on dask.distributed (or, with one
+local worker, in this process).
 
 Each tile is an independent task: read the tile plus a halo of ``context_px`` pixels (real
 neighbours inside the cube, reflected pixels beyond its edge, exactly what the per-patch reference
@@ -9,12 +10,15 @@ halo squared pixels per worker), a killed run resumes at the first unfinished ti
 finished output writes nothing.
 
 Workers open the cube and the bundle themselves, so with ``--scheduler`` they must see the same
-paths (a shared filesystem).
+paths (a shared filesystem). With ``workers: 1`` and no scheduler no cluster starts: the tiles run one after
+another in this process, through the same :func:`run_tile` a worker runs (a local worker process takes
+seconds to start, longer than a small area takes to embed; ``benchmarks/embed_in_process.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -215,8 +219,9 @@ def _worker_model(path: str, sha256: str, device: torch.device) -> FusionBase | 
     return _MODELS[key]
 
 
-def run_tile(job: TileJob) -> tuple[int, int]:
-    """Embed one tile and write it (region, error stats, done flag). Runs on a dask worker."""
+def run_tile(job: TileJob, report: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Embed one tile and write it (region, error stats, done flag). Runs on a dask worker, or in this process
+    (:func:`_run_tiles_here`, which passes ``report``: called with each batch's embedded pixel-dates)."""
     tune_allocator()  # dask workers start with an aggressive malloc trim threshold
     if job.threads is not None:
         torch.set_num_threads(job.threads)
@@ -238,7 +243,7 @@ def run_tile(job: TileJob) -> tuple[int, int]:
     values, flags = embed_tile(
         model, block, batch_size=job.batch_size, device=device, precision=job.precision,
         daily=job.daily, features=job.features,
-        progress=None if job.progress_topic is None else _Reporter(job.progress_topic, job.tile),
+        progress=report if job.progress_topic is None else _Reporter(job.progress_topic, job.tile),
     )
     codes = job.quant.encode(values)
     valid = np.isfinite(values).all(axis=1)
@@ -699,6 +704,43 @@ def _run_tiles(plan: EmbedPlan, sink: EmbeddingSink, client: Any, *, progress: b
     return len(todo)
 
 
+def _report_here(tracker: _ProgressBar, tile: tuple[int, int], n: int) -> None:
+    tracker.on_event((0.0, (tile[0], tile[1], n)))
+
+
+def _run_tiles_here(plan: EmbedPlan, sink: EmbeddingSink, *, progress: bool) -> int:
+    """:func:`_run_tiles` without a cluster (``workers: 1``, no scheduler): the same tile jobs, run here one after
+    another; torch's thread count is the caller's again afterwards, and the tiles' model and scene are dropped."""
+    from tqdm.auto import tqdm
+
+    grid, quant, done = plan.grid, sink.quantisation(), sink.tiles_done()
+    todo = [t for t in grid.tiles() if not done[t]]
+    jobs = _tile_jobs(plan, sink, todo, quant, topic=None)
+    n_dates = plan.scene.s2.sizes[TIME]
+    per_tile = {t: n_dates * _n_px(grid, t) for t in grid.tiles()}
+    threads = torch.get_num_threads()
+    with tqdm(total=sum(per_tile.values()), initial=sum(per_tile[t] for t in grid.tiles() if done[t]),
+              desc="pixel-dates", unit="", unit_scale=True, disable=not progress) as bar:
+        tracker = _ProgressBar(bar, per_tile, len(grid.tiles()), len(grid.tiles()) - len(todo))
+        try:
+            for job in jobs:
+                try:
+                    run_tile(job, report=functools.partial(_report_here, tracker, job.tile))
+                except (CubeError, EmbedError):
+                    raise
+                except Exception as err:  # as a worker's failure is reported: named, with the resume
+                    raise EmbedError(
+                        f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
+                        f"problem and rerun with --resume"
+                    ) from err
+                tracker.finish(job.tile)
+        finally:
+            torch.set_num_threads(threads)
+            _MODELS.clear()
+            _SCENES.clear()
+    return len(todo)
+
+
 def _embed_cube(
     cube: str | Path,
     bundle_path: str | Path,
@@ -738,12 +780,14 @@ def _embed_cube(
     check_cube_values(plan.scene, plan.cube)  # before the store exists: no tile finds a bad value mid-run
     resolve_device(cfg.device)  # a device that is not there is refused before the cluster starts
     sink = store.ZarrEmbeddingStore(str(out.resolve()))  # the tiles write only through it
-    with cluster_client(scheduler, cfg.workers, cfg.connect_timeout_s) as client:
+    here = scheduler is None and cfg.workers == 1  # no cluster to start: the tiles run in this process
+    with contextlib.nullcontext() if here else cluster_client(scheduler, cfg.workers, cfg.connect_timeout_s) as client:
         if fresh:
             device = resolve_device(cfg.device)
             quant = _calibrate(plan.model.to(device), plan.scene, cfg, plan.max_gap_days, device)
             _create_store(plan, out, sink, quant)
-        written = _run_tiles(plan, sink, client, progress=progress)
+        written = (_run_tiles_here(plan, sink, progress=progress) if client is None
+                   else _run_tiles(plan, sink, client, progress=progress))
         summary = sink.finalise()
     return EmbedResult(out, written, n_tiles - written, summary, time.perf_counter() - t_start, plan.notes)
 
