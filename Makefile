@@ -48,9 +48,10 @@ demo: $(STAMP)
 test: $(DEV_STAMP)
 	$(PY) -m pytest -q -n auto --dist loadfile
 
-# ruff and mypy read their settings from pyproject.toml (mypy: files = src/stembed)
+# ruff and mypy read their settings from pyproject.toml (mypy: files = src/stembed, experiments, benchmarks):
+# the scripts are held to the package's bar
 lint: $(DEV_STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests experiments benchmarks
 	$(PY) -m mypy
 
 check: lint

@@ -47,6 +47,7 @@ print(json.dumps(times))
 
 
 def main() -> None:
+    """Time both variants, alternating, in fresh processes; print the medians and their ratio, then the JSON."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch", type=int, default=32)

@@ -38,7 +38,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import psutil
 
 MIB = 1 << 20
 GAP_DAYS = 6.0  # S1 matching window, passed explicitly to both paths
@@ -52,7 +57,7 @@ def _own_rss_mib() -> float:
     return psutil.Process().memory_info().rss / MIB
 
 
-def _case_embed(a: argparse.Namespace) -> dict:
+def _case_embed(a: argparse.Namespace) -> dict[str, Any]:
     import distributed  # noqa: F401 - imported by embed_cube; counted in the baseline like torch
 
     from stembed.config import EmbedConfig
@@ -85,12 +90,13 @@ CASES = {"embed": _case_embed}
 
 
 def run_case(a: argparse.Namespace) -> None:
+    """In a case process: run the case ``--case`` and write its result to ``--result``."""
     out = CASES[a.case](a)
     Path(a.result).write_text(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------- parent side
-def _tree_rss(proc) -> tuple[int, int]:
+def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
     """RSS (bytes) of ``proc`` and the sum over its live descendants."""
     import psutil
 
@@ -108,7 +114,7 @@ def _tree_rss(proc) -> tuple[int, int]:
     return main, rest
 
 
-def spawn_case(case: str, tmp: Path, tag: str, a: argparse.Namespace, **paths: str) -> dict:
+def spawn_case(case: str, tmp: Path, tag: str, a: argparse.Namespace, **paths: str) -> dict[str, Any]:
     """Run one case in a fresh subprocess, sampling its process tree's RSS; return its result."""
     import psutil
 
@@ -170,13 +176,13 @@ def matmul_peak_gflops(threads: int) -> float:
     return 2 * 2048**3 / best / 1e9
 
 
-def _timed(fn) -> float:
+def _timed(fn: Callable[[], object]) -> float:
     t = time.perf_counter()
     fn()
     return time.perf_counter() - t
 
 
-def count_flops(fn) -> tuple[int, int]:
+def count_flops(fn: Callable[[], object]) -> tuple[int, int]:
     """FLOPs torch's FlopCounterMode counts for ``fn()`` (matmul, conv, attention; not elementwise): the
     total, and the part inside the dense frame CNN (``DenseFrameCNN`` modules; 0 for the patch encoder)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -187,14 +193,15 @@ def count_flops(fn) -> tuple[int, int]:
     return int(counter.get_total_flops()), int(sum(counts.get("DenseFrameCNN", {}).values()))
 
 
-def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bundle: Path) -> list[dict]:
+def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bundle: Path) -> list[dict[str, Any]]:
     """Per-patch reference vs dense on one tile (same weights), plus the paper model per patch."""
     import numpy as np
     import torch
 
-    from stembed.inference.engine import embed_block, embed_block_dense, resolve_device
+    from stembed.inference.engine import Block, embed_block, embed_block_dense, resolve_device
     from stembed.inference.tiles import read_block
     from stembed.models.bundle import load_bundle
+    from stembed.models.fusion import FusionModel
     from stembed.runtime import tune_allocator
     from stembed.testing import synthetic_scene
 
@@ -202,20 +209,22 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
     device = resolve_device(a.device)
     dense = load_bundle(dense_bundle).build_model().to(device)
     paper = load_bundle(paper_bundle).build_model().to(device)
+    if not isinstance(dense, FusionModel) or not isinstance(paper, FusionModel):
+        raise TypeError("random_fusion_bundle writes the paper's fusion model, with a dense or patch encoder")
     scene = synthetic_scene(seed=a.seed, height_px=a.tile_px, width_px=a.tile_px, n_days=a.days)
     tile = slice(0, a.tile_px)
     sub = slice(a.tile_px // 2, a.tile_px // 2 + a.ref_px)  # the reference's few pixels, inside the tile
 
-    def block(model, rows, cols):
+    def block(model: FusionModel, rows: slice, cols: slice) -> Block:
         return read_block(scene, rows, cols, model.anchor.cfg.context_px, {"s1": GAP_DAYS})
 
-    def valid(arrays, model) -> int:
+    def valid(arrays: Block, model: FusionModel) -> int:
         r = model.anchor.cfg.context_px
         s2 = arrays["s2"].values
         s2 = s2[:, :, r : s2.shape[2] - r, r : s2.shape[3] - r]
         return int(np.isfinite(s2).any(axis=1).sum())
 
-    runs = {
+    runs: dict[str, tuple[FusionModel, Block, Callable[[FusionModel, Block], np.ndarray]]] = {
         "dense": (
             dense,
             block(dense, tile, tile),
@@ -234,7 +243,8 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
             lambda m, b: embed_block(m, b, batch_size=a.ref_batch_size, device=device),
         ),
     }
-    outputs, cases = {}, []
+    outputs: dict[str, np.ndarray] = {}
+    cases: list[dict[str, Any]] = []
     for name, (model, arrays, fn) in runs.items():
         n = valid(arrays, model)
         flops, cnn_flops = count_flops(lambda: fn(model, arrays))  # noqa: B023 - called right here
@@ -269,10 +279,14 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
     return cases
 
 
-def describe(bundle_path: Path) -> dict:
+def describe(bundle_path: Path) -> dict[str, Any]:
+    """The size and shape of a fusion bundle's model, for the JSON."""
     from stembed.models.bundle import load_bundle
+    from stembed.models.fusion import FusionBase
 
     model = load_bundle(bundle_path, expect_kind="fusion").build_model()
+    if not isinstance(model, FusionBase):
+        raise TypeError(f"{bundle_path} holds no fusion model")
     cfg = model.anchor.cfg
     return {
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -285,6 +299,7 @@ def describe(bundle_path: Path) -> dict:
 
 
 def main_parent(a: argparse.Namespace) -> None:
+    """Run the matmul peak, the compute cases and the end-to-end cases; print them, then the JSON."""
     import numpy as np
     import torch
 
@@ -432,6 +447,7 @@ def main_parent(a: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    """The whole benchmark, or (``--case``, internal) one end-to-end case in this fresh process."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=64, help="small cube edge in px; the large is 4x this edge")
     ap.add_argument("--days", type=int, default=40, help="synthetic period in days (40: ~6-8 S2 dates)")

@@ -34,6 +34,7 @@ from stembed.training.dense import autoencoder_step
 
 
 def main() -> None:
+    """Time both steps, alternating, on the same model and data; print their medians, then the JSON."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--preset", default="tiny-dense")
     ap.add_argument("--batch", type=int, default=32)
@@ -47,7 +48,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = AEConfig(**{**ae_preset(a.preset, "s2").model_dump(), **LEARNING_FIXES})
     if cfg.variant != "dense":
-        raise SystemExit(f"--preset must be a dense preset, got {a.preset!r}")
+        ap.error(f"--preset must be a dense preset, got {a.preset!r}")
     model = SensorAutoencoder(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     loss_cfg = s2_stage1_loss()
@@ -79,6 +80,8 @@ def main() -> None:
 
     def dense_step() -> int:
         step = autoencoder_step(model, tile, loss_cfg, a.latents, a.render, gen)
+        if step is None:  # the random tile is observed everywhere, so never
+            raise RuntimeError("the tile has no observed centre value")
         opt.zero_grad()
         step.recon.parts["loss"].backward()
         opt.step()

@@ -19,10 +19,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+import xarray as xr
+
 from stembed.config import EmbedConfig
 from stembed.eval.probe import parse_region, probe_table
 from stembed.inference.tiles import embed_cube
-from stembed.io.cube import open_scene
+from stembed.io.cube import Scene, open_scene
 from stembed.io.embeddings import open_embeddings
 
 LABELS = {"LC": (0, 99), "CT": (0,)}
@@ -37,15 +39,13 @@ def store_of(run: Path, cube: Path) -> Path:
     return out
 
 
-def probe(store: Path, cube: Path, region: tuple[int, int, int, int], block_px: int, only: list[str] | None,
-          jobs: int) -> dict[str, dict[str, float]]:
-    """{feature set: {"LC LR": macro-F1, ...}} on the region."""
-    scene = open_scene(cube, check_values=False)
-    assert scene.labels is not None, "the scene store has no labels"
+def probe(store: Path, scene: Scene, labels: xr.Dataset, region: tuple[int, int, int, int], block_px: int,
+          only: list[str] | None, jobs: int) -> dict[str, dict[str, float]]:
+    """{feature set: {"LC LR": macro-F1, ...}} on the region (``labels``: the scene's)."""
     ds = open_embeddings(store)
     out: dict[str, dict[str, float]] = {}
     for label, nodata in LABELS.items():
-        res = probe_table(ds, scene.s2, scene.labels, label=label, s1=scene.s1, region=region, block_px=block_px,
+        res = probe_table(ds, scene.s2, labels, label=label, s1=scene.s1, region=region, block_px=block_px,
                           nodata=nodata, only=only, n_jobs=jobs)
         for r in res.summary.itertuples(index=False):
             out.setdefault(str(r.feature_set), {})[f"{label} {MODELS.get(str(r.model), str(r.model))}"] = round(
@@ -61,6 +61,7 @@ def recon(run: Path, split: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    """Embed and probe every run given, print the table, then its JSON."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--cube", type=Path, required=True)
     ap.add_argument("--run", action="append", required=True, metavar="NAME=RUN_DIR")
@@ -71,13 +72,16 @@ def main() -> None:
     ap.add_argument("--no-baselines", action="store_true")
     args = ap.parse_args()
     region = parse_region(args.region)
+    scene = open_scene(args.cube, check_values=False)
+    if scene.labels is None:
+        ap.error(f"{args.cube} holds no labels (LC, CT) to probe; pass a scene store with labels")
     runs = dict(item.split("=", 1) for item in args.run)
     rows: dict[str, dict[str, Any]] = {}
     for i, (name, run) in enumerate(runs.items()):
         store = store_of(Path(run), args.cube)
         baselines = i == 0 and not args.no_baselines
-        scores = probe(store, args.cube, region, args.block_px, None if baselines else ["embedding7", "embedding16"],
-                       args.jobs)
+        scores = probe(store, scene, scene.labels, region, args.block_px,
+                       None if baselines else ["embedding7", "embedding16"], args.jobs)
         for fs, cells in scores.items():
             key = f"{name}: {fs}" if fs.startswith("embedding") else fs
             rows[key] = {**cells, **(recon(Path(run), args.split) if fs.startswith("embedding") else {})}

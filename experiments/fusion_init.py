@@ -23,13 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from stembed.config import AEConfig, FusionStageConfig
-from stembed.data.build import build_fusion_data
-from stembed.data.datasets import patch_loader
-from stembed.data.scenes import load_scenes
-from stembed.models.bundle import load_bundle
+from stembed.config import FusionStageConfig
+from stembed.data.datasets import FusionPatches, patch_loader
+from stembed.models.fusion import FusionModel
 from stembed.training.evaluate import centre_abs_error, evaluate_split
 from stembed.training.fusion_init import (
     centre_jacobian_metric,
@@ -38,12 +35,15 @@ from stembed.training.fusion_init import (
     training_latents,
 )
 from stembed.training.run import fusion_reconstruct
+from stembed.training.run_folder import open_run
 
 
-def centre_mae(model, z, gaps, batches) -> dict[str, float]:
+def centre_mae(
+    model: FusionModel, z: dict[str, torch.Tensor], gaps: dict[str, torch.Tensor], batches: list[FusionPatches]
+) -> dict[str, float]:
     """Centre MAE of decoding latents ``z`` (per sensor, rows in dataset order) against the patches' centres."""
     out = {}
-    for k, ae in model.autoencoders.items():
+    for k, ae in model.sensor_autoencoders().items():
         err, n, i = 0.0, 0.0, 0
         for batch in batches:
             b = batch.size
@@ -55,11 +55,13 @@ def centre_mae(model, z, gaps, batches) -> dict[str, float]:
     return out
 
 
-def sensor_shares(z: dict, gaps: dict, model, weights: dict, k: int) -> dict[str, float]:
+def sensor_shares(
+    z: dict[str, torch.Tensor], gaps: dict[str, torch.Tensor], model: FusionModel, weights: dict[str, float], k: int
+) -> dict[str, float]:
     """How many of the linear start's k components each sensor holds: the squared loadings of the k
     principal directions (in the decoder metric, as :func:`init_linear_fusion` computes them) summed per
     sensor block (they sum to k)."""
-    aes = model.autoencoders
+    aes = model.sensor_autoencoders()
     metric = torch.block_diag(*[weights[s] * centre_jacobian_metric(aes[s], z[s], gaps[s]) for s in z]).double()
     w, u = torch.linalg.eigh(metric)
     root = u @ torch.diag(w.clamp_min(w.max() * 1e-10).sqrt()) @ u.T
@@ -70,15 +72,16 @@ def sensor_shares(z: dict, gaps: dict, model, weights: dict, k: int) -> dict[str
 
 
 def main() -> None:
+    """Print the table of the starts on the run's validation and test blocks, then the sensors' shares."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("run", type=Path)
     a = ap.parse_args()
-    raw = yaml.safe_load((a.run / "config.yaml").read_text())
-    cfg = FusionStageConfig.model_validate(raw)
-    trained = load_bundle(a.run / "bundle.pt").build_model().eval()
-    a2 = AEConfig.model_validate(trained.anchor.cfg.model_dump())
-    data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
-                             context_px=a2.context_px, extra=tuple(cfg.data.extra_sensors))
+    run = open_run(a.run)
+    trained = run.bundle.build_model()
+    if not isinstance(run.config, FusionStageConfig) or not isinstance(trained, FusionModel):
+        ap.error(f"{a.run} is not a fusion run (of the paper's fusion model, no window)")
+    cfg = run.config
+    data = run.data()
     loaders = {s: list(patch_loader(data.datasets[s], batch_size=64)) for s in ("train", "val", "test")}
     latents = {s: training_latents(trained, loaders[s]) for s in loaders}
     weights = {k: cfg.loss.branch(k)[1] for k in trained.sensors}

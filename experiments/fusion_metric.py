@@ -19,33 +19,37 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from probe_latents import LABELS, crop  # the same block and labels as the probe script (experiments/)
 
-from stembed.config import AEConfig, FusionStageConfig
-from stembed.data.build import build_fusion_data, matched_s1_arrays, sensor_arrays
+from stembed.config import FusionStageConfig
+from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays, patch_loader
-from stembed.data.scenes import load_scenes
 from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any
 from stembed.inference.reference import embedding_dataset
 from stembed.io.cube import open_scene
 from stembed.losses import context_weights
-from stembed.models.bundle import load_bundle
+from stembed.models.autoencoder import SensorAutoencoder
+from stembed.models.fusion import FusionModel
 from stembed.training.evaluate import evaluate_split
 from stembed.training.fusion_init import centre_jacobian_metric, init_linear_fusion, training_latents
 from stembed.training.run import fusion_reconstruct
+from stembed.training.run_folder import open_run
+
+Metric = Callable[[SensorAutoencoder, torch.Tensor, torch.Tensor], torch.Tensor]  # (ae, latents, gaps) -> (L, L)
 
 
-def patch_metric(time_decay: float, centre_weight: float, space_decay: float = 0.1):
+def patch_metric(time_decay: float, centre_weight: float, space_decay: float = 0.1) -> Metric:
     """``E[J^T W J]`` over the whole decoded patch, ``W`` the context weights. ``J`` by central differences
     (step 1e-2 of each latent's spread): forward-mode autodiff does not reach through torch's CPU attention."""
 
-    def metric(ae, z: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
+    def metric(ae: SensorAutoencoder, z: torch.Tensor, gaps: torch.Tensor) -> torch.Tensor:
         L = z.shape[1]
         steps = 1e-2 * z.std(0).clamp_min(1e-6)  # (L,)
         out = torch.zeros(L, L, dtype=torch.float64)
@@ -71,6 +75,7 @@ def patch_metric(time_decay: float, centre_weight: float, space_decay: float = 0
 
 
 def main() -> None:
+    """Print one row per start and S1 weight as it is scored, then all rows as JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run", type=Path)
     ap.add_argument("--time-decay", type=float, default=0.3)
@@ -84,12 +89,13 @@ def main() -> None:
     ap.add_argument("--metrics", nargs="+", choices=("centre", "patch"), default=["centre", "patch"])
     a = ap.parse_args()
     torch.manual_seed(0)
-    cfg = FusionStageConfig.model_validate(yaml.safe_load((a.run / "config.yaml").read_text()))
-    bundle = load_bundle(a.run / "bundle.pt")
-    trained = bundle.build_model().eval()
-    a2 = AEConfig.model_validate(trained.anchor.cfg.model_dump())
-    data = build_fusion_data(load_scenes(cfg.data), cfg.data, np.random.default_rng(cfg.train.seed),
-                             context_px=a2.context_px)
+    run = open_run(a.run)
+    bundle = run.bundle
+    trained = bundle.build_model()
+    if not isinstance(run.config, FusionStageConfig) or not isinstance(trained, FusionModel):
+        ap.error(f"{a.run} is not a fusion run (of the paper's fusion model, no window)")
+    cfg = run.config
+    data = run.data()
     train = list(patch_loader(data.datasets["train"], batch_size=64))
     val = list(patch_loader(data.datasets["val"], batch_size=64))
     z, gaps = training_latents(trained, train)
@@ -97,6 +103,8 @@ def main() -> None:
     centre_w = {"s1": cfg.loss.s1.centre_weight, "s2": cfg.loss.s2.centre_weight}
 
     scene = crop(open_scene(a.cube), a.region)
+    if scene.labels is None:
+        ap.error(f"{a.cube} holds no labels to probe (LC, CT); pass a scene store with labels")
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, cfg.data.s1_max_gap_days)
     r = trained.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
@@ -104,7 +112,7 @@ def main() -> None:
     valid = np.isfinite(s2.values).any(axis=1)
 
     patch = {k: patch_metric(a.time_decay, centre_w[k], a.space_decay) for k in ("s1", "s2")}
-    metrics = {"centre": ("centre pixel (init: linear)", centre_jacobian_metric),
+    metrics: dict[str, tuple[str, Metric]] = {"centre": ("centre pixel (init: linear)", centre_jacobian_metric),
                "patch": (f"patch, time decay {a.time_decay}, space decay {a.space_decay}",
                          lambda ae, zz, gg: patch[ae.cfg.sensor](ae, zz, gg))}
     rows = []
@@ -116,7 +124,7 @@ def main() -> None:
         with torch.no_grad():
             values = embed_any(model, block, batch_size=512, device=torch.device("cpu"), precision="float32")
         ds = embedding_dataset(values, valid, scene, bundle)
-        row = {"start": name, "val_centre_mae": {k: round(v, 4) for k, v in recon.items()}}
+        row: dict[str, Any] = {"start": name, "val_centre_mae": {k: round(v, 4) for k, v in recon.items()}}
         for label, nodata in LABELS.items():
             res = probe_table(ds, scene.s2, scene.labels, label=label, nodata=nodata, block_px=a.block_px)
             t = res.table[res.table["fold"] == "mean"].set_index(["feature_set", "model"])["macro_f1"]

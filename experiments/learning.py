@@ -19,6 +19,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from stembed.config import (
     s2_stage1_loss,
 )
 from stembed.data.build import band_stats, build_sensor_data
-from stembed.data.datasets import collate
+from stembed.data.datasets import SensorPatches, collate
 from stembed.data.scenes import load_scenes
 from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
@@ -49,7 +50,7 @@ PAPER_DESIGN = {"dropout": 0.1, "enc_dropout2d": 0.07, "dec_dropout2d": 0.1, "ce
                 "temporal_norm_first": False, "latent_activation": "softplus"}
 
 # name -> (AEConfig overrides, training overrides)
-VARIANTS: dict[str, tuple[dict, dict]] = {
+VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "paper design (tiny)": ({}, {}),
     "no dropout": (NO_DROPOUT, {}),
     "pre-norm transformer": ({"temporal_norm_first": True}, {}),
@@ -64,7 +65,9 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
 }
 
 
-def real_batch(sensor: str, n: int, context_px: int | None, seed: int) -> tuple[dict[str, torch.Tensor], tuple, tuple]:
+def real_batch(
+    sensor: str, n: int, context_px: int | None, seed: int
+) -> tuple[SensorPatches, tuple[float, ...], tuple[float, ...]]:
     """``n`` training patches of the Belgian patch (dev configs' blocks and sampling) and the band stats."""
     cfg = DataConfig(
         source=WorldCerealSource(paths=(str(BELGIUM),)),
@@ -74,7 +77,8 @@ def real_batch(sensor: str, n: int, context_px: int | None, seed: int) -> tuple[
     )
     data = build_sensor_data(load_scenes(cfg), sensor, cfg, np.random.default_rng(0), context_px=context_px)
     ds = data.datasets["train"]
-    pick = np.random.default_rng(seed).choice(len(ds), size=n, replace=False)
+    n_patches = len(ds)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
+    pick = np.random.default_rng(seed).choice(n_patches, size=n, replace=False)
     items = [ds[int(i)] for i in pick]
     batch = collate(items)
     mean, std = band_stats(data)
@@ -93,8 +97,11 @@ def pca_centre_mae(x: torch.Tensor, valid: torch.Tensor, k: int) -> float:
 
 
 def run_variant(
-    base: AEConfig, over: dict, train: dict, batch: dict[str, torch.Tensor], steps: int, every: int, seed: int
+    base: AEConfig, over: dict[str, Any], train: dict[str, Any], batch: SensorPatches, steps: int, every: int,
+    seed: int,
 ) -> list[float]:
+    """Fit one variant (``over``: AEConfig fields, ``train``: lr, loss, standardise) to the batch; its centre MAE
+    after every ``every`` steps."""
     cfg = AEConfig(**{**base.model_dump(), **over})
     if train.get("standardise") is False:
         cfg = AEConfig(**{**cfg.model_dump(), "input_mean": None, "input_std": None})
@@ -122,6 +129,7 @@ def run_variant(
 
 
 def main() -> None:
+    """Print the baselines, then one row per variant as it finishes, then all rows as JSON."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sensor", default="s2", choices=["s1", "s2"])
     ap.add_argument("--preset", default="tiny")

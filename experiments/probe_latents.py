@@ -20,22 +20,26 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import numpy as np
 import torch
+import xarray as xr
 from sklearn.decomposition import PCA
 
+from stembed.config import FusionConfig
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays
 from stembed.eval.probe import probe_table
 from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import embedding_dataset
-from stembed.inference.tiles import _trained_gap_days
 from stembed.io.cube import Scene, open_scene
-from stembed.models.bundle import load_bundle
+from stembed.models.bundle import Bundle, load_bundle
+from stembed.models.fusion import FusionModel
 
 LABELS = {"LC": (0, 99), "CT": (0,)}
+Fuse = Callable[[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]], torch.Tensor]  # (latents, dt) -> embedding
 
 
 def crop(scene: Scene, region: str | None) -> Scene:
@@ -48,17 +52,16 @@ def crop(scene: Scene, region: str | None) -> Scene:
     return Scene(site=scene.site, sensors={"s2": scene.s2.isel(box), "s1": scene.s1.isel(box)}, labels=labels)
 
 
-def embed_variants(scene: Scene, bundle_path: Path, device: torch.device) -> dict[str, object]:
-    """{name: embedding Dataset} for the fusion embedding and the latents it is made from."""
-    bundle = load_bundle(bundle_path, expect_kind="fusion")
-    model = bundle.build_model().to(device).eval()
-    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
+def embed_variants(scene: Scene, bundle: Bundle, model: FusionModel, device: torch.device) -> dict[str, xr.Dataset]:
+    """{name: embedding Dataset} for the fusion embedding and the latents it is made from (``model``: the
+    bundle's, on ``device``)."""
+    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, bundle.cfg.s1_gap_days)
     r = model.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
     block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in (("s2", s2), ("s1", s1))}
     valid = np.isfinite(s2.values).any(axis=1)
-    fuse, cfg, aes = model.fuse, model.cfg, model.autoencoders
-    variants = {
+    fuse, cfg, aes = model.fuse, model.cfg, model.sensor_autoencoders()
+    variants: dict[str, tuple[Fuse, FusionConfig]] = {
         "fusion_embedding": (fuse, cfg),
         "latents_s2_s1": (lambda z, dt: torch.cat([z["s2"], z["s1"]], dim=1),
                           cfg.model_copy(update={"embed_dim": sum(ae.cfg.latent_dim for ae in aes.values())})),
@@ -66,16 +69,16 @@ def embed_variants(scene: Scene, bundle_path: Path, device: torch.device) -> dic
     }
     out = {}
     for name, (f, c) in variants.items():
-        model.fuse, model.cfg = f, c
+        model.fuse, model.cfg = f, c  # type: ignore[method-assign,assignment]  # the fusion swapped for a stand-in
         with torch.no_grad():
             values = embed_any(model, block, batch_size=512, device=device, precision="float32")
         out[name] = embedding_dataset(values, valid, scene, bundle)
         print(f"embedded {name}: {values.shape[1]} features", flush=True)
-    model.fuse, model.cfg = fuse, cfg
+    model.fuse, model.cfg = fuse, cfg  # type: ignore[method-assign]
     return out
 
 
-def joint_band_pca(scene: Scene, bundle_path: Path, k: int) -> object:
+def joint_band_pca(scene: Scene, bundle_path: Path, k: int) -> xr.Dataset:
     """PCA-k of the date's own raw S2 bands and matched S1 bands (cube units), as an embedding Dataset.
 
     What a 7-d embedding that reconstructed the centre pixel perfectly, with no context at all, would keep.
@@ -83,7 +86,7 @@ def joint_band_pca(scene: Scene, bundle_path: Path, k: int) -> object:
     fitted per fold); S1 gaps take the band mean.
     """
     bundle = load_bundle(bundle_path, expect_kind="fusion")
-    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
+    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, bundle.cfg.s1_gap_days)
     valid = np.isfinite(s2.values).any(axis=1)  # (T, H, W)
     both = np.concatenate([s2.values, s1.values], axis=1).transpose(0, 2, 3, 1)[valid]  # (N, C2 + C1)
     both = np.where(np.isfinite(both), both, np.nanmean(both, axis=0))
@@ -93,6 +96,7 @@ def joint_band_pca(scene: Scene, bundle_path: Path, k: int) -> object:
 
 
 def main() -> None:
+    """Embed with every bundle given, probe each variant, print the table, then its JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cube", type=Path, required=True)
     ap.add_argument("--bundle", type=Path, action="append", required=True)
@@ -109,12 +113,20 @@ def main() -> None:
         ap.error("--no-latents leaves nothing to probe without --joint-pca K; add it, or drop --no-latents")
     torch.manual_seed(0)
     scene = crop(open_scene(a.cube), a.region)
-    v = {}
+    if scene.labels is None:
+        ap.error(f"{a.cube} holds no labels (LC, CT) to probe; pass a scene store with labels")
+    device = resolve_device(a.device)
+    v: dict[str, xr.Dataset] = {}
     if a.joint_pca is not None:
         v[f"pca{a.joint_pca}_s2_s1_bands"] = joint_band_pca(scene, a.bundle[0], a.joint_pca)
     for i, path in enumerate([] if a.no_latents else a.bundle):
         tag = "" if len(a.bundle) == 1 else f"#{i + 1} "
-        v.update({f"{tag}{k}": ds for k, ds in embed_variants(scene, path, resolve_device(a.device)).items()})
+        bundle = load_bundle(path, expect_kind="fusion")
+        model = bundle.build_model()
+        if not isinstance(model, FusionModel):
+            ap.error(f"{path} is a context fusion bundle; this script probes the paper's fusion model")
+        variants = embed_variants(scene, bundle, model.to(device).eval(), device)
+        v.update({f"{tag}{k}": ds for k, ds in variants.items()})
     rows = []
     for label, nodata in LABELS.items():
         for n, (name, ds) in enumerate(v.items()):

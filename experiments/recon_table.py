@@ -16,22 +16,22 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
+from torch.utils.data import Dataset
 
-from stembed.config import AEConfig, AEStageConfig, FusionStageConfig
-from stembed.data.build import build_fusion_data, build_sensor_data
 from stembed.data.datasets import FusionPatches
-from stembed.data.scenes import load_scenes
-from stembed.models.bundle import load_bundle
+from stembed.models.autoencoder import SensorAutoencoder
+from stembed.models.fusion import FusionBase
 from stembed.training.evaluate import PCABaseline
+from stembed.training.run_folder import Run, open_run
 
 
-def centres(ds, sensors: list[str]) -> dict[str, np.ndarray]:
+def centres(ds: Dataset[Any], sensors: list[str]) -> dict[str, np.ndarray]:
     """Centre values (N, C) per sensor of every patch of a dataset, NaN where not observed."""
     out: dict[str, list[np.ndarray]] = {s: [] for s in sensors}
-    for i in range(len(ds)):
+    for i in range(len(ds)):  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         item = ds[i]
         for s in sensors:
             p = item[s] if isinstance(item, FusionPatches) else item
@@ -41,22 +41,14 @@ def centres(ds, sensors: list[str]) -> dict[str, np.ndarray]:
     return {s: np.stack(v) for s, v in out.items()}
 
 
-def run_table(run: Path) -> dict:
-    raw = yaml.safe_load((run / "config.yaml").read_text())
-    metrics = json.loads((run / "metrics.json").read_text())
-    rng = np.random.default_rng(raw["train"]["seed"])
-    if raw.get("stage") == "fusion":
-        cfg = FusionStageConfig.model_validate(raw)
-        a2 = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["models"]["s2"])
-        data = build_fusion_data(load_scenes(cfg.data), cfg.data, rng, context_px=a2.context_px)
-        keys = ["s2", "s1"]
-        k = load_bundle(run / "bundle.pt").config["model"]["embed_dim"]
+def run_table(run: Run, model: FusionBase | SensorAutoencoder) -> dict[str, Any]:
+    """The rows of one stage-1 or fusion run (``model``: its trained model): test figures, PCA-k beside them."""
+    metrics = json.loads((run.path / "metrics.json").read_text())
+    if isinstance(model, FusionBase):
+        keys, k = ["s2", "s1"], model.cfg.embed_dim
     else:
-        cfg = AEStageConfig.model_validate(raw)
-        model = AEConfig.model_validate(load_bundle(run / "bundle.pt").config["model"])
-        data = build_sensor_data(load_scenes(cfg.data), cfg.sensor, cfg.data, rng, context_px=model.context_px)
-        keys = [cfg.sensor]
-        k = model.latent_dim
+        keys, k = [model.cfg.sensor], model.cfg.latent_dim
+    data = run.data()
     per = {name: centres(data.datasets[name], keys) for name in ("train", "test")}
     pca = PCABaseline.fit(per["train"], k).centre_mae(per["test"])
     rows = {}
@@ -74,6 +66,7 @@ def run_table(run: Path) -> dict:
 
 
 def main() -> None:
+    """Print the table of the runs given, then its JSON."""
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("runs", nargs="+", type=Path)
     a = ap.parse_args()
@@ -81,9 +74,13 @@ def main() -> None:
     print("| run | sensor | val model | test model | test patch mean | test temporal neighbours | test PCA-k | "
           "model / best baseline |")
     print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for run in a.runs:
-        t = run_table(run)
-        out[str(run)] = t
+    for path in a.runs:
+        run = open_run(path)
+        model = run.bundle.build_model()
+        if not isinstance(model, FusionBase | SensorAutoencoder):
+            ap.error(f"{path} is a {run.config.stage} run; pass stage-1 or fusion runs")
+        t = run_table(run, model)
+        out[str(path)] = t
         for s, r in t["rows"].items():
             pca = r[f"pca_{t['k']}"]
             best = min(r["patch_mean"], r["temporal_neighbours"])

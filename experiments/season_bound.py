@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -37,7 +39,6 @@ from sklearn.decomposition import PCA
 from stembed.data.build import matched_s1_arrays, sensor_arrays
 from stembed.eval.probe import probe_table
 from stembed.inference.reference import embedding_dataset
-from stembed.inference.tiles import _trained_gap_days
 from stembed.io.cube import open_scene
 from stembed.models.bundle import load_bundle
 
@@ -70,16 +71,26 @@ def pca(x: np.ndarray, k: int) -> np.ndarray:
     return PCA(n_components=k, random_state=0).fit_transform(x)
 
 
+def part_pcas(parts: list[tuple[np.ndarray, int]]) -> np.ndarray:
+    """PCA-k of each (N, F) part given k > 0 components, side by side."""
+    return np.concatenate([pca(x, k) for x, k in parts if k > 0], axis=1)
+
+
+def joint_pca(date: np.ndarray, radar: np.ndarray, s1_weight: float) -> np.ndarray:
+    """PCA-7 of the date's S2 bands beside ``s1_weight`` times its S1 bands."""
+    return pca(np.concatenate([date, s1_weight * radar], axis=1), 7)
+
+
 def mlp_embedding(parts: list[np.ndarray], weights: list[float], k: int, seed: int, steps: int = 3000) -> np.ndarray:
     """(N, k) bottleneck of an MLP autoencoder of the standardised, concatenated ``parts``, each part's squared
     error weighted by its ``weights`` entry (divided by its width, so a weight is per part, not per feature)."""
     x = np.concatenate(parts, axis=1)
     x = np.where(np.isfinite(x), x, np.nanmean(x, axis=0))
-    x = torch.as_tensor((x - x.mean(0)) / x.std(0).clip(1e-6), dtype=torch.float32)  # (N, F)
+    xt = torch.as_tensor((x - x.mean(0)) / x.std(0).clip(1e-6), dtype=torch.float32)  # (N, F)
     w = torch.cat([torch.full((p.shape[1],), wt / p.shape[1]) for p, wt in zip(parts, weights, strict=True)])  # (F,)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # layer initialisation; the batches draw from gen
-    f, h = x.shape[1], 128
+    f, h = xt.shape[1], 128
     enc = torch.nn.Sequential(torch.nn.Linear(f, h), torch.nn.GELU(), torch.nn.Linear(h, h), torch.nn.GELU(),
                               torch.nn.Linear(h, k))
     dec = torch.nn.Sequential(torch.nn.Linear(k, h), torch.nn.GELU(), torch.nn.Linear(h, h), torch.nn.GELU(),
@@ -87,7 +98,7 @@ def mlp_embedding(parts: list[np.ndarray], weights: list[float], k: int, seed: i
     opt = torch.optim.AdamW([*enc.parameters(), *dec.parameters()], lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for _ in range(steps):
-        b = x[torch.randint(0, x.shape[0], (1024,), generator=gen)]
+        b = xt[torch.randint(0, xt.shape[0], (1024,), generator=gen)]
         loss = (((dec(enc(b)) - b) ** 2) * w).sum(1).mean()
         opt.zero_grad()
         loss.backward()
@@ -95,7 +106,7 @@ def mlp_embedding(parts: list[np.ndarray], weights: list[float], k: int, seed: i
         sched.step()
     print(f"mlp {weights}: final weighted loss {loss.item():.4f}", flush=True)
     with torch.no_grad():
-        return enc(x).numpy()
+        return enc(xt).numpy()
 
 
 def linear_recon_mae(emb: np.ndarray, target: np.ndarray) -> float:
@@ -146,33 +157,36 @@ def main() -> None:
         splits.append((kd, k1, ks))
 
     scene = crop(open_scene(a.cube), a.region)
+    labels = scene.labels
+    if labels is None and not a.recon_only:
+        ap.error(f"{a.cube} holds no labels (LC, CT) to probe; pass a scene store with labels, or --recon-only")
     bundle = load_bundle(a.bundle, expect_kind="fusion")
-    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, _trained_gap_days(bundle))
+    s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, bundle.cfg.s1_gap_days)
     valid = np.isfinite(s2.values).all(axis=1)  # (T, H, W)
     date = s2.values.transpose(0, 2, 3, 1)[valid]  # (N, 10)
     radar = s1.values.transpose(0, 2, 3, 1)[valid]  # (N, 2)
     season = season_windows(fill_series(s2.values))[valid]  # (N, 110)
     print(f"{valid.sum()} pixel-dates; season windows of {season.shape[1]} values", flush=True)
 
-    candidates = {f"date{kd}+s1_{k1}+season{ks}": lambda kd=kd, k1=k1, ks=ks: np.concatenate(
-        [pca(x, k) for x, k in ((date, kd), (radar, k1), (season, ks)) if k > 0], axis=1) for kd, k1, ks in splits}
-    candidates |= {f"joint7,s1x{w:g}": lambda w=w: pca(np.concatenate([date, w * radar], axis=1), 7)
-                   for w in a.joint}
-    candidates |= {"mlp" + ",".join(f"{w:g}" for w in wts): lambda wts=wts: mlp_embedding(
-        [date, radar, season], wts, k=7, seed=0) for wts in mlps}
+    candidates: dict[str, Callable[[], np.ndarray]] = {
+        f"date{kd}+s1_{k1}+season{ks}": partial(part_pcas, [(date, kd), (radar, k1), (season, ks)])
+        for kd, k1, ks in splits}
+    candidates |= {f"joint7,s1x{w:g}": partial(joint_pca, date, radar, w) for w in a.joint}
+    candidates |= {"mlp" + ",".join(f"{w:g}" for w in wts): partial(mlp_embedding, [date, radar, season], wts, k=7,
+                                                                   seed=0) for wts in mlps}
     rows = []
     for n, (name, make) in enumerate(candidates.items()):
         emb = make()
         recon = {part: linear_recon_mae(emb, x) for part, x in (("s2", date), ("s1", radar))}
         print(f"{name}: date's S2 / S1 rebuilt linearly from it, MAE {recon['s2']:.4f} / {recon['s1']:.4f}",
               flush=True)
-        if a.recon_only:
+        if a.recon_only or labels is None:  # labels are there unless --recon-only (checked above)
             continue
         values = np.full((*valid.shape, emb.shape[1]), np.nan, dtype=np.float32)
         values[valid] = emb
         ds = embedding_dataset(values.transpose(0, 3, 1, 2), valid, scene, bundle)
         for label, nodata in LABELS.items():
-            res = probe_table(ds, scene.s2, scene.labels, label=label, nodata=nodata, block_px=a.block_px)
+            res = probe_table(ds, scene.s2, labels, label=label, nodata=nodata, block_px=a.block_px)
             folds = res.table[res.table["fold"] != "mean"]
             for (fs, model), f1 in folds.groupby(["feature_set", "model"])["macro_f1"]:
                 fs = name if fs == "embedding" else fs

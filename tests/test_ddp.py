@@ -193,7 +193,7 @@ def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(
     items = [ds[i] for i in range(8)]  # the fixed global batch
     assert sum(bool(it.valid.all()) for it in items) < 8  # real gaps: the masked MAE is exercised
     torch.manual_seed(0)
-    hparams = (dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train))
+    hparams = (model_cfg, cfg.resolved_loss(), cfg.train)
     start = _SGDModule(*hparams)
     init = {k: v.clone() for k, v in start.model.state_dict().items()}
     setup = tmp_path / "setup.pt"

@@ -111,6 +111,22 @@ def test_no_private_name_crosses_a_package(path: Path) -> None:
     assert not bad, f"{_module(path)} imports private names:\n" + "\n".join(bad)
 
 
+SCRIPTS = sorted(p for folder in ("experiments", "benchmarks") for p in (SRC.parents[1] / folder).glob("*.py"))
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(SRC.parents[1])))
+def test_scripts_use_no_private_names(path: Path) -> None:
+    """Experiments and benchmarks use stembed as a user would: a ``_name`` they need is an API left unmade."""
+    bad = [
+        f"line {node.lineno}: {a.name} from {node.module}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("stembed")
+        for a in node.names
+        if a.name.startswith("_") and not a.name.startswith("__")
+    ]
+    assert not bad, f"{path.name} imports private names:\n" + "\n".join(bad)
+
+
 def test_the_walk_sees_function_level_imports(tmp_path: Path) -> None:
     """The check would be empty if it missed imports inside functions, where most cross-layer ones hide."""
     found = [m for _, m in _imports(SRC / "data" / "scenes.py")]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import pickle
 from pathlib import Path
@@ -10,10 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from stembed.config import AEStageConfig
+from stembed.config import (
+    AEStageConfig,
+    FusionLossConfig,
+    LossConfig,
+    TrainConfig,
+    ae_preset,
+    dump_config,
+    fusion_preset,
+)
 from stembed.demo import demo_configs, run_demo
 from stembed.models.bundle import BundleError, load_bundle, save_bundle
 from stembed.models.fusion import SensorInput
+from stembed.training.modules import AutoencoderModule, FusionModule
 from stembed.training.run import RunResult, train_autoencoder
 
 
@@ -126,6 +136,20 @@ def test_save_bundle_is_atomic(tmp_path: Path) -> None:
                     sensors={}, provenance={})
     assert target.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_stage_modules_take_typed_configs_and_keep_plain_hyperparameters() -> None:
+    """The checkpoint's hyperparameters stay plain dicts, so a checkpoint loads with ``weights_only=True``."""
+    a1, a2 = ae_preset("tiny", "s1"), ae_preset("tiny", "s2")
+    ae = AutoencoderModule(a2, LossConfig(), TrainConfig())
+    assert ae.model.cfg is a2 and dict(ae.hparams) == {
+        "model": dump_config(a2), "loss": dump_config(LossConfig()), "train": dump_config(TrainConfig()), "dense": None}
+    fusion = FusionModule({"s1": a1, "s2": a2}, fusion_preset("tiny"), FusionLossConfig(), TrainConfig())
+    assert fusion.hparams["models"] == {"s1": dump_config(a1), "s2": dump_config(a2)}
+    buffer = io.BytesIO()
+    torch.save({"hyper_parameters": dict(fusion.hparams)}, buffer)
+    buffer.seek(0)
+    assert torch.load(buffer, weights_only=True)["hyper_parameters"] == dict(fusion.hparams)
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 if _TYPE_CHECKING:  # the real signatures, for type checkers and editors
-    from stembed.api import embed, embed_store, load_bundle, open_embeddings, open_scene, save_scene
+    from stembed.api import embed, embed_store, load_bundle, open_embeddings, open_run, open_scene, save_scene
 
 try:
     __version__ = _version("stembed")
@@ -30,6 +30,7 @@ __all__ = [
     "embed_store",
     "load_bundle",
     "open_embeddings",
+    "open_run",
     "open_scene",
     "save_scene",
 ]

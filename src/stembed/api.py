@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from stembed.contract import Scene
     from stembed.inference.tiles import EmbedPlan, EmbedResult
     from stembed.models.bundle import Bundle
+    from stembed.training.run_folder import Run
 
 _STORE_ONLY = ("resume", "overwrite", "scheduler")
 
@@ -78,6 +79,23 @@ def load_bundle(spec: str | Path) -> Bundle:
     from stembed.models.bundle import load_bundle as _load
 
     return _load(spec)
+
+
+def open_run(run_dir: str | Path) -> Run:
+    """Reopen a finished training run folder (``stembed train --run-dir``): its config, bundle and data splits.
+
+    Returns:
+        The run: ``run.config`` (its stage config, read back from ``config.yaml``), ``run.bundle``, and
+        ``run.data()``, its train, val and test patches rebuilt as training built them.
+
+    Raises:
+        RunError: not a finished run's folder (no ``config.yaml`` or ``bundle.pt``, or a config that is not a
+            training stage's); the message names the fix.
+        ConfigError, BundleError: its ``config.yaml`` or ``bundle.pt`` is damaged.
+    """
+    from stembed.training.run_folder import open_run as _open
+
+    return _open(run_dir)
 
 
 def open_embeddings(path: str | Path, features: int | None = None) -> xr.Dataset:

@@ -103,10 +103,8 @@ def evaluate_gap_fill(
     dev = resolve_device(device)
     model.to(dev)
     regions = _test_regions(regions, bundle.metrics, bundle_path)
-    stage = bundle.config.get("fusion", bundle.config).get("stage", {})
-    gap = float(stage.get("data", {}).get("s1_max_gap_days", 6.0))
     r = fusion.anchor.cfg.context_px
-    max_gap_days = match_gap_days(fusion.sensors, gap)
+    max_gap_days = match_gap_days(fusion.sensors, bundle.cfg.fusion_part.s1_gap_days)
     kw: dict[str, Any] = {"batch_size": batch_size, "device": dev, "precision": "float32"}
     methods = METHODS if isinstance(model, GapFillModel) else tuple(m for m in METHODS if m != "zero_shot")
     preds: dict[str, list[np.ndarray]] = {m: [] for m in methods}

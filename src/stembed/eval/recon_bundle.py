@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 
 from stembed.config import DataConfig, DenseTrainingConfig, SamplingConfig, SceneSource, SplitConfig
-from stembed.data.build import build_fusion_data, build_sensor_data
 from stembed.data.context import context_crops
 from stembed.data.datasets import patch_loader
 from stembed.data.scenes import load_scenes
@@ -29,6 +28,7 @@ from stembed.pretrained import resolve_bundle
 from stembed.training.context import evaluate_context, split_latents
 from stembed.training.evaluate import evaluate_split
 from stembed.training.run import autoencoder_reconstruct, fusion_reconstruct
+from stembed.training.run_folder import split_data
 
 
 def bundle_recon(
@@ -44,7 +44,7 @@ def bundle_recon(
     b = load_bundle(path)
     if b.kind not in ("autoencoder", "fusion"):
         raise ReconError(f"{bundle} is a {b.kind} bundle; fix: pass an autoencoder or fusion bundle")
-    stage = b.config.get("stage") or {}
+    stage = b.cfg.stage
     if "data" not in stage:
         raise ReconError(f"{bundle} records no training data config (an older bundle); fix: retrain it")
     data = DataConfig.model_validate(stage["data"])
@@ -61,19 +61,15 @@ def bundle_recon(
     model = b.build_model().eval()
     rng = np.random.default_rng(0)
     run = f"{bundle} on {', '.join(s.site for s in scenes)}"
+    split = split_data(model, scenes, data, rng)
     if isinstance(model, ContextFusionModel):
-        split = build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px,
-                                  extra=model.companions)
         dense = DenseTrainingConfig.model_validate(stage.get("dense_training") or {})
         return _context_rows(run, model, split.datasets["test"].sensors,  # type: ignore[attr-defined]
                              split.regions["test"], dense.crop_px)
     if isinstance(model, FusionModel):  # b.kind == "fusion"
-        split = build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px,
-                                  extra=model.companions)
         reconstruct = fusion_reconstruct(model)
     else:
         assert isinstance(model, SensorAutoencoder)  # b.kind == "autoencoder", checked above
-        split = build_sensor_data(scenes, str(b.sensor), data, rng, context_px=model.cfg.context_px)
         reconstruct = autoencoder_reconstruct(model, str(b.sensor))
 
     metrics = evaluate_split(patch_loader(split.datasets["test"], batch_size=batch_size), reconstruct)

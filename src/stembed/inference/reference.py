@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import xarray as xr
 
+from stembed.config import dump_config
 from stembed.contract import CubeError, Scene, cube_transform
 from stembed.data.build import match_gap_days, matched_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays
@@ -42,8 +43,7 @@ def check_bundle_for_scene(scene: Scene, bundle: Bundle) -> None:
         raise BundleError(
             f"embedding needs a fusion bundle (or a gap-fill bundle); {bundle.path} is {bundle.kind} ({bundle.sensor})"
         )
-    fusion_cfg = bundle.config["fusion"] if bundle.kind == "gapfill" else bundle.config
-    companions = [k for k in fusion_cfg["models"] if k not in ("s1", "s2")]
+    companions = bundle.cfg.companions
     for key in companions:
         if key not in scene.sensors:
             raise CubeError(
@@ -113,9 +113,9 @@ def embedding_dataset(values: np.ndarray, valid: np.ndarray, scene: Scene, bundl
         "bundle": str(bundle.path) if bundle.path else "",
         "method": "per-patch reference (stembed.inference.reference)",
     })
-    model = bundle.config.get("fusion", bundle.config).get("model", {})
-    if model.get("window") is not None:  # as an embedding store records it (the probe's window baseline reads it)
-        ds.attrs["window"] = model["window"]
-    if model.get("nested") is not None:
-        ds.attrs["nested"] = [n for n in model["nested"] if n <= values.shape[1]]
+    model = bundle.cfg.fusion_model
+    if model is not None and model.window is not None:  # as an embedding store records it (the probe reads it)
+        ds.attrs["window"] = dump_config(model.window)
+    if model is not None and model.nested is not None:
+        ds.attrs["nested"] = [n for n in model.nested if n <= values.shape[1]]
     return ds

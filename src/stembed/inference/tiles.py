@@ -346,11 +346,6 @@ def check_cube_values(scene: Scene, path: Path) -> None:
             raise CubeError(f"{path}: the {key} cube breaks the cube contract: " + "; ".join(problems))
 
 
-def _trained_gap_days(bundle: Bundle) -> float:
-    data = bundle.config.get("stage", {}).get("data", {})
-    return float(data.get("s1_max_gap_days", 6.0))
-
-
 def _calibrate(
     model: FusionBase, scene: Scene, cfg: EmbedConfig, max_gap_days: dict[str, float], device: torch.device,
 ) -> store.Quantisation:
@@ -450,7 +445,7 @@ def plan_embedding(
         raise TypeError("expected a fusion or gap-fill model")
     model = _fusion(full_model)
     _check_fits(cube, bundle_path, scene, model, cfg)
-    gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else _trained_gap_days(bundle)
+    gap_days = cfg.s1_max_gap_days if cfg.s1_max_gap_days is not None else bundle.cfg.s1_gap_days
     max_gap_days = match_gap_days(model.sensors, gap_days)
     daily, notes = _daily_job(scene, bundle_path, cfg,
                               with_gapfill=isinstance(full_model, (GapFillModel, ContextFusionModel)))

@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
-from stembed.config import AEConfig
+from stembed.config import AEConfig, FusionConfig, dump_config
 from stembed.errors import UserError
-from stembed.sensors import SensorSpec
+from stembed.sensors import CORE_SENSORS, SensorSpec
 
 BUNDLE_FORMAT = "stembed-bundle/1"
 BundleKind = Literal["autoencoder", "fusion", "gapfill"]
@@ -28,13 +28,87 @@ class BundleError(UserError):
     """A file that is not a usable stembed bundle, or a bundle of the wrong kind or sensor."""
 
 
+class BundleConfig(BaseModel):
+    """A bundle's config in one shape for every kind, typed once at load (:meth:`from_file`).
+
+    The file keeps its plain dict, nested by kind as stembed has always written it (:meth:`to_dict`;
+    ``Bundle.config``), so the format does not change; the code reads this instead of that nesting.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: BundleKind
+    models: dict[str, AEConfig]  # each sensor's autoencoder by sensor name (an autoencoder bundle: its one)
+    fusion_model: FusionConfig | None = None  # the fusion layers (a gap-fill bundle: its fusion's and filler's)
+    stage: dict[str, Any] = Field(default_factory=dict)  # the stage config that trained it ({}: not recorded)
+    fusion_stage: dict[str, Any] = Field(default_factory=dict)  # a gap-fill bundle: the stage of its fusion
+
+    @classmethod
+    def from_file(cls, kind: BundleKind, sensor: str | None, config: dict[str, Any]) -> BundleConfig:
+        """Type a bundle file's ``config`` (already in today's keyed form, :func:`upgrade_fusion`).
+
+        Raises:
+            KeyError: an entry the model needs is missing (named like ``models.s2``).
+            ValidationError: a model config does not describe a model.
+        """
+        stage = config.get("stage") or {}
+        if kind == "autoencoder":
+            model = AEConfig.model_validate(config["model"])
+            return cls(kind=kind, models={sensor or model.sensor: model}, stage=stage)
+        fusion = config["fusion"] if kind == "gapfill" else config
+        models = fusion["models"]
+        for key in CORE_SENSORS:
+            if key not in models:
+                raise KeyError(f"models.{key}")
+        fusion_model = FusionConfig.model_validate(fusion["model"])
+        return cls(
+            kind=kind, models={k: AEConfig.model_validate(v) for k, v in models.items()}, fusion_model=fusion_model,
+            stage=stage, fusion_stage=(fusion.get("stage") or {}) if kind == "gapfill" else {},
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The plain dict a bundle file holds (``save_bundle(config=...)``), laid out as stembed has always written it."""
+        if self.kind == "gapfill":
+            return {"fusion": self.fusion_part.to_dict(), "stage": self.stage}
+        if self.fusion_model is None:
+            (model,) = self.models.values()
+            return {"model": dump_config(model), "stage": self.stage}
+        models = {k: dump_config(v) for k, v in self.models.items()}
+        return {"model": dump_config(self.fusion_model), "models": models, "stage": self.stage}
+
+    @property
+    def fusion_part(self) -> BundleConfig:
+        """The fusion bundle's config within this one: itself, or a gap-fill bundle's fusion with that stage."""
+        if self.kind == "autoencoder":
+            raise ValueError("an autoencoder bundle has no fusion part")
+        if self.kind == "fusion":
+            return self
+        return self.model_copy(update={"kind": "fusion", "stage": self.fusion_stage, "fusion_stage": {}})
+
+    @property
+    def companions(self) -> tuple[str, ...]:
+        """The companion sensors (every sensor but S1 and S2), in token order."""
+        return tuple(k for k in self.models if k not in CORE_SENSORS)
+
+    @property
+    def s1_gap_days(self) -> float:
+        """S1's matching tolerance (days) the bundle was trained with: its stage's ``data.s1_max_gap_days``, or
+        6.0 (that setting's default) where the bundle records none."""
+        data = self.stage.get("data") or {}
+        return float(data.get("s1_max_gap_days", 6.0))
+
+
 @dataclass(frozen=True)
 class Bundle:
-    """A loaded bundle. ``sensor`` is the AE's sensor key, or None for a fusion bundle."""
+    """A loaded bundle. ``sensor`` is the AE's sensor key, or None for a fusion bundle.
+
+    ``config`` is the dict the file holds (what ``stembed info`` shows); ``cfg`` is the same, typed.
+    """
 
     kind: BundleKind
     sensor: str | None
     config: dict[str, Any]
+    cfg: BundleConfig
     sensors: dict[str, SensorSpec]
     provenance: dict[str, Any]
     metrics: dict[str, Any]
@@ -44,28 +118,18 @@ class Bundle:
     def build_model(self) -> nn.Module:
         """Rebuild the model from the stored config and load the weights (strict); eval mode."""
         from stembed.models.autoencoder import SensorAutoencoder
-        from stembed.models.fusion import BUILT_IN, build_fusion, paper_fusion
+        from stembed.models.fusion import build_fusion, paper_fusion
         from stembed.models.gapfill import GapFillModel
 
         model: nn.Module
-        try:
-            if self.kind == "autoencoder":
-                model = SensorAutoencoder(AEConfig.model_validate(self.config["model"]))
-            else:
-                fusion_cfg = self.config["fusion"] if self.kind == "gapfill" else self.config
-                models = fusion_cfg["models"]
-                for key in BUILT_IN:
-                    if key not in models:
-                        raise KeyError(f"models.{key}")
-                model = build_fusion(models, fusion_cfg["model"])
-                if self.kind == "gapfill":
-                    model = GapFillModel(paper_fusion(model, "a gap-fill bundle"))
-        except (KeyError, ValidationError) as e:  # a config that does not describe a model
-            what = (
-                f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"
-            )
-            where = f"bundle {self.path}" if self.path is not None else "the bundle"
-            raise BundleError(f"{where} is damaged: its model config {what}; {_FIX_DAMAGED}") from e
+        cfg = self.cfg
+        if cfg.fusion_model is None:
+            (ae,) = cfg.models.values()
+            model = SensorAutoencoder(ae)
+        else:
+            model = build_fusion(cfg.models, cfg.fusion_model)
+            if cfg.kind == "gapfill":
+                model = GapFillModel(paper_fusion(model, "a gap-fill bundle"))
         _load_weights(model, self.state_dict, self.path)
         return model.eval()
 
@@ -206,10 +270,16 @@ def load_bundle(
     config, state = raw["config"], raw["state_dict"]
     if kind in ("fusion", "gapfill"):
         config, state = upgrade_fusion(kind, config, state)
+    try:
+        cfg = BundleConfig.from_file(kind, sensor, config)
+    except (KeyError, ValidationError) as e:  # a config that does not describe a model
+        what = f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"
+        raise BundleError(f"bundle {path} is damaged: its model config {what}; {_FIX_DAMAGED}") from e
     return Bundle(
         kind=kind,
         sensor=sensor,
         config=config,
+        cfg=cfg,
         sensors=sensors,
         provenance=raw["provenance"],
         metrics=raw.get("metrics", {}),

@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -285,15 +284,14 @@ class FusionModel(FusionBase):
         return self.decode(e, {k: v.gaps for k, v in inputs.items()}), e
 
 
-def build_fusion(models: Mapping[str, dict[str, Any]], model: dict[str, Any]) -> FusionBase:
+def build_fusion(models: Mapping[str, AEConfig], model: FusionConfig) -> FusionBase:
     """A fusion model (untrained autoencoders) from the configs a fusion bundle stores: the autoencoders' by sensor
     name (``models``) and the fusion layers' (``model``): the paper's :class:`FusionModel`, or with a ``window``
     the :class:`~stembed.models.context.ContextFusionModel`."""
     from stembed.models.context import ContextFusionModel
 
-    cfg = FusionConfig.model_validate(model)
-    aes = {k: SensorAutoencoder(AEConfig.model_validate(v)) for k, v in models.items()}
-    return ContextFusionModel(aes, cfg) if cfg.window is not None else FusionModel(aes, cfg)
+    aes = {k: SensorAutoencoder(v) for k, v in models.items()}
+    return ContextFusionModel(aes, model) if model.window is not None else FusionModel(aes, model)
 
 
 def paper_fusion(model: FusionBase, what: str) -> FusionModel:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stembed.config import DenseTrainingConfig, FusionLossConfig, TrainConfig
+from stembed.config import AEConfig, DenseTrainingConfig, FusionConfig, FusionLossConfig, TrainConfig
 from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, ContextView, SplitLatents
 from stembed.inference.engine import block_latents, sensor_present
 from stembed.losses import masked_mae, vicreg
@@ -193,21 +193,20 @@ class ContextFusionModule(_StageModule):
 
     def __init__(
         self,
-        models: dict[str, dict[str, Any]],
-        model: dict[str, Any],
-        loss: dict[str, Any],
-        train: dict[str, Any],
-        dense: dict[str, Any] | None = None,
+        models: dict[str, AEConfig],
+        model: FusionConfig,
+        loss: FusionLossConfig,
+        train: TrainConfig,
+        dense: DenseTrainingConfig | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(models=models, model=model, loss=loss, train=train, dense=dense)
         fusion = build_fusion(models, model)
         if not isinstance(fusion, ContextFusionModel):
             raise ValueError("ContextFusionModule needs a fusion config with a window")
         self.model = fusion
-        self.loss_cfg = FusionLossConfig.model_validate(loss)
-        self.train_cfg = TrainConfig.model_validate(train)
-        self.render_frames = DenseTrainingConfig.model_validate(dense or {}).render_frames
+        self.loss_cfg = loss
+        self.train_cfg = train
+        self.render_frames = (dense if dense is not None else DenseTrainingConfig()).render_frames
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # frames rendered per window
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
         self._patch_stats = {}

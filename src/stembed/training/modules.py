@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
+from pydantic import BaseModel
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
 
-from stembed.config import AEConfig, DenseTrainingConfig, FusionLossConfig, LossConfig, TrainConfig
+from stembed.config import (
+    AEConfig,
+    DenseTrainingConfig,
+    FusionConfig,
+    FusionLossConfig,
+    LossConfig,
+    TrainConfig,
+    dump_config,
+)
 from stembed.data.datasets import FusionPatches, SensorPatches
 from stembed.data.tiles import Tiles
 from stembed.losses import fusion_loss, reconstruction_loss
@@ -136,14 +146,29 @@ def _optimisers(params: list[Tensor], cfg: TrainConfig, monitor: str) -> Any:
     )
 
 
+def _plain(cfg: BaseModel | Mapping[str, BaseModel] | None) -> Any:
+    """A config (or configs by sensor) as a checkpoint's hyperparameters hold it: plain dicts, None kept."""
+    if isinstance(cfg, BaseModel):
+        return dump_config(cfg)
+    return None if cfg is None else {k: dump_config(v) for k, v in cfg.items()}
+
+
 class _StageModule(L.LightningModule):
-    """Shared loop of both stages: subclasses set ``model``, ``train_cfg``, ``centre`` and write ``_step``."""
+    """Shared loop of both stages: subclasses set ``model``, ``train_cfg``, ``centre`` and write ``_step``.
+
+    ``configs``: the subclass's typed constructor arguments, saved as the checkpoint's hyperparameters in plain
+    dicts (so a checkpoint loads with ``weights_only=True``).
+    """
 
     model: nn.Module
     train_cfg: TrainConfig
     centre: nn.ModuleDict
 
     monitor = MONITOR  # what early stopping, the best checkpoint and the plateau schedule follow
+
+    def __init__(self, **configs: BaseModel | Mapping[str, BaseModel] | None) -> None:
+        super().__init__()
+        self.save_hyperparameters({k: _plain(v) for k, v in configs.items()})
 
     def _step(self, batch: Any, prefix: str) -> Tensor | None:
         raise NotImplementedError
@@ -174,14 +199,13 @@ class AutoencoderModule(_StageModule):
     model: SensorAutoencoder
 
     def __init__(
-        self, model: dict[str, Any], loss: dict[str, Any], train: dict[str, Any], dense: dict[str, Any] | None = None
+        self, model: AEConfig, loss: LossConfig, train: TrainConfig, dense: DenseTrainingConfig | None = None
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = SensorAutoencoder(AEConfig.model_validate(model))
-        self.loss_cfg = LossConfig.model_validate(loss)
-        self.train_cfg = TrainConfig.model_validate(train)
-        self.dense = DenseTrainingConfig.model_validate(dense) if dense is not None else None
+        super().__init__(model=model, loss=loss, train=train, dense=dense)
+        self.model = SensorAutoencoder(model)
+        self.loss_cfg = loss
+        self.train_cfg = train
+        self.dense = dense
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics(["centre_mae"])
 
@@ -221,18 +245,17 @@ class FusionModule(_StageModule):
 
     def __init__(
         self,
-        models: dict[str, dict[str, Any]],
-        model: dict[str, Any],
-        loss: dict[str, Any],
-        train: dict[str, Any],
-        dense: dict[str, Any] | None = None,
+        models: dict[str, AEConfig],
+        model: FusionConfig,
+        loss: FusionLossConfig,
+        train: TrainConfig,
+        dense: DenseTrainingConfig | None = None,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
+        super().__init__(models=models, model=model, loss=loss, train=train, dense=dense)
         self.model = paper_fusion(build_fusion(models, model), "FusionModule (a context fusion: ContextFusionModule)")
-        self.loss_cfg = FusionLossConfig.model_validate(loss)
-        self.train_cfg = TrainConfig.model_validate(train)
-        self.dense = DenseTrainingConfig.model_validate(dense) if dense is not None else None
+        self.loss_cfg = loss
+        self.train_cfg = train
+        self.dense = dense
         self.gen = torch.Generator().manual_seed(self.train_cfg.seed)  # window and frame draws of dense steps
         self.centre = _centre_metrics([f"centre_mae_{k}" for k in self.model.sensors])
 
@@ -306,11 +329,10 @@ class GapFillModule(_StageModule):
     monitor = GAP_FILL_MONITOR
     model: GapFillModel
 
-    def __init__(self, fusion: dict[str, Any], train: dict[str, Any]) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self.model = GapFillModel(paper_fusion(build_fusion(fusion["models"], fusion["model"]), GAP_FILL_NEEDS))
-        self.train_cfg = TrainConfig.model_validate(train)
+    def __init__(self, models: dict[str, AEConfig], model: FusionConfig, train: TrainConfig) -> None:
+        super().__init__(models=models, model=model, train=train)
+        self.model = GapFillModel(paper_fusion(build_fusion(models, model), GAP_FILL_NEEDS))
+        self.train_cfg = train
         self.centre = nn.ModuleDict({f"{p}_embedding_mae": MeanMetric() for p in ("train", "val")})
 
     def _step(self, batch: FusionPatches, prefix: str) -> Tensor:

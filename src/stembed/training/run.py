@@ -44,7 +44,7 @@ from stembed.data.scenes import load_scenes
 from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
 from stembed.io.outputs import RUN_CONFIG_HEADER
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.bundle import Bundle, load_bundle, save_bundle
+from stembed.models.bundle import Bundle, BundleConfig, load_bundle, save_bundle
 from stembed.models.fusion import ANCHOR, FusionModel
 from stembed.repro import config_hash, file_sha256, provenance
 from stembed.sensors import get_sensor
@@ -302,8 +302,7 @@ def train_autoencoder(
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling(cfg.sensor), dense, model_cfg,
                                               np.random.default_rng(cfg.train.seed))
         data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
-    module = AutoencoderModule(dump_config(model_cfg), dump_config(cfg.resolved_loss()), dump_config(cfg.train),
-                               dump_config(dense) if dense is not None else None)
+    module = AutoencoderModule(model_cfg, cfg.resolved_loss(), cfg.train, dense)
     start: dict[str, Any] = {}
     if spectra is not None:
         start = init_centre_pca(module.model, spectra, cfg.init_scale)
@@ -326,7 +325,7 @@ def train_autoencoder(
     _write_metrics(run_dir, metrics)
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="autoencoder", sensor=cfg.sensor, model=model,
-        config={"model": dump_config(model_cfg), "stage": cfg_dict},
+        config=BundleConfig(kind="autoencoder", models={cfg.sensor: model_cfg}, stage=cfg_dict).to_dict(),
         sensors={cfg.sensor: get_sensor(cfg.sensor)},
         provenance=provenance([s.site for s in scenes], {"sites": {s.site: s.s2.attrs.get("provenance") for s in scenes}}),
         metrics=metrics,
@@ -388,9 +387,10 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    a2 = AEConfig.model_validate(stage1["s2"].config["model"])
+    models = {k: b.cfg.models[k] for k, b in stage1.items()}
+    a2 = models["s2"]
     for key, b in stage1.items():
-        a = AEConfig.model_validate(b.config["model"])
+        a = models[key]
         if a.context_px != a2.context_px:
             raise ConfigError(
                 f"the {key.upper()} autoencoder ({b.path}) reads {a.input_px} px windows but the S2 one "
@@ -402,7 +402,6 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         extra=tuple(cfg.data.extra_sensors),
     )
     fusion_cfg = cfg.resolved_model()
-    models = {k: b.config["model"] for k, b in stage1.items()}
     if fusion_cfg.window is not None:
         return _train_context(cfg, stage1, scenes, data, run_dir, resume)
     dense = cfg.dense_training
@@ -411,8 +410,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling("s2"), dense, a2,
                                               np.random.default_rng(cfg.train.seed))
         data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
-    module = FusionModule(models, dump_config(fusion_cfg), dump_config(cfg.loss), dump_config(cfg.train),
-                          dump_config(dense) if dense is not None else None)
+    module = FusionModule(models, fusion_cfg, cfg.loss, cfg.train, dense)
     model = module.model
     for k, b in stage1.items():
         model.autoencoders[k].load_state_dict(b.state_dict)
@@ -444,7 +442,7 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
-    config = {"model": dump_config(fusion_cfg), "models": models, "stage": cfg_dict}
+    config = BundleConfig(kind="fusion", models=models, fusion_model=fusion_cfg, stage=cfg_dict).to_dict()
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
         sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
@@ -464,9 +462,8 @@ def _train_context(
     once, then the fusion layers on windows of them; metrics beside the trivial and PCA-k baselines."""
     fusion_cfg = cfg.resolved_model()
     dense = cfg.dense_training or DenseTrainingConfig()
-    models = {k: b.config["model"] for k, b in stage1.items()}
-    module = ContextFusionModule(models, dump_config(fusion_cfg), dump_config(cfg.loss), dump_config(cfg.train),
-                                 dump_config(dense))
+    models = {k: b.cfg.models[k] for k, b in stage1.items()}
+    module = ContextFusionModule(models, fusion_cfg, cfg.loss, cfg.train, dense)
     model = module.model
     for k, b in stage1.items():
         model.autoencoders[k].load_state_dict(b.state_dict)
@@ -511,7 +508,7 @@ def _train_context(
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
-    config = {"model": dump_config(fusion_cfg), "models": models, "stage": dump_config(cfg)}
+    config = BundleConfig(kind="fusion", models=models, fusion_model=fusion_cfg, stage=dump_config(cfg)).to_dict()
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
         sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
@@ -530,14 +527,13 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     itself run with the S2 centre frame hidden (``zero_shot``): what the training bought.
     """
     fb = load_bundle(cfg.fusion_bundle, expect_kind="fusion")
-    fusion_stage = fb.config.get("stage", {})
-    extra = tuple(k for k in fb.config["models"] if k not in ("s1", "s2"))
+    fusion, extra = fb.cfg, fb.cfg.companions
     if tuple(cfg.data.extra_sensors) != extra:
         raise ConfigError(
             f"the fusion bundle {cfg.fusion_bundle} uses companion sensors {list(extra)} but data.extra_sensors is "
             f"{list(cfg.data.extra_sensors)}; fix: use the fusion stage's data section"
         )
-    if fusion_stage.get("data") and DataConfig.model_validate(fusion_stage["data"]) != cfg.data:
+    if fusion.stage.get("data") and DataConfig.model_validate(fusion.stage["data"]) != cfg.data:
         raise ConfigError(
             f"data differs from the data the fusion bundle {cfg.fusion_bundle} was trained on, so its test split "
             "could leak into training; fix: copy the fusion stage's data section (its config.yaml)"
@@ -547,8 +543,8 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     scenes = load_scenes(cfg.data)
-    fusion_config = {k: fb.config[k] for k in ("model", "models")}
-    module = GapFillModule(fusion_config, dump_config(cfg.train))
+    assert fusion.fusion_model is not None  # a fusion bundle (expect_kind)
+    module = GapFillModule(fusion.models, fusion.fusion_model, cfg.train)
     module.model.fusion.load_state_dict(fb.state_dict)
     module.model.filler.load_state_dict(fb.state_dict)  # start from the trained fusion layers
     context_px = module.model.fusion.anchor.cfg.context_px
@@ -584,7 +580,7 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     _write_metrics(run_dir, metrics)
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="gapfill", sensor=None, model=model,
-        config={"fusion": {**fusion_config, "stage": fusion_stage}, "stage": cfg_dict},
+        config={"fusion": fusion.to_dict(), "stage": cfg_dict},
         sensors=fb.sensors,
         provenance=provenance(
             [s.site for s in scenes],
