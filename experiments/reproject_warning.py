@@ -1,7 +1,7 @@
 """Is rasterio's "Dataset has no geotransform" warning during `stembed cube` harmless?
 
 Builds the same cube N times from the local test catalog (the real Belgian patch served as COGs by
-``stembed.testing.StacTestServer``, as in tests/test_stac_cube.py), with stembed's filter for that warning
+``stembed.testing.StacTestServer``, as in tests/cube_build/test_stac_cube.py), with stembed's filter for that warning
 turned off, counts the warnings each build raised and checks that every build's S2 and S1 arrays are
 bit-identical to the first build's. ``stembed.io.stac_load.quiet_reproject_warning`` hides the warning on
 the strength of this table. Last line: one JSON object.

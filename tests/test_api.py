@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,7 +21,8 @@ from stembed.errors import UserError
 from stembed.io.cube import save_scene
 from stembed.testing import random_fusion_bundle, synthetic_scene
 
-SETTINGS = {"tile_px": 5, "batch_size": 64}  # 9 tiles on the 12 x 12 px scene, as tests/test_embed.py
+# 9 tiles on the 12 x 12 px scene, as tests/inference/test_embed.py
+SETTINGS: dict[str, Any] = {"tile_px": 5, "batch_size": 64}
 
 
 @pytest.fixture(scope="module")

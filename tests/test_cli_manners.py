@@ -95,7 +95,7 @@ def test_embed_progress_counts_pixel_dates_within_a_tile(
 
     bars: list[Any] = []
 
-    class Recorded(tqdm.std.tqdm):  # type: ignore[misc]
+    class Recorded(tqdm.std.tqdm):
         def __init__(self, *a: Any, **kw: Any) -> None:
             kw["file"] = io.StringIO()
             super().__init__(*a, **kw)

@@ -12,6 +12,9 @@ from stembed.config import (
     ConfigError,
     FusionStageConfig,
     GapFillStageConfig,
+    SceneSource,
+    SyntheticSource,
+    WorldCerealSource,
     ae_preset,
     dump_config,
     fusion_preset,
@@ -21,7 +24,7 @@ from stembed.config import (
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _stage_config_class(path: Path) -> type:
+def _stage_config_class(path: Path) -> type[AEStageConfig | FusionStageConfig | GapFillStageConfig]:
     """The stage a shipped config trains: context configs are fusion stages with a window."""
     if "gapfill" in path.name:
         return GapFillStageConfig
@@ -93,6 +96,7 @@ def test_out_of_range_settings_fail_at_load_on_one_line(override: str, field: st
 def test_defaults_are_unchanged_by_the_ranges() -> None:
     cfg = load_config(AEStageConfig, None, ["sensor=s2"])
     assert (cfg.train.max_epochs, cfg.train.batch_size, cfg.train.lr) == (500, 16, 1e-4)
+    assert isinstance(cfg.data.source, SyntheticSource)
     assert (cfg.data.source.height_px, cfg.data.s1_max_gap_days) == (48, 6.0)
 
 
@@ -138,6 +142,7 @@ def test_relative_paths_in_a_config_file_resolve_from_its_folder(tmp_path: Path,
     assert cfg.bundles["s1"] == str(project / "runs" / "s1" / "bundle.pt")  # the old keys load as bundles
     assert cfg.bundles["s2"] == f"{tmp_path}/abs/bundle.pt"
     assert cfg.companions == {"agera5": "pretrained:belgium"}
+    assert isinstance(cfg.data.source, SceneSource)
     assert cfg.data.source.paths == (str(project / "sites" / "*.zarr"), str(project / "configs" / "site9.zarr"))
     assert cfg.out_dir == str(project / "runs")
     over = load_config(FusionStageConfig, conf / "fusion.yaml", ["s1_bundle=mine/bundle.pt"])
@@ -173,6 +178,7 @@ def test_shipped_belgian_configs_find_the_shared_data_from_any_folder(
     for path in sorted(CONFIGS.glob("belgium_*.yaml")):
         cls = _stage_config_class(path)
         cfg = load_config(cls, path)
+        assert isinstance(cfg.data.source, WorldCerealSource)
         (folder,) = cfg.data.source.paths
         assert Path(folder).resolve() == belgian_dir.resolve(), path.name
         assert Path(cfg.out_dir) == CONFIGS.parent / "runs", path.name

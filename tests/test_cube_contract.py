@@ -7,6 +7,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -249,7 +250,7 @@ def test_validate_pair_names_offset() -> None:
 
 def test_validate_pair_catches_swapped_arguments_and_sites() -> None:
     with pytest.raises(CubeError, match="S1 cube first"):
-        validate_pair(cube("s2"), cube("s1"))  # type: ignore[arg-type]
+        validate_pair(cube("s2"), cube("s1"))
     with pytest.raises(CubeError, match="from site 'b' but S2 from site 'a'"):
         validate_pair(cube("s1", site="b"), cube("s2"))
 
@@ -293,8 +294,8 @@ def test_save_refuses_to_overwrite(tmp_path: Path) -> None:
 def test_failed_write_leaves_no_cube(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     original = xr.Dataset.to_zarr
 
-    def write_then_fail(self: xr.Dataset, *args: object, **kwargs: object) -> None:
-        original(self, *args, **kwargs)  # type: ignore[arg-type]
+    def write_then_fail(self: xr.Dataset, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
         raise OSError("disk full")
 
     monkeypatch.setattr(xr.Dataset, "to_zarr", write_then_fail)

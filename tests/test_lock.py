@@ -17,7 +17,7 @@ UNLOCKED = {"torch"}  # named on the install command line instead (the CPU build
 
 
 def _pins(lock: Path) -> dict[str, Version]:
-    pins = {}
+    pins: dict[str, Version] = {}
     for line in lock.read_text().splitlines():
         if line and not line.startswith((" ", "#", "-")):
             name, _, version = line.partition("==")

@@ -160,7 +160,7 @@ def test_spectral_angle_gradient_finite_at_perfect_match():
     x = torch.rand(1, 2, 3, 15, 15) + 0.1
     x_hat = x.clone().requires_grad_(True)
     spectral_angle(x_hat, x).sum().backward()
-    assert torch.isfinite(x_hat.grad).all()
+    assert x_hat.grad is not None and torch.isfinite(x_hat.grad).all()
 
 
 def test_sam_loss_ignores_partly_masked_positions():
@@ -241,4 +241,4 @@ def test_sam_gradient_is_finite_where_the_target_spectrum_is_masked_to_zero():
     x = torch.rand(2, 3, 10, 5, 5)
     x[0, :, :, 2, 2] = 0.0
     spectral_angle(x_hat, x).sum().backward()
-    assert torch.isfinite(x_hat.grad).all()
+    assert x_hat.grad is not None and torch.isfinite(x_hat.grad).all()

@@ -68,7 +68,7 @@ def raw_agera5(folder: Path, var: str) -> tuple[np.ndarray, pd.DatetimeIndex]:
         nc.set_auto_maskandscale(False)
         values = np.asarray(nc.variables[var][...], dtype=np.float64).reshape(-1)
         t = nc.variables["timestamp"]
-        stamps = netCDF4.num2date(t[:], t.units, only_use_cftime_datetimes=False)
+        stamps = np.asarray(netCDF4.num2date(t[:], t.units, only_use_cftime_datetimes=False))
     return values, pd.to_datetime([s.isoformat() for s in stamps])
 
 

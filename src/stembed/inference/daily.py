@@ -75,7 +75,7 @@ def fill_daily(
     data bend the ends. The smoothed values replace only the non-known days; known days keep their
     exact value. A pixel whose span is shorter than the window cannot be fitted that way and is
     filled linearly (flagged :data:`FLAG_LINEAR`). All pixels are smoothed at once; the numbers are
-    those of ``scipy.signal.savgol_filter`` run on each pixel's span (``tests/test_daily.py`` checks it).
+    those of ``scipy.signal.savgol_filter`` run on each pixel's span (``tests/inference/test_daily.py`` checks it).
 
     Args:
         values: ``(time, feature, y, x)`` float, NaN where there is no value.

@@ -14,6 +14,7 @@ from stembed.io.cube import open_scene, save_scene
 from stembed.io.embeddings import open_embeddings
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
+from stembed.models.dense import DenseFrameCNN
 from stembed.models.fusion import FusionModel
 from stembed.testing import random_fusion_bundle, synthetic_scene
 
@@ -136,6 +137,7 @@ def test_embed_cube_dense_tiles_match_one_block(dense_scene_store):
     ds = open_embeddings(out)
     assert "dense" in str(ds.attrs.get("method"))
     model = load_bundle(bundle).build_model()
+    assert isinstance(model, FusionModel)
     scene = open_scene(cube)
     block = read_block(scene, slice(0, 30), slice(0, 26), model.anchor.cfg.context_px, {"s1": 6.0})
     whole = embed_block_dense(model, block, batch_size=64, device=CPU)
@@ -174,6 +176,7 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     """Stage-1 data for a dense AE: x_in is the input_px window, read only inside the patch's split block."""
     from stembed.config import DataConfig, SamplingConfig, SplitConfig
     from stembed.data.build import build_sensor_data
+    from stembed.data.datasets import PatchDataset
 
     scene = synthetic_scene(seed=7, height_px=40, width_px=40, n_days=80)
     cfg_model = ae_preset("tiny-dense", "s2")
@@ -183,15 +186,19 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     )
     data = build_sensor_data([scene], "s2", data_cfg, np.random.default_rng(0), context_px=cfg_model.context_px)
     ds = data.datasets["train"]
+    assert isinstance(ds, PatchDataset)
     item = ds[0]
+    x_in = item.x_in
+    assert x_in is not None  # a dense encoder's data carries the wider window
     W = cfg_model.input_px
-    assert item.x_in.shape == (cfg_model.n_frames, cfg_model.in_channels, W, W)
+    assert x_in.shape == (cfg_model.n_frames, cfg_model.in_channels, W, W)
     # the window's centre 15x15 is the patch itself (raw values, NaN where the filled x is masked)
     c = cfg_model.context_px
-    core = item.x_in[:, :, c - 7 : c + 8, c - 7 : c + 8]
+    core = x_in[:, :, c - 7 : c + 8, c - 7 : c + 8]
     np.testing.assert_array_equal(torch.isnan(core).numpy(), ~item.valid.numpy())
     # every value comes from the patch's own block: mark the rest of the cube and check none leaks in
     p = ds.patches[0]
+    assert p.bounds is not None  # a sampled patch knows its split block
     y0, y1, x0, x1 = p.bounds
     marked = ds.sites[p.site].values.copy()
     inside = np.zeros(marked.shape[2:], bool)
@@ -203,12 +210,16 @@ def test_dense_training_windows_stay_in_their_region(one_torch_thread):
     # and the autoencoder trains on it: one step moves the weights
     ae = SensorAutoencoder(cfg_model)
     opt = torch.optim.SGD(ae.parameters(), lr=0.1)
-    x_hat, _ = ae(item.x_in[None], item.gaps[None])
+    x_hat, _ = ae(x_in[None], item.gaps[None])
     assert x_hat.shape == item.x[None].shape
-    before = ae.encoder.cnn.stem[0].weight.detach().clone()
+    cnn = ae.encoder.cnn
+    assert isinstance(cnn, DenseFrameCNN)
+    stem = cnn.stem[0]
+    assert isinstance(stem, torch.nn.Conv2d)
+    before = stem.weight.detach().clone()
     (x_hat - item.x[None]).abs()[item.valid[None]].mean().backward()
     opt.step()
-    assert not torch.equal(before, ae.encoder.cnn.stem[0].weight)
+    assert not torch.equal(before, stem.weight)
 
 
 @pytest.mark.slow

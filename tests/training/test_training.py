@@ -22,7 +22,7 @@ from stembed.config import (
 )
 from stembed.demo import demo_configs, run_demo
 from stembed.models.bundle import BundleError, load_bundle, save_bundle
-from stembed.models.fusion import SensorInput
+from stembed.models.fusion import FusionModel, SensorInput
 from stembed.training.modules import AutoencoderModule, FusionModule
 from stembed.training.run import RunResult, train_autoencoder
 
@@ -95,6 +95,7 @@ def test_fusion_training_leaves_stage1_weights_bit_identical(demo_runs: dict[str
 def test_bundles_rebuild_from_their_own_config(demo_runs: dict[str, RunResult]) -> None:
     b = load_bundle(demo_runs["fusion"].bundle)
     model = b.build_model()
+    assert isinstance(model, FusionModel)
     assert b.sensors["s2"].bands[0] == "B02" and b.sensors["s1"].bands == ("VV", "VH")
     assert b.provenance["versions"]["torch"].startswith("2.13")
     batch = 3

@@ -21,7 +21,7 @@ from stembed.config import (
     TrainConfig,
     ae_preset,
 )
-from stembed.data.datasets import patch_loader
+from stembed.data.datasets import FusionPatchDataset, patch_loader
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import save_bundle
 from stembed.models.fusion import FusionModel
@@ -61,8 +61,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Path]]:
         run_dir=d / "fusion",
     )
     yield {"s2": s2.run_dir, "fusion": fusion.run_dir}
-    SENSORS.clear(), SENSORS.update(before_s)
-    PLUGINS.clear(), PLUGINS.update(before_p)
+    SENSORS.clear()
+    SENSORS.update(before_s)
+    PLUGINS.clear()
+    PLUGINS.update(before_p)
 
 
 def metrics(run_dir: Path) -> dict:
@@ -86,10 +88,11 @@ def test_a_fusion_run_rebuilds_its_companion_sensor_and_the_test_metrics(runs: d
     data = run.data()
     recorded = metrics(runs["fusion"])
     assert data.info == recorded["data"]
-    assert set(data.datasets["test"].sensors) == {"s2", "s1", "toy"}  # type: ignore[attr-defined]
+    test_data = data.datasets["test"]
+    assert isinstance(test_data, FusionPatchDataset) and set(test_data.sensors) == {"s2", "s1", "toy"}
     model = run.bundle.build_model()
     assert isinstance(model, FusionModel)
-    test = evaluate_split(patch_loader(data.datasets["test"], batch_size=64), fusion_reconstruct(model))
+    test = evaluate_split(patch_loader(test_data, batch_size=64), fusion_reconstruct(model))
     assert set(test) == {"s1", "s2", "toy"}
     for sensor, m in test.items():  # the figures training wrote, from the rebuilt patches
         assert m["n_patches"] == recorded["splits"]["test"][sensor]["n_patches"]

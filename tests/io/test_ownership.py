@@ -290,8 +290,8 @@ def test_local_workers_ignore_ctrl_c_and_this_process_does_not() -> None:
     try:
         client, cluster = _connect(None, 1, 30)
         try:
-            workers = [p for p in multiprocessing.active_children() if p.pid not in others]
-            assert workers and all(ignores_sigint(p.pid) for p in workers)
+            workers = [p.pid for p in multiprocessing.active_children() if p.pid not in others]
+            assert workers and all(pid is not None and ignores_sigint(pid) for pid in workers)
             assert not ignores_sigint("self") and signal.getsignal(signal.SIGINT) is signal.default_int_handler
         finally:
             client.close()

@@ -10,7 +10,7 @@ import torch
 
 from stembed.config import AEConfig, DataConfig, LossConfig, SamplingConfig, SplitConfig, ae_preset
 from stembed.data.build import band_stats, build_sensor_data
-from stembed.data.datasets import collate
+from stembed.data.datasets import PatchDataset, collate
 from stembed.losses import reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.training.evaluate import baselines, centre_abs_error
@@ -22,6 +22,7 @@ def test_tiny_s2_autoencoder_memorises_32_real_patches(belgian_scene, one_torch_
                      split=SplitConfig(by="block", blocks=2, fractions=(0.5, 0.25, 0.25), seed=0))
     data = build_sensor_data([belgian_scene], "s2", cfg, np.random.default_rng(0))
     ds = data.datasets["train"]
+    assert isinstance(ds, PatchDataset)
     pick = np.random.default_rng(0).choice(len(ds), size=32, replace=False)
     items = [ds[int(i)] for i in pick]
     batch = collate(items)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import xarray as xr
 from typer.testing import CliRunner
 
 from stembed.cli import app
@@ -134,7 +135,8 @@ def test_eval_probe_passes_region_prefixes_and_the_scenes_s1(
     assert seen["region"] == (16, 32, 0, 16) and seen["features"] == [7, 3] and seen["label"] == "land_cover"
     assert seen["n_jobs"] == 2
     s1 = seen["s1"]
-    assert getattr(s1, "dims", None) == ("time", "band", "y", "x") and list(s1["band"].values) == ["VV", "VH"]
+    assert isinstance(s1, xr.DataArray) and s1.dims == ("time", "band", "y", "x")
+    assert list(s1["band"].values) == ["VV", "VH"]
 
 
 def test_gpp_needs_a_tower_or_the_whole_cube_and_a_tower_inside(inputs: dict[str, Path]) -> None:

@@ -23,12 +23,13 @@ from stembed.config import AEStageConfig, ConfigError, TrainConfig, dump_config,
 from stembed.data.build import build_sensor_data
 from stembed.data.datasets import SensorPatches, patch_loader
 from stembed.data.scenes import load_scenes
+from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
 from stembed.training.modules import AutoencoderModule
 from stembed.training.run import check_scale_out, follower_rank
 
 # tiny per-patch S2 autoencoder on the real patch: a few seconds of training per process
-STAGE = {
+STAGE: dict[str, Any] = {
     "sensor": "s2",
     "preset": "tiny",
     "loss": {"mae": 1.0},
@@ -79,6 +80,7 @@ def test_cli_ddp_on_two_cpu_processes_writes_one_bundle_that_embeds(belgian_dir:
     # embed the real patch's test block with the bundle
     cfg = load_config(AEStageConfig, config)
     model = bundle.build_model().eval()
+    assert isinstance(model, SensorAutoencoder)
     data = build_sensor_data(load_scenes(cfg.data), "s2", cfg.data, np.random.default_rng(0),
                              context_px=model.cfg.context_px)
     batch = next(iter(patch_loader(data.datasets["test"], batch_size=16)))
@@ -98,7 +100,6 @@ def test_fusion_stage_under_ddp_writes_a_bundle_that_embeds_a_cube(belgian_dir: 
     from stembed.io.cube import Scene, save_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.worldcereal import read_worldcereal
-    from stembed.models.autoencoder import SensorAutoencoder
     from stembed.models.bundle import save_bundle
     from stembed.sensors import get_sensor
 
@@ -162,7 +163,8 @@ def _one_step(module: AutoencoderModule, items: list[SensorPatches], devices: in
         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
         gradient_clip_val=None,
     )
-    loader = patch_loader(items, batch_size=len(items), shuffle=False)  # the shard as one batch
+    # the shard as one batch (a list is a map-style dataset to the DataLoader, if not to its annotations)
+    loader = patch_loader(items, batch_size=len(items), shuffle=False)  # type: ignore[arg-type]
     trainer.fit(module, loader)
 
 

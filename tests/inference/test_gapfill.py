@@ -3,6 +3,8 @@ retraining the fusion layers only."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -26,6 +28,8 @@ from stembed.inference.tiles import embed_cube
 from stembed.io.cube import open_scene, save_scene
 from stembed.io.embeddings import open_embeddings
 from stembed.models.bundle import load_bundle
+from stembed.models.fusion import FusionModel
+from stembed.models.gapfill import GapFillModel
 from stembed.sensors import PLUGINS, SENSORS, register_sensor
 from stembed.testing import random_fusion_bundle, synthetic_scene, toy_sensor_plugin
 from stembed.training.run import train_autoencoder, train_fusion, train_gapfill
@@ -44,35 +48,41 @@ def test_hidden_centre_frame_is_never_read(tmp_path, one_torch_thread, variant):
     """With the S2 centre frame hidden, changing that frame's values changes nothing (both encoder variants)."""
     preset = "tiny" if variant == "patch" else "tiny-dense"
     model = load_bundle(random_fusion_bundle(tmp_path / "b.pt", preset=preset, gapfill=True)).build_model()
+    assert isinstance(model, GapFillModel)
     scene = synthetic_scene(seed=3, height_px=6, width_px=6, n_days=120)
     block = _padded(scene, model.fusion.anchor.cfg.context_px)
     s2, d2 = block["s2"].values, block["s2"].days
-    embed = embed_block if variant == "patch" else embed_block_dense
+    embed: Callable[..., np.ndarray] = embed_block if variant == "patch" else embed_block_dense
     t = len(d2) // 2
     targets = np.zeros((len(d2), 6, 6), bool)
     targets[t] = True
-    kw = {"batch_size": 16, "device": torch.device("cpu"), "targets": targets, "hide_s2_centre": True}
-    a = embed(model.filler, block, **kw)
-    changed = s2.copy()
-    changed[t] = np.clip(changed[t] + 0.3, 0, 1)  # only the target date's frame
-    changed = {**block, "s2": SensorArrays(changed, d2)}
-    b = embed(model.filler, changed, **kw)
+
+    def run(block: dict[str, SensorArrays], hide: bool = True) -> np.ndarray:
+        return embed(model.filler, block, batch_size=16, device=torch.device("cpu"), targets=targets,
+                     hide_s2_centre=hide)
+
+    a = run(block)
+    values = s2.copy()
+    values[t] = np.clip(values[t] + 0.3, 0, 1)  # only the target date's frame
+    changed = {**block, "s2": SensorArrays(values, d2)}
+    b = run(changed)
     assert np.isfinite(a[t]).all()
     np.testing.assert_array_equal(a, b)
-    seen = embed(model.filler, changed, **{**kw, "hide_s2_centre": False})
+    seen = run(changed, hide=False)
     assert np.abs(seen[t] - a[t]).max() > 1e-6  # not hidden, the frame moves the output (random weights: slightly)
 
 
 @pytest.mark.slow
 def test_dense_and_patch_paths_agree_with_the_centre_hidden(tmp_path, one_torch_thread):
     model = load_bundle(random_fusion_bundle(tmp_path / "b.pt", preset="tiny-dense", gapfill=True)).build_model()
+    assert isinstance(model, GapFillModel)
     scene = synthetic_scene(seed=4, height_px=5, width_px=5, n_days=120)
     block = _padded(scene, model.fusion.anchor.cfg.context_px)
     cloudy = ~centre_valid(block["s2"].values, model.fusion.anchor.cfg.context_px)
     assert cloudy.any()
-    kw = {"batch_size": 8, "device": torch.device("cpu"), "targets": cloudy, "hide_s2_centre": True}
-    ref = embed_block(model.filler, block, **kw)
-    dense = embed_block_dense(model.filler, block, **kw)
+    cpu = torch.device("cpu")
+    ref = embed_block(model.filler, block, batch_size=8, device=cpu, targets=cloudy, hide_s2_centre=True)
+    dense = embed_block_dense(model.filler, block, batch_size=8, device=cpu, targets=cloudy, hide_s2_centre=True)
     assert np.isfinite(ref[np.broadcast_to(cloudy[:, None], ref.shape)]).all()
     np.testing.assert_allclose(dense, ref, atol=1e-4, equal_nan=True)
 
@@ -150,8 +160,10 @@ def toy_registered():
     before_s, before_p = dict(SENSORS), dict(PLUGINS)
     register_sensor(toy_sensor_plugin())
     yield
-    SENSORS.clear(), SENSORS.update(before_s)
-    PLUGINS.clear(), PLUGINS.update(before_p)
+    SENSORS.clear()
+    SENSORS.update(before_s)
+    PLUGINS.clear()
+    PLUGINS.update(before_p)
 
 
 def _state(bundle_path, prefix=""):
@@ -180,7 +192,8 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
             assert torch.equal(stage1[k], after[k]), (sensor, k)
     assert fused.sensors["toy"].bands == ("SEASON", "TEXTURE")
     assert {"s1", "s2", "toy"} <= set(res.metrics["splits"]["test"])
-    assert fused.build_model().type_embedding.num_embeddings == 3
+    model = fused.build_model()
+    assert isinstance(model, FusionModel) and model.type_embedding.num_embeddings == 3
 
     # a fusion stage without a bundle for a named companion is refused before training
     bad = fcfg.model_copy(update={"bundles": {k: v for k, v in fcfg.bundles.items() if k != "toy"}})
@@ -216,7 +229,7 @@ def test_gapfill_stage_trains_the_filler_only(tmp_path):
         for s in ("s1", "s2")
     }
     fusion = train_fusion(
-        FusionStageConfig(s1_bundle=str(runs["s1"]), s2_bundle=str(runs["s2"]), preset="tiny", data=data, train=FAST,
+        FusionStageConfig(bundles={k: str(v) for k, v in runs.items()}, preset="tiny", data=data, train=FAST,
                           out_dir=str(tmp_path)),
         run_dir=tmp_path / "fusion",
     ).bundle

@@ -39,7 +39,7 @@ def test_the_zarr_store_is_a_picklable_sink_that_writes_what_the_functions_write
     rng = np.random.default_rng(0)
     values = rng.normal(size=(3, 7, 16, 12)).astype(np.float32)
     values[1, :, :4, :5] = np.nan
-    valid = np.isfinite(values).all(axis=1)
+    valid = np.asarray(np.isfinite(values).all(axis=1))
     q = Quantisation.calibrate("int8", values.transpose(0, 2, 3, 1).reshape(-1, 7), margin=0.05)
 
     sink = ZarrEmbeddingStore(str(tmp_path / "sink.zarr"))

@@ -48,7 +48,7 @@ from stembed.sensors import S1, S2
 from stembed.testing import StacTestServer, random_fusion_bundle, worldcereal_stac_catalog
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
-DATA = Path(__file__).parent / "data" / "stac"
+DATA = Path(__file__).parents[1] / "data" / "stac"
 FAST = RetryPolicy(retries=3, backoff_s=0.01)
 PATCH = dict(epsg=32631, x_left=501_360.0, y_top=5_629_680.0, size_px=64)  # the WorldCereal patch grid
 S2_EVERY, S1_EVERY = 6, 4  # subset of dates: every 6th S2 (20 dates) and every 4th S1 (40 dates)

@@ -46,6 +46,7 @@ def test_dense_loss_equals_the_per_patch_loss_on_the_same_windows(one_torch_thre
 
     step = autoencoder_step(ae, batch, loss_cfg, latents=10_000, render_frames=T,  # every window and frame
                             gen=torch.Generator().manual_seed(0))
+    assert step is not None  # centre values are observed
     win, plan, tg, dense = step.windows, step.recon.plan, step.recon.targets, step.recon.parts
     assert win.b.numel() > 50 and plan.latent.numel() == win.b.numel() * T
 
@@ -90,7 +91,7 @@ def test_frame_sampling_is_unbiased(one_torch_thread, render):
     exact = loss(draw_render_frames(N, T, T, torch.Generator(), x.device))
     assert torch.allclose(exact["loss"], reconstruction_loss(x_hat, x, valid, cfg)["loss"], rtol=1e-5)
     gen = torch.Generator().manual_seed(1)
-    draws = {k: [] for k in ("mae", "ssim", "sam")}
+    draws: dict[str, list[float]] = {k: [] for k in ("mae", "ssim", "sam")}
     sizes = []
     for _ in range(1500):
         plan = draw_render_frames(N, T, render, gen, x.device)

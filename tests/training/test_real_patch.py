@@ -15,7 +15,7 @@ import pytest
 from stembed.config import AEStageConfig, load_config
 from stembed.training.run import train_autoencoder
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "belgium_s2.yaml"
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "belgium_s2.yaml"
 
 
 def _short_config(shared_data: Path, tmp_path: Path, *extra: str) -> AEStageConfig:

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from stembed.models.bundle import load_bundle
-from stembed.models.fusion import SensorInput
+from stembed.models.fusion import FusionModel, SensorInput
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 SAVED = np.load(DATA / "embeddings_main_123f5ca.npz")
 
 
@@ -79,7 +79,8 @@ def test_info_counts_each_sensor_of_an_old_bundle():
     path = DATA / "fusion_bundle_main_123f5ca.pt"
     counts = describe_bundle(path)["parameters"]
     model = load_bundle(path).build_model()
+    assert isinstance(model, FusionModel)
     for k in ("s1", "s2", "toy"):
-        assert counts[f"{k}_autoencoder"] == sum(p.numel() for p in model.autoencoders[k].parameters()) > 0
+        assert counts[f"{k}_autoencoder"] == sum(p.numel() for p in model.autoencoder(k).parameters()) > 0
     assert counts["fusion_only"] == counts["fusion"] == sum(p.numel() for p in model.fusion_parameters())
     assert counts["total"] == sum(p.numel() for p in model.parameters())

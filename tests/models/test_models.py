@@ -38,8 +38,8 @@ def _small_models(seed: int = 0, finetune: bool = False) -> FusionModel:
 
 
 def _fusion_batch(model: FusionModel, batch: int, seed: int):
-    x1, g1 = _patches(model.autoencoders["s1"].cfg, batch, seed)
-    x2, g2 = _patches(model.autoencoders["s2"].cfg, batch, seed + 1000)
+    x1, g1 = _patches(model.autoencoder("s1").cfg, batch, seed)
+    x2, g2 = _patches(model.autoencoder("s2").cfg, batch, seed + 1000)
     dt = torch.randint(0, 7, (batch, 1), generator=torch.Generator().manual_seed(seed + 2000))
     return x1, g1, x2, g2, dt
 
@@ -264,18 +264,20 @@ def test_frozen_fusion_trains_only_fusion_layers():
     after_fusion = list(model.fusion_parameters())
     changed = [not torch.equal(a, b.detach()) for a, b in zip(before_fusion, after_fusion, strict=True)]
     assert all(changed)
-    assert not model.autoencoders["s1"].training and not model.autoencoders["s2"].decoder.training
+    assert not model.autoencoder("s1").training and not model.autoencoder("s2").decoder.training
 
 
 def test_finetune_option_trains_everything():
     model = _small_models(finetune=True)
     model.train()
-    assert model.autoencoders["s1"].training and model.autoencoders["s2"].decoder.cnn.training
+    assert model.autoencoder("s1").training and model.autoencoder("s2").decoder.cnn.training
     assert all(p.requires_grad for p in model.parameters())
     assert count_parameters(model)["trainable"] == count_parameters(model)["total"]
     x1, g1, x2, g2, dt = _fusion_batch(model, 2, 0)
     _run(model, x1, g1, x2, g2, dt)[2].sum().backward()
-    assert model.autoencoders["s1"].encoder.cnn[0].weight.grad is not None
+    cnn = model.autoencoder("s1").encoder.cnn
+    assert isinstance(cnn, torch.nn.Sequential)  # the patch variant's frame CNN
+    assert cnn[0].weight.grad is not None
 
 
 def test_dt_centre_is_clamped_to_the_table():

@@ -78,7 +78,8 @@ def test_window_config_is_checked() -> None:
         FusionConfig(embed_dim=16, nested=(7, 12))
     with pytest.raises(ValueError, match="direct_path"):
         FusionConfig(window=WindowConfig())
-    assert FusionConfig(embedding_dim=16, nested=(7, 16)).prefixes == (7, 16)
+    # embedding_dim, the other name of embed_dim, as a config file gives it
+    assert FusionConfig.model_validate({"embedding_dim": 16, "nested": (7, 16)}).prefixes == (7, 16)
 
 
 # ----------------------------------------------------------------------------- the model

@@ -18,7 +18,7 @@ from stembed.inference.reference import embed_reference
 from stembed.io.cube import Scene
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, load_bundle, save_bundle
-from stembed.models.fusion import SensorInput
+from stembed.models.fusion import FusionModel, SensorInput
 from stembed.sensors import S2
 from stembed.testing import random_fusion_bundle, synthetic_scene
 
@@ -70,6 +70,7 @@ def test_reference_equals_the_model_on_the_training_patch(
 ) -> None:
     ds = reference
     model = bundle.build_model()
+    assert isinstance(model, FusionModel)
     s2, s1 = sensor_arrays(scene, "s2"), matched_s1_arrays(scene, 6.0)
     centre_ok = np.isfinite(s2.values).any(axis=1)
     checked = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+from numpy.typing import ArrayLike
 
 from stembed.io.cube import CubeError, make_cube
 from stembed.preprocess import mask_s2, match_s1_to_s2, prepare_s1, prepare_s2, valid_date_fraction
@@ -28,7 +29,7 @@ def scl_of(codes: np.ndarray, refl: xr.DataArray) -> xr.DataArray:
                         coords={"time": refl["time"], "y": refl["y"], "x": refl["x"]})
 
 
-def s1_from_db(db: np.ndarray, times: np.ndarray) -> xr.DataArray:
+def s1_from_db(db: ArrayLike, times: np.ndarray) -> xr.DataArray:
     """An S1 linear-power array from a per-date dB series (same value in both bands, one pixel)."""
     lin = 10.0 ** (np.asarray(db, dtype=np.float64) / 10.0)
     values = np.broadcast_to(lin[:, None, None, None], (len(lin), 2, 1, 1))

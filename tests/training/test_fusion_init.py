@@ -64,7 +64,7 @@ def _fusion(preset: str = "tiny") -> FusionModel:
 def test_init_linear_fusion_gives_the_pca_reconstruction_of_the_latents():
     model = _fusion()
     g = torch.Generator().manual_seed(2)
-    s1, s2 = model.autoencoders["s1"], model.autoencoders["s2"]
+    s1, s2 = model.autoencoder("s1"), model.autoencoder("s2")
     n, T = 300, s2.cfg.n_frames
     z = {"s1": torch.randn(n, s1.cfg.latent_dim, generator=g),
          "s2": torch.randn(n, 4, generator=g) @ torch.randn(4, s2.cfg.latent_dim, generator=g)}
@@ -85,7 +85,7 @@ def test_init_linear_fusion_gives_the_pca_reconstruction_of_the_latents():
 
 def test_linear_start_needs_the_direct_path():
     with pytest.raises(ValueError, match="direct_path"):
-        FusionStageConfig(s1_bundle="a", s2_bundle="b", preset="paper", init="linear")
-    FusionStageConfig(s1_bundle="a", s2_bundle="b", preset="tiny", init="linear")
+        FusionStageConfig(bundles={"s1": "a", "s2": "b"}, preset="paper", init="linear")
+    FusionStageConfig(bundles={"s1": "a", "s2": "b"}, preset="tiny", init="linear")
     with pytest.raises(ValueError, match="direct path"):
         init_linear_fusion(_fusion("paper"), {}, {}, {})

@@ -30,8 +30,8 @@ def _centre_error(model: SensorAutoencoder, rng: np.random.Generator) -> tuple[f
     """(model's centre MAE, the patch mean's) on patches whose every pixel is a fresh spectrum."""
     cfg = model.cfg
     b, t, p = 16, cfg.n_frames, cfg.input_px
-    x = _spectra(b * t * p * p, rng).reshape(b, t, p, p, 10).transpose(0, 1, 4, 2, 3)
-    x = torch.as_tensor(x, dtype=torch.float32)
+    x = torch.as_tensor(_spectra(b * t * p * p, rng).reshape(b, t, p, p, 10).transpose(0, 1, 4, 2, 3),
+                        dtype=torch.float32)
     gaps = torch.full((b, t - 1), 5.0)
     with torch.no_grad():
         x_hat, _ = model(x, gaps)

@@ -26,7 +26,7 @@ def raw(folder: Path, prefix: str, *names: str) -> dict[str, np.ndarray]:
         nc.set_auto_maskandscale(False)
         out = {n: np.asarray(nc.variables[n][...]) for n in names}
         t = nc.variables["timestamp"]
-        stamps = netCDF4.num2date(t[:], t.units, only_use_cftime_datetimes=False)
+        stamps = np.asarray(netCDF4.num2date(t[:], t.units, only_use_cftime_datetimes=False))
     out["time"] = pd.to_datetime([s.isoformat() for s in stamps]).values
     return out
 

@@ -14,7 +14,7 @@ from stembed.models.fusion import FusionModel
 from stembed.models.gapfill import GapFillModel
 from stembed.sensors import S1, S2
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).parents[1] / "data"
 A1, A2, F = ae_preset("tiny", "s1"), ae_preset("tiny", "s2"), fusion_preset("tiny")
 
 

@@ -3,6 +3,8 @@ and the columns of every baseline (date, date + S1, window, season) on hand-made
 
 from __future__ import annotations
 
+from typing import TypedDict
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -29,7 +31,18 @@ from stembed.sensors import S1, S2
 H = W = 16  # 16 blocks of 4 px
 T = 3
 BLOCK = 4
-FAST = {"block_px": BLOCK, "n_folds": 4, "min_class_pixels": 10, "n_estimators": 10}
+
+
+class _Fast(TypedDict):
+    """Small settings for the probes (typed, so ``**FAST`` type-checks against ``probe_table``'s keywords)."""
+
+    block_px: int
+    n_folds: int
+    min_class_pixels: int
+    n_estimators: int
+
+
+FAST: _Fast = {"block_px": BLOCK, "n_folds": 4, "min_class_pixels": 10, "n_estimators": 10}
 
 
 def _block_labels() -> np.ndarray:
