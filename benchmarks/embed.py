@@ -15,7 +15,7 @@ seeded synthetic cubes (:func:`stembed.testing.synthetic_scene`):
    with ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions and attention; elementwise
    work is not counted, so GFLOP/s is the useful-arithmetic rate). The dense and reference outputs are
    compared on the reference's pixel-dates.
-3. **end to end**: ``stembed embed`` (:func:`stembed.inference.tiles.embed_cube`, one worker,
+3. **end to end**: ``stembed embed`` (:func:`stembed.inference.run.embed_cube`, one worker,
    ``--tile-px`` tiles) on cubes of ``--size`` and 4 x ``--size`` px (area x16; or ``--e2e-sizes``), each in a fresh
    subprocess whose process tree's RSS is sampled every ~50 ms (peak, MiB; an upper bound, as shared
    pages count once per process). One worker runs the tiles in that process (no LocalCluster: see
@@ -61,7 +61,7 @@ def _case_embed(a: argparse.Namespace) -> dict[str, Any]:
     import distributed  # noqa: F401 - imported by embed_cube; counted in the baseline like torch
 
     from stembed.config import EmbedConfig
-    from stembed.inference.tiles import embed_cube
+    from stembed.inference.run import embed_cube
     from stembed.models.bundle import load_bundle
 
     load_bundle(a.bundle, expect_kind="fusion")
@@ -198,8 +198,8 @@ def compute_cases(a: argparse.Namespace, tmp: Path, dense_bundle: Path, paper_bu
     import numpy as np
     import torch
 
+    from stembed.inference.blocks import read_block
     from stembed.inference.engine import Block, embed_block, embed_block_dense, resolve_device
-    from stembed.inference.tiles import read_block
     from stembed.models.bundle import load_bundle
     from stembed.models.fusion import FusionModel
     from stembed.runtime import tune_allocator

@@ -1,6 +1,6 @@
 """One local worker: `stembed embed` in this process vs on a LocalCluster of one worker process started for the run.
 
-``workers: 1`` without ``--scheduler`` runs the tiles in the calling process (:mod:`stembed.inference.tiles`); before,
+``workers: 1`` without ``--scheduler`` runs the tiles in the calling process (:mod:`stembed.inference.workers`); before,
 it started a one-worker LocalCluster, whose process start and imports cost seconds per run. Both cases here embed the
 same seeded synthetic cube with the same random-weight bundle and the same torch thread count (all cores), and the
 outputs are compared. The cluster case's seconds include starting and closing its cluster, as a run did.
@@ -25,7 +25,7 @@ from pathlib import Path
 def _case(cube: Path, bundle: Path, out: Path, threads: int, cluster: bool) -> float:
     from stembed.cluster import connect
     from stembed.config import EmbedConfig
-    from stembed.inference.tiles import embed_cube
+    from stembed.inference.run import embed_cube
 
     t0 = time.perf_counter()
     cfg = EmbedConfig(tile_px=32, threads_per_worker=threads)

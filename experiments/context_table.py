@@ -23,7 +23,7 @@ import xarray as xr
 
 from stembed.config import EmbedConfig
 from stembed.eval.probe import parse_region, probe_table
-from stembed.inference.tiles import embed_cube
+from stembed.inference.run import embed_cube
 from stembed.io.cube import Scene, open_scene
 from stembed.io.embeddings import open_embeddings
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from stembed.cli import app
 from stembed.config import EmbedConfig
-from stembed.inference.tiles import plan_embedding
+from stembed.inference.plan import plan_embedding
 from stembed.io.cube import save_scene
 from stembed.testing import random_fusion_bundle, synthetic_scene, write_embedding_store
 

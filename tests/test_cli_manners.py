@@ -88,8 +88,9 @@ def test_embed_progress_counts_pixel_dates_within_a_tile(
     import tqdm.auto
     from distributed import LocalCluster
 
-    import stembed.inference.tiles as tiles
+    import stembed.inference.progress as progress
     from stembed.config import EmbedConfig
+    from stembed.inference.run import embed_cube
     from stembed.io.cube import save_scene
     from stembed.testing import random_fusion_bundle, synthetic_scene
 
@@ -107,12 +108,12 @@ def test_embed_progress_counts_pixel_dates_within_a_tile(
             return super().update(n)
 
     monkeypatch.setattr(tqdm.auto, "tqdm", Recorded)
-    monkeypatch.setattr(tiles, "_REPORT_EVERY_S", 0.0)  # the worker runs in this process: report every batch
+    monkeypatch.setattr(progress, "_REPORT_EVERY_S", 0.0)  # the worker runs in this process: report every batch
     scene = synthetic_scene(seed=2, height_px=10, width_px=10, n_days=60)
     cube = save_scene(scene, tmp_path / "scene.zarr")
     bundle = random_fusion_bundle(tmp_path / "fusion.pt", seed=0, tiny=True)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
-        tiles.embed_cube(cube, bundle, tmp_path / "emb.zarr", EmbedConfig(tile_px=10, batch_size=16),
+        embed_cube(cube, bundle, tmp_path / "emb.zarr", EmbedConfig(tile_px=10, batch_size=16),
                          scheduler=cluster.scheduler_address, progress=True)
     (bar,) = bars
     total = scene.s2.sizes["time"] * 10 * 10

@@ -144,3 +144,19 @@ def test_the_docs_layout_lists_the_same_ranks() -> None:
         for name in re.findall(r"`([a-z_0-9]+)`", modules):
             listed[name] = int(rank)
     assert listed == RANK
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen() -> None:
+    """A function over 60 lines (def to last line, docstring included) checks, plans and acts at once: split it into
+    helpers that read top to bottom (docs/development.md)."""
+    long = []
+    for path in FILES:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                n = (node.end_lineno or node.lineno) - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({n} lines)")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)

@@ -3,12 +3,22 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from torchmetrics.functional.image import spectral_angle_mapper, structural_similarity_index_measure
 
-from stembed.config import FusionLossConfig, LossConfig, s2_stage1_loss
+from stembed.config import (
+    CompanionLossConfig,
+    FusionLossConfig,
+    FusionStageConfig,
+    LossConfig,
+    dump_config,
+    load_config,
+    s2_stage1_loss,
+)
 from stembed.losses import (
     centre_mae,
     centre_sam,
@@ -21,6 +31,7 @@ from stembed.losses import (
     ssim_map,
     weighted_masked_mae,
 )
+from stembed.models.bundle import load_bundle
 
 
 def _batch(b=2, t=11, c=3, seed=0):
@@ -203,6 +214,44 @@ def test_fusion_loss_is_weighted_sum_of_branches():
     torch.testing.assert_close(out["loss"], 0.5 * l1 + 0.5 * l2)
     torch.testing.assert_close(out["s1/loss"], l1)
     assert {"s2/mae", "s2/ssim", "s2/sam"} <= set(out)
+
+
+def test_each_companion_sensor_has_its_own_branch_loss():
+    cfg = FusionLossConfig.model_validate(
+        {"companions": {"agera5": {"mae": 1.0, "centre_weight": 2.0, "weight": 0.25}}, "companion": {"weight": 0.1}}
+    )
+    assert cfg.branch("agera5") == (CompanionLossConfig(centre_weight=2.0, weight=0.25), 0.25)
+    assert cfg.branch("toy") == (CompanionLossConfig(weight=0.1), 0.1)  # not named: the default
+    assert cfg.branch("s1") == (cfg.s1, 0.5) and cfg.branch("s2") == (cfg.s2, 0.5)
+    xa_hat, xa, va = _batch(c=4, seed=2)
+    xt_hat, xt, vt = _batch(c=4, seed=3)
+    out = fusion_loss({"agera5": (xa_hat, xa, va), "toy": (xt_hat, xt, vt)}, cfg)
+    la = reconstruction_loss(xa_hat, xa, va, LossConfig(centre_weight=2.0))["loss"]
+    lt = reconstruction_loss(xt_hat, xt, vt, LossConfig())["loss"]
+    torch.testing.assert_close(out["loss"], 0.25 * la + 0.1 * lt)
+    with pytest.raises(ValidationError, match="set S1's and S2's branches in loss.s1"):
+        FusionLossConfig.model_validate({"companions": {"s1": {}}})
+    with pytest.raises(ValidationError, match="loss.companions names \\['toy'\\] but bundles has no such"):
+        FusionStageConfig.model_validate({"bundles": {"s1": "a", "s2": "b"}, "loss": {"companions": {"toy": {}}}})
+
+
+def test_old_companion_loss_keys_load_as_the_default_companion(tmp_path: Path):
+    """``extra``/``extra_weight`` (one branch for every companion) load as ``companion``: in YAML configs, in
+    overrides of a new config, and in the stage configs saved inside the shipped bundles."""
+    old = FusionLossConfig.model_validate({"extra": {"mae": 1.0, "centre_weight": 2.0}, "extra_weight": 0.3})
+    assert old == FusionLossConfig(companion=CompanionLossConfig(centre_weight=2.0, weight=0.3))
+    assert FusionLossConfig.model_validate({"extra_weight": 0.3}).companion == CompanionLossConfig(weight=0.3)
+    assert not {"extra", "extra_weight"} & set(dump_config(old))
+    (tmp_path / "old.yaml").write_text("bundles: {s1: a.pt, s2: b.pt}\nloss:\n  extra: {centre_weight: 2.0}\n"
+                                       "  extra_weight: 0.3\n")
+    assert load_config(FusionStageConfig, tmp_path / "old.yaml").loss == old
+    new = load_config(FusionStageConfig, None, ["bundles.s1=a", "bundles.s2=b", "loss.companion.mae=0.5",
+                                                "loss.extra_weight=0.3"])
+    assert new.loss.companion == CompanionLossConfig(mae=0.5, weight=0.3)
+    for name in ("belgium", "belgium-v1"):  # saved with extra/extra_weight at their defaults
+        stage = load_bundle(f"pretrained:{name}").cfg.stage
+        assert "extra" in stage["loss"]
+        assert FusionStageConfig.model_validate(stage).loss.companion == CompanionLossConfig()
 
 
 # ----------------------------------------------------------------------------- centre metrics

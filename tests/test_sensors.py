@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import shutil
@@ -329,3 +330,70 @@ def test_a_custom_sensor_registers_without_touching_s1_s2_code(registry: None) -
     assert ae_preset("small", "ndvi_only").in_channels == 1
     m = matched_arrays(scene, "ndvi_only", 0.0)
     np.testing.assert_array_equal(m.values, sensor_arrays(scene, "ndvi_only").values)
+
+
+# ----------------------------------------------------------------------------- no "s1"/"s2" outside the registry
+SRC = Path(sensors.__file__).parent
+# Where "s1"/"s2" may be written out: the registry, the configs' defaults and presets, code about one of the two
+# sensors, the bundle format from before sensors were keyed, and the user's commands. Everywhere else the code asks
+# stembed.sensors (ANCHOR, PAIRED, CORE_SENSORS, SCENE_SENSORS, companions). file -> its top-level names that may
+# hold them (None: the whole file).
+SENSOR_LITERALS_ALLOWED: dict[str, set[str] | None] = {
+    "sensors.py": None,  # the registry
+    "config.py": None,  # config defaults, the presets, the old config keys
+    "cli.py": None,  # the commands `stembed train s1` and `stembed train s2`
+    "cube_build/build.py": None,  # S2 and S1 from their STAC collections
+    "cube_build/pieces.py": None,  # (S2's cloud mask)
+    "io/worldcereal.py": None,  # WorldCereal's S2 and S1 files
+    "data/synthetic.py": None,  # the synthetic S2 and S1 cubes
+    "contract.py": {"value_problems", "validate_pair"},  # S2 DN and S1 dB hints; the S1-S2 pair
+    "data/build.py": {"matched_s1_arrays"},
+    "preprocess/prepare.py": {"match_s1_to_s2"},
+    "models/bundle.py": {"_NAMES", "_upgrade_fusion_config"},  # display names; bundles before sensors were keyed
+    "demo.py": {"demo_configs"},  # the demo's own settings for each sensor
+}
+
+
+def _top_level_name(node: ast.stmt) -> str:
+    """A module's top-level def or class name, or the name a top-level assignment binds ("" for other statements)."""
+    if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+        return node.name
+    if isinstance(node, ast.Assign | ast.AnnAssign):
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        return next((t.id for t in targets if isinstance(t, ast.Name)), "")
+    return ""
+
+
+def sensor_literals(path: Path) -> list[tuple[str, int]]:
+    """(top-level name, line) of every string constant "s1" or "s2" in a module (docstrings and messages that
+    mention them inside longer text do not count)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        (_top_level_name(stmt), node.lineno)
+        for stmt in tree.body
+        for node in ast.walk(stmt)
+        if isinstance(node, ast.Constant) and node.value in ("s1", "s2")
+    ]
+
+
+def test_sensor_names_come_from_the_registry() -> None:
+    """Generic code names no sensor: a literal "s1"/"s2" outside the allow-list is one the registry can say."""
+    found = []
+    for path in sorted(SRC.rglob("*.py")):
+        allowed = SENSOR_LITERALS_ALLOWED.get(path.relative_to(SRC).as_posix(), set())
+        if allowed is None:
+            continue
+        found += [f"{path.relative_to(SRC)}:{line} ({name or 'module'})"
+                  for name, line in sensor_literals(path) if name not in allowed]
+    assert not found, (
+        f"{len(found)} literal sensor names outside the registry: {found}; fix: use stembed.sensors (ANCHOR, "
+        "PAIRED, CORE_SENSORS, SCENE_SENSORS, companions), or add the file or function to SENSOR_LITERALS_ALLOWED "
+        "if the code is about that one sensor"
+    )
+    assert all((SRC / f).is_file() for f in SENSOR_LITERALS_ALLOWED), "an allowed file no longer exists"
+
+
+def test_sensor_literal_count_sees_constants_only(tmp_path: Path) -> None:
+    code = 'def f(k):\n    """Use "s1" here."""\n    return k == "s2" or f"{k}" == "s1_time"\nX = {"s1": 1}\n'
+    (tmp_path / "m.py").write_text(code)
+    assert sensor_literals(tmp_path / "m.py") == [("f", 3), ("X", 4)]

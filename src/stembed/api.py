@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 
     from stembed.config import EmbedConfig
     from stembed.contract import Scene
-    from stembed.inference.tiles import EmbedPlan, EmbedResult
+    from stembed.inference.plan import EmbedPlan
+    from stembed.inference.run import EmbedResult
     from stembed.models.bundle import Bundle
     from stembed.training.run_folder import Run
 
@@ -172,13 +173,18 @@ def embed(
              if value not in (False, None)]
     if given:
         raise UserError(f"{', '.join(given)} are about an embedding store; fix: pass out=PATH, or drop them")
+    return _embed_in_memory(scene, bundle_path, _in_memory_settings(config, settings), progress=progress)
+
+
+def _in_memory_settings(config: str | Path | None, settings: Mapping[str, Any]) -> EmbedConfig:
+    """The ``EmbedConfig`` of an in-memory embedding: one whose values are float32 as computed."""
     cfg = embed_settings(config, settings)
     if cfg.dtype != "float32":
         raise UserError(
             f"dtype={cfg.dtype!r} sets how a store keeps the values; in memory they are float32; "
             "fix: pass out=PATH to write a store, or drop dtype"
         )
-    return _embed_in_memory(scene, bundle_path, cfg, progress=progress)
+    return cfg
 
 
 def embed_store(
@@ -197,7 +203,7 @@ def embed_store(
     """Embed the scene store ``cube`` into the embedding store ``out``, tile by tile on dask: ``stembed embed``.
 
     ``overrides`` are ``KEY=VALUE`` strings (``--set``), ``settings`` ``EmbedConfig`` fields; ``settings`` win.
-    Every check runs before anything is written; see :func:`stembed.inference.tiles.embed_cube`.
+    Every check runs before anything is written; see :func:`stembed.inference.run.embed_cube`.
 
     Returns:
         What the run did: tiles written and skipped, the storage error, seconds, notes for the user.
@@ -206,7 +212,7 @@ def embed_store(
         ConfigError: both ``workers`` and ``scheduler``, or a bad setting.
     """
     from stembed.config import ConfigError
-    from stembed.inference.tiles import embed_cube
+    from stembed.inference.run import embed_cube
 
     if settings.get("workers") is not None and scheduler is not None:
         raise ConfigError("--workers starts a local cluster and --scheduler uses a running one; pass one")
@@ -279,19 +285,19 @@ def _scene_from_dataset(ds: xr.Dataset) -> Scene:
     import numpy as np
 
     from stembed.contract import CubeError, Scene, provenance_json
-    from stembed.sensors import SENSORS, load_builtin_plugins
+    from stembed.sensors import ANCHOR, SCENE_SENSORS, SENSORS, companions, load_builtin_plugins
     from stembed.types import BAND, CUBE_DIMS, TIME
 
     load_builtin_plugins()
     names = [str(v) for v in ds.data_vars]
-    missing = [k for k in ("s2", "s1") if k not in names]
+    missing = [k for k in SCENE_SENSORS if k not in names]
     if missing:
         raise CubeError(
             f"the Dataset has no {' or '.join(missing)} variable (it has {names}); fix: one cube per sensor, "
             "named after it: xr.Dataset({'s2': s2_cube, 's1': s1_cube})"
         )
     sensors = {}
-    for name in ["s2", "s1", *(n for n in names if n in SENSORS and n not in ("s2", "s1"))]:
+    for name in [*SCENE_SENSORS, *(n for n in companions(names) if n in SENSORS)]:
         da = ds[name]
         if tuple(da.dims) != CUBE_DIMS:
             raise CubeError(
@@ -318,19 +324,14 @@ def _scene_from_dataset(ds: xr.Dataset) -> Scene:
         attrs.setdefault("site", "scene")
         attrs.setdefault("provenance", provenance_json({"source": "an in-memory xr.Dataset (stembed.api)"}))
         sensors[name] = da.assign_attrs(attrs)
-    return Scene(site=str(sensors["s2"].attrs["site"]), sensors=sensors)
+    return Scene(site=str(sensors[ANCHOR].attrs["site"]), sensors=sensors)
 
 
 def _check_structure(scene: Scene) -> None:
     """The structural checks :func:`stembed.io.cube.open_scene` runs on a store, for a scene in memory."""
-    from stembed.contract import CubeError, validate_cube, validate_extra, validate_pair
-    from stembed.sensors import SENSORS
+    from stembed.contract import CubeError
 
-    validate_cube(scene.s2, SENSORS["s2"], check_values=False)
-    validate_cube(scene.s1, SENSORS["s1"], check_values=False)
-    validate_pair(scene.s1, scene.s2)
-    for name, cube in scene.extra.items():
-        validate_extra(name, cube, scene.s2, check_values=False)
+    scene.validate_cubes(check_values=False)
     if scene.s2.attrs.get("site") != scene.site:
         raise CubeError(
             f"Scene.site is {scene.site!r} but its S2 cube says site {scene.s2.attrs.get('site')!r}; "
@@ -346,8 +347,9 @@ def _embed_in_memory(scene: str | Path | Scene | xr.Dataset, bundle: str | Path,
     import torch
     from tqdm.auto import tqdm
 
+    from stembed.inference.blocks import embed_tile, read_block
     from stembed.inference.engine import resolve_device
-    from stembed.inference.tiles import check_cube_values, embed_tile, n_features, plan_embedding, read_block
+    from stembed.inference.plan import check_cube_values, n_features, plan_embedding
     from stembed.models.fusion import FusionBase
     from stembed.models.gapfill import GapFillModel
 

@@ -7,7 +7,6 @@ naming the problem and the fix, and exit with status 2; anything else is a bug a
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import sys
@@ -358,20 +357,19 @@ class StorageDtype(StrEnum):
     int8 = "int8"
 
 
-class S1Orbit(StrEnum):
-    """Which Sentinel-1 passes ``stembed cube`` reads."""
-
-    auto = "auto"
-    ascending = "ascending"
-    descending = "descending"
-    both = "both"
-
-
 class Interpolation(StrEnum):
     """How ``stembed eval gpp`` fills days between observations."""
 
     linear = "linear"
     savgol = "savgol"
+
+
+DailyOpt = Annotated[bool, typer.Option(
+    "--daily", metavar="", help="Write every day from the first to the last S2 date, with a flag per value: observed, "
+    "model_based (cloudy dates: gap-fill bundles and context fusions), linear or savgol (--set daily_fill=savgol).")]
+EmbedFeaturesOpt = Annotated[int | None, typer.Option(
+    "--features", metavar="K", help="Write only the first K features: one of a nested bundle's prefixes (`stembed "
+    "info BUNDLE` lists them); default all.")]
 
 
 @app.command()
@@ -397,20 +395,8 @@ def embed(
     config: Annotated[Path | None, typer.Option("--config", help="YAML EmbedConfig (tile_px, batch_size, ...).")] = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
-    daily: Annotated[
-        bool,
-        typer.Option(
-            "--daily",
-            metavar="",
-            help="Write every day from the first to the last S2 date, with a flag per value: observed, model_based "
-            "(cloudy dates: gap-fill bundles and context fusions), linear or savgol (--set daily_fill=savgol).",
-        ),
-    ] = False,
-    features: Annotated[
-        int | None,
-        typer.Option("--features", metavar="K", help="Write only the first K features: one of a nested bundle's "
-                     "prefixes (`stembed info BUNDLE` lists them); default all."),
-    ] = None,
+    daily: DailyOpt = False,
+    features: EmbedFeaturesOpt = None,
 ) -> None:
     """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
     from stembed.api import embed_store
@@ -439,77 +425,87 @@ def embed(
     )
 
 
+# ----------------------------------------------------------------------------- cube
+class S1Orbit(StrEnum):
+    """Which Sentinel-1 passes ``stembed cube`` reads."""
+
+    auto = "auto"
+    ascending = "ascending"
+    descending = "descending"
+    both = "both"
+
+
+CubeConfigOpt = Annotated[Path | None, typer.Option("--config", help="YAML CubeConfig: the settings every store "
+                          "shares (configs/cube.yaml); the options below win over it.")]
+CubeOutOpt = Annotated[Path | None, typer.Option("--out", help="Output scene store (zarr): S2 + S1 cubes on one grid.")]
+StartOpt = Annotated[str | None, typer.Option("--start", help="First day, YYYY-MM-DD (with --sites: of rows without one).")]
+EndOpt = Annotated[
+    str | None, typer.Option("--end", help="Last day, YYYY-MM-DD, inclusive (with --sites: of rows without one).")
+]
+SitesOpt = Annotated[Path | None, typer.Option(
+    "--sites", help="CSV table, one store per row: column site, and lon,lat,size_m or west,south,east,north; "
+    "optional start,end. Instead of --out/--bbox/--point/--site; needs --out-dir.")]
+SitesOutDirOpt = Annotated[
+    Path | None, typer.Option("--out-dir", help="With --sites: folder of the stores DIR/<site>.zarr and the report.")
+]
+SitesWorkersOpt = Annotated[
+    int | None, typer.Option("--workers", help="With --sites: local dask worker processes (default: sites, max 4).")
+]
+SitesSchedulerOpt = Annotated[
+    str | None, typer.Option("--scheduler", help="With --sites: a running dask scheduler's address (not --workers).")
+]
+BBoxOpt = Annotated[
+    tuple[float, float, float, float] | None, typer.Option("--bbox", metavar="W S E N", help="Area as lon/lat W S E N.")
+]
+PointOpt = Annotated[tuple[float, float] | None, typer.Option("--point", metavar="LON LAT", help="Centre as LON LAT.")]
+SizeOpt = Annotated[float | None, typer.Option("--size-m", help="Side of the square around --point, metres.")]
+SiteOpt = Annotated[str | None, typer.Option("--site", help="Site id stored in the cube (default: --out's stem).")]
+# the CubeConfig settings: None = not given (the config's value, whose default the help names)
+CatalogOpt = Annotated[
+    str | None, typer.Option("--catalog", help="STAC API root (default: Planetary Computer, signed).")
+]
+S2CollectionOpt = Annotated[str | None, typer.Option(
+    "--s2-collection", help="Sentinel-2 L2A collection (default: sentinel-2-l2a).")]
+S1CollectionOpt = Annotated[str | None, typer.Option(
+    "--s1-collection", help="Sentinel-1 RTC collection (default: sentinel-1-rtc).")]
+CloudMaskOpt = Annotated[str | None, typer.Option(
+    "--cloud-mask", help="'scl', or 'module:Factory' building a stembed CloudMask, a model (default: scl).")]
+SCLClassesOpt = Annotated[
+    str | None, typer.Option("--scl-classes", help="SCL classes masked, comma-separated (default: 0,1,3,8,9,10).")
+]
+NoBRDFOpt = Annotated[
+    bool, typer.Option("--no-brdf", metavar="", help="Skip the BRDF nadir normalisation (config: brdf: false).")
+]
+MinValidOpt = Annotated[float | None, typer.Option(
+    "--min-valid-fraction", help="Keep an S2 date with at least this share valid (default: 0.03).")]
+MinDatesOpt = Annotated[
+    int | None, typer.Option("--min-dates", help="Fewest S2 dates the cube may have (default: 6).")
+]
+S1OrbitOpt = Annotated[
+    S1Orbit | None, typer.Option("--s1-orbit", help="Sentinel-1 passes to read (default: auto).")
+]
+S1GapOpt = Annotated[float | None, typer.Option(
+    "--s1-max-gap-days", help="S1-S2 matching tolerance, checked and recorded (default: 6.0).")]
+PieceMonthsOpt = Annotated[
+    int | None, typer.Option("--piece-months", help="Fetch in pieces of this many months (default: 12).")
+]
+RetriesOpt = Annotated[int | None, typer.Option("--retries", help="HTTP retries, exponential backoff (default: 5).")]
+CubeOverwriteOpt = Annotated[
+    bool, typer.Option("--overwrite", metavar="", help="Replace --out (and discard a different staged build).")
+]
+_RESUME_SITES = "finished sites and pieces are kept: rerun the same command to build the rest"
+
+
 @app.command()
 def cube(
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Output scene store (zarr): S2 + S1 cubes on one grid.")
-    ] = None,
-    start: Annotated[
-        str | None, typer.Option("--start", help="First day, YYYY-MM-DD (with --sites: of rows without one).")
-    ] = None,
-    end: Annotated[
-        str | None,
-        typer.Option("--end", help="Last day, YYYY-MM-DD, inclusive (with --sites: of rows without one)."),
-    ] = None,
-    sites: Annotated[
-        Path | None,
-        typer.Option(
-            "--sites",
-            help="CSV table, one store per row: column site, and lon,lat,size_m or west,south,east,north; "
-            "optional start,end. Instead of --out/--bbox/--point/--site; needs --out-dir.",
-        ),
-    ] = None,
-    out_dir: Annotated[
-        Path | None,
-        typer.Option("--out-dir", help="With --sites: folder of the stores DIR/<site>.zarr and the report."),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option("--workers", help="With --sites: local dask worker processes (default: sites, max 4)."),
-    ] = None,
-    scheduler: Annotated[
-        str | None,
-        typer.Option("--scheduler", help="With --sites: a running dask scheduler's address (not --workers)."),
-    ] = None,
-    bbox: Annotated[
-        tuple[float, float, float, float] | None,
-        typer.Option("--bbox", metavar="W S E N", help="Area as lon/lat W S E N."),
-    ] = None,
-    point: Annotated[
-        tuple[float, float] | None, typer.Option("--point", metavar="LON LAT", help="Centre as LON LAT.")
-    ] = None,
-    size_m: Annotated[float | None, typer.Option("--size-m", help="Side of the square around --point, metres.")] = None,
-    catalog: Annotated[
-        str | None, typer.Option("--catalog", help="STAC API root (default: Planetary Computer, signed).")
-    ] = None,
-    s2_collection: Annotated[str, typer.Option("--s2-collection", help="Sentinel-2 L2A collection.")] = "sentinel-2-l2a",
-    s1_collection: Annotated[str, typer.Option("--s1-collection", help="Sentinel-1 RTC collection.")] = "sentinel-1-rtc",
-    site: Annotated[str | None, typer.Option("--site", help="Site id stored in the cube (default: --out's stem).")] = None,
-    cloud_mask: Annotated[
-        str, typer.Option("--cloud-mask", help="'scl', or 'module:Factory' building a stembed CloudMask (a model).")
-    ] = "scl",
-    scl_classes: Annotated[
-        str | None, typer.Option("--scl-classes", help="SCL classes masked, comma-separated (default 0,1,3,8,9,10).")
-    ] = None,
-    no_brdf: Annotated[
-        bool, typer.Option("--no-brdf", metavar="", help="Skip the BRDF nadir normalisation.")
-    ] = False,
-    min_valid_fraction: Annotated[
-        float, typer.Option("--min-valid-fraction", help="Keep an S2 date with at least this share valid.")
-    ] = 0.03,
-    min_dates: Annotated[int, typer.Option("--min-dates", help="Fewest S2 dates the cube may have.")] = 6,
-    s1_orbit: Annotated[
-        S1Orbit, typer.Option("--s1-orbit", help="Sentinel-1 passes to read.")
-    ] = S1Orbit.auto,
-    s1_max_gap_days: Annotated[
-        float, typer.Option("--s1-max-gap-days", help="S1-S2 matching tolerance, checked and recorded.")
-    ] = 6.0,
-    piece_months: Annotated[int, typer.Option("--piece-months", help="Fetch in pieces of this many months.")] = 12,
-    retries: Annotated[int, typer.Option("--retries", help="HTTP retries (exponential backoff).")] = 5,
-    overwrite: Annotated[
-        bool,
-        typer.Option("--overwrite", metavar="", help="Replace --out (and discard a different staged build)."),
-    ] = False,
+    out: CubeOutOpt = None, start: StartOpt = None, end: EndOpt = None, sites: SitesOpt = None,
+    out_dir: SitesOutDirOpt = None, workers: SitesWorkersOpt = None, scheduler: SitesSchedulerOpt = None,
+    bbox: BBoxOpt = None, point: PointOpt = None, size_m: SizeOpt = None, site: SiteOpt = None,
+    config: CubeConfigOpt = None, set_: SetOpt = None, catalog: CatalogOpt = None,
+    s2_collection: S2CollectionOpt = None, s1_collection: S1CollectionOpt = None, cloud_mask: CloudMaskOpt = None,
+    scl_classes: SCLClassesOpt = None, no_brdf: NoBRDFOpt = False, min_valid_fraction: MinValidOpt = None,
+    min_dates: MinDatesOpt = None, s1_orbit: S1OrbitOpt = None, s1_max_gap_days: S1GapOpt = None,
+    piece_months: PieceMonthsOpt = None, retries: RetriesOpt = None, overwrite: CubeOverwriteOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Build an S2 L2A + S1 RTC scene store from a STAC API (cloud mask, BRDF, S1 smoothing); resumable.
@@ -517,156 +513,88 @@ def cube(
     With --sites, one store per row of a CSV table, in parallel on dask; a failed site is reported at the
     end (and in OUT_DIR/sites_report.csv, exit status 1) without stopping the others.
 
-    (Long only by its option declarations, one per flag; the work is in _cube_settings, _cube_one and
-    _cube_sites.)
+    The settings every store shares (catalog to retries) are a CubeConfig: the options given win over --set,
+    --set over --config, --config over the defaults.
     """
-    settings = functools.partial(
-        _cube_settings, catalog=catalog, s2_collection=s2_collection, s1_collection=s1_collection,
-        cloud_mask=cloud_mask, scl_classes=scl_classes, brdf=not no_brdf, min_valid_fraction=min_valid_fraction,
-        min_dates=min_dates, s1_orbit=s1_orbit.value, s1_max_gap_days=s1_max_gap_days, piece_months=piece_months,
-        retries=retries,
-    )
+    from stembed.cube_build import build_area, build_sites_table, cube_settings
+
+    given = {"catalog": catalog, "s2_collection": s2_collection, "s1_collection": s1_collection,
+             "cloud_mask": cloud_mask, "brdf": False if no_brdf else None, "min_valid_fraction": min_valid_fraction,
+             "min_dates": min_dates, "s1_orbit": None if s1_orbit is None else s1_orbit.value,
+             "s1_max_gap_days": s1_max_gap_days, "piece_months": piece_months, "retries": retries}
+
+    def settings() -> Any:
+        return cube_settings(config, {**given, "scl_classes": _scl_classes(scl_classes)}, set_ or [])
+
     if sites is not None:
-        single = (("--out", out), ("--bbox", bbox), ("--point", point), ("--size-m", size_m),
-                  ("--site", site))
-        _cube_sites(
-            sites, out_dir, settings, start=start, end=end, overwrite=overwrite, workers=workers,
-            scheduler=scheduler, quiet=quiet, single=single,
-        )
+        _refuse_given((("--out", out), ("--bbox", bbox), ("--point", point), ("--size-m", size_m), ("--site", site)),
+                      "--sites takes each site's area and id from its table, so {} cannot go with it; fix: drop "
+                      "them (the stores go to --out-dir DIR as DIR/<site>.zarr)")
+        if out_dir is None:
+            raise _fail("--sites needs --out-dir DIR (the stores are DIR/<site>.zarr); fix: add it")
+        run = _run(lambda: build_sites_table(sites, out_dir, settings(), start=start, end=end, overwrite=overwrite,
+                                             workers=workers, scheduler=scheduler,
+                                             on_done=None if quiet else _echo_site), resume=_RESUME_SITES)
+        _echo_sites(run)
         return
-    sites_only = (("--out-dir", out_dir), ("--workers", workers), ("--scheduler", scheduler))
-    res = _run(
-        lambda: _cube_one(out, start, end, bbox=bbox, point=point, size_m=size_m, site=site, settings=settings,
-                          overwrite=overwrite, quiet=quiet, sites_only=sites_only),
-        resume=_RESUME_CUBE,
-    )
-    typer.echo(
-        f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
-        f"{res.s2_dates_with_s1} S2 dates with S1 within {s1_max_gap_days:g} days)"
-    )
-
-
-def _cube_settings(
-    *, catalog: str | None, s2_collection: str, s1_collection: str, cloud_mask: str, scl_classes: str | None,
-    brdf: bool, min_valid_fraction: float, min_dates: int, s1_orbit: str, s1_max_gap_days: float,
-    piece_months: int, retries: int,
-) -> dict[str, Any]:
-    """The ``CubeRequest`` settings every site shares (all but area, period and id)."""
-    from stembed.cube_build import CubeBuildError
-    from stembed.io.stac import PLANETARY_COMPUTER, RetryPolicy
-    from stembed.preprocess import load_cloud_mask
-
-    try:
-        classes = None if scl_classes is None else [int(c) for c in scl_classes.split(",") if c.strip()]
-    except ValueError as e:
-        raise CubeBuildError(
-            f"--scl-classes {scl_classes!r} is not a comma-separated list of integers"
-        ) from e
-    return dict(
-        catalog=catalog or PLANETARY_COMPUTER, s2_collection=s2_collection, s1_collection=s1_collection,
-        cloud_mask=load_cloud_mask(cloud_mask, scl_classes=classes), brdf=brdf,
-        min_valid_fraction=min_valid_fraction, min_dates=min_dates, s1_orbit=s1_orbit,
-        s1_max_gap_days=s1_max_gap_days, piece_months=piece_months, retry=RetryPolicy(retries=retries),
-    )
-
-
-def _cube_one(
-    out: Path | None, start: str | None, end: str | None, *, bbox: tuple[float, float, float, float] | None,
-    point: tuple[float, float] | None, size_m: float | None, site: str | None,
-    settings: Callable[[], dict[str, Any]], overwrite: bool, quiet: bool, sites_only: tuple[tuple[str, Any], ...],
-) -> Any:
-    """``stembed cube`` for one store: refuse the --sites options, require --out/--start/--end, build."""
-    from stembed.cube_build import CubeBuildError, CubeRequest, build_cube
-    from stembed.io.stac import utm_grid
-
-    given = [name for name, value in sites_only if value is not None]
-    if given:
-        raise CubeBuildError(f"{', '.join(given)} go with --sites; fix: add --sites TABLE.csv or drop it")
+    _refuse_given((("--out-dir", out_dir), ("--workers", workers), ("--scheduler", scheduler)),
+                  "{} go with --sites; fix: add --sites TABLE.csv or drop it")
     if out is None or start is None or end is None:
         missing = [n for n, v in (("--out", out), ("--start", start), ("--end", end)) if v is None]
-        raise CubeBuildError(
-            f"missing {', '.join(missing)}; fix: pass --out STORE.zarr --start YYYY-MM-DD --end "
-            "YYYY-MM-DD (or --sites TABLE.csv --out-dir DIR for many sites)"
-        )
-    request = CubeRequest(
-        grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
-        site=site or out.name.removesuffix(".zarr"), **settings(),
+        raise _fail(f"missing {', '.join(missing)}; fix: pass --out STORE.zarr --start YYYY-MM-DD --end "
+                    "YYYY-MM-DD (or --sites TABLE.csv --out-dir DIR for many sites)")
+    res = _run(lambda: build_area(settings(), out, start=start, end=end, bbox=bbox, point=point, size_m=size_m,
+                                  site=site, overwrite=overwrite, progress=not quiet, echo=typer.echo),
+               resume=_RESUME_CUBE)
+    typer.echo(
+        f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
+        f"{res.s2_dates_with_s1} S2 dates with S1 within {res.s1_max_gap_days:g} days)"
     )
-    return build_cube(request, out, overwrite=overwrite, progress=not quiet, echo=typer.echo)
 
 
-_RESUME_SITES = "finished sites and pieces are kept: rerun the same command to build the rest"
+def _refuse_given(options: tuple[tuple[str, Any], ...], message: str) -> None:
+    """Exit with ``message`` (its ``{}``: the options given) if any of ``options`` was given."""
+    given = [name for name, value in options if value is not None]
+    if given:
+        raise _fail(message.format(", ".join(given)))
 
 
-def _cube_sites(
-    sites: Path, out_dir: Path | None, settings: Callable[[], dict[str, Any]], *, start: str | None,
-    end: str | None, overwrite: bool, workers: int | None, scheduler: str | None, quiet: bool,
-    single: tuple[tuple[str, Any], ...],
-) -> None:
-    """``stembed cube --sites``: check everything (table, options, --out-dir) before any site starts, build
-    the sites on dask, print a summary, write OUT_DIR/sites_report.csv; exit 1 if a site failed."""
-    from stembed.cube_build import CubeBuildError, CubeRequest, build_cubes
-    from stembed.io.outputs import check_file_output, check_output_folder, lock_output
-    from stembed.io.sites import REPORT_NAME, SiteOutcome, read_sites, summary_lines, write_report
+def _scl_classes(text: str | None) -> list[int] | None:
+    """``--scl-classes 0,1,3`` as a list of classes."""
+    from stembed.cube_build import CubeBuildError
 
-    done: list[SiteOutcome] = []
-    # named apart from the module's `report` command, which a closure would otherwise seem to mean
-    report_csv = (out_dir or Path(".")) / REPORT_NAME
+    try:
+        return None if text is None else [int(c) for c in text.split(",") if c.strip()]
+    except ValueError as e:
+        raise CubeBuildError(f"--scl-classes {text!r} is not a comma-separated list of integers") from e
 
-    def on_done(outcome: SiteOutcome) -> None:
-        done.append(outcome)
-        write_report(done, report_csv)  # so far: a run cut short still says which sites finished
-        if quiet:
-            return
-        if outcome.failed:
-            typer.secho(f"{outcome.site}: failed: {outcome.error}", fg=typer.colors.RED, err=True)
-        elif outcome.status == "built":
-            typer.echo(
-                f"{outcome.site}: built {outcome.path} ({outcome.s2_dates} S2 dates, {outcome.s1_dates} S1 "
-                f"dates, {outcome.seconds:.1f} s)"
-            )
-        else:
-            typer.echo(f"{outcome.site}: {outcome.status} ({outcome.path})")
 
-    def go() -> list[SiteOutcome]:
-        given = [name for name, value in single if value is not None]
-        if given:
-            raise CubeBuildError(
-                f"--sites takes each site's area and id from its table, so {', '.join(given)} cannot go with "
-                "it; fix: drop them (the stores go to --out-dir DIR as DIR/<site>.zarr)"
-            )
-        if out_dir is None:
-            raise CubeBuildError("--sites needs --out-dir DIR (the stores are DIR/<site>.zarr); fix: add it")
-        if workers is not None and scheduler is not None:
-            raise CubeBuildError(
-                "--workers starts a local cluster and --scheduler uses a running one; fix: pass one"
-            )
-        if workers is not None and workers < 1:
-            raise CubeBuildError(f"--workers is {workers}; fix: use at least 1")
-        shared = settings()
-        rows = read_sites(sites, start=start, end=end, piece_months=shared["piece_months"])
-        requests = [CubeRequest(grid=r.grid, start=r.start, end=r.end, site=r.site, **shared) for r in rows]
-        check_output_folder(out_dir, option="--out-dir")
-        check_file_output(report_csv, overwrite=True, what="report", option="--out-dir")
-        # one --sites run per --out-dir at a time (each site's store has its own lock besides)
-        with lock_output(report_csv, command="cube --sites", option="--out-dir"):
-            outcomes = build_cubes(
-                requests, out_dir, overwrite=overwrite, workers=workers, scheduler=scheduler, on_done=on_done
-            )
-            write_report(outcomes, report_csv)
-        return outcomes
+def _echo_site(outcome: Any) -> None:
+    """One line as a site of ``cube --sites`` ends."""
+    if outcome.failed:
+        typer.secho(f"{outcome.site}: failed: {outcome.error}", fg=typer.colors.RED, err=True)
+    elif outcome.status == "built":
+        typer.echo(
+            f"{outcome.site}: built {outcome.path} ({outcome.s2_dates} S2 dates, {outcome.s1_dates} S1 "
+            f"dates, {outcome.seconds:.1f} s)"
+        )
+    else:
+        typer.echo(f"{outcome.site}: {outcome.status} ({outcome.path})")
 
-    outcomes = _run(go, resume=_RESUME_SITES)
-    for line in summary_lines(outcomes):
+
+def _echo_sites(run: Any) -> None:
+    """The summary of ``cube --sites``: a table, the tracebacks of bugs, the counts; exit status 1 if a site failed."""
+    from stembed.io.sites import summary_lines
+
+    for line in summary_lines(run.outcomes):
         typer.echo(line)
-    for o in outcomes:
+    for o in run.outcomes:
         if o.traceback:  # an unexpected error is a bug: show where it happened
             typer.secho(f"{o.site}: unexpected error (a bug, please report it):\n{o.traceback}", err=True)
-    failed = [o for o in outcomes if o.failed]
-    counts = {s: sum(o.status == s for o in outcomes) for s in ("built", "already built")}
+    failed = run.failed
     typer.echo(
-        f"{counts['built']} built, {counts['already built']} already built, {len(failed)} failed of "
-        f"{len(outcomes)} sites; report: {report_csv}"
+        f"{run.count('built')} built, {run.count('already built')} already built, {len(failed)} failed of "
+        f"{len(run.outcomes)} sites; report: {run.report}"
     )
     if failed:
         typer.secho(
@@ -814,23 +742,6 @@ YearsOpt = Annotated[
 ]
 
 
-def _year_split(train_years: list[int] | None, val_years: list[int] | None, test_years: list[int] | None) -> Any:
-    """The GPP year split the options give; None (adapt to the cube) when no years are given."""
-    from stembed.eval.gpp import YearSplit
-    from stembed.eval.gpp_run import GPPRunError
-
-    if train_years is None and val_years is None:
-        if test_years:
-            raise GPPRunError("--test-years needs --train-years and --val-years too; fix: give all three")
-        return None
-    if train_years is None or val_years is None:
-        raise GPPRunError(
-            "give both --train-years and --val-years, or neither (then the latest year of the cube's windows "
-            "validates and the earlier years train)"
-        )
-    return YearSplit(tuple(train_years), tuple(val_years), tuple(test_years or ()))
-
-
 @eval_app.command("recon")
 def eval_recon(
     out: OutDirOpt,
@@ -976,43 +887,16 @@ def eval_gpp(
 ) -> None:
     """GPP from embeddings, raw bands and NDVI at one tower (or several, each held out in turn): transformer,
     ridge and climatology."""
-    from stembed.eval.gpp import GPPConfig
-    from stembed.eval.gpp_run import GPPRunError, gpp_at_tower, gpp_leave_one_site_out, read_towers
-    from stembed.io.cube import open_scene
-    from stembed.io.embeddings import open_embeddings
-    from stembed.io.outputs import check_output_folder
+    from stembed.eval.gpp_run import evaluate_gpp
 
-    def go() -> Any:
-        check_output_folder(out)
-        cfg = GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs)
-        if towers is not None:
-            given = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux),
-                                    ("--tower", tower), ("--train-years", train_years),
-                                    ("--test-years", test_years)) if v is not None] + (
-                ["--whole-cube"] if whole_cube else [])
-            if given:
-                raise GPPRunError(f"--towers takes each tower's files and position from its table, so {given} "
-                                  "cannot be given too; fix: drop them (--val-years may stop training early)")
-            return gpp_leave_one_site_out(read_towers(towers), out, window_px=window_px,
-                                          val_years=tuple(val_years or ()),
-                                          interpolation=interpolation.value,
-                                          stride_days=stride, cfg=cfg, seed=seed)
-        if embeddings is None or cube is None or flux is None:
-            lacking = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux)) if v is None]
-            raise GPPRunError(f"missing {', '.join(lacking)}; fix: give --embeddings, --cube and --flux for one "
-                              "tower, or --towers TABLE.csv for several")
-        if (tower is None) == (not whole_cube):
-            raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
-        return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out,
-                            tower_lonlat=tower, window_px=window_px,
-                            split=_year_split(train_years, val_years, test_years),
-                            interpolation=interpolation.value,
-                            stride_days=stride, cfg=cfg, seed=seed)
-
-    res = _run_into(out, go)
+    res = _run_into(out, lambda: evaluate_gpp(
+        out, embeddings=embeddings, cube=cube, flux=flux, towers=towers, tower_lonlat=tower, whole_cube=whole_cube,
+        window_px=window_px, train_years=train_years, val_years=val_years, test_years=test_years,
+        interpolation=interpolation.value, stride_days=stride, max_epochs=epochs, seed=seed,
+    ))
     split = res.split
     if split is None:
-        held: dict[str, Any] = res.split_info
+        held: dict[str, Any] = res.split_info or {}
         stop = (f"validation years {held['val_years']} of the training towers stop it early" if held["early_stopping"]
                 else f"no --val-years, so the transformer trains all {held['max_epochs']} epochs")
         typer.echo(f"{res.n_windows} windows at {len(held['sites'])} towers, each scored by models fitted on the "
@@ -1054,13 +938,14 @@ def report(
 ) -> None:
     """One markdown page (with figures) of the reconstruction, probe, GPP and cloudy-date fill results."""
     from stembed.eval.gpp import GPPConfig
+    from stembed.eval.gpp_run import year_split
     from stembed.eval.report import ReportInputs, write_report
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
         inputs = ReportInputs(
             runs=list(runs or []), embeddings=embeddings, cube=cube, labels=tuple(labels or ()), flux=flux,
-            tower_lonlat=tower, gpp_split=_year_split(train_years, val_years, test_years),
+            tower_lonlat=tower, gpp_split=year_split(train_years, val_years, test_years),
             gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs),
             gpp_stride_days=stride, probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
         )

@@ -414,24 +414,67 @@ class ContextLossConfig(_Frozen):
     season_weights: tuple[float, ...] | None = None
 
 
+class CompanionLossConfig(LossConfig):
+    """A companion sensor's branch of the fusion objective: its reconstruction loss (MAE) and its weight."""
+
+    weight: float = 0.5  # like S1's and S2's
+
+
+_OLD_COMPANION_KEYS = ("extra", "extra_weight")
+
+
 class FusionLossConfig(_Frozen):
-    """Fusion objective (paper eq. 6-8): weighted sum of the S1 and S2 branch losses."""
+    """Fusion objective (paper eq. 6-8): weighted sum of the S1, S2 and companion sensors' branch losses."""
 
     s1: LossConfig = Field(default_factory=lambda: LossConfig(centre_weight=1.5))
     s2: LossConfig = Field(default_factory=lambda: LossConfig(centre_weight=1.75, mae=0.665, ssim=0.02, sam=0.315))
     s1_weight: float = 0.5
     s2_weight: float = 0.5
-    extra: LossConfig = Field(default_factory=LossConfig)  # each companion sensor's branch (MAE)
-    extra_weight: float = 0.5  # the weight of each companion branch, like S1's and S2's
+    # each companion sensor's branch by its name; one not named here takes ``companion``
+    companions: dict[str, CompanionLossConfig] = Field(default_factory=dict)
+    companion: CompanionLossConfig = Field(default_factory=CompanionLossConfig)
     context: ContextLossConfig = Field(default_factory=ContextLossConfig)  # context fusion only (model.window)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _old_companion_keys(cls, data: Any) -> Any:
+        """``extra``/``extra_weight`` (one branch shared by every companion, as earlier configs and bundles hold
+        it) -> ``companion``; given beside ``companion``, they override its entries (``--set`` of an old key)."""
+        if not isinstance(data, dict) or not any(k in data for k in _OLD_COMPANION_KEYS):
+            return data
+        out = {k: v for k, v in data.items() if k not in _OLD_COMPANION_KEYS}
+        companion, extra = out.get("companion") or {}, data.get("extra") or {}
+        if not isinstance(companion, dict | BaseModel) or not isinstance(extra, dict | BaseModel):
+            raise ValueError("loss.extra and loss.companion must be mappings of loss settings (mae, decay, ...)")
+        merged = {**_as_dict(companion), **_as_dict(extra)}
+        if "extra_weight" in data:
+            merged["weight"] = data["extra_weight"]
+        return {**out, "companion": merged}
+
+    @model_validator(mode="after")
+    def _companions_only(self) -> FusionLossConfig:
+        core = [k for k in self.companions if k in CORE_SENSORS]
+        if core:
+            raise ValueError(
+                f"loss.companions names {core}; fix: set S1's and S2's branches in loss.s1/loss.s2 and their weights "
+                "in loss.s1_weight/loss.s2_weight"
+            )
+        return self
+
     def branch(self, sensor: str) -> tuple[LossConfig, float]:
-        """The loss and weight of ``sensor``'s branch: S1's and S2's own, a companion sensor's ``extra``."""
+        """The loss and weight of ``sensor``'s branch: S1's and S2's own; a companion sensor's entry of
+        ``companions``, else ``companion``."""
         if sensor == "s1":
             return self.s1, self.s1_weight
         if sensor == "s2":
             return self.s2, self.s2_weight
-        return self.extra, self.extra_weight
+        own = self.companions.get(sensor, self.companion)
+        return own, own.weight
+
+
+def _as_dict(value: dict[str, Any] | BaseModel) -> dict[str, Any]:
+    """A config section given as a mapping or as a model, as a mapping."""
+    return value.model_dump() if isinstance(value, BaseModel) else dict(value)
 
 
 # ----------------------------------------------------------------------------- training
@@ -596,6 +639,12 @@ class FusionStageConfig(_Frozen):
         missing = [k for k in CORE_SENSORS if k not in self.bundles]
         if missing:
             raise ValueError(f"bundles needs the stage-1 bundle of {missing} (bundles: {{s1: ..., s2: ...}})")
+        unknown = sorted(set(self.loss.companions) - set(self.companions))
+        if unknown:
+            raise ValueError(
+                f"loss.companions names {unknown} but bundles has no such companion sensor "
+                f"({sorted(self.companions) or 'none'}); fix: key loss.companions by the companion sensors' names"
+            )
         _check_preset(self.preset)
         if self.init == "linear" and not self.resolved_model().direct_path:
             raise ValueError("init: linear needs a fusion model with direct_path: true (the small and tiny presets)")
@@ -655,6 +704,29 @@ class EmbedConfig(_Frozen):
     model_fill: bool = True  # cloudy S2 dates from the bundle's gap-fill layers, or a context fusion's own window
     # write the first that many features: one of a nested bundle's prefixes (None: all of them)
     features: int | None = Field(None, ge=1)
+
+
+class CubeConfig(_Frozen):
+    """What every scene store of ``stembed cube`` shares: where to search, how to mask and correct, how to fetch.
+
+    The area, period and site id are each store's own (options, or a ``--sites`` table row). Values are checked
+    by :class:`stembed.cube_build.CubeRequest`, so a setting gets the same message from a file, ``--set`` or its
+    option. The defaults are ``CubeRequest``'s (a test keeps them equal).
+    """
+
+    stage: Literal["cube"] = "cube"
+    catalog: str | None = None  # STAC API root; None: Microsoft Planetary Computer, asset URLs signed
+    s2_collection: str = "sentinel-2-l2a"
+    s1_collection: str = "sentinel-1-rtc"
+    cloud_mask: str = "scl"  # "scl", or "module:Factory" building a stembed.preprocess.CloudMask
+    scl_classes: tuple[int, ...] | None = None  # SCL classes masked (with cloud_mask: scl); None: 0,1,3,8,9,10
+    brdf: bool = True  # BRDF nadir normalisation of S2
+    min_valid_fraction: float = 0.03  # keep an S2 date with at least this share of valid pixels
+    min_dates: int = 6  # fewest S2 dates a cube may have
+    s1_orbit: Literal["auto", "ascending", "descending", "both"] = "auto"
+    s1_max_gap_days: float = 6.0  # S1-S2 matching tolerance, checked and recorded
+    piece_months: int = 12  # fetch the period in pieces of this many months (each staged: the resume unit)
+    retries: int = 5  # HTTP retries, exponential backoff
 
 
 StageConfig = AEStageConfig | FusionStageConfig | GapFillStageConfig

@@ -60,7 +60,16 @@ import pyproj
 import xarray as xr
 
 from stembed.errors import UserError
-from stembed.sensors import CORE_SENSORS, SENSORS, SensorSpec, load_builtin_plugins
+from stembed.sensors import (
+    ANCHOR,
+    CORE_SENSORS,
+    PAIRED,
+    SCENE_SENSORS,
+    SENSORS,
+    SensorSpec,
+    companions,
+    load_builtin_plugins,
+)
 from stembed.types import BAND, CUBE_DIMS, TIME, X, Y
 
 COORD_TOL_M = 1e-3  # coordinates and transforms agree if within a millimetre
@@ -523,14 +532,13 @@ class Scene:
             raise CubeError(
                 f"Scene.sensors is a {type(self.sensors).__name__}; fix: pass a dict sensor name -> cube"
             )
-        missing = [k for k in ("s2", "s1") if k not in self.sensors]
+        missing = [k for k in SCENE_SENSORS if k not in self.sensors]
         if missing:
             raise CubeError(
                 f"Scene.sensors has no {' or '.join(missing)} cube (it has {sorted(self.sensors)}); "
                 "fix: pass Scene(site, sensors={'s2': s2, 's1': s1, ...})"
             )
-        ordered = {"s2": self.sensors["s2"], "s1": self.sensors["s1"]}
-        ordered |= {k: v for k, v in self.sensors.items() if k not in CORE_SENSORS}
+        ordered = {k: self.sensors[k] for k in (*SCENE_SENSORS, *companions(self.sensors))}
         object.__setattr__(self, "sensors", ordered)
 
     @classmethod
@@ -548,30 +556,35 @@ class Scene:
             raise CubeError(f"Scene.extra is a {type(extra).__name__}; fix: pass a dict sensor name -> cube")
         for name in extra:
             _refuse_core_sensor(name)
-        return cls(site=site, sensors={"s2": s2, "s1": s1, **extra}, labels=labels)
+        return cls(site=site, sensors={ANCHOR: s2, PAIRED: s1, **extra}, labels=labels)
 
     @property
     def s2(self) -> xr.DataArray:
         """The S2 cube (the anchor: its dates and grid)."""
-        return self.sensors["s2"]
+        return self.sensors[ANCHOR]
 
     @property
     def s1(self) -> xr.DataArray:
         """The S1 cube, on its own dates."""
-        return self.sensors["s1"]
+        return self.sensors[PAIRED]
 
     @property
     def extra(self) -> dict[str, xr.DataArray]:
         """The companion-sensor cubes (every sensor but s1 and s2), in the scene's order."""
-        return {k: v for k, v in self.sensors.items() if k not in CORE_SENSORS}
+        return {k: self.sensors[k] for k in companions(self.sensors)}
+
+    def validate_cubes(self, *, check_values: bool = True) -> None:
+        """Validate each cube against its sensor's spec, and every cube but S2's against the S2 grid and site (what
+        :func:`stembed.io.cube.open_scene` checks of a store); raise :class:`CubeError` if broken."""
+        for name in SCENE_SENSORS:
+            validate_cube(self.sensors[name], SENSORS[name], check_values=check_values)
+        validate_pair(self.s1, self.s2)
+        for name, cube in self.extra.items():
+            validate_extra(name, cube, self.s2, check_values=check_values)
 
     def validate(self) -> None:
         """Validate every cube, the shared grid and the labels' grid; raise :class:`CubeError` if broken."""
-        validate_cube(self.s2, SENSORS["s2"])
-        validate_cube(self.s1, SENSORS["s1"])
-        validate_pair(self.s1, self.s2)
-        for name, cube in self.extra.items():
-            validate_extra(name, cube, self.s2)
+        self.validate_cubes()
         if self.s2.attrs.get("site") != self.site:
             raise CubeError(
                 f"Scene.site is {self.site!r} but its cubes say site {self.s2.attrs.get('site')!r}; "

@@ -24,9 +24,10 @@ from stembed.config import (
     SyntheticSource,
     TrainConfig,
 )
+from stembed.sensors import CORE_SENSORS
 from stembed.training.run import RunResult, train_autoencoder, train_fusion
 
-STAGES = ("s1", "s2", "fusion", "embed")
+STAGES = (*CORE_SENSORS, "fusion", "embed")
 EMBED_PX = 48
 PRESET = "tiny-dense"
 EMBED_PERIOD = ("2020-05-01", "2020-09-01")
@@ -73,7 +74,7 @@ def demo_configs(
         "s2": AEStageConfig(sensor="s2", preset=PRESET, data=s2_data, loss=mae, train=train, dense_training=dense,
                             out_dir=str(out)),
         "fusion": FusionStageConfig(
-            bundles={"s1": str(out / "s1" / "bundle.pt"), "s2": str(out / "s2" / "bundle.pt")},
+            bundles={k: str(out / k / "bundle.pt") for k in CORE_SENSORS},
             preset=PRESET,
             data=s2_data,
             loss=fusion_loss,
@@ -104,9 +105,7 @@ def run_demo(
     for p in existing:
         shutil.rmtree(p)
     cfgs = demo_configs(out, max_epochs=max_epochs, site_px=site_px, limit_train_batches=limit_train_batches)
-    runs: dict[str, RunResult] = {}
-    runs["s1"] = train_autoencoder(cfgs["s1"], run_dir=out / "s1")
-    runs["s2"] = train_autoencoder(cfgs["s2"], run_dir=out / "s2")
+    runs = {k: train_autoencoder(cfgs[k], run_dir=out / k) for k in CORE_SENSORS}
     runs["fusion"] = train_fusion(cfgs["fusion"], run_dir=out / "fusion")
     print_summary(runs)
     products = embed_test_site(cfgs["fusion"], runs["fusion"], out / "embed", embed_px)
@@ -122,7 +121,7 @@ def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: 
     from stembed.contract import Scene, cube_transform
     from stembed.data.scenes import load_scenes
     from stembed.eval.pca import pca_maps
-    from stembed.inference.tiles import embed_cube
+    from stembed.inference.run import embed_cube
     from stembed.io.cube import save_scene
     from stembed.io.embeddings import open_embeddings
 
@@ -140,7 +139,7 @@ def embed_test_site(cfg: FusionStageConfig, run: RunResult, out: Path, size_px: 
 
     out.mkdir(parents=True, exist_ok=True)
     cube = save_scene(
-        Scene(site=scene.site, sensors={"s2": corner(scene.s2.isel(time=summer)), "s1": corner(scene.s1)}), out / "scene.zarr"
+        Scene.from_cubes(scene.site, s2=corner(scene.s2.isel(time=summer)), s1=corner(scene.s1)), out / "scene.zarr"
     )
     store = out / "embeddings.zarr"
     embed_cube(cube, run.bundle, store, EmbedConfig(tile_px=max(8, size_px // 2), workers=1))

@@ -11,6 +11,7 @@ from stembed.models.bundle import load_bundle
 from stembed.models.fusion import FusionBase, FusionModel
 from stembed.models.gapfill import GapFillModel
 from stembed.models.layers import count_parameters
+from stembed.sensors import CORE_SENSORS
 
 
 def _fusion_counts(model: FusionBase) -> dict[str, int]:
@@ -25,14 +26,12 @@ def describe_preset(name: str) -> dict[str, Any]:
     """Build the preset's three models (random weights) and count their parameters."""
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}")
-    s1_cfg, s2_cfg, f_cfg = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
-    s1, s2 = SensorAutoencoder(s1_cfg), SensorAutoencoder(s2_cfg)
-    report = {
-        "preset": name,
-        "s1_autoencoder": {"config": dump_config(s1_cfg), "parameters": count_parameters(s1)},
-        "s2_autoencoder": {"config": dump_config(s2_cfg), "parameters": count_parameters(s2)},
-    }
-    fusion = FusionModel({"s1": s1, "s2": s2}, f_cfg)  # freezes s1 and s2, so they are counted above
+    f_cfg = fusion_preset(name)
+    aes = {k: SensorAutoencoder(ae_preset(name, k)) for k in CORE_SENSORS}
+    report: dict[str, Any] = {"preset": name}
+    for k, ae in aes.items():
+        report[f"{k}_autoencoder"] = {"config": dump_config(ae.cfg), "parameters": count_parameters(ae)}
+    fusion = FusionModel(aes, f_cfg)  # freezes the autoencoders, so they are counted above
     report["fusion"] = {"config": dump_config(f_cfg), "parameters": _fusion_counts(fusion)}
     return report
 

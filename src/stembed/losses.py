@@ -233,10 +233,11 @@ def reconstruction_loss(
 def fusion_loss(
     branches: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]], cfg: FusionLossConfig
 ) -> dict[str, torch.Tensor]:
-    """Fusion objective (paper eq. 6-8): ``s1_weight * L_S1 + s2_weight * L_S2`` (+ ``extra_weight * L_k``).
+    """Fusion objective (paper eq. 6-8): ``s1_weight * L_S1 + s2_weight * L_S2`` (+ each companion's ``weight * L_k``).
 
     ``branches``: each sensor's ``(x_hat, x, valid)`` by sensor name, summed in that order; each is scored with
-    :meth:`FusionLossConfig.branch` (S1's and S2's own loss, a companion's ``cfg.extra``).
+    :meth:`FusionLossConfig.branch` (S1's and S2's own loss, a companion's ``cfg.companions`` entry or
+    ``cfg.companion``).
     Returns ``{"loss": total}`` plus each branch's terms as ``"<sensor>/<name>"``
     (e.g. ``"s1/loss"``, ``"s2/sam"``).
     """

@@ -15,7 +15,7 @@ companion. Further *companion sensors* plug in without touching the S1/S2 code: 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -105,9 +105,15 @@ S1 = SensorSpec(
 SENSORS: dict[str, SensorSpec] = {"s1": S1, "s2": S2}
 """Every registered sensor's spec by key: ``s1``, ``s2`` and the registered companion sensors."""
 
-CORE_SENSORS = ("s1", "s2")
 ANCHOR = "s2"
 """The sensor whose dates are the embedding's dates (every other sensor is matched to them)."""
+PAIRED = "s1"
+"""The anchor's built-in partner: in every scene and fusion model, matched to the anchor's dates within
+``data.s1_max_gap_days`` (a companion sensor's tolerance comes from its plugin)."""
+CORE_SENSORS = (PAIRED, ANCHOR)
+"""The sensors every fusion model has, in token order; companion sensors follow."""
+SCENE_SENSORS = (ANCHOR, PAIRED)
+"""The sensors every scene has, anchor first: the order of ``Scene.sensors`` and of a scene store's groups."""
 BUILTIN_PLUGIN_MODULES = ("stembed.io.agera5",)
 """Modules that register the built-in companion sensors when imported."""
 _RESERVED_NAMES = ("labels",)  # other groups of a scene store (stembed.io.cube.save_scene)
@@ -227,6 +233,11 @@ def _same_plugin(a: SensorPlugin, b: SensorPlugin) -> bool:
     return same_load and (a.spec, a.latent_dim, a.reduced_tokens, a.match_max_gap_days) == (
         b.spec, b.latent_dim, b.reduced_tokens, b.match_max_gap_days
     )
+
+
+def companions(names: Iterable[str]) -> tuple[str, ...]:
+    """The companion sensors among ``names`` (every name but the core sensors'), in the given order."""
+    return tuple(k for k in names if k not in CORE_SENSORS)
 
 
 def load_builtin_plugins() -> None:

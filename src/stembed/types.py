@@ -1,12 +1,10 @@
-"""Dimension names and small shared type aliases (stdlib only).
+"""Dimension names (stdlib only).
 
 Every xarray object that crosses a module boundary uses these names: cubes are
 ``(time, band, y, x)``, embedding cubes ``(time, feature, y, x)``.
 """
 
 from __future__ import annotations
-
-from typing import Literal
 
 TIME = "time"
 BAND = "band"
@@ -15,5 +13,3 @@ X = "x"
 FEATURE = "feature"
 
 CUBE_DIMS: tuple[str, str, str, str] = (TIME, BAND, Y, X)
-
-Sensor = Literal["s1", "s2"]

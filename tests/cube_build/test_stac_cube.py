@@ -32,7 +32,8 @@ import xarray as xr
 from typer.testing import CliRunner
 
 from stembed.cli import app
-from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, staging_dir
+from stembed.config import CubeConfig, load_config
+from stembed.cube_build import CubeBuildError, CubeRequest, build_cube, shared_settings, staging_dir
 from stembed.io.cube import open_scene
 from stembed.io.stac import (
     RetryPolicy,
@@ -238,6 +239,8 @@ def test_provenance_records_items_baselines_orbit(built: Path, times) -> None:
     assert "B08 coefficients" in p2["brdf"]["B8A"]
     assert {"odc-stac", "sen2nbar", "pystac-client", "gdal"} <= set(p2["versions"])
     assert p2["pieces"] == ["2017-08-01_2017-12-31", "2018-01-01_2018-11-30"]
+    # with these, every CubeConfig setting is in the provenance
+    assert (p2["min_dates"], p2["s1_orbit"], p2["piece_months"], p2["retries"]) == (6, "auto", 12, FAST.retries)
     assert not staging_dir(built).exists()
 
 
@@ -489,6 +492,44 @@ def test_cli_errors_are_clean(tmp_path: Path, server: StacTestServer) -> None:
     )
     assert res.exit_code == 2 and "found no 'sentinel-2-l2a' items" in res.output
     no_store(out)
+
+
+def test_cube_config_defaults_are_the_requests() -> None:
+    """One set of defaults: a CubeConfig left as it is asks for what a bare CubeRequest does."""
+    bare = CubeRequest(grid=patch_grid(8), start="2018-01-01", end="2018-12-31", site="a")
+    from_config = CubeRequest(grid=bare.grid, start=bare.start, end=bare.end, site="a",
+                              **shared_settings(CubeConfig()))
+    assert from_config == bare
+
+
+@pytest.mark.parametrize(
+    ("config", "args", "message"),
+    [
+        ("min_dates: 0\n", [], "--min-dates is 0; use at least 1"),
+        ("min_dates: 0\n", ["--min-dates", "3"], "cannot open the STAC API"),  # the option wins over the file
+        ("min_dates: 3\n", ["--set", "min_dates=0"], "--min-dates is 0"),  # --set wins over the file
+        ("min_dates: 3\n", ["--set", "min_dates=0", "--min-dates", "4"], "cannot open the STAC API"),
+        ("scl_classes: [1, 2]\ncloud_mask: my.masks:Mask\n", [], "--scl-classes only applies"),
+        ("min_date: 3\n", [], "invalid CubeConfig in"),
+    ],
+    ids=["file", "option-over-file", "set-over-file", "option-over-set", "file-scl", "unknown-key"],
+)
+def test_cube_config_file_set_and_options(tmp_path: Path, config: str, args: list[str], message: str) -> None:
+    """``--config`` and ``--set`` fill the shared settings; the options given win (values checked before any
+    search, so the unreachable catalog is only reached when they are good)."""
+    (tmp_path / "cube.yaml").write_text(config)
+    out = tmp_path / "be.zarr"
+    res = CliRunner().invoke(app, [
+        "cube", "--bbox", "3.00", "50.80", "3.01", "50.81", "--start", "2020-03-01", "--end", "2020-10-31",
+        "--out", str(out), "--catalog", "http://127.0.0.1:9/", "--retries", "0", "--quiet",
+        "--config", str(tmp_path / "cube.yaml"), *args,
+    ])
+    assert res.exit_code == 2 and message in res.output and "Traceback" not in res.output, res.output
+    no_store(out)
+
+
+def test_the_shipped_cube_config_is_the_defaults() -> None:
+    assert load_config(CubeConfig, Path(__file__).resolve().parents[2] / "configs" / "cube.yaml") == CubeConfig()
 
 
 # ----------------------------------------------------------------------------- the search layer

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from stembed.cli import app
 from stembed.config import EmbedConfig
 from stembed.inference.reference import embed_reference
-from stembed.inference.tiles import embed_cube
+from stembed.inference.run import embed_cube
 from stembed.io.cube import CubeError, Scene, cube_transform, save_scene
 from stembed.io.embeddings import EmbeddingStoreError, feature_var, open_embeddings, read_attrs
 from stembed.models.bundle import load_bundle

@@ -24,7 +24,7 @@ from stembed.data.build import matched_arrays, matched_s1_arrays, sensor_arrays
 from stembed.data.datasets import SensorArrays
 from stembed.inference.daily import FLAG_LINEAR, FLAG_MODEL, FLAG_NONE, FLAG_OBSERVED
 from stembed.inference.engine import centre_valid, embed_block, embed_block_dense
-from stembed.inference.tiles import embed_cube
+from stembed.inference.run import embed_cube
 from stembed.io.cube import open_scene, save_scene
 from stembed.io.embeddings import open_embeddings
 from stembed.models.bundle import load_bundle

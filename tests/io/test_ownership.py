@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 from stembed.cli import app
 from stembed.config import EmbedConfig
 from stembed.cube_build import CubeRequest, build_cube, staging_dir
-from stembed.inference.tiles import embed_cube
+from stembed.inference.run import embed_cube
 from stembed.io.cube import save_scene
 from stembed.io.embeddings import open_embeddings
 from stembed.io.outputs import OutputError, creating_path, lock_output, lock_path, remove_leftovers

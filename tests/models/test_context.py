@@ -197,7 +197,7 @@ def test_tiled_embedding_equals_the_whole_cube_and_prefixes_are_the_first_featur
 ) -> None:
     from stembed.errors import UserError
     from stembed.inference.reference import embed_reference
-    from stembed.inference.tiles import embed_cube
+    from stembed.inference.run import embed_cube
     from stembed.io.cube import open_scene, save_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.models.bundle import load_bundle
@@ -224,7 +224,7 @@ def test_tiled_embedding_equals_the_whole_cube_and_prefixes_are_the_first_featur
 @pytest.mark.slow
 def test_daily_cloudy_dates_come_from_the_context_model(context_run: RunResult, tmp_path: Path) -> None:
     from stembed.inference.daily import FLAG_MODEL, FLAG_OBSERVED
-    from stembed.inference.tiles import embed_cube
+    from stembed.inference.run import embed_cube
     from stembed.io.cube import save_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.testing import synthetic_scene

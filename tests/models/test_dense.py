@@ -8,10 +8,11 @@ import torch
 
 from stembed.config import EmbedConfig, ae_preset, dense_geometry, fusion_preset
 from stembed.data.datasets import SensorArrays, fold_index
+from stembed.inference.blocks import read_block
 from stembed.inference.engine import embed_block, embed_block_dense
-from stembed.inference.tiles import EmbedError, embed_cube, read_block
+from stembed.inference.run import embed_cube
 from stembed.io.cube import open_scene, save_scene
-from stembed.io.embeddings import open_embeddings
+from stembed.io.embeddings import EmbedError, open_embeddings
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
 from stembed.models.dense import DenseFrameCNN

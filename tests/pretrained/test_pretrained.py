@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 from stembed.cli import app
 from stembed.config import EmbedConfig
-from stembed.inference.tiles import embed_cube
+from stembed.inference.run import embed_cube
 from stembed.io.cube import save_scene
 from stembed.io.embeddings import open_embeddings
 from stembed.models.bundle import load_bundle

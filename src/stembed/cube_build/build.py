@@ -49,13 +49,14 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
+from stembed.config import CubeConfig
 from stembed.contract import Scene, make_cube
 from stembed.cube_build.pieces import build_piece, orbit_state, piece_done, read_pieces, select_orbit
-from stembed.cube_build.request import BuildResult, CubeRequest
+from stembed.cube_build.request import BuildResult, CubeRequest, shared_settings
 from stembed.errors import CubeBuildError
 from stembed.io.cube import save_scene
 from stembed.io.outputs import check_store_output, lock_output
-from stembed.io.stac import Piece, http_session, period_pieces, search_items
+from stembed.io.stac import Piece, http_session, period_pieces, search_items, utm_grid
 from stembed.io.stac_load import configure_gdal
 from stembed.preprocess import prepare_s1
 from stembed.types import BAND, TIME
@@ -65,6 +66,34 @@ def staging_dir(out: str | Path) -> Path:
     """Where an unfinished build of ``out`` keeps its searched items and finished pieces."""
     out = Path(out)
     return out.with_name(out.name + ".staging")
+
+
+def build_area(
+    cfg: CubeConfig,
+    out: str | Path,
+    *,
+    start: str,
+    end: str,
+    bbox: tuple[float, float, float, float] | None = None,
+    point: tuple[float, float] | None = None,
+    size_m: float | None = None,
+    site: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+    echo: Callable[[str], None] | None = None,
+) -> BuildResult:
+    """``stembed cube --out``: the scene store ``out`` of an area (``bbox`` W S E N, or ``point`` and ``size_m``)
+    from ``start`` to ``end`` with the settings of ``cfg``; the site id is ``site``, else ``out``'s stem.
+
+    Raises:
+        CubeBuildError, StacError: a bad area or setting, and every error of :func:`build_cube`.
+    """
+    out = Path(out)
+    request = CubeRequest(
+        grid=utm_grid(bbox=bbox, point=point, size_m=size_m), start=start, end=end,
+        site=site or out.name.removesuffix(".zarr"), **shared_settings(cfg),
+    )
+    return build_cube(request, out, overwrite=overwrite, progress=progress, echo=echo)
 
 
 def build_cube(
@@ -141,7 +170,9 @@ def _build_owned(
         bar.close()
     shutil.rmtree(stage, ignore_errors=True)
     return BuildResult(
-        out, counts["s2"], counts["s1"], counts["s2_with_s1"], orbit, loaded, reused, tuple(notes)
+        path=out, s2_dates=counts["s2"], s1_dates=counts["s1"], s2_dates_with_s1=counts["s2_with_s1"],
+        s1_max_gap_days=request.s1_max_gap_days, s1_orbit=orbit, pieces_loaded=loaded, pieces_reused=reused,
+        notes=tuple(notes),
     )
 
 
@@ -322,6 +353,11 @@ def _provenance(
         "pieces": [p.name for p in pieces],
         "notes": notes,
         "versions": _versions(),
+        # with the entries below, every CubeConfig setting is recorded ("s1_orbit" as asked; "orbit_direction": used)
+        "min_dates": request.min_dates,
+        "s1_orbit": request.s1_orbit,
+        "piece_months": request.piece_months,
+        "retries": request.retry.retries,
     }
     s2_prov = common | {
         "collection": request.s2_collection,

@@ -78,37 +78,17 @@ def s2_piece(
     for it in items[1:]:
         if [asset_key(it, b) for b in S2.bands] != keys:
             raise CubeBuildError(f"item {it.id} names its band assets differently from {items[0].id}")
-    empty = xr.DataArray(
-        np.zeros((0, S2.n_bands, request.grid.height_px, request.grid.width_px), np.float32),
-        dims=CUBE_DIMS,
-        coords={
-            TIME: np.array([], "datetime64[ns]"),
-            BAND: list(S2.bands),
-            Y: request.grid.y,
-            X: request.grid.x,
-        },
-    )
     if not items:
-        return empty, {"dates": []}
+        return _empty_s2(request), {"dates": []}
     resampling = {"*": request.resampling} | {a: "nearest" for a in mask.assets}
     ds = load_items(
         items, [*keys, *mask.assets], request.grid, chunk_px=request.chunk_px, resampling=resampling,
         what=f"S2 assets of {len(items)} items",
     )
     dn = np.stack([ds[k].values for k in keys], axis=1)  # (time, band, y, x)
-    extra = {a: ds[a].values for a in mask.assets}
     offsets, sources = zip(*(boa_add_offset(it) for it in items), strict=True)
-
-    workdir = stage / "metadata"
-    workdir.mkdir(exist_ok=True)
-    refl = np.empty(dn.shape, np.float32)
-    plain = np.empty(dn.shape, np.float32) if mask.needs_reflectance else None
-    for i, it in enumerate(items):
-        c = item_c_factor(it, request.grid, session, workdir) if request.brdf else None
-        refl[i] = dn_to_reflectance(dn[i], boa_add_offset=offsets[i], c_factor=c)
-        if plain is not None:
-            plain[i] = dn_to_reflectance(dn[i], boa_add_offset=offsets[i])
-    clear = np.asarray(mask.clear(plain, extra), dtype=bool)
+    refl, plain = _s2_reflectance(items, dn, offsets, request, session, stage)
+    clear = np.asarray(mask.clear(plain, {a: ds[a].values for a in mask.assets}), dtype=bool)
     want = (len(items), request.grid.height_px, request.grid.width_px)
     if clear.shape != want:
         raise CubeBuildError(
@@ -126,8 +106,48 @@ def s2_piece(
         masked_classes=(1,),
         min_valid_fraction=request.min_valid_fraction,
     )
-    day_of = pd.DatetimeIndex(times).normalize()
     kept = set(pd.DatetimeIndex(prepared[TIME].values).normalize())
+    dates = _s2_dates(items, times, merged_times, kept, offsets, sources)
+    return prepared.astype(np.float32), {"dates": dates}
+
+
+def _empty_s2(request: CubeRequest) -> xr.DataArray:
+    """A piece without S2 items: no date, on the request's grid."""
+    return xr.DataArray(
+        np.zeros((0, S2.n_bands, request.grid.height_px, request.grid.width_px), np.float32),
+        dims=CUBE_DIMS,
+        coords={
+            TIME: np.array([], "datetime64[ns]"),
+            BAND: list(S2.bands),
+            Y: request.grid.y,
+            X: request.grid.x,
+        },
+    )
+
+
+def _s2_reflectance(
+    items: list[Any], dn: np.ndarray, offsets: tuple[float, ...], request: CubeRequest, session: Any, stage: Path,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(time, band, y, x)`` reflectance of each item (BRDF-normalised if asked), and without BRDF for a cloud
+    mask that reads reflectance (else None)."""
+    workdir = stage / "metadata"
+    workdir.mkdir(exist_ok=True)
+    refl = np.empty(dn.shape, np.float32)
+    plain = np.empty(dn.shape, np.float32) if request.cloud_mask.needs_reflectance else None
+    for i, it in enumerate(items):
+        c = item_c_factor(it, request.grid, session, workdir) if request.brdf else None
+        refl[i] = dn_to_reflectance(dn[i], boa_add_offset=offsets[i], c_factor=c)
+        if plain is not None:
+            plain[i] = dn_to_reflectance(dn[i], boa_add_offset=offsets[i])
+    return refl, plain
+
+
+def _s2_dates(
+    items: list[Any], times: np.ndarray, merged_times: np.ndarray, kept: set[pd.Timestamp],
+    offsets: tuple[float, ...], sources: tuple[str, ...],
+) -> list[dict[str, Any]]:
+    """Per merged date: whether it was kept, its items, their processing baselines and BOA offsets."""
+    day_of = pd.DatetimeIndex(times).normalize()
     dates = []
     for day in pd.DatetimeIndex(merged_times).normalize():
         idx = np.flatnonzero(day_of == day)
@@ -141,7 +161,7 @@ def s2_piece(
                 "offset_source": [sources[i] for i in idx],
             }
         )
-    return prepared.astype(np.float32), {"dates": dates}
+    return dates
 
 
 def s1_piece(items: list[Any], request: CubeRequest) -> tuple[xr.DataArray, dict[str, Any]]:

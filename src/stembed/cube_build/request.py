@@ -3,14 +3,17 @@ what it did (:class:`BuildResult`)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stembed.config import CubeConfig, load_config
 from stembed.errors import CubeBuildError
 from stembed.geometry import GridSpec
 from stembed.io.stac import PLANETARY_COMPUTER, S1_COLLECTION, S2_COLLECTION, RetryPolicy
-from stembed.preprocess import CloudMask, SCLMask
+from stembed.preprocess import CloudMask, SCLMask, load_cloud_mask
 
 MIN_DATES_DEFAULT = 6
 """S2 dates a cube needs for one 11-frame window reflected at the ends (``data.windows.min_dates(11)``)."""
@@ -86,7 +89,37 @@ class BuildResult:
     s2_dates: int
     s1_dates: int
     s2_dates_with_s1: int
+    s1_max_gap_days: float  # the tolerance of s2_dates_with_s1
     s1_orbit: str
     pieces_loaded: int
     pieces_reused: int
     notes: tuple[str, ...]
+
+
+def cube_settings(
+    config: str | Path | None = None, settings: Mapping[str, Any] | None = None, overrides: Sequence[str] = (),
+) -> CubeConfig:
+    """The ``CubeConfig`` of a YAML file, then ``--set`` overrides, then keyword settings (each wins over the last;
+    a setting of None is not given).
+
+    Raises:
+        ConfigError: an unknown key or a value of the wrong type (each named).
+    """
+    # JSON is YAML: each value parses back to itself (False -> false, [0, 1] -> [0, 1], "scl" -> 'scl')
+    given = [f"{key}={json.dumps(value)}" for key, value in (settings or {}).items() if value is not None]
+    return load_config(CubeConfig, config, [*overrides, *given])
+
+
+def shared_settings(cfg: CubeConfig) -> dict[str, Any]:
+    """The :class:`CubeRequest` fields every site of ``cfg`` shares (all but area, period and id), the cloud mask
+    built once.
+
+    Raises:
+        CubeBuildError: the cloud mask cannot be built.
+    """
+    return dict(
+        catalog=cfg.catalog or PLANETARY_COMPUTER, s2_collection=cfg.s2_collection, s1_collection=cfg.s1_collection,
+        cloud_mask=load_cloud_mask(cfg.cloud_mask, scl_classes=cfg.scl_classes), brdf=cfg.brdf,
+        min_valid_fraction=cfg.min_valid_fraction, min_dates=cfg.min_dates, s1_orbit=cfg.s1_orbit,
+        s1_max_gap_days=cfg.s1_max_gap_days, piece_months=cfg.piece_months, retry=RetryPolicy(retries=cfg.retries),
+    )

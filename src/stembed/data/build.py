@@ -24,7 +24,7 @@ from stembed.data.sampling import (
     sample_patches,
 )
 from stembed.preprocess import match_s1_to_s2
-from stembed.sensors import get_plugin
+from stembed.sensors import ANCHOR, PAIRED, get_plugin
 
 
 @dataclass
@@ -60,7 +60,7 @@ def matched_arrays(scene: Scene, sensor: str, max_gap_days: float) -> SensorArra
 
     ``days`` holds the sensor date used, or the S2 day where none was close enough (see datasets).
     """
-    if sensor == "s2":
+    if sensor == ANCHOR:
         raise SamplingError(
             "matched_arrays puts another sensor on the S2 dates; fix: use sensor_arrays(scene, 's2')"
         )
@@ -165,11 +165,11 @@ def build_fusion_data(
 ) -> SplitData:
     """Aligned S1 + S2 (+ ``extra`` companion) patches on the S2 dates (stage 2); the S2 centre pixel decides
     which patches exist. Each non-S2 sensor is matched within :func:`match_gap_days`."""
-    sampling = cfg.resolved_sampling("s2")
-    sensors = {"s2": [sensor_arrays(s, "s2") for s in scenes]}
-    for k, gap in match_gap_days(("s1", *extra), cfg.s1_max_gap_days).items():
+    sampling = cfg.resolved_sampling(ANCHOR)
+    sensors = {ANCHOR: [sensor_arrays(s, ANCHOR) for s in scenes]}
+    for k, gap in match_gap_days((PAIRED, *extra), cfg.s1_max_gap_days).items():
         sensors[k] = [matched_arrays(s, k, gap) for s in scenes]
-    patches, regions, info = _split_patches(scenes, sensors["s2"], sampling, cfg, rng)
+    patches, regions, info = _split_patches(scenes, sensors[ANCHOR], sampling, cfg, rng)
     ds: dict[str, Dataset[Any]] = {
         k: FusionPatchDataset(sensors, v, sampling.patch_px, context_px) for k, v in patches.items()
     }
@@ -181,5 +181,5 @@ def match_gap_days(sensors: Iterable[str], s1_max_gap_days: float) -> dict[str, 
     is left out: its own dates are the frames): S1's ``s1_max_gap_days`` (``data.s1_max_gap_days`` in training),
     a companion's from its plugin."""
     return {
-        k: s1_max_gap_days if k == "s1" else get_plugin(k).match_max_gap_days for k in sensors if k != "s2"
+        k: s1_max_gap_days if k == PAIRED else get_plugin(k).match_max_gap_days for k in sensors if k != ANCHOR
     }

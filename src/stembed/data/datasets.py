@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from stembed.data.sampling import PatchIndex
+from stembed.sensors import ANCHOR
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ class FusionPatchDataset(Dataset[FusionPatches]):
         patches: Sequence[PatchIndex],
         patch_px: int,
         context_px: int | None = None,
-        anchor: str = "s2",
+        anchor: str = ANCHOR,
     ) -> None:
         if anchor not in sensors:
             raise ValueError(f"no {anchor!r} sites among the sensors {list(sensors)}: the anchor's dates drive the patches")

@@ -24,58 +24,12 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
         CubeError: a site breaks the cube contract, or a companion sensor cannot be built for it.
         SensorError: a name in ``cfg.extra_sensors`` is not a registered companion sensor.
     """
-    src = cfg.source
     plugins = [get_plugin(name) for name in cfg.extra_sensors]  # unknown names fail before any reading
     if len(set(cfg.extra_sensors)) != len(cfg.extra_sensors):
         raise CubeError(
             f"data.extra_sensors lists a sensor twice: {list(cfg.extra_sensors)}; fix: list each once"
         )
-    scenes: list[Scene]
-    folders: list[Path | None]
-    if isinstance(src, SyntheticSource):
-        from stembed.data.synthetic import synthetic_scene
-
-        scenes = [
-            synthetic_scene(seed=src.seed + i, height_px=src.height_px, width_px=src.width_px, n_days=src.n_days)
-            for i in range(src.n_sites)
-        ]
-        folders = [None] * len(scenes)
-    elif isinstance(src, WorldCerealSource):
-        from stembed.io.worldcereal import read_worldcereal
-
-        scenes = [
-            read_worldcereal(
-                p, masked_classes=cfg.scl_masked_classes, min_valid_fraction=cfg.min_valid_fraction
-            )
-            for p in src.paths
-        ]
-        folders = [Path(p) for p in src.paths]
-    elif isinstance(src, SceneSource):
-        scenes = [open_scene(p) for p in scene_paths(src.paths)]
-        folders = [None] * len(scenes)
-    elif isinstance(src, ZarrSource):
-        if len(src.s1_paths) not in (0, len(src.s2_paths)):
-            raise CubeError(
-                f"data.source.s1_paths has {len(src.s1_paths)} entries but s2_paths has {len(src.s2_paths)}; "
-                "give one S1 cube per S2 cube, in the same order (both sensors are needed)"
-            )
-        scenes = []
-        for i, p in enumerate(src.s2_paths):
-            if is_stembed_store(p, "scene"):
-                raise CubeError(
-                    f"{p} is a scene store (S2 + S1 in one, as `stembed cube` writes), not a single-sensor cube; "
-                    f"fix: data.source: {{kind: scene, paths: [{p}]}}"
-                )
-            s2 = open_cube(p)
-            s1 = open_cube(src.s1_paths[i]) if src.s1_paths else None
-            if s1 is None:
-                raise CubeError(
-                    f"no S1 cube given for {p}; set data.source.s1_paths (one S1 zarr per S2 zarr)"
-                )
-            scenes.append(Scene(site=str(s2.attrs.get("site", p)), sensors={"s2": s2, "s1": s1}))
-        folders = [None] * len(scenes)
-    else:  # pragma: no cover - the discriminated union makes this unreachable
-        raise TypeError(f"unknown data source {type(src).__name__}")
+    scenes, folders = _source_scenes(cfg)
     sites = [s.site for s in scenes]
     if len(set(sites)) != len(sites):
         raise CubeError(f"site ids must be unique across the data source, got {sites}")
@@ -89,6 +43,54 @@ def load_scenes(cfg: DataConfig) -> list[Scene]:
         ]
     for s in scenes:
         s.validate()
+    return scenes
+
+
+def _source_scenes(cfg: DataConfig) -> tuple[list[Scene], list[Path | None]]:
+    """The scenes of ``cfg.source``, unvalidated, and each one's site folder (a WorldCereal source's; else None)."""
+    src = cfg.source
+    if isinstance(src, SyntheticSource):
+        from stembed.data.synthetic import synthetic_scene
+
+        scenes = [
+            synthetic_scene(seed=src.seed + i, height_px=src.height_px, width_px=src.width_px, n_days=src.n_days)
+            for i in range(src.n_sites)
+        ]
+    elif isinstance(src, WorldCerealSource):
+        from stembed.io.worldcereal import read_worldcereal
+
+        scenes = [
+            read_worldcereal(p, masked_classes=cfg.scl_masked_classes, min_valid_fraction=cfg.min_valid_fraction)
+            for p in src.paths
+        ]
+        return scenes, [Path(p) for p in src.paths]
+    elif isinstance(src, SceneSource):
+        scenes = [open_scene(p) for p in scene_paths(src.paths)]
+    elif isinstance(src, ZarrSource):
+        scenes = _cube_pairs(src)
+    else:  # pragma: no cover - the discriminated union makes this unreachable
+        raise TypeError(f"unknown data source {type(src).__name__}")
+    return scenes, [None] * len(scenes)
+
+
+def _cube_pairs(src: ZarrSource) -> list[Scene]:
+    """The scenes of single-sensor cube stores, an S2 cube and an S1 cube each."""
+    if len(src.s1_paths) not in (0, len(src.s2_paths)):
+        raise CubeError(
+            f"data.source.s1_paths has {len(src.s1_paths)} entries but s2_paths has {len(src.s2_paths)}; "
+            "give one S1 cube per S2 cube, in the same order (both sensors are needed)"
+        )
+    scenes = []
+    for i, p in enumerate(src.s2_paths):
+        if is_stembed_store(p, "scene"):
+            raise CubeError(
+                f"{p} is a scene store (S2 + S1 in one, as `stembed cube` writes), not a single-sensor cube; "
+                f"fix: data.source: {{kind: scene, paths: [{p}]}}"
+            )
+        s2 = open_cube(p)
+        if not src.s1_paths:
+            raise CubeError(f"no S1 cube given for {p}; set data.source.s1_paths (one S1 zarr per S2 zarr)")
+        scenes.append(Scene.from_cubes(str(s2.attrs.get("site", p)), s2=s2, s1=open_cube(src.s1_paths[i])))
     return scenes
 
 

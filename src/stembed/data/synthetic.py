@@ -106,18 +106,33 @@ def synthetic_scene(
 
     y = _Y_TOP - _RES / 2 - _RES * np.arange(height_px)
     x = _X_LEFT + _RES / 2 + _RES * np.arange(width_px)
-    coords = {Y: y, X: x}
     provenance = {
         "source": "stembed.data.synthetic.synthetic_scene",
         "synthetic": True,
         "seed": seed,
         "parameters": {"height_px": height_px, "width_px": width_px, "n_days": n_days, "start": start},
     }
-    s2 = prepare_s2(
+    labels = xr.Dataset(
+        {"land_cover": ((Y, X), land_cover.astype(np.int16)), "parcel": ((Y, X), parcel.astype(np.int32))},
+        coords={Y: y, X: x},
+        attrs={"land_cover_names": list(LAND_COVER), "crs": _CRS},
+    )
+    return _scene(site, provenance, y, x, s2=(s2_times, reflectance, scl), s1=(s1_times, s1_linear), labels=labels)
+
+
+def _scene(
+    site: str, provenance: dict[str, Any], y: np.ndarray, x: np.ndarray, *,
+    s2: tuple[np.ndarray, np.ndarray, np.ndarray], s1: tuple[np.ndarray, np.ndarray], labels: xr.Dataset,
+) -> Scene:
+    """The scene of the observed values: S2 ``(times, reflectance, scl)`` and S1 ``(times, linear power)``, each
+    prepared as a cube store holds it."""
+    (s2_times, reflectance, scl), (s1_times, s1_linear) = s2, s1
+    coords = {Y: y, X: x}
+    s2_cube = prepare_s2(
         xr.DataArray(reflectance, dims=CUBE_DIMS, coords={TIME: s2_times, BAND: list(S2.bands), **coords}),
         xr.DataArray(scl, dims=(TIME, Y, X), coords={TIME: s2_times, **coords}),
     )
-    s1 = prepare_s1(
+    s1_cube = prepare_s1(
         xr.DataArray(s1_linear, dims=CUBE_DIMS, coords={TIME: s1_times, BAND: list(S1.bands), **coords})
     )
 
@@ -125,16 +140,11 @@ def synthetic_scene(
         return make_cube(da.values, times=da[TIME].values, bands=da[BAND].values, y=y, x=x, crs=_CRS,
                          sensor=sensor, site=site, provenance={**provenance, **extra})
 
-    labels = xr.Dataset(
-        {"land_cover": ((Y, X), land_cover.astype(np.int16)), "parcel": ((Y, X), parcel.astype(np.int32))},
-        coords=coords,
-        attrs={"land_cover_names": list(LAND_COVER), "crs": _CRS},
-    )
     return Scene(
         site=site,
         sensors={
-            "s2": cube(s2, "s2", {"raw_dates": len(s2_times), "scl_masked_classes": list(SCL_MASKED_DEFAULT)}),
-            "s1": cube(s1, "s1", {"raw_dates": len(s1_times), "orbits": "two 12-day orbits, 5 days apart"}),
+            "s2": cube(s2_cube, "s2", {"raw_dates": len(s2_times), "scl_masked_classes": list(SCL_MASKED_DEFAULT)}),
+            "s1": cube(s1_cube, "s1", {"raw_dates": len(s1_times), "orbits": "two 12-day orbits, 5 days apart"}),
         },
         labels=labels,
     )

@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from stembed.config import SamplingConfig
 from stembed.data.datasets import SensorArrays, fold_index
 from stembed.data.sampling import Region, SamplingError
+from stembed.sensors import ANCHOR
 
 
 @dataclass(frozen=True)
@@ -158,7 +159,7 @@ class TileDataset(Dataset[Tiles]):
         window_dates: int,
         crop_px: int,
         margin: int,
-        anchor: str = "s2",
+        anchor: str = ANCHOR,
         batch_size: int = 1,
     ) -> None:
         if anchor not in sensors:

@@ -21,7 +21,7 @@ windows read real neighbours around the region, as ``stembed embed`` does.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,13 +40,14 @@ from stembed.eval.gapfill import (
     hide_schedule,
     interpolate_at,
 )
+from stembed.inference.blocks import read_block
 from stembed.inference.engine import embed_any, resolve_device
 from stembed.inference.reference import check_bundle_for_scene
-from stembed.inference.tiles import read_block
 from stembed.io.cube import open_scene
 from stembed.models.bundle import load_bundle
 from stembed.models.context import ContextFusionModel
 from stembed.models.gapfill import GapFillModel
+from stembed.sensors import ANCHOR
 
 METHODS = ("model_based", "zero_shot", "linear", "savgol")
 
@@ -108,26 +109,20 @@ def evaluate_gap_fill(
     kw: dict[str, Any] = {"batch_size": batch_size, "device": dev, "precision": "float32"}
     methods = METHODS if isinstance(model, GapFillModel) else tuple(m for m in METHODS if m != "zero_shot")
     preds: dict[str, list[np.ndarray]] = {m: [] for m in methods}
-    truths, targets_all, gaps_all = [], [], []
-    n_runs = 0
+    truths: list[np.ndarray] = []
+    targets_all: list[np.ndarray] = []
+    gaps_all: list[np.ndarray] = []
     for rows, cols in regions:
         block = read_block(scene, rows, cols, r, max_gap_days)
-        d2 = block["s2"].days
         truth = embed_any(fusion, block, **kw)  # (time, F, h, w)
-        observed = np.isfinite(truth).all(axis=1)  # (time, h, w)
-        for k in run_lengths:
-            for o in range(offsets):
-                hidden = np.zeros(len(d2), bool)
-                hidden[hide_schedule(len(d2), k, offset=o)] = True
-                fills, targets, gaps = _hide_and_fill(
-                    model, block, truth, observed, hidden, kw, savgol_window_days, savgol_order
-                )
-                for method, fill in fills.items():
-                    preds[method].append(fill)
-                truths.append(truth)
-                targets_all.append(targets)
-                gaps_all.append(gaps)
-                n_runs += 1
+        for fills, targets, gaps in _experiments(model, block, truth, run_lengths, offsets, kw, savgol_window_days,
+                                                 savgol_order):
+            for method, fill in fills.items():
+                preds[method].append(fill)
+            truths.append(truth)
+            targets_all.append(targets)
+            gaps_all.append(gaps)
+    n_runs = len(truths)
 
     def cat(parts: list[np.ndarray]) -> np.ndarray:
         return np.concatenate(parts, axis=0)  # experiments stacked along time: the table pools them
@@ -139,6 +134,20 @@ def evaluate_gap_fill(
         "savgol": [savgol_window_days, savgol_order], "torch_threads": torch.get_num_threads(),
     }
     return GapFillResult(table, error_markdown(table), info)
+
+
+def _experiments(
+    model: GapFillModel | ContextFusionModel, block: dict[str, SensorArrays], truth: np.ndarray,
+    run_lengths: Sequence[int], offsets: int, kw: dict[str, Any], savgol_window_days: int, savgol_order: int,
+) -> Iterator[tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]]:
+    """Each experiment on one block (run length, then offset): its fills by method, targets and gaps."""
+    d2 = block[ANCHOR].days
+    observed = np.isfinite(truth).all(axis=1)  # (time, h, w)
+    for k in run_lengths:
+        for o in range(offsets):
+            hidden = np.zeros(len(d2), bool)
+            hidden[hide_schedule(len(d2), k, offset=o)] = True
+            yield _hide_and_fill(model, block, truth, observed, hidden, kw, savgol_window_days, savgol_order)
 
 
 def _filling_model(model: Any, kind: str, bundle_path: str | Path) -> GapFillModel | ContextFusionModel:
@@ -178,12 +187,12 @@ def _hide_and_fill(
 
     Returns each method's fill, the targets (observed and hidden) and each pixel-date's gap length.
     """
-    s2, d2 = block["s2"].values, block["s2"].days
+    s2, d2 = block[ANCHOR].values, block[ANCHOR].days
     targets = observed & hidden[:, None, None]
     known = observed & ~hidden[:, None, None]
     s2_cut = s2.copy()
     s2_cut[hidden] = np.nan  # the whole date, halo included, as a cloud would hide it
-    cut = {**block, "s2": SensorArrays(s2_cut, d2)}
+    cut = {**block, ANCHOR: SensorArrays(s2_cut, d2)}
     fill = {"targets": targets, "hide_s2_centre": True, **kw}
     if isinstance(model, GapFillModel):
         fills = {"model_based": embed_any(model.filler, cut, **fill), "zero_shot": embed_any(model.fusion, cut, **fill)}

@@ -431,19 +431,7 @@ def fit_gpp(
         rows: list[dict[str, float]] = []
         best, best_epoch, best_state, since_best, step = math.inf, 0, None, 0, 0
         for epoch in range(1, cfg.max_epochs + 1):
-            model.train()
-            total = 0.0
-            for idx in torch.randperm(len(train), generator=gen).split(cfg.batch_size):
-                idx = idx.to(device)
-                loss = nn.functional.l1_loss(model(x[idx], days[idx]), z[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                if warmup is not None and step <= cfg.warmup_steps:
-                    warmup.step()
-                total += float(loss.detach()) * len(idx)
-            train_l1 = total / len(train)
+            train_l1, step = _train_epoch(model, x, days, z, opt, warmup, gen, cfg, step)
             val_l1 = float((_predict_std(model, xv, dv) - zv).abs().mean()) if has_val else math.nan
             rows.append({"epoch": epoch, "train_l1": train_l1, "val_l1": val_l1, "lr": opt.param_groups[0]["lr"]})
             plateau.step(val_l1 if has_val else train_l1)
@@ -458,15 +446,41 @@ def fit_gpp(
                     break
     if best_state is not None:
         model.load_state_dict(best_state)
+    return model.eval(), _history(rows, cfg, best=best if has_val else None,
+                                  best_epoch=best_epoch if best_state is not None else len(rows))
+
+
+def _history(rows: list[dict[str, float]], cfg: GPPConfig, *, best: float | None, best_epoch: int) -> pd.DataFrame:
+    """One row per epoch, with the kept epoch in ``attrs`` (``best``: None without validation windows)."""
     history = pd.DataFrame(rows, columns=["epoch", "train_l1", "val_l1", "lr"])
-    stopped = has_val and len(rows) < cfg.max_epochs
+    has_val = best is not None
     history.attrs.update({
-        "best_epoch": best_epoch if best_state is not None else len(rows),
-        "best_val_l1": best if has_val else math.nan,
-        "stopped_early": stopped,
+        "best_epoch": best_epoch,
+        "best_val_l1": best if best is not None else math.nan,
+        "stopped_early": has_val and len(rows) < cfg.max_epochs,
         "note": ("best val L1 epoch kept" if has_val else "no validation windows: no early stopping, last epoch kept"),
     })
-    return model.eval(), history
+    return history
+
+
+def _train_epoch(
+    model: GPPTransformer, x: torch.Tensor, days: torch.Tensor, z: torch.Tensor, opt: torch.optim.Optimizer,
+    warmup: Any, gen: torch.Generator, cfg: GPPConfig, step: int,
+) -> tuple[float, int]:
+    """One epoch over the shuffled training windows: its mean L1 (standardised), and the optimiser steps so far."""
+    model.train()
+    total = 0.0
+    for idx in torch.randperm(len(z), generator=gen).split(cfg.batch_size):
+        idx = idx.to(z.device)
+        loss = nn.functional.l1_loss(model(x[idx], days[idx]), z[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        if warmup is not None and step <= cfg.warmup_steps:
+            warmup.step()
+        total += float(loss.detach()) * len(idx)
+    return total / len(z), step
 
 
 def _set_scales(model: GPPTransformer, train: Windows, cfg: GPPConfig) -> torch.Tensor:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -140,6 +141,29 @@ def resolve_split(
                 "overlap over two years or more"
             )
         split = YearSplit(tuple(years[:-1]), (years[-1],), ())
+    _check_years(split, windows, years)
+    end_year = windows.end_date.year.to_numpy()
+    keep = np.ones(len(windows), dtype=bool)
+    ends = windows.end_date.to_numpy().astype("datetime64[D]").astype(np.int64)
+    earlier = np.sort(ends[np.isin(end_year, list(split.train_years))])
+    for ys in (split.val_years, split.test_years):
+        part = np.isin(end_year, list(ys)) if ys else np.zeros(len(windows), dtype=bool)
+        if part.any():
+            keep[part] = _min_distance(ends[part], earlier) >= window_days  # spans of equal length meet
+            earlier = np.sort(np.concatenate([earlier, ends[part & keep]]))
+    for name, ys in (("validation", split.val_years), ("test", split.test_years)):
+        part = np.isin(end_year, list(ys)) if ys else np.zeros(len(windows), dtype=bool)
+        if part.any() and not (part & keep).any():
+            raise GPPRunError(
+                f"every {name} window (years {list(ys)}) shares days with training windows (each "
+                f"window reads {window_days} days), so none is held out; fix: leave a gap year, or use a "
+                "longer cube"
+            )
+    return split, keep
+
+
+def _check_years(split: YearSplit, windows: Windows, years: list[int]) -> None:
+    """Refuse years in more than one set, no held-out set, and a set without a window of this cube."""
     named = {"train": split.train_years, "val": split.val_years, "test": split.test_years}
     flat = [y for ys in named.values() for y in ys]
     shared = sorted({y for y in flat if flat.count(y) > 1})
@@ -162,23 +186,6 @@ def resolve_split(
                 f"no window of this cube ends in the {name} years {list(ys)}: the windows end in {years}; "
                 f"fix: pass {opt} with years among {years} (or omit the years: the latest then validates)"
             )
-    keep = np.ones(len(windows), dtype=bool)
-    ends = windows.end_date.to_numpy().astype("datetime64[D]").astype(np.int64)
-    earlier = np.sort(ends[np.isin(end_year, list(split.train_years))])
-    for ys in (split.val_years, split.test_years):
-        part = np.isin(end_year, list(ys)) if ys else np.zeros(len(windows), dtype=bool)
-        if part.any():
-            keep[part] = _min_distance(ends[part], earlier) >= window_days  # spans of equal length meet
-            earlier = np.sort(np.concatenate([earlier, ends[part & keep]]))
-    for name, ys in (("validation", split.val_years), ("test", split.test_years)):
-        part = np.isin(end_year, list(ys)) if ys else np.zeros(len(windows), dtype=bool)
-        if part.any() and not (part & keep).any():
-            raise GPPRunError(
-                f"every {name} window (years {list(ys)}) shares days with training windows (each "
-                f"window reads {window_days} days), so none is held out; fix: leave a gap year, or use a "
-                "longer cube"
-            )
-    return split, keep
 
 
 def _min_distance(days: np.ndarray, others: np.ndarray) -> np.ndarray:
@@ -412,3 +419,79 @@ def gpp_leave_one_site_out(
     }
     metrics_csv, preds_csv, plots = _write_outputs(Path(out_dir), metrics, preds, info)
     return GPPRun(metrics, metrics_csv, preds_csv, plots, sum(n.values()), None, 0, info)
+
+
+def year_split(
+    train_years: Sequence[int] | None, val_years: Sequence[int] | None, test_years: Sequence[int] | None
+) -> YearSplit | None:
+    """The year split ``--train-years``, ``--val-years`` and ``--test-years`` give; None (adapt to the cube:
+    :func:`resolve_split`) when no years are given.
+
+    Raises:
+        GPPRunError: test years without train and val years, or only one of train and val years.
+    """
+    if train_years is None and val_years is None:
+        if test_years:
+            raise GPPRunError("--test-years needs --train-years and --val-years too; fix: give all three")
+        return None
+    if train_years is None or val_years is None:
+        raise GPPRunError(
+            "give both --train-years and --val-years, or neither (then the latest year of the cube's windows "
+            "validates and the earlier years train)"
+        )
+    return YearSplit(tuple(train_years), tuple(val_years), tuple(test_years or ()))
+
+
+def evaluate_gpp(
+    out_dir: str | Path,
+    *,
+    embeddings: str | Path | None = None,
+    cube: str | Path | None = None,
+    flux: str | Path | None = None,
+    towers: str | Path | None = None,
+    tower_lonlat: tuple[float, float] | None = None,
+    whole_cube: bool = False,
+    window_px: int = 15,
+    train_years: Sequence[int] | None = None,
+    val_years: Sequence[int] | None = None,
+    test_years: Sequence[int] | None = None,
+    interpolation: Literal["linear", "savgol"] = "linear",
+    stride_days: int = 10,
+    max_epochs: int | None = None,
+    seed: int = 0,
+) -> GPPRun:
+    """``stembed eval gpp``: :func:`gpp_at_tower` of the stores ``embeddings`` and ``cube`` and the ``flux`` CSV
+    (at ``tower_lonlat``, or over the whole cube), or :func:`gpp_leave_one_site_out` of the ``towers`` table;
+    ``max_epochs``: the transformer's (None: :class:`GPPConfig`'s).
+
+    Raises:
+        GPPRunError: inputs of both kinds, or lacking; both or neither of ``tower_lonlat`` and ``whole_cube``;
+            and every error of the run.
+    """
+    from stembed.io.outputs import check_output_folder
+
+    check_output_folder(out_dir)
+    cfg = GPPConfig() if max_epochs is None else GPPConfig(max_epochs=max_epochs)
+    if towers is not None:
+        given = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux),
+                                ("--tower", tower_lonlat), ("--train-years", train_years),
+                                ("--test-years", test_years)) if v is not None] + (["--whole-cube"] if whole_cube else [])
+        if given:
+            raise GPPRunError(f"--towers takes each tower's files and position from its table, so {given} "
+                              "cannot be given too; fix: drop them (--val-years may stop training early)")
+        return gpp_leave_one_site_out(read_towers(towers), out_dir, window_px=window_px,
+                                      val_years=tuple(val_years or ()), interpolation=interpolation,
+                                      stride_days=stride_days, cfg=cfg, seed=seed)
+    if embeddings is None or cube is None or flux is None:
+        lacking = [o for o, v in (("--embeddings", embeddings), ("--cube", cube), ("--flux", flux)) if v is None]
+        raise GPPRunError(f"missing {', '.join(lacking)}; fix: give --embeddings, --cube and --flux for one "
+                          "tower, or --towers TABLE.csv for several")
+    if (tower_lonlat is None) == (not whole_cube):
+        raise GPPRunError("give the tower's position (--tower LON LAT) or --whole-cube, not both")
+    from stembed.io.cube import open_scene
+    from stembed.io.embeddings import open_embeddings
+
+    return gpp_at_tower(open_embeddings(embeddings), open_scene(cube, check_values=False).s2, flux, out_dir,
+                        tower_lonlat=tower_lonlat, window_px=window_px,
+                        split=year_split(train_years, val_years, test_years), interpolation=interpolation,
+                        stride_days=stride_days, cfg=cfg, seed=seed)

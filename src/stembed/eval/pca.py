@@ -176,12 +176,7 @@ def pca_maps(
         EmbeddingStoreError: a date is not in the store, or the store has too few valid pixel-dates.
         CubeError: the S2 cube is on another grid or lacks a mapped date or a true-colour band.
     """
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 3:
-        raise EmbeddingStoreError(f"n_samples must be a whole number >= 3, got {n_samples!r}")
-    if embeddings.sizes[FEATURE] < _N_COMPONENTS:
-        n_f = embeddings.sizes[FEATURE]
-        raise EmbeddingStoreError(f"the store has {n_f} features; a PCA map needs >= {_N_COMPONENTS}")
-    _check_grid(embeddings, s2)
+    _check_inputs(embeddings, s2, n_samples)
     times = embeddings[TIME].values
     labels = date_labels(times)
     counts = np.asarray(embeddings["valid"].sum(dim=(Y, X)).values, np.int64)
@@ -213,6 +208,16 @@ def pca_maps(
     json_path = out_dir / "pca.json"
     json_path.write_text(json.dumps(report, indent=2))
     return {"pngs": pngs, "json": json_path}
+
+
+def _check_inputs(embeddings: xr.Dataset, s2: xr.DataArray, n_samples: int) -> None:
+    """Refuse a sample too small for 3 components, a store with fewer features, and an S2 cube on another grid."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int | np.integer) or n_samples < 3:
+        raise EmbeddingStoreError(f"n_samples must be a whole number >= 3, got {n_samples!r}")
+    if embeddings.sizes[FEATURE] < _N_COMPONENTS:
+        n_f = embeddings.sizes[FEATURE]
+        raise EmbeddingStoreError(f"the store has {n_f} features; a PCA map needs >= {_N_COMPONENTS}")
+    _check_grid(embeddings, s2)
 
 
 def _chosen_dates(times: np.ndarray, counts: np.ndarray, dates: Sequence[str] | None) -> list[int]:

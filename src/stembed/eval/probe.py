@@ -236,16 +236,10 @@ def _check_region(region: Sequence[int] | None, height: int, width: int) -> tupl
     return y0, y1, x0, x1
 
 
-def _load(
-    embeddings: xr.Dataset,
-    s2: xr.DataArray,
-    labels: xr.Dataset,
-    label: str,
-    nodata: list[float],
-    *,
-    s1: xr.DataArray | None = None,
-    region: Sequence[int] | None = None,
-) -> _Arrays:
+def _check_inputs(
+    embeddings: xr.Dataset, s2: xr.DataArray, labels: xr.Dataset, label: str, s1: xr.DataArray | None
+) -> None:
+    """Refuse a missing label or band, another grid, a label that is not per pixel, unsorted S2 dates."""
     if label not in labels.data_vars:
         raise ProbeError(
             f"the labels have no variable {label!r} (they hold {sorted(map(str, labels.data_vars))}); "
@@ -266,13 +260,29 @@ def _load(
         if missing:
             raise ProbeError(f"the S1 cube lacks band(s) {missing}; fix: pass the scene's S1 cube (scene.s1)")
         _check_grid("S1 cube", s1, embeddings)
-    lab_da = labels[label]
-    if set(lab_da.dims) != {Y, X}:
-        raise ProbeError(f"label {label!r} has dims {tuple(lab_da.dims)}; a probe needs one label per pixel (y, x)")
+    if set(labels[label].dims) != {Y, X}:
+        raise ProbeError(
+            f"label {label!r} has dims {tuple(labels[label].dims)}; a probe needs one label per pixel (y, x)"
+        )
     s2_times = np.asarray(s2[TIME].values, dtype="datetime64[ns]")
     if (np.diff(s2_times) <= np.timedelta64(0)).any():
         raise ProbeError("the S2 cube's dates are not increasing; fix: pass the cube sorted by time (sortby('time'))")
 
+
+def _load(
+    embeddings: xr.Dataset,
+    s2: xr.DataArray,
+    labels: xr.Dataset,
+    label: str,
+    nodata: list[float],
+    *,
+    s1: xr.DataArray | None = None,
+    region: Sequence[int] | None = None,
+) -> _Arrays:
+    """The region's arrays, and which pixel-dates are usable (embedding valid, S2 finite, labelled)."""
+    _check_inputs(embeddings, s2, labels, label, s1)
+    lab_da = labels[label]
+    s2_times = np.asarray(s2[TIME].values, dtype="datetime64[ns]")
     y0, y1, x0, x1 = _check_region(region, embeddings.sizes[Y], embeddings.sizes[X])
     box = {Y: slice(y0, y1), X: slice(x0, x1)}
     emb_da = embeddings["embedding"].isel(box).transpose(TIME, FEATURE, Y, X)
@@ -479,74 +489,106 @@ def _build_features(
     uy, ux = np.divmod(upix, width)
     series = np.moveaxis(a.s2[:, :, uy, ux], -1, 0)  # (P, T2, band): each row pixel's whole S2 series
     own = a.s2[ts, :, iy, ix]  # (N, band)
-    n_bands = own.shape[1]
     meta: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    date_s2s1 = _date_s2s1(a, own, ts, inv, uy, ux, meta, skipped)
+    window_x, window11_x = _window_features(a, series, own, ts, inv, window, meta, skipped)
+    season_x = _season(a, series, inv, meta)
+    bases = {"date_s2_pca": (own, False), "date_s2s1_pca": (date_s2s1, True), "window_pca": (window_x, False),
+             "window11_pca": (window11_x, False), "season_pca": (season_x, False)}
+    sets: dict[str, FeatureSet] = {}
+    for k in prefixes:
+        sets[f"embedding{k}"] = FeatureSet(f"embedding{k}", a.embedding[it, :k, iy, ix])
+        for base, (x, scale) in bases.items():
+            if x is not None:
+                sets[f"{base}{k}"] = FeatureSet(f"{base}{k}", x, n_pca=min(k, x.shape[1]), scale=scale)
+    sets["date_s2"] = FeatureSet("date_s2", own)
+    sets["season_raw"] = FeatureSet("season_raw", season_x)
+    return sets, meta, skipped
 
-    date_s2s1 = None
+
+def _date_s2s1(
+    a: _Arrays, own: np.ndarray, ts: np.ndarray, inv: np.ndarray, uy: np.ndarray, ux: np.ndarray,
+    meta: dict[str, Any], skipped: dict[str, str],
+) -> np.ndarray | None:
+    """``(N, band + 2)``: the date's S2 bands, then the matched S1 date's VV, VH; None (and why, in ``skipped``)
+    without S1. Its meta goes to ``meta``."""
     if a.s1 is None or a.s1_times is None:
         skipped["date_s2s1_pca<k>"] = "no S1 cube given (s1=None)"
-    else:
-        s1_rows, meta["date_s2s1"] = _match_s1(a.s1, a.s1_times, a.s2_times, ts, inv, uy, ux)
-        if s1_rows is None:
-            skipped["date_s2s1_pca<k>"] = meta.pop("date_s2s1")["reason"]
-        else:
-            date_s2s1 = np.concatenate([own, s1_rows], axis=1)
-            meta["date_s2s1"] = {
-                "columns": f"the date's {n_bands} S2 bands, then {', '.join(S1.bands)}",
-                "scaling": "StandardScaler on each column, then PCA (fitted per training fold); S1 cube values "
-                "are (dB + 30) / 35, so standardised they equal standardised dB",
-                **meta["date_s2s1"],
-            }
+        return None
+    s1_rows, info = _match_s1(a.s1, a.s1_times, a.s2_times, ts, inv, uy, ux)
+    if s1_rows is None:
+        skipped["date_s2s1_pca<k>"] = info["reason"]
+        return None
+    meta["date_s2s1"] = {
+        "columns": f"the date's {own.shape[1]} S2 bands, then {', '.join(S1.bands)}",
+        "scaling": "StandardScaler on each column, then PCA (fitted per training fold); S1 cube values "
+        "are (dB + 30) / 35, so standardised they equal standardised dB",
+        **info,
+    }
+    return np.concatenate([own, s1_rows], axis=1)
 
-    n_time = series.shape[1]
-    filled = None
-    consecutive = None
-    if n_time > PAPER_WINDOW_DATES // 2:
-        filled = np.empty_like(series)  # (P, T2, band), in chunks of pixels: fill_linear's index arrays are big
-        for chunk in np.array_split(np.arange(series.shape[0]), max(1, series.shape[0] // _FILL_CHUNK_PX)):
-            filled[chunk] = np.moveaxis(fill_linear(np.moveaxis(series[chunk], 1, -1), a.s2_days), -1, 1)
-        frames = paper_window(n_time, ts)  # (N, 11)
-        consecutive = filled[inv[:, None], frames].reshape(ts.size, -1)  # (N, 11 * band), frame-major
-    paper_note = (
-        f"the paper's window: {PAPER_WINDOW_DATES} consecutive S2 dates centred on the date (the date's own bands "
-        "are the centre frame), reflected at the series ends like inference.engine.window_days; cloudy "
-        "(non-finite) values filled by linear interpolation in time along the pixel's own series (per band, "
-        "np.interp over its finite dates, flat beyond the ends)"
-    )
-    too_short = (f"the S2 series has {n_time} dates; {PAPER_WINDOW_DATES} consecutive dates reflected at the ends "
-                 f"need >= {PAPER_WINDOW_DATES // 2 + 1}")
-    window_x = window11_x = None
+
+_PAPER_NOTE = (
+    f"the paper's window: {PAPER_WINDOW_DATES} consecutive S2 dates centred on the date (the date's own bands "
+    "are the centre frame), reflected at the series ends like inference.engine.window_days; cloudy "
+    "(non-finite) values filled by linear interpolation in time along the pixel's own series (per band, "
+    "np.interp over its finite dates, flat beyond the ends)"
+)
+
+
+def _consecutive(series: np.ndarray, s2_days: np.ndarray, ts: np.ndarray, inv: np.ndarray) -> np.ndarray | None:
+    """``(N, 11 * band)``, frame-major: the paper's window of each row, gaps filled linearly; None if the series
+    is too short for it."""
+    n_pixels, n_time = series.shape[:2]
+    if n_time <= PAPER_WINDOW_DATES // 2:
+        return None
+    filled = np.empty_like(series)  # (P, T2, band), in chunks of pixels: fill_linear's index arrays are big
+    for chunk in np.array_split(np.arange(n_pixels), max(1, n_pixels // _FILL_CHUNK_PX)):
+        filled[chunk] = np.moveaxis(fill_linear(np.moveaxis(series[chunk], 1, -1), s2_days), -1, 1)
+    frames = paper_window(n_time, ts)  # (N, 11)
+    return filled[inv[:, None], frames].reshape(ts.size, -1)
+
+
+def _window_features(
+    a: _Arrays, series: np.ndarray, own: np.ndarray, ts: np.ndarray, inv: np.ndarray, window: WindowConfig | None,
+    meta: dict[str, Any], skipped: dict[str, str],
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The model's window of each row (the paper's without a stored ``window``), and the paper's 11 consecutive
+    dates beside a stored window (else None); their meta to ``meta``, a set that cannot be built to ``skipped``."""
+    consecutive = _consecutive(series, a.s2_days, ts, inv)
+    too_short = (f"the S2 series has {series.shape[1]} dates; {PAPER_WINDOW_DATES} consecutive dates reflected at "
+                 f"the ends need >= {PAPER_WINDOW_DATES // 2 + 1}")
+    paper_meta = {"rule": _PAPER_NOTE, "values_filled": int((~np.isfinite(series)).sum())}
     if window is None:
-        window_x = consecutive
         if consecutive is None:
             skipped["window_pca<k>"] = too_short
         else:
-            meta["window"] = {"source": "paper (the store has no 'window' attribute)", "rule": paper_note,
-                              "values_filled": int((~np.isfinite(series)).sum())}
+            meta["window"] = {"source": "paper (the store has no 'window' attribute)", **paper_meta}
+        return consecutive, None
+    observed = np.isfinite(series).all(axis=2)[inv]  # (N, T2): the pixel has all bands on the date
+    idx = window_dates(window, a.s2_days, observed, ts)  # (N, dates)
+    empty = idx == NONE
+    ctx = series[inv[:, None], np.where(empty, 0, idx)]  # (N, dates, band)
+    ctx = np.where(empty[..., None], own[:, None, :], ctx)
+    meta["window"] = {
+        "source": "the store's 'window' attribute",
+        "config": window.model_dump(mode="json"),
+        "rule": f"the date's own {own.shape[1]} bands, then those of the {window.dates} dates "
+        "data.windows.window_dates picks (observed = all 10 S2 bands finite); a slot without a date (-1) "
+        "holds the date's own bands",
+        "empty_slots": int(empty.sum()),
+    }
+    if consecutive is None:
+        skipped["window11_pca<k>"] = too_short
     else:
-        observed = np.isfinite(series).all(axis=2)[inv]  # (N, T2): the pixel has all bands on the date
-        idx = window_dates(window, a.s2_days, observed, ts)  # (N, dates)
-        empty = idx == NONE
-        ctx = series[inv[:, None], np.where(empty, 0, idx)]  # (N, dates, band)
-        ctx = np.where(empty[..., None], own[:, None, :], ctx)
-        window_x = np.concatenate([own, ctx.reshape(ts.size, -1)], axis=1)
-        meta["window"] = {
-            "source": "the store's 'window' attribute",
-            "config": window.model_dump(mode="json"),
-            "rule": f"the date's own {n_bands} bands, then those of the {window.dates} dates "
-            "data.windows.window_dates picks (observed = all 10 S2 bands finite); a slot without a date (-1) "
-            "holds the date's own bands",
-            "empty_slots": int(empty.sum()),
-        }
-        window11_x = consecutive
-        if consecutive is None:
-            skipped["window11_pca<k>"] = too_short
-        else:
-            meta["window11"] = {"rule": paper_note, "values_filled": int((~np.isfinite(series)).sum())}
+        meta["window11"] = paper_meta
+    return np.concatenate([own, ctx.reshape(ts.size, -1)], axis=1), consecutive
 
+
+def _season(a: _Arrays, series: np.ndarray, inv: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
+    """``(N, month * band)``, month-major: the pixel's calendar-month means (the same for each of its dates)."""
     months_x, months = monthly_series(np.moveaxis(series, 1, -1), a.s2_times)  # (P, band, month)
-    season_x = np.moveaxis(months_x, 1, 2).reshape(months_x.shape[0], -1)[inv]  # (N, month * band), month-major
     meta["season"] = {
         "months": [str(m) for m in months],
         "rule": "the pixel's whole S2 series as calendar-month means per band (finite values of the month), from "
@@ -554,18 +596,7 @@ def _build_features(
         "linearly between the observed months (flat beyond the ends); the same for every date of a pixel: an "
         "upper reference, not a per-date feature",
     }
-
-    sets: dict[str, FeatureSet] = {}
-    for k in prefixes:
-        sets[f"embedding{k}"] = FeatureSet(f"embedding{k}", a.embedding[it, :k, iy, ix])
-        bases = {"date_s2_pca": (own, False), "date_s2s1_pca": (date_s2s1, True), "window_pca": (window_x, False),
-                 "window11_pca": (window11_x, False), "season_pca": (season_x, False)}
-        for base, (x, scale) in bases.items():
-            if x is not None:
-                sets[f"{base}{k}"] = FeatureSet(f"{base}{k}", x, n_pca=min(k, x.shape[1]), scale=scale)
-    sets["date_s2"] = FeatureSet("date_s2", own)
-    sets["season_raw"] = FeatureSet("season_raw", season_x)
-    return sets, meta, skipped
+    return np.moveaxis(months_x, 1, 2).reshape(months_x.shape[0], -1)[inv]
 
 
 def probe_features(
@@ -675,113 +706,130 @@ def _py(v: Any) -> Any:
 
 # ----------------------------------------------------------------------------- probe
 def probe_table(
-    embeddings: xr.Dataset,
-    s2: xr.DataArray,
-    labels: xr.Dataset,
-    *,
-    label: str,
-    s1: xr.DataArray | None = None,
-    features: Sequence[int] | None = None,
-    region: Sequence[int] | None = None,
-    block_px: int = 16,
-    n_folds: int = 4,
-    max_samples: int = 20000,
-    min_class_pixels: int = 50,
-    seed: int = 0,
-    nodata: float | Sequence[float] | None = 0,
-    n_estimators: int = 200,
-    n_jobs: int = 1,
-    only: Sequence[str] | None = None,
+    embeddings: xr.Dataset, s2: xr.DataArray, labels: xr.Dataset, *, label: str, s1: xr.DataArray | None = None,
+    features: Sequence[int] | None = None, region: Sequence[int] | None = None, block_px: int = 16, n_folds: int = 4,
+    max_samples: int = 20000, min_class_pixels: int = 50, seed: int = 0, nodata: float | Sequence[float] | None = 0,
+    n_estimators: int = 200, n_jobs: int = 1, only: Sequence[str] | None = None,
 ) -> ProbeResult:
     """Score embedding prefixes against same-size baselines (:data:`FEATURE_SETS`) on one label, blocked CV.
 
     Args:
-        embeddings: an embedding store (:func:`stembed.io.embeddings.open_embeddings`); its ``window``
-            attribute (a :class:`~stembed.config.WindowConfig` dict) names the model's window, absent = the
-            paper's 11 consecutive dates; its ``nested`` attribute the default prefixes.
-        s2: the S2 cube ``(time, band, y, x)`` of the same scene (``scene.s2``): same grid, and an
-            acquisition at every embedding date. Window and season baselines read its whole series.
-        labels: per-pixel labels on the same grid (``scene.labels``).
-        label: the label variable, e.g. ``"LC"`` or ``"CT"`` for WorldCereal.
-        s1: the S1 cube ``(time, band, y, x)`` on its own dates (``scene.s1``), for ``date_s2s1_pca<k>``;
-            None leaves that baseline out (listed in ``meta["skipped"]``).
-        features: embedding prefixes k to probe (``embedding<k>`` and every ``*_pca<k>`` baseline per k);
-            None: the store's ``nested`` prefixes if it has them, else all its features.
-        region: ``(y0, y1, x0, x1)`` pixel box of the store's grid to probe (ends excluded), e.g. a held-out
-            block; spatial blocks are counted from its corner. None: the whole grid.
-        block_px: side of the square spatial blocks that go to one fold whole.
-        n_folds: cross-validation folds.
-        max_samples: pixel-dates kept after class filtering, drawn uniformly with ``seed`` before the
-            folds are assigned (so every feature set and model sees the same ones).
-        min_class_pixels: a class needs this many pixels (distinct y/x, not pixel-dates) with a usable
-            date, and pixels in >= 2 blocks, or it is dropped (listed in ``meta``).
+        embeddings: an embedding store (:func:`stembed.io.embeddings.open_embeddings`); its ``window`` attribute
+            names the model's window (absent: the paper's 11 consecutive dates), its ``nested`` the default prefixes.
+        s2: the scene's S2 cube ``(time, band, y, x)``: same grid, an acquisition at every embedding date; the
+            window and season baselines read its whole series.
+        labels: per-pixel labels on the same grid (``scene.labels``); ``label``: the variable, e.g. ``"LC"``.
+        s1: the scene's S1 cube on its own dates, for ``date_s2s1_pca<k>`` (None: listed in ``meta["skipped"]``).
+        features: the prefixes k (``embedding<k>`` and each ``*_pca<k>``); None: the store's ``nested``, else all.
+        region: ``(y0, y1, x0, x1)`` pixel box of the store's grid (ends excluded), e.g. a held-out block; spatial
+            blocks count from its corner. None: the whole grid.
+        block_px, n_folds: side of the square blocks that go to one fold whole; the folds.
+        max_samples: pixel-dates kept after class filtering, drawn uniformly before the folds are assigned (so
+            every feature set and model sees the same ones).
+        min_class_pixels: a class needs this many pixels with a usable date, in >= 2 blocks, or it is dropped.
         seed: the only source of randomness: the subsample, the fold shuffle, PCA and the forest all use it.
-        nodata: label value(s) that mean "no label"; for WorldCereal ``LC`` pass ``(0, 99)`` to drop
-            99 = unknown too.
+        nodata: label value(s) meaning "no label" (WorldCereal ``LC``: ``(0, 99)``, 99 = unknown).
         n_estimators, n_jobs: random-forest size and threads.
-        only: score only these feature sets (e.g. ``["embedding7", "embedding16"]`` when the baselines of the
-            same pixel-dates and folds were already scored); None: all of them.
+        only: score only these feature sets (when the others were scored on the same pixel-dates and folds).
 
     Returns:
-        A :class:`ProbeResult`; the majority-class baseline has ``feature_set="none"``,
-        ``model="majority_class"``.
+        A :class:`ProbeResult`; the majority-class baseline is ``feature_set="none"``, ``model="majority_class"``.
 
     Raises:
         ProbeError: missing label or bands, different grids or dates, a prefix outside 1..n_features, a bad
             region, fewer than 2 classes left, or too few blocks for ``n_folds``.
-
-    (Long by this docstring and the ``meta`` record it returns; the steps are :func:`_classes`,
-    :func:`_subsample`, :func:`_build_features`, :func:`_cross_validate` and :func:`_tables`.)
     """
     if max_samples < n_folds:
         raise ProbeError(f"max_samples must be >= n_folds ({n_folds}), got {max_samples}")
     nodata_values = _nodata_values(nodata)
     a = _load(embeddings, s2, labels, label, nodata_values, s1=s1, region=region)
-    height, width = a.label.shape
-    n_features = a.embedding.shape[1]
-    prefixes = _prefixes(embeddings, features, n_features)
-    window = _store_window(embeddings)
+    prefixes = _prefixes(embeddings, features, a.embedding.shape[1])
     kept, dropped = _classes(a, label, block_px=block_px, min_class_pixels=min_class_pixels)
-
-    # one sample for all: drop small classes, subsample uniformly, then assign folds
-    it, iy, ix, y_all, n_eligible = _subsample(a, kept, max_samples, np.random.default_rng(seed))
-    blocks = spatial_blocks(iy, ix, width_px=width, block_px=block_px)
-    fold, cv_name = spatial_folds(y_all, blocks, n_folds=n_folds, seed=seed)
-    sets, built, skipped = _build_features(a, it, iy, ix, prefixes, window)
-    if only is not None:
-        unknown = sorted(set(only) - set(sets))
-        if unknown:
-            raise ProbeError(f"no feature set(s) {unknown} here; this probe builds {list(sets)}")
-        sets = {name: fs for name, fs in sets.items() if name in only}
-    folds = _cross_validate(sets, y_all, fold, n_folds=n_folds, seed=seed, n_estimators=n_estimators,
+    sample = _draw_sample(a, kept, max_samples=max_samples, block_px=block_px, n_folds=n_folds, seed=seed)
+    sets, built, skipped = _build_features(a, sample.it, sample.iy, sample.ix, prefixes, _store_window(embeddings))
+    sets = _only(sets, only)
+    folds = _cross_validate(sets, sample.y, sample.fold, n_folds=n_folds, seed=seed, n_estimators=n_estimators,
                             n_jobs=n_jobs)
     sizes = {BASELINE[0]: (0, 0)} | {name: (fs.n_features, fs.x.shape[1]) for name, fs in sets.items()}
     table, summary = _tables(folds, sizes, n_folds)
-
-    y0, x0 = a.origin
-    samples = pd.DataFrame({"it": it, "iy": iy + y0, "ix": ix + x0, "label": y_all, "block": blocks, "fold": fold})
     meta = {
-        "label": label,
-        "nodata": [_py(v) for v in nodata_values],
-        "classes_kept": kept,
-        "classes_dropped": dropped,
+        "label": label, "nodata": [_py(v) for v in nodata_values], "classes_kept": kept, "classes_dropped": dropped,
+        **_sample_meta(a, sample, region=region, block_px=block_px, n_folds=n_folds, min_class_pixels=min_class_pixels),
+        "prefixes": prefixes, **_method_meta(sets, skipped, built, n_estimators=n_estimators, seed=seed),
+        "seed": seed, "max_samples": max_samples, "min_class_pixels": min_class_pixels,
+    }
+    y0, x0 = a.origin
+    samples = pd.DataFrame({"it": sample.it, "iy": sample.iy + y0, "ix": sample.ix + x0, "label": sample.y,
+                            "block": sample.blocks, "fold": sample.fold})
+    return ProbeResult(table=table, summary=summary, meta=meta, samples=samples)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """The pixel-dates every feature set and model sees (store date, region row and column, label), their
+    spatial blocks and folds, and how many pixel-dates of the kept classes they were drawn from."""
+
+    it: np.ndarray
+    iy: np.ndarray
+    ix: np.ndarray
+    y: np.ndarray
+    blocks: np.ndarray
+    fold: np.ndarray
+    cv: str
+    n_eligible: int
+
+
+def _draw_sample(
+    a: _Arrays, kept: dict[Any, Any], *, max_samples: int, block_px: int, n_folds: int, seed: int
+) -> _Sample:
+    """One sample for all: the kept classes' pixel-dates, subsampled uniformly, then assigned to folds."""
+    it, iy, ix, y, n_eligible = _subsample(a, kept, max_samples, np.random.default_rng(seed))
+    blocks = spatial_blocks(iy, ix, width_px=a.label.shape[1], block_px=block_px)
+    fold, cv = spatial_folds(y, blocks, n_folds=n_folds, seed=seed)
+    return _Sample(it=it, iy=iy, ix=ix, y=y, blocks=blocks, fold=fold, cv=cv, n_eligible=n_eligible)
+
+
+def _only(sets: dict[str, FeatureSet], only: Sequence[str] | None) -> dict[str, FeatureSet]:
+    """The feature sets named in ``only`` (all for None); an unknown name is refused."""
+    if only is None:
+        return sets
+    unknown = sorted(set(only) - set(sets))
+    if unknown:
+        raise ProbeError(f"no feature set(s) {unknown} here; this probe builds {list(sets)}")
+    return {name: fs for name, fs in sets.items() if name in only}
+
+
+def _sample_meta(
+    a: _Arrays, s: _Sample, *, region: Sequence[int] | None, block_px: int, n_folds: int, min_class_pixels: int,
+) -> dict[str, Any]:
+    """The record of which pixel-dates were probed and how they were split."""
+    height, width = a.label.shape
+    y0, x0 = a.origin
+    return {
         "class_rule": f"a class needs >= {min_class_pixels} pixels (min_class_pixels) with a usable date, "
         f"in >= {MIN_CLASS_BLOCKS} spatial blocks: a class living in one block cannot be in both a "
         "training and a test fold, so it cannot be cross-validated; dropped classes' pixel-dates are "
         "left out, not merged",
         "selection": "embedding valid and finite, all 10 S2 bands finite, label not nodata",
         "n_pixel_dates_usable": int(a.mask.sum()),
-        "n_pixel_dates_kept_classes": n_eligible,
-        "n_pixel_dates": int(y_all.size),
-        "n_pixels": int(np.unique(iy * width + ix).size),
-        "n_blocks": int(np.unique(blocks).size),
+        "n_pixel_dates_kept_classes": s.n_eligible,
+        "n_pixel_dates": int(s.y.size),
+        "n_pixels": int(np.unique(s.iy * width + s.ix).size),
+        "n_blocks": int(np.unique(s.blocks).size),
         "grid_px": [height, width],
         "region": None if region is None else [y0, y0 + height, x0, x0 + width],
         "block_px": block_px,
         "n_folds": n_folds,
-        "cv": cv_name,
-        "fold_sizes": {str(k): int((fold == k).sum()) for k in range(n_folds)},
-        "prefixes": prefixes,
+        "cv": s.cv,
+        "fold_sizes": {str(k): int((s.fold == k).sum()) for k in range(n_folds)},
+    }
+
+
+def _method_meta(
+    sets: dict[str, FeatureSet], skipped: dict[str, str], built: dict[str, Any], *, n_estimators: int, seed: int
+) -> dict[str, Any]:
+    """The record of the feature sets (built and skipped) and the models that scored them."""
+    return {
         "feature_sets": {name: {"n_features": fs.n_features, "n_columns": int(fs.x.shape[1]),
                                 "pca": fs.n_pca, "standardised": fs.scale} for name, fs in sets.items()},
         "skipped": skipped,
@@ -798,11 +846,7 @@ def probe_table(
             "random_forest": f"RandomForestClassifier(n_estimators={n_estimators}, random_state={seed})",
         },
         "macro_f1": "mean F1 over the classes present in a test fold's truth or predictions",
-        "seed": seed,
-        "max_samples": max_samples,
-        "min_class_pixels": min_class_pixels,
     }
-    return ProbeResult(table=table, summary=summary, meta=meta, samples=samples)
 
 
 def _classes(

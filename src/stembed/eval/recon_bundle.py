@@ -23,7 +23,7 @@ from stembed.eval.recon import COLUMNS, ReconError
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle
 from stembed.models.context import ContextFusionModel
-from stembed.models.fusion import FusionModel
+from stembed.models.fusion import ANCHOR, FusionModel
 from stembed.pretrained import resolve_bundle
 from stembed.training.context import evaluate_context, split_latents
 from stembed.training.evaluate import evaluate_split
@@ -50,7 +50,7 @@ def bundle_recon(
     data = DataConfig.model_validate(stage["data"])
     sampling = data.sampling
     if spatial_stride:  # data.sampling None is the paper's sampling for the sensor (S2 drives fusion's)
-        paper = data.resolved_sampling("s2" if b.kind == "fusion" else str(b.sensor))
+        paper = data.resolved_sampling(ANCHOR if b.kind == "fusion" else str(b.sensor))
         sampling = SamplingConfig.model_validate({**paper.model_dump(), "spatial_stride": spatial_stride})
     data = data.model_copy(update={
         "source": SceneSource(paths=tuple(str(c) for c in cubes)),
@@ -61,7 +61,7 @@ def bundle_recon(
     model = b.build_model().eval()
     rng = np.random.default_rng(0)
     run = f"{bundle} on {', '.join(s.site for s in scenes)}"
-    split = split_data(model, scenes, data, rng)
+    split = split_data(b.cfg, scenes, data, rng)
     if isinstance(model, ContextFusionModel):
         dense = DenseTrainingConfig.model_validate(stage.get("dense_training") or {})
         return _context_rows(run, model, split.datasets["test"].sensors,  # type: ignore[attr-defined]

@@ -89,53 +89,64 @@ def embed_block(
     r = p // 2
     # the patch encoder needs NaN-free windows filled as in training; the dense one fills per pixel itself
     fill = fill_patch if model.anchor.cfg.variant == "patch" else (lambda a: (a, None))
-    s2, s2_days = block[ANCHOR].values, block[ANCHOR].days
+    s2 = block[ANCHOR].values
     n_time, _, hp, wp = s2.shape
-    h, w = hp - 2 * r, wp - 2 * r
-    out = np.full((n_time, model.cfg.embed_dim, h, w), np.nan, dtype=np.float32)
+    out = np.full((n_time, model.cfg.embed_dim, hp - 2 * r, wp - 2 * r), np.nan, dtype=np.float32)
     ts, ys, xs = np.nonzero(centre_valid(s2, r) if targets is None else targets)
     if ts.size == 0:
         return out
-    c = n_frames // 2
-    windows = [window_days(s2_days, t, n_frames) for t in range(n_time)]
-    frames = np.stack([f for f, _ in windows])  # (time, n_frames) date index of each frame
-    days2 = np.stack([d for _, d in windows])  # (time, n_frames) day number of each S2 frame
-    days = {k: days2 if k == ANCHOR else frame_days(days2, s2_days, frames, a.days) for k, a in block.items()}
-
-    def view(a: np.ndarray) -> np.ndarray:
-        return np.lib.stride_tricks.sliding_window_view(a, (p, p), axis=(2, 3))  # (T, C, h, w, p, p)
-
-    views = {k: view(a.values) for k, a in block.items()}
-
-    def to(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
-
+    frames, days = _frame_days(block, n_frames)
+    views = {k: np.lib.stride_tricks.sliding_window_view(a.values, (p, p), axis=(2, 3))  # (T, C, h, w, p, p)
+             for k, a in block.items()}
     for i in range(0, ts.size, batch_size):
         tb, yb, xb = ts[i : i + batch_size], ys[i : i + batch_size], xs[i : i + batch_size]
         n = tb.size
         take = np.concatenate([np.arange(n), np.zeros(batch_size - n, dtype=np.int64)])  # pad with copies
         tb, yb, xb = tb[take], yb[take], xb[take]
-        f = frames[tb]  # (B, n_frames)
-        # C order first: numpy picks the layout of a fancy-indexed result, and the fill's sums must
-        # not depend on it
-        x = {k: np.ascontiguousarray(v[f, :, yb[:, None], xb[:, None]]) for k, v in views.items()}  # (B, n_frames, C, p, p)
-        if hide_s2_centre:
-            x[ANCHOR][:, c] = np.nan
-        x = {k: fill(v)[0] for k, v in x.items()}
-        d2 = days2[tb]
-        inputs = {
-            k: SensorInput(
-                to(x[k]),
-                to(np.diff(dk[tb], axis=1).astype(np.float32)),
-                None if k == ANCHOR else to(np.abs(dk[tb, c] - d2[:, c]).astype(np.float32)),
-            )
-            for k, dk in days.items()
-        }
+        inputs = _patch_inputs(views, frames[tb], {k: d[tb] for k, d in days.items()}, yb, xb, fill=fill,
+                               hide_s2_centre=hide_s2_centre, device=device)
         e = model.embed(inputs)  # (B, embed_dim)
         out[tb[:n], :, yb[:n], xb[:n]] = e[:n].float().cpu().numpy()
         if progress is not None:
             progress(n)
     return out
+
+
+def _frame_days(block: Block, n_frames: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Each date's window: ``(time, n_frames)`` date index of each frame, and by sensor each frame's day number
+    (S2's own; another sensor's matched date's)."""
+    s2_days = block[ANCHOR].days
+    windows = [window_days(s2_days, t, n_frames) for t in range(block[ANCHOR].values.shape[0])]
+    frames = np.stack([f for f, _ in windows])  # (time, n_frames) date index of each frame
+    days2 = np.stack([d for _, d in windows])  # (time, n_frames) day number of each S2 frame
+    return frames, {k: days2 if k == ANCHOR else frame_days(days2, s2_days, frames, a.days) for k, a in block.items()}
+
+
+def _patch_inputs(
+    views: dict[str, np.ndarray], f: np.ndarray, days: dict[str, np.ndarray], yb: np.ndarray, xb: np.ndarray, *,
+    fill: Callable[[np.ndarray], tuple[np.ndarray, Any]], hide_s2_centre: bool, device: torch.device,
+) -> dict[str, SensorInput]:
+    """A batch's model inputs by sensor: the patches of frames ``f`` ``(B, n_frames)`` at ``yb, xb`` (filled),
+    the days between frames, and a companion's distance in days from the S2 centre date."""
+    c = f.shape[1] // 2
+    # C order first: numpy picks the layout of a fancy-indexed result, and the fill's sums must not depend on it
+    x = {k: np.ascontiguousarray(v[f, :, yb[:, None], xb[:, None]]) for k, v in views.items()}  # (B, n_frames, C, p, p)
+    if hide_s2_centre:
+        x[ANCHOR][:, c] = np.nan
+    x = {k: fill(v)[0] for k, v in x.items()}
+    d2 = days[ANCHOR]
+
+    def to(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(device)
+
+    return {
+        k: SensorInput(
+            to(x[k]),
+            to(np.diff(dk, axis=1).astype(np.float32)),
+            None if k == ANCHOR else to(np.abs(dk[:, c] - d2[:, c]).astype(np.float32)),
+        )
+        for k, dk in days.items()
+    }
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:

@@ -31,6 +31,7 @@ from stembed.models.bundle import Bundle, BundleError
 from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import FusionBase, paper_fusion
 from stembed.models.gapfill import GapFillModel
+from stembed.sensors import ANCHOR, CORE_SENSORS
 from stembed.types import FEATURE, TIME, X, Y
 
 
@@ -51,7 +52,7 @@ def check_bundle_for_scene(scene: Scene, bundle: Bundle) -> None:
                 f"{sorted(scene.extra) or 'no companion sensors'}; fix: build the scene with its {key} cube "
                 f"(data.extra_sensors / Scene.extra) or use a bundle trained without it"
             )
-    for key in ("s1", "s2", *companions):
+    for key in (*CORE_SENSORS, *companions):
         cube = scene.sensors[key]
         if tuple(cube["band"].values) != bundle.sensors[key].bands:
             raise CubeError(
@@ -83,7 +84,7 @@ def embed_reference(
         raise TypeError("expected a fusion model")
     dev = resolve_device(device)
     model.to(dev)
-    arrays = {"s2": sensor_arrays(scene, "s2")}
+    arrays = {ANCHOR: sensor_arrays(scene, ANCHOR)}
     arrays |= {k: matched_arrays(scene, k, gap) for k, gap in match_gap_days(model.sensors, max_gap_days).items()}
     r = model.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
@@ -92,7 +93,7 @@ def embed_reference(
         out = embed_block_context(model, block, batch_size=batch_size, device=dev)
     else:
         out = embed_block(paper_fusion(model, "the per-patch reference"), block, batch_size=batch_size, device=dev)
-    return embedding_dataset(out, np.isfinite(arrays["s2"].values).any(axis=1), scene, bundle)
+    return embedding_dataset(out, np.isfinite(arrays[ANCHOR].values).any(axis=1), scene, bundle)
 
 
 def embedding_dataset(values: np.ndarray, valid: np.ndarray, scene: Scene, bundle: Bundle) -> xr.Dataset:

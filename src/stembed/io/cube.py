@@ -38,7 +38,7 @@ from stembed.contract import (  # noqa: F401  (re-exported: the contract's names
     with_georef,
 )
 from stembed.io.outputs import StoreKind, is_stembed_store
-from stembed.sensors import CORE_SENSORS, SENSORS, load_builtin_plugins
+from stembed.sensors import CORE_SENSORS, SCENE_SENSORS, SENSORS, load_builtin_plugins
 from stembed.types import BAND, X, Y
 
 _STORE_MARKER = "stembed_cube_format"
@@ -267,7 +267,7 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
             f"{path} is not a stembed scene store (no '{_SCENE_MARKER}' = {_SCENE_FORMAT} attribute); fix: {hint}"
         )
     legacy: list[str] = []
-    s2, s1 = _read_cube(path, "s2", legacy), _read_cube(path, "s1", legacy)
+    core = {k: _read_cube(path, k, legacy) for k in SCENE_SENSORS}
     labels = None
     if (path / "labels").is_dir():
         labels = xr.open_zarr(path, group="labels", consolidated=False, chunks=None)
@@ -286,12 +286,10 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
         )
     extra = {str(n): _read_cube(path, str(n), legacy) for n in names}
     _warn_legacy(path, legacy, "save_scene(open_scene(old), new)")
-    scene = Scene(site=str(root.attrs.get("site")), sensors={"s2": s2, "s1": s1, **extra}, labels=labels)
-    validate_cube(s2, SENSORS["s2"], check_values=check_values)
-    validate_cube(s1, SENSORS["s1"], check_values=check_values)
-    validate_pair(s1, s2)
-    for name, cube in extra.items():
-        validate_extra(name, cube, s2, check_values=check_values)
-    if scene.site != s2.attrs.get("site"):
-        raise CubeError(f"{path}: the store says site {scene.site!r} but its S2 cube says {s2.attrs.get('site')!r}")
+    scene = Scene(site=str(root.attrs.get("site")), sensors={**core, **extra}, labels=labels)
+    scene.validate_cubes(check_values=check_values)
+    if scene.site != scene.s2.attrs.get("site"):
+        raise CubeError(
+            f"{path}: the store says site {scene.site!r} but its S2 cube says {scene.s2.attrs.get('site')!r}"
+        )
     return scene

@@ -15,6 +15,7 @@ store time indices, and :func:`date_labels` names each date for file names.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -123,8 +124,6 @@ def export_netcdf(
         EmbeddingStoreError: a date is not in the store, or the store lacks its CRS/transform.
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    import json
-
     import rioxarray  # noqa: F401  (registers the .rio accessor)
     from affine import Affine
 
@@ -135,32 +134,18 @@ def export_netcdf(
             f"{path} already exists; fix: pass overwrite=True (--overwrite) or choose another path"
         )
     times = embeddings[TIME].values
-    idx = list(range(len(times))) if dates is None else select_dates(times, dates)
-    emb = embeddings["embedding"].isel({TIME: idx})
-    features = [str(f) for f in emb[FEATURE].values]
-    data_vars = {}
-    for f in features:
-        v = emb.sel({FEATURE: f}, drop=True).astype(np.float32).transpose(TIME, Y, X)
-        v.attrs = {"long_name": f"fused embedding feature {f}"}
-        data_vars[feature_var(f)] = v
-    valid = embeddings["valid"].isel({TIME: idx}).astype(np.uint8).transpose(TIME, Y, X)
-    valid.attrs = {"long_name": "pixel-date has an embedding", "flag_values": [0, 1],
-                   "flag_meanings": "no_embedding embedding"}
-    data_vars["valid"] = valid
-    ds = xr.Dataset(data_vars).drop_vars("spatial_ref", errors="ignore")
-    for name in ds.data_vars:
-        ds[name].encoding = {}
+    ds = _netcdf_dataset(embeddings, list(range(len(times))) if dates is None else select_dates(times, dates))
     ds = ds.rio.write_crs(crs).rio.write_transform(Affine.from_gdal(*transform)).rio.write_coordinate_system()
     ds.attrs = {
         "Conventions": "CF-1.8",
         "title": "stembed per-date embeddings",
         "source": "stembed embed (exported by stembed export --format netcdf)",
-        "features": " ".join(features),
+        "features": " ".join(str(f) for f in embeddings[FEATURE].values),
         "stembed_attrs": json.dumps(embeddings.attrs, sort_keys=True, default=str),
     }
     cf = {"zlib": True, "complevel": 4, "grid_mapping": "spatial_ref"}  # GDAL finds the CRS through it
-    encoding: dict[str, dict[str, object]] = {feature_var(f): {"_FillValue": np.float32(np.nan), **cf}
-                                              for f in features}
+    encoding: dict[str, dict[str, object]] = {name: {"_FillValue": np.float32(np.nan), **cf}
+                                              for name in ds.data_vars if name != "valid"}
     encoding["valid"] = dict(cf)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.partial")
@@ -171,6 +156,25 @@ def export_netcdf(
         raise
     os.replace(tmp, path)
     return path
+
+
+def _netcdf_dataset(embeddings: xr.Dataset, idx: list[int]) -> xr.Dataset:
+    """The dates ``idx`` as float32 ``embedding_<feature>`` variables and ``valid`` uint8, each ``(time, y, x)``,
+    without the store's encodings."""
+    emb = embeddings["embedding"].isel({TIME: idx})
+    data_vars = {}
+    for f in (str(f) for f in emb[FEATURE].values):
+        v = emb.sel({FEATURE: f}, drop=True).astype(np.float32).transpose(TIME, Y, X)
+        v.attrs = {"long_name": f"fused embedding feature {f}"}
+        data_vars[feature_var(f)] = v
+    valid = embeddings["valid"].isel({TIME: idx}).astype(np.uint8).transpose(TIME, Y, X)
+    valid.attrs = {"long_name": "pixel-date has an embedding", "flag_values": [0, 1],
+                   "flag_meanings": "no_embedding embedding"}
+    data_vars["valid"] = valid
+    ds = xr.Dataset(data_vars).drop_vars("spatial_ref", errors="ignore")
+    for name in ds.data_vars:
+        ds[name].encoding = {}
+    return ds
 
 
 def export_geotiffs(

@@ -1,6 +1,6 @@
 """Where ``stembed embed`` writes: the :class:`EmbeddingSink` protocol (no torch, no zarr here).
 
-The tile runner (:mod:`stembed.inference.tiles`) writes only through a sink, in this order:
+The tile runner (:mod:`stembed.inference.workers`) writes only through a sink, in this order:
 
 1. :meth:`~EmbeddingSink.create` once, for a new output: the empty layout (coordinates, metadata, no tile
    done), put in place atomically;

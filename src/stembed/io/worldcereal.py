@@ -112,18 +112,21 @@ def read_worldcereal(
         "dates_in_file": int(ds1.sizes["timestamp"]),
         "dates": int(s1.sizes[TIME]),
     }
-
-    def cube(da: xr.DataArray, sensor: str, provenance: dict[str, Any]) -> xr.DataArray:
-        return make_cube(da.values, times=da[TIME].values, bands=da[BAND].values, y=y, x=x, crs=crs,
-                         sensor=sensor, site=site, provenance=provenance)
-
     scene = Scene(
         site=site,
-        sensors={"s2": cube(s2, "s2", s2_prov), "s1": cube(s1, "s1", s1_prov)},
+        sensors={"s2": _cube(s2, "s2", site, crs, y, x, s2_prov), "s1": _cube(s1, "s1", site, crs, y, x, s1_prov)},
         labels=_read_labels(label_paths, y, x) if label_paths else None,
     )
     scene.validate()
     return scene
+
+
+def _cube(
+    da: xr.DataArray, sensor: str, site: str, crs: str, y: np.ndarray, x: np.ndarray, provenance: dict[str, Any]
+) -> xr.DataArray:
+    """``da`` as a contract cube of the location's grid."""
+    return make_cube(da.values, times=da[TIME].values, bands=da[BAND].values, y=y, x=x, crs=crs, sensor=sensor,
+                     site=site, provenance=provenance)
 
 
 def _check_files(

@@ -17,7 +17,7 @@ from torch import nn
 
 from stembed.config import AEConfig, FusionConfig, dump_config
 from stembed.errors import UserError
-from stembed.sensors import CORE_SENSORS, SensorSpec
+from stembed.sensors import CORE_SENSORS, SensorSpec, companions
 
 BUNDLE_FORMAT = "stembed-bundle/1"
 BundleKind = Literal["autoencoder", "fusion", "gapfill"]
@@ -88,7 +88,7 @@ class BundleConfig(BaseModel):
     @property
     def companions(self) -> tuple[str, ...]:
         """The companion sensors (every sensor but S1 and S2), in token order."""
-        return tuple(k for k in self.models if k not in CORE_SENSORS)
+        return companions(self.models)
 
     @property
     def s1_gap_days(self) -> float:
@@ -220,6 +220,35 @@ def load_bundle(
     from stembed.pretrained import resolve_bundle
 
     path = resolve_bundle(path)  # pretrained:NAME -> the shipped file
+    raw = _read_payload(path)
+    kind, sensor = raw["kind"], raw.get("sensor")
+    kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
+    if (kinds is not None and kind not in kinds) or (expect_sensor is not None and sensor != expect_sensor):
+        want = " or ".join(_describe(k, expect_sensor) for k in (kinds or (kind,)))
+        raise BundleError(f"{path} holds {_describe(kind, sensor)}, but {want} is needed here; pass the right bundle")
+    _check_entry_types(path, raw)
+    sensors = _sensor_specs(path, raw["sensors"])
+    config, state = raw["config"], raw["state_dict"]
+    if kind in ("fusion", "gapfill"):
+        config, state = upgrade_fusion(kind, config, state)
+    return Bundle(
+        kind=kind,
+        sensor=sensor,
+        config=config,
+        cfg=_typed_config(path, kind, sensor, config),
+        sensors=sensors,
+        provenance=raw["provenance"],
+        metrics=raw.get("metrics", {}),
+        state_dict=state,
+        path=path,
+    )
+
+
+_NEEDED = ("kind", "config", "sensors", "provenance", "state_dict")
+
+
+def _read_payload(path: Path) -> dict[str, Any]:
+    """The file's dict, checked to be a stembed bundle of this format and a known kind with every entry present."""
     if not path.is_file():
         raise BundleError(f"bundle {path} does not exist; train one with `stembed train s1|s2|fusion`")
     try:
@@ -233,20 +262,19 @@ def load_bundle(
             f"{path} has bundle format {raw['format']!r}, but this stembed reads {BUNDLE_FORMAT!r}; "
             "use the stembed version that wrote it, or retrain"
         )
-    needed = ("kind", "config", "sensors", "provenance", "state_dict")
-    lacking = [k for k in needed if k not in raw]
+    lacking = [k for k in _NEEDED if k not in raw]
     if lacking:
         raise BundleError(
-            f"bundle {path} is damaged: it lacks the entries {lacking} (a bundle holds {list(needed)}); "
+            f"bundle {path} is damaged: it lacks the entries {lacking} (a bundle holds {list(_NEEDED)}); "
             f"{_FIX_DAMAGED}"
         )
-    kind, sensor = raw["kind"], raw.get("sensor")
-    if kind not in ("autoencoder", "fusion", "gapfill"):
-        raise BundleError(f"{path} has unknown bundle kind {kind!r}")
-    kinds = (expect_kind,) if isinstance(expect_kind, str) else expect_kind
-    if (kinds is not None and kind not in kinds) or (expect_sensor is not None and sensor != expect_sensor):
-        want = " or ".join(_describe(k, expect_sensor) for k in (kinds or (kind,)))
-        raise BundleError(f"{path} holds {_describe(kind, sensor)}, but {want} is needed here; pass the right bundle")
+    if raw["kind"] not in ("autoencoder", "fusion", "gapfill"):
+        raise BundleError(f"{path} has unknown bundle kind {raw['kind']!r}")
+    return raw
+
+
+def _check_entry_types(path: Path, raw: dict[str, Any]) -> None:
+    """The mapping entries are mappings and every weight a tensor (a damaged file fails here, not in the model)."""
     wrong = [
         f"its {k} entry is a {type(raw[k]).__name__}, not a mapping"
         for k in ("config", "sensors", "provenance", "state_dict")
@@ -260,32 +288,26 @@ def load_bundle(
         ]
     if wrong:
         raise BundleError(f"bundle {path} is damaged: {wrong[0]}; {_FIX_DAMAGED}")
+
+
+def _sensor_specs(path: Path, raw: dict[str, Any]) -> dict[str, SensorSpec]:
+    """The bundle's sensor specs by name (what cubes must match to be embedded with it)."""
     try:
-        sensors = {k: SensorSpec.from_dict(v) for k, v in raw["sensors"].items()}
+        return {k: SensorSpec.from_dict(v) for k, v in raw.items()}
     except (KeyError, TypeError, ValueError) as e:
         raise BundleError(
             f"bundle {path} is damaged: its sensor specs do not read ({type(e).__name__}: {e}); "
             f"{_FIX_DAMAGED}"
         ) from e
-    config, state = raw["config"], raw["state_dict"]
-    if kind in ("fusion", "gapfill"):
-        config, state = upgrade_fusion(kind, config, state)
+
+
+def _typed_config(path: Path, kind: BundleKind, sensor: str | None, config: dict[str, Any]) -> BundleConfig:
+    """:meth:`BundleConfig.from_file`, a config that does not describe a model reported as a damaged bundle."""
     try:
-        cfg = BundleConfig.from_file(kind, sensor, config)
-    except (KeyError, ValidationError) as e:  # a config that does not describe a model
+        return BundleConfig.from_file(kind, sensor, config)
+    except (KeyError, ValidationError) as e:
         what = f"lacks the entry {e}" if isinstance(e, KeyError) else f"is invalid ({e.error_count()} errors)"
         raise BundleError(f"bundle {path} is damaged: its model config {what}; {_FIX_DAMAGED}") from e
-    return Bundle(
-        kind=kind,
-        sensor=sensor,
-        config=config,
-        cfg=cfg,
-        sensors=sensors,
-        provenance=raw["provenance"],
-        metrics=raw.get("metrics", {}),
-        state_dict=state,
-        path=path,
-    )
 
 
 # ----------------------------------------------------------------------------- bundles written before sensors were keyed

@@ -8,7 +8,7 @@ autoencoders' decoders reconstruct every patch from it; that reconstruction is t
 Every sensor takes the same path, keyed by its name: S1 and S2 are built in, and *companion*
 sensors (any registered sensor matched to the S2 dates, e.g. AgERA5 weather) add one token each.
 S2 is the *anchor*: its dates are the embedding's dates, and every other sensor's input carries
-its days to the anchor date (:class:`SensorInput`). Tokens are in :data:`SENSOR_ORDER` order (S1,
+its days to the anchor date (:class:`SensorInput`). Tokens are in :func:`sensor_order` (S1,
 S2, then the companions in the order the model was given them).
 
 By default the autoencoders are frozen (paper text): only the fusion layers train, so adding a
@@ -28,12 +28,7 @@ from stembed.config import AEConfig, FusionConfig
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.layers import make_transformer, run_transformer
 from stembed.sensors import ANCHOR as ANCHOR  # re-exported: the models name it here
-from stembed.sensors import CORE_SENSORS
-
-PAIRED = "s1"
-"""The paper's pair position: the S1 token sits at day 0 and the anchor's token at the S1-S2 gap (|dt| of S1's input)."""
-BUILT_IN = CORE_SENSORS
-"""The sensors every fusion model has (S1, S2), first in token order; companions follow."""
+from stembed.sensors import CORE_SENSORS, PAIRED, companions
 
 
 @dataclass(frozen=True)
@@ -53,8 +48,7 @@ class SensorInput:
 
 def sensor_order(sensors: Iterable[str]) -> list[str]:
     """Token order: S1, S2, then the other sensors in the order given."""
-    names = list(sensors)
-    return [*BUILT_IN, *(k for k in names if k not in BUILT_IN)]
+    return [*CORE_SENSORS, *companions(sensors)]
 
 
 class FusionBase(nn.Module):
@@ -77,7 +71,7 @@ class FusionBase(nn.Module):
 
     def __init__(self, autoencoders: Mapping[str, SensorAutoencoder], cfg: FusionConfig):
         super().__init__()
-        missing = [k for k in BUILT_IN if k not in autoencoders]
+        missing = [k for k in CORE_SENSORS if k not in autoencoders]
         if missing:
             raise ValueError(f"a fusion model needs the {missing} autoencoder(s), got {list(autoencoders)}")
         self.cfg = cfg
@@ -118,7 +112,7 @@ class FusionBase(nn.Module):
     @property
     def companions(self) -> tuple[str, ...]:
         """The companion sensors (every sensor but S1 and S2), in token order."""
-        return tuple(k for k in self.autoencoders if k not in BUILT_IN)
+        return companions(self.autoencoders)
 
     @property
     def anchor(self) -> SensorAutoencoder:

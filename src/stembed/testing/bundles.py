@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from stembed.sensors import S1, S2
+from stembed.sensors import CORE_SENSORS, SENSORS
 
 
 def random_fusion_bundle(
@@ -32,12 +32,11 @@ def random_fusion_bundle(
     from stembed.models.gapfill import GapFillModel
 
     name = "tiny" if tiny else preset
-    a1, a2, f = ae_preset(name, "s1"), ae_preset(name, "s2"), fusion_preset(name)
+    aes, f = {k: ae_preset(name, k) for k in CORE_SENSORS}, fusion_preset(name)
     torch.manual_seed(seed)
-    model = FusionModel({"s1": SensorAutoencoder(a1), "s2": SensorAutoencoder(a2)}, f)
-    config = {"model": f.model_dump(mode="json"),
-              "models": {"s1": a1.model_dump(mode="json"), "s2": a2.model_dump(mode="json")}}
-    sensors = sensors or {"s1": S1, "s2": S2}
+    model = FusionModel({k: SensorAutoencoder(a) for k, a in aes.items()}, f)
+    config = {"model": f.model_dump(mode="json"), "models": {k: a.model_dump(mode="json") for k, a in aes.items()}}
+    sensors = sensors or {k: SENSORS[k] for k in CORE_SENSORS}
     provenance = {"note": f"random weights, seed {seed}"}
     if not gapfill:
         return save_bundle(path, kind="fusion", sensor=None, model=model, config=config, sensors=sensors,

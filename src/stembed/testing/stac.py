@@ -377,9 +377,8 @@ def _matches(item: dict[str, Any], params: dict[str, Any]) -> bool:
 
 
 def _make_handler(server: StacTestServer) -> Any:
-    import json as _json
+    """The request handler class of ``server`` (http.server builds one handler per request from it)."""
     from http.server import BaseHTTPRequestHandler
-    from urllib.parse import parse_qs, unquote, urlparse
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -387,72 +386,78 @@ def _make_handler(server: StacTestServer) -> Any:
         def log_message(self, *args: Any) -> None:  # quiet
             return
 
-        def _send(self, status: int, body: bytes, ctype: str = "application/json",
-                  extra: dict[str, str] | None = None, head: bool = False) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            for k, v in (extra or {}).items():
-                self.send_header(k, v)
-            self.end_headers()
-            if not head:
-                self.wfile.write(body)
-
-        def _json(self, obj: Any) -> None:
-            self._send(200, _json.dumps(obj).encode(), "application/geo+json")
-
-        def _route(self, method: str) -> None:
-            url = urlparse(self.path)
-            path = unquote(url.path)
-            server.log.append((method, path))
-            body: dict[str, Any] = {}
-            if method == "POST":
-                n = int(self.headers.get("Content-Length") or 0)
-                body = _json.loads(self.rfile.read(n) or b"{}")
-            status = server._fault(path)
-            if status is not None:
-                self._send(status, b'{"detail": "injected failure"}', head=method == "HEAD")
-                return
-            if path.rstrip("/") == "/api":
-                self._json(server._landing())
-            elif path == "/api/conformance":
-                self._json({"conformsTo": server._landing()["conformsTo"]})
-            elif path == "/api/search":
-                params: dict[str, Any] = {k: v[0] for k, v in parse_qs(url.query).items()}
-                self._json(server._search(params | body))
-            elif path.startswith("/files/") and server.root is not None:
-                self._file(path[len("/files/"):], head=method == "HEAD")
-            else:
-                self._send(404, b'{"detail": "not found"}', head=method == "HEAD")
-
-        def _file(self, rel: str, *, head: bool) -> None:
-            assert server.root is not None
-            target = (server.root / rel).resolve()
-            if server.root.resolve() not in target.parents or not target.is_file():
-                self._send(404, b"not found", "text/plain", head=head)
-                return
-            data = target.read_bytes()
-            ctype = "application/xml" if target.suffix == ".xml" else "image/tiff"
-            rng = self.headers.get("Range")
-            if rng and rng.startswith("bytes="):
-                lo_s, _, hi_s = rng[len("bytes="):].partition("-")
-                lo = int(lo_s) if lo_s else max(0, len(data) - int(hi_s))
-                hi = min(int(hi_s), len(data) - 1) if (hi_s and lo_s) else len(data) - 1
-                if lo >= len(data):
-                    self._send(416, b"", ctype, {"Content-Range": f"bytes */{len(data)}"}, head=head)
-                    return
-                self._send(206, data[lo: hi + 1], ctype,
-                           {"Content-Range": f"bytes {lo}-{hi}/{len(data)}", "Accept-Ranges": "bytes"}, head=head)
-                return
-            self._send(200, data, ctype, {"Accept-Ranges": "bytes"}, head=head)
-
         def do_GET(self) -> None:  # noqa: N802
-            self._route("GET")
+            _route(self, server, "GET")
 
         def do_POST(self) -> None:  # noqa: N802
-            self._route("POST")
+            _route(self, server, "POST")
 
         def do_HEAD(self) -> None:  # noqa: N802
-            self._route("HEAD")
+            _route(self, server, "HEAD")
 
     return Handler
+
+
+def _send(handler: Any, status: int, body: bytes, ctype: str = "application/json",
+          extra: dict[str, str] | None = None, head: bool = False) -> None:
+    handler.send_response(status)
+    handler.send_header("Content-Type", ctype)
+    handler.send_header("Content-Length", str(len(body)))
+    for k, v in (extra or {}).items():
+        handler.send_header(k, v)
+    handler.end_headers()
+    if not head:
+        handler.wfile.write(body)
+
+
+def _route(handler: Any, server: StacTestServer, method: str) -> None:
+    """Answer one request: an injected fault, the API's landing page, conformance and search, or a file."""
+    import json
+    from urllib.parse import parse_qs, unquote, urlparse
+
+    url = urlparse(handler.path)
+    path = unquote(url.path)
+    server.log.append((method, path))
+    body: dict[str, Any] = {}
+    if method == "POST":
+        n = int(handler.headers.get("Content-Length") or 0)
+        body = json.loads(handler.rfile.read(n) or b"{}")
+    status = server._fault(path)
+    head = method == "HEAD"
+    if status is not None:
+        _send(handler, status, b'{"detail": "injected failure"}', head=head)
+    elif path.rstrip("/") == "/api":
+        _send(handler, 200, json.dumps(server._landing()).encode(), "application/geo+json")
+    elif path == "/api/conformance":
+        _send(handler, 200, json.dumps({"conformsTo": server._landing()["conformsTo"]}).encode(),
+              "application/geo+json")
+    elif path == "/api/search":
+        params: dict[str, Any] = {k: v[0] for k, v in parse_qs(url.query).items()}
+        _send(handler, 200, json.dumps(server._search(params | body)).encode(), "application/geo+json")
+    elif path.startswith("/files/") and server.root is not None:
+        _file(handler, server, path[len("/files/"):], head=head)
+    else:
+        _send(handler, 404, b'{"detail": "not found"}', head=head)
+
+
+def _file(handler: Any, server: StacTestServer, rel: str, *, head: bool) -> None:
+    """A file under the server's root, whole or the byte range asked for (as a COG reader asks)."""
+    assert server.root is not None
+    target = (server.root / rel).resolve()
+    if server.root.resolve() not in target.parents or not target.is_file():
+        _send(handler, 404, b"not found", "text/plain", head=head)
+        return
+    data = target.read_bytes()
+    ctype = "application/xml" if target.suffix == ".xml" else "image/tiff"
+    rng = handler.headers.get("Range")
+    if rng and rng.startswith("bytes="):
+        lo_s, _, hi_s = rng[len("bytes="):].partition("-")
+        lo = int(lo_s) if lo_s else max(0, len(data) - int(hi_s))
+        hi = min(int(hi_s), len(data) - 1) if (hi_s and lo_s) else len(data) - 1
+        if lo >= len(data):
+            _send(handler, 416, b"", ctype, {"Content-Range": f"bytes */{len(data)}"}, head=head)
+            return
+        _send(handler, 206, data[lo: hi + 1], ctype,
+              {"Content-Range": f"bytes {lo}-{hi}/{len(data)}", "Accept-Ranges": "bytes"}, head=head)
+        return
+    _send(handler, 200, data, ctype, {"Accept-Ranges": "bytes"}, head=head)

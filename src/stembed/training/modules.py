@@ -27,6 +27,7 @@ from stembed.losses import fusion_loss, reconstruction_loss
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.fusion import ANCHOR, FusionModel, SensorInput, build_fusion, paper_fusion
 from stembed.models.gapfill import GapFillModel, hide_centre_filled, hide_centre_raw
+from stembed.sensors import CORE_SENSORS
 from stembed.training.dense import (
     autoencoder_step,
     draw_windows,
@@ -81,8 +82,14 @@ def _distributed() -> bool:
     )
 
 
+def fusion_monitor(centre_mae: Mapping[str, Tensor]) -> Tensor:
+    """A fusion's monitor from its sensors' centre MAEs: the mean of S1's and S2's (the paper's). Companions are
+    left out, so runs with and without them stop on the same criterion."""
+    return torch.stack([centre_mae[k] for k in CORE_SENSORS]).mean()
+
+
 def _log_centre(module: _StageModule, prefix: str) -> None:
-    """Log the epoch's centre MAE(s) and reset them. Fusion also logs the paper's monitor: the mean of S1's and S2's.
+    """Log the epoch's centre MAE(s) and reset them; a fusion also logs its monitor (:func:`fusion_monitor`).
 
     Under DDP ``compute()`` gathers every rank's sums (a collective), so every rank computes every metric,
     also one it never updated; the values (the monitor of early stopping, the plateau schedule and the best
@@ -100,8 +107,9 @@ def _log_centre(module: _StageModule, prefix: str) -> None:
                 values[name] = torch.tensor(float("nan"))
             metric.reset()
     if module.monitor == MONITOR and f"{prefix}_centre_mae" not in values:
-        # companions left out, so runs with and without them stop on the same criterion
-        values[f"{prefix}_centre_mae"] = torch.stack([values[f"{prefix}_centre_mae_{k}"] for k in ("s1", "s2")]).mean()
+        head = f"{prefix}_centre_mae_"
+        per_sensor = {k.removeprefix(head): v for k, v in values.items() if k.startswith(head)}
+        values[f"{prefix}_centre_mae"] = fusion_monitor(per_sensor)
     # already equal across ranks (torchmetrics synced them); sync_dist states it and keeps Lightning from warning
     module.log_dict(values, prog_bar=prefix == "val", sync_dist=True)
 

@@ -34,10 +34,12 @@ from stembed.config import (
     GapFillStageConfig,
     SamplingConfig,
     TrainConfig,
+    WindowConfig,
     dump_config,
 )
-from stembed.data.build import SplitData, band_stats, build_fusion_data, build_sensor_data, train_spectra
-from stembed.data.context import ContextBatches, context_crops
+from stembed.contract import Scene
+from stembed.data.build import SplitData, band_stats, train_spectra
+from stembed.data.context import ContextBatches, ContextCrops, SplitLatents, context_crops
 from stembed.data.datasets import FusionPatchDataset, FusionPatches, SensorPatches, collate, patch_loader
 from stembed.data.sampling import SPLITS, SamplingError
 from stembed.data.scenes import load_scenes
@@ -45,9 +47,11 @@ from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
 from stembed.io.outputs import RUN_CONFIG_HEADER
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import Bundle, BundleConfig, load_bundle, save_bundle
-from stembed.models.fusion import ANCHOR, FusionModel
+from stembed.models.context import ContextFusionModel
+from stembed.models.fusion import ANCHOR, FusionBase, FusionModel
+from stembed.models.gapfill import GapFillModel
 from stembed.repro import config_hash, file_sha256, provenance
-from stembed.sensors import get_sensor
+from stembed.sensors import CORE_SENSORS, get_sensor
 from stembed.training.centre_init import init_centre_pca
 from stembed.training.context import (
     ContextFusionModule,
@@ -63,8 +67,10 @@ from stembed.training.modules import (
     FusionModule,
     GapFillModule,
     fusion_inputs,
+    fusion_monitor,
     fusion_targets,
 )
+from stembed.training.run_folder import StageConfig, split_data
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,7 @@ def _follower_result(run_dir: Path) -> RunResult:
     return RunResult(run_dir, run_dir / "bundle.pt", {}, lead=False)
 
 
-def default_run_dir(cfg: AEStageConfig | FusionStageConfig | GapFillStageConfig) -> Path:
+def default_run_dir(cfg: StageConfig) -> Path:
     """``<out_dir>/<stage>/<YYYYmmdd-HHMMSS>-<confighash8>``."""
     stage = f"train-{cfg.sensor}" if isinstance(cfg, AEStageConfig) else f"train-{cfg.stage}"
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -279,33 +285,40 @@ def _write_metrics(run_dir: Path, metrics: dict[str, Any]) -> None:
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
 
 
+def _start_run(cfg: StageConfig, run_dir: Path | None, resume: Path | None) -> Path:
+    """The run folder (``run_dir``, the resumed checkpoint's, or a new default one), prepared by global rank 0, and
+    the run's seeds set (the run boundary: init and dropout draws)."""
+    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
+    _prepare_run_dir(run_dir, dump_config(cfg), resume, cfg.train)
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    return run_dir
+
+
+def _train_on_tiles(data: SplitData, sampling: SamplingConfig, dense: DenseTrainingConfig, model: AEConfig,
+                    seed: int) -> None:
+    """Dense training: the train split becomes tiles over its regions (callers keep its patches for the metrics)."""
+    data.datasets["train"] = tile_dataset(data, sampling, dense, model, np.random.default_rng(seed))
+    data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
+
+
 def train_autoencoder(
     cfg: AEStageConfig, *, run_dir: Path | None = None, resume: Path | None = None
 ) -> RunResult:
     """Stage 1 for one sensor."""
-    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
-    cfg_dict = dump_config(cfg)
-    _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)  # run boundary: init and dropout draws
+    run_dir = _start_run(cfg, run_dir, resume)
     scenes = load_scenes(cfg.data)
     model_cfg = cfg.resolved_model()
-    data = build_sensor_data(
-        scenes, cfg.sensor, cfg.data, np.random.default_rng(cfg.train.seed), context_px=model_cfg.context_px
-    )
+    data = split_data(BundleConfig(kind="autoencoder", models={cfg.sensor: model_cfg}), scenes, cfg.data,
+                      np.random.default_rng(cfg.train.seed))
     if cfg.standardise_inputs and model_cfg.input_mean is None:
         mean, std = band_stats(data)
         model_cfg = AEConfig.model_validate({**model_cfg.model_dump(), "input_mean": mean, "input_std": std})
     spectra = train_spectra(data) if cfg.init == "centre_pca" and resume is None else None
-    dense = cfg.dense_training
     patch_train = data.datasets["train"]  # the train split's metrics stay per patch
-    if dense is not None:
-        data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling(cfg.sensor), dense, model_cfg,
-                                              np.random.default_rng(cfg.train.seed))
-        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
-    module = AutoencoderModule(model_cfg, cfg.resolved_loss(), cfg.train, dense)
-    start: dict[str, Any] = {}
-    if spectra is not None:
-        start = init_centre_pca(module.model, spectra, cfg.init_scale)
+    if cfg.dense_training is not None:
+        _train_on_tiles(data, cfg.data.resolved_sampling(cfg.sensor), cfg.dense_training, model_cfg, cfg.train.seed)
+    module = AutoencoderModule(model_cfg, cfg.resolved_loss(), cfg.train, cfg.dense_training)
+    start = init_centre_pca(module.model, spectra, cfg.init_scale) if spectra is not None else {}
     started = time.perf_counter()
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
@@ -325,7 +338,7 @@ def train_autoencoder(
     _write_metrics(run_dir, metrics)
     bundle = save_bundle(
         run_dir / "bundle.pt", kind="autoencoder", sensor=cfg.sensor, model=model,
-        config=BundleConfig(kind="autoencoder", models={cfg.sensor: model_cfg}, stage=cfg_dict).to_dict(),
+        config=BundleConfig(kind="autoencoder", models={cfg.sensor: model_cfg}, stage=dump_config(cfg)).to_dict(),
         sensors={cfg.sensor: get_sensor(cfg.sensor)},
         provenance=provenance([s.site for s in scenes], {"sites": {s.site: s.s2.attrs.get("provenance") for s in scenes}}),
         metrics=metrics,
@@ -334,24 +347,58 @@ def train_autoencoder(
 
 
 def _stage1_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
-    """Every sensor's stage-1 bundle, in token order: S1, S2, then the companions in data.extra_sensors order."""
+    """Every sensor's stage-1 bundle, in token order: S1, S2, then the companions in data.extra_sensors order;
+    all must read windows of one size (the anchor's)."""
     if set(cfg.companions) != set(cfg.data.extra_sensors):
         raise ConfigError(
             f"bundles names companion sensors {sorted(cfg.companions)} but data.extra_sensors names "
             f"{sorted(cfg.data.extra_sensors)}; fix: give one stage-1 bundle per companion sensor, same keys"
         )
-    return {
+    stage1 = {
         k: load_bundle(cfg.bundles[k], expect_kind="autoencoder", expect_sensor=k)
-        for k in ("s1", "s2", *cfg.data.extra_sensors)
+        for k in (*CORE_SENSORS, *cfg.data.extra_sensors)
     }
+    anchor = stage1[ANCHOR].cfg.models[ANCHOR]
+    for key, b in stage1.items():
+        a = b.cfg.models[key]
+        if a.context_px != anchor.context_px:
+            raise ConfigError(
+                f"the {key.upper()} autoencoder ({b.path}) reads {a.input_px} px windows but the S2 one "
+                f"({cfg.bundles[ANCHOR]}) reads {anchor.input_px} px; fix: train all with the same variant (e.g. all "
+                "'tiny-dense')"
+            )
+    return stage1
 
 
-def _linear_start(model: FusionModel, patches: Any, cfg: FusionStageConfig) -> dict[str, Any]:
-    """``init: linear``: fit the linear fusion on the training split's latents (patches: its patch dataset)."""
-    loader = patch_loader(patches, batch_size=max(cfg.train.batch_size, 64), shuffle=False)
-    z, gaps = training_latents(model, loader)
+_Fusion = TypeVar("_Fusion", bound=FusionBase)
+
+
+def _frozen(model: _Fusion, stage1: dict[str, Bundle]) -> _Fusion:
+    """``model`` with its autoencoders' weights from the stage-1 bundles (they stay frozen)."""
+    for k, b in stage1.items():
+        model.autoencoders[k].load_state_dict(b.state_dict)
+    return model
+
+
+@dataclass(frozen=True)
+class _LinearStart:
+    """A fusion's linear start: what it was (metrics.json's ``linear_start``, its validation metrics under ``val``)
+    and its weights."""
+
+    info: dict[str, Any]
+    state: dict[str, torch.Tensor]
+
+
+def _linear_start(model: FusionModel, patches: Any, val: Any, cfg: FusionStageConfig) -> _LinearStart:
+    """``init: linear``: fit the linear fusion on the training split's latents (``patches``: its patch dataset) and
+    score it on ``val``; its weights are kept, as training may not improve on it."""
+    batch_size = max(cfg.train.batch_size, 64)
+    z, gaps = training_latents(model, patch_loader(patches, batch_size=batch_size, shuffle=False))
     weights = {k: cfg.loss.branch(k)[1] for k in model.sensors}
-    return {"n_latents": int(z["s2"].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
+    start: dict[str, Any] = {"n_latents": int(z[ANCHOR].shape[0]), **init_linear_fusion(model, z, gaps, weights)}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    start["val"] = evaluate_split(patch_loader(val, batch_size=batch_size), fusion_reconstruct(model.eval()))
+    return _LinearStart(start, state)
 
 
 def autoencoder_reconstruct(model: SensorAutoencoder, sensor: str) -> Any:
@@ -375,76 +422,70 @@ def fusion_reconstruct(model: FusionModel) -> Any:
 
 
 def _monitor(split: dict[str, Any]) -> float:
-    """A fusion split's monitor, as training's: the mean of S1's and S2's centre MAEs (companions left out)."""
-    return float(np.mean([split[k]["centre_mae"] for k in ("s1", "s2")]))
+    """A fusion split's monitor, as training's (:func:`fusion_monitor`), from its metrics."""
+    return float(fusion_monitor({k: torch.tensor(m["centre_mae"], dtype=torch.float64) for k, m in split.items()}))
+
+
+def _fusion_metrics(
+    model: FusionModel, data: SplitData, cfg: FusionStageConfig, start: _LinearStart | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every split's metrics and the PCA baseline; where training did not improve on the linear start on validation,
+    the start is the model (chosen on validation: its ``info`` then says ``kept``)."""
+    k = cfg.resolved_model().embed_dim
+    splits, pca = _split_metrics(data, cfg.train, fusion_reconstruct(model), k)
+    if start is not None and _monitor(start.info["val"]) < _monitor(splits["val"]):
+        model.load_state_dict(start.state)
+        splits, pca = _split_metrics(data, cfg.train, fusion_reconstruct(model), k)
+        start.info["kept"] = True
+    return splits, pca
 
 
 def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
     """Stage 2: fusion layers on the stage-1 bundles named in ``cfg`` (S1, S2, companions)."""
     stage1 = _stage1_bundles(cfg)
-    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
-    cfg_dict = dump_config(cfg)
-    _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    run_dir = _start_run(cfg, run_dir, resume)
     scenes = load_scenes(cfg.data)
     models = {k: b.cfg.models[k] for k, b in stage1.items()}
-    a2 = models["s2"]
-    for key, b in stage1.items():
-        a = models[key]
-        if a.context_px != a2.context_px:
-            raise ConfigError(
-                f"the {key.upper()} autoencoder ({b.path}) reads {a.input_px} px windows but the S2 one "
-                f"({cfg.bundles['s2']}) reads {a2.input_px} px; fix: train all with the same variant (e.g. all "
-                "'tiny-dense')"
-            )
-    data = build_fusion_data(
-        scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=a2.context_px,
-        extra=tuple(cfg.data.extra_sensors),
-    )
     fusion_cfg = cfg.resolved_model()
+    data = split_data(BundleConfig(kind="fusion", models=models, fusion_model=fusion_cfg), scenes, cfg.data,
+                      np.random.default_rng(cfg.train.seed))
     if fusion_cfg.window is not None:
         return _train_context(cfg, stage1, scenes, data, run_dir, resume)
-    dense = cfg.dense_training
     patch_train = data.datasets["train"]  # the train split's metrics stay per patch
-    if dense is not None:
-        data.datasets["train"] = tile_dataset(data, cfg.data.resolved_sampling("s2"), dense, a2,
-                                              np.random.default_rng(cfg.train.seed))
-        data.info["splits"]["train"]["n_tiles"] = len(data.datasets["train"])  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
-    module = FusionModule(models, fusion_cfg, cfg.loss, cfg.train, dense)
-    model = module.model
-    for k, b in stage1.items():
-        model.autoencoders[k].load_state_dict(b.state_dict)
+    if cfg.dense_training is not None:
+        _train_on_tiles(data, cfg.data.resolved_sampling(ANCHOR), cfg.dense_training, models[ANCHOR], cfg.train.seed)
+    module = FusionModule(models, fusion_cfg, cfg.loss, cfg.train, cfg.dense_training)
+    _frozen(module.model, stage1)
     started = time.perf_counter()
-    start: dict[str, Any] = {}
+    start: _LinearStart | None = None
     if cfg.init == "linear" and resume is None:
-        start = _linear_start(model, patch_train, cfg)
-        start_state = {k: v.clone() for k, v in model.state_dict().items()}
-        val = patch_loader(data.datasets["val"], batch_size=max(cfg.train.batch_size, 64))
-        start["val"] = evaluate_split(val, fusion_reconstruct(model.eval()))
+        start = _linear_start(module.model, patch_train, data.datasets["val"], cfg)
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model
     data.datasets["train"] = patch_train
-    size = fusion_cfg.embed_dim
-    splits, pca = _split_metrics(data, cfg.train, fusion_reconstruct(model), size)
-    if start and _monitor(start["val"]) < _monitor(splits["val"]):
-        # chosen on validation: training did not improve on the linear start there, so the start is the model
-        model.load_state_dict(start_state)
-        splits, pca = _split_metrics(data, cfg.train, fusion_reconstruct(model), size)
-        start["kept"] = True
+    splits, pca = _fusion_metrics(fitted.model, data, cfg, start)
     metrics = {
         "stage": "fusion",
         "train_seconds": round(time.perf_counter() - started, 1),
-        **({"linear_start": start} if start else {}),
+        **({"linear_start": start.info} if start else {}),
         "splits": splits,
         "baseline_pca": pca,
         "data": data.info,
     }
+    return _save_fusion(run_dir, cfg, stage1, scenes, fitted.model, metrics)
+
+
+def _save_fusion(
+    run_dir: Path, cfg: FusionStageConfig, stage1: dict[str, Bundle], scenes: list[Scene], model: FusionBase,
+    metrics: dict[str, Any],
+) -> RunResult:
+    """Write a fusion run's metrics.json and bundle.pt (the stage-1 models' configs, the fusion layers')."""
     _write_metrics(run_dir, metrics)
-    config = BundleConfig(kind="fusion", models=models, fusion_model=fusion_cfg, stage=cfg_dict).to_dict()
+    models = {k: b.cfg.models[k] for k, b in stage1.items()}
+    config = BundleConfig(kind="fusion", models=models, fusion_model=cfg.resolved_model(), stage=dump_config(cfg))
     bundle = save_bundle(
-        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
+        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config.to_dict(),
         sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
         provenance=provenance(
             [s.site for s in scenes], {f"{k}_bundle_sha256": file_sha256(cfg.bundles[k]) for k in stage1},
@@ -454,38 +495,56 @@ def train_fusion(cfg: FusionStageConfig, *, run_dir: Path | None = None, resume:
     return RunResult(run_dir, bundle, metrics)
 
 
-def _train_context(
-    cfg: FusionStageConfig, stage1: dict[str, Bundle], scenes: list[Any], data: SplitData, run_dir: Path,
-    resume: Path | None,
-) -> RunResult:
-    """Stage 2 with a window (:mod:`stembed.training.context`): the frozen latents of every pixel-date of each split
-    once, then the fusion layers on windows of them; metrics beside the trivial and PCA-k baselines."""
-    fusion_cfg = cfg.resolved_model()
-    dense = cfg.dense_training or DenseTrainingConfig()
-    models = {k: b.cfg.models[k] for k, b in stage1.items()}
-    module = ContextFusionModule(models, fusion_cfg, cfg.loss, cfg.train, dense)
-    model = module.model
-    for k, b in stage1.items():
-        model.autoencoders[k].load_state_dict(b.state_dict)
+_CropLatents = dict[str, tuple[ContextCrops, SplitLatents]]
+"""Each split's crops and the frozen latents of their every pixel-date (``training.context.split_latents``)."""
+
+
+def _split_latents(model: ContextFusionModel, data: SplitData, crop_px: int) -> _CropLatents:
+    """The crops of every split that has regions, and their frozen latents."""
     sensors = data.datasets["train"].sensors  # type: ignore[attr-defined]  # the fusion split's FusionPatchDataset
-    started = time.perf_counter()
-    splits = {}
+    out = {}
     for name in SPLITS:
         if data.regions[name]:
-            crops = context_crops(sensors, data.regions[name], dense.crop_px, model.anchor.cfg.context_px)
-            splits[name] = (crops, split_latents(model, crops))
-    latent_seconds = round(time.perf_counter() - started, 1)
-    if resume is None:  # a resumed run restores them from its checkpoint
-        mean, std = latent_stats(splits["train"][1], model.sensors)
-        model.latent_mean.copy_(mean)
-        model.latent_std.copy_(std)
-    window, n_frames, B = fusion_cfg.window, model.anchor.cfg.n_frames, cfg.train.batch_size
-    assert window is not None  # the caller's branch
+            crops = context_crops(sensors, data.regions[name], crop_px, model.anchor.cfg.context_px)
+            out[name] = (crops, split_latents(model, crops))
+    return out
+
+
+def _context_batches(
+    model: ContextFusionModel, splits: _CropLatents, window: WindowConfig, cfg: FusionStageConfig
+) -> tuple[ContextBatches, ContextBatches]:
+    """The train and val windows: train draws about one window per observed anchor pixel-date each epoch, val a
+    fixed ``train.val_windows``."""
+    n_frames, B = model.anchor.cfg.n_frames, cfg.train.batch_size
     train = ContextBatches(*splits["train"], window, cfg.loss.context, n_frames, batch_size=B,
                            batches=max(1, int(np.ceil(splits["train"][1].present[ANCHOR].sum() / B))),
                            seed=cfg.train.seed, train=True)
     val = ContextBatches(*splits["val"], window, cfg.loss.context, n_frames, batch_size=B,
                          batches=max(1, -(-cfg.train.val_windows // B)), seed=cfg.train.seed, train=False)
+    return train, val
+
+
+def _train_context(
+    cfg: FusionStageConfig, stage1: dict[str, Bundle], scenes: list[Scene], data: SplitData, run_dir: Path,
+    resume: Path | None,
+) -> RunResult:
+    """Stage 2 with a window (:mod:`stembed.training.context`): the frozen latents of every pixel-date of each split
+    once, then the fusion layers on windows of them; metrics beside the trivial and PCA-k baselines."""
+    fusion_cfg = cfg.resolved_model()
+    window = fusion_cfg.window
+    assert window is not None  # train_fusion's branch
+    dense = cfg.dense_training or DenseTrainingConfig()
+    module = ContextFusionModule({k: b.cfg.models[k] for k, b in stage1.items()}, fusion_cfg, cfg.loss, cfg.train,
+                                 dense)
+    model = _frozen(module.model, stage1)
+    started = time.perf_counter()
+    splits = _split_latents(model, data, dense.crop_px)
+    latent_seconds = round(time.perf_counter() - started, 1)
+    if resume is None:  # a resumed run restores them from its checkpoint
+        mean, std = latent_stats(splits["train"][1], model.sensors)
+        model.latent_mean.copy_(mean)
+        model.latent_std.copy_(std)
+    train, val = _context_batches(model, splits, window, cfg)
     start: dict[str, Any] = {}
     if cfg.init == "linear" and resume is None:
         start = init_linear_context(model, train, {k: cfg.loss.branch(k)[1] for k in model.sensors},
@@ -500,24 +559,47 @@ def _train_context(
     metrics = {
         "stage": "fusion",
         "context": {"window": dump_config(window), "prefixes": list(model.prefixes),
-                    "latent_seconds": latent_seconds, "train_windows_per_epoch": len(train) * B},
+                    "latent_seconds": latent_seconds, "train_windows_per_epoch": len(train) * cfg.train.batch_size},
         "train_seconds": train_seconds,
         **({"linear_start": start} if start else {}),
         "splits": split_metrics,
         "baseline_pca": pca,
         "data": data.info,
     }
-    _write_metrics(run_dir, metrics)
-    config = BundleConfig(kind="fusion", models=models, fusion_model=fusion_cfg, stage=dump_config(cfg)).to_dict()
-    bundle = save_bundle(
-        run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config,
-        sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
-        provenance=provenance(
-            [s.site for s in scenes], {f"{k}_bundle_sha256": file_sha256(cfg.bundles[k]) for k in stage1},
-        ),
-        metrics=metrics,
-    )
-    return RunResult(run_dir, bundle, metrics)
+    return _save_fusion(run_dir, cfg, stage1, scenes, model, metrics)
+
+
+def _gapfill_fusion(cfg: GapFillStageConfig) -> Bundle:
+    """The fusion bundle the gap-fill layers train on, checked to have been trained on the same data (its companion
+    sensors and its data section: another split could put its test patches into this training)."""
+    fb = load_bundle(cfg.fusion_bundle, expect_kind="fusion")
+    extra = fb.cfg.companions
+    if tuple(cfg.data.extra_sensors) != extra:
+        raise ConfigError(
+            f"the fusion bundle {cfg.fusion_bundle} uses companion sensors {list(extra)} but data.extra_sensors is "
+            f"{list(cfg.data.extra_sensors)}; fix: use the fusion stage's data section"
+        )
+    if fb.cfg.stage.get("data") and DataConfig.model_validate(fb.cfg.stage["data"]) != cfg.data:
+        raise ConfigError(
+            f"data differs from the data the fusion bundle {cfg.fusion_bundle} was trained on, so its test split "
+            "could leak into training; fix: copy the fusion stage's data section (its config.yaml)"
+        )
+    return fb
+
+
+@torch.no_grad()
+def _gapfill_errors(model: GapFillModel, loader: DataLoader[Any]) -> dict[str, float]:
+    """A split's mean embedding error, against the fusion's embedding of the observed date, of the filler and of
+    the fusion itself (``zero_shot``), both with the S2 centre frame hidden."""
+    sums = {"gap_fill": 0.0, "zero_shot": 0.0}
+    n = 0
+    for batch in loader:
+        target = model.fusion.embed(fusion_inputs(batch, model.fusion))
+        hidden = fusion_inputs(batch, model.fusion, hide_s2_centre=True)
+        sums["gap_fill"] += float((model.filler.embed(hidden) - target).abs().mean(1).sum())
+        sums["zero_shot"] += float((model.fusion.embed(hidden) - target).abs().mean(1).sum())
+        n += target.shape[0]
+    return {f"{k}_embedding_mae": v / max(n, 1) for k, v in sums.items()} | {"n_patches": n}
 
 
 def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resume: Path | None = None) -> RunResult:
@@ -526,61 +608,32 @@ def train_gapfill(cfg: GapFillStageConfig, *, run_dir: Path | None = None, resum
     metrics.json holds, per split, the embedding MAE of the trained filler and of the fusion model
     itself run with the S2 centre frame hidden (``zero_shot``): what the training bought.
     """
-    fb = load_bundle(cfg.fusion_bundle, expect_kind="fusion")
-    fusion, extra = fb.cfg, fb.cfg.companions
-    if tuple(cfg.data.extra_sensors) != extra:
-        raise ConfigError(
-            f"the fusion bundle {cfg.fusion_bundle} uses companion sensors {list(extra)} but data.extra_sensors is "
-            f"{list(cfg.data.extra_sensors)}; fix: use the fusion stage's data section"
-        )
-    if fusion.stage.get("data") and DataConfig.model_validate(fusion.stage["data"]) != cfg.data:
-        raise ConfigError(
-            f"data differs from the data the fusion bundle {cfg.fusion_bundle} was trained on, so its test split "
-            "could leak into training; fix: copy the fusion stage's data section (its config.yaml)"
-        )
-    run_dir = Path(run_dir) if run_dir else (resume.parent.parent if resume else default_run_dir(cfg))
-    cfg_dict = dump_config(cfg)
-    _prepare_run_dir(run_dir, cfg_dict, resume, cfg.train)
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    fb = _gapfill_fusion(cfg)
+    fusion = fb.cfg
+    run_dir = _start_run(cfg, run_dir, resume)
     scenes = load_scenes(cfg.data)
     assert fusion.fusion_model is not None  # a fusion bundle (expect_kind)
     module = GapFillModule(fusion.models, fusion.fusion_model, cfg.train)
     module.model.fusion.load_state_dict(fb.state_dict)
     module.model.filler.load_state_dict(fb.state_dict)  # start from the trained fusion layers
-    context_px = module.model.fusion.anchor.cfg.context_px
-    data = build_fusion_data(scenes, cfg.data, np.random.default_rng(cfg.train.seed), context_px=context_px,
-                             extra=extra)
+    data = split_data(fusion, scenes, cfg.data, np.random.default_rng(cfg.train.seed))
     started = time.perf_counter()
     fitted = _fit(module, data, cfg.train, run_dir, resume)
     if fitted is None:
         return _follower_result(run_dir)
-    model = fitted.model
-
-    @torch.no_grad()
-    def errors(loader: DataLoader[Any]) -> dict[str, float]:
-        sums = {"gap_fill": 0.0, "zero_shot": 0.0}
-        n = 0
-        for batch in loader:
-            target = model.fusion.embed(fusion_inputs(batch, model.fusion))
-            hidden = fusion_inputs(batch, model.fusion, hide_s2_centre=True)
-            sums["gap_fill"] += float((model.filler.embed(hidden) - target).abs().mean(1).sum())
-            sums["zero_shot"] += float((model.fusion.embed(hidden) - target).abs().mean(1).sum())
-            n += target.shape[0]
-        return {f"{k}_embedding_mae": v / max(n, 1) for k, v in sums.items()} | {"n_patches": n}
-
     metrics = {
         "stage": "gapfill",
         "train_seconds": round(time.perf_counter() - started, 1),
         "splits": {
-            name: errors(patch_loader(ds, batch_size=max(cfg.train.batch_size, 64)))
+            name: _gapfill_errors(fitted.model, patch_loader(ds, batch_size=max(cfg.train.batch_size, 64)))
             for name, ds in data.datasets.items() if len(ds)  # type: ignore[arg-type]  # torch's Dataset declares no __len__; ours all have one
         },
         "data": data.info,
     }
     _write_metrics(run_dir, metrics)
     bundle = save_bundle(
-        run_dir / "bundle.pt", kind="gapfill", sensor=None, model=model,
-        config={"fusion": fusion.to_dict(), "stage": cfg_dict},
+        run_dir / "bundle.pt", kind="gapfill", sensor=None, model=fitted.model,
+        config={"fusion": fusion.to_dict(), "stage": dump_config(cfg)},
         sensors=fb.sensors,
         provenance=provenance(
             [s.site for s in scenes],

@@ -3,8 +3,8 @@ as training built them.
 
 Experiments, benchmarks and ``stembed eval recon --bundle`` rebuild a run's data here rather than by hand: the
 copies that re-read ``config.yaml`` themselves drifted apart (one forgot the companion sensors). The splits
-come from the config (scenes, split, sampling, seed) and the trained model (its context window, its sensors),
-as :mod:`stembed.training.run` builds them.
+come from the config (scenes, split, sampling, seed) and the bundle's model configs (their context window, their
+sensors), as :mod:`stembed.training.run` builds them.
 """
 
 from __future__ import annotations
@@ -15,17 +15,14 @@ from typing import Any
 
 import numpy as np
 import yaml
-from torch import nn
 
 from stembed.config import AEStageConfig, DataConfig, FusionStageConfig, GapFillStageConfig, load_config
 from stembed.contract import Scene
 from stembed.data.build import SplitData, build_fusion_data, build_sensor_data
 from stembed.data.scenes import load_scenes
 from stembed.errors import UserError
-from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.bundle import Bundle, load_bundle
-from stembed.models.fusion import FusionBase
-from stembed.models.gapfill import GapFillModel
+from stembed.models.bundle import Bundle, BundleConfig, load_bundle
+from stembed.sensors import ANCHOR
 
 StageConfig = AEStageConfig | FusionStageConfig | GapFillStageConfig
 """The config of a training stage, as a run folder's ``config.yaml`` holds it."""
@@ -63,25 +60,20 @@ class Run:
         ``n_tiles`` it cut from these patches' regions). Rebuilt on every call: it reads every scene, so keep
         the result."""
         data = self.config.data
-        return split_data(self.bundle.build_model(), load_scenes(data), data,
-                          np.random.default_rng(self.config.train.seed))
+        return split_data(self.bundle.cfg, load_scenes(data), data, np.random.default_rng(self.config.train.seed))
 
 
-def split_data(model: nn.Module, scenes: list[Scene], data: DataConfig, rng: np.random.Generator) -> SplitData:
-    """The patches a model of this kind trains on, drawn from ``scenes`` as ``data`` says: an autoencoder's own
-    sensor on its own dates; for a fusion or gap-fill model, S2 with S1 and every companion sensor it reads on
-    the S2 dates. Each patch is read with the model's context window.
+def split_data(cfg: BundleConfig, scenes: list[Scene], data: DataConfig, rng: np.random.Generator) -> SplitData:
+    """The patches the models of ``cfg`` train on, drawn from ``scenes`` as ``data`` says: an autoencoder's own
+    sensor on its own dates; for a fusion or gap-fill model, the anchor (S2) with S1 and every companion sensor it
+    reads on the anchor's dates. Each patch is read with the encoders' context window (the anchor's, for a fusion).
 
-    Raises:
-        TypeError: ``model`` is not a stembed autoencoder, fusion or gap-fill model.
+    Training builds its splits here too (:mod:`stembed.training.run`), so a run's splits rebuild as they were.
     """
-    if isinstance(model, GapFillModel):
-        model = model.fusion
-    if isinstance(model, FusionBase):
-        return build_fusion_data(scenes, data, rng, context_px=model.anchor.cfg.context_px, extra=model.companions)
-    if isinstance(model, SensorAutoencoder):
-        return build_sensor_data(scenes, model.cfg.sensor, data, rng, context_px=model.cfg.context_px)
-    raise TypeError(f"a {type(model).__name__} is not a stembed autoencoder, fusion or gap-fill model")
+    if cfg.fusion_model is None:
+        ((sensor, model),) = cfg.models.items()
+        return build_sensor_data(scenes, sensor, data, rng, context_px=model.context_px)
+    return build_fusion_data(scenes, data, rng, context_px=cfg.models[ANCHOR].context_px, extra=cfg.companions)
 
 
 def open_run(run_dir: str | Path) -> Run:
