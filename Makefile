@@ -10,8 +10,10 @@ DEMO_OUT ?= demo_out
 UV_VERSION := 0.13.10
 # Installs come from the lock files in requirements/ (exact versions, resolved once by `make lock`) through uv, which
 # installs them in seconds where pip resolves for minutes. torch is named on the same command line, not locked: the
-# pin gives the CPU build here and the normal (CUDA) build on a GPU machine.
-UV_INSTALL := $(VENV)/bin/uv pip install --quiet --python $(PY)
+# pin gives the CPU build here and the normal (CUDA) build on a GPU machine. --compile-bytecode writes the .pyc files
+# once, at install: where PYTHONDONTWRITEBYTECODE is set (as on our CI machines) every new Python process (a CLI call,
+# a dask or DDP worker, a test worker) would otherwise compile torch, xarray, dask... from source again, ~10 s each.
+UV_INSTALL := $(VENV)/bin/uv pip install --quiet --compile-bytecode --python $(PY)
 # uv does not read pip's configuration: pass on where pip finds local wheels (the CPU torch on this machine kind),
 # or uv would fetch the registry's CUDA build.
 PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)

@@ -138,13 +138,14 @@ def test_synopses_name_real_commands_and_options(block: Block) -> None:
 
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The small inputs the examples use: a 26 x 26 px synthetic scene store (large enough for the 23 px halo of
-    the built-in dense bundle) as ``scene.zarr`` and as ``be.zarr`` (the README's area)."""
+    """The small inputs the examples use: a 24 x 24 px synthetic scene store (the smallest the 23 px halo of the
+    built-in bundles takes) of 40 days (7 dates: the examples embed it a dozen times) as ``scene.zarr`` and as
+    ``be.zarr`` (the README's area)."""
     from stembed.io.cube import save_scene
     from stembed.testing import synthetic_scene
 
     d = tmp_path_factory.mktemp("examples")
-    save_scene(synthetic_scene(seed=1, height_px=26, width_px=26, n_days=60), d / "scene.zarr")
+    save_scene(synthetic_scene(seed=1, height_px=24, width_px=24, n_days=40), d / "scene.zarr")
     shutil.copytree(d / "scene.zarr", d / "be.zarr")
     return d
 

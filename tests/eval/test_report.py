@@ -74,6 +74,8 @@ def test_eval_commands_write_their_tables(inputs: dict[str, Path]) -> None:
             str(out),
             "--block-px",
             "8",
+            "--folds",
+            "2",
             "--samples",
             "1500",
             "--region",

@@ -4,6 +4,7 @@ retraining the fusion layers only."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -90,7 +91,7 @@ def test_dense_and_patch_paths_agree_with_the_centre_hidden(tmp_path, one_torch_
 @pytest.mark.slow
 def test_embed_daily_flags_and_values(tmp_path):
     """--daily: observed dates equal the per-date store, cloudy dates are model-based, other days linear."""
-    scene = synthetic_scene(seed=5, height_px=12, width_px=12, n_days=150)
+    scene = synthetic_scene(seed=5, height_px=12, width_px=12, n_days=90)
     cube = save_scene(scene, tmp_path / "scene.zarr")
     bundle = random_fusion_bundle(tmp_path / "g.pt", tiny=True, gapfill=True)
     base = EmbedConfig(tile_px=8, workers=1)
@@ -166,19 +167,29 @@ def toy_registered():
     PLUGINS.update(before_p)
 
 
+@pytest.fixture(scope="module")
+def stage1(tmp_path_factory) -> dict[str, Path]:
+    """The S1 and S2 autoencoders of :func:`_data` (trained once: both stage-2 tests start from them)."""
+    out = tmp_path_factory.mktemp("stage1")
+    return {
+        s: train_autoencoder(
+            AEStageConfig(sensor=s, preset="tiny", data=_data(), train=FAST, out_dir=str(out)), run_dir=out / s
+        ).bundle
+        for s in ("s1", "s2")
+    }
+
+
 def _state(bundle_path, prefix=""):
     sd = load_bundle(bundle_path).state_dict
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 @pytest.mark.slow
-def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
+def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered, stage1):
     """A registered companion sensor: its AE, then a fusion run whose S1/S2 AEs stay bit-identical."""
-    runs = {}
-    for sensor in ("s1", "s2", "toy"):
-        data = _data(extra_sensors=("toy",)) if sensor == "toy" else _data()
-        cfg = AEStageConfig(sensor=sensor, preset="tiny", data=data, train=FAST, out_dir=str(tmp_path))
-        runs[sensor] = train_autoencoder(cfg, run_dir=tmp_path / sensor).bundle
+    cfg = AEStageConfig(sensor="toy", preset="tiny", data=_data(extra_sensors=("toy",)), train=FAST,
+                        out_dir=str(tmp_path))
+    runs = {**stage1, "toy": train_autoencoder(cfg, run_dir=tmp_path / "toy").bundle}
     fcfg = FusionStageConfig(
         bundles={"s1": str(runs["s1"]), "s2": str(runs["s2"]), "toy": str(runs["toy"])},
         preset="tiny", data=_data(extra_sensors=("toy",)), train=FAST, out_dir=str(tmp_path),
@@ -201,7 +212,7 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
         train_fusion(bad, run_dir=tmp_path / "bad")
 
     # the three-sensor bundle embeds a scene that carries the toy cube, and refuses one without it
-    scene = synthetic_scene(seed=12, height_px=10, width_px=10, n_days=150)
+    scene = synthetic_scene(seed=12, height_px=10, width_px=10, n_days=60)
     plain = save_scene(scene, tmp_path / "plain.zarr")
     with pytest.raises(Exception, match="companion sensor 'toy'"):
         embed_cube(plain, res.bundle, tmp_path / "x.zarr", EmbedConfig(workers=1), progress=False)
@@ -220,14 +231,9 @@ def test_third_sensor_retrains_only_the_fusion_layers(tmp_path, toy_registered):
 
 
 @pytest.mark.slow
-def test_gapfill_stage_trains_the_filler_only(tmp_path):
+def test_gapfill_stage_trains_the_filler_only(tmp_path, stage1):
     data = _data()
-    runs = {
-        s: train_autoencoder(
-            AEStageConfig(sensor=s, preset="tiny", data=data, train=FAST, out_dir=str(tmp_path)), run_dir=tmp_path / s
-        ).bundle
-        for s in ("s1", "s2")
-    }
+    runs = stage1
     fusion = train_fusion(
         FusionStageConfig(bundles={k: str(v) for k, v in runs.items()}, preset="tiny", data=data, train=FAST,
                           out_dir=str(tmp_path)),
@@ -246,7 +252,8 @@ def test_gapfill_stage_trains_the_filler_only(tmp_path):
     # the report runs the hidden-date experiment on the bundle's test block
     from stembed.eval.report import ReportInputs, write_report
 
-    cube = save_scene(synthetic_scene(seed=11, height_px=32, width_px=32, n_days=365), tmp_path / "scene.zarr")
+    # the training scene's grid (the bundle's test block lies on it) over a shorter period: the page is checked
+    cube = save_scene(synthetic_scene(seed=11, height_px=32, width_px=32, n_days=120), tmp_path / "scene.zarr")
     page = write_report(tmp_path / "report", ReportInputs(cube=cube, gapfill_bundle=res.bundle,
                                                           gapfill_run_lengths=(1,))).read_text()
     assert "## Cloudy dates" in page and "model_based MAE" in page

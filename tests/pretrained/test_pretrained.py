@@ -44,9 +44,9 @@ def test_unknown_name_names_the_built_ins():
 
 @pytest.mark.slow
 def test_a_new_scene_embeds_with_the_pretrained_bundle_and_no_training(tmp_path):
-    scene = synthetic_scene(seed=5, height_px=30, width_px=30, n_days=120)
+    scene = synthetic_scene(seed=5, height_px=24, width_px=24, n_days=60)  # the smallest the 23 px halo takes
     save_scene(scene, tmp_path / "scene.zarr")
-    embed_cube(tmp_path / "scene.zarr", "pretrained:belgium", tmp_path / "emb.zarr", EmbedConfig(tile_px=30),
+    embed_cube(tmp_path / "scene.zarr", "pretrained:belgium", tmp_path / "emb.zarr", EmbedConfig(tile_px=24),
                progress=False)
     ds = open_embeddings(tmp_path / "emb.zarr")
     assert bool(ds["valid"].any()) and ds["embedding"].sizes["feature"] == 16

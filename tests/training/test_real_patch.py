@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stembed.config import AEStageConfig, load_config
-from stembed.training.run import train_autoencoder
+from stembed.training.run import RunResult, train_autoencoder
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "belgium_s2.yaml"
 
@@ -27,9 +27,16 @@ def _short_config(shared_data: Path, tmp_path: Path, *extra: str) -> AEStageConf
     ])
 
 
+@pytest.fixture(scope="module")
+def short_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> RunResult:
+    """One short run of the shipped config (which starts at ``init: centre_pca``), read by both tests below."""
+    tmp_path = tmp_path_factory.mktemp("real_patch")
+    return train_autoencoder(_short_config(shared_data, tmp_path), run_dir=tmp_path / "run")
+
+
 @pytest.mark.slow
-def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(shared_data: Path, tmp_path: Path) -> None:
-    run = train_autoencoder(_short_config(shared_data, tmp_path), run_dir=tmp_path / "run")
+def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(short_run: RunResult) -> None:
+    run = short_run
     groups = {k: v["groups"] for k, v in run.metrics["data"]["splits"].items()}
     boxes = [(g["y"][0], g["x"][0]) for k in ("train", "val", "test") for g in groups[k]]
     assert len(boxes) == len(set(boxes)) == 4  # four disjoint 32 x 32 blocks, each in one split
@@ -42,8 +49,9 @@ def test_s2_training_runs_on_the_belgian_patch_with_a_disjoint_block_split(share
 
 
 @pytest.mark.slow
-def test_centre_pca_start_reconstructs_real_centre_pixels_after_four_steps(shared_data: Path, tmp_path: Path) -> None:
-    run = train_autoencoder(_short_config(shared_data, tmp_path, "init=centre_pca"), run_dir=tmp_path / "run")
+def test_centre_pca_start_reconstructs_real_centre_pixels_after_four_steps(short_run: RunResult) -> None:
+    run = short_run
+    assert "init: centre_pca" in (run.run_dir / "config.yaml").read_text()  # the shipped config's start
     start = run.metrics["centre_pca_start"]
     assert start["k"] == 9 and start["n_spectra"] > 10_000 and start["pca_centre_mae"] < 0.002
     for split in ("val", "test"):

@@ -30,7 +30,7 @@ from stembed.training.run import RunResult, train_autoencoder
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, RunResult]:
     # the demo's flow on smaller sites, with fewer steps (the demo itself trains 4 epochs on 48 px sites)
-    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=2, embed_px=24, site_px=32, limit_train_batches=4)
+    return run_demo(tmp_path_factory.mktemp("demo"), max_epochs=1, embed_px=24, site_px=32, limit_train_batches=4)
 
 
 @pytest.mark.slow
