@@ -21,6 +21,7 @@ from stembed.io.cube import save_scene
 from stembed.io.worldcereal import read_worldcereal
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.bundle import load_bundle, save_bundle
+from stembed.pretrained import resolve_bundle
 
 
 def main() -> None:
@@ -31,7 +32,7 @@ def main() -> None:
     ap.add_argument("--scene", type=Path, help="a WorldCereal location folder to write as OUT/scene.zarr")
     args = ap.parse_args()
     fusion = load_bundle(args.bundle, expect_kind="fusion")
-    digest = hashlib.sha256(Path(str(fusion.path)).read_bytes()).hexdigest()
+    digest = hashlib.sha256(resolve_bundle(args.bundle).read_bytes()).hexdigest()  # the file itself, built-in too
     kept = {k: v for k, v in fusion.provenance.items() if k in ("git_sha", "versions", "data_ids")}
     source = {**kept, "from_bundle": str(args.bundle), "from_bundle_sha256": digest}
     for sensor, cfg in fusion.cfg.models.items():

@@ -140,58 +140,6 @@ def _run_into(folder: Path, fn: Callable[[], T]) -> T:
         raise
 
 
-def _check_train_paths(run_dir: Path | None, resume: Path | None, accelerator: str = "auto") -> None:
-    """Refuse a foreign --run-dir, a --resume that is not a Lightning checkpoint, and a GPU that is not
-    there, before anything is written."""
-    from stembed.config import ConfigError
-    from stembed.io.outputs import check_run_dir
-
-    if accelerator == "gpu":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ConfigError(
-                "train.accelerator is 'gpu' but torch sees no CUDA GPU; fix: --set train.accelerator=auto "
-                "(or cpu)"
-            )
-
-    if resume is not None:
-        if not resume.is_file():
-            raise ConfigError(f"--resume {resume} does not exist; fix: pass a run's checkpoints/last.ckpt")
-        if resume.suffix != ".ckpt":
-            what = "not one"
-            if resume.suffix == ".pt":
-                what = "a bundle (a finished model, which cannot be resumed)"
-            raise ConfigError(
-                f"--resume {resume} is {what}: --resume takes a Lightning checkpoint; "
-                "fix: pass the run's checkpoints/last.ckpt"
-            )
-    if run_dir is not None:
-        check_run_dir(run_dir)
-    elif resume is not None:
-        check_run_dir(resume.parent.parent, option="--resume's run folder")
-
-
-def _train_lock(run_dir: Path | None, resume: Path | None, train: Any) -> contextlib.AbstractContextManager[Any]:
-    """Check the run folder (:func:`_check_train_paths`), then own it (``RUN_DIR.lock``) until the run ends: a
-    second run into it refuses.
-
-    DDP ranks other than global rank 0 (the same command, run again by Lightning's launcher, torchrun or
-    srun) neither check nor lock the folder: rank 0 owns it for the whole run, and they write nothing.
-    """
-    from stembed.io.outputs import lock_output
-    from stembed.training.run import follower_rank
-
-    if follower_rank(train):
-        return contextlib.nullcontext()
-    _check_train_paths(run_dir, resume, train.accelerator)
-    if run_dir is not None:
-        return lock_output(run_dir, command="train", option="--run-dir")
-    if resume is not None:
-        return lock_output(resume.parent.parent, command="train", option="--resume's run folder")
-    return contextlib.nullcontext()  # a new folder named by time and config hash
-
-
 def _echo_result(res: Any) -> None:
     if res.lead:  # DDP: one line set, from global rank 0 (the one that wrote them)
         typer.echo(f"bundle: {res.bundle}\nmetrics: {res.run_dir / 'metrics.json'}")
@@ -208,6 +156,7 @@ def _train_ae(
 ) -> None:
     from stembed.config import AEStageConfig, ConfigError, load_config
     from stembed.runtime import tune_allocator
+    from stembed.training.claim import claim_run_folder
     from stembed.training.run import train_autoencoder
 
     def go() -> Any:
@@ -218,7 +167,7 @@ def _train_ae(
             in_file = (yaml.safe_load(config.read_text()) or {}).get("sensor")
             if in_file not in (None, sensor):
                 raise ConfigError(f"{config} is a config for sensor {in_file!r}; run `stembed train {in_file}`")
-        with _train_lock(run_dir, resume, cfg.train), _training_output(verbose):
+        with claim_run_folder(run_dir, resume, cfg.train), _training_output(verbose):
             return train_autoencoder(cfg, run_dir=run_dir, resume=resume)
 
     tune_allocator()
@@ -266,13 +215,14 @@ def train_gapfill_cmd(
     """Train the fusion layers that embed cloudy dates (fusion_bundle in the config; its data section)."""
     from stembed.config import GapFillStageConfig, load_config
     from stembed.runtime import tune_allocator
+    from stembed.training.claim import claim_run_folder
     from stembed.training.run import train_gapfill
 
     tune_allocator()
 
     def go() -> Any:
         cfg = load_config(GapFillStageConfig, config, _quiet_set(set_, quiet))
-        with _train_lock(run_dir, resume, cfg.train), _training_output(verbose):
+        with claim_run_folder(run_dir, resume, cfg.train), _training_output(verbose):
             return train_gapfill(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
@@ -287,13 +237,14 @@ def train_fusion_cmd(
     """Train the fusion layers on two stage-1 bundles (s1_bundle, s2_bundle in the config)."""
     from stembed.config import FusionStageConfig, load_config
     from stembed.runtime import tune_allocator
+    from stembed.training.claim import claim_run_folder
     from stembed.training.run import train_fusion
 
     tune_allocator()
 
     def go() -> Any:
         cfg = load_config(FusionStageConfig, config, _quiet_set(set_, quiet))
-        with _train_lock(run_dir, resume, cfg.train), _training_output(verbose):
+        with claim_run_folder(run_dir, resume, cfg.train), _training_output(verbose):
             return train_fusion(cfg, run_dir=run_dir, resume=resume)
 
     res = _run(go, resume=_RESUME_TRAIN)
