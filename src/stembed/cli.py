@@ -734,6 +734,20 @@ def eval_recon(
     typer.echo(res.markdown() + f"\ntable: {res.save(out)}")
 
 
+def _curve_step(by_date: bool, step_days: int | None) -> int | None:
+    """The days between cut-offs of ``eval probe --by-date`` (None without it); refused before any reading."""
+    from stembed.eval.probe import ProbeError
+    from stembed.eval.probe_curve import STEP_DAYS, check_step_days
+
+    if not by_date:
+        if step_days is not None:
+            raise ProbeError("--step-days sets the cut-offs of --by-date; fix: add --by-date, or drop --step-days")
+        return None
+    step = STEP_DAYS if step_days is None else step_days
+    check_step_days(step)
+    return step
+
+
 @eval_app.command("probe")
 def eval_probe(
     embeddings: EmbeddingsOpt,
@@ -759,27 +773,40 @@ def eval_probe(
                      "(ends excluded), e.g. a held-out block 32:64,32:64."),
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Random-forest threads (-1: all cores).")] = 1,
+    by_date: Annotated[
+        bool,
+        typer.Option("--by-date", metavar="", help="Early-season curve instead: the probe on the pixel-dates up to "
+                     "each cut-off (embedding, date_s2, to_date_pca baselines), probe_<label>_by_date.csv/.png/.md."),
+    ] = False,
+    step_days: Annotated[int | None, typer.Option(
+        "--step-days", metavar="DAYS", help="Days between the cut-offs of --by-date (default 15).")] = None,
 ) -> None:
     """Logistic regression and random forest on embedding prefixes vs same-size baselines (the date's S2 and S1
-    bands, the model's window, the pixel's season), spatially blocked CV."""
+    bands, the model's window, the pixel's season), spatially blocked CV; --by-date: by cut-off date."""
     from stembed.eval.probe import ProbeError, parse_region, probe_table
+    from stembed.eval.probe_curve import probe_by_date
     from stembed.io.cube import open_scene
     from stembed.io.embeddings import open_embeddings
     from stembed.io.outputs import check_output_folder
 
     def go() -> Any:
+        step = _curve_step(by_date, step_days)
         box = None if region is None else parse_region(region)
         check_output_folder(out)
         scene = open_scene(cube, check_values=False)
         if scene.labels is None:
             raise ProbeError(f"the scene {cube} has no label layers; fix: build it with labels (save_scene)")
-        return probe_table(open_embeddings(embeddings), scene.s2, scene.labels, label=label, s1=scene.s1,
-                           features=features, region=box, nodata=tuple(nodata or (0,)), block_px=block_px,
-                           n_folds=folds, max_samples=samples, seed=seed, n_jobs=jobs)
+        common: dict[str, Any] = {"label": label, "features": features, "region": box, "nodata": tuple(nodata or (0,)),
+                                  "block_px": block_px, "n_folds": folds, "max_samples": samples, "seed": seed,
+                                  "n_jobs": jobs}
+        if step is not None:
+            return probe_by_date(open_embeddings(embeddings), scene.s2, scene.labels, step_days=step, **common)
+        return probe_table(open_embeddings(embeddings), scene.s2, scene.labels, s1=scene.s1, **common)
 
     res = _run(go)
-    res.save(out)
-    typer.echo(res.markdown())
+    saved = res.save(out)  # the curve: its files by suffix; the probe: the summary's path
+    typer.echo(f"early-season curve of {label}: {saved['csv']}\nplot: {saved['png']}\nmarkdown: {saved['md']}"
+               if by_date else res.markdown())
 
 
 @eval_app.command("gapfill")
