@@ -734,6 +734,11 @@ def eval_recon(
     typer.echo(res.markdown() + f"\ntable: {res.save(out)}")
 
 
+StepDaysOpt = Annotated[
+    int | None, typer.Option("--step-days", metavar="DAYS", help="Days between the cut-offs of --by-date (default 15).")
+]
+
+
 def _curve_step(by_date: bool, step_days: int | None) -> int | None:
     """The days between cut-offs of ``eval probe --by-date`` (None without it); refused before any reading."""
     from stembed.eval.probe import ProbeError
@@ -778,8 +783,7 @@ def eval_probe(
         typer.Option("--by-date", metavar="", help="Early-season curve instead: the probe on the pixel-dates up to "
                      "each cut-off (embedding, date_s2, to_date_pca baselines), probe_<label>_by_date.csv/.png/.md."),
     ] = False,
-    step_days: Annotated[int | None, typer.Option(
-        "--step-days", metavar="DAYS", help="Days between the cut-offs of --by-date (default 15).")] = None,
+    step_days: StepDaysOpt = None,
 ) -> None:
     """Logistic regression and random forest on embedding prefixes vs same-size baselines (the date's S2 and S1
     bands, the model's window, the pixel's season), spatially blocked CV; --by-date: by cut-off date."""
@@ -913,8 +917,13 @@ def report(
     gapfill_bundle: Annotated[
         Path | None, typer.Option("--gapfill-bundle", help="Gap-fill bundle: score cloudy-date fills on --cube.")
     ] = None,
+    by_date: Annotated[
+        bool, typer.Option("--by-date", metavar="", help="Also each --label's early-season curve (eval probe --by-date).")
+    ] = False,
+    step_days: StepDaysOpt = None,
 ) -> None:
-    """One markdown page (with figures) of the reconstruction, probe, GPP and cloudy-date fill results."""
+    """One markdown page (with figures) of the reconstruction, probe, early-season curve, GPP and cloudy-date fill
+    results."""
     from stembed.eval.gpp import GPPConfig
     from stembed.eval.gpp_run import year_split
     from stembed.eval.report import ReportInputs, write_report
@@ -926,6 +935,7 @@ def report(
             tower_lonlat=tower, gpp_split=year_split(train_years, val_years, test_years),
             gpp_config=GPPConfig() if epochs is None else GPPConfig(max_epochs=epochs),
             gpp_stride_days=stride, probe_samples=samples, seed=seed, gapfill_bundle=gapfill_bundle,
+            curve_step_days=_curve_step(by_date, step_days),
         )
         check_output_folder(out)
         return write_report(out, inputs)

@@ -190,10 +190,16 @@ def test_report_says_plainly_when_gpp_only_checks_the_harness(inputs: dict[str, 
             "2020",
             "--val-years",
             "2021",
+            "--by-date",
+            "--step-days",
+            "365",
         ],
     )
     assert r.exit_code == 0, r.output
     page = (out / "report.md").read_text()
+    assert "## Early-season curve: land_cover" in page and "(probe_land_cover_by_date.png)" in page
+    for suffix in ("csv", "png", "md"):
+        assert (out / f"probe_land_cover_by_date.{suffix}").is_file()
     assert "## Reconstruction" in page and "## Probe: land_cover" in page and "## GPP" in page
     assert "checks the harness, not the skill" in page
     assert "| feature_set | model | split | n | nrmse | rmse | r2 | bias |" in page
@@ -203,3 +209,13 @@ def test_report_says_plainly_when_gpp_only_checks_the_harness(inputs: dict[str, 
     for name in ("recon.csv", "recon.md", "probe_land_cover.csv", "probe_land_cover_summary.csv",
                  "probe_land_cover.md"):
         assert (out / name).is_file(), name
+
+
+def test_report_by_date_needs_a_label_and_step_days_needs_by_date(inputs: dict[str, Path]) -> None:
+    base = ["report", "--out", str(inputs["dir"] / "r2"), "--embeddings", str(inputs["emb"]), "--cube",
+            str(inputs["cube"])]
+    r = runner.invoke(app, [*base, "--by-date"])
+    assert r.exit_code == 2 and "--by-date draws each --label's early-season curve" in r.output
+    r = runner.invoke(app, [*base, "--label", "land_cover", "--step-days", "30"])
+    assert r.exit_code == 2 and "fix: add --by-date" in r.output
+    assert not (inputs["dir"] / "r2").exists()

@@ -37,6 +37,7 @@ class ReportInputs:
     gpp_config: GPPConfig = field(default_factory=GPPConfig)
     gpp_stride_days: int = 10
     probe_samples: int = 20000
+    curve_step_days: int | None = None  # each label's early-season curve too, cut-offs this many days apart
     seed: int = 0
     gapfill_bundle: Path | None = None  # a gap-fill bundle: the cloudy-date fill experiment on ``cube``
     gapfill_run_lengths: tuple[int, ...] = (1, 3, 6)
@@ -81,6 +82,8 @@ def _check_inputs(inputs: ReportInputs) -> None:
         raise ReportError("--embeddings are reported beside their scene; fix: pass its --cube")
     if inputs.gapfill_bundle is not None and inputs.cube is None:
         raise ReportError("--gapfill-bundle hides dates of a scene; fix: pass its --cube")
+    if inputs.curve_step_days is not None and not inputs.labels:
+        raise ReportError("--by-date draws each --label's early-season curve; fix: add --label NAME, or drop --by-date")
     if not inputs.runs and inputs.embeddings is None and inputs.gapfill_bundle is None:
         raise ReportError(
             "nothing to report; fix: pass --run RUN_DIR, --embeddings with --cube, and/or --gapfill-bundle with --cube"
@@ -132,9 +135,25 @@ def _embedding_sections(inputs: ReportInputs, out: Path) -> list[str]:
         )
         res.save(out)
         page += [f"## Probe: {label}", "", res.markdown(), ""]
+        if inputs.curve_step_days is not None:
+            page += _curve_section(inputs, ds, scene.s2, scene.labels, label, out)
     if inputs.flux is not None:
         page += _gpp_section(inputs, ds, scene.s2, out)
     return page
+
+
+def _curve_section(
+    inputs: ReportInputs, ds: xr.Dataset, s2: xr.DataArray, labels: xr.Dataset, label: str, out: Path
+) -> list[str]:
+    """The label's early-season curve (:func:`~stembed.eval.probe_curve.probe_by_date`), same samples and seed as
+    its probe; its files beside the probe's, its plot linked from the page."""
+    from stembed.eval.probe_curve import probe_by_date
+
+    assert inputs.curve_step_days is not None  # checked by the caller
+    res = probe_by_date(ds, s2, labels, label=label, step_days=inputs.curve_step_days,
+                        nodata=NODATA.get(label, 0), max_samples=inputs.probe_samples, seed=inputs.seed)
+    res.save(out)
+    return [f"## Early-season curve: {label}", "", res.markdown(), ""]
 
 
 def _gpp_section(inputs: ReportInputs, ds: xr.Dataset, s2: xr.DataArray, out: Path) -> list[str]:
