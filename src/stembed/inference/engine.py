@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from stembed.data.datasets import SensorArrays, fill_patch
-from stembed.data.windows import frame_days, window_dates, window_days
+from stembed.data.windows import frame_days, min_dates, window_dates, window_days
 from stembed.errors import UserError
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.context import ContextFusionModel
@@ -323,12 +323,60 @@ def block_latents(
             frames, days2 = window_days(s2_days, t, n_frames)
             frame_tokens.drop_before(int(frames.min()))
             for k, (_, d) in values.items():
-                days = days2 if k == ANCHOR else frame_days(days2, s2_days, frames, d)
-                gaps = torch.from_numpy(np.diff(days).astype(np.float32)).to(device)[None]  # (1, T-1)
-                tok = torch.stack([frame_tokens.get(k, int(f)) for f in frames], dim=1)  # (h*w, T, d_model)
-                zs = [aes[k].encoder.latent_from_tokens(tok[i : i + batch_size], gaps.expand(
-                    min(batch_size, h * w - i), -1)) for i in range(0, h * w, batch_size)]
-                out[k][t] = torch.cat(zs).float().T.reshape(-1, h, w).cpu().numpy()  # (L, h, w)
+                out[k][t] = _window_latent(aes[k], frame_tokens, k, frames, days2, s2_days, d, batch_size, device)
+    return out
+
+
+def _window_latent(
+    ae: SensorAutoencoder, frame_tokens: _FrameTokens, sensor: str, frames: np.ndarray, days2: np.ndarray,
+    s2_days: np.ndarray, days: np.ndarray, batch_size: int, device: torch.device,
+) -> np.ndarray:
+    """``(L, h, w)``: one sensor's stage-1 latent of every pixel for one window (S2 date indices ``frames``, S2 days
+    ``days2``, reflected as :func:`window_days` gives them; ``days``: the sensor's day of each S2 date)."""
+    fdays = days2 if sensor == ANCHOR else frame_days(days2, s2_days, frames, days)
+    gaps = torch.from_numpy(np.diff(fdays).astype(np.float32)).to(device)[None]  # (1, T-1)
+    tok = torch.stack([frame_tokens.get(sensor, int(f)) for f in frames], dim=1)  # (h*w, T, d_model)
+    n = tok.shape[0]
+    zs = [ae.encoder.latent_from_tokens(tok[i : i + batch_size], gaps.expand(min(batch_size, n - i), -1))
+          for i in range(0, n, batch_size)]
+    return torch.cat(zs).float().T.reshape(-1, frame_tokens.h, frame_tokens.w).cpu().numpy()  # (L, h, w)
+
+
+@torch.no_grad()
+def asof_latents(
+    model: FusionBase, block: Block, *, batch_size: int, device: torch.device, precision: str = "float32"
+) -> dict[str, np.ndarray]:
+    """Every sensor's stage-1 latents *as they stood* on each date: nothing after the date is read.
+
+    A date's stage-1 latent reads the ``n_frames // 2`` dates after it (:func:`block_latents`), so a trailing
+    embedding of date t (one that never changes when later dates arrive) cannot use it for the last of those
+    dates before t. Here date ``t - j`` (j = 0 .. n_frames // 2) is encoded with its window reflected at t, as if
+    the series ended on t; from j = n_frames // 2 on, the window ends on t or before and the latent equals the
+    centred one. Frames are encoded once, as in :func:`block_latents`.
+
+    Returns ``(time, n_frames // 2 + 1, latent_k, h, w)`` float32 per sensor, index ``[t, j]`` the latent of date
+    ``t - j`` as of ``t``; NaN where ``t - j < 0`` or the series up to t holds fewer dates than the window needs
+    to reflect (:func:`~stembed.data.windows.min_dates`: a trailing store starts on its ``n_frames // 2 + 1``-th
+    date).
+    """
+    _check_dense(model)
+    n_frames, r = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
+    depth = n_frames // 2
+    s2_days = block[ANCHOR].days
+    n_time, _, hp, wp = block[ANCHOR].values.shape
+    h, w = hp - 2 * r, wp - 2 * r
+    aes = model.sensor_autoencoders()
+    out = {k: np.full((n_time, depth + 1, ae.cfg.latent_dim, h, w), np.nan, dtype=np.float32) for k, ae in aes.items()}
+    frame_tokens = _FrameTokens(aes, {k: a.values for k, a in block.items()}, device, h, w)
+    amp = autocast_dtype(precision, device)
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        for t in range(min_dates(n_frames) - 1, n_time):
+            windows = {j: window_days(s2_days[: t + 1], t - j, n_frames) for j in range(min(depth, t) + 1)}
+            frame_tokens.drop_before(min(int(f.min()) for f, _ in windows.values()))
+            for j, (frames, days2) in windows.items():
+                for k, a in block.items():
+                    out[k][t, j] = _window_latent(aes[k], frame_tokens, k, frames, days2, s2_days, a.days,
+                                                  batch_size, device)
     return out
 
 
