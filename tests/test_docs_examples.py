@@ -139,7 +139,7 @@ def test_synopses_name_real_commands_and_options(block: Block) -> None:
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The small inputs the examples use: a 24 x 24 px synthetic scene store (the smallest the 23 px halo of the
-    built-in bundles takes) of 40 days (7 dates: the examples embed it a dozen times) as ``scene.zarr`` and as
+    built-in bundles takes) of 40 days (6 dates: the examples embed it a dozen times) as ``scene.zarr`` and as
     ``be.zarr`` (the README's area)."""
     from stembed.io.cube import save_scene
     from stembed.testing import synthetic_scene
