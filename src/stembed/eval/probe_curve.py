@@ -231,7 +231,7 @@ def probe_by_date(
         min_class_pixels=min_class_pixels, seed=seed, n_estimators=n_estimators, n_jobs=n_jobs)]
     meta = {
         "label": label, "nodata": [_py(v) for v in nodata_values], "step_days": step_days, "prefixes": prefixes,
-        "first_date": str(cuts[0] - np.timedelta64(step_days, "D")) if cuts.size > 1 else str(cuts[0]),
+        "first_date": str(np.asarray(a.s2_times[a.pos], dtype="datetime64[D]").min()),
         "cutoffs": "every step_days from the store's first date + step_days; the last cut-off is its last date",
         "window": embeddings.attrs.get("window"), "block_px": block_px, "n_folds": n_folds,
         "max_samples": max_samples, "min_class_pixels": min_class_pixels, "seed": seed, "n_estimators": n_estimators,

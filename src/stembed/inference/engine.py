@@ -355,8 +355,8 @@ def asof_latents(
     centred one. Frames are encoded once, as in :func:`block_latents`.
 
     Returns ``(time, n_frames // 2 + 1, latent_k, h, w)`` float32 per sensor, index ``[t, j]`` the latent of date
-    ``t - j`` as of ``t``; NaN where ``t - j < 0`` or the series up to t holds fewer dates than the window needs
-    to reflect (:func:`~stembed.data.windows.min_dates`: a trailing store starts on its ``n_frames // 2 + 1``-th
+    ``t - j`` as of ``t``; NaN for the dates t whose series up to t holds fewer dates than the window needs to
+    reflect (:func:`~stembed.data.windows.min_dates`: a trailing store starts on its ``n_frames // 2 + 1``-th
     date).
     """
     _check_dense(model)
@@ -371,7 +371,7 @@ def asof_latents(
     amp = autocast_dtype(precision, device)
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
         for t in range(min_dates(n_frames) - 1, n_time):
-            windows = {j: window_days(s2_days[: t + 1], t - j, n_frames) for j in range(min(depth, t) + 1)}
+            windows = {j: window_days(s2_days[: t + 1], t - j, n_frames) for j in range(depth + 1)}
             frame_tokens.drop_before(min(int(f.min()) for f, _ in windows.values()))
             for j, (frames, days2) in windows.items():
                 for k, a in block.items():
