@@ -114,20 +114,24 @@ class WindowConfig(_Frozen):
     """The dates a context fusion reads around the date it embeds (:mod:`stembed.data.windows`).
 
     Besides the date itself, ``dates`` of the pixel's observed dates, matched one by one to target offsets
-    spread over +-``span_days``: half before the date and half after, at ``span_days * u**density`` for u
-    evenly spaced in (0, 1] (``density`` > 1 puts more of them near the date). Each target takes the nearest
-    observed date not yet taken, so a window follows the pixel's clear dates, shifts inward at the ends of
-    the series and never holds a cloudy date. The paper's window is 11 consecutive dates (stage 1's).
+    spread over +-``span_days``: half before the date and half after (``side: trailing``: all before it), at
+    ``span_days * u**density`` for u evenly spaced in (0, 1] (``density`` > 1 puts more of them near the date).
+    Each target takes the nearest observed date not yet taken, so a window follows the pixel's clear dates,
+    shifts inward at the ends of the series and never holds a cloudy date. The paper's window is 11 consecutive dates (stage 1's).
     """
 
     dates: int = Field(16, ge=2)
     span_days: float = Field(180.0, gt=0.0)
     density: float = Field(1.5, ge=1.0)
+    # centred: half the targets before the date, half after (the embedding of a date changes as later dates
+    # arrive); trailing: every target before the date, and the stage-1 latents as they stood on the date
+    # (stembed.inference.engine.asof_latents), so the embedding of date t reads nothing after t and never changes
+    side: Literal["centred", "trailing"] = "centred"
 
     @model_validator(mode="after")
     def _check(self) -> WindowConfig:
-        if self.dates % 2:
-            raise ValueError(f"window.dates must be even (half before the date, half after), got {self.dates}")
+        if self.side == "centred" and self.dates % 2:
+            raise ValueError(f"a centred window.dates must be even (half before the date, half after), got {self.dates}")
         return self
 
 

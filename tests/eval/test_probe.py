@@ -356,7 +356,7 @@ def test_window_with_store_window_takes_window_dates_and_fills_empty_slots_with_
     s2.values[2:, :, 4, 4] = np.nan  # pixel (4, 4) observed on dates 0 and 1 only
     feats = probe_features(embeddings, s2, labels, label="LC", features=[3])
     x = feats.sets["window_pca3"].x
-    assert x.shape[1] == 10 * (1 + 4) and feats.meta["window"]["config"] == {**cfg}
+    assert x.shape[1] == 10 * (1 + 4) and feats.meta["window"]["config"] == {**cfg, "side": "centred"}
     v = s2.values
     # date 5 of (2, 3): -5 -> 4, +5 -> 7 (6 is cloudy; 7 is nearer day 30 than 3), -15 -> 2, +15 -> 8
     np.testing.assert_array_equal(x[_rows(feats, 5, 2, 3)].reshape(5, 10), v[[5, 4, 7, 2, 8], :, 2, 3])

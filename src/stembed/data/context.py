@@ -24,7 +24,7 @@ from stembed.config import ContextLossConfig, WindowConfig
 from stembed.data.datasets import SensorArrays, fold_index
 from stembed.data.sampling import Region, SamplingError
 from stembed.data.tiles import crop_starts
-from stembed.data.windows import NONE, frame_days, window_dates, window_days
+from stembed.data.windows import NONE, asof_window_days, frame_days, min_dates, window_dates, window_days
 from stembed.sensors import ANCHOR
 
 
@@ -108,12 +108,17 @@ class SplitLatents:
     """Every sensor's frozen latent and presence at every pixel-date of a split's crops.
 
     Attributes:
-        z: per sensor ``(R, T, L, P)`` float32, P = crop_px**2 centre pixels (row-major).
+        z: per sensor ``(R, T, L, P)`` float32, P = crop_px**2 centre pixels (row-major): each date's centred
+            stage-1 latent.
         present: per sensor ``(R, T, P)`` bool: the sensor has a value there (S2: the centre pixel is observed).
+        recent: a trailing window's: per sensor ``(R, T, J, L, P)``, ``[r, t, j]`` the latent of date ``t - j`` as
+            it stood on t (:func:`stembed.inference.engine.asof_latents`, NaN where t has too little history); a
+            window of date t reads these for its dates within ``J - 1`` of t, ``z`` for older ones. None: centred.
     """
 
     z: dict[str, np.ndarray]
     present: dict[str, np.ndarray]
+    recent: dict[str, np.ndarray] | None = None
 
 
 @dataclass
@@ -184,12 +189,17 @@ class ContextBatches(IterableDataset[ContextBatch]):
     ) -> None:
         self.crops, self.latents, self.window, self.terms = crops, latents, window, terms
         self.n_frames, self.batch_size, self.batches, self.seed, self.train = n_frames, batch_size, batches, seed, train
-        r, t, p = np.nonzero(latents.present[ANCHOR])
+        self.trailing = window.side == "trailing"
+        if self.trailing and latents.recent is None:
+            raise ValueError("a trailing window reads as-of latents: compute the split's latents for it")
+        # a trailing window embeds no date whose series up to it is too short for the stage-1 window
+        self.first = min_dates(n_frames) - 1 if self.trailing else 0
+        r, t, p = np.nonzero(latents.present[ANCHOR][:, self.first :])
         if r.size == 0:
             raise SamplingError("a split has no observed S2 pixel-date to train a context fusion on")
-        self.pool = (r, t, p)
+        self.pool = (r, t + self.first, p)
         self.epoch = 0
-        self._frames, self._gaps = _stage1_frames(crops, n_frames)
+        self._frames, self._gaps = _stage1_frames(crops, n_frames, self.first)
 
     def __len__(self) -> int:
         return self.batches
@@ -273,7 +283,14 @@ class ContextBatches(IterableDataset[ContextBatch]):
         days = self.crops.days[ANCHOR][r]  # (B, T)
         z, present, dt = {}, {}, {}
         for k, lat in self.latents.z.items():
-            z[k] = torch.from_numpy(lat[r[:, None], idx, :, p[:, None]])  # (B, S, L)
+            zk = lat[r[:, None], idx, :, p[:, None]]  # (B, S, L)
+            if self.latents.recent is not None:  # the window's recent dates as they stood on t
+                rec = self.latents.recent[k]  # (R, T, J, L, P)
+                j = t[:, None] - idx  # (B, S) >= 0: a trailing window reads no later date
+                near = (j < rec.shape[2]) & ~empty
+                rows_n = np.nonzero(near)[0]
+                zk[near] = rec[r[rows_n], t[rows_n], j[near], :, p[rows_n]]
+            z[k] = torch.from_numpy(zk)
             pk = self.latents.present[k][r[:, None], idx, p[:, None]] & ~empty  # (B, S)
             if k == ANCHOR:
                 pk[:, 0] &= ~hidden
@@ -293,6 +310,7 @@ class ContextBatches(IterableDataset[ContextBatch]):
         observed = self.latents.present[ANCHOR][r, :, p]  # (B, T)
         near = observed & (np.abs(days - days[np.arange(B), t][:, None]) <= self.terms.agreement_days)
         near[np.arange(B), t] = False
+        near[:, : self.first] = False  # never a date a trailing window cannot embed
         pick = np.where(near, rng.random(near.shape), -1.0).argmax(axis=1)
         return np.where(near.any(axis=1), pick, t)
 
@@ -307,17 +325,21 @@ def _keep(view: ContextView, keep: np.ndarray) -> ContextView:
     return ContextView(view.z, present, view.dt, view.offset, view.day)
 
 
-def _stage1_frames(crops: ContextCrops, n_frames: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _stage1_frames(crops: ContextCrops, n_frames: int, first: int = 0) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Each crop-date's stage-1 window (``(R, T, n_frames)`` date indices) and every sensor's day gaps
-    ``(R, T, n_frames - 1)`` float32, as the frozen encoders and decoders see them (padded dates: zeros)."""
+    ``(R, T, n_frames - 1)`` float32, as the frozen encoders and decoders see them (padded dates: zeros).
+
+    ``first`` > 0 (a trailing window): each date's window as the series stood on it (reflected at the date), from
+    date ``first`` on; the dates before it are zeros (never drawn).
+    """
     R, T = crops.days[ANCHOR].shape
     frames = np.zeros((R, T, n_frames), dtype=np.int64)
     gaps = {k: np.zeros((R, T, n_frames - 1), dtype=np.float32) for k in crops.days}
     for r in range(R):
         n = int(crops.n_time[r])
         s2_days = crops.days[ANCHOR][r, :n]
-        for t in range(n):
-            f, d2 = window_days(s2_days, t, n_frames)
+        for t in range(first, n):
+            f, d2 = asof_window_days(s2_days, t, 0, n_frames) if first else window_days(s2_days, t, n_frames)
             frames[r, t] = f
             for k, d in crops.days.items():
                 days = d2 if k == ANCHOR else frame_days(d2, s2_days, f, d[r, :n])

@@ -8,7 +8,8 @@ the series, and holds fewer dates (marked -1) only where the pixel has fewer obs
 
 Everything here is numpy and vectorised over pixels: training draws jittered targets per sample, inference
 uses the cell centres, and the probe's ``window_pca`` baseline calls the same function, so the baseline
-sees exactly the model's dates. The paper's window of the stage-1 encoders (:func:`window_days`: 11
+sees exactly the model's dates. A ``trailing`` window (``side``) takes its dates before the date only, for
+embeddings that never change when later dates arrive. The paper's window of the stage-1 encoders (:func:`window_days`: 11
 consecutive dates, reflected at the ends of the series) lives here too.
 """
 
@@ -23,24 +24,29 @@ NONE = -1
 
 
 def target_offsets(cfg: WindowConfig, rng: np.random.Generator | None = None, n: int = 1) -> np.ndarray:
-    """``(n, dates)`` target offsets in days, ordered by distance from the date (nearest first, alternating sides).
+    """``(n, dates)`` target offsets in days, ordered by distance from the date (nearest first; a centred window's
+    alternate sides, a trailing window's are all before the date).
 
-    Without ``rng`` each side's ``u`` are the centres of ``dates / 2`` equal cells of (0, 1]; with it, one
-    uniform draw inside each cell per row (training), so every offset the model sees at inference is one it
-    was trained near.
+    Without ``rng`` each side's ``u`` are the centres of equal cells of (0, 1] (``dates / 2`` cells a side when
+    centred, ``dates`` before the date when trailing); with it, one uniform draw inside each cell per row
+    (training), so every offset the model sees at inference is one it was trained near.
     """
-    k = cfg.dates // 2
+    sides, k = (1, cfg.dates) if cfg.side == "trailing" else (2, cfg.dates // 2)
     cells = np.arange(k, dtype=np.float64)  # (k,)
     if rng is None:
-        u = np.broadcast_to((cells + 0.5) / k, (n, 2, k))
+        u = np.broadcast_to((cells + 0.5) / k, (n, sides, k))
     else:
-        u = (cells + rng.random((n, 2, k))) / k
-    off = cfg.span_days * u**cfg.density  # (n, 2, k), increasing along k
+        u = (cells + rng.random((n, sides, k))) / k
+    off = cfg.span_days * u**cfg.density  # (n, sides, k), increasing along k
+    if sides == 1:
+        return -off[:, 0]
     signed = np.stack([-off[:, 0], off[:, 1]], axis=2)  # (n, k, 2): before, after
     return signed.reshape(n, 2 * k)
 
 
-def select_dates(days: np.ndarray, observed: np.ndarray, t: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def select_dates(
+    days: np.ndarray, observed: np.ndarray, t: np.ndarray, offsets: np.ndarray, *, trailing: bool = False
+) -> np.ndarray:
     """The window of each sample: ``(N, K)`` date indices, :data:`NONE` where no observed date was left.
 
     Args:
@@ -48,6 +54,7 @@ def select_dates(days: np.ndarray, observed: np.ndarray, t: np.ndarray, offsets:
         observed: ``(N, T)`` bool, the sample's pixel is observed on each date.
         t: ``(N,)`` the date each sample embeds (never part of its own window).
         offsets: ``(K,)`` or ``(N, K)`` target offsets in days, in the order they choose (nearest first).
+        trailing: no date after ``t`` is ever chosen (the series as it stood on ``t``).
 
     Each target takes the nearest observed date (ties: the earlier date) not taken by an earlier target.
     """
@@ -59,6 +66,8 @@ def select_dates(days: np.ndarray, observed: np.ndarray, t: np.ndarray, offsets:
     rows = np.arange(n)
     free = observed.copy()
     free[rows, t] = False  # the date itself is the model's centre token, not a context date
+    if trailing:
+        free &= np.arange(n_time)[None, :] < t[:, None]
     out = np.full(offsets.shape, NONE, dtype=np.int64)
     for j in range(offsets.shape[1]):
         target = days[rows, t] + offsets[:, j]  # (N,)
@@ -75,8 +84,8 @@ def window_dates(
     cfg: WindowConfig, days: np.ndarray, observed: np.ndarray, t: np.ndarray, rng: np.random.Generator | None = None
 ) -> np.ndarray:
     """:func:`select_dates` with the config's targets: ``(N, dates)``; ``rng``: jittered targets (training)."""
-    return select_dates(days, observed, t, target_offsets(cfg, rng, n=len(t)) if rng is not None
-                        else target_offsets(cfg)[0])
+    offsets = target_offsets(cfg, rng, n=len(t)) if rng is not None else target_offsets(cfg)[0]
+    return select_dates(days, observed, t, offsets, trailing=cfg.side == "trailing")
 
 
 # ----------------------------------------------------------------------------- the paper's window (stage 1)
@@ -111,6 +120,17 @@ def window_days(days: np.ndarray, t: int, n_frames: int) -> tuple[np.ndarray, np
         idx.append(i)
         fdays.append(d)
     return np.asarray(idx), np.asarray(fdays, dtype=np.int64)
+
+
+def asof_depth(n_frames: int) -> int:
+    """How many dates up to and including t have a stage-1 latent that, as of t, differs from the centred one:
+    date ``t - j`` for ``j < n_frames // 2`` (its centred window reads dates after t)."""
+    return n_frames // 2
+
+
+def asof_window_days(days: np.ndarray, t: int, j: int, n_frames: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`window_days` of date ``t - j`` in the series as it stood on date ``t`` (reflected at t)."""
+    return window_days(days[: t + 1], t - j, n_frames)
 
 
 def frame_days(days2: np.ndarray, s2_days: np.ndarray, frames: np.ndarray, days: np.ndarray) -> np.ndarray:

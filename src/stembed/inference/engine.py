@@ -21,14 +21,21 @@ whichever worker runs it; other batch sizes agree to float32 rounding (~1e-7).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 
 from stembed.data.datasets import SensorArrays, fill_patch
-from stembed.data.windows import frame_days, min_dates, window_dates, window_days
+from stembed.data.windows import (
+    asof_depth,
+    asof_window_days,
+    frame_days,
+    min_dates,
+    window_dates,
+    window_days,
+)
 from stembed.errors import UserError
 from stembed.models.autoencoder import SensorAutoencoder
 from stembed.models.context import ContextFusionModel
@@ -359,25 +366,46 @@ def asof_latents(
     reflect (:func:`~stembed.data.windows.min_dates`: a trailing store starts on its ``n_frames // 2 + 1``-th
     date).
     """
+    n_time = block[ANCHOR].values.shape[0]
+    out: dict[str, np.ndarray] = {}
+    for t, recent in iter_asof(model, block, batch_size=batch_size, device=device, precision=precision):
+        for k, v in recent.items():
+            if k not in out:
+                out[k] = np.full((n_time, *v.shape), np.nan, dtype=np.float32)
+            out[k][t] = v
+    return out
+
+
+def iter_asof(
+    model: FusionBase, block: Block, *, batch_size: int, device: torch.device, precision: str = "float32",
+    full: np.ndarray | None = None,
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """:func:`asof_latents` one date at a time: ``(t, {sensor: (n_frames // 2 + 1, latent_k, h, w)})`` for every t
+    from the first with enough dates (at most 2 * (n_frames // 2) + 1 frames' tokens held at once).
+
+    ``full``: ``(time,)`` bool, the dates t that need every j; elsewhere only ``j = n_frames // 2`` (the centred
+    latent of date ``t - n_frames // 2``) is computed and the others are NaN.
+    """
     _check_dense(model)
     n_frames, r = model.anchor.cfg.n_frames, model.anchor.cfg.context_px
-    depth = n_frames // 2
+    depth = asof_depth(n_frames)
     s2_days = block[ANCHOR].days
-    n_time, _, hp, wp = block[ANCHOR].values.shape
-    h, w = hp - 2 * r, wp - 2 * r
+    _, _, hp, wp = block[ANCHOR].values.shape
     aes = model.sensor_autoencoders()
-    out = {k: np.full((n_time, depth + 1, ae.cfg.latent_dim, h, w), np.nan, dtype=np.float32) for k, ae in aes.items()}
-    frame_tokens = _FrameTokens(aes, {k: a.values for k, a in block.items()}, device, h, w)
+    frame_tokens = _FrameTokens(aes, {k: a.values for k, a in block.items()}, device, hp - 2 * r, wp - 2 * r)
     amp = autocast_dtype(precision, device)
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for t in range(min_dates(n_frames) - 1, n_time):
-            windows = {j: window_days(s2_days[: t + 1], t - j, n_frames) for j in range(depth + 1)}
+    for t in range(min_dates(n_frames) - 1, block[ANCHOR].values.shape[0]):
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            js = range(depth + 1) if full is None or full[t] else range(depth, depth + 1)
+            windows = {j: asof_window_days(s2_days, t, j, n_frames) for j in js}
             frame_tokens.drop_before(min(int(f.min()) for f, _ in windows.values()))
+            out = {k: np.full((depth + 1, ae.cfg.latent_dim, frame_tokens.h, frame_tokens.w), np.nan, dtype=np.float32)
+                   for k, ae in aes.items()}
             for j, (frames, days2) in windows.items():
                 for k, a in block.items():
-                    out[k][t, j] = _window_latent(aes[k], frame_tokens, k, frames, days2, s2_days, a.days,
-                                                  batch_size, device)
-    return out
+                    out[k][j] = _window_latent(aes[k], frame_tokens, k, frames, days2, s2_days, a.days, batch_size,
+                                               device)
+            yield t, out
 
 
 def sensor_present(block: Block, halo: int) -> dict[str, np.ndarray]:
@@ -420,26 +448,59 @@ def embed_block_context(
     todo = observed if targets is None else targets
     if not todo.any():
         return out
-    z = block_latents(model, block, batch_size=max(batch_size, 256), device=device, precision=precision)
-    flat = {k: v.reshape(n_time, v.shape[1], h * w) for k, v in z.items()}  # (time, L, h*w)
     pres = {k: v.reshape(n_time, h * w) for k, v in present.items()}
     obs_by_pixel = observed.reshape(n_time, h * w).T  # (h*w, time)
+    days = {k: a.days for k, a in block.items()}
     amp = autocast_dtype(precision, device)
+    latents = context_latents(model, block, batch_size=max(batch_size, 256), device=device, precision=precision,
+                              dates=np.asarray(todo.reshape(n_time, -1).any(axis=1)))
     with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        for t in range(n_time):
+        for t, flat, recent in latents:
             pix = np.flatnonzero(todo[t].reshape(-1))
             for i in range(0, pix.size, batch_size):
                 p = pix[i : i + batch_size]
                 dates = window_dates(window, s2_days, obs_by_pixel[p], np.full(p.size, t))  # (B, K)
                 slots = np.concatenate([np.full((p.size, 1), t), dates], axis=1)  # (B, S), -1: empty
-                inputs = context_inputs(flat, pres, {k: a.days for k, a in block.items()}, slots, p,
-                                        hide_date=hide_s2_centre)
+                inputs = context_inputs(flat, pres, days, slots, p, hide_date=hide_s2_centre, recent=recent)
                 e = model.fuse(*(_to(x, device) for x in inputs))
                 ys, xs = np.divmod(p, w)
                 out[t, :, ys, xs] = e.float().cpu().numpy()  # (B, embed_dim)
                 if progress is not None:
                     progress(p.size)
     return out
+
+
+def context_latents(
+    model: ContextFusionModel, block: Block, *, batch_size: int, device: torch.device, precision: str,
+    dates: np.ndarray,
+) -> Iterator[tuple[int, dict[str, np.ndarray], dict[str, np.ndarray] | None]]:
+    """The latents a context fusion reads, date by date: ``(t, z, recent)`` with ``z`` per sensor ``(time, L, h*w)``.
+
+    Centred window: ``z`` holds every date's centred stage-1 latent and ``recent`` is None. Trailing window: the
+    series as it stood on t (:func:`iter_asof`): ``recent`` per sensor ``(n_frames // 2 + 1, L, h*w)`` the latents
+    of dates ``t - j`` as of t, and ``z`` the centred latents of the dates before them (filled as t advances); the
+    dates t before the first with enough history are not yielded (a trailing store starts on its
+    ``n_frames // 2 + 1``-th date). ``dates``: ``(time,)`` the dates the caller embeds (others are skipped, and a
+    trailing window computes only what later dates read).
+    """
+    window = model.cfg.window
+    n_time = dates.size
+    flat: dict[str, np.ndarray] = {}
+    if window is None or window.side == "centred":
+        z = block_latents(model, block, batch_size=batch_size, device=device, precision=precision)
+        flat = {k: v.reshape(n_time, v.shape[1], -1) for k, v in z.items()}  # (time, L, h*w)
+        for i in np.flatnonzero(dates).tolist():
+            yield i, flat, None
+        return
+    depth = asof_depth(model.anchor.cfg.n_frames)
+    for t, asof in iter_asof(model, block, batch_size=batch_size, device=device, precision=precision, full=dates):
+        recent: dict[str, np.ndarray] = {k: v.reshape(depth + 1, v.shape[1], -1) for k, v in asof.items()}
+        for k, v in recent.items():
+            if k not in flat:
+                flat[k] = np.full((n_time, *v.shape[1:]), np.nan, dtype=np.float32)
+            flat[k][t - depth] = v[depth]  # the centred latent of date t - depth: no later window changes it
+        if dates[t]:
+            yield t, flat, recent
 
 
 def context_inputs(
@@ -450,6 +511,7 @@ def context_inputs(
     pixels: np.ndarray,
     *,
     hide_date: bool | np.ndarray = False,
+    recent: Mapping[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """A context fusion's inputs for windows of one tile, gathered from its per-pixel-date arrays.
 
@@ -460,6 +522,8 @@ def context_inputs(
         slots: ``(B, S)`` date indices, slot 0 the embedded date, -1 an empty slot.
         pixels: ``(B,)`` pixel index of each window.
         hide_date: hide the embedded date's own S2 (all windows, or a ``(B,)`` mask).
+        recent: a trailing window's latents as of the embedded date t (every window's slot 0 is t): per sensor
+            ``(J, L, P)``, the latent of date ``t - j`` (:func:`context_latents`); they replace ``latents`` there.
 
     Returns ``(z, present, dt, offset, day)`` as :meth:`ContextFusionModel.fuse` takes them (numpy).
     """
@@ -470,6 +534,10 @@ def context_inputs(
     z, pres, dt = {}, {}, {}
     for k, lat in latents.items():
         z[k] = lat[idx, :, col]  # (B, S, L): numpy puts the broadcast fancy indices first
+        if recent is not None:
+            j = slots[:, :1] - idx  # (B, S) >= 0: a trailing window reads no later date
+            near = (j < recent[k].shape[0]) & ~empty
+            z[k][near] = recent[k][j[near], :, np.broadcast_to(col, j.shape)[near]]
         pk = present[k][idx, col] & ~empty
         if k == ANCHOR:
             pk[:, 0] &= ~np.asarray(hide_date, dtype=bool)

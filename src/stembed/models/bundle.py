@@ -244,6 +244,30 @@ def load_bundle(
     )
 
 
+def stage1_bundle(path: str | Path, sensor: str) -> Bundle:
+    """A sensor's stage-1 autoencoder: an autoencoder bundle's, or the frozen one inside a fusion bundle (so new
+    fusion layers can be trained on a shipped model's autoencoders, e.g. ``pretrained:belgium``)."""
+    b = load_bundle(path, expect_kind=("autoencoder", "fusion"))
+    if b.kind == "autoencoder":
+        if b.sensor != sensor:
+            raise BundleError(f"{b.path} holds {_describe(b.kind, b.sensor)}, but {_describe('autoencoder', sensor)} is "
+                              "needed here; pass the right bundle")
+        return b
+    if sensor not in b.cfg.models:
+        raise BundleError(f"{b.path} is a fusion model of {sorted(b.cfg.models)}, without a {sensor} autoencoder; "
+                          "pass a bundle that has one")
+    lead = f"autoencoders.{sensor}."
+    model = b.cfg.models[sensor]
+    stage = {"from_fusion_bundle": str(b.path), "stage": b.cfg.stage}
+    return Bundle(
+        kind="autoencoder", sensor=sensor,
+        config=BundleConfig(kind="autoencoder", models={sensor: model}, stage=stage).to_dict(),
+        cfg=BundleConfig(kind="autoencoder", models={sensor: model}, stage=stage),
+        sensors={sensor: b.sensors[sensor]}, provenance=b.provenance, metrics={},
+        state_dict={k[len(lead) :]: v for k, v in b.state_dict.items() if k.startswith(lead)}, path=b.path,
+    )
+
+
 _NEEDED = ("kind", "config", "sensors", "provenance", "state_dict")
 
 

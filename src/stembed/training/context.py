@@ -30,7 +30,8 @@ from torch import Tensor, nn
 
 from stembed.config import AEConfig, DenseTrainingConfig, FusionConfig, FusionLossConfig, TrainConfig
 from stembed.data.context import ContextBatch, ContextBatches, ContextCrops, ContextView, SplitLatents
-from stembed.inference.engine import block_latents, sensor_present
+from stembed.data.windows import asof_depth
+from stembed.inference.engine import asof_latents, block_latents, sensor_present
 from stembed.losses import masked_mae, vicreg
 from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import ANCHOR, build_fusion
@@ -43,20 +44,34 @@ from stembed.training.modules import _centre_metrics, _StageModule, _update
 # ----------------------------------------------------------------------------- latents, once
 @torch.no_grad()
 def split_latents(model: ContextFusionModel, crops: ContextCrops, *, batch_size: int = 1024) -> SplitLatents:
-    """Every sensor's frozen latent and presence at every pixel-date of a split's crops (padded dates absent)."""
+    """Every sensor's frozen latent and presence at every pixel-date of a split's crops (padded dates absent); for a
+    trailing window also the latents as they stood on each date (:class:`~stembed.data.context.SplitLatents`)."""
     R, T = crops.days[ANCHOR].shape
     P = crops.crop_px**2
-    z = {k: np.zeros((R, T, ae.cfg.latent_dim, P), dtype=np.float32) for k, ae in model.sensor_autoencoders().items()}
+    aes = model.sensor_autoencoders()
+    z = {k: np.zeros((R, T, ae.cfg.latent_dim, P), dtype=np.float32) for k, ae in aes.items()}
     present = {k: np.zeros((R, T, P), dtype=bool) for k in z}
+    trailing = model.cfg.window is not None and model.cfg.window.side == "trailing"
+    depth = asof_depth(model.anchor.cfg.n_frames)
+    recent = ({k: np.full((R, T, depth + 1, ae.cfg.latent_dim, P), np.nan, dtype=np.float32) for k, ae in aes.items()}
+              if trailing else None)
     device = next(model.parameters()).device
     for r in range(R):
         block = crops.block(r)
         n = int(crops.n_time[r])
-        for k, v in block_latents(model, block, batch_size=batch_size, device=device).items():
-            z[k][r, :n] = v.reshape(n, v.shape[1], P)
+        if recent is None:
+            for k, v in block_latents(model, block, batch_size=batch_size, device=device).items():
+                z[k][r, :n] = v.reshape(n, v.shape[1], P)
+        else:
+            for k, v in asof_latents(model, block, batch_size=batch_size, device=device).items():
+                rec = recent[k][r, :n] = v.reshape(n, depth + 1, v.shape[2], P)
+                # the centred latent of date d is the one as of d + depth; the last dates' are never read as such
+                # (a window of t reads `recent` within depth of t), so they keep their latent as of the end
+                z[k][r, : n - depth] = rec[depth:, depth]
+                z[k][r, n - depth : n] = rec[n - 1, depth - 1 :: -1]
         for k, v in sensor_present(block, crops.margin).items():
             present[k][r, :n] = v.reshape(n, P)
-    return SplitLatents(z, present)
+    return SplitLatents(z, present, recent)
 
 
 def latent_stats(latents: SplitLatents, sensors: tuple[str, ...]) -> tuple[Tensor, Tensor]:

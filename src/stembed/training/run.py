@@ -46,7 +46,7 @@ from stembed.data.scenes import load_scenes
 from stembed.data.tiles import TileDataset, collate_tiles, sample_tiles
 from stembed.io.outputs import RUN_CONFIG_HEADER
 from stembed.models.autoencoder import SensorAutoencoder
-from stembed.models.bundle import Bundle, BundleConfig, load_bundle, save_bundle
+from stembed.models.bundle import Bundle, BundleConfig, load_bundle, save_bundle, stage1_bundle
 from stembed.models.context import ContextFusionModel
 from stembed.models.fusion import ANCHOR, FusionBase, FusionModel
 from stembed.models.gapfill import GapFillModel
@@ -355,8 +355,7 @@ def _stage1_bundles(cfg: FusionStageConfig) -> dict[str, Bundle]:
             f"{sorted(cfg.data.extra_sensors)}; fix: give one stage-1 bundle per companion sensor, same keys"
         )
     stage1 = {
-        k: load_bundle(cfg.bundles[k], expect_kind="autoencoder", expect_sensor=k)
-        for k in (*CORE_SENSORS, *cfg.data.extra_sensors)
+        k: stage1_bundle(cfg.bundles[k], k) for k in (*CORE_SENSORS, *cfg.data.extra_sensors)
     }
     anchor = stage1[ANCHOR].cfg.models[ANCHOR]
     for key, b in stage1.items():
@@ -488,7 +487,7 @@ def _save_fusion(
         run_dir / "bundle.pt", kind="fusion", sensor=None, model=model, config=config.to_dict(),
         sensors={k: v for b in stage1.values() for k, v in b.sensors.items()},
         provenance=provenance(
-            [s.site for s in scenes], {f"{k}_bundle_sha256": file_sha256(cfg.bundles[k]) for k in stage1},
+            [s.site for s in scenes], {f"{k}_bundle_sha256": file_sha256(b.path or cfg.bundles[k]) for k, b in stage1.items()},
         ),
         metrics=metrics,
     )
