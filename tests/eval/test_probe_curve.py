@@ -1,5 +1,6 @@
 """The early-season curve (stembed.eval.probe_curve, ``stembed eval probe --by-date``): one row per cut-off, set
-and model; only pixel-dates up to the cut-off counted; the to-date baseline never reads a later S2 value."""
+and model; only pixel-dates up to the cut-off counted; the to-date and date S2 + S1 baselines never read a later
+value, the window baseline reads later ones exactly when the store's window is not trailing."""
 
 from __future__ import annotations
 
@@ -41,6 +42,23 @@ def _open(inputs: dict[str, Path]) -> tuple[xr.Dataset, xr.DataArray, xr.Dataset
     return open_embeddings(inputs["emb"]), scene.s2.load(), scene.labels.load()
 
 
+def _s1(inputs: dict[str, Path]) -> xr.DataArray:
+    scene = open_scene(inputs["cube"], check_values=False)
+    assert scene.s1 is not None
+    return scene.s1.load()
+
+
+def _days(da: xr.DataArray) -> pd.DatetimeIndex:
+    return pd.DatetimeIndex(da.time.values).floor("D")
+
+
+def _redraw(da: xr.DataArray, where: np.ndarray, seed: int) -> xr.DataArray:
+    """``da`` with every value on the dates ``where`` redrawn at random."""
+    out = da.copy(data=da.values.copy())
+    out.values[where] = np.random.default_rng(seed).uniform(0, 1, size=out.values[where].shape)
+    return out
+
+
 def test_cutoffs_step_from_the_first_date_and_end_on_the_last():
     times = pd.to_datetime(["2020-01-03T10:30", "2020-01-20T00:00", "2020-02-10T11:00"]).values
     assert [str(c) for c in cutoffs(times, 15)] == ["2020-01-18", "2020-02-02", "2020-02-10"]
@@ -49,13 +67,14 @@ def test_cutoffs_step_from_the_first_date_and_end_on_the_last():
         cutoffs(times, 0)
 
 
-def test_one_row_per_cutoff_set_and_model_and_only_the_embedding_sees_the_future(inputs):
+def test_one_row_per_cutoff_set_and_model_and_only_the_window_sets_see_the_future(inputs):
     emb, s2, labels = _open(inputs)
-    res = probe_by_date(emb, s2, labels, label="land_cover", step_days=15, max_samples=300, **FAST)
+    res = probe_by_date(emb, s2, labels, label="land_cover", s1=_s1(inputs), step_days=15, max_samples=300, **FAST)
     t = res.table
     assert tuple(t.columns) == CURVE_COLUMNS
     cuts = pd.to_datetime(t["cutoff"].drop_duplicates()).reset_index(drop=True)
-    sets = ["embedding3", "to_date_pca3", "date_s2"]
+    sets = ["embedding3", "date_s2s1_pca3", "window_pca3", "to_date_pca3", "date_s2"]
+    assert list(dict.fromkeys(t.feature_set)) == [*sets, "none"]  # CURVE_SETS order, the chance level last
     assert len(t) == len(cuts) * (len(sets) * len(probe.MODELS) + 1)
     assert set(zip(t.feature_set, t.model, strict=True)) == {(s, m) for s in sets for m in probe.MODELS} | {
         probe.BASELINE}  # the chance level at every cut-off
@@ -64,11 +83,16 @@ def test_one_row_per_cutoff_set_and_model_and_only_the_embedding_sees_the_future
     assert cuts[0] == first + pd.Timedelta(days=15) and cuts.iloc[-1] == last
     assert (steps.iloc[:-1] == 15).all() and 0 < steps.iloc[-1] <= 15
     sees = t.groupby("feature_set")["sees_future"].agg(set).to_dict()
-    assert sees == {"embedding3": {True}, "to_date_pca3": {False}, "date_s2": {False}, "none": {False}}
+    assert sees == {"embedding3": {True}, "window_pca3": {True}, "date_s2s1_pca3": {False}, "to_date_pca3": {False},
+                    "date_s2": {False}, "none": {False}}  # no window attribute: the paper's 11 dates around the date
     assert t["skipped_reason"].isna().all() and t["macro_f1_mean"].between(0, 1).all()
     emb.attrs["window"] = {"dates": 16, "span_days": 180.0}  # a centred window reads later dates
-    centred = probe_by_date(emb, s2, labels, label="land_cover", step_days=60, max_samples=100, **FAST).table
-    assert centred.loc[centred.feature_set == "embedding3", "sees_future"].all()
+    centred = probe_by_date(emb, s2, labels, label="land_cover", step_days=60, max_samples=100, **FAST)
+    sees = centred.table.groupby("feature_set")["sees_future"].agg(set).to_dict()
+    assert {name for name, v in sees.items() if v == {True}} == {"embedding3", "window_pca3"}
+    assert "date_s2s1_pca3" not in sees  # no S1 cube: left out, and said so
+    assert centred.meta["skipped"] == {"date_s2s1_pca<k>": "no S1 cube given (s1=None)"}
+    assert "Not built: `date_s2s1_pca<k>` (no S1 cube given (s1=None))." in centred.markdown()
     emb.attrs["window"] = {"dates": 16, "span_days": 180.0, "side": "trailing"}
     trailing = probe_by_date(emb, s2, labels, label="land_cover", step_days=60, max_samples=100, **FAST).table
     assert not trailing["sees_future"].any()
@@ -103,6 +127,59 @@ def test_to_date_features_ignore_every_s2_value_after_the_cutoff_but_not_one_bef
     earlier.values[t2, 0, row.iy, row.ix] += 0.25
     moved = probe_curve_features(emb, earlier, labels, label="land_cover", cutoff=cut, features=[3])
     assert not np.array_equal(ref.sets["to_date_pca3"].x, moved.sets["to_date_pca3"].x)
+
+
+def test_a_trailing_window_baseline_ignores_every_value_after_the_cutoff_a_centred_one_does_not(inputs):
+    emb, s2, labels = _open(inputs)
+    s1 = _s1(inputs)
+    cut = str(cutoffs(emb.time.values, 10)[0])
+    after2, after1 = _days(s2) > pd.Timestamp(cut), _days(s1) > pd.Timestamp(cut)
+    assert after2.any() and not after2.all() and after1.any() and not after1.all()
+    gap = np.abs(s2.time.values[~after2][:, None] - s1.time.values[None, :])  # (S2 dates to the cut, S1 dates)
+    assert after1[gap.argmin(axis=1)].any()  # a date to the cut whose nearest S1 date lies after it
+    later = (_redraw(s2, after2, 1), _redraw(s1, after1, 2))
+    first_date = np.asarray(_days(s2) == _days(s2)[0])
+    earlier = (_redraw(s2, first_date, 3), _redraw(s1, ~after1, 4))  # the first S2 date, the S1 up to the cut
+
+    def build(window: dict[str, Any], s2_: xr.DataArray, s1_: xr.DataArray) -> probe.ProbeFeatures:
+        emb.attrs["window"] = window
+        got = probe_curve_features(emb, s2_, labels, label="land_cover", cutoff=cut, s1=s1_, features=[3])
+        assert list(got.sets) == ["embedding3", "date_s2s1_pca3", "window_pca3", "to_date_pca3", "date_s2"]
+        assert not got.skipped
+        return got
+
+    trailing = {"dates": 4, "span_days": 40.0, "side": "trailing"}
+    ref = build(trailing, s2, s1)
+    other = build(trailing, *later)
+    pd.testing.assert_frame_equal(ref.samples, other.samples)
+    for name, fs in ref.sets.items():
+        np.testing.assert_array_equal(fs.x, other.sets[name].x, err_msg=name)  # nothing after the cut-off is read
+    # what it reads before the date counts: the rows dated after the first date move with that date's values
+    moved = build(trailing, *earlier)
+    later_rows = ~first_date[ref.samples["it"].to_numpy()]  # the store's dates are the S2 cube's
+    assert (moved.sets["window_pca3"].x[later_rows] != ref.sets["window_pca3"].x[later_rows]).any()
+    assert not np.array_equal(moved.sets["date_s2s1_pca3"].x, ref.sets["date_s2s1_pca3"].x)
+
+    centred = {"dates": 4, "span_days": 40.0}
+    ref, other = build(centred, s2, s1), build(centred, *later)
+    assert not np.array_equal(ref.sets["window_pca3"].x, other.sets["window_pca3"].x)  # reads after the cut-off
+    for name in ("date_s2s1_pca3", "to_date_pca3", "date_s2"):  # the date's and the to-date sets still do not
+        np.testing.assert_array_equal(ref.sets[name].x, other.sets[name].x, err_msg=name)
+
+
+def test_a_set_not_built_at_a_cutoff_is_a_skipped_row_of_that_set_only(inputs):
+    emb, s2, labels = _open(inputs)
+    s1 = _s1(inputs)
+    late = s1.assign_coords(time=s1.time.values + np.timedelta64(50, "D"))  # the first S1 date after the first cut
+    res = probe_by_date(emb, s2, labels, label="land_cover", s1=late, step_days=40, max_samples=100, **FAST)
+    t = res.table
+    first = t["cutoff"].iloc[0]
+    assert pd.Timestamp(first) < pd.Timestamp(late.time.values[0]) <= pd.Timestamp(t["cutoff"].iloc[-1])
+    skipped = t[t["skipped_reason"].notna()]
+    assert set(skipped.cutoff) == {first} and set(skipped.feature_set) == {"date_s2s1_pca3"}
+    assert (skipped.skipped_reason == "no S1 date on or before the cut-off").all()
+    assert skipped.macro_f1_mean.isna().all() and t.loc[t.skipped_reason.isna(), "macro_f1_mean"].notna().all()
+    assert f"- {first}, date_s2s1_pca3: no S1 date on or before the cut-off" in res.markdown()
 
 
 def _probe_args(inputs: dict[str, Path], out: Path) -> list[str]:

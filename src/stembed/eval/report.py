@@ -136,21 +136,22 @@ def _embedding_sections(inputs: ReportInputs, out: Path) -> list[str]:
         res.save(out)
         page += [f"## Probe: {label}", "", res.markdown(), ""]
         if inputs.curve_step_days is not None:
-            page += _curve_section(inputs, ds, scene.s2, scene.labels, label, out)
+            page += _curve_section(inputs, ds, scene.s2, scene.s1, scene.labels, label, out)
     if inputs.flux is not None:
         page += _gpp_section(inputs, ds, scene.s2, out)
     return page
 
 
 def _curve_section(
-    inputs: ReportInputs, ds: xr.Dataset, s2: xr.DataArray, labels: xr.Dataset, label: str, out: Path
+    inputs: ReportInputs, ds: xr.Dataset, s2: xr.DataArray, s1: xr.DataArray | None, labels: xr.Dataset, label: str,
+    out: Path,
 ) -> list[str]:
     """The label's early-season curve (:func:`~stembed.eval.probe_curve.probe_by_date`), same samples and seed as
     its probe; its files beside the probe's, its plot linked from the page."""
     from stembed.eval.probe_curve import probe_by_date
 
     assert inputs.curve_step_days is not None  # checked by the caller
-    res = probe_by_date(ds, s2, labels, label=label, step_days=inputs.curve_step_days,
+    res = probe_by_date(ds, s2, labels, s1=s1, label=label, step_days=inputs.curve_step_days,
                         nodata=NODATA.get(label, 0), max_samples=inputs.probe_samples, seed=inputs.seed)
     res.save(out)
     return [f"## Early-season curve: {label}", "", res.markdown(), ""]
