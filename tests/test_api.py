@@ -66,7 +66,7 @@ def test_version_and_the_public_names() -> None:
     from importlib.metadata import version
 
     assert stembed.__version__ == version("stembed")
-    assert set(stembed.__all__) == {"__version__", "embed", "embed_store", "load_bundle", "open_embeddings",
+    assert set(stembed.__all__) == {"__version__", "embed", "embed_store", "extend_store", "load_bundle", "open_embeddings",
                                     "open_run", "open_scene", "save_scene"}
     for name in stembed.__all__:
         assert getattr(stembed, name) is not None

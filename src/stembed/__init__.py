@@ -17,7 +17,16 @@ from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
 if _TYPE_CHECKING:  # the real signatures, for type checkers and editors
-    from stembed.api import embed, embed_store, load_bundle, open_embeddings, open_run, open_scene, save_scene
+    from stembed.api import (
+        embed,
+        embed_store,
+        extend_store,
+        load_bundle,
+        open_embeddings,
+        open_run,
+        open_scene,
+        save_scene,
+    )
 
 try:
     __version__ = _version("stembed")
@@ -28,6 +37,7 @@ __all__ = [
     "__version__",
     "embed",
     "embed_store",
+    "extend_store",
     "load_bundle",
     "open_embeddings",
     "open_run",

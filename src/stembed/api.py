@@ -22,8 +22,9 @@ from stembed.errors import UserError
 if TYPE_CHECKING:
     import xarray as xr
 
-    from stembed.config import EmbedConfig
+    from stembed.config import CubeConfig, EmbedConfig
     from stembed.contract import Scene
+    from stembed.cube_build.extend import ExtendResult
     from stembed.inference.plan import EmbedPlan
     from stembed.inference.run import EmbedResult
     from stembed.models.bundle import Bundle
@@ -64,6 +65,31 @@ def save_scene(scene: Scene | xr.Dataset, path: str | Path, *, overwrite: bool =
     from stembed.io.cube import save_scene as _save
 
     return _save(as_scene(scene), path, overwrite=overwrite)
+
+
+def extend_store(
+    store: str | Path, end: str, *, config: CubeConfig | None = None, progress: bool = True
+) -> ExtendResult:
+    """Grow a scene store built by ``stembed cube`` (what ``stembed cube --extend STORE --end END`` runs): append the
+    dates after its last one up to ``end``, with the settings it records; dates it holds are never rewritten.
+
+    Args:
+        store: the scene store (zarr) to grow, in place.
+        end: the new last day, ``YYYY-MM-DD``, after the store's end.
+        config: settings you give (only the fields set count); each must equal the store's, except ``retries`` and
+            ``piece_months``, which this run uses.
+
+    Returns:
+        What was done: ``result.s2_dates_added``, ``result.s1_dates_added``, ``result.end``, ``result.notes``.
+
+    Raises:
+        CubeBuildError: ``end`` not after the store's end, a setting differing from the store's, a store without
+            ``stembed cube``'s provenance, or a failed fetch (rerun to resume).
+        OutputError: another run holds the store.
+    """
+    from stembed.cube_build.extend import extend_store as _extend
+
+    return _extend(store, end, config=config, progress=progress)
 
 
 def load_bundle(spec: str | Path) -> Bundle:

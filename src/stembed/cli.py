@@ -445,6 +445,12 @@ CubeOverwriteOpt = Annotated[
     bool, typer.Option("--overwrite", metavar="", help="Replace --out (and discard a different staged build).")
 ]
 _RESUME_SITES = "finished sites and pieces are kept: rerun the same command to build the rest"
+CubeExtendOpt = Annotated[Path | None, typer.Option(
+    "--extend", metavar="STORE", help="Grow this scene store: append the dates after its last one up to --end with "
+    "the settings it records (settings given must equal them, --retries and --piece-months aside; area, --start and "
+    "output options are refused). Dates it holds are never rewritten; resumable, and a killed run is finished by "
+    "rerunning it.")]
+_RESUME_EXTEND = "rerun the same command to finish the extension (a store left mid-extension is refused until then)"
 
 
 @app.command()
@@ -457,12 +463,14 @@ def cube(
     scl_classes: SCLClassesOpt = None, no_brdf: NoBRDFOpt = False, min_valid_fraction: MinValidOpt = None,
     min_dates: MinDatesOpt = None, s1_orbit: S1OrbitOpt = None, s1_max_gap_days: S1GapOpt = None,
     piece_months: PieceMonthsOpt = None, retries: RetriesOpt = None, overwrite: CubeOverwriteOpt = False,
-    quiet: QuietOpt = False,
+    quiet: QuietOpt = False, extend: CubeExtendOpt = None,
 ) -> None:
     """Build an S2 L2A + S1 RTC scene store from a STAC API (cloud mask, BRDF, S1 smoothing); resumable.
 
     With --sites, one store per row of a CSV table, in parallel on dask; a failed site is reported at the
     end (and in OUT_DIR/sites_report.csv, exit status 1) without stopping the others.
+
+    With --extend STORE --end NEW_DATE, the store grows by its new dates (append-only), with the settings it records.
 
     The settings every store shares (catalog to retries) are a CubeConfig: the options given win over --set,
     --set over --config, --config over the defaults.
@@ -477,6 +485,11 @@ def cube(
     def settings() -> Any:
         return cube_settings(config, {**given, "scl_classes": _scl_classes(scl_classes)}, set_ or [])
 
+    if extend is not None:
+        _cube_extend(extend, end, settings, quiet, (("--out", out), ("--start", start), ("--sites", sites),
+                     ("--out-dir", out_dir), ("--workers", workers), ("--scheduler", scheduler), ("--bbox", bbox),
+                     ("--point", point), ("--size-m", size_m), ("--site", site), ("--overwrite", overwrite or None)))
+        return
     if sites is not None:
         _refuse_given((("--out", out), ("--bbox", bbox), ("--point", point), ("--size-m", size_m), ("--site", site)),
                       "--sites takes each site's area and id from its table, so {} cannot go with it; fix: drop "
@@ -501,6 +514,23 @@ def cube(
         f"scene store: {res.path} ({res.s2_dates} S2 dates, {res.s1_dates} S1 dates ({res.s1_orbit}), "
         f"{res.s2_dates_with_s1} S2 dates with S1 within {res.s1_max_gap_days:g} days)"
     )
+
+
+def _cube_extend(
+    store: Path, end: str | None, settings: Callable[[], Any], quiet: bool, refused: tuple[tuple[str, Any], ...]
+) -> None:
+    """``cube --extend STORE --end NEW_DATE``: the area, period start and output come from the store."""
+    from stembed.cube_build import extend_store
+
+    _refuse_given(refused, "--extend takes the area, site, start and output from the store, so {} cannot go with "
+                  "it; fix: drop them (settings options may stay if they equal the store's)")
+    if end is None:
+        raise _fail("--extend needs --end NEW_DATE, the new last day (after the store's end); fix: add it")
+    res = _run(lambda: extend_store(store, end, config=settings(), progress=not quiet, echo=typer.echo),
+               resume=_RESUME_EXTEND)
+    for note in res.notes:
+        typer.echo(f"note: {note}")
+    typer.echo(res.summary())
 
 
 def _refuse_given(options: tuple[tuple[str, Any], ...], message: str) -> None:
@@ -781,7 +811,8 @@ def eval_probe(
     by_date: Annotated[
         bool,
         typer.Option("--by-date", metavar="", help="Early-season curve instead: the probe on the pixel-dates up to "
-                     "each cut-off (embedding, date_s2, to_date_pca baselines), probe_<label>_by_date.csv/.png/.md."),
+                     "each cut-off (embedding beside date_s2s1_pca, window_pca, to_date_pca, date_s2), "
+                     "probe_<label>_by_date.csv/.png/.md."),
     ] = False,
     step_days: StepDaysOpt = None,
 ) -> None:
@@ -804,7 +835,8 @@ def eval_probe(
                                   "block_px": block_px, "n_folds": folds, "max_samples": samples, "seed": seed,
                                   "n_jobs": jobs}
         if step is not None:
-            return probe_by_date(open_embeddings(embeddings), scene.s2, scene.labels, step_days=step, **common)
+            return probe_by_date(open_embeddings(embeddings), scene.s2, scene.labels, s1=scene.s1, step_days=step,
+                                 **common)
         return probe_table(open_embeddings(embeddings), scene.s2, scene.labels, s1=scene.s1, **common)
 
     res = _run(go)

@@ -9,6 +9,9 @@ The build orchestration, in its own rank above ``io`` and ``preprocess``:
   pieces, assembly (the steps are described there); :func:`build_area` (``stembed cube --out``);
 * :mod:`~stembed.cube_build.pieces`: one piece of the period per sensor, loaded (:mod:`stembed.io.stac_load`),
   made into reflectance / backscatter (:mod:`stembed.preprocess`) and staged;
+* :mod:`~stembed.cube_build.extend`: :func:`extend_store` (``stembed cube --extend``), a store that grows: the
+  dates after its last one appended with its own settings, in place under a journal
+  (:mod:`~stembed.cube_build.append`), so a kill leaves the old store or one the same command finishes;
 * :mod:`~stembed.cube_build.sites`: :func:`build_cubes`, many sites as dask tasks; :func:`build_sites_table`
   (``stembed cube --sites``).
 
@@ -17,6 +20,7 @@ The loading lives in :mod:`stembed.io.stac_load`, the S2 radiometry (BOA offset,
 """
 
 from stembed.cube_build.build import build_area, build_cube, staging_dir
+from stembed.cube_build.extend import ExtendResult, extend_staging_dir, extend_store
 from stembed.cube_build.request import (
     MIN_DATES_DEFAULT,
     BuildResult,
@@ -32,6 +36,7 @@ __all__ = [
     "BuildResult",
     "CubeBuildError",
     "CubeRequest",
+    "ExtendResult",
     "SitesRun",
     "build_area",
     "build_cube",
@@ -39,6 +44,8 @@ __all__ = [
     "build_site",
     "build_sites_table",
     "cube_settings",
+    "extend_staging_dir",
+    "extend_store",
     "shared_settings",
     "staging_dir",
 ]

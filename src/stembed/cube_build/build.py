@@ -140,7 +140,7 @@ def _build_owned(
         for piece in pieces:
             for sensor, collection in (("s2", request.s2_collection), ("s1", request.s1_collection)):
                 bar.set_postfix_str(f"search {sensor} {piece.name}")
-                items[piece.name, sensor] = _staged_search(stage, piece, sensor, collection, request)
+                items[piece.name, sensor] = staged_search(stage, piece, sensor, collection, request)
                 bar.update()
         orbit = _check_search(request, pieces, items, notes, say)
 
@@ -164,7 +164,7 @@ def _build_owned(
         save_scene(scene, out, overwrite=overwrite)
         bar.update()
     except BaseException:
-        _drop_empty_staging(stage)
+        drop_empty_staging(stage)
         raise
     finally:
         bar.close()
@@ -176,7 +176,7 @@ def _build_owned(
     )
 
 
-def _drop_empty_staging(stage: Path) -> None:
+def drop_empty_staging(stage: Path) -> None:
     """Remove a staging folder that holds no searched item list and no piece (nothing to resume)."""
     if not stage.is_dir() or not (stage / "request.json").is_file():
         return
@@ -217,9 +217,11 @@ def _open_staging(out: Path, request: CubeRequest, *, overwrite: bool) -> Path:
     return stage
 
 
-def _staged_search(
+def staged_search(
     stage: Path, piece: Piece, sensor: str, collection: str, request: CubeRequest
 ) -> list[Any]:
+    """The items of ``collection`` for one piece: searched once, then read back from the staged JSON (a resume
+    uses the very same items)."""
     import pystac
 
     path = stage / "search" / f"{piece.name}_{sensor}.json"
@@ -322,10 +324,7 @@ def _assemble(
 def _s2_dates_with_s1(s2: xr.DataArray, s1: xr.DataArray, request: CubeRequest, notes: list[str]) -> int:
     """How many S2 dates have an S1 date within ``s1_max_gap_days`` (none is an error; fewer than all, a note)."""
     n_s2 = s2.sizes[TIME]
-    t1 = pd.DatetimeIndex(s1[TIME].values).asi8
-    t2 = pd.DatetimeIndex(s2[TIME].values).asi8
-    gaps = np.min(np.abs(t2[:, None] - t1[None, :]), axis=1) / 86_400e9
-    with_s1 = int((gaps <= request.s1_max_gap_days).sum())
+    with_s1 = int(s2_dates_near_s1(s2[TIME].values, s1[TIME].values, request.s1_max_gap_days).sum())
     if with_s1 == 0:
         raise CubeBuildError(
             f"no S1 coverage: none of the {n_s2} S2 dates has an S1 date within {request.s1_max_gap_days:g} days; "
@@ -336,6 +335,16 @@ def _s2_dates_with_s1(s2: xr.DataArray, s1: xr.DataArray, request: CubeRequest, 
             f"{n_s2 - with_s1} of {n_s2} S2 dates have no S1 date within {request.s1_max_gap_days:g} days"
         )
     return with_s1
+
+
+def s2_dates_near_s1(s2_times: Any, s1_times: Any, max_gap_days: float) -> np.ndarray:
+    """Per S2 date, whether an S1 date lies within ``max_gap_days`` (bool, one per S2 date; all False without S1)."""
+    t2 = pd.DatetimeIndex(s2_times).asi8
+    t1 = pd.DatetimeIndex(s1_times).asi8
+    if not len(t1):
+        return np.zeros(len(t2), bool)
+    gaps = np.min(np.abs(t2[:, None] - t1[None, :]), axis=1) / 86_400e9
+    return np.asarray(gaps <= max_gap_days)
 
 
 def _provenance(
@@ -352,12 +361,13 @@ def _provenance(
         "period": [request.start, request.end],
         "pieces": [p.name for p in pieces],
         "notes": notes,
-        "versions": _versions(),
+        "versions": tool_versions(),
         # with the entries below, every CubeConfig setting is recorded ("s1_orbit" as asked; "orbit_direction": used)
         "min_dates": request.min_dates,
         "s1_orbit": request.s1_orbit,
         "piece_months": request.piece_months,
         "retries": request.retry.retries,
+        "resampling": request.resampling,  # of the 20 m bands (and S1) onto the grid
     }
     s2_prov = common | {
         "collection": request.s2_collection,
@@ -391,7 +401,8 @@ def _provenance(
     return s2_prov, s1_prov
 
 
-def _versions() -> dict[str, str]:
+def tool_versions() -> dict[str, str]:
+    """The versions of stembed and the libraries that decide a cube's values, for the provenance."""
     out = {}
     for name in (
         "stembed",

@@ -205,6 +205,9 @@ def open_cube(path: str | Path) -> xr.DataArray:
 
 _SCENE_MARKER = "stembed_scene_format"
 _SCENE_FORMAT = 1
+EXTENDING_ATTR = "stembed_extending"
+"""Root attribute of a scene store that ``stembed cube --extend`` is appending dates to (set before the first write,
+removed by the last): :func:`open_scene` refuses such a store (:mod:`stembed.cube_build.append`)."""
 
 
 def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -238,6 +241,16 @@ def save_scene(scene: Scene, path: str | Path, *, overwrite: bool = False) -> Pa
     return write_atomically(path, write, overwrite=overwrite, owner="scene")
 
 
+def _refuse_mid_extension(path: Path, extending: Any) -> None:
+    """Refuse a scene store that ``stembed cube --extend`` has started to append to (``extending``: its marker)."""
+    if extending is not None:
+        end = extending.get("end") if isinstance(extending, dict) else None
+        raise CubeError(
+            f"{path} is mid-extension to {end} (its new dates are incomplete: the run was interrupted, or is still "
+            f"running); fix: run the same cube --extend command to finish: stembed cube --extend {path} --end {end}"
+        )
+
+
 def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
     """Open a scene store written by :func:`save_scene`, lazily, and validate it (companion sensors included).
 
@@ -247,7 +260,8 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
 
     Raises:
         CubeError: the path is missing or is not a stembed scene store, the scene breaks the contract,
-            or it holds a companion sensor that is not registered.
+            it holds a companion sensor that is not registered, or ``stembed cube --extend`` has not finished
+            appending to it.
     """
     path = Path(path)
     if not path.exists():
@@ -266,6 +280,7 @@ def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
         raise CubeError(
             f"{path} is not a stembed scene store (no '{_SCENE_MARKER}' = {_SCENE_FORMAT} attribute); fix: {hint}"
         )
+    _refuse_mid_extension(path, root.attrs.get(EXTENDING_ATTR))
     legacy: list[str] = []
     core = {k: _read_cube(path, k, legacy) for k in SCENE_SENSORS}
     labels = None
