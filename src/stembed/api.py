@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from stembed.models.bundle import Bundle
     from stembed.training.run_folder import Run
 
-_STORE_ONLY = ("resume", "overwrite", "scheduler")
+_STORE_ONLY = ("resume", "overwrite", "scheduler", "extend")
 
 
 def open_scene(path: str | Path, *, check_values: bool = True) -> Scene:
@@ -155,6 +155,7 @@ def embed(
     overwrite: bool = False,
     scheduler: str | None = None,
     progress: bool = False,
+    extend: bool = False,
     **settings: Any,
 ) -> xr.Dataset:
     """Embed every pixel and valid S2 date of a scene with a fusion (or gap-fill) bundle.
@@ -170,6 +171,7 @@ def embed(
         overwrite: replace a store stembed wrote (``--overwrite``; with ``out``).
         scheduler: the address of a running dask scheduler (``--scheduler``; with ``out``).
         progress: show a progress bar.
+        extend: grow the store ``out`` with the dates the scene store gained (``--extend``; with ``out``).
         **settings: ``EmbedConfig`` fields, as ``stembed embed --set KEY=VALUE`` (``tile_px=32``,
             ``batch_size=64``, ``daily=True``, ``features=3``, ``workers=2``, ...); they win over ``config``.
 
@@ -193,9 +195,9 @@ def embed(
                 "embed in memory"
             )
         res = embed_store(scene, bundle_path, out, config=config, resume=resume, overwrite=overwrite,
-                          scheduler=scheduler, progress=progress, **settings)
+                          scheduler=scheduler, progress=progress, extend=extend, **settings)
         return open_embeddings(res.out)
-    given = [name for name, value in zip(_STORE_ONLY, (resume, overwrite, scheduler), strict=True)
+    given = [name for name, value in zip(_STORE_ONLY, (resume, overwrite, scheduler, extend), strict=True)
              if value not in (False, None)]
     if given:
         raise UserError(f"{', '.join(given)} are about an embedding store; fix: pass out=PATH, or drop them")
@@ -224,12 +226,14 @@ def embed_store(
     overwrite: bool = False,
     scheduler: str | None = None,
     progress: bool = True,
+    extend: bool = False,
     **settings: Any,
 ) -> EmbedResult:
     """Embed the scene store ``cube`` into the embedding store ``out``, tile by tile on dask: ``stembed embed``.
 
     ``overrides`` are ``KEY=VALUE`` strings (``--set``), ``settings`` ``EmbedConfig`` fields; ``settings`` win.
-    Every check runs before anything is written; see :func:`stembed.inference.run.embed_cube`.
+    Every check runs before anything is written; see :func:`stembed.inference.run.embed_cube`. ``extend``: grow
+    the store with the dates ``cube`` gained (``stembed embed --extend``; ``result.dates_added``).
 
     Returns:
         What the run did: tiles written and skipped, the storage error, seconds, notes for the user.
@@ -244,7 +248,7 @@ def embed_store(
         raise ConfigError("--workers starts a local cluster and --scheduler uses a running one; pass one")
     cfg = embed_settings(config, settings, overrides)
     return embed_cube(cube, _bundle_path(bundle), out, cfg, resume=resume, overwrite=overwrite,
-                      scheduler=scheduler, progress=progress)
+                      scheduler=scheduler, progress=progress, extend=extend)
 
 
 def embed_settings(

@@ -105,6 +105,7 @@ def _fail(message: str) -> typer.Exit:
 
 _RESUME_TRAIN = "rerun with --resume RUN_DIR/checkpoints/last.ckpt to continue"
 _RESUME_EMBED = "tiles written so far are kept: rerun with --resume to finish the store"
+_RESUME_EMBED_EXTEND = "tiles written so far are kept: rerun the same command to finish the extension"
 _RESUME_CUBE = "finished pieces are kept: rerun the same command to resume"
 
 
@@ -348,6 +349,9 @@ def embed(
     quiet: QuietOpt = False,
     daily: DailyOpt = False,
     features: EmbedFeaturesOpt = None,
+    extend: Annotated[bool, typer.Option(
+        "--extend", metavar="", help="Grow the complete store OUT with the dates CUBE gained (`stembed cube --extend`); "
+        "only old pixel-dates whose inputs changed are recomputed. Rerun it to finish an interrupted one.")] = False,
 ) -> None:
     """Embed every pixel and valid S2 date of a scene store, tile by tile on dask, into a zarr store."""
     from stembed.api import embed_store
@@ -359,13 +363,16 @@ def embed(
                  "features": features}
         return embed_store(
             cube, bundle, out, config=config, overrides=set_ or [], resume=resume, overwrite=overwrite,
-            scheduler=scheduler, progress=not quiet, **{k: v for k, v in given.items() if v is not None},
+            scheduler=scheduler, progress=not quiet, extend=extend, **{k: v for k, v in given.items() if v is not None},
         )
 
     tune_allocator()
-    res = _run(go, resume=_RESUME_EMBED)
+    res = _run(go, resume=_RESUME_EMBED_EXTEND if extend else _RESUME_EMBED)
     for note in res.notes:
         typer.secho(f"note: {note}", fg=typer.colors.YELLOW, err=True)
+    if res.dates_added is not None:
+        _echo_extension(res, cube)
+        return
     if res.tiles_written == 0:
         typer.echo(f"{res.out} is complete ({res.tiles_skipped} tiles); nothing to write")
         return
@@ -373,6 +380,17 @@ def embed(
     typer.echo(
         f"embeddings: {res.out} ({res.tiles_written} tiles written, {res.tiles_skipped} already done, "
         f"{res.seconds:.1f} s; {err['dtype']} storage, max abs error {max(err['max_abs']):.3g})"
+    )
+
+
+def _echo_extension(res: Any, cube: Path) -> None:
+    """What ``stembed embed --extend`` did, in one line."""
+    if res.dates_added == 0:
+        typer.echo(f"{res.out}: {cube} has no date after the store's last; nothing written (0 dates added)")
+        return
+    typer.echo(
+        f"embeddings: {res.out} extended by {res.dates_added} dates ({res.pixel_dates_recomputed} old pixel-dates "
+        f"recomputed, {res.tiles_written} tiles written, {res.tiles_skipped} already done, {res.seconds:.1f} s)"
     )
 
 

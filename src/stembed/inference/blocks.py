@@ -81,15 +81,20 @@ def embed_tile(
     daily: DailyJob | None,
     features: int | None = None,
     progress: Callable[[int], None] | None = None,
+    targets: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """A block's embeddings ``(time, feature, h, w)`` on the S2 dates, or with ``daily`` on every day
     from ``first_day`` to ``last_day`` together with their flags ``(day, h, w)``; ``features``: only the first
     that many (a nested prefix).
 
-    ``progress`` is called with the number of pixel-dates of each batch of the per-date pass."""
+    ``progress`` is called with the number of pixel-dates of each batch of the per-date pass. ``targets``
+    ``(time, h, w)``: embed only these pixel-dates (the others NaN; ``stembed embed --extend``), without ``daily``.
+    """
+    if targets is not None and daily is not None:  # pragma: no cover - the extension refuses daily stores first
+        raise ValueError("targets are for the per-date pass; a daily fill reads every date")
     fusion = model.fusion if isinstance(model, GapFillModel) else model
     kw: dict[str, Any] = {"batch_size": batch_size, "device": device, "precision": precision}
-    values = embed_any(fusion, block, progress=progress, **kw)[:, :features]
+    values = embed_any(fusion, block, progress=progress, targets=targets, **kw)[:, :features]
     if daily is None:
         return values, None
     observed = np.isfinite(values).all(axis=1)  # (time, h, w)

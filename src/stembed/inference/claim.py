@@ -55,13 +55,18 @@ def claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
         return True, {}
     if not (resume or overwrite):
         raise FileExistsError(
-            f"{out} already exists; fix: pass --resume to finish or check it, --overwrite to replace it, "
-            "or choose another --out"
+            f"{out} already exists; fix: pass --resume to finish or check it, --extend to add the dates a grown "
+            "cube gained, --overwrite to replace it, or choose another --out"
         )
     attrs = store.read_attrs(out)  # refuses foreign or corrupt stores, so --overwrite never deletes them
     if not resume:
         return True, attrs
-    _check_fingerprint(out, attrs.get("fingerprint", {}), plan.fingerprint)
+    if attrs.get(store.EXTENDING_ATTR) is not None:
+        raise store.EmbeddingStoreError(
+            f"{out} is mid-extension, which --resume does not continue; fix: rerun the same `stembed embed "
+            "--extend` command (with the grown cube) to finish it"
+        )
+    check_fingerprint(out, attrs.get("fingerprint", {}), plan.fingerprint)
     try:
         done = store.tiles_done(out)
     except (KeyError, OSError, ValueError) as e:
@@ -73,7 +78,7 @@ def claim_output(plan: EmbedPlan, out: Path, *, resume: bool, overwrite: bool,
 
 _RESUME_HINTS = {
     "bundle_sha256": "the same bundle file",
-    "cube_fingerprint": "the same --cube store",
+    "cube_fingerprint": "the same --cube store (one grown by `stembed cube --extend`: pass --extend instead of --resume)",
     "format": "the stembed version that wrote it",
     "threads_per_worker": "the same --workers on the same machine, or --set threads_per_worker=N",
     "calibration": "--set calibration_samples=, calibration_margin= and seed= as stored",
@@ -82,19 +87,38 @@ _RESUME_HINTS = {
 }
 
 
-def _check_fingerprint(out: Path, stored: dict[str, Any], wanted: dict[str, Any]) -> None:
-    """Refuse a --resume whose settings differ from the store's, naming each setting that differs and how to
-    get back to it."""
-    differ = [k for k in wanted if stored.get(k) != wanted[k]]
+def check_fingerprint(
+    out: Path, stored: dict[str, Any], wanted: dict[str, Any], *, option: str = "--resume",
+    action: str = "continue", skip: tuple[str, ...] = (),
+) -> None:
+    """Refuse a ``--resume`` (or ``--extend``: ``option``, ``action``) whose settings differ from the store's, naming
+    each setting that differs and how to get back to it; the keys ``skip`` are not compared."""
+    differ = [k for k in wanted if k not in skip and stored.get(k) != wanted[k]]
     if differ:
         diffs = [f"{k}: stored {stored.get(k)!r}, now {wanted[k]!r}" for k in differ]
         hints = [f"{k}: {_RESUME_HINTS.get(k, f'--set {k}=<stored value>')}" for k in differ]
         raise store.EmbeddingStoreError(
-            f"{out} was written by a different run, so --resume cannot continue it ("
+            f"{out} was written by a different run, so {option} cannot {action} it ("
             + "; ".join(diffs)
             + "); fix: rerun with the settings it was made with (" + "; ".join(hints) + "), or pass --overwrite "
             "to replace it"
         )
+
+
+def claim_existing(out: Path, owned: contextlib.ExitStack) -> dict[str, Any]:
+    """Own the existing store ``out`` (its lock, held by ``owned``) and return its attributes (``--extend``).
+
+    Raises:
+        EmbeddingStoreError: nothing is at ``out``, or it is not a stembed embedding store.
+        OutputError: another live run holds ``out``.
+    """
+    if not out.is_dir():
+        raise store.EmbeddingStoreError(
+            f"no embedding store at {out}; --extend grows one: fix: write it first with `stembed embed` (no --extend)"
+        )
+    owned.enter_context(lock_output(out, command="embed"))
+    remove_leftovers(out)
+    return store.read_attrs(out)
 
 
 def create_store(plan: EmbedPlan, out: Path, sink: EmbeddingSink, quant: store.Quantisation) -> None:
@@ -139,6 +163,9 @@ def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
         # sizes that are complete embeddings of their own (the probe's baselines and `stembed info` read both)
         "window": None if model.cfg.window is None else dump_config(model.cfg.window),
         "nested": [n for n in model.prefixes if n <= n_features(model, plan.cfg)],
+        # each matched sensor's dates in the cube (how many, the last): `stembed embed --extend` finds in a grown
+        # cube which of them are new, so which S2 dates' matched inputs changed
+        "sensor_dates": sensor_dates(plan),
     }
     if daily is not None:
         attrs["daily"] = {
@@ -153,6 +180,15 @@ def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
             "notes": list(plan.notes),
         }
     return attrs
+
+
+def sensor_dates(plan: EmbedPlan) -> dict[str, dict[str, Any]]:
+    """Each sensor matched to the S2 dates (S1, companions): how many dates its cube holds, and the last."""
+    out = {}
+    for key in plan.max_gap_days:
+        times = plan.scene.sensors[key][TIME].values
+        out[key] = {"count": int(times.size), "last": str(times[-1]) if times.size else None}
+    return out
 
 
 def _method(model: FusionBase) -> str:

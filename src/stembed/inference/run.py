@@ -4,7 +4,8 @@ local worker, in this process): :func:`embed_cube`.
 The steps, each in its module: plan the run from the inputs alone (:mod:`~stembed.inference.plan`), claim the
 output (:mod:`~stembed.inference.claim`), check the cube's values, create the store, then run the tiles
 (:mod:`~stembed.inference.workers`; a tile reads and embeds its block with :mod:`~stembed.inference.blocks`,
-and reports to the bar of :mod:`~stembed.inference.progress`). Each tile embeds with
+and reports to the bar of :mod:`~stembed.inference.progress`). ``--extend`` grows a store with the dates its
+cube gained (:mod:`~stembed.inference.extend`). Each tile embeds with
 :func:`stembed.inference.engine.embed_block_dense` for a ``dense`` bundle, else per patch with
 :func:`~stembed.inference.engine.embed_block`.
 """
@@ -26,6 +27,7 @@ from stembed.contract import Scene
 from stembed.inference.blocks import read_block
 from stembed.inference.claim import claim_output, create_store
 from stembed.inference.engine import embed_any, resolve_device
+from stembed.inference.extend import extend_embeddings
 from stembed.inference.plan import check_cube_values, plan_embedding
 from stembed.inference.workers import run_tiles, run_tiles_here
 from stembed.io import embeddings as store
@@ -44,6 +46,8 @@ class EmbedResult:
     storage_error: dict[str, Any]
     seconds: float
     notes: tuple[str, ...] = ()  # what the user should know about the output (e.g. a fill that was off)
+    dates_added: int | None = None  # --extend: the dates appended (None: not an extension)
+    pixel_dates_recomputed: int = 0  # --extend: old pixel-dates written again (their inputs changed)
 
 
 def embed_cube(
@@ -56,18 +60,42 @@ def embed_cube(
     overwrite: bool = False,
     scheduler: str | None = None,
     progress: bool = True,
+    extend: bool = False,
 ) -> EmbedResult:
     """Embed every pixel and valid date of the scene store ``cube`` into the embedding store ``out``.
 
     The run owns ``out`` through the lock file ``OUT.lock`` (:func:`stembed.io.outputs.lock_output`)
     from its first decision about ``out`` until it ends, however it ends. Checks and errors: see
-    :func:`_embed_cube`.
+    :func:`_embed_cube`. ``extend``: grow the complete store ``out`` with the dates ``cube`` gained after its
+    last (``stembed embed --extend``; :func:`stembed.inference.extend.extend_embeddings`).
     """
     with contextlib.ExitStack() as owned:
+        if extend:
+            return _extend(cube, bundle_path, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler,
+                           progress=progress, owned=owned)
         return _embed_cube(
             cube, bundle_path, out, cfg, resume=resume, overwrite=overwrite, scheduler=scheduler,
             progress=progress, owned=owned,
         )
+
+
+def _extend(
+    cube: str | Path, bundle_path: str | Path, out: str | Path, cfg: EmbedConfig, *, resume: bool, overwrite: bool,
+    scheduler: str | None, progress: bool, owned: contextlib.ExitStack,
+) -> EmbedResult:
+    """``embed_cube(..., extend=True)``: refuse ``resume``/``overwrite`` (why, in one line), then extend."""
+    t_start = time.perf_counter()
+    if resume:
+        raise EmbedError(
+            "--extend finishes an interrupted extension itself, and --resume only a first run; fix: drop --resume "
+            "(or drop --extend to finish an interrupted first run)"
+        )
+    if overwrite:
+        raise EmbedError("--extend grows the store in place and --overwrite replaces it; fix: pass one")
+    done = extend_embeddings(cube, bundle_path, out, cfg, scheduler=scheduler, progress=progress, owned=owned)
+    return EmbedResult(Path(out), done.tiles_written, done.tiles_skipped, done.storage_error,
+                       time.perf_counter() - t_start, done.notes, dates_added=done.dates_added,
+                       pixel_dates_recomputed=done.recomputed)
 
 
 def _embed_cube(

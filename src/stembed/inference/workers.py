@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from stembed.contract import CubeError, Scene
+from stembed.data.datasets import SensorArrays
 from stembed.inference.blocks import embed_tile, read_block
 from stembed.inference.engine import resolve_device
 from stembed.inference.plan import DailyJob, EmbedPlan, cube_fingerprint, fusion_of, n_features
@@ -81,9 +82,9 @@ def _worker_model(path: str, sha256: str, device: torch.device) -> FusionBase | 
     return _MODELS[key]
 
 
-def run_tile(job: TileJob, report: Callable[[int], None] | None = None) -> tuple[int, int]:
-    """Embed one tile and write it (region, error stats, done flag). Runs on a dask worker, or in this process
-    (:func:`run_tiles_here`, which passes ``report``: called with each batch's embedded pixel-dates)."""
+def load_tile(job: TileJob) -> tuple[FusionBase | GapFillModel, torch.device, dict[str, SensorArrays]]:
+    """A tile's model (on its device, loaded once per worker), device and block with its halo, for this worker's
+    thread count; the bundle and the cube are checked against their sha256 and fingerprint."""
     tune_allocator()  # dask workers start with an aggressive malloc trim threshold
     if job.threads is not None:
         torch.set_num_threads(job.threads)
@@ -101,7 +102,21 @@ def run_tile(job: TileJob, report: Callable[[int], None] | None = None) -> tuple
         _SCENES[key] = scene
     rows, cols = job.grid.bounds(*job.tile)
     halo = fusion_of(model).anchor.cfg.context_px
-    block = read_block(_SCENES[key], rows, cols, halo, dict(job.max_gap_days))
+    return model, device, read_block(_SCENES[key], rows, cols, halo, dict(job.max_gap_days))
+
+
+def release_tiles(threads: int) -> None:
+    """After tiles ran in this process: torch's thread count back to ``threads``, the tiles' models and scenes
+    dropped."""
+    torch.set_num_threads(threads)
+    _MODELS.clear()
+    _SCENES.clear()
+
+
+def run_tile(job: TileJob, report: Callable[[int], None] | None = None) -> tuple[int, int]:
+    """Embed one tile and write it (region, error stats, done flag). Runs on a dask worker, or in this process
+    (:func:`run_tiles_here`, which passes ``report``: called with each batch's embedded pixel-dates)."""
+    model, device, block = load_tile(job)
     values, flags = embed_tile(
         model, block, batch_size=job.batch_size, device=device, precision=job.precision,
         daily=job.daily, features=job.features,
@@ -119,8 +134,9 @@ def _n_px(grid: store.TileGrid, tile: tuple[int, int]) -> int:
     return (rows.stop - rows.start) * (cols.stop - cols.start)
 
 
-def _tile_jobs(plan: EmbedPlan, sink: EmbeddingSink, todo: list[tuple[int, int]], quant: store.Quantisation,
+def tile_jobs(plan: EmbedPlan, sink: EmbeddingSink, todo: list[tuple[int, int]], quant: store.Quantisation,
                topic: str | None) -> list[TileJob]:
+    """The jobs of the tiles ``todo`` of a run (``topic``: the dask event topic of the progress bar, or None)."""
     cfg = plan.cfg
     return [
         TileJob(
@@ -147,7 +163,7 @@ def run_tiles(plan: EmbedPlan, sink: EmbeddingSink, client: Any, *, progress: bo
     grid, quant, done = plan.grid, sink.quantisation(), sink.tiles_done()
     todo = [t for t in grid.tiles() if not done[t]]
     topic = f"stembed-progress-{uuid.uuid4().hex[:12]}" if progress else None
-    jobs = _tile_jobs(plan, sink, todo, quant, topic)
+    jobs = tile_jobs(plan, sink, todo, quant, topic)
     futures = [
         client.submit(run_tile, job, key=f"stembed-tile-{job.tile[0]}-{job.tile[1]}-{plan.bundle_sha256[:8]}",
                       pure=False)
@@ -189,7 +205,7 @@ def run_tiles_here(plan: EmbedPlan, sink: EmbeddingSink, *, progress: bool) -> i
 
     grid, quant, done = plan.grid, sink.quantisation(), sink.tiles_done()
     todo = [t for t in grid.tiles() if not done[t]]
-    jobs = _tile_jobs(plan, sink, todo, quant, topic=None)
+    jobs = tile_jobs(plan, sink, todo, quant, topic=None)
     n_dates = plan.scene.s2.sizes[TIME]
     per_tile = {t: n_dates * _n_px(grid, t) for t in grid.tiles()}
     threads = torch.get_num_threads()
@@ -209,7 +225,5 @@ def run_tiles_here(plan: EmbedPlan, sink: EmbeddingSink, *, progress: bool) -> i
                     ) from err
                 tracker.finish(job.tile)
         finally:
-            torch.set_num_threads(threads)
-            _MODELS.clear()
-            _SCENES.clear()
+            release_tiles(threads)
     return len(todo)

@@ -21,6 +21,11 @@ One store holds one cube's embeddings (no torch here):
 * attributes: the format, CRS and transform, the feature names, the bundle's sha256, the resolved
   embed config, the input provenance, a run fingerprint (what a resume must match) and, once every
   tile is written, ``complete: true`` and the measured ``storage_error``.
+* stores grown by ``stembed embed --extend`` (:mod:`stembed.inference.extend`): ``extension`` ``(time, y, x)``
+  uint8, which run wrote each pixel-date (0 the first, k the k-th extension); ``extension_tile``
+  ``(tile_y, tile_x)``, the last extension that finished each tile; the attribute ``extensions``, one record
+  per extension; while one runs, the journal ``extending`` (readers refuse the store) and ``tile_error_base``
+  (the tiles' error stats before it).
 
 The ``y``/``x`` chunks are the tiles; ``time`` chunks hold ``time_chunk`` dates. ``stembed embed`` writes
 through :class:`ZarrEmbeddingStore`, this layout as an :class:`~stembed.io.sinks.EmbeddingSink`; the
@@ -50,7 +55,10 @@ DTYPES = ("float32", "float16", "int8")
 INT8_FILL = -128  # code of a missing value in int8 stores
 INT8_MAX = 127  # codes -127..127 hold values
 ERROR_STATS = ("count", "sum_sq", "max_abs")
-_BOOKKEEPING = ("tile_done", "tile_error", "scale", "offset")
+_BOOKKEEPING = ("tile_done", "tile_error", "scale", "offset", "extension_tile", "tile_error_base")
+EXTENDING_ATTR = "extending"
+"""Attribute of a store that ``stembed embed --extend`` is growing (its journal): readers refuse the store."""
+EXTENSION_VAR = "extension"
 
 
 class EmbeddingStoreError(UserError):
@@ -425,17 +433,166 @@ def finalise(path: str | Path) -> dict[str, Any]:
         raise EmbeddingStoreError(
             f"{path}: {int((~done).sum())} tiles are not written yet; run with --resume"
         )
+    summary = _error_summary(g)
+    g.attrs.update({"storage_error": summary, "complete": True, "finished": _now()})
+    return summary
+
+
+def _error_summary(g: zarr.Group) -> dict[str, Any]:
+    """The store's storage error: the tiles' ``tile_error`` stats summed (count, RMSE and max abs per feature)."""
     err = np.asarray(_array(g, "tile_error")[:])  # (ny, nx, stat, feature)
     count = err[:, :, 0].sum(axis=(0, 1))
     rmse = np.sqrt(err[:, :, 1].sum(axis=(0, 1)) / np.maximum(count, 1))
-    summary: dict[str, Any] = {
+    return {
         "dtype": str(g.attrs["storage_dtype"]),
         "measured_on": "every valid pixel-date, decoded value minus the float32 model output",
         "n_values_per_feature": int(count[0]) if count.size else 0,
         "max_abs": [float(v) for v in err[:, :, 2].max(axis=(0, 1))],
         "rmse": [float(v) for v in rmse],
     }
-    g.attrs.update({"storage_error": summary, "complete": True, "finished": _now()})
+
+
+# ----------------------------------------------------------------------------- growing (stembed embed --extend)
+def refuse_mid_extension(path: str | Path, attrs: dict[str, Any]) -> None:
+    """Refuse a store that ``stembed embed --extend`` has started to grow and not finished.
+
+    Raises:
+        EmbeddingStoreError: the store holds the journal ``extending``.
+    """
+    journal = attrs.get(EXTENDING_ATTR)
+    if journal is not None:
+        cube = journal.get("cube", "CUBE") if isinstance(journal, dict) else "CUBE"
+        raise EmbeddingStoreError(
+            f"{path} is mid-extension (`stembed embed --extend` with {cube} was interrupted, or is still running); "
+            "fix: rerun the same `stembed embed --extend` command to finish it"
+        )
+
+
+def store_times(path: str | Path) -> np.ndarray:
+    """The store's dates (its decoded ``time`` coordinate)."""
+    with xr.open_zarr(Path(path), consolidated=False) as ds:
+        return np.asarray(ds[TIME].values)
+
+
+def begin_extension(path: str | Path, journal: dict[str, Any]) -> None:
+    """Write the journal of an extension (attribute ``extending``) and mark the store incomplete: one write."""
+    g = zarr.open_group(Path(path), mode="r+")
+    g.attrs.update({EXTENDING_ATTR: journal, "complete": False})
+
+
+def set_extension_step(path: str | Path, step: str) -> None:
+    """Record the step an extension has reached in its journal."""
+    g = zarr.open_group(Path(path), mode="r+")
+    journal = g.attrs[EXTENDING_ATTR]
+    if not isinstance(journal, dict):
+        raise EmbeddingStoreError(f"{path}: its {EXTENDING_ATTR!r} attribute is {journal!r}; the store is damaged")
+    g.attrs[EXTENDING_ATTR] = {**journal, "step": step}
+
+
+def grow_time(path: str | Path, times: np.ndarray) -> None:
+    """Grow every ``(time, ...)`` array and the ``time`` coordinate to ``times``; create or grow ``extension`` and
+    ``extension_tile``; keep the tiles' error stats as ``tile_error_base``. Idempotent: a rerun gives the same store.
+    """
+    from xarray.coding.times import encode_cf_datetime
+
+    g = zarr.open_group(Path(path), mode="r+")
+    n = len(times)
+    for name, arr in list(g.arrays()):
+        if name != TIME and _dims(arr)[:1] == (TIME,) and arr.shape[0] != n:
+            arr.resize((n, *arr.shape[1:]))
+    coord = _array(g, TIME)
+    nums, units, calendar = encode_cf_datetime(times, None, str(coord.attrs.get("calendar", "proleptic_gregorian")))
+    coord.resize((n,))
+    coord[:] = np.asarray(nums).astype(coord.dtype)
+    coord.attrs.update({"units": units, "calendar": calendar})
+    valid = _array(g, "valid")
+    if EXTENSION_VAR not in g:
+        g.create_array(
+            EXTENSION_VAR, shape=valid.shape, dtype="uint8", chunks=valid.chunks, fill_value=0,
+            dimension_names=(TIME, Y, X),
+            attributes={"grid_mapping": "spatial_ref", "long_name": "which run wrote the pixel-date: 0 the first, "
+                        "k the k-th `stembed embed --extend`"},
+        )
+    done = _array(g, "tile_done")
+    if "extension_tile" not in g:
+        g.create_array("extension_tile", shape=done.shape, dtype="uint8", chunks=done.chunks, fill_value=0,
+                       dimension_names=("tile_y", "tile_x"),
+                       attributes={"long_name": "the last extension that finished the tile"})
+    err = _array(g, "tile_error")
+    base = g.create_array("tile_error_base", shape=err.shape, dtype=err.dtype, chunks=err.shape, fill_value=0.0,
+                          dimension_names=_dims(err), overwrite=True)
+    base[...] = err[...]
+
+
+def _dims(arr: zarr.Array) -> tuple[str | None, ...]:
+    """An array's dimension names (zarr v3 metadata; none for v2)."""
+    return tuple(getattr(arr.metadata, "dimension_names", None) or ())
+
+
+def read_rows(path: str | Path, grid: TileGrid, tile: tuple[int, int], rows: slice) -> tuple[np.ndarray, ...]:
+    """A tile's stored ``codes`` ``(rows, feature, h, w)``, ``valid`` and ``extension`` ``(rows, h, w)``."""
+    g = zarr.open_group(Path(path), mode="r")
+    ys, xs = grid.bounds(*tile)
+    if "embedding" in g:
+        codes = np.asarray(_array(g, "embedding")[rows, :, ys, xs])
+    else:
+        codes = np.stack([np.asarray(_array(g, feature_var(f))[rows, ys, xs]) for f in _features(g)], axis=1)
+    return codes, np.asarray(_array(g, "valid")[rows, ys, xs]), np.asarray(_array(g, EXTENSION_VAR)[rows, ys, xs])
+
+
+def write_rows(
+    path: str | Path, grid: TileGrid, tile: tuple[int, int], first: int, codes: np.ndarray, valid: np.ndarray,
+    extension: np.ndarray, error: np.ndarray,
+) -> None:
+    """A tile's rows from date ``first`` on (codes, valid, extension), and its error stats: those it had before the
+    extension (``tile_error_base``) plus ``error``, the extension's (so a rerun of the tile adds them once)."""
+    g = zarr.open_group(Path(path), mode="r+")
+    ys, xs = grid.bounds(*tile)
+    rows = slice(first, first + len(valid))
+    if "embedding" in g:
+        _array(g, "embedding")[rows, :, ys, xs] = codes
+    else:
+        for i, f in enumerate(_features(g)):
+            _array(g, feature_var(f))[rows, ys, xs] = codes[:, i]
+    _array(g, "valid")[rows, ys, xs] = valid
+    _array(g, EXTENSION_VAR)[rows, ys, xs] = extension
+    base = np.asarray(_array(g, "tile_error_base")[tile[0], tile[1]])
+    total = base.copy()
+    total[:2] += error[:2]  # count, sum of squares
+    total[2] = np.maximum(base[2], error[2])  # max abs
+    _array(g, "tile_error")[tile[0], tile[1]] = total
+
+
+def mark_tile_extended(path: str | Path, tile: tuple[int, int], number: int) -> None:
+    """The last write of a tile in extension ``number``."""
+    g = zarr.open_group(Path(path), mode="r+")
+    _array(g, "extension_tile")[tile[0], tile[1]] = number
+
+
+def tiles_extended(path: str | Path, number: int) -> np.ndarray:
+    """``(tile_y, tile_x)`` bool: the tiles extension ``number`` has finished."""
+    g = zarr.open_group(Path(path), mode="r")
+    return np.asarray(_array(g, "extension_tile")[:]) == number
+
+
+def extension_counts(path: str | Path, number: int, n_dates: int) -> np.ndarray:
+    """``(n_dates,)`` how many pixels of each of the first ``n_dates`` dates extension ``number`` wrote (read a time
+    chunk at a time)."""
+    ext = _array(zarr.open_group(Path(path), mode="r"), EXTENSION_VAR)
+    step = ext.chunks[0]
+    counts = [(np.asarray(ext[i : min(i + step, n_dates)]) == number).sum(axis=(1, 2)) for i in range(0, n_dates, step)]
+    return np.concatenate(counts) if counts else np.zeros(0, dtype=np.int64)
+
+
+def finish_extension(path: str | Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Close an extension: sum the storage error, drop ``tile_error_base`` and the journal, apply ``updates`` and mark
+    the store complete (the attributes in one write); the storage-error summary."""
+    g = zarr.open_group(Path(path), mode="r+")
+    summary = _error_summary(g)
+    if "tile_error_base" in g:
+        del g["tile_error_base"]
+    attrs = {k: v for k, v in dict(g.attrs).items() if k != EXTENDING_ATTR}
+    g.attrs.put({**attrs, **updates, "storage_error": summary, "complete": True})
     return summary
 
 
@@ -457,15 +614,17 @@ def open_embeddings(path: str | Path, *, allow_incomplete: bool = False, feature
     """Open an embedding store lazily (dask), with ``embedding`` decoded to float32 (NaN = missing).
 
     Returns a Dataset with ``embedding`` ``(time, feature, y, x)``, ``valid`` ``(time, y, x)`` and
-    ``spatial_ref``; the store's attributes are on the Dataset. ``features``: only the first that many, one of
+    ``spatial_ref`` (and ``extension`` ``(time, y, x)`` in a store grown by ``stembed embed --extend``: which run
+    wrote each pixel-date); the store's attributes are on the Dataset. ``features``: only the first that many, one of
     the sizes the store records as complete embeddings (its ``nested`` attribute; a store without one: all).
 
     Raises:
-        EmbeddingStoreError: not an embedding store, an unfinished one (unless ``allow_incomplete``), or a
-            ``features`` that is not a complete embedding of it.
+        EmbeddingStoreError: not an embedding store, an unfinished one (unless ``allow_incomplete``), one
+            mid-extension (always), or a ``features`` that is not a complete embedding of it.
     """
     path = Path(path)
     attrs = read_attrs(path)
+    refuse_mid_extension(path, attrs)
     if not attrs.get("complete") and not allow_incomplete:
         raise EmbeddingStoreError(
             f"{path} is an unfinished embedding run (some tiles are not written); "
@@ -566,3 +725,22 @@ class ZarrEmbeddingStore:
     def finalise(self) -> dict[str, Any]:
         """Sum the storage error and mark the store complete (:func:`finalise`); the summary."""
         return finalise(self.path)
+
+    def read_rows(self, grid: TileGrid, tile: tuple[int, int], rows: slice) -> tuple[np.ndarray, ...]:
+        """A tile's stored codes, valid and extension of ``rows`` (:func:`read_rows`)."""
+        return read_rows(self.path, grid, tile, rows)
+
+    def write_rows(
+        self, grid: TileGrid, tile: tuple[int, int], first: int, codes: np.ndarray, valid: np.ndarray,
+        extension: np.ndarray, error: np.ndarray,
+    ) -> None:
+        """A tile's rows from ``first`` on and its error stats (:func:`write_rows`); not yet marked."""
+        write_rows(self.path, grid, tile, first, codes, valid, extension, error)
+
+    def mark_extended(self, tile: tuple[int, int], number: int) -> None:
+        """The tile's last write in extension ``number`` (:func:`mark_tile_extended`)."""
+        mark_tile_extended(self.path, tile, number)
+
+    def tiles_extended(self, number: int) -> np.ndarray:
+        """The tiles extension ``number`` has finished (:func:`tiles_extended`)."""
+        return tiles_extended(self.path, number)

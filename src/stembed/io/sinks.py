@@ -10,8 +10,9 @@ The tile runner (:mod:`stembed.inference.workers`) writes only through a sink, i
 3. :meth:`~EmbeddingSink.finalise` once every tile is done.
 
 :meth:`~EmbeddingSink.tiles_done` and :meth:`~EmbeddingSink.quantisation` let a resumed run continue a
-store it did not create. A sink is sent to dask workers inside each tile job, so it must pickle
-(hold a path, not an open handle). The zarr embedding store,
+store it did not create. ``stembed embed --extend`` (:mod:`stembed.inference.extend`) needs an
+:class:`ExtendableSink`: one that also reads back a tile's rows and rewrites them from a date on. A sink
+is sent to dask workers inside each tile job, so it must pickle (hold a path, not an open handle). The zarr embedding store,
 :class:`stembed.io.embeddings.ZarrEmbeddingStore`, is the one implementation.
 """
 
@@ -73,4 +74,30 @@ class EmbeddingSink(Protocol):
 
     def finalise(self) -> dict[str, Any]:
         """Once every tile is done: summarise the storage error, mark the output complete; the summary."""
+        ...
+
+
+@runtime_checkable
+class ExtendableSink(EmbeddingSink, Protocol):
+    """An :class:`EmbeddingSink` that can grow: the tile writes of ``stembed embed --extend``, after the store's time
+    axis was grown (:func:`stembed.io.embeddings.grow_time`)."""
+
+    def read_rows(self, grid: TileGrid, tile: tuple[int, int], rows: slice) -> tuple[np.ndarray, ...]:
+        """A tile's stored ``codes`` ``(rows, feature, h, w)``, ``valid`` and ``extension`` ``(rows, h, w)``."""
+        ...
+
+    def write_rows(
+        self, grid: TileGrid, tile: tuple[int, int], first: int, codes: np.ndarray, valid: np.ndarray,
+        extension: np.ndarray, error: np.ndarray,
+    ) -> None:
+        """Write a tile's rows from date ``first`` on, and its error stats (the extension's ``error`` added to
+        those it had before the extension); not yet marked."""
+        ...
+
+    def mark_extended(self, tile: tuple[int, int], number: int) -> None:
+        """Record that extension ``number`` has completely written ``tile`` (its last write)."""
+        ...
+
+    def tiles_extended(self, number: int) -> np.ndarray:
+        """``(tile_y, tile_x)`` bool: the tiles extension ``number`` has finished."""
         ...
