@@ -404,7 +404,7 @@ def _embed_in_memory(scene: str | Path | Scene | xr.Dataset, bundle: str | Path,
     try:
         for tile in tqdm(grid.tiles(), desc="tiles", disable=not progress):
             rows, cols = grid.bounds(*tile)
-            block = read_block(plan.scene, rows, cols, halo, plan.max_gap_days)
+            block = read_block(plan.scene, rows, cols, halo, plan.max_gap_days, trailing=plan.model.cfg.trailing)
             tile_values, tile_flags = embed_tile(model, block, batch_size=cfg.batch_size, device=device,
                                                  precision=cfg.precision, daily=plan.daily, features=k)
             values[:, :, rows, cols] = tile_values

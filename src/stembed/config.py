@@ -191,6 +191,12 @@ class FusionConfig(_Frozen):
         """The embedding sizes the loss applies to: ``nested``, or the whole embedding alone."""
         return tuple(self.nested) if self.nested is not None else (self.embed_dim,)
 
+    @property
+    def trailing(self) -> bool:
+        """The embedding of a date reads nothing after it: a trailing window, and every other sensor matched to the
+        S2 date from its dates on or before it (:func:`stembed.preprocess.match_s1_to_s2`)."""
+        return self.window is not None and self.window.side == "trailing"
+
 
 LEARNING_FIXES: dict[str, Any] = {
     "centre_path": True,

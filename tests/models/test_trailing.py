@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from stembed.config import ContextLossConfig, FusionConfig, WindowConfig, ae_preset
+from stembed.contract import Scene
 from stembed.data.context import ContextBatches, context_crops
 from stembed.data.datasets import SensorArrays
 from stembed.data.sampling import Region
@@ -75,6 +76,27 @@ def test_a_trailing_embedding_never_changes_when_later_dates_arrive(block, one_t
     observed = sensor_present(block, model.anchor.cfg.context_px)["s2"]
     assert np.isnan(full[:first]).all()  # too little history for the stage-1 window: no embedding
     np.testing.assert_array_equal(np.isfinite(full[first:]).all(axis=1), observed[first:])
+
+
+def test_a_trailing_block_reads_no_s1_date_after_its_s2_date() -> None:
+    """An S1 date that arrives after the store's last S2 date (the next cube extension) changes no S2 date's match
+    when the model is trailing; it does change a centred model's (the nearest S1 date either side)."""
+    scene = synthetic_scene(seed=5, height_px=4, width_px=5, n_days=120)
+    r = ae_preset("tiny-dense", "s2").context_px
+    s2_t, s1_t = scene.s2["time"].values, scene.s1["time"].values
+    moved = False
+    for trailing in (True, False):
+        full = read_block(scene, slice(0, 4), slice(0, 5), r, {"s1": 6.0}, trailing=trailing)
+        for n in range(6, s2_t.size):
+            cut = Scene(site=scene.site, sensors={"s2": scene.s2.isel(time=slice(0, n)),
+                                                  "s1": scene.s1.isel(time=np.flatnonzero(s1_t <= s2_t[n - 1]))})
+            part = read_block(cut, slice(0, 4), slice(0, 5), r, {"s1": 6.0}, trailing=trailing)
+            same = all(np.array_equal(part[k].values, full[k].values[:n], equal_nan=True)
+                       and np.array_equal(part[k].days, full[k].days[:n]) for k in part)
+            if trailing:
+                assert same, n
+            moved |= not same
+    assert moved  # the test can fail: with the nearest S1 date either side, some cut-off moves a match
 
 
 def test_training_draws_the_inputs_inference_gives(block, one_torch_thread) -> None:

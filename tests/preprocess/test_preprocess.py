@@ -180,6 +180,17 @@ def test_match_tie_goes_to_the_earlier_s1_date() -> None:
     np.testing.assert_array_equal(m["s1_time"].values, S1_TIMES[[0, 1]])
 
 
+def test_a_trailing_match_takes_only_s1_dates_on_or_before_the_s2_date() -> None:
+    s2_times = days("2020-01-01T10:00", "2020-01-03T17:00", "2020-01-08T10:00", "2020-01-09T10:00")
+    both = match_s1_to_s2(s1_cube(), s2_times)
+    np.testing.assert_array_equal(both["s1_time"].values, S1_TIMES[[0, 1, 2, 2]])  # 7 h and 31 h after: nearer
+    m = match_s1_to_s2(s1_cube(), s2_times, trailing=True)
+    # Jan 1 10:00: the only S1 date is 7 h later (none before); Jan 3 17:00: the same instant is on the date
+    assert np.isnat(m["s1_time"].values[0]) and np.isnan(m.values[0]).all()
+    np.testing.assert_array_equal(m["s1_time"].values[1:], S1_TIMES[[1, 1, 1]])
+    assert np.isnat(match_s1_to_s2(s1_cube(), days("2020-01-15T17:00"), trailing=True, max_gap_days=5.0)["s1_time"])
+
+
 def test_match_beyond_tolerance_is_nan_and_nat() -> None:
     s2_times = days("2020-01-15T17:00", "2020-01-16T17:00", "2020-01-20T12:00", "2020-02-10T17:00")
     m = match_s1_to_s2(s1_cube(), s2_times, max_gap_days=6.0)

@@ -55,8 +55,9 @@ def sensor_arrays(scene: Scene, sensor: str) -> SensorArrays:
     return SensorArrays(np.ascontiguousarray(cube.values, dtype=np.float32), day_numbers(cube["time"].values))
 
 
-def matched_arrays(scene: Scene, sensor: str, max_gap_days: float) -> SensorArrays:
-    """A non-S2 sensor (S1 or companion) on the S2 dates: the nearest date within ``max_gap_days``, else NaN.
+def matched_arrays(scene: Scene, sensor: str, max_gap_days: float, *, trailing: bool = False) -> SensorArrays:
+    """A non-S2 sensor (S1 or companion) on the S2 dates: the nearest date within ``max_gap_days`` (``trailing``: on
+    or before the S2 date only), else NaN.
 
     ``days`` holds the sensor date used, or the S2 day where none was close enough (see datasets).
     """
@@ -65,7 +66,7 @@ def matched_arrays(scene: Scene, sensor: str, max_gap_days: float) -> SensorArra
             "matched_arrays puts another sensor on the S2 dates; fix: use sensor_arrays(scene, 's2')"
         )
     s2_times = scene.s2["time"].values
-    m = match_s1_to_s2(_scene_cube(scene, sensor), s2_times, max_gap_days=max_gap_days)
+    m = match_s1_to_s2(_scene_cube(scene, sensor), s2_times, max_gap_days=max_gap_days, trailing=trailing)
     s2_days = day_numbers(s2_times)
     used = m["s1_time"].values  # match_s1_to_s2 names the matched date s1_time whatever the sensor
     have = ~np.isnat(used)
@@ -162,13 +163,15 @@ def build_fusion_data(
     rng: np.random.Generator,
     context_px: int | None = None,
     extra: tuple[str, ...] = (),
+    trailing: bool = False,
 ) -> SplitData:
     """Aligned S1 + S2 (+ ``extra`` companion) patches on the S2 dates (stage 2); the S2 centre pixel decides
-    which patches exist. Each non-S2 sensor is matched within :func:`match_gap_days`."""
+    which patches exist. Each non-S2 sensor is matched within :func:`match_gap_days` (``trailing``: only its dates
+    on or before the S2 date, as a trailing model reads them)."""
     sampling = cfg.resolved_sampling(ANCHOR)
     sensors = {ANCHOR: [sensor_arrays(s, ANCHOR) for s in scenes]}
     for k, gap in match_gap_days((PAIRED, *extra), cfg.s1_max_gap_days).items():
-        sensors[k] = [matched_arrays(s, k, gap) for s in scenes]
+        sensors[k] = [matched_arrays(s, k, gap, trailing=trailing) for s in scenes]
     patches, regions, info = _split_patches(scenes, sensors[ANCHOR], sampling, cfg, rng)
     ds: dict[str, Dataset[Any]] = {
         k: FusionPatchDataset(sensors, v, sampling.patch_px, context_px) for k, v in patches.items()

@@ -43,7 +43,7 @@ def _block_index(
 
 
 def read_block(
-    scene: Scene, rows: slice, cols: slice, halo: int, max_gap_days: Mapping[str, float]
+    scene: Scene, rows: slice, cols: slice, halo: int, max_gap_days: Mapping[str, float], *, trailing: bool = False
 ) -> dict[str, SensorArrays]:
     """Every sensor's values of a block with its halo, on the S2 dates, and their day numbers.
 
@@ -58,7 +58,7 @@ def read_block(
     window = {Y: slice(y0, y1), X: slice(x0, x1)}
     sub = Scene(site=scene.site, sensors={k: scene.sensors[k].isel(window) for k in (*SCENE_SENSORS, *max_gap_days)})
     arrays = {ANCHOR: sensor_arrays(sub, ANCHOR)}
-    arrays |= {k: matched_arrays(sub, k, gap) for k, gap in max_gap_days.items() if k != ANCHOR}
+    arrays |= {k: matched_arrays(sub, k, gap, trailing=trailing) for k, gap in max_gap_days.items() if k != ANCHOR}
     take = np.ix_(yi - y0, xi - x0)
     out = {}
     for key, arr in arrays.items():

@@ -153,8 +153,11 @@ def _store_attrs(plan: EmbedPlan) -> dict[str, Any]:
         },
         "software": provenance([plan.scene.site]),
         "edges": (
-            "time: each date's window reflects the series at its ends (frame -k = date k); "
-            f"space: windows of border pixels read the cube reflected by {model.anchor.cfg.context_px} pixels "
+            ("time: trailing, each date read as the series stood on it (its stage-1 windows reflected at the date, "
+             "other sensors matched on or before it); the first "
+             f"{model.anchor.cfg.n_frames // 2} dates have no embedding (too little history); "
+             if model.cfg.trailing else "time: each date's window reflects the series at its ends (frame -k = date k); ")
+            + f"space: windows of border pixels read the cube reflected by {model.anchor.cfg.context_px} pixels "
             "(context_px)"
         ),
         "method": _method(model),

@@ -59,24 +59,25 @@ _GROWN = "fix: --extend needs the cube the store was embedded from, grown by `st
 
 
 # ----------------------------------------------------------------------------- the rule (numpy)
-def matched_times(times: np.ndarray, s2_times: np.ndarray, max_gap_days: float) -> np.ndarray:
+def matched_times(times: np.ndarray, s2_times: np.ndarray, max_gap_days: float, trailing: bool = False) -> np.ndarray:
     """The date of a sensor (``times``) matched to each S2 date, NaT where none is close enough: the rule of
-    :func:`stembed.preprocess.match_s1_to_s2`, run on the dates alone."""
+    :func:`stembed.preprocess.match_s1_to_s2` (``trailing``: on or before the date), run on the dates alone."""
     if len(times) == 0:
         return np.full(len(s2_times), np.datetime64("NaT", "ns"))
     dates = xr.DataArray(np.zeros((len(times), 1, 1, 1), np.float32), dims=CUBE_DIMS, coords={TIME: times})
-    return np.asarray(match_s1_to_s2(dates, s2_times, max_gap_days=max_gap_days)["s1_time"].values)
+    return np.asarray(match_s1_to_s2(dates, s2_times, max_gap_days=max_gap_days, trailing=trailing)["s1_time"].values)
 
 
 def moved_dates(
     s2_times: np.ndarray, old: Mapping[str, np.ndarray], new: Mapping[str, np.ndarray],
-    max_gap_days: Mapping[str, float],
+    max_gap_days: Mapping[str, float], trailing: bool = False,
 ) -> np.ndarray:
     """``(n_old,)`` bool: the old S2 dates ``s2_times`` whose matched date of some sensor differs between the sensor's
-    old dates (``old``, by sensor) and its new ones (``new``); ``max_gap_days``: each sensor's tolerance."""
+    old dates (``old``, by sensor) and its new ones (``new``); ``max_gap_days``: each sensor's tolerance;
+    ``trailing``: the model matches each sensor on or before the S2 date only."""
     moved = np.zeros(len(s2_times), dtype=bool)
     for key, gap in max_gap_days.items():
-        a, b = matched_times(old[key], s2_times, gap), matched_times(new[key], s2_times, gap)
+        a, b = matched_times(old[key], s2_times, gap, trailing), matched_times(new[key], s2_times, gap, trailing)
         moved |= ~((a == b) | (np.isnat(a) & np.isnat(b)))
     return moved
 
@@ -306,7 +307,7 @@ def _check_extension(
         return None, ()
     old_sensors, notes = _old_sensor_times(plan, out, attrs, old_times)
     new_sensors = {k: plan.scene.sensors[k][TIME].values for k in plan.max_gap_days}
-    moved = moved_dates(old_times, old_sensors, new_sensors, plan.max_gap_days)
+    moved = moved_dates(old_times, old_sensors, new_sensors, plan.max_gap_days, plan.model.cfg.trailing)
     journal = {
         "number": len(attrs.get("extensions", [])) + 1, "old_dates": int(old_times.size),
         "new_dates": int(new_times.size), "cube": str(plan.cube.resolve()),

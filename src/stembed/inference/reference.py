@@ -85,7 +85,8 @@ def embed_reference(
     dev = resolve_device(device)
     model.to(dev)
     arrays = {ANCHOR: sensor_arrays(scene, ANCHOR)}
-    arrays |= {k: matched_arrays(scene, k, gap) for k, gap in match_gap_days(model.sensors, max_gap_days).items()}
+    arrays |= {k: matched_arrays(scene, k, gap, trailing=model.cfg.trailing)
+               for k, gap in match_gap_days(model.sensors, max_gap_days).items()}
     r = model.anchor.cfg.context_px
     pad = ((0, 0), (0, 0), (r, r), (r, r))
     block = {k: SensorArrays(np.pad(a.values, pad, mode="reflect"), a.days) for k, a in arrays.items()}

@@ -165,7 +165,7 @@ def _calibrate(
     for _ in range(64):
         y0, x0 = int(rng.integers(0, max(1, height - b + 1))), int(rng.integers(0, max(1, width - b + 1)))
         rows, cols = slice(y0, min(y0 + b, height)), slice(x0, min(x0 + b, width))
-        block = read_block(scene, rows, cols, r, max_gap_days)
+        block = read_block(scene, rows, cols, r, max_gap_days, trailing=model.cfg.trailing)
         e = embed_any(model, block, batch_size=cfg.batch_size, device=device, precision=cfg.precision)[:, :n_features]
         e = e.transpose(0, 2, 3, 1).reshape(-1, n_features)
         e = e[np.isfinite(e).all(axis=1)]

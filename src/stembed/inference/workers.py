@@ -102,7 +102,8 @@ def load_tile(job: TileJob) -> tuple[FusionBase | GapFillModel, torch.device, di
         _SCENES[key] = scene
     rows, cols = job.grid.bounds(*job.tile)
     halo = fusion_of(model).anchor.cfg.context_px
-    return model, device, read_block(_SCENES[key], rows, cols, halo, dict(job.max_gap_days))
+    return model, device, read_block(_SCENES[key], rows, cols, halo, dict(job.max_gap_days),
+                                     trailing=fusion_of(model).cfg.trailing)
 
 
 def release_tiles(threads: int) -> None:

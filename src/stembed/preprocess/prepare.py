@@ -124,7 +124,9 @@ def prepare_s1(linear: xr.DataArray) -> xr.DataArray:
     return out
 
 
-def match_s1_to_s2(s1: xr.DataArray, s2_times: Any, *, max_gap_days: float = 6.0) -> xr.DataArray:
+def match_s1_to_s2(
+    s1: xr.DataArray, s2_times: Any, *, max_gap_days: float = 6.0, trailing: bool = False
+) -> xr.DataArray:
     """Put an S1 cube (on its own dates) on the S2 time axis.
 
     Each S2 date takes the nearest S1 date (a tie goes to the earlier S1 date), so several S2 dates
@@ -136,6 +138,8 @@ def match_s1_to_s2(s1: xr.DataArray, s2_times: Any, *, max_gap_days: float = 6.0
         s1: S1 cube on its own, sorted, unique dates.
         s2_times: the target dates (array-like of datetimes, e.g. ``s2["time"].values``).
         max_gap_days: largest accepted |S1 date - S2 date|, in days (fractions count).
+        trailing: only S1 dates on or before the S2 date (a trailing model reads nothing after its date, so an S1
+            acquisition that arrives later never changes the match of a date already embedded).
     """
     _require_dims(s1, CUBE_DIMS, "s1")
     t1 = pd.DatetimeIndex(s1[TIME].values)
@@ -151,6 +155,8 @@ def match_s1_to_s2(s1: xr.DataArray, s2_times: Any, *, max_gap_days: float = 6.0
     before = after - 1
     gap_before = np.where(before >= 0, n2 - n1[np.clip(before, 0, None)], np.inf)
     gap_after = np.where(after < len(n1), n1[np.clip(after, None, len(n1) - 1)] - n2, np.inf)
+    if trailing:
+        gap_after = np.where(gap_after == 0, 0.0, np.inf)  # the same instant is on the date; later is not
     pick = np.where(gap_before <= gap_after, before, after)
     close = np.minimum(gap_before, gap_after) <= max_gap_days * 86_400e9
 

@@ -73,7 +73,8 @@ def split_data(cfg: BundleConfig, scenes: list[Scene], data: DataConfig, rng: np
     if cfg.fusion_model is None:
         ((sensor, model),) = cfg.models.items()
         return build_sensor_data(scenes, sensor, data, rng, context_px=model.context_px)
-    return build_fusion_data(scenes, data, rng, context_px=cfg.models[ANCHOR].context_px, extra=cfg.companions)
+    return build_fusion_data(scenes, data, rng, context_px=cfg.models[ANCHOR].context_px, extra=cfg.companions,
+                             trailing=cfg.fusion_model.trailing)
 
 
 def open_run(run_dir: str | Path) -> Run:
