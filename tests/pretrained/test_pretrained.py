@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from stembed.cli import app
@@ -23,6 +24,17 @@ def test_belgium_is_built_in_small_and_a_fusion_bundle():
     assert list(b.sensors["s2"].bands) == ["B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12"]
     assert b.config["models"]["s2"]["variant"] == "dense"
     assert b.config["model"]["nested"] == [7, 16]  # the context fusion: a 7-d prefix of a 16-d embedding
+
+
+def test_the_trailing_twin_reads_the_same_inputs_with_the_same_frozen_autoencoders():
+    centred, trailing = (load_bundle(f"pretrained:{n}", expect_kind="fusion") for n in ("belgium", "belgium-trailing"))
+    assert resolve_bundle("pretrained:belgium-trailing").stat().st_size <= 5 * 1024 * 1024
+    assert trailing.cfg.fusion_model is not None and trailing.cfg.fusion_model.trailing
+    assert centred.cfg.fusion_model is not None and not centred.cfg.fusion_model.trailing
+    assert trailing.config["model"]["nested"] == [7, 16] and trailing.sensors == centred.sensors
+    for k, v in centred.state_dict.items():
+        if k.startswith("autoencoders."):  # trained on pretrained:belgium's frozen stage 1
+            assert torch.equal(trailing.state_dict[k], v), k
 
 
 def test_info_lists_and_describes_the_built_in_bundles():
