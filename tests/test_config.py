@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stembed.config import (
     PRESETS,
@@ -26,10 +27,12 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def _stage_config_class(path: Path) -> type[AEStageConfig | FusionStageConfig | GapFillStageConfig]:
-    """The stage a shipped config trains: context configs are fusion stages with a window."""
-    if "gapfill" in path.name:
+    """The stage a shipped config trains, from what it reads: a fusion bundle (gap-fill layers), stage-1 bundles
+    (a fusion, context or not), else an autoencoder's data alone."""
+    raw = yaml.safe_load(path.read_text())
+    if "fusion_bundle" in raw:
         return GapFillStageConfig
-    if "fusion" in path.name or "context" in path.name:
+    if "bundles" in raw:
         return FusionStageConfig
     return AEStageConfig
 

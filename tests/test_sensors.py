@@ -344,6 +344,7 @@ SENSOR_LITERALS_ALLOWED: dict[str, set[str] | None] = {
     "cli.py": None,  # the commands `stembed train s1` and `stembed train s2`
     "cube_build/build.py": None,  # S2 and S1 from their STAC collections
     "cube_build/pieces.py": None,  # (S2's cloud mask)
+    "cube_build/extend.py": None,  # a store's S2 and S1 grown from their STAC collections, as build.py builds them
     "io/worldcereal.py": None,  # WorldCereal's S2 and S1 files
     "data/synthetic.py": None,  # the synthetic S2 and S1 cubes
     "contract.py": {"value_problems", "validate_pair"},  # S2 DN and S1 dB hints; the S1-S2 pair
