@@ -497,3 +497,24 @@ def test_real_belgian_patch_equals_the_per_patch_reference(belgian_scene: Scene,
     np.testing.assert_array_equal(valid, ref["valid"].values)
     assert valid.sum() > 0.5 * valid.size
     np.testing.assert_allclose(emb, ref["embedding"].values, rtol=0, atol=1e-5)
+
+
+def test_a_failed_tile_stops_the_run_named_with_how_to_finish() -> None:
+    from stembed.contract import CubeError
+    from stembed.inference.workers import RESUME, raise_tile_failure
+    from stembed.io.embeddings import EmbedError
+
+    class Future:
+        cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    others = [Future(), Future()]
+    with pytest.raises(EmbedError, match=r"a tile failed \(ValueError: bad\).*fix the problem and rerun with --resume"):
+        raise_tile_failure(ValueError("bad"), RESUME, others)
+    assert all(f.cancelled for f in others)
+    own = CubeError("the cube breaks the contract")
+    with pytest.raises(CubeError) as caught:  # the library's own errors pass as they are
+        raise_tile_failure(own, RESUME)
+    assert caught.value is own

@@ -41,13 +41,13 @@ import xarray as xr
 
 from stembed.cluster import cluster_client
 from stembed.config import EmbedConfig, WindowConfig
-from stembed.contract import CubeError, Scene
+from stembed.contract import Scene
 from stembed.data.windows import asof_depth, asof_window_days, min_dates, window_dates, window_days
 from stembed.inference.blocks import embed_tile
 from stembed.inference.claim import check_fingerprint, claim_existing, sensor_dates
 from stembed.inference.engine import centre_valid, resolve_device
 from stembed.inference.plan import EmbedPlan, check_cube_values, fusion_of, plan_embedding
-from stembed.inference.workers import TileJob, load_tile, release_tiles, tile_jobs
+from stembed.inference.workers import TileJob, load_tile, raise_tile_failure, release_tiles, tile_jobs
 from stembed.io import embeddings as store
 from stembed.io.embeddings import EmbeddingStoreError, EmbedError
 from stembed.io.sinks import ExtendableSink
@@ -422,17 +422,11 @@ def _named(task: ExtendTask) -> None:
     """:func:`extend_tile` here, a failure reported as a worker's is: named, with how to finish."""
     try:
         extend_tile(task)
-    except (CubeError, EmbedError):
-        raise
     except Exception as err:
-        raise _tile_failed(err) from err
+        raise_tile_failure(err, _RERUN)
 
 
-def _tile_failed(err: BaseException) -> EmbedError:
-    return EmbedError(
-        f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the problem and rerun "
-        "the same `stembed embed --extend` command"
-    )
+_RERUN = "rerun the same `stembed embed --extend` command"
 
 
 def _run_on_cluster(client: Any, tasks: list[ExtendTask], bar: Any) -> None:
@@ -445,12 +439,7 @@ def _run_on_cluster(client: Any, tasks: list[ExtendTask], bar: Any) -> None:
     ]
     for fut in as_completed(futures, loop=client.loop):
         if fut.status == "error":
-            err = fut.exception()
-            for f in futures:
-                f.cancel()
-            if isinstance(err, (CubeError, EmbedError)):
-                raise err
-            raise _tile_failed(err) from err
+            raise_tile_failure(fut.exception(), _RERUN, futures)
         bar.update()
 
 

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import functools
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -152,6 +152,21 @@ def tile_jobs(plan: EmbedPlan, sink: EmbeddingSink, todo: list[tuple[int, int]],
     ]
 
 
+RESUME = "rerun with --resume"
+
+
+def raise_tile_failure(err: BaseException | None, rerun: str, futures: Sequence[Any] = ()) -> NoReturn:
+    """Stop a run at a failed tile: cancel the other ``futures``; a CubeError or EmbedError as it is, anything else
+    as an EmbedError that names it and says how to finish the output (``rerun``)."""
+    for f in futures:
+        f.cancel()
+    if isinstance(err, (CubeError, EmbedError)):
+        raise err
+    raise EmbedError(
+        f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the problem and {rerun}"
+    ) from err
+
+
 def run_tiles(plan: EmbedPlan, sink: EmbeddingSink, client: Any, *, progress: bool) -> int:
     """Embed every tile ``sink`` still lacks on the cluster, with a pixel-date progress bar; returns how many.
 
@@ -180,15 +195,7 @@ def run_tiles(plan: EmbedPlan, sink: EmbeddingSink, client: Any, *, progress: bo
         tile_of = {f.key: job.tile for f, job in zip(futures, jobs, strict=True)}
         for fut in as_completed(futures, loop=client.loop):
             if fut.status == "error":
-                err = fut.exception()
-                for f in futures:
-                    f.cancel()
-                if isinstance(err, (CubeError, EmbedError)):
-                    raise err
-                raise EmbedError(
-                    f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
-                    f"problem and rerun with --resume"
-                ) from err
+                raise_tile_failure(fut.exception(), RESUME, futures)
             tracker.finish(tile_of[fut.key])
         if topic is not None:
             client.unsubscribe_topic(topic)
@@ -217,13 +224,8 @@ def run_tiles_here(plan: EmbedPlan, sink: EmbeddingSink, *, progress: bool) -> i
             for job in jobs:
                 try:
                     run_tile(job, report=functools.partial(_report_here, tracker, job.tile))
-                except (CubeError, EmbedError):
-                    raise
                 except Exception as err:  # as a worker's failure is reported: named, with the resume
-                    raise EmbedError(
-                        f"a tile failed ({type(err).__name__}: {err}); the tiles written so far are kept: fix the "
-                        f"problem and rerun with --resume"
-                    ) from err
+                    raise_tile_failure(err, RESUME)
                 tracker.finish(job.tile)
         finally:
             release_tiles(threads)
